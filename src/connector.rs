@@ -1,0 +1,397 @@
+//! [`DsqlConnector`]: resolves region and credentials once, then opens connections with a cached
+//! token over the connector's shared TLS configuration.
+
+use std::sync::Arc;
+
+use aws_config::meta::region::ProvideRegion;
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_smithy_async::time::{SharedTimeSource, SystemTimeSource};
+use tokio_postgres::error::SqlState;
+
+use crate::config::{DsqlConfig, SslNegotiation};
+use crate::tls::DsqlTls;
+use crate::token::cache::TokenCache;
+use crate::token::{Action, AuthToken, TokenSigner};
+use crate::{Error, tls};
+
+/// Opens DSQL connections: IAM token (cached), TLS with SNI, the DSQL startup parameters.
+///
+/// Cheap to clone: clones share the token cache and the TLS configuration (and with it TLS
+/// session resumption).
+///
+/// ```no_run
+/// use tokio_postgres_dsql::{DsqlConfig, DsqlConnector};
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = DsqlConfig::builder()
+///     .host("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
+///     .build()?;
+/// let connector = DsqlConnector::new(config).await?;
+/// let client = connector.connect().await?;
+/// let row = client.query_one("SELECT 1::int4", &[]).await?;
+/// assert_eq!(row.get::<_, i32>(0), 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct DsqlConnector {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: DsqlConfig,
+    endpoint: String,
+    region: String,
+    /// Everything but the password, which is the current token.
+    postgres: tokio_postgres::Config,
+    tls: DsqlTls,
+    tokens: TokenCache,
+    /// `host:port`, plus the dialled address when it differs; for error messages and logs.
+    described: String,
+}
+
+impl std::fmt::Debug for DsqlConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DsqlConnector")
+            .field("endpoint", &self.inner.described)
+            .field("region", &self.inner.region)
+            .field("user", &self.inner.config.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DsqlConnector {
+    /// Resolves the region and credentials, sets up TLS, and signs a first token, so that a
+    /// missing region, missing credentials or an unreadable CA file fail here with an error
+    /// that says what to set.
+    pub async fn new(config: DsqlConfig) -> Result<Self, Error> {
+        let region = match &config.region {
+            Some(region) => region.clone(),
+            None => region_from_environment(config.profile.as_deref())
+                .await
+                .ok_or_else(|| {
+                    Error::config(
+                        "region",
+                        format!(
+                            "the endpoint `{}` does not name a region; set region (or \
+                             ?region= / AWS_REGION / a profile region)",
+                            config.host
+                        ),
+                    )
+                })?,
+        };
+        let endpoint = config.endpoint_for(&region);
+        let provider = match &config.credentials_provider {
+            Some(provider) => provider.clone(),
+            None => default_credentials(&region, config.profile.as_deref()).await,
+        };
+        let time_source = config
+            .time_source
+            .clone()
+            .unwrap_or_else(|| SharedTimeSource::new(SystemTimeSource::new()));
+        let tls = DsqlTls::new(tls::client_config(
+            &endpoint,
+            &config.root_certs,
+            config.ssl_mode,
+        )?);
+        let tokens = TokenCache::new(
+            TokenSigner::new(config.token_host(&region), region.clone()),
+            Action::for_user(&config.user),
+            config.token_duration,
+            provider,
+            time_source,
+        );
+        let postgres = postgres_config(&config, &endpoint);
+        let described = match config.hostaddr {
+            Some(addr) => format!("{endpoint}:{} (via {addr})", config.port),
+            None => format!("{endpoint}:{}", config.port),
+        };
+        let connector = DsqlConnector {
+            inner: Arc::new(Inner {
+                config,
+                endpoint,
+                region,
+                postgres,
+                tls,
+                tokens,
+                described,
+            }),
+        };
+        connector.token().await?;
+        Ok(connector)
+    }
+
+    /// Opens a connection and spawns its connection task on the current tokio runtime. The
+    /// task's error, if the connection ends with one, is logged with `tracing` at `warn`.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, Error> {
+        let token = self.token().await?;
+        let mut postgres = self.inner.postgres.clone();
+        postgres.password(token.as_str());
+        let (client, connection) = postgres
+            .connect(self.inner.tls.clone())
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        let endpoint = self.inner.described.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%endpoint, %error, "DSQL connection ended with an error");
+            }
+        });
+        Ok(client)
+    }
+
+    /// The current auth token: one token serves all connections until 80 % of its life, and
+    /// none is handed out close to its expiry. A cache hit takes no lock.
+    pub async fn token(&self) -> Result<AuthToken, Error> {
+        self.inner.tokens.get().await
+    }
+
+    /// The configuration this connector was built from.
+    pub fn config(&self) -> &DsqlConfig {
+        &self.inner.config
+    }
+
+    /// The endpoint host (a bare cluster id expanded with the region).
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    /// The region tokens are signed for.
+    pub fn region(&self) -> &str {
+        &self.inner.region
+    }
+
+    /// The `tokio-postgres` TLS hook this connector uses, for other pools or drivers.
+    pub fn tls(&self) -> DsqlTls {
+        self.inner.tls.clone()
+    }
+
+    /// The `tokio-postgres` configuration used for each connection, without a password.
+    pub fn postgres_config(&self) -> &tokio_postgres::Config {
+        &self.inner.postgres
+    }
+
+    fn connect_error(&self, source: tokio_postgres::Error) -> Error {
+        let endpoint = self.inner.described.clone();
+        if let Some(db) = source.as_db_error()
+            && (*db.code() == SqlState::INVALID_PASSWORD
+                || *db.code() == SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+        {
+            // The credentials may have been rotated or revoked: ask for them again next time.
+            self.inner.tokens.invalidate();
+            return Error::TokenRejected {
+                endpoint,
+                message: db.message().to_owned(),
+                source,
+            };
+        }
+        if is_tls_failure(&source) {
+            return Error::Tls {
+                host: self.inner.endpoint.clone(),
+                source,
+            };
+        }
+        Error::Connect { endpoint, source }
+    }
+}
+
+/// The `tokio-postgres` settings for every connection (all but the password).
+fn postgres_config(config: &DsqlConfig, endpoint: &str) -> tokio_postgres::Config {
+    let mut postgres = tokio_postgres::Config::new();
+    postgres
+        .host(endpoint)
+        .port(config.port)
+        .user(&config.user)
+        .dbname(&config.database)
+        .application_name(config.application_name())
+        // TLS is never off; the certificate check is in the rustls configuration.
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
+        .ssl_negotiation(match config.ssl_negotiation {
+            SslNegotiation::Direct => tokio_postgres::config::SslNegotiation::Direct,
+            SslNegotiation::Postgres => tokio_postgres::config::SslNegotiation::Postgres,
+        });
+    if let Some(addr) = config.hostaddr {
+        postgres.hostaddr(addr);
+    }
+    if let Some(timeout) = config.connect_timeout {
+        postgres.connect_timeout(timeout);
+    }
+    let options = config.startup_options();
+    if !options.is_empty() {
+        postgres.options(startup_options_string(&options));
+    }
+    postgres
+}
+
+/// `-c name=value -c …`, with spaces and backslashes escaped as the server's option parser wants.
+pub(crate) fn startup_options_string(options: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (name, value) in options {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str("-c ");
+        for c in name
+            .chars()
+            .chain(std::iter::once('='))
+            .chain(value.chars())
+        {
+            if c == '\\' || c.is_ascii_whitespace() {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn is_tls_failure(error: &tokio_postgres::Error) -> bool {
+    // tokio-postgres does not expose its error kinds; its TLS kind displays as below (this also
+    // covers a server that answers SSLRequest with `N`), and the cause chain holds the rustls
+    // error for certificate and handshake failures.
+    if error
+        .to_string()
+        .starts_with("error performing TLS handshake")
+    {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<rustls::Error>() || cause.is::<rustls::pki_types::InvalidDnsNameError>() {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// `AWS_REGION`, `AWS_DEFAULT_REGION`, then the profile's region (no IMDS look-up).
+async fn region_from_environment(profile: Option<&str>) -> Option<String> {
+    for name in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
+        if let Ok(region) = std::env::var(name)
+            && !region.is_empty()
+        {
+            return Some(region);
+        }
+    }
+    let mut builder = aws_config::profile::ProfileFileRegionProvider::builder();
+    if let Some(profile) = profile {
+        builder = builder.profile_name(profile);
+    }
+    builder
+        .build()
+        .region()
+        .await
+        .map(|region| region.as_ref().to_owned())
+}
+
+/// `aws-config`'s default credentials chain: environment, profile (SSO, assume-role, process),
+/// web identity, ECS, EC2 instance metadata.
+async fn default_credentials(region: &str, profile: Option<&str>) -> SharedCredentialsProvider {
+    let mut builder = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+        .region(aws_config::Region::new(region.to_owned()));
+    if let Some(profile) = profile {
+        builder = builder.profile_name(profile);
+    }
+    SharedCredentialsProvider::new(builder.build().await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{CountingProvider, ManualClock};
+    use aws_credential_types::Credentials;
+
+    #[test]
+    fn options_are_escaped() {
+        assert_eq!(
+            startup_options_string(&[("search_path", "myschema, public"), ("a", r"b\c")]),
+            r"-c search_path=myschema,\ public -c a=b\\c"
+        );
+    }
+
+    #[tokio::test]
+    async fn new_fails_fast_without_credentials_and_says_so() {
+        let provider = CountingProvider::new(Credentials::from_keys("AK", "s3cr3t", None));
+        provider
+            .fail
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let config = DsqlConfig::builder()
+            .host("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
+            .credentials_provider(provider)
+            .build()
+            .unwrap();
+        let err = DsqlConnector::new(config).await.unwrap_err();
+        assert!(matches!(err, Error::Credentials { .. }), "{err:?}");
+        assert!(err.to_string().contains("AWS_ACCESS_KEY_ID"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn startup_carries_search_path_application_name_and_the_admin_action() {
+        let clock = ManualClock::at(1_724_716_800);
+        let config = DsqlConfig::builder()
+            .host("abcdefghijklmnopqrstuvwxyz")
+            .region("eu-west-1")
+            .user("admin")
+            .search_path("myschema")
+            .application_name("svc")
+            .hostaddr("127.0.0.1".parse().unwrap())
+            .credentials_provider(Credentials::from_keys("AK", "s3cr3t", None))
+            .time_source(clock)
+            .build()
+            .unwrap();
+        let connector = DsqlConnector::new(config).await.unwrap();
+        assert_eq!(
+            connector.endpoint(),
+            "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws"
+        );
+        let pg = connector.postgres_config();
+        assert_eq!(pg.get_options(), Some("-c search_path=myschema"));
+        assert_eq!(
+            pg.get_application_name(),
+            Some(concat!(
+                "svc:tokio-postgres-dsql/",
+                env!("CARGO_PKG_VERSION")
+            ))
+        );
+        assert_eq!(pg.get_password(), None);
+        let token = connector.token().await.unwrap();
+        assert!(token.as_str().starts_with(
+            "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws/?Action=DbConnectAdmin&"
+        ));
+        let shown = format!("{connector:?}");
+        assert!(
+            shown.contains("127.0.0.1") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn privatelink_signs_for_the_cluster_endpoint() {
+        let config = DsqlConfig::builder()
+            .host("vpce-0123-abcd.dsql-fnh4.us-east-1.vpce.amazonaws.com")
+            .region("us-east-1")
+            .user("app")
+            .amzn_cluster_id("abcdefghijklmnopqrstuvwxyz")
+            .ssl_mode(crate::SslMode::Require)
+            .credentials_provider(Credentials::from_keys("AK", "s", None))
+            .build()
+            .unwrap();
+        let connector = DsqlConnector::new(config).await.unwrap();
+        let token = connector.token().await.unwrap();
+        assert!(
+            token
+                .as_str()
+                .starts_with("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws/?Action=DbConnect&")
+        );
+        assert_eq!(
+            connector.postgres_config().get_options(),
+            Some("-c amzn-cluster-id=abcdefghijklmnopqrstuvwxyz")
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! TLS for DSQL connections: one rustls [`ClientConfig`] per connector, and the
+//! `tokio-postgres` glue ([`DsqlTls`]) that uses it.
+//!
+//! - Roots: webpki's Mozilla set by default (it has Amazon Root CA 1), a PEM file, or the
+//!   operating system's store.
+//! - SNI is always the DSQL host name, also when dialling `hostaddr`: DSQL routes by SNI.
+//! - ALPN `postgresql` is always offered; it is what makes direct TLS (no SSLRequest) work.
+//! - Verification is skipped only in [`SslMode::Require`](crate::SslMode::Require), which the
+//!   configuration allows only for PrivateLink VPC endpoints. Signatures are still checked.
+//! - The crypto provider is the process default if the application installed one
+//!   ([`CryptoProvider::install_default`]); otherwise the one this crate's `aws-lc-rs` or `ring`
+//!   feature selects, used for this config only and never installed globally.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
+
+use crate::Error;
+use crate::config::{RootCerts, SslMode};
+
+/// The ALPN protocol name PostgreSQL uses for direct TLS.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// The crypto provider: the application's default if installed, else the crate feature's.
+pub(crate) fn crypto_provider() -> Option<Arc<CryptoProvider>> {
+    if let Some(provider) = CryptoProvider::get_default() {
+        return Some(provider.clone());
+    }
+    #[cfg(feature = "aws-lc-rs")]
+    {
+        Some(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+    }
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    {
+        Some(Arc::new(rustls::crypto::ring::default_provider()))
+    }
+    #[cfg(not(any(feature = "aws-lc-rs", feature = "ring")))]
+    {
+        None
+    }
+}
+
+/// Builds the client configuration for `host` (named in errors).
+pub(crate) fn client_config(
+    host: &str,
+    roots: &RootCerts,
+    mode: SslMode,
+) -> Result<Arc<ClientConfig>, Error> {
+    let setup_error = |reason: String, source: Option<Box<dyn std::error::Error + Send + Sync>>| {
+        Error::TlsConfig {
+            host: host.to_owned(),
+            reason,
+            source,
+        }
+    };
+    let provider = crypto_provider().ok_or_else(|| {
+        setup_error(
+            "no rustls crypto provider: enable this crate's `aws-lc-rs` or `ring` feature, or \
+             call rustls::crypto::CryptoProvider::install_default"
+                .into(),
+            None,
+        )
+    })?;
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| {
+            setup_error(
+                "the crypto provider supports no TLS version".into(),
+                Some(Box::new(e)),
+            )
+        })?;
+    let mut config = match mode {
+        SslMode::VerifyFull => builder
+            .with_root_certificates(
+                root_store(roots).map_err(|(reason, source)| setup_error(reason, source))?,
+            )
+            .with_no_client_auth(),
+        SslMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider)))
+            .with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(Arc::new(config))
+}
+
+type SetupFailure = (String, Option<Box<dyn std::error::Error + Send + Sync>>);
+
+fn root_store(roots: &RootCerts) -> Result<RootCertStore, SetupFailure> {
+    let mut store = RootCertStore::empty();
+    match roots {
+        RootCerts::WebPki => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        RootCerts::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _ignored) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err((
+                    "sslrootcert=system: no usable CA certificate in the operating system's store"
+                        .into(),
+                    found
+                        .errors
+                        .into_iter()
+                        .next()
+                        .map(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                ));
+            }
+        }
+        RootCerts::File(path) => {
+            let shown = path.display();
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    (
+                        format!("sslrootcert: cannot read PEM certificates from {shown}"),
+                        Some(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                    )
+                })?;
+            let (added, _ignored) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err((format!("sslrootcert: no CA certificate in {shown}"), None));
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// Accepts any certificate chain (the PrivateLink case), still verifying handshake signatures.
+#[derive(Debug)]
+struct NoCertificateCheck(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoCertificateCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `tokio-postgres`'s TLS hook for DSQL: hand it to `tokio_postgres::Config::connect`, or to
+/// other pools (`bb8-postgres`, `deadpool-postgres`) to reach DSQL with the same settings.
+///
+/// The domain `tokio-postgres` passes (the configured host, also when `hostaddr` is dialled)
+/// becomes the SNI name and the name the certificate is checked against.
+#[derive(Clone)]
+pub struct DsqlTls {
+    config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for DsqlTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DsqlTls").finish_non_exhaustive()
+    }
+}
+
+impl DsqlTls {
+    /// Wraps a rustls configuration. It should offer ALPN `postgresql` for direct TLS.
+    pub fn new(config: Arc<ClientConfig>) -> Self {
+        DsqlTls { config }
+    }
+
+    /// The rustls configuration shared by every connection made with this value.
+    pub fn client_config(&self) -> &Arc<ClientConfig> {
+        &self.config
+    }
+}
+
+impl<S> MakeTlsConnect<S> for DsqlTls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = DsqlTlsStream<S>;
+    type TlsConnect = DsqlTlsConnect;
+    type Error = rustls::pki_types::InvalidDnsNameError;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<DsqlTlsConnect, Self::Error> {
+        Ok(DsqlTlsConnect {
+            config: self.config.clone(),
+            name: ServerName::try_from(domain)?.to_owned(),
+        })
+    }
+}
+
+/// One pending TLS handshake (see [`DsqlTls`]).
+pub struct DsqlTlsConnect {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl<S> TlsConnect<S> for DsqlTlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = DsqlTlsStream<S>;
+    type Error = io::Error;
+    type Future = DsqlTlsHandshake<S>;
+
+    fn connect(self, stream: S) -> DsqlTlsHandshake<S> {
+        DsqlTlsHandshake(tokio_rustls::TlsConnector::from(self.config).connect(self.name, stream))
+    }
+}
+
+/// The TLS handshake future (see [`DsqlTls`]).
+pub struct DsqlTlsHandshake<S>(tokio_rustls::Connect<S>);
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Future for DsqlTlsHandshake<S> {
+    type Output = io::Result<DsqlTlsStream<S>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map_ok(DsqlTlsStream)
+    }
+}
+
+/// A TLS stream to DSQL (see [`DsqlTls`]).
+pub struct DsqlTlsStream<S>(tokio_rustls::client::TlsStream<S>);
+
+impl<S> DsqlTlsStream<S> {
+    /// The negotiated ALPN protocol, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.0.get_ref().1.alpn_protocol()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DsqlTlsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for DsqlTlsStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for DsqlTlsStream<S> {
+    /// DSQL authenticates with a cleartext token over TLS, never SCRAM, so no channel binding.
+    fn channel_binding(&self) -> ChannelBinding {
+        ChannelBinding::none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_offers_alpn_and_webpki_roots() {
+        let config = client_config(
+            "x.dsql.us-east-1.on.aws",
+            &RootCerts::WebPki,
+            SslMode::VerifyFull,
+        )
+        .unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"postgresql".to_vec()]);
+    }
+
+    #[test]
+    fn missing_ca_file_names_the_file_and_host() {
+        let err = client_config(
+            "x.dsql.us-east-1.on.aws",
+            &RootCerts::File("/nonexistent/ca.pem".into()),
+            SslMode::VerifyFull,
+        )
+        .unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.contains("/nonexistent/ca.pem"), "{shown}");
+        assert!(shown.contains("x.dsql.us-east-1.on.aws"), "{shown}");
+    }
+
+    #[test]
+    fn a_file_without_certificates_is_refused() {
+        let dir = std::env::temp_dir().join(format!("dsql-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("empty.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let err =
+            client_config("h.example", &RootCerts::File(path), SslMode::VerifyFull).unwrap_err();
+        assert!(err.to_string().contains("no CA certificate"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
