@@ -867,7 +867,7 @@ fn parse_conninfo(s: &str) -> Result<Vec<(String, String)>, Error> {
 
 /// Parses libpq's `options`: `-c name=value`, `-cname=value` or `--name=value`, separated by
 /// whitespace, with `\` escaping the next character.
-fn parse_options(s: &str) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn parse_options(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut chars = s.chars();

@@ -75,6 +75,17 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+
+    /// The local emulator could not start (feature `emulator`).
+    #[cfg(feature = "emulator")]
+    #[error("DSQL emulator: {reason}")]
+    Emulator {
+        /// What failed, and what to install or set.
+        reason: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl Error {

@@ -38,6 +38,8 @@
 
 pub mod config;
 mod connector;
+#[cfg(feature = "emulator")]
+pub mod emulator;
 mod error;
 pub mod tls;
 pub mod token;

@@ -1,0 +1,428 @@
+//! Token verification as the service does it, from what the client sent.
+//!
+//! This deliberately shares nothing with [`TokenSigner`](crate::TokenSigner): it parses the
+//! received query in any parameter order, canonicalizes it the way a SigV4 server does, derives
+//! the key and HMACs with the `hmac` crate, and compares signatures in constant time.
+
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_smithy_async::time::SharedTimeSource;
+use hmac::{KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+use super::Rejection;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// Why a token was refused: the counter it goes to, the SQLSTATE and the server message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) reason: Rejection,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+fn refuse(reason: Rejection, message: impl Into<String>) -> Refusal {
+    let code = if reason == Rejection::TokenAction {
+        "28000"
+    } else {
+        "28P01"
+    };
+    Refusal {
+        reason,
+        code,
+        message: message.into(),
+    }
+}
+
+/// Checks tokens for one endpoint against a set of credentials.
+#[derive(Debug)]
+pub(crate) struct Verifier {
+    pub(crate) endpoint: String,
+    pub(crate) region: String,
+    pub(crate) credentials: Vec<Credentials>,
+    pub(crate) clock: SharedTimeSource,
+    /// How far `X-Amz-Date` may be ahead of the server's clock.
+    pub(crate) max_skew: Duration,
+}
+
+impl Verifier {
+    /// Verifies `token` for a session as `user`. The checks run in the service's order:
+    /// structure, host, action, scope, expiry range, time, key, signature.
+    pub(crate) fn verify(&self, user: &str, token: &str) -> Result<(), Refusal> {
+        let malformed = |what: &str| refuse(Rejection::TokenMalformed, format!("Invalid token: {what}"));
+        let (host, query) = token
+            .split_once("/?")
+            .ok_or_else(|| malformed("expected <host>/?<query>"))?;
+        if !host.eq_ignore_ascii_case(&self.endpoint) {
+            return Err(refuse(
+                Rejection::TokenHost,
+                format!("Invalid token: signed for host {host}, not for this cluster endpoint"),
+            ));
+        }
+
+        let mut params: Vec<(String, String)> = Vec::new();
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            if params.iter().any(|(k, _)| *k == key) {
+                return Err(malformed(&format!("parameter {key} appears twice")));
+            }
+            params.push((key.into_owned(), value.into_owned()));
+        }
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .ok_or_else(|| malformed(&format!("missing {name}")))
+        };
+
+        if get("X-Amz-Algorithm")? != "AWS4-HMAC-SHA256" {
+            return Err(malformed("X-Amz-Algorithm must be AWS4-HMAC-SHA256"));
+        }
+        let action = get("Action")?;
+        let expected_action = if user == "admin" {
+            "DbConnectAdmin"
+        } else {
+            "DbConnect"
+        };
+        if action != "DbConnect" && action != "DbConnectAdmin" {
+            return Err(malformed(&format!("unknown Action {action}")));
+        }
+        if action != expected_action {
+            return Err(refuse(
+                Rejection::TokenAction,
+                format!("Wrong user to action mapping. user: {user}, action: {action}"),
+            ));
+        }
+
+        let credential = get("X-Amz-Credential")?;
+        let scope: Vec<&str> = credential.split('/').collect();
+        let [access_key, day, region, service, terminator] = scope[..] else {
+            return Err(malformed("X-Amz-Credential must be <key>/<date>/<region>/<service>/aws4_request"));
+        };
+        if terminator != "aws4_request" {
+            return Err(malformed("X-Amz-Credential must end with aws4_request"));
+        }
+        if region != self.region {
+            return Err(refuse(
+                Rejection::TokenRegion,
+                format!(
+                    "Credential should be scoped to a valid region, not '{region}'. This \
+                     endpoint is in '{}'",
+                    self.region
+                ),
+            ));
+        }
+        if service != "dsql" {
+            return Err(refuse(
+                Rejection::TokenService,
+                format!("Credential should be scoped to correct service: 'dsql', not '{service}'"),
+            ));
+        }
+
+        let amz_date = get("X-Amz-Date")?;
+        let signed_at = parse_amz_date(amz_date)
+            .ok_or_else(|| malformed("X-Amz-Date must be yyyymmddTHHMMSSZ"))?;
+        if !amz_date.starts_with(day) || day.len() != 8 {
+            return Err(malformed("the date in X-Amz-Credential does not match X-Amz-Date"));
+        }
+        let expires: u64 = get("X-Amz-Expires")?
+            .parse()
+            .map_err(|_| malformed("X-Amz-Expires must be a number of seconds"))?;
+        if !(1..=604_800).contains(&expires) {
+            return Err(refuse(
+                Rejection::TokenExpiresRange,
+                "X-Amz-Expires must be between 1 and 604800 seconds",
+            ));
+        }
+        if get("X-Amz-SignedHeaders")? != "host" {
+            return Err(malformed("X-Amz-SignedHeaders must be host"));
+        }
+        let signature = get("X-Amz-Signature")?;
+
+        let now = self.clock.now();
+        if signed_at > now + self.max_skew {
+            return Err(refuse(
+                Rejection::TokenNotYetValid,
+                format!("Signature not yet current: {amz_date} is later than the server's time plus {} s", self.max_skew.as_secs()),
+            ));
+        }
+        let expires_at = signed_at + Duration::from_secs(expires);
+        if now >= expires_at {
+            return Err(refuse(
+                Rejection::TokenExpired,
+                format!("Signature expired: {amz_date} plus {expires} s is earlier than the server's time"),
+            ));
+        }
+
+        let unknown = || {
+            refuse(
+                Rejection::TokenUnknownKey,
+                "The security token included in the request is invalid",
+            )
+        };
+        let credentials = self
+            .credentials
+            .iter()
+            .find(|c| c.access_key_id() == access_key)
+            .ok_or_else(unknown)?;
+        let session_token = params
+            .iter()
+            .find(|(k, _)| k == "X-Amz-Security-Token")
+            .map(|(_, v)| v.as_str());
+        if session_token != credentials.session_token() {
+            return Err(unknown());
+        }
+        if credentials.expiry().is_some_and(|expiry| expiry <= signed_at) {
+            return Err(refuse(
+                Rejection::TokenExpired,
+                "The security token included in the request is expired",
+            ));
+        }
+
+        let expected = signature_mac(
+            &self.endpoint,
+            &params,
+            amz_date,
+            day,
+            region,
+            credentials.secret_access_key(),
+        );
+        let provided = hex::decode(signature).unwrap_or_default();
+        // `verify_slice` compares in constant time.
+        if expected.verify_slice(&provided).is_err() {
+            return Err(refuse(
+                Rejection::TokenSignature,
+                "The request signature we calculated does not match the signature you provided",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn hmac_key(key: &[u8]) -> HmacSha256 {
+    <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length")
+}
+
+fn hmac_of(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut mac = hmac_key(key);
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// SigV4's URI encoding: everything but `A-Z a-z 0-9 - _ . ~`.
+fn uri_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The HMAC the service computes over the received parameters (all but the signature), ready
+/// to be compared with the provided signature.
+fn signature_mac(
+    host: &str,
+    params: &[(String, String)],
+    amz_date: &str,
+    day: &str,
+    region: &str,
+    secret: &str,
+) -> HmacSha256 {
+    let mut encoded: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "X-Amz-Signature")
+        .map(|(k, v)| (uri_encode(k), uri_encode(v)))
+        .collect();
+    encoded.sort();
+    let query = encoded
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let empty_payload = hex::encode(Sha256::digest(b""));
+    let canonical_request = format!(
+        "GET\n/\n{query}\nhost:{}\n\nhost\n{empty_payload}",
+        host.to_ascii_lowercase()
+    );
+    let string_to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{day}/{region}/dsql/aws4_request\n{}",
+        hex::encode(Sha256::digest(canonical_request.as_bytes()))
+    );
+    let k_date = hmac_of(format!("AWS4{secret}").as_bytes(), day.as_bytes());
+    let k_region = hmac_of(&k_date, region.as_bytes());
+    let k_service = hmac_of(&k_region, b"dsql");
+    let k_signing = hmac_of(&k_service, b"aws4_request");
+    let mut mac = hmac_key(&k_signing);
+    mac.update(string_to_sign.as_bytes());
+    mac
+}
+
+/// `yyyymmddTHHMMSSZ` to a time.
+fn parse_amz_date(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<u64> {
+        let digits = s.get(range)?;
+        digits.bytes().all(|c| c.is_ascii_digit()).then(|| digits.parse().ok())?
+    };
+    let (year, month, day) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hour, minute, second) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    if !(1970..=9999).contains(&year)
+        || !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    // Days from civil (Howard Hinnant), for years >= 1970.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(days * 86_400 + hour * 3600 + minute * 60 + second))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Action, TokenSigner};
+    use aws_smithy_async::time::StaticTimeSource;
+
+    const HOST: &str = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws";
+    const T0: u64 = 1_724_716_800;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn verifier(now: u64) -> Verifier {
+        Verifier {
+            endpoint: HOST.into(),
+            region: "us-east-1".into(),
+            credentials: vec![
+                Credentials::new("AK1", "secret/+=", None, None, "test"),
+                Credentials::new("ASIA2", "other", Some("sess ion/+=".into()), None, "test"),
+            ],
+            clock: SharedTimeSource::new(StaticTimeSource::new(at(now))),
+            max_skew: Duration::from_secs(300),
+        }
+    }
+
+    fn token(key: &str, secret: &str, session: Option<&str>, action: Action, expires: u64) -> String {
+        let creds = Credentials::new(key, secret, session.map(str::to_owned), None, "test");
+        TokenSigner::new(HOST, "us-east-1")
+            .sign(&creds, action, Duration::from_secs(expires), at(T0))
+            .as_str()
+            .to_owned()
+    }
+
+    fn reason(result: Result<(), Refusal>) -> Rejection {
+        result.unwrap_err().reason
+    }
+
+    #[test]
+    fn accepts_good_tokens_in_any_parameter_order() {
+        let v = verifier(T0 + 10);
+        let admin = token("AK1", "secret/+=", None, Action::DbConnectAdmin, 900);
+        v.verify("admin", &admin).unwrap();
+        let app = token("ASIA2", "other", Some("sess ion/+="), Action::DbConnect, 900);
+        v.verify("app", &app).unwrap();
+        // Reverse the parameters, and form-encode the space as the AWS SDK does.
+        let (host, query) = app.split_once("/?").unwrap();
+        let mut parts: Vec<&str> = query.split('&').collect();
+        parts.reverse();
+        let reordered = format!("{host}/?{}", parts.join("&")).replace("%20", "+");
+        v.verify("app", &reordered).unwrap();
+    }
+
+    #[test]
+    fn each_failure_has_its_reason() {
+        let v = verifier(T0 + 10);
+        let good = token("AK1", "secret/+=", None, Action::DbConnect, 900);
+        assert_eq!(reason(v.verify("app", "garbage")), Rejection::TokenMalformed);
+        assert_eq!(
+            reason(v.verify("app", &good.replacen("abcdefghij", "zzzzzzzzzz", 1))),
+            Rejection::TokenHost
+        );
+        let refusal = v.verify("admin", &good).unwrap_err();
+        assert_eq!(refusal.reason, Rejection::TokenAction);
+        assert_eq!(refusal.message, "Wrong user to action mapping. user: admin, action: DbConnect");
+        assert_eq!(refusal.code, "28000");
+        let wrong_region = TokenSigner::new(HOST, "eu-west-1")
+            .sign(
+                &Credentials::new("AK1", "secret/+=", None, None, "t"),
+                Action::DbConnect,
+                Duration::from_secs(900),
+                at(T0),
+            );
+        assert_eq!(reason(v.verify("app", wrong_region.as_str())), Rejection::TokenRegion);
+        assert_eq!(
+            reason(v.verify("app", &good.replace("%2Fdsql%2F", "%2Frds-db%2F"))),
+            Rejection::TokenService
+        );
+        assert_eq!(
+            reason(v.verify("app", &token("AK1", "secret/+=", None, Action::DbConnect, 604_801))),
+            Rejection::TokenExpiresRange
+        );
+        assert_eq!(reason(verifier(T0 + 900).verify("app", &good)), Rejection::TokenExpired);
+        verifier(T0 + 899).verify("app", &good).unwrap();
+        assert_eq!(reason(verifier(T0 - 301).verify("app", &good)), Rejection::TokenNotYetValid);
+        verifier(T0 - 300).verify("app", &good).unwrap();
+        assert_eq!(
+            reason(v.verify("app", &token("AK9", "secret/+=", None, Action::DbConnect, 900))),
+            Rejection::TokenUnknownKey
+        );
+        assert_eq!(
+            reason(v.verify("app", &token("ASIA2", "other", None, Action::DbConnect, 900))),
+            Rejection::TokenUnknownKey
+        );
+        assert_eq!(
+            reason(v.verify("app", &token("AK1", "wrong", None, Action::DbConnect, 900))),
+            Rejection::TokenSignature
+        );
+        let last = good.len() - 1;
+        let flipped = if good.ends_with('0') { '1' } else { '0' };
+        let tampered = format!("{}{flipped}", &good[..last]);
+        assert_eq!(reason(v.verify("app", &tampered)), Rejection::TokenSignature);
+        // A parameter added after signing changes the canonical query.
+        assert_eq!(
+            reason(v.verify("app", &format!("{good}&X-Extra=1"))),
+            Rejection::TokenSignature
+        );
+        assert_eq!(
+            reason(v.verify("app", &format!("{good}&Action=DbConnect"))),
+            Rejection::TokenMalformed
+        );
+    }
+
+    #[test]
+    fn expired_credentials_are_refused() {
+        let mut v = verifier(T0 + 10);
+        v.credentials = vec![Credentials::new("AK1", "s", None, Some(at(T0)), "test")];
+        let t = token("AK1", "s", None, Action::DbConnect, 900);
+        assert_eq!(reason(v.verify("app", &t)), Rejection::TokenExpired);
+    }
+
+    #[test]
+    fn amz_dates() {
+        assert_eq!(parse_amz_date("20240827T000000Z"), Some(at(T0)));
+        assert_eq!(parse_amz_date("19700101T000000Z"), Some(at(0)));
+        assert_eq!(parse_amz_date("20000301T010203Z"), Some(at(951_872_523)));
+        assert_eq!(parse_amz_date("2024-08-27T00:00:00Z"), None);
+        assert_eq!(parse_amz_date("20241327T000000Z"), None);
+        assert_eq!(parse_amz_date("2024082+T000000Z"), None);
+    }
+}

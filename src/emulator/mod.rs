@@ -1,0 +1,569 @@
+//! A local DSQL endpoint for tests (feature `emulator`), in front of a real PostgreSQL.
+//!
+//! The emulator listens on 127.0.0.1 under a DSQL-style endpoint name and behaves like the
+//! service where a connector can tell:
+//!
+//! - **TLS only**: SSLRequest or direct TLS (first byte `0x16`, ALPN `postgresql` required);
+//!   a plaintext startup gets a FATAL error. A CA and a server certificate for the endpoint
+//!   name are generated at start; [`DsqlEmulator::ca_cert_path`] is what clients verify against.
+//! - **SNI required** and equal to the endpoint name
+//!   (`unable to accept connection, sni was not received`).
+//! - **Startup parameters** checked against DSQL's allow-list
+//!   (`setting configuration parameter "…" not supported`).
+//! - **Tokens verified like the service**: structure, host, action ↔ role
+//!   (`Wrong user to action mapping. user: …, action: …`), region and service scope, expiry
+//!   range, date and expiry against the emulator's clock (with 5 minutes' allowed skew), and the
+//!   SigV4 signature recomputed from the received parameters against the configured
+//!   credentials. This shares no code with [`TokenSigner`](crate::TokenSigner).
+//! - **Connection age**: connections are closed at a maximum age (60 minutes by default).
+//! - **Faults on demand**: [`drop_all_connections`](DsqlEmulator::drop_all_connections),
+//!   [`refuse_new_connections`](DsqlEmulator::refuse_new_connections),
+//!   [`set_latency`](DsqlEmulator::set_latency).
+//!
+//! Accepted sessions are relayed to PostgreSQL under the same role name. By default the emulator
+//! runs a private throw-away cluster (superuser `admin`, trust authentication on a private Unix
+//! socket, `default_transaction_isolation = 'repeatable read'`), found in `PG_BIN`, on `PATH` or
+//! in the newest `/usr/lib/postgresql/*/bin`; as root it runs it as `postgres` (or `nobody`).
+//! Or it relays to an existing server ([`DsqlEmulatorBuilder::upstream_url`] or
+//! `DSQL_EMULATOR_UPSTREAM`), which must trust the emulator's connections and have an `admin`
+//! role.
+//!
+//! Custom roles are created as on DSQL, as `admin` through the emulator:
+//! `CREATE ROLE app WITH LOGIN;` then `CREATE SCHEMA myschema; GRANT USAGE, CREATE ON SCHEMA
+//! myschema TO app;`, and the role connects with `search_path = myschema`.
+//!
+//! ```no_run
+//! use tokio_postgres_dsql::DsqlConnector;
+//! use tokio_postgres_dsql::emulator::DsqlEmulator;
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let emulator = DsqlEmulator::start().await?;
+//! let connector = DsqlConnector::new(emulator.config_for("admin").build()?).await?;
+//! let client = connector.connect().await?;
+//! client.batch_execute("CREATE TABLE t (id uuid PRIMARY KEY)").await?;
+//! # Ok(()) }
+//! ```
+
+mod auth;
+mod certs;
+mod latency;
+mod session;
+mod upstream;
+mod wire;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_credential_types::Credentials;
+use aws_smithy_async::time::{SharedTimeSource, SystemTimeSource, TimeSource};
+
+use crate::config::{DsqlConfigBuilder, region_from_host};
+use crate::{DsqlConfig, Error};
+
+/// Why the emulator refused a connection. Counted in [`EmulatorStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// New connections were being refused ([`DsqlEmulator::refuse_new_connections`]).
+    Refused,
+    /// A startup message without TLS.
+    Plaintext,
+    /// A malformed or unsupported protocol message.
+    Protocol,
+    /// A TLS ClientHello without SNI.
+    NoSni,
+    /// SNI naming another host.
+    WrongSni,
+    /// Direct TLS without ALPN `postgresql`.
+    NoAlpn,
+    /// A startup parameter DSQL does not accept.
+    UnsupportedParameter,
+    /// An `amzn-cluster-id` option naming another cluster.
+    WrongClusterId,
+    /// A token that is not a presigned URL with the expected parameters.
+    TokenMalformed,
+    /// A token signed for another host.
+    TokenHost,
+    /// `admin` with `DbConnect`, or another role with `DbConnectAdmin`.
+    TokenAction,
+    /// A token scoped to another region.
+    TokenRegion,
+    /// A token scoped to another service.
+    TokenService,
+    /// `X-Amz-Expires` outside 1..=604800.
+    TokenExpiresRange,
+    /// A token past its expiry, or signed with expired credentials.
+    TokenExpired,
+    /// A token dated in the future beyond the allowed skew.
+    TokenNotYetValid,
+    /// An access key (or session token) the emulator does not know.
+    TokenUnknownKey,
+    /// A signature that does not match.
+    TokenSignature,
+    /// The upstream PostgreSQL refused the session (e.g. the role does not exist) or is down.
+    Upstream,
+}
+
+/// Counters for tests to assert on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EmulatorStats {
+    /// Sessions authenticated and relayed.
+    pub accepted: u64,
+    /// Refusals by reason.
+    pub rejected: BTreeMap<Rejection, u64>,
+    /// Connections closed because they reached the maximum age.
+    pub closed_at_max_age: u64,
+    /// Connections closed by [`DsqlEmulator::drop_all_connections`].
+    pub dropped: u64,
+}
+
+impl EmulatorStats {
+    /// How many connections were refused for `reason`.
+    pub fn rejected(&self, reason: Rejection) -> u64 {
+        self.rejected.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// How many connections were refused, for any reason.
+    pub fn total_rejected(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// State shared by the accept loop and every session.
+pub(crate) struct Shared {
+    verifier: auth::Verifier,
+    cluster_id: String,
+    tls_config: Arc<rustls::ServerConfig>,
+    upstream: upstream::Target,
+    latency: latency::Latency,
+    max_age: AtomicU64,
+    refusing: AtomicBool,
+    drops: tokio::sync::watch::Sender<u64>,
+    open: AtomicUsize,
+    stats: Mutex<EmulatorStats>,
+}
+
+impl Shared {
+    fn count(&self, update: impl FnOnce(&mut EmulatorStats)) {
+        update(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn count_rejection(&self, reason: Rejection) {
+        tracing::debug!(?reason, "emulator refused a connection");
+        self.count(|stats| *stats.rejected.entry(reason).or_default() += 1);
+    }
+
+    fn count_accepted(&self) {
+        self.count(|stats| stats.accepted += 1);
+    }
+}
+
+/// Configures and starts a [`DsqlEmulator`].
+#[derive(Default)]
+#[must_use]
+pub struct DsqlEmulatorBuilder {
+    endpoint: Option<String>,
+    region: Option<String>,
+    credentials: Vec<Credentials>,
+    max_connection_age: Option<Duration>,
+    time_source: Option<SharedTimeSource>,
+    upstream_url: Option<String>,
+    pg_bin: Option<PathBuf>,
+    port: u16,
+}
+
+impl std::fmt::Debug for DsqlEmulatorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DsqlEmulatorBuilder")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("credentials", &self.credentials.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DsqlEmulatorBuilder {
+    /// The endpoint name (SNI, certificate, token host). Default: a random 26-character cluster
+    /// id + `.dsql.us-east-1.on.aws`.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// The region tokens must be scoped to. Default: parsed from the endpoint name; required
+    /// when the name does not contain one.
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Accepts tokens signed with these credentials (call repeatedly for several access keys;
+    /// session tokens must match). Default: one generated key pair, see
+    /// [`DsqlEmulator::credentials`].
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials.push(credentials);
+        self
+    }
+
+    /// Connections are closed once this old. Default 60 minutes, as DSQL; at least 1 s.
+    pub fn max_connection_age(mut self, age: Duration) -> Self {
+        self.max_connection_age = Some(age);
+        self
+    }
+
+    /// The clock tokens are checked against. Default: the system clock.
+    pub fn time_source(mut self, time_source: impl TimeSource + 'static) -> Self {
+        self.time_source = Some(SharedTimeSource::new(time_source));
+        self
+    }
+
+    /// Relay to this existing PostgreSQL (`postgres://host:port` or `host=/socket/dir port=…`)
+    /// instead of starting one. It must trust the emulator's connections and have an `admin`
+    /// role. Default: `DSQL_EMULATOR_UPSTREAM`, else a private cluster.
+    pub fn upstream_url(mut self, url: impl Into<String>) -> Self {
+        self.upstream_url = Some(url.into());
+        self
+    }
+
+    /// The directory with `initdb` and `postgres`. Default: `PG_BIN`, `PATH`, then the newest
+    /// `/usr/lib/postgresql/*/bin`.
+    pub fn pg_bin(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.pg_bin = Some(dir.into());
+        self
+    }
+
+    /// The TCP port on 127.0.0.1. Default 0: a free port.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Starts the emulator (and its PostgreSQL) without blocking the async runtime.
+    pub async fn start(self) -> Result<DsqlEmulator, Error> {
+        tokio::task::spawn_blocking(move || self.start_blocking())
+            .await
+            .map_err(|e| Error::Emulator {
+                reason: "the start-up task failed".into(),
+                source: Some(Box::new(e)),
+            })?
+    }
+
+    /// Starts the emulator, blocking the current thread for the few seconds PostgreSQL needs.
+    /// The emulator runs on its own threads, so it outlives the runtime that started it.
+    pub fn start_blocking(self) -> Result<DsqlEmulator, Error> {
+        let endpoint = self
+            .endpoint
+            .unwrap_or_else(|| format!("{}.dsql.us-east-1.on.aws", random_cluster_id()))
+            .to_ascii_lowercase();
+        let region = match (self.region, region_from_host(&endpoint)) {
+            (Some(region), _) => region,
+            (None, Some(region)) => region.to_owned(),
+            (None, None) => {
+                return Err(Error::config(
+                    "region",
+                    format!("the emulator endpoint `{endpoint}` names no region; set one"),
+                ));
+            }
+        };
+        let cluster_id = endpoint.split('.').next().unwrap_or_default().to_owned();
+        let max_age = self
+            .max_connection_age
+            .unwrap_or(crate::config::SERVER_MAX_CONNECTION_AGE);
+        if max_age < Duration::from_secs(1) {
+            return Err(Error::config("max_connection_age", "must be at least 1 s"));
+        }
+        let credentials = if self.credentials.is_empty() {
+            vec![generated_credentials()]
+        } else {
+            self.credentials
+        };
+
+        let work_dir = WorkDir::create()?;
+        let certs = certs::Certificates::generate(&endpoint)?;
+        let ca_path = work_dir.path.join("ca.pem");
+        std::fs::write(&ca_path, &certs.ca_pem).map_err(|e| Error::Emulator {
+            reason: format!("cannot write {}", ca_path.display()),
+            source: Some(Box::new(e)),
+        })?;
+
+        let upstream_url = self
+            .upstream_url
+            .or_else(|| std::env::var("DSQL_EMULATOR_UPSTREAM").ok().filter(|u| !u.is_empty()));
+        let (target, cluster) = match upstream_url {
+            Some(url) => (upstream::Target::from_url(&url)?, None),
+            None => {
+                let cluster = upstream::LocalCluster::start(&work_dir.path, self.pg_bin.as_deref())?;
+                (cluster.target(), Some(cluster))
+            }
+        };
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dsql-emulator")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Emulator {
+                reason: "cannot start the emulator's runtime".into(),
+                source: Some(Box::new(e)),
+            })?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)))
+            .map_err(|e| Error::Emulator {
+                reason: format!("cannot listen on 127.0.0.1:{}", self.port),
+                source: Some(Box::new(e)),
+            })?;
+        let address = listener.local_addr().map_err(|e| Error::Emulator {
+            reason: "cannot read the listening address".into(),
+            source: Some(Box::new(e)),
+        })?;
+
+        let time_source = self.time_source.clone();
+        let shared = Arc::new(Shared {
+            verifier: auth::Verifier {
+                endpoint: endpoint.clone(),
+                region: region.clone(),
+                credentials: credentials.clone(),
+                clock: self
+                    .time_source
+                    .unwrap_or_else(|| SharedTimeSource::new(SystemTimeSource::new())),
+                max_skew: Duration::from_secs(300),
+            },
+            cluster_id,
+            tls_config: certs.server_config,
+            upstream: target,
+            latency: Arc::new(AtomicU64::new(0)),
+            max_age: AtomicU64::new(max_age.as_nanos() as u64),
+            refusing: AtomicBool::new(false),
+            drops: tokio::sync::watch::Sender::new(0),
+            open: AtomicUsize::new(0),
+            stats: Mutex::new(EmulatorStats::default()),
+        });
+        runtime.spawn({
+            let shared = shared.clone();
+            async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((socket, _)) => {
+                            tokio::spawn(session::serve(socket, shared.clone()));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "emulator accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        });
+        tracing::info!(%endpoint, %address, "DSQL emulator listening");
+        Ok(DsqlEmulator {
+            endpoint,
+            region,
+            address,
+            credentials,
+            ca_pem: certs.ca_pem,
+            ca_path,
+            time_source,
+            shared,
+            runtime: Some(runtime),
+            _cluster: cluster,
+            _work_dir: work_dir,
+        })
+    }
+}
+
+/// A running DSQL emulator. Dropping it stops it and its private PostgreSQL.
+pub struct DsqlEmulator {
+    endpoint: String,
+    region: String,
+    address: SocketAddr,
+    credentials: Vec<Credentials>,
+    ca_pem: String,
+    ca_path: PathBuf,
+    time_source: Option<SharedTimeSource>,
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+    // Field order matters on drop: the cluster stops before its directory is removed.
+    _cluster: Option<upstream::LocalCluster>,
+    _work_dir: WorkDir,
+}
+
+impl std::fmt::Debug for DsqlEmulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DsqlEmulator")
+            .field("endpoint", &self.endpoint)
+            .field("address", &self.address)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for DsqlEmulator {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl DsqlEmulator {
+    /// A builder with every option at its default.
+    pub fn builder() -> DsqlEmulatorBuilder {
+        DsqlEmulatorBuilder::default()
+    }
+
+    /// Starts an emulator with the defaults.
+    pub async fn start() -> Result<DsqlEmulator, Error> {
+        Self::builder().start().await
+    }
+
+    /// The endpoint name: what clients use as host, SNI and token host.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The region tokens must be scoped to.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    /// The listening address (127.0.0.1 and [`port`](Self::port)).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The CA certificate (PEM) that signed the endpoint's certificate.
+    pub fn ca_cert_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A file holding [`ca_cert_pem`](Self::ca_cert_pem), for `sslrootcert` / `PGSSLROOTCERT`.
+    pub fn ca_cert_path(&self) -> &Path {
+        &self.ca_path
+    }
+
+    /// The first accepted credentials (the generated ones unless configured).
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials[0]
+    }
+
+    /// A configuration builder preset to reach this emulator as `user`: host, `hostaddr`
+    /// 127.0.0.1, port, region, the CA, the accepted credentials, and the emulator's clock if
+    /// one was set. Add settings, then `build()`.
+    pub fn config_for(&self, user: &str) -> DsqlConfigBuilder {
+        let builder = DsqlConfig::builder()
+            .host(&self.endpoint)
+            .region(&self.region)
+            .hostaddr(Ipv4Addr::LOCALHOST.into())
+            .port(self.port())
+            .user(user)
+            .ssl_root_cert(&self.ca_path)
+            .credentials_provider(self.credentials[0].clone());
+        match &self.time_source {
+            Some(clock) => builder.time_source(clock.clone()),
+            None => builder,
+        }
+    }
+
+    /// A `tokio-postgres` connection string straight to the upstream PostgreSQL as `user`,
+    /// bypassing the emulator (for setup and inspection in tests).
+    pub fn upstream_url(&self, user: &str) -> String {
+        self.shared.upstream.url(user)
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> EmulatorStats {
+        self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many sessions are being relayed now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// Closes every relayed connection now, as a server failure would.
+    pub fn drop_all_connections(&self) {
+        self.shared.drops.send_modify(|generation| *generation += 1);
+    }
+
+    /// While `true`, new TCP connections are closed at once (counted as
+    /// [`Rejection::Refused`]); established ones continue.
+    pub fn refuse_new_connections(&self, refuse: bool) {
+        self.shared.refusing.store(refuse, Ordering::SeqCst);
+    }
+
+    /// Delays every read, on the client side and the upstream side, by `latency`: a round trip
+    /// through the emulator costs twice this. Applies to reads that start after the call.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared
+            .latency
+            .store(latency.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Changes the maximum connection age for connections accepted from now on (at least 1 s).
+    pub fn set_max_connection_age(&self, age: Duration) {
+        self.shared
+            .max_age
+            .store(age.max(Duration::from_secs(1)).as_nanos() as u64, Ordering::SeqCst);
+    }
+}
+
+/// The emulator's temporary directory (CA file, private cluster), removed on drop.
+struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn create() -> Result<WorkDir, Error> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "dsql-emulator-{}-{}-{:08x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir(&path).map_err(|e| Error::Emulator {
+            reason: format!("cannot create {}", path.display()),
+            source: Some(Box::new(e)),
+        })?;
+        Ok(WorkDir { path })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn random_cluster_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..26)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn generated_credentials() -> Credentials {
+    const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/+";
+    let pick = |set: &[u8], n: usize| -> String {
+        (0..n)
+            .map(|_| set[fastrand::usize(..set.len())] as char)
+            .collect()
+    };
+    Credentials::new(
+        format!("AKIA{}", pick(UPPER, 16)),
+        pick(SECRET, 40),
+        None,
+        None,
+        "dsql-emulator",
+    )
+}

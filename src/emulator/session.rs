@@ -1,0 +1,403 @@
+//! One client connection: TLS negotiation, SNI, the startup message, the token, then a relay to
+//! the upstream PostgreSQL until the client leaves, the maximum age passes, or a fault drops it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::latency::Delayed;
+use super::wire::{self, send_fatal};
+use super::{Rejection, Shared};
+
+/// The longest password message accepted (tokens with session tokens are a few KiB).
+const MAX_PASSWORD_LEN: u32 = 16 * 1024;
+
+/// Startup parameters DSQL accepts (besides `user`, `database` and `options`).
+fn parameter_allowed(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "application_name"
+            | "client_encoding"
+            | "datestyle"
+            | "extra_float_digits"
+            | "intervalstyle"
+            | "timezone"
+            | "search_path"
+            | "dsql.enable_batched_nestloop"
+            | "disable_sync_create_index"
+    ) || name.starts_with("enable_")
+}
+
+/// The checked startup: who, and what to send upstream.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Startup {
+    pub(crate) user: String,
+    pub(crate) upstream_parameters: Vec<(String, String)>,
+}
+
+/// A startup refused: SQLSTATE and message.
+#[derive(Debug, PartialEq)]
+pub(crate) struct StartupRefusal {
+    pub(crate) reason: Rejection,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+/// Applies DSQL's startup rules to the client's parameters.
+pub(crate) fn check_startup(
+    parameters: Vec<(String, String)>,
+    cluster_id: &str,
+) -> Result<Startup, StartupRefusal> {
+    let unsupported = |name: &str| StartupRefusal {
+        reason: Rejection::UnsupportedParameter,
+        code: "0A000",
+        message: format!("setting configuration parameter \"{name}\" not supported"),
+    };
+    let mut user = None;
+    let mut database = None;
+    let mut settings: Vec<(String, String)> = Vec::new();
+    for (name, value) in parameters {
+        match name.as_str() {
+            "user" => user = Some(value),
+            "database" => database = Some(value),
+            "options" => {
+                let parsed = crate::config::parse_options(&value).map_err(|why| StartupRefusal {
+                    reason: Rejection::UnsupportedParameter,
+                    code: "08P01",
+                    message: format!("invalid command-line argument in options: {why}"),
+                })?;
+                for (name, value) in parsed {
+                    let name = name.replace('-', "_");
+                    if name.eq_ignore_ascii_case("amzn_cluster_id") {
+                        if value != cluster_id {
+                            return Err(StartupRefusal {
+                                reason: Rejection::WrongClusterId,
+                                code: "08004",
+                                message: format!(
+                                    "unable to accept connection, cluster id {value} not found"
+                                ),
+                            });
+                        }
+                        continue;
+                    }
+                    if !parameter_allowed(&name) {
+                        return Err(unsupported(&name));
+                    }
+                    settings.push((name, value));
+                }
+            }
+            _ if parameter_allowed(&name) => settings.push((name, value)),
+            _ => return Err(unsupported(&name)),
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or(StartupRefusal {
+        reason: Rejection::Protocol,
+        code: "28000",
+        message: "no PostgreSQL user name specified in startup packet".into(),
+    })?;
+    let mut upstream_parameters = vec![
+        ("user".to_owned(), user.clone()),
+        (
+            "database".to_owned(),
+            database.unwrap_or_else(|| "postgres".into()),
+        ),
+    ];
+    // Settings PostgreSQL itself does not know stay here.
+    let options: Vec<(&str, &str)> = settings
+        .iter()
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("disable_sync_create_index"))
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    if !options.is_empty() {
+        upstream_parameters.push((
+            "options".to_owned(),
+            crate::connector::startup_options_string(&options),
+        ));
+    }
+    Ok(Startup {
+        user,
+        upstream_parameters,
+    })
+}
+
+/// Serves one accepted TCP connection.
+pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
+    let accepted_at = Instant::now();
+    if shared.refusing.load(Ordering::SeqCst) {
+        shared.count_rejection(Rejection::Refused);
+        return;
+    }
+    let _ = socket.set_nodelay(true);
+    let mut first = [0u8; 1];
+    match socket.peek(&mut first).await {
+        Ok(1) => {}
+        _ => return,
+    }
+    let direct = first[0] == 0x16;
+    let stream = Delayed::new(socket, shared.latency.clone());
+    if let Err(error) = negotiate(stream, direct, accepted_at, &shared).await {
+        tracing::debug!(%error, "emulator session ended with an I/O error");
+    }
+}
+
+async fn negotiate(
+    mut stream: Delayed<TcpStream>,
+    direct: bool,
+    accepted_at: Instant,
+    shared: &Arc<Shared>,
+) -> std::io::Result<()> {
+    if !direct {
+        loop {
+            let packet = wire::read_startup_packet(&mut stream).await?;
+            match packet.code {
+                wire::SSL_REQUEST => {
+                    stream.write_all(b"S").await?;
+                    break;
+                }
+                wire::GSSENC_REQUEST => stream.write_all(b"N").await?,
+                wire::PROTOCOL_3_0 => {
+                    shared.count_rejection(Rejection::Plaintext);
+                    send_fatal(
+                        &mut stream,
+                        "28000",
+                        "unable to accept connection, SSL/TLS is required",
+                    )
+                    .await;
+                    return Ok(());
+                }
+                wire::CANCEL_REQUEST => return Ok(()),
+                other => {
+                    shared.count_rejection(Rejection::Protocol);
+                    send_fatal(
+                        &mut stream,
+                        "08P01",
+                        &format!("unsupported frontend protocol or request code {other}"),
+                    )
+                    .await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(str::to_owned);
+    let offers_postgresql_alpn = hello
+        .alpn()
+        .is_some_and(|mut protocols| protocols.any(|p| p == crate::tls::ALPN_POSTGRESQL));
+    let mut tls = start.into_stream(shared.tls_config.clone()).await?;
+
+    let refusal = match &sni {
+        None => Some((Rejection::NoSni, "unable to accept connection, sni was not received".to_owned())),
+        Some(name) if !name.eq_ignore_ascii_case(&shared.verifier.endpoint) => Some((
+            Rejection::WrongSni,
+            format!("unable to accept connection, no cluster found for {name}"),
+        )),
+        Some(_) if direct && !offers_postgresql_alpn => Some((
+            Rejection::NoAlpn,
+            "received direct TLS connection request without ALPN protocol negotiation extension"
+                .to_owned(),
+        )),
+        Some(_) => None,
+    };
+    if let Some((reason, message)) = refusal {
+        shared.count_rejection(reason);
+        send_fatal(&mut tls, "08004", &message).await;
+        return Ok(());
+    }
+
+    let packet = wire::read_startup_packet(&mut tls).await?;
+    let parameters = (packet.code == wire::PROTOCOL_3_0)
+        .then(|| wire::startup_parameters(&packet.body))
+        .flatten();
+    let Some(parameters) = parameters else {
+        shared.count_rejection(Rejection::Protocol);
+        send_fatal(&mut tls, "08P01", "invalid startup packet").await;
+        return Ok(());
+    };
+    let startup = match check_startup(parameters, &shared.cluster_id) {
+        Ok(startup) => startup,
+        Err(refusal) => {
+            shared.count_rejection(refusal.reason);
+            send_fatal(&mut tls, refusal.code, &refusal.message).await;
+            return Ok(());
+        }
+    };
+
+    tls.write_all(&wire::cleartext_password_request()).await?;
+    tls.flush().await?;
+    let (tag, body) = wire::read_message(&mut tls, MAX_PASSWORD_LEN).await?;
+    let token = (tag == b'p')
+        .then(|| body.strip_suffix(&[0]))
+        .flatten()
+        .and_then(|t| std::str::from_utf8(t).ok());
+    let Some(token) = token else {
+        shared.count_rejection(Rejection::Protocol);
+        send_fatal(&mut tls, "08P01", "expected a password message").await;
+        return Ok(());
+    };
+    if let Err(refusal) = shared.verifier.verify(&startup.user, token) {
+        shared.count_rejection(refusal.reason);
+        send_fatal(&mut tls, refusal.code, &refusal.message).await;
+        return Ok(());
+    }
+
+    let upstream = match shared.upstream.connect().await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::warn!(%error, "emulator cannot reach its upstream PostgreSQL");
+            shared.count_rejection(Rejection::Upstream);
+            send_fatal(&mut tls, "XX000", "server unavailable").await;
+            return Ok(());
+        }
+    };
+    let mut upstream = Delayed::new(upstream, shared.latency.clone());
+    upstream
+        .write_all(&wire::startup_message(&startup.upstream_parameters))
+        .await?;
+    let (tag, body) = wire::read_message(&mut upstream, 64 * 1024).await?;
+    match (tag, body.as_slice()) {
+        (b'R', [0, 0, 0, 0]) => {
+            tls.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]).await?;
+        }
+        (b'E', _) => {
+            shared.count_rejection(Rejection::Upstream);
+            let message = wire::error_message(&body);
+            tracing::debug!(%message, "upstream refused the session");
+            let mut raw = vec![b'E'];
+            raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            raw.extend_from_slice(&body);
+            tls.write_all(&raw).await?;
+            let _ = tls.shutdown().await;
+            return Ok(());
+        }
+        _ => {
+            shared.count_rejection(Rejection::Upstream);
+            send_fatal(
+                &mut tls,
+                "XX000",
+                "the emulator's upstream PostgreSQL asked for a password; it must trust local \
+                 connections",
+            )
+            .await;
+            return Ok(());
+        }
+    }
+    shared.count_accepted();
+    relay(tls, upstream, accepted_at, shared).await
+}
+
+/// Copies bytes both ways until either side closes, the connection reaches its maximum age, or
+/// `drop_all_connections` is called.
+async fn relay<C, U>(
+    mut client: C,
+    mut upstream: U,
+    accepted_at: Instant,
+    shared: &Arc<Shared>,
+) -> std::io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let max_age = Duration::from_nanos(shared.max_age.load(Ordering::SeqCst));
+    let mut drops = shared.drops.subscribe();
+    shared.open.fetch_add(1, Ordering::SeqCst);
+    let outcome = tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => result.map(|_| ()),
+        () = tokio::time::sleep_until(accepted_at + max_age) => {
+            shared.count(|stats| stats.closed_at_max_age += 1);
+            Ok(())
+        }
+        _ = drops.changed() => {
+            shared.count(|stats| stats.dropped += 1);
+            Ok(())
+        }
+    };
+    shared.open.fetch_sub(1, Ordering::SeqCst);
+    let _ = client.shutdown().await;
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "abcdefghijklmnopqrstuvwxyz";
+
+    fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn allowed_startup_is_forwarded() {
+        let startup = check_startup(
+            params(&[
+                ("user", "app"),
+                ("database", "postgres"),
+                ("client_encoding", "UTF8"),
+                ("application_name", "x"),
+                (
+                    "options",
+                    "-c search_path=my\\ schema -c amzn-cluster-id=abcdefghijklmnopqrstuvwxyz \
+                     -c disable_sync_create_index=on --enable_seqscan=off",
+                ),
+            ]),
+            ID,
+        )
+        .unwrap();
+        assert_eq!(startup.user, "app");
+        assert_eq!(
+            startup.upstream_parameters,
+            params(&[
+                ("user", "app"),
+                ("database", "postgres"),
+                (
+                    "options",
+                    "-c client_encoding=UTF8 -c application_name=x -c search_path=my\\ schema \
+                     -c enable_seqscan=off"
+                ),
+            ])
+        );
+    }
+
+    #[test]
+    fn unsupported_parameters_are_refused_with_dsql_text() {
+        for (name, value) in [("statement_timeout", "5s"), ("client_min_messages", "debug")] {
+            let refusal = check_startup(params(&[("user", "app"), (name, value)]), ID).unwrap_err();
+            assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
+            assert_eq!(
+                refusal.message,
+                format!("setting configuration parameter \"{name}\" not supported")
+            );
+            let in_options = format!("-c {name}={value}");
+            let refusal =
+                check_startup(params(&[("user", "app"), ("options", &in_options)]), ID).unwrap_err();
+            assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
+        }
+        let refusal = check_startup(params(&[("user", "app"), ("replication", "true")]), ID)
+            .unwrap_err();
+        assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
+    }
+
+    #[test]
+    fn cluster_id_must_match_and_user_is_required() {
+        let refusal = check_startup(
+            params(&[("user", "app"), ("options", "-c amzn-cluster-id=zzzzzzzzzzzzzzzzzzzzzzzzzz")]),
+            ID,
+        )
+        .unwrap_err();
+        assert_eq!(refusal.reason, Rejection::WrongClusterId);
+        let refusal = check_startup(params(&[("database", "postgres")]), ID).unwrap_err();
+        assert_eq!(refusal.reason, Rejection::Protocol);
+    }
+}

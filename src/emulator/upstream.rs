@@ -1,0 +1,453 @@
+//! The real PostgreSQL behind the emulator: a private throw-away cluster, or an existing server.
+//!
+//! The private cluster lives in the emulator's work directory, listens only on a Unix socket in
+//! that directory, trusts local connections, and has `admin` as its superuser. When the process
+//! runs as root, the server runs as `postgres` (else `nobody`), because PostgreSQL refuses root.
+//! It is stopped and deleted when the emulator is dropped. A watchdog process, which wakes when
+//! the pipe from this process closes, stops it too if the process ends without dropping the
+//! emulator (a `static`, `process::exit`, a crash or a kill).
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::Error;
+
+fn emulator_error(reason: impl Into<String>) -> Error {
+    Error::Emulator {
+        reason: reason.into(),
+        source: None,
+    }
+}
+
+fn io_error(reason: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let reason = reason.into();
+    move |e| Error::Emulator {
+        reason,
+        source: Some(Box::new(e)),
+    }
+}
+
+/// Where sessions are relayed to.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Unix(PathBuf),
+    Tcp(String, u16),
+}
+
+impl Target {
+    /// Parses `postgres://host:port` or a `host=/socket/dir port=…` string (via tokio-postgres).
+    pub(crate) fn from_url(url: &str) -> Result<Target, Error> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| Error::Emulator {
+            reason: "the upstream URL (DSQL_EMULATOR_UPSTREAM or upstream_url) is not a valid \
+                     PostgreSQL connection string"
+                .into(),
+            source: Some(Box::new(e)),
+        })?;
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => Ok(Target::Tcp(host.clone(), port)),
+            Some(tokio_postgres::config::Host::Unix(dir)) => {
+                Ok(Target::Unix(dir.join(format!(".s.PGSQL.{port}"))))
+            }
+            None => Err(emulator_error("the upstream URL names no host")),
+        }
+    }
+
+    pub(crate) async fn connect(&self) -> io::Result<UpstreamStream> {
+        Ok(match self {
+            Target::Unix(path) => UpstreamStream::Unix(UnixStream::connect(path).await?),
+            Target::Tcp(host, port) => {
+                let stream = TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                UpstreamStream::Tcp(stream)
+            }
+        })
+    }
+
+    /// A `tokio-postgres` connection string for the upstream's superuser (for tests and tools).
+    pub(crate) fn url(&self, user: &str) -> String {
+        match self {
+            Target::Unix(path) => {
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                let port = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.rsplit('.').next())
+                    .unwrap_or("5432");
+                format!("host={} port={port} user={user} dbname=postgres", dir.display())
+            }
+            Target::Tcp(host, port) => format!("host={host} port={port} user={user} dbname=postgres"),
+        }
+    }
+}
+
+/// A connection to the upstream server.
+pub(crate) enum UpstreamStream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A private PostgreSQL cluster, stopped and deleted on drop.
+pub(crate) struct LocalCluster {
+    data_dir: PathBuf,
+    socket: PathBuf,
+    server: Child,
+    /// Closing this pipe (drop, or process exit) wakes the watchdog.
+    _watchdog_pipe: ChildStdin,
+    watchdog: Child,
+}
+
+impl std::fmt::Debug for LocalCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCluster")
+            .field("data_dir", &self.data_dir)
+            .field("pid", &self.server.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalCluster {
+    /// initdb + postgres in `work_dir/pg`, as an unprivileged user when running as root.
+    /// Blocking (a few seconds).
+    pub(crate) fn start(work_dir: &Path, pg_bin: Option<&Path>) -> Result<LocalCluster, Error> {
+        let bin = find_binaries(pg_bin)?;
+        let owner = if effective_uid_is_root() {
+            Some(unprivileged_user()?)
+        } else {
+            None
+        };
+        let cluster_dir = work_dir.join("pg");
+        std::fs::create_dir(&cluster_dir)
+            .map_err(io_error(format!("cannot create {}", cluster_dir.display())))?;
+        std::fs::set_permissions(&cluster_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_error("cannot set permissions on the cluster directory"))?;
+        if let Some((_, uid, gid)) = &owner {
+            // The work directory must be traversable by the server's user.
+            std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(io_error("cannot set permissions on the work directory"))?;
+            chown(&cluster_dir, Some(*uid), Some(*gid))
+                .map_err(io_error("cannot hand the cluster directory to the server's user"))?;
+        }
+        let data_dir = cluster_dir.join("data");
+        let log_path = cluster_dir.join("server.log");
+
+        let as_owner = |command: &mut Command| {
+            if let Some((_, uid, gid)) = &owner {
+                command.uid(*uid).gid(*gid);
+            }
+            command.current_dir(&cluster_dir);
+        };
+
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data_dir)
+            .args(["-U", "admin", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .stdin(Stdio::null());
+        as_owner(&mut initdb);
+        let output = initdb
+            .output()
+            .map_err(io_error(format!("cannot run {}", bin.join("initdb").display())))?;
+        if !output.status.success() {
+            return Err(emulator_error(format!(
+                "initdb failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+
+        let port = free_port().map_err(io_error("cannot pick a port"))?;
+        let log = std::fs::File::create(&log_path)
+            .map_err(io_error("cannot create the server log"))?;
+        if let Some((_, uid, gid)) = &owner {
+            let _ = chown(&log_path, Some(*uid), Some(*gid));
+        }
+        let mut postgres = Command::new(bin.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(&data_dir)
+            .arg("-k")
+            .arg(&cluster_dir)
+            .args(["-p", &port.to_string()])
+            .args(["-c", "listen_addresses="])
+            .args(["-c", "fsync=off"])
+            .args(["-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "default_transaction_isolation=repeatable read"])
+            .args(["-c", "max_connections=300"])
+            .args(["-c", "unix_socket_permissions=0700"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_error("cannot open the server log"))?)
+            .stderr(log)
+            .process_group(0);
+        as_owner(&mut postgres);
+        let mut server = postgres
+            .spawn()
+            .map_err(io_error(format!("cannot run {}", bin.join("postgres").display())))?;
+
+        let (watchdog, pipe) = match spawn_watchdog(server.id(), work_dir) {
+            Ok(watchdog) => watchdog,
+            Err(e) => {
+                let _ = server.kill();
+                let _ = server.wait();
+                return Err(io_error("cannot start the watchdog")(e));
+            }
+        };
+        let mut cluster = LocalCluster {
+            data_dir,
+            socket: cluster_dir.join(format!(".s.PGSQL.{port}")),
+            server,
+            _watchdog_pipe: pipe,
+            watchdog,
+        };
+        cluster.wait_until_ready(&log_path)?;
+        Ok(cluster)
+    }
+
+    pub(crate) fn target(&self) -> Target {
+        Target::Unix(self.socket.clone())
+    }
+
+    /// Polls the socket with a real startup message until the server accepts `admin`.
+    fn wait_until_ready(&mut self, log_path: &Path) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let startup = super::wire::startup_message(&[
+            ("user".into(), "admin".into()),
+            ("database".into(), "postgres".into()),
+        ]);
+        loop {
+            if let Ok(Some(status)) = self.server.try_wait() {
+                let log = std::fs::read_to_string(log_path).unwrap_or_default();
+                return Err(emulator_error(format!(
+                    "PostgreSQL exited during start-up ({status}): {}",
+                    log.trim()
+                )));
+            }
+            if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.socket) {
+                let mut first = [0u8; 1];
+                if stream.write_all(&startup).is_ok()
+                    && stream.read_exact(&mut first).is_ok()
+                    && first[0] == b'R'
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(emulator_error(format!(
+                    "PostgreSQL did not accept connections within 60 s; see {}",
+                    log_path.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Stops the server (fast shutdown, then SIGKILL to its process group after 10 s).
+    fn stop(&mut self) {
+        let pid = self.server.id();
+        signal(&format!("-INT {pid}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.server.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        signal(&format!("-KILL -- -{pid}"));
+        let _ = self.server.wait();
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+    }
+}
+
+fn signal(args: &str) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill {args} 2>/dev/null"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A shell that waits for its stdin to close, then stops the server and deletes the work dir.
+fn spawn_watchdog(server_pid: u32, work_dir: &Path) -> io::Result<(Child, ChildStdin)> {
+    let script = r#"
+        read _ignored
+        kill -INT "$0" 2>/dev/null
+        i=0
+        while kill -0 "$0" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+        kill -KILL -- "-$0" 2>/dev/null
+        rm -rf "$1"
+    "#;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(server_pid.to_string())
+        .arg(work_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    let pipe = child.stdin.take().expect("stdin is piped");
+    Ok((child, pipe))
+}
+
+/// `PG_BIN` (or the builder's path), then `PATH`, then the newest `/usr/lib/postgresql/*/bin`.
+fn find_binaries(configured: Option<&Path>) -> Result<PathBuf, Error> {
+    let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    if let Some(dir) = configured
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("PG_BIN").map(PathBuf::from))
+    {
+        return if has_both(&dir) {
+            Ok(dir)
+        } else {
+            Err(emulator_error(format!(
+                "PG_BIN={} has no initdb and postgres",
+                dir.display()
+            )))
+        };
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if has_both(&dir) {
+                return Ok(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            has_both(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        emulator_error(
+            "no PostgreSQL server binaries found (initdb and postgres in PG_BIN, on PATH, or in \
+             /usr/lib/postgresql/*/bin); install them (Debian: apt-get install postgresql) or \
+             point the emulator at a running server with DSQL_EMULATOR_UPSTREAM=postgres://…",
+        )
+    })
+}
+
+fn effective_uid_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+            line.split_whitespace().nth(2).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// `postgres`, else `nobody`, from `/etc/passwd`: (name, uid, gid).
+fn unprivileged_user() -> Result<(String, u32, u32), Error> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for wanted in ["postgres", "nobody"] {
+        for line in passwd.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() >= 4
+                && fields[0] == wanted
+                && let (Ok(uid), Ok(gid)) = (fields[2].parse(), fields[3].parse())
+            {
+                return Ok((wanted.to_owned(), uid, gid));
+            }
+        }
+    }
+    Err(emulator_error(
+        "running as root, but there is no `postgres` or `nobody` user to run PostgreSQL as \
+         (PostgreSQL refuses to run as root)",
+    ))
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        match Target::from_url("postgres://db.internal:6543/postgres").unwrap() {
+            Target::Tcp(host, port) => assert_eq!((host.as_str(), port), ("db.internal", 6543)),
+            other => panic!("{other:?}"),
+        }
+        match Target::from_url("host=/run/pg port=5433").unwrap() {
+            Target::Unix(path) => assert_eq!(path, Path::new("/run/pg/.s.PGSQL.5433")),
+            other => panic!("{other:?}"),
+        }
+        assert!(Target::from_url("not a url ===").is_err());
+        let unix = Target::Unix("/run/pg/.s.PGSQL.5433".into());
+        assert_eq!(unix.url("admin"), "host=/run/pg port=5433 user=admin dbname=postgres");
+    }
+
+    #[test]
+    fn missing_binaries_say_what_to_install() {
+        let err = find_binaries(Some(Path::new("/nonexistent"))).unwrap_err();
+        assert!(err.to_string().contains("PG_BIN"), "{err}");
+    }
+}

@@ -1,0 +1,147 @@
+//! The few PostgreSQL v3 protocol messages the emulator reads and writes itself. Everything after
+//! authentication is relayed byte for byte.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub(crate) const PROTOCOL_3_0: u32 = 196_608;
+pub(crate) const SSL_REQUEST: u32 = 80_877_103;
+pub(crate) const GSSENC_REQUEST: u32 = 80_877_104;
+pub(crate) const CANCEL_REQUEST: u32 = 80_877_102;
+
+/// Startup packets larger than this are refused (PostgreSQL's own limit is 10 000 bytes).
+const MAX_STARTUP_LEN: u32 = 10_000;
+
+/// The first packet a client sends: its code and the rest of its body.
+pub(crate) struct StartupPacket {
+    pub(crate) code: u32,
+    pub(crate) body: Vec<u8>,
+}
+
+/// Reads one length-prefixed startup-phase packet (no type byte).
+pub(crate) async fn read_startup_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<StartupPacket> {
+    let len = stream.read_u32().await?;
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("invalid startup packet length {len}"),
+        ));
+    }
+    let code = stream.read_u32().await?;
+    let mut body = vec![0; len as usize - 8];
+    stream.read_exact(&mut body).await?;
+    Ok(StartupPacket { code, body })
+}
+
+/// The `name\0value\0…\0` pairs of a startup message, in order.
+pub(crate) fn startup_parameters(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let mut fields = body.split(|b| *b == 0);
+    let mut out = Vec::new();
+    loop {
+        let name = fields.next()?;
+        if name.is_empty() {
+            return Some(out);
+        }
+        let value = fields.next()?;
+        out.push((
+            String::from_utf8(name.to_vec()).ok()?,
+            String::from_utf8(value.to_vec()).ok()?,
+        ));
+    }
+}
+
+/// A startup message for protocol 3.0 with the given parameters.
+pub(crate) fn startup_message(parameters: &[(String, String)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&PROTOCOL_3_0.to_be_bytes());
+    for (name, value) in parameters {
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Reads one typed message (`tag`, body) of at most `max` body bytes.
+pub(crate) async fn read_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max: u32,
+) -> std::io::Result<(u8, Vec<u8>)> {
+    let tag = stream.read_u8().await?;
+    let len = stream.read_u32().await?;
+    if len < 4 || len - 4 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("invalid length {len} for message {:?}", tag as char),
+        ));
+    }
+    let mut body = vec![0; len as usize - 4];
+    stream.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// `AuthenticationCleartextPassword`.
+pub(crate) fn cleartext_password_request() -> [u8; 9] {
+    [b'R', 0, 0, 0, 8, 0, 0, 0, 3]
+}
+
+/// A FATAL `ErrorResponse`.
+pub(crate) fn fatal(code: &str, message: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
+        body.push(field);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = vec![b'E'];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Sends a FATAL error and flushes; errors are ignored (the client may be gone already).
+pub(crate) async fn send_fatal<S: AsyncWrite + Unpin>(stream: &mut S, code: &str, message: &str) {
+    let _ = stream.write_all(&fatal(code, message)).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
+
+/// The message text of an `ErrorResponse` body.
+pub(crate) fn error_message(body: &[u8]) -> String {
+    body.split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(b"M"))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_round_trip() {
+        let params = vec![
+            ("user".to_owned(), "admin".to_owned()),
+            ("database".to_owned(), "postgres".to_owned()),
+        ];
+        let message = startup_message(&params);
+        assert_eq!(u32::from_be_bytes(message[..4].try_into().unwrap()) as usize, message.len());
+        assert_eq!(startup_parameters(&message[8..]).unwrap(), params);
+        assert_eq!(startup_parameters(b"user\0"), None);
+        assert_eq!(startup_parameters(b"\0").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn fatal_carries_code_and_message() {
+        let message = fatal("28000", "nope");
+        assert_eq!(message[0], b'E');
+        assert_eq!(error_message(&message[5..]), "nope");
+        assert!(message.windows(6).any(|w| w == b"C28000"));
+    }
+}
