@@ -10,6 +10,8 @@
 //!   and reuses the SigV4 signing key.
 //! - [`DsqlConnector`]: region and credentials (`aws-config`'s default chain or your provider),
 //!   one cached token shared by all connections, rustls with verify-full and SNI, direct TLS.
+//! - `emulator::DsqlEmulator` (feature `emulator`): a local DSQL endpoint in front of a real
+//!   PostgreSQL that verifies tokens like the service, for offline tests.
 //!
 //! ```no_run
 //! use tokio_postgres_dsql::{DsqlConfig, DsqlConnector};
@@ -53,7 +55,7 @@ pub use error::Error;
 pub use tls::DsqlTls;
 pub use token::{Action, AuthToken, TokenSigner};
 
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doctests (they use the emulator).
+#[cfg(all(doctest, feature = "emulator"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

@@ -51,7 +51,8 @@ impl Verifier {
     /// Verifies `token` for a session as `user`. The checks run in the service's order:
     /// structure, host, action, scope, expiry range, time, key, signature.
     pub(crate) fn verify(&self, user: &str, token: &str) -> Result<(), Refusal> {
-        let malformed = |what: &str| refuse(Rejection::TokenMalformed, format!("Invalid token: {what}"));
+        let malformed =
+            |what: &str| refuse(Rejection::TokenMalformed, format!("Invalid token: {what}"));
         let (host, query) = token
             .split_once("/?")
             .ok_or_else(|| malformed("expected <host>/?<query>"))?;
@@ -99,7 +100,9 @@ impl Verifier {
         let credential = get("X-Amz-Credential")?;
         let scope: Vec<&str> = credential.split('/').collect();
         let [access_key, day, region, service, terminator] = scope[..] else {
-            return Err(malformed("X-Amz-Credential must be <key>/<date>/<region>/<service>/aws4_request"));
+            return Err(malformed(
+                "X-Amz-Credential must be <key>/<date>/<region>/<service>/aws4_request",
+            ));
         };
         if terminator != "aws4_request" {
             return Err(malformed("X-Amz-Credential must end with aws4_request"));
@@ -125,7 +128,9 @@ impl Verifier {
         let signed_at = parse_amz_date(amz_date)
             .ok_or_else(|| malformed("X-Amz-Date must be yyyymmddTHHMMSSZ"))?;
         if !amz_date.starts_with(day) || day.len() != 8 {
-            return Err(malformed("the date in X-Amz-Credential does not match X-Amz-Date"));
+            return Err(malformed(
+                "the date in X-Amz-Credential does not match X-Amz-Date",
+            ));
         }
         let expires: u64 = get("X-Amz-Expires")?
             .parse()
@@ -145,14 +150,19 @@ impl Verifier {
         if signed_at > now + self.max_skew {
             return Err(refuse(
                 Rejection::TokenNotYetValid,
-                format!("Signature not yet current: {amz_date} is later than the server's time plus {} s", self.max_skew.as_secs()),
+                format!(
+                    "Signature not yet current: {amz_date} is later than the server's time plus {} s",
+                    self.max_skew.as_secs()
+                ),
             ));
         }
         let expires_at = signed_at + Duration::from_secs(expires);
         if now >= expires_at {
             return Err(refuse(
                 Rejection::TokenExpired,
-                format!("Signature expired: {amz_date} plus {expires} s is earlier than the server's time"),
+                format!(
+                    "Signature expired: {amz_date} plus {expires} s is earlier than the server's time"
+                ),
             ));
         }
 
@@ -174,7 +184,10 @@ impl Verifier {
         if session_token != credentials.session_token() {
             return Err(unknown());
         }
-        if credentials.expiry().is_some_and(|expiry| expiry <= signed_at) {
+        if credentials
+            .expiry()
+            .is_some_and(|expiry| expiry <= signed_at)
+        {
             return Err(refuse(
                 Rejection::TokenExpired,
                 "The security token included in the request is expired",
@@ -271,7 +284,10 @@ fn parse_amz_date(s: &str) -> Option<SystemTime> {
     }
     let num = |range: std::ops::Range<usize>| -> Option<u64> {
         let digits = s.get(range)?;
-        digits.bytes().all(|c| c.is_ascii_digit()).then(|| digits.parse().ok())?
+        digits
+            .bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| digits.parse().ok())?
     };
     let (year, month, day) = (num(0..4)?, num(4..6)?, num(6..8)?);
     let (hour, minute, second) = (num(9..11)?, num(11..13)?, num(13..15)?);
@@ -292,7 +308,10 @@ fn parse_amz_date(s: &str) -> Option<SystemTime> {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(days * 86_400 + hour * 3600 + minute * 60 + second))
+    Some(
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(days * 86_400 + hour * 3600 + minute * 60 + second),
+    )
 }
 
 #[cfg(test)]
@@ -321,7 +340,13 @@ mod tests {
         }
     }
 
-    fn token(key: &str, secret: &str, session: Option<&str>, action: Action, expires: u64) -> String {
+    fn token(
+        key: &str,
+        secret: &str,
+        session: Option<&str>,
+        action: Action,
+        expires: u64,
+    ) -> String {
         let creds = Credentials::new(key, secret, session.map(str::to_owned), None, "test");
         TokenSigner::new(HOST, "us-east-1")
             .sign(&creds, action, Duration::from_secs(expires), at(T0))
@@ -338,7 +363,13 @@ mod tests {
         let v = verifier(T0 + 10);
         let admin = token("AK1", "secret/+=", None, Action::DbConnectAdmin, 900);
         v.verify("admin", &admin).unwrap();
-        let app = token("ASIA2", "other", Some("sess ion/+="), Action::DbConnect, 900);
+        let app = token(
+            "ASIA2",
+            "other",
+            Some("sess ion/+="),
+            Action::DbConnect,
+            900,
+        );
         v.verify("app", &app).unwrap();
         // Reverse the parameters, and form-encode the space as the AWS SDK does.
         let (host, query) = app.split_once("/?").unwrap();
@@ -352,41 +383,64 @@ mod tests {
     fn each_failure_has_its_reason() {
         let v = verifier(T0 + 10);
         let good = token("AK1", "secret/+=", None, Action::DbConnect, 900);
-        assert_eq!(reason(v.verify("app", "garbage")), Rejection::TokenMalformed);
+        assert_eq!(
+            reason(v.verify("app", "garbage")),
+            Rejection::TokenMalformed
+        );
         assert_eq!(
             reason(v.verify("app", &good.replacen("abcdefghij", "zzzzzzzzzz", 1))),
             Rejection::TokenHost
         );
         let refusal = v.verify("admin", &good).unwrap_err();
         assert_eq!(refusal.reason, Rejection::TokenAction);
-        assert_eq!(refusal.message, "Wrong user to action mapping. user: admin, action: DbConnect");
+        assert_eq!(
+            refusal.message,
+            "Wrong user to action mapping. user: admin, action: DbConnect"
+        );
         assert_eq!(refusal.code, "28000");
-        let wrong_region = TokenSigner::new(HOST, "eu-west-1")
-            .sign(
-                &Credentials::new("AK1", "secret/+=", None, None, "t"),
-                Action::DbConnect,
-                Duration::from_secs(900),
-                at(T0),
-            );
-        assert_eq!(reason(v.verify("app", wrong_region.as_str())), Rejection::TokenRegion);
+        let wrong_region = TokenSigner::new(HOST, "eu-west-1").sign(
+            &Credentials::new("AK1", "secret/+=", None, None, "t"),
+            Action::DbConnect,
+            Duration::from_secs(900),
+            at(T0),
+        );
+        assert_eq!(
+            reason(v.verify("app", wrong_region.as_str())),
+            Rejection::TokenRegion
+        );
         assert_eq!(
             reason(v.verify("app", &good.replace("%2Fdsql%2F", "%2Frds-db%2F"))),
             Rejection::TokenService
         );
         assert_eq!(
-            reason(v.verify("app", &token("AK1", "secret/+=", None, Action::DbConnect, 604_801))),
+            reason(v.verify(
+                "app",
+                &token("AK1", "secret/+=", None, Action::DbConnect, 604_801)
+            )),
             Rejection::TokenExpiresRange
         );
-        assert_eq!(reason(verifier(T0 + 900).verify("app", &good)), Rejection::TokenExpired);
+        assert_eq!(
+            reason(verifier(T0 + 900).verify("app", &good)),
+            Rejection::TokenExpired
+        );
         verifier(T0 + 899).verify("app", &good).unwrap();
-        assert_eq!(reason(verifier(T0 - 301).verify("app", &good)), Rejection::TokenNotYetValid);
+        assert_eq!(
+            reason(verifier(T0 - 301).verify("app", &good)),
+            Rejection::TokenNotYetValid
+        );
         verifier(T0 - 300).verify("app", &good).unwrap();
         assert_eq!(
-            reason(v.verify("app", &token("AK9", "secret/+=", None, Action::DbConnect, 900))),
+            reason(v.verify(
+                "app",
+                &token("AK9", "secret/+=", None, Action::DbConnect, 900)
+            )),
             Rejection::TokenUnknownKey
         );
         assert_eq!(
-            reason(v.verify("app", &token("ASIA2", "other", None, Action::DbConnect, 900))),
+            reason(v.verify(
+                "app",
+                &token("ASIA2", "other", None, Action::DbConnect, 900)
+            )),
             Rejection::TokenUnknownKey
         );
         assert_eq!(
@@ -396,7 +450,10 @@ mod tests {
         let last = good.len() - 1;
         let flipped = if good.ends_with('0') { '1' } else { '0' };
         let tampered = format!("{}{flipped}", &good[..last]);
-        assert_eq!(reason(v.verify("app", &tampered)), Rejection::TokenSignature);
+        assert_eq!(
+            reason(v.verify("app", &tampered)),
+            Rejection::TokenSignature
+        );
         // A parameter added after signing changes the canonical query.
         assert_eq!(
             reason(v.verify("app", &format!("{good}&X-Extra=1"))),

@@ -36,8 +36,8 @@ impl Certificates {
         let issuer = Issuer::new(ca_params, ca_key);
 
         let server_key = KeyPair::generate().map_err(failed("server key"))?;
-        let mut server_params =
-            CertificateParams::new(vec![endpoint.to_owned()]).map_err(failed("server certificate"))?;
+        let mut server_params = CertificateParams::new(vec![endpoint.to_owned()])
+            .map_err(failed("server certificate"))?;
         server_params
             .distinguished_name
             .push(DnType::CommonName, endpoint);

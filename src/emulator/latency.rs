@@ -98,7 +98,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reads_wait_for_the_latency() {
         let (a, mut b) = tokio::io::duplex(64);
-        let latency: Latency = Arc::new(AtomicU64::new(Duration::from_millis(20).as_nanos() as u64));
+        let latency: Latency =
+            Arc::new(AtomicU64::new(Duration::from_millis(20).as_nanos() as u64));
         let mut delayed = Delayed::new(a, latency.clone());
         b.write_all(b"hello").await.unwrap();
         let start = tokio::time::Instant::now();

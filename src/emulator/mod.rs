@@ -119,6 +119,10 @@ pub struct EmulatorStats {
     pub closed_at_max_age: u64,
     /// Connections closed by [`DsqlEmulator::drop_all_connections`].
     pub dropped: u64,
+    /// Connections that started with direct TLS.
+    pub direct_tls: u64,
+    /// Connections that started with an SSLRequest.
+    pub ssl_requests: u64,
 }
 
 impl EmulatorStats {
@@ -290,17 +294,31 @@ impl DsqlEmulatorBuilder {
             source: Some(Box::new(e)),
         })?;
 
-        let upstream_url = self
-            .upstream_url
-            .or_else(|| std::env::var("DSQL_EMULATOR_UPSTREAM").ok().filter(|u| !u.is_empty()));
+        let upstream_url = self.upstream_url.or_else(|| {
+            std::env::var("DSQL_EMULATOR_UPSTREAM")
+                .ok()
+                .filter(|u| !u.is_empty())
+        });
         let (target, cluster) = match upstream_url {
             Some(url) => (upstream::Target::from_url(&url)?, None),
             None => {
-                let cluster = upstream::LocalCluster::start(&work_dir.path, self.pg_bin.as_deref())?;
+                let cluster =
+                    upstream::LocalCluster::start(&work_dir.path, self.pg_bin.as_deref())?;
                 (cluster.target(), Some(cluster))
             }
         };
 
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, self.port))
+            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+            .map_err(|e| Error::Emulator {
+                reason: format!("cannot listen on 127.0.0.1:{}", self.port),
+                source: Some(Box::new(e)),
+            })?;
+        let address = listener.local_addr().map_err(|e| Error::Emulator {
+            reason: "cannot read the listening address".into(),
+            source: Some(Box::new(e)),
+        })?;
+        // Last fallible step: a runtime must not be dropped from inside another one.
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("dsql-emulator")
@@ -310,16 +328,6 @@ impl DsqlEmulatorBuilder {
                 reason: "cannot start the emulator's runtime".into(),
                 source: Some(Box::new(e)),
             })?;
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, self.port)))
-            .map_err(|e| Error::Emulator {
-                reason: format!("cannot listen on 127.0.0.1:{}", self.port),
-                source: Some(Box::new(e)),
-            })?;
-        let address = listener.local_addr().map_err(|e| Error::Emulator {
-            reason: "cannot read the listening address".into(),
-            source: Some(Box::new(e)),
-        })?;
 
         let time_source = self.time_source.clone();
         let shared = Arc::new(Shared {
@@ -345,6 +353,13 @@ impl DsqlEmulatorBuilder {
         runtime.spawn({
             let shared = shared.clone();
             async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        tracing::error!(%error, "emulator cannot use its listening socket");
+                        return;
+                    }
+                };
                 loop {
                     match listener.accept().await {
                         Ok((socket, _)) => {
@@ -481,7 +496,11 @@ impl DsqlEmulator {
 
     /// The counters so far.
     pub fn stats(&self) -> EmulatorStats {
-        self.shared.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// How many sessions are being relayed now.
@@ -510,9 +529,10 @@ impl DsqlEmulator {
 
     /// Changes the maximum connection age for connections accepted from now on (at least 1 s).
     pub fn set_max_connection_age(&self, age: Duration) {
-        self.shared
-            .max_age
-            .store(age.max(Duration::from_secs(1)).as_nanos() as u64, Ordering::SeqCst);
+        self.shared.max_age.store(
+            age.max(Duration::from_secs(1)).as_nanos() as u64,
+            Ordering::SeqCst,
+        );
     }
 }
 

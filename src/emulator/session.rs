@@ -67,11 +67,12 @@ pub(crate) fn check_startup(
             "user" => user = Some(value),
             "database" => database = Some(value),
             "options" => {
-                let parsed = crate::config::parse_options(&value).map_err(|why| StartupRefusal {
-                    reason: Rejection::UnsupportedParameter,
-                    code: "08P01",
-                    message: format!("invalid command-line argument in options: {why}"),
-                })?;
+                let parsed =
+                    crate::config::parse_options(&value).map_err(|why| StartupRefusal {
+                        reason: Rejection::UnsupportedParameter,
+                        code: "08P01",
+                        message: format!("invalid command-line argument in options: {why}"),
+                    })?;
                 for (name, value) in parsed {
                     let name = name.replace('-', "_");
                     if name.eq_ignore_ascii_case("amzn_cluster_id") {
@@ -152,11 +153,14 @@ async fn negotiate(
     accepted_at: Instant,
     shared: &Arc<Shared>,
 ) -> std::io::Result<()> {
-    if !direct {
+    if direct {
+        shared.count(|stats| stats.direct_tls += 1);
+    } else {
         loop {
             let packet = wire::read_startup_packet(&mut stream).await?;
             match packet.code {
                 wire::SSL_REQUEST => {
+                    shared.count(|stats| stats.ssl_requests += 1);
                     stream.write_all(b"S").await?;
                     break;
                 }
@@ -195,7 +199,10 @@ async fn negotiate(
     let mut tls = start.into_stream(shared.tls_config.clone()).await?;
 
     let refusal = match &sni {
-        None => Some((Rejection::NoSni, "unable to accept connection, sni was not received".to_owned())),
+        None => Some((
+            Rejection::NoSni,
+            "unable to accept connection, sni was not received".to_owned(),
+        )),
         Some(name) if !name.eq_ignore_ascii_case(&shared.verifier.endpoint) => Some((
             Rejection::WrongSni,
             format!("unable to accept connection, no cluster found for {name}"),
@@ -372,7 +379,10 @@ mod tests {
 
     #[test]
     fn unsupported_parameters_are_refused_with_dsql_text() {
-        for (name, value) in [("statement_timeout", "5s"), ("client_min_messages", "debug")] {
+        for (name, value) in [
+            ("statement_timeout", "5s"),
+            ("client_min_messages", "debug"),
+        ] {
             let refusal = check_startup(params(&[("user", "app"), (name, value)]), ID).unwrap_err();
             assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
             assert_eq!(
@@ -380,19 +390,22 @@ mod tests {
                 format!("setting configuration parameter \"{name}\" not supported")
             );
             let in_options = format!("-c {name}={value}");
-            let refusal =
-                check_startup(params(&[("user", "app"), ("options", &in_options)]), ID).unwrap_err();
+            let refusal = check_startup(params(&[("user", "app"), ("options", &in_options)]), ID)
+                .unwrap_err();
             assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
         }
-        let refusal = check_startup(params(&[("user", "app"), ("replication", "true")]), ID)
-            .unwrap_err();
+        let refusal =
+            check_startup(params(&[("user", "app"), ("replication", "true")]), ID).unwrap_err();
         assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
     }
 
     #[test]
     fn cluster_id_must_match_and_user_is_required() {
         let refusal = check_startup(
-            params(&[("user", "app"), ("options", "-c amzn-cluster-id=zzzzzzzzzzzzzzzzzzzzzzzzzz")]),
+            params(&[
+                ("user", "app"),
+                ("options", "-c amzn-cluster-id=zzzzzzzzzzzzzzzzzzzzzzzzzz"),
+            ]),
             ID,
         )
         .unwrap_err();

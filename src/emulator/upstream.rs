@@ -83,9 +83,14 @@ impl Target {
                     .and_then(|n| n.to_str())
                     .and_then(|n| n.rsplit('.').next())
                     .unwrap_or("5432");
-                format!("host={} port={port} user={user} dbname=postgres", dir.display())
+                format!(
+                    "host={} port={port} user={user} dbname=postgres",
+                    dir.display()
+                )
             }
-            Target::Tcp(host, port) => format!("host={host} port={port} user={user} dbname=postgres"),
+            Target::Tcp(host, port) => {
+                format!("host={host} port={port} user={user} dbname=postgres")
+            }
         }
     }
 }
@@ -174,8 +179,9 @@ impl LocalCluster {
             // The work directory must be traversable by the server's user.
             std::fs::set_permissions(work_dir, std::fs::Permissions::from_mode(0o711))
                 .map_err(io_error("cannot set permissions on the work directory"))?;
-            chown(&cluster_dir, Some(*uid), Some(*gid))
-                .map_err(io_error("cannot hand the cluster directory to the server's user"))?;
+            chown(&cluster_dir, Some(*uid), Some(*gid)).map_err(io_error(
+                "cannot hand the cluster directory to the server's user",
+            ))?;
         }
         let data_dir = cluster_dir.join("data");
         let log_path = cluster_dir.join("server.log");
@@ -191,12 +197,21 @@ impl LocalCluster {
         initdb
             .arg("-D")
             .arg(&data_dir)
-            .args(["-U", "admin", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "admin",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .stdin(Stdio::null());
         as_owner(&mut initdb);
-        let output = initdb
-            .output()
-            .map_err(io_error(format!("cannot run {}", bin.join("initdb").display())))?;
+        let output = initdb.output().map_err(io_error(format!(
+            "cannot run {}",
+            bin.join("initdb").display()
+        )))?;
         if !output.status.success() {
             return Err(emulator_error(format!(
                 "initdb failed ({}): {}",
@@ -206,8 +221,8 @@ impl LocalCluster {
         }
 
         let port = free_port().map_err(io_error("cannot pick a port"))?;
-        let log = std::fs::File::create(&log_path)
-            .map_err(io_error("cannot create the server log"))?;
+        let log =
+            std::fs::File::create(&log_path).map_err(io_error("cannot create the server log"))?;
         if let Some((_, uid, gid)) = &owner {
             let _ = chown(&log_path, Some(*uid), Some(*gid));
         }
@@ -226,13 +241,17 @@ impl LocalCluster {
             .args(["-c", "max_connections=300"])
             .args(["-c", "unix_socket_permissions=0700"])
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io_error("cannot open the server log"))?)
+            .stdout(
+                log.try_clone()
+                    .map_err(io_error("cannot open the server log"))?,
+            )
             .stderr(log)
             .process_group(0);
         as_owner(&mut postgres);
-        let mut server = postgres
-            .spawn()
-            .map_err(io_error(format!("cannot run {}", bin.join("postgres").display())))?;
+        let mut server = postgres.spawn().map_err(io_error(format!(
+            "cannot run {}",
+            bin.join("postgres").display()
+        )))?;
 
         let (watchdog, pipe) = match spawn_watchdog(server.id(), work_dir) {
             Ok(watchdog) => watchdog,
@@ -423,7 +442,9 @@ fn unprivileged_user() -> Result<(String, u32, u32), Error> {
 }
 
 fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 #[cfg(test)]
@@ -442,7 +463,10 @@ mod tests {
         }
         assert!(Target::from_url("not a url ===").is_err());
         let unix = Target::Unix("/run/pg/.s.PGSQL.5433".into());
-        assert_eq!(unix.url("admin"), "host=/run/pg port=5433 user=admin dbname=postgres");
+        assert_eq!(
+            unix.url("admin"),
+            "host=/run/pg port=5433 user=admin dbname=postgres"
+        );
     }
 
     #[test]

@@ -93,7 +93,12 @@ pub(crate) fn cleartext_password_request() -> [u8; 9] {
 /// A FATAL `ErrorResponse`.
 pub(crate) fn fatal(code: &str, message: &str) -> Vec<u8> {
     let mut body = Vec::new();
-    for (field, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', message)] {
+    for (field, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+    ] {
         body.push(field);
         body.extend_from_slice(value.as_bytes());
         body.push(0);
@@ -131,7 +136,10 @@ mod tests {
             ("database".to_owned(), "postgres".to_owned()),
         ];
         let message = startup_message(&params);
-        assert_eq!(u32::from_be_bytes(message[..4].try_into().unwrap()) as usize, message.len());
+        assert_eq!(
+            u32::from_be_bytes(message[..4].try_into().unwrap()) as usize,
+            message.len()
+        );
         assert_eq!(startup_parameters(&message[8..]).unwrap(), params);
         assert_eq!(startup_parameters(b"user\0"), None);
         assert_eq!(startup_parameters(b"\0").unwrap(), vec![]);

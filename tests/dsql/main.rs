@@ -1,3 +1,13 @@
-//! Integration tests: one binary, one module per concern.
+//! Integration tests: one binary, one module per concern. Everything that touches the network
+//! goes through the emulator to a real PostgreSQL, over real TLS, with real tokens.
 
 mod token_agreement;
+
+#[cfg(feature = "emulator")]
+mod connect;
+#[cfg(feature = "emulator")]
+mod psql;
+#[cfg(feature = "emulator")]
+mod refusals;
+#[cfg(feature = "emulator")]
+mod support;

@@ -1,0 +1,234 @@
+//! Connections that must work: roles, TLS modes, hostaddr + SNI, token reuse and rotation, and
+//! the server's maximum connection age.
+
+use std::time::Duration;
+
+use aws_credential_types::Credentials;
+use tokio_postgres_dsql::emulator::DsqlEmulator;
+use tokio_postgres_dsql::{DsqlConnector, Error, SslNegotiation};
+
+use crate::support::{SwitchableProvider, connector, emulator, ensure_role, second_credentials};
+
+#[tokio::test]
+async fn admin_connects_and_queries_real_postgres() {
+    let client = connector("admin", |b| b).await.connect().await.unwrap();
+    let row = client
+        .query_one("SELECT current_user::text, current_setting('application_name'), current_setting('transaction_isolation')", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "admin");
+    assert_eq!(
+        row.get::<_, &str>(1),
+        concat!("tokio-postgres-dsql/", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(row.get::<_, &str>(2), "repeatable read");
+}
+
+#[tokio::test]
+async fn custom_role_connects_with_its_search_path() {
+    let schema = ensure_role("conn_app").await;
+    let connector = connector("conn_app", |b| {
+        b.search_path(schema.as_str()).application_name("svc")
+    })
+    .await;
+    let client = connector.connect().await.unwrap();
+    let row = client
+        .query_one("SELECT current_user::text, current_setting('search_path'), current_setting('application_name')", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "conn_app");
+    assert_eq!(row.get::<_, &str>(1), schema);
+    assert!(
+        row.get::<_, &str>(2)
+            .starts_with("svc:tokio-postgres-dsql/")
+    );
+    // The role can create in its schema without qualifying names.
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS conn_probe (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT schemaname::text FROM pg_tables WHERE tablename = 'conn_probe'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), schema);
+    // The token for a custom role is a DbConnect token.
+    assert!(
+        connector
+            .token()
+            .await
+            .unwrap()
+            .as_str()
+            .contains("/?Action=DbConnect&")
+    );
+}
+
+#[tokio::test]
+async fn direct_tls_and_ssl_request_both_work() {
+    let before = emulator().stats();
+    let direct = connector("admin", |b| b).await;
+    assert_eq!(direct.config().ssl_negotiation(), SslNegotiation::Direct);
+    direct
+        .connect()
+        .await
+        .unwrap()
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    let classic = connector("admin", |b| b.ssl_negotiation(SslNegotiation::Postgres)).await;
+    classic
+        .connect()
+        .await
+        .unwrap()
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    let after = emulator().stats();
+    assert!(after.direct_tls > before.direct_tls);
+    assert!(after.ssl_requests > before.ssl_requests);
+}
+
+#[tokio::test]
+async fn hostaddr_dials_the_ip_while_sni_and_certificate_use_the_endpoint_name() {
+    // The endpoint name does not resolve; only hostaddr makes the dial possible, and the
+    // emulator refuses any other SNI.
+    let connector = connector("admin", |b| b).await;
+    assert_eq!(
+        connector.config().hostaddr(),
+        Some("127.0.0.1".parse().unwrap())
+    );
+    assert_eq!(connector.endpoint(), emulator().endpoint());
+    connector.connect().await.unwrap();
+}
+
+#[tokio::test]
+async fn verify_full_fails_against_another_ca() {
+    let other = tokio::task::spawn_blocking(other_emulator).await.unwrap();
+    let connector = connector("admin", |b| b.ssl_root_cert(other.ca_cert_path())).await;
+    let err = connector.connect().await.unwrap_err();
+    match &err {
+        Error::Tls { host, .. } => assert_eq!(host, emulator().endpoint()),
+        other => panic!("expected a TLS error, got {other:?}"),
+    }
+    assert!(err.to_string().contains(emulator().endpoint()), "{err}");
+    // The webpki roots do not trust the emulator either.
+    let err = connector_with_webpki_roots()
+        .await
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Tls { .. }), "{err:?}");
+}
+
+/// Another emulator, whose CA did not sign the shared emulator's certificate.
+fn other_emulator() -> DsqlEmulator {
+    DsqlEmulator::builder()
+        .upstream_url(emulator().upstream_url("admin"))
+        .start_blocking()
+        .unwrap()
+}
+
+async fn connector_with_webpki_roots() -> DsqlConnector {
+    let e = emulator();
+    let config = tokio_postgres_dsql::DsqlConfig::builder()
+        .host(e.endpoint())
+        .hostaddr("127.0.0.1".parse().unwrap())
+        .port(e.port())
+        .credentials_provider(e.credentials().clone())
+        .build()
+        .unwrap();
+    DsqlConnector::new(config).await.unwrap()
+}
+
+#[tokio::test]
+async fn one_token_opens_many_connections() {
+    let provider = SwitchableProvider::new(emulator().credentials().clone());
+    let connector = connector("admin", |b| b.credentials_provider(provider.clone())).await;
+    let token = connector.token().await.unwrap();
+    let before = emulator().stats().accepted;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(connector.connect().await.unwrap());
+    }
+    for client in &clients {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    assert!(emulator().stats().accepted >= before + 8);
+    assert_eq!(connector.token().await.unwrap(), token);
+    assert_eq!(
+        provider.calls(),
+        1,
+        "one credentials look-up for all connections"
+    );
+}
+
+#[tokio::test]
+async fn rotated_credentials_are_picked_up() {
+    // Rejected token: the connector drops it and asks the provider again on the next connect.
+    let provider = SwitchableProvider::new(Credentials::new(
+        "AKIAREVOKEDKEYEXAMPL",
+        "revoked",
+        None,
+        None,
+        "test",
+    ));
+    let revoked = connector("admin", |b| b.credentials_provider(provider.clone())).await;
+    let err = revoked.connect().await.unwrap_err();
+    assert!(matches!(err, Error::TokenRejected { .. }), "{err:?}");
+    provider.set(second_credentials());
+    revoked.connect().await.unwrap();
+    assert!(
+        revoked
+            .token()
+            .await
+            .unwrap()
+            .as_str()
+            .contains("Credential=ASIASECONDKEYEXAMPLE%2F")
+    );
+
+    // At the refresh point (80 % of a 2 s token), the new credentials are used.
+    let provider = SwitchableProvider::new(emulator().credentials().clone());
+    let short = connector("admin", |b| {
+        b.credentials_provider(provider.clone())
+            .token_duration(Duration::from_secs(2))
+    })
+    .await;
+    short.connect().await.unwrap();
+    provider.set(second_credentials());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    short.connect().await.unwrap();
+    assert!(
+        short
+            .token()
+            .await
+            .unwrap()
+            .as_str()
+            .contains("Credential=ASIASECONDKEYEXAMPLE%2F")
+    );
+}
+
+#[tokio::test]
+async fn the_maximum_connection_age_closes_a_plain_client() {
+    let short_lived = DsqlEmulator::builder()
+        .upstream_url(emulator().upstream_url("admin"))
+        .credentials(emulator().credentials().clone())
+        .max_connection_age(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let config = short_lived.config_for("admin").build().unwrap();
+    let client = DsqlConnector::new(config)
+        .await
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.is_closed() || client.is_closed(), "{err}");
+    assert_eq!(short_lived.stats().closed_at_max_age, 1);
+}
