@@ -76,6 +76,21 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// A pooled connection cannot be handed out (closed, or past its recycle deadline). The
+    /// pool discards it and tries another; users see this only through `bb8`'s error sink.
+    #[error("pooled connection unusable: {reason}")]
+    Unusable {
+        /// Why.
+        reason: &'static str,
+    },
+
+    /// No pooled connection became available within the pool's `connection_timeout`.
+    #[error(
+        "timed out waiting for a DSQL connection from the pool (connection_timeout elapsed; \
+         new connections failed or every connection was busy, see the logs)"
+    )]
+    PoolTimeout,
+
     /// The local emulator could not start (feature `emulator`).
     #[cfg(feature = "emulator")]
     #[error("DSQL emulator: {reason}")]

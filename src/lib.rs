@@ -43,6 +43,8 @@ mod connector;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 mod error;
+pub mod pool;
+pub mod retry;
 pub mod tls;
 pub mod token;
 
@@ -52,6 +54,8 @@ mod test_support;
 pub use config::{DsqlConfig, DsqlConfigBuilder, RootCerts, SslMode, SslNegotiation};
 pub use connector::DsqlConnector;
 pub use error::Error;
+pub use pool::{DsqlConnection, DsqlConnectionManager};
+pub use retry::{AsOccConflict, OccConflict, RetryError, RetryPolicy, transaction_with_retry};
 pub use tls::DsqlTls;
 pub use token::{Action, AuthToken, TokenSigner};
 

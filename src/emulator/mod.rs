@@ -384,7 +384,7 @@ impl DsqlEmulatorBuilder {
             time_source,
             shared,
             runtime: Some(runtime),
-            _cluster: cluster,
+            cluster: Arc::new(Mutex::new(cluster)),
             _work_dir: work_dir,
         })
     }
@@ -402,7 +402,7 @@ pub struct DsqlEmulator {
     shared: Arc<Shared>,
     runtime: Option<tokio::runtime::Runtime>,
     // Field order matters on drop: the cluster stops before its directory is removed.
-    _cluster: Option<upstream::LocalCluster>,
+    cluster: Arc<Mutex<Option<upstream::LocalCluster>>>,
     _work_dir: WorkDir,
 }
 
@@ -525,6 +525,29 @@ impl DsqlEmulator {
         self.shared
             .latency
             .store(latency.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Restarts the private PostgreSQL (a fast shutdown, then a start on the same data): every
+    /// relayed session ends, as in a server failover. Returns once it accepts connections again.
+    /// Not available with an external upstream.
+    pub async fn restart_upstream(&self) -> Result<(), Error> {
+        let cluster = self.cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            match cluster.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                Some(cluster) => cluster.restart(),
+                None => Err(Error::Emulator {
+                    reason: "restart_upstream needs the emulator's private PostgreSQL, not an \
+                             external upstream"
+                        .into(),
+                    source: None,
+                }),
+            }
+        })
+        .await
+        .map_err(|e| Error::Emulator {
+            reason: "the restart task failed".into(),
+            source: Some(Box::new(e)),
+        })?
     }
 
     /// Changes the maximum connection age for connections accepted from now on (at least 1 s).

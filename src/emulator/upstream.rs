@@ -143,7 +143,13 @@ impl AsyncWrite for UpstreamStream {
 
 /// A private PostgreSQL cluster, stopped and deleted on drop.
 pub(crate) struct LocalCluster {
+    bin: PathBuf,
+    owner: Option<(String, u32, u32)>,
+    work_dir: PathBuf,
+    cluster_dir: PathBuf,
     data_dir: PathBuf,
+    log_path: PathBuf,
+    port: u16,
     socket: PathBuf,
     server: Child,
     /// Closing this pipe (drop, or process exit) wakes the watchdog.
@@ -186,13 +192,6 @@ impl LocalCluster {
         let data_dir = cluster_dir.join("data");
         let log_path = cluster_dir.join("server.log");
 
-        let as_owner = |command: &mut Command| {
-            if let Some((_, uid, gid)) = &owner {
-                command.uid(*uid).gid(*gid);
-            }
-            command.current_dir(&cluster_dir);
-        };
-
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
             .arg("-D")
@@ -206,8 +205,11 @@ impl LocalCluster {
                 "--locale=C",
                 "--no-sync",
             ])
+            .current_dir(&cluster_dir)
             .stdin(Stdio::null());
-        as_owner(&mut initdb);
+        if let Some((_, uid, gid)) = &owner {
+            initdb.uid(*uid).gid(*gid);
+        }
         let output = initdb.output().map_err(io_error(format!(
             "cannot run {}",
             bin.join("initdb").display()
@@ -221,55 +223,51 @@ impl LocalCluster {
         }
 
         let port = free_port().map_err(io_error("cannot pick a port"))?;
-        let log =
-            std::fs::File::create(&log_path).map_err(io_error("cannot create the server log"))?;
-        if let Some((_, uid, gid)) = &owner {
-            let _ = chown(&log_path, Some(*uid), Some(*gid));
-        }
-        let mut postgres = Command::new(bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(&data_dir)
-            .arg("-k")
-            .arg(&cluster_dir)
-            .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses="])
-            .args(["-c", "fsync=off"])
-            .args(["-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off"])
-            .args(["-c", "default_transaction_isolation=repeatable read"])
-            .args(["-c", "max_connections=300"])
-            .args(["-c", "unix_socket_permissions=0700"])
-            .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(io_error("cannot open the server log"))?,
-            )
-            .stderr(log)
-            .process_group(0);
-        as_owner(&mut postgres);
-        let mut server = postgres.spawn().map_err(io_error(format!(
-            "cannot run {}",
-            bin.join("postgres").display()
-        )))?;
-
-        let (watchdog, pipe) = match spawn_watchdog(server.id(), work_dir) {
-            Ok(watchdog) => watchdog,
-            Err(e) => {
-                let _ = server.kill();
-                let _ = server.wait();
-                return Err(io_error("cannot start the watchdog")(e));
-            }
-        };
+        let (server, watchdog, pipe) = spawn_server(
+            &bin,
+            owner.as_ref(),
+            work_dir,
+            &cluster_dir,
+            &data_dir,
+            &log_path,
+            port,
+        )?;
         let mut cluster = LocalCluster {
-            data_dir,
+            bin,
+            owner,
+            work_dir: work_dir.to_owned(),
             socket: cluster_dir.join(format!(".s.PGSQL.{port}")),
+            cluster_dir,
+            data_dir,
+            log_path,
+            port,
             server,
             _watchdog_pipe: pipe,
             watchdog,
         };
-        cluster.wait_until_ready(&log_path)?;
+        cluster.wait_until_ready()?;
         Ok(cluster)
+    }
+
+    /// Stops the server (every session ends) and starts it again on the same data and socket.
+    /// Blocking.
+    pub(crate) fn restart(&mut self) -> Result<(), Error> {
+        self.stop();
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
+        let (server, watchdog, pipe) = spawn_server(
+            &self.bin,
+            self.owner.as_ref(),
+            &self.work_dir,
+            &self.cluster_dir,
+            &self.data_dir,
+            &self.log_path,
+            self.port,
+        )?;
+        self.server = server;
+        self.watchdog = watchdog;
+        self._watchdog_pipe = pipe;
+        self.wait_until_ready()
     }
 
     pub(crate) fn target(&self) -> Target {
@@ -277,7 +275,8 @@ impl LocalCluster {
     }
 
     /// Polls the socket with a real startup message until the server accepts `admin`.
-    fn wait_until_ready(&mut self, log_path: &Path) -> Result<(), Error> {
+    fn wait_until_ready(&mut self) -> Result<(), Error> {
+        let log_path = &self.log_path;
         let deadline = Instant::now() + Duration::from_secs(60);
         let startup = super::wire::startup_message(&[
             ("user".into(), "admin".into()),
@@ -342,6 +341,63 @@ fn signal(args: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// Starts `postgres` on an initialized data directory, and its watchdog.
+fn spawn_server(
+    bin: &Path,
+    owner: Option<&(String, u32, u32)>,
+    work_dir: &Path,
+    cluster_dir: &Path,
+    data_dir: &Path,
+    log_path: &Path,
+    port: u16,
+) -> Result<(Child, Child, ChildStdin), Error> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(io_error("cannot open the server log"))?;
+    if let Some((_, uid, gid)) = owner {
+        let _ = chown(log_path, Some(*uid), Some(*gid));
+    }
+    let mut postgres = Command::new(bin.join("postgres"));
+    postgres
+        .arg("-D")
+        .arg(data_dir)
+        .arg("-k")
+        .arg(cluster_dir)
+        .args(["-p", &port.to_string()])
+        .args(["-c", "listen_addresses="])
+        .args(["-c", "fsync=off"])
+        .args(["-c", "synchronous_commit=off"])
+        .args(["-c", "full_page_writes=off"])
+        .args(["-c", "default_transaction_isolation=repeatable read"])
+        .args(["-c", "max_connections=300"])
+        .args(["-c", "unix_socket_permissions=0700"])
+        .current_dir(cluster_dir)
+        .stdin(Stdio::null())
+        .stdout(
+            log.try_clone()
+                .map_err(io_error("cannot open the server log"))?,
+        )
+        .stderr(log)
+        .process_group(0);
+    if let Some((_, uid, gid)) = owner {
+        postgres.uid(*uid).gid(*gid);
+    }
+    let mut server = postgres.spawn().map_err(io_error(format!(
+        "cannot run {}",
+        bin.join("postgres").display()
+    )))?;
+    match spawn_watchdog(server.id(), work_dir) {
+        Ok((watchdog, pipe)) => Ok((server, watchdog, pipe)),
+        Err(e) => {
+            let _ = server.kill();
+            let _ = server.wait();
+            Err(io_error("cannot start the watchdog")(e))
+        }
+    }
 }
 
 /// A shell that waits for its stdin to close, then stops the server and deletes the work dir.

@@ -6,8 +6,12 @@ mod token_agreement;
 #[cfg(feature = "emulator")]
 mod connect;
 #[cfg(feature = "emulator")]
+mod pool;
+#[cfg(feature = "emulator")]
 mod psql;
 #[cfg(feature = "emulator")]
 mod refusals;
+#[cfg(feature = "emulator")]
+mod retry;
 #[cfg(feature = "emulator")]
 mod support;

@@ -1,0 +1,325 @@
+//! A `bb8` pool for DSQL: connections recycled before the server's one-hour cut, with jitter,
+//! and never handed out closed or past their deadline.
+
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::{DsqlConnector, Error};
+
+/// Default pool size. DSQL allows 10 000 connections per cluster and 100 new ones per second;
+/// ten per process is plenty for most services (raise it with `pool_builder`).
+pub const DEFAULT_MAX_SIZE: u32 = 10;
+/// Default minimum idle connections: one stays warm, so the first request after a quiet spell
+/// does not pay for TLS and a token check.
+pub const DEFAULT_MIN_IDLE: u32 = 1;
+/// Default idle timeout: 10 minutes, as in the AWS DSQL connectors.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Default time to wait for a connection: 10 s. A DSQL connect is three round trips plus a
+/// token; waiting longer only hides an outage.
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection idle for longer than this is pinged (an empty query) at checkout; a busy
+/// connection is not, so a busy pool pays no round trip per checkout.
+pub const DEFAULT_PING_AFTER_IDLE: Duration = Duration::from_secs(60);
+/// Recycle deadlines are spread over the last tenth of the maximum lifetime (for the default
+/// 55 minutes: between 49.5 and 55 minutes), so a pool opened at once does not reconnect at once.
+pub const JITTER_FRACTION: u32 = 10;
+
+/// A pooled DSQL connection: a [`tokio_postgres::Client`] (it derefs to one) with the time it
+/// was opened and its recycle deadline.
+pub struct DsqlConnection {
+    client: tokio_postgres::Client,
+    opened_at: Instant,
+    recycle_at: Instant,
+    last_checked: Instant,
+}
+
+impl std::fmt::Debug for DsqlConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DsqlConnection")
+            .field("age", &self.opened_at.elapsed())
+            .field(
+                "recycle_in",
+                &self.recycle_at.saturating_duration_since(Instant::now()),
+            )
+            .field("closed", &self.client.is_closed())
+            .finish()
+    }
+}
+
+impl DsqlConnection {
+    /// When the connection was opened.
+    pub fn opened_at(&self) -> Instant {
+        self.opened_at
+    }
+
+    /// When the pool stops handing it out and replaces it.
+    pub fn recycle_at(&self) -> Instant {
+        self.recycle_at
+    }
+
+    /// The client (also reachable through `Deref`).
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+
+    /// Takes the client out of the pool's wrapper.
+    pub fn into_client(self) -> tokio_postgres::Client {
+        self.client
+    }
+}
+
+impl Deref for DsqlConnection {
+    type Target = tokio_postgres::Client;
+
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+impl DerefMut for DsqlConnection {
+    fn deref_mut(&mut self) -> &mut tokio_postgres::Client {
+        &mut self.client
+    }
+}
+
+/// The `bb8` connection manager. Usually made for you by [`DsqlConnector::pool`]; build one
+/// yourself to pass to a tuned [`DsqlConnector::pool_builder`].
+///
+/// - `connect` opens a connection through the [`DsqlConnector`] (cached token, shared TLS).
+/// - `is_valid` (at checkout) refuses closed connections and connections past their recycle
+///   deadline without any I/O, and pings only connections idle for longer than
+///   [`ping_after_idle`](Self::ping_after_idle).
+/// - `has_broken` (on return) catches closed and expired connections.
+#[derive(Debug, Clone)]
+pub struct DsqlConnectionManager {
+    connector: DsqlConnector,
+    max_lifetime: Duration,
+    jitter: Duration,
+    ping_after_idle: Duration,
+}
+
+impl DsqlConnectionManager {
+    /// A manager with the connector's `max_lifetime` (default 55 minutes), jitter over its last
+    /// tenth, and [`DEFAULT_PING_AFTER_IDLE`].
+    pub fn new(connector: DsqlConnector) -> Self {
+        let max_lifetime = connector.config().max_lifetime();
+        DsqlConnectionManager {
+            connector,
+            max_lifetime,
+            jitter: max_lifetime / JITTER_FRACTION,
+            ping_after_idle: DEFAULT_PING_AFTER_IDLE,
+        }
+    }
+
+    /// The spread of recycle deadlines: each connection's deadline is `max_lifetime` minus a
+    /// uniformly random part of `jitter` (at most `max_lifetime`). Zero gives every connection
+    /// exactly `max_lifetime`.
+    #[must_use]
+    pub fn jitter(mut self, jitter: Duration) -> Self {
+        self.jitter = jitter.min(self.max_lifetime);
+        self
+    }
+
+    /// Ping a connection at checkout only when it sat idle longer than this.
+    #[must_use]
+    pub fn ping_after_idle(mut self, idle: Duration) -> Self {
+        self.ping_after_idle = idle;
+        self
+    }
+
+    /// The connector used for new connections.
+    pub fn connector(&self) -> &DsqlConnector {
+        &self.connector
+    }
+
+    /// The recycle deadline for a connection opened at `opened_at`.
+    pub fn deadline_for(&self, opened_at: Instant) -> Instant {
+        let jitter = if self.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            self.jitter.mul_f64(fastrand::f64())
+        };
+        opened_at + (self.max_lifetime - jitter)
+    }
+}
+
+impl bb8::ManageConnection for DsqlConnectionManager {
+    type Connection = DsqlConnection;
+    type Error = Error;
+
+    async fn connect(&self) -> Result<DsqlConnection, Error> {
+        let opened_at = Instant::now();
+        let client = self.connector.connect().await.inspect_err(|error| {
+            tracing::warn!(%error, "the pool could not open a DSQL connection");
+        })?;
+        Ok(DsqlConnection {
+            client,
+            opened_at,
+            recycle_at: self.deadline_for(opened_at),
+            last_checked: Instant::now(),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut DsqlConnection) -> Result<(), Error> {
+        let now = Instant::now();
+        if conn.client.is_closed() {
+            return Err(Error::Unusable {
+                reason: "the connection is closed",
+            });
+        }
+        if now >= conn.recycle_at {
+            return Err(Error::Unusable {
+                reason: "the connection reached its recycle deadline",
+            });
+        }
+        if now.duration_since(conn.last_checked) > self.ping_after_idle {
+            conn.client
+                .simple_query("")
+                .await
+                .map_err(|source| Error::Connect {
+                    endpoint: self.connector.endpoint().to_owned(),
+                    source,
+                })?;
+        }
+        conn.last_checked = now;
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut DsqlConnection) -> bool {
+        conn.client.is_closed() || Instant::now() >= conn.recycle_at
+    }
+}
+
+impl From<bb8::RunError<Error>> for Error {
+    /// Turns a checkout failure into this crate's error: the connect error itself, or
+    /// [`Error::PoolTimeout`].
+    fn from(error: bb8::RunError<Error>) -> Error {
+        match error {
+            bb8::RunError::User(error) => error,
+            bb8::RunError::TimedOut => Error::PoolTimeout,
+        }
+    }
+}
+
+impl DsqlConnector {
+    /// A `bb8` pool with DSQL defaults, each chosen for a reason:
+    ///
+    /// | setting | default | why |
+    /// |---|---|---|
+    /// | `max_size` | [`DEFAULT_MAX_SIZE`] (10) | DSQL's limits are per cluster; raise per service |
+    /// | `min_idle` | [`DEFAULT_MIN_IDLE`] (1) | one warm connection after quiet spells |
+    /// | `idle_timeout` | 10 min | as the AWS DSQL connectors |
+    /// | `connection_timeout` | 10 s | fail fast in an outage rather than queue |
+    /// | `test_on_check_out` | on | enforces the recycle deadline at checkout; no I/O unless idle > 60 s |
+    /// | `max_lifetime` | the config's (55 min) | the server cuts at 60; a transaction may last 5 |
+    /// | `reaper_rate` | a quarter of `max_lifetime`, at most 30 s | expired idle connections go soon |
+    ///
+    /// Connections get individual recycle deadlines (see [`DsqlConnectionManager`]). Opens
+    /// [`DEFAULT_MIN_IDLE`] connection before returning, so a bad configuration fails here.
+    pub async fn pool(&self) -> Result<bb8::Pool<DsqlConnectionManager>, Error> {
+        self.pool_builder()
+            .build(DsqlConnectionManager::new(self.clone()))
+            .await
+    }
+
+    /// The builder behind [`pool`](Self::pool), with the same defaults, to tune before
+    /// `build(DsqlConnectionManager::new(connector))`. Keep `test_on_check_out` on: it is what
+    /// keeps expired connections from being handed out.
+    pub fn pool_builder(&self) -> bb8::Builder<DsqlConnectionManager> {
+        let max_lifetime = self.config().max_lifetime();
+        bb8::Pool::builder()
+            .max_size(DEFAULT_MAX_SIZE)
+            .min_idle(Some(DEFAULT_MIN_IDLE))
+            .idle_timeout(Some(DEFAULT_IDLE_TIMEOUT))
+            .connection_timeout(DEFAULT_CONNECTION_TIMEOUT)
+            .test_on_check_out(true)
+            .max_lifetime(Some(max_lifetime))
+            .reaper_rate((max_lifetime / 4).min(Duration::from_secs(30)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_credential_types::Credentials;
+
+    async fn manager(max_lifetime: Duration) -> DsqlConnectionManager {
+        let config = crate::DsqlConfig::builder()
+            .host("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
+            .max_lifetime(max_lifetime)
+            .credentials_provider(Credentials::from_keys("AK", "s", None))
+            .build()
+            .unwrap();
+        DsqlConnectionManager::new(DsqlConnector::new(config).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn deadlines_spread_over_the_last_tenth_of_the_lifetime() {
+        let manager = manager(Duration::from_secs(3300)).await;
+        let opened = Instant::now();
+        let offsets: Vec<f64> = (0..10_000)
+            .map(|_| {
+                manager
+                    .deadline_for(opened)
+                    .duration_since(opened)
+                    .as_secs_f64()
+            })
+            .collect();
+        // Every deadline is within [49.5 min, 55 min].
+        assert!(offsets.iter().all(|s| (2970.0..=3300.0).contains(s)));
+        // Spread: uniform over the window, so each tenth of it gets about 1 000 samples.
+        let mut buckets = [0u32; 10];
+        for s in &offsets {
+            buckets[(((s - 2970.0) / 33.0) as usize).min(9)] += 1;
+        }
+        assert!(
+            buckets.iter().all(|n| (800..1200).contains(n)),
+            "{buckets:?}"
+        );
+        let mean = offsets.iter().sum::<f64>() / offsets.len() as f64;
+        assert!((mean - 3135.0).abs() < 5.0, "mean {mean}");
+    }
+
+    #[tokio::test]
+    async fn zero_jitter_gives_exactly_the_lifetime() {
+        let manager = manager(Duration::from_secs(120))
+            .await
+            .jitter(Duration::ZERO);
+        let opened = Instant::now();
+        assert_eq!(
+            manager.deadline_for(opened),
+            opened + Duration::from_secs(120)
+        );
+        let manager = manager.jitter(Duration::from_secs(1000));
+        assert!(manager.deadline_for(opened) >= opened);
+    }
+
+    #[tokio::test]
+    async fn pool_builder_carries_the_dsql_defaults() {
+        let manager = manager(Duration::from_secs(3300)).await;
+        let pool = manager
+            .connector()
+            .pool_builder()
+            .build_unchecked(manager.clone());
+        let config = pool.config();
+        assert_eq!(config.max_size, DEFAULT_MAX_SIZE);
+        assert_eq!(config.min_idle, Some(DEFAULT_MIN_IDLE));
+        assert_eq!(config.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
+        assert_eq!(config.connection_timeout, DEFAULT_CONNECTION_TIMEOUT);
+        assert!(config.test_on_check_out);
+        assert_eq!(config.max_lifetime, Some(Duration::from_secs(3300)));
+    }
+
+    #[test]
+    fn checkout_timeout_is_a_clear_error() {
+        let error = Error::from(bb8::RunError::<Error>::TimedOut);
+        assert!(matches!(error, Error::PoolTimeout));
+        assert!(
+            error
+                .to_string()
+                .contains("timed out waiting for a DSQL connection")
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! OCC retry against real PostgreSQL conflicts, through the emulator.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio_postgres_dsql::{OccConflict, RetryError, RetryPolicy, transaction_with_retry};
+
+use crate::support::connector;
+
+fn patient() -> RetryPolicy {
+    RetryPolicy::with_max_attempts(200).delays(Duration::from_millis(1), Duration::from_millis(40))
+}
+
+#[tokio::test]
+async fn concurrent_increments_on_a_pool_end_exact() {
+    let connector = connector("admin", |b| b).await;
+    let setup = connector.connect().await.unwrap();
+    setup
+        .batch_execute(
+            "DROP TABLE IF EXISTS retry_counter; \
+             CREATE TABLE retry_counter (id int PRIMARY KEY, n int NOT NULL); \
+             INSERT INTO retry_counter VALUES (1, 0)",
+        )
+        .await
+        .unwrap();
+    let pool = connector
+        .pool_builder()
+        .max_size(8)
+        .build(tokio_postgres_dsql::DsqlConnectionManager::new(
+            connector.clone(),
+        ))
+        .await
+        .unwrap();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let pool = pool.clone();
+            let attempts = attempts.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    let mut conn = pool.get().await.unwrap();
+                    let attempts = attempts.clone();
+                    // `async move`: a spawned task's closure owns what it captures.
+                    transaction_with_retry(&mut conn, &patient(), async move |tx| {
+                        attempts.fetch_add(1, Ordering::SeqCst);
+                        // Read, then write what was read: concurrent writers conflict.
+                        let n: i32 = tx
+                            .query_one("SELECT n FROM retry_counter WHERE id = 1", &[])
+                            .await?
+                            .get(0);
+                        tx.execute("UPDATE retry_counter SET n = $1 WHERE id = 1", &[&(n + 1)])
+                            .await?;
+                        Ok::<_, tokio_postgres::Error>(())
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let n: i32 = setup
+        .query_one("SELECT n FROM retry_counter WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 80);
+    assert!(
+        attempts.load(Ordering::SeqCst) > 80,
+        "no conflict happened, so nothing was retried"
+    );
+}
+
+#[tokio::test]
+async fn a_plain_client_retries_a_conflict_at_commit() {
+    let connector = connector("admin", |b| b).await;
+    let mut client = connector.connect().await.unwrap();
+    // A deferred trigger raises DSQL's commit-time conflict twice (a sequence is not rolled
+    // back, so it counts attempts across the retries).
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS commit_probe; DROP SEQUENCE IF EXISTS commit_attempts; \
+             CREATE SEQUENCE commit_attempts; \
+             CREATE TABLE commit_probe (id int); \
+             CREATE OR REPLACE FUNCTION conflict_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('commit_attempts') <= 2 THEN \
+                 RAISE EXCEPTION USING ERRCODE = '40001', \
+                   MESSAGE = 'change conflicts with another transaction, please retry: (OC000)'; \
+               END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE CONSTRAINT TRIGGER conflict_at_commit AFTER INSERT ON commit_probe \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION conflict_at_commit()",
+        )
+        .await
+        .unwrap();
+    let mut calls = 0;
+    transaction_with_retry(&mut client, &patient(), async |tx| {
+        calls += 1;
+        tx.execute("INSERT INTO commit_probe VALUES (1)", &[])
+            .await?;
+        Ok::<_, tokio_postgres::Error>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(calls, 3);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM commit_probe", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the failed attempts were rolled back");
+}
+
+#[tokio::test]
+async fn a_non_retryable_error_is_returned_at_once() {
+    let mut client = connector("admin", |b| b).await.connect().await.unwrap();
+    let mut calls = 0;
+    let err = transaction_with_retry(&mut client, &patient(), async |tx| {
+        calls += 1;
+        tx.query_one("SELECT 1 / 0", &[]).await?;
+        Ok::<_, tokio_postgres::Error>(())
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(calls, 1);
+    match err {
+        RetryError::Failed(e) => assert_eq!(e.code().unwrap().code(), "22012"),
+        other => panic!("expected Failed, got {other}"),
+    }
+    // The connection is usable afterwards (the transaction was rolled back).
+    client.simple_query("SELECT 1").await.unwrap();
+}
+
+/// A user error type: the closure's errors need not be `tokio_postgres::Error`.
+#[derive(Debug)]
+enum AppError {
+    Db(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for AppError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        AppError::Db(e)
+    }
+}
+
+impl tokio_postgres_dsql::AsOccConflict for AppError {
+    fn occ_conflict(&self) -> Option<OccConflict> {
+        match self {
+            AppError::Db(e) => tokio_postgres_dsql::retry::occ_conflict(e),
+        }
+    }
+}
+
+impl std::fmt::Display for AppError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppError::Db(e) => write!(f, "database: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn exhausted_retries_name_the_attempts_and_the_last_conflict() {
+    let mut client = connector("admin", |b| b).await.connect().await.unwrap();
+    let policy = RetryPolicy::with_max_attempts(3)
+        .delays(Duration::from_millis(1), Duration::from_millis(5));
+    let mut calls = 0;
+    let err = transaction_with_retry(&mut client, &policy, async |tx| {
+        calls += 1;
+        tx.batch_execute(
+            "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001', \
+             MESSAGE = 'schema has been updated by another transaction, please retry: (OC001)'; END $$",
+        )
+        .await?;
+        Ok::<_, AppError>(())
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(calls, 3);
+    let shown = err.to_string();
+    assert!(shown.contains("after 3 attempts"), "{shown}");
+    assert!(shown.contains("OC001"), "{shown}");
+    match err {
+        RetryError::Exhausted {
+            attempts, conflict, ..
+        } => {
+            assert_eq!(attempts, 3);
+            assert_eq!(conflict, OccConflict::Schema);
+        }
+        other => panic!("expected Exhausted, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn literal_dsql_sqlstates_are_conflicts() {
+    let client = connector("admin", |b| b).await.connect().await.unwrap();
+    for (code, expected) in [("OC000", OccConflict::Data), ("OC001", OccConflict::Schema)] {
+        let err = client
+            .batch_execute(&format!(
+                "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = 'conflict'; END $$"
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            tokio_postgres_dsql::retry::occ_conflict(&err),
+            Some(expected)
+        );
+    }
+    let err = client.batch_execute("SELECT 1 / 0").await.unwrap_err();
+    assert_eq!(tokio_postgres_dsql::retry::occ_conflict(&err), None);
+}
