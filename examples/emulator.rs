@@ -2,7 +2,7 @@
 //! interrupted (Ctrl-C or SIGTERM).
 //!
 //! ```sh
-//! cargo run --example emulator --features emulator > /tmp/dsql.env &
+//! cargo run --example emulator > /tmp/dsql.env &
 //! sleep 5; . /tmp/dsql.env
 //! # Any tokio-postgres-dsql program now reaches it with DsqlConfig::from_env(), and psql with
 //! # a token from the generate_token example (or any DSQL token generator):

@@ -584,6 +584,33 @@ impl DsqlConfig {
         builder.build()
     }
 
+    /// A builder holding this configuration, to override some settings (for example a
+    /// configuration read with [`from_env`](Self::from_env), then a different user).
+    pub fn into_builder(self) -> DsqlConfigBuilder {
+        DsqlConfigBuilder {
+            host: Some(self.host),
+            port: Some(self.port),
+            user: Some(self.user),
+            database: Some(self.database),
+            region: self.region,
+            hostaddr: self.hostaddr,
+            token_duration: Some(self.token_duration),
+            profile: self.profile,
+            credentials_provider: self.credentials_provider,
+            root_certs: self.root_certs,
+            ssl_mode: self.ssl_mode,
+            ssl_negotiation: self.ssl_negotiation,
+            search_path: self.search_path,
+            application_name: self.application_name,
+            max_lifetime: Some(self.max_lifetime),
+            amzn_cluster_id: self.amzn_cluster_id,
+            connect_timeout: self.connect_timeout,
+            options: self.options,
+            time_source: self.time_source,
+            fallback_region: None,
+        }
+    }
+
     /// The endpoint host name (SNI, certificate name; the token's host unless
     /// [`amzn_cluster_id`](DsqlConfigBuilder::amzn_cluster_id) is set).
     pub fn host(&self) -> &str {

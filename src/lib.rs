@@ -55,7 +55,9 @@ pub use config::{DsqlConfig, DsqlConfigBuilder, RootCerts, SslMode, SslNegotiati
 pub use connector::DsqlConnector;
 pub use error::Error;
 pub use pool::{DsqlConnection, DsqlConnectionManager};
-pub use retry::{AsOccConflict, OccConflict, RetryError, RetryPolicy, transaction_with_retry};
+pub use retry::{
+    AsClient, AsOccConflict, OccConflict, RetryError, RetryPolicy, transaction_with_retry,
+};
 pub use tls::DsqlTls;
 pub use token::{Action, AuthToken, TokenSigner};
 

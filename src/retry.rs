@@ -209,23 +209,53 @@ impl<E: std::error::Error + 'static> std::error::Error for RetryError<E> {
     }
 }
 
+/// Anything a transaction can be opened on: a [`Client`], a [`DsqlConnection`](crate::DsqlConnection),
+/// or a `bb8` pooled connection of either (so `&mut pool.get().await?` works as is).
+pub trait AsClient {
+    /// The client to open transactions on.
+    fn as_client(&mut self) -> &mut Client;
+}
+
+impl AsClient for Client {
+    fn as_client(&mut self) -> &mut Client {
+        self
+    }
+}
+
+impl AsClient for crate::DsqlConnection {
+    fn as_client(&mut self) -> &mut Client {
+        self
+    }
+}
+
+impl<M> AsClient for bb8::PooledConnection<'_, M>
+where
+    M: bb8::ManageConnection,
+    M::Connection: AsClient,
+{
+    fn as_client(&mut self) -> &mut Client {
+        (**self).as_client()
+    }
+}
+
 /// Runs `body` in a transaction and commits it, re-running the whole transaction on an
 /// optimistic-concurrency conflict at any statement or at `COMMIT`, with backoff, up to
 /// `policy.max_attempts` times. Any other error rolls back and returns at once.
 ///
-/// `client` is a plain [`Client`] or anything that derefs to one mutably, such as a pooled
-/// connection (`&mut conn`). `body` is an async closure that may be called several times; its
+/// `client` is a plain [`Client`] or a pooled connection (see [`AsClient`]). `body` is an async closure that may be called several times; its
 /// error type is yours, as long as it converts from `tokio_postgres::Error` and says whether it
 /// is a conflict ([`AsOccConflict`]). Each retry is logged with `tracing` at `debug`.
-pub async fn transaction_with_retry<T, E, F>(
-    client: &mut Client,
+pub async fn transaction_with_retry<C, T, E, F>(
+    client: &mut C,
     policy: &RetryPolicy,
     mut body: F,
 ) -> Result<T, RetryError<E>>
 where
+    C: AsClient + ?Sized,
     F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
     E: From<tokio_postgres::Error> + AsOccConflict,
 {
+    let client = client.as_client();
     let max_attempts = policy.max_attempts.max(1);
     let mut attempt = 1;
     loop {

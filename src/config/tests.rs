@@ -445,6 +445,20 @@ fn environment_errors_name_the_variable() {
 }
 
 #[test]
+fn into_builder_round_trips_and_allows_overrides() {
+    let config = parse(&format!(
+        "host={HOST} user=app port=6000 sslnegotiation=postgres options='-c search_path=s'"
+    ))
+    .unwrap();
+    let again = config.clone().into_builder().build().unwrap();
+    assert_eq!(format!("{config:?}"), format!("{again:?}"));
+    let admin = config.into_builder().user("admin").build().unwrap();
+    assert_eq!(admin.user(), "admin");
+    assert_eq!(admin.port(), 6000);
+    assert_eq!(admin.search_path(), Some("s"));
+}
+
+#[test]
 fn debug_shows_settings_but_not_the_credentials() {
     let config = DsqlConfig::builder()
         .host(HOST)

@@ -6,6 +6,8 @@ mod token_agreement;
 #[cfg(feature = "emulator")]
 mod connect;
 #[cfg(feature = "emulator")]
+mod pet_clinic;
+#[cfg(feature = "emulator")]
 mod pool;
 #[cfg(feature = "emulator")]
 mod psql;

@@ -54,6 +54,13 @@ pub async fn connector(
 /// returns the schema name. Safe to call repeatedly.
 pub async fn ensure_role(role: &str) -> String {
     let schema = format!("{role}_schema");
+    ensure_role_with_schema(role, &schema).await;
+    schema
+}
+
+/// Creates `role` (LOGIN) and `schema`, with usage and create on it for the role, as `admin`
+/// through the emulator. Safe to call repeatedly.
+pub async fn ensure_role_with_schema(role: &str, schema: &str) {
     let admin = connector("admin", |b| b)
         .await
         .connect()
@@ -72,7 +79,47 @@ pub async fn ensure_role(role: &str) -> String {
             );
         }
     }
-    schema
+}
+
+/// An example binary built by `cargo test` next to this test binary
+/// (`target/<profile>/examples/<name>`).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test` builds the examples; run the whole suite",
+        path.display()
+    );
+    path
+}
+
+/// The environment a program needs to reach the shared emulator through
+/// `DsqlConfig::from_env()` and the default credentials chain, as `user`.
+pub fn emulator_environment(user: &str) -> Vec<(&'static str, String)> {
+    let e = emulator();
+    vec![
+        ("PATH", std::env::var("PATH").unwrap_or_default()),
+        ("CLUSTER_ENDPOINT", e.endpoint().to_owned()),
+        ("CLUSTER_USER", user.to_owned()),
+        ("AWS_REGION", e.region().to_owned()),
+        (
+            "AWS_ACCESS_KEY_ID",
+            e.credentials().access_key_id().to_owned(),
+        ),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            e.credentials().secret_access_key().to_owned(),
+        ),
+        // No profile files or instance metadata: the environment's keys only.
+        ("AWS_CONFIG_FILE", "/nonexistent".to_owned()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".to_owned()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+        ("PGHOSTADDR", "127.0.0.1".to_owned()),
+        ("PGPORT", e.port().to_string()),
+        ("PGSSLROOTCERT", e.ca_cert_path().display().to_string()),
+    ]
 }
 
 /// A provider that counts calls and whose credentials can be swapped.
