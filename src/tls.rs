@@ -5,7 +5,7 @@
 //!   operating system's store.
 //! - SNI is always the DSQL host name, also when dialling `hostaddr`: DSQL routes by SNI.
 //! - ALPN `postgresql` is always offered; it is what makes direct TLS (no SSLRequest) work.
-//! - Verification is skipped only in [`SslMode::Require`](crate::SslMode::Require), which the
+//! - Verification is skipped only in [`SslMode::Require`], which the
 //!   configuration allows only for PrivateLink VPC endpoints. Signatures are still checked.
 //! - The crypto provider is the process default if the application installed one
 //!   ([`CryptoProvider::install_default`]); otherwise the one this crate's `aws-lc-rs` or `ring`

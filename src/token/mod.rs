@@ -6,7 +6,7 @@
 //! fresh token costs one SHA-256 of the canonical request and one HMAC. The key derivation and the
 //! signature are `aws-sigv4`'s own primitives.
 //!
-//! The cache that hands one token to many connections lives in [`cache`](self::cache) and is used
+//! The cache that hands one token to many connections lives in the private `cache` module, used
 //! through [`DsqlConnector::token`](crate::DsqlConnector::token).
 
 pub(crate) mod cache;
