@@ -1,116 +1,91 @@
-//! Added one-way latency: every chunk read from a wrapped stream is held back for the current
-//! delay before the reader sees it. Wrapping both the client and the upstream side adds the
-//! delay in each direction, so a round trip through the emulator costs twice the setting.
+//! Added network latency between a client and the emulator: each direction of the client's
+//! connection is a delay line, so every byte arrives `latency` after it was sent, whichever
+//! side sent it, and pipelined bytes are not delayed twice. A round trip costs twice the setting,
+//! like a real network; the TCP handshake itself (done by the kernel) is not delayed.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-/// The delay in nanoseconds, shared by every stream of one emulator.
+/// The one-way delay in nanoseconds, shared by every connection of one emulator.
 pub(crate) type Latency = Arc<AtomicU64>;
 
-pub(crate) struct Delayed<S> {
-    inner: S,
-    latency: Latency,
-    buf: Box<[u8]>,
-    pos: usize,
-    len: usize,
-    sleep: Option<Pin<Box<Sleep>>>,
+/// Puts `socket` behind two delay lines and returns the emulator's end. The delay is read when
+/// each chunk arrives, so a change applies to open connections too.
+pub(crate) fn delay_line<S>(socket: S, latency: Latency) -> DuplexStream
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (emulator_end, pump_end) = tokio::io::duplex(64 * 1024);
+    let (socket_read, socket_write) = tokio::io::split(socket);
+    let (pump_read, pump_write) = tokio::io::split(pump_end);
+    tokio::spawn(pump(socket_read, pump_write, latency.clone()));
+    tokio::spawn(pump(pump_read, socket_write, latency));
+    emulator_end
 }
 
-impl<S> Delayed<S> {
-    pub(crate) fn new(inner: S, latency: Latency) -> Self {
-        Delayed {
-            inner,
-            latency,
-            buf: vec![0; 16 * 1024].into_boxed_slice(),
-            pos: 0,
-            len: 0,
-            sleep: None,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Delayed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+/// Copies `from` to `to`, each chunk released `latency` after it was read.
+async fn pump<R, W>(mut from: R, mut to: W, latency: Latency)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (chunks, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
         loop {
-            if this.pos < this.len {
-                if let Some(sleep) = this.sleep.as_mut() {
-                    ready!(sleep.as_mut().poll(cx));
-                    this.sleep = None;
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let delay = Duration::from_nanos(latency.load(Ordering::Relaxed));
+                    if chunks.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
                 }
-                let n = out.remaining().min(this.len - this.pos);
-                out.put_slice(&this.buf[this.pos..this.pos + n]);
-                this.pos += n;
-                return Poll::Ready(Ok(()));
             }
-            let nanos = this.latency.load(Ordering::Relaxed);
-            if nanos == 0 {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
-            }
-            let mut read = ReadBuf::new(&mut this.buf);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
-            let n = read.filled().len();
-            if n == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            this.pos = 0;
-            this.len = n;
-            this.sleep = Some(Box::pin(tokio::time::sleep(Duration::from_nanos(nanos))));
+        }
+    });
+    while let Some((at, chunk)) = due.recv().await {
+        tokio::time::sleep_until(at).await;
+        if to.write_all(&chunk).await.is_err() {
+            reader.abort();
+            return;
         }
     }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Delayed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    let _ = to.shutdown().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test(start_paused = true)]
-    async fn reads_wait_for_the_latency() {
-        let (a, mut b) = tokio::io::duplex(64);
-        let latency: Latency =
-            Arc::new(AtomicU64::new(Duration::from_millis(20).as_nanos() as u64));
-        let mut delayed = Delayed::new(a, latency.clone());
-        b.write_all(b"hello").await.unwrap();
-        let start = tokio::time::Instant::now();
-        let mut got = [0u8; 5];
-        delayed.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"hello");
-        assert_eq!(start.elapsed(), Duration::from_millis(20)); // virtual time: exact
-        latency.store(0, Ordering::Relaxed);
-        b.write_all(b"x").await.unwrap();
-        let start = tokio::time::Instant::now();
-        delayed.read_exact(&mut got[..1]).await.unwrap();
-        assert_eq!(start.elapsed(), Duration::ZERO);
+    async fn each_direction_is_delayed_once_and_pipelined() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let latency: Latency = Arc::new(AtomicU64::new(Duration::from_millis(20).as_nanos() as u64));
+        let mut server = delay_line(server, latency);
+
+        let start = Instant::now();
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        server.write_all(b"pong").await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        // Virtual time: one round trip is exactly two delays.
+        assert_eq!(start.elapsed(), Duration::from_millis(40));
+
+        // Two messages sent back to back arrive together, not 20 ms apart.
+        let start = Instant::now();
+        client.write_all(b"a").await.unwrap();
+        client.write_all(b"b").await.unwrap();
+        let mut two = [0u8; 2];
+        server.read_exact(&mut two).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
     }
 }

@@ -18,7 +18,8 @@
 //! - **Connection age**: connections are closed at a maximum age (60 minutes by default).
 //! - **Faults on demand**: [`drop_all_connections`](DsqlEmulator::drop_all_connections),
 //!   [`refuse_new_connections`](DsqlEmulator::refuse_new_connections),
-//!   [`set_latency`](DsqlEmulator::set_latency).
+//!   [`set_latency`](DsqlEmulator::set_latency) (one-way network delay),
+//!   [`restart_upstream`](DsqlEmulator::restart_upstream).
 //!
 //! Accepted sessions are relayed to PostgreSQL under the same role name. By default the emulator
 //! runs a private throw-away cluster (superuser `admin`, trust authentication on a private Unix
@@ -519,8 +520,9 @@ impl DsqlEmulator {
         self.shared.refusing.store(refuse, Ordering::SeqCst);
     }
 
-    /// Delays every read, on the client side and the upstream side, by `latency`: a round trip
-    /// through the emulator costs twice this. Applies to reads that start after the call.
+    /// Adds `latency` to each direction between clients and the emulator, like a network: a
+    /// round trip costs twice this, and pipelined messages are not delayed twice. Applies to
+    /// bytes sent after the call, on open connections too. The TCP handshake is not delayed.
     pub fn set_latency(&self, latency: Duration) {
         self.shared
             .latency

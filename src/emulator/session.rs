@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::latency::Delayed;
+use super::latency::delay_line;
 use super::wire::{self, send_fatal};
 use super::{Rejection, Shared};
 
@@ -141,14 +141,14 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
         _ => return,
     }
     let direct = first[0] == 0x16;
-    let stream = Delayed::new(socket, shared.latency.clone());
+    let stream = delay_line(socket, shared.latency.clone());
     if let Err(error) = negotiate(stream, direct, accepted_at, &shared).await {
         tracing::debug!(%error, "emulator session ended with an I/O error");
     }
 }
 
 async fn negotiate(
-    mut stream: Delayed<TcpStream>,
+    mut stream: tokio::io::DuplexStream,
     direct: bool,
     accepted_at: Instant,
     shared: &Arc<Shared>,
@@ -256,7 +256,7 @@ async fn negotiate(
         return Ok(());
     }
 
-    let upstream = match shared.upstream.connect().await {
+    let mut upstream = match shared.upstream.connect().await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::warn!(%error, "emulator cannot reach its upstream PostgreSQL");
@@ -265,7 +265,6 @@ async fn negotiate(
             return Ok(());
         }
     };
-    let mut upstream = Delayed::new(upstream, shared.latency.clone());
     upstream
         .write_all(&wire::startup_message(&startup.upstream_parameters))
         .await?;
