@@ -68,7 +68,9 @@ async fn drive(pool: impl Checkout, tasks: u64, iters: u64) -> Duration {
     for handle in handles {
         handle.await.unwrap();
     }
-    start.elapsed().mul_f64(iters as f64 / (per_task * tasks) as f64)
+    start
+        .elapsed()
+        .mul_f64(iters as f64 / (per_task * tasks) as f64)
 }
 
 fn pools(c: &mut Criterion) {
@@ -87,7 +89,10 @@ fn pools(c: &mut Criterion) {
         config.password(connector.token().await.unwrap().as_str());
         let bb8_pg = bb8::Pool::builder()
             .max_size(MAX_SIZE)
-            .build(bb8_postgres::PostgresConnectionManager::new(config.clone(), connector.tls()))
+            .build(bb8_postgres::PostgresConnectionManager::new(
+                config.clone(),
+                connector.tls(),
+            ))
             .await
             .unwrap();
         let manager = deadpool_postgres::Manager::from_config(
@@ -106,15 +111,30 @@ fn pools(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("checkout_select_1");
     for tasks in [1u64, 16] {
-        group.bench_with_input(BenchmarkId::new("tokio-postgres-dsql", tasks), &tasks, |b, &tasks| {
-            b.to_async(&rt).iter_custom(|iters| drive(ours.clone(), tasks, iters))
-        });
-        group.bench_with_input(BenchmarkId::new("bb8-postgres", tasks), &tasks, |b, &tasks| {
-            b.to_async(&rt).iter_custom(|iters| drive(bb8_pg.clone(), tasks, iters))
-        });
-        group.bench_with_input(BenchmarkId::new("deadpool-postgres", tasks), &tasks, |b, &tasks| {
-            b.to_async(&rt).iter_custom(|iters| drive(deadpool.clone(), tasks, iters))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("tokio-postgres-dsql", tasks),
+            &tasks,
+            |b, &tasks| {
+                b.to_async(&rt)
+                    .iter_custom(|iters| drive(ours.clone(), tasks, iters))
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("bb8-postgres", tasks),
+            &tasks,
+            |b, &tasks| {
+                b.to_async(&rt)
+                    .iter_custom(|iters| drive(bb8_pg.clone(), tasks, iters))
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("deadpool-postgres", tasks),
+            &tasks,
+            |b, &tasks| {
+                b.to_async(&rt)
+                    .iter_custom(|iters| drive(deadpool.clone(), tasks, iters))
+            },
+        );
     }
     group.finish();
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use aws_config::meta::region::ProvideRegion;
 use aws_credential_types::provider::SharedCredentialsProvider;
-use aws_smithy_async::time::{SharedTimeSource, SystemTimeSource};
 use tokio_postgres::error::SqlState;
 
 use crate::config::{DsqlConfig, SslNegotiation};
@@ -83,10 +82,6 @@ impl DsqlConnector {
             Some(provider) => provider.clone(),
             None => default_credentials(&region, config.profile.as_deref()).await,
         };
-        let time_source = config
-            .time_source
-            .clone()
-            .unwrap_or_else(|| SharedTimeSource::new(SystemTimeSource::new()));
         let tls = DsqlTls::new(tls::client_config(
             &endpoint,
             &config.root_certs,
@@ -97,7 +92,7 @@ impl DsqlConnector {
             Action::for_user(&config.user),
             config.token_duration,
             provider,
-            time_source,
+            config.time_source.clone(),
         );
         let postgres = postgres_config(&config, &endpoint);
         let described = match config.hostaddr {

@@ -215,6 +215,7 @@ impl DsqlConnector {
     /// | `test_on_check_out` | on | enforces the recycle deadline at checkout; no I/O unless idle > 60 s |
     /// | `max_lifetime` | the config's (55 min) | the server cuts at 60; a transaction may last 5 |
     /// | `reaper_rate` | a quarter of `max_lifetime`, at most 30 s | expired idle connections go soon |
+    /// | `queue_strategy` | LIFO | the most recently used connection is reused: it is warm, and under light load the surplus idles out after `idle_timeout` instead of being cycled forever |
     ///
     /// Connections get individual recycle deadlines (see [`DsqlConnectionManager`]). Opens
     /// [`DEFAULT_MIN_IDLE`] connection before returning, so a bad configuration fails here.
@@ -237,6 +238,7 @@ impl DsqlConnector {
             .test_on_check_out(true)
             .max_lifetime(Some(max_lifetime))
             .reaper_rate((max_lifetime / 4).min(Duration::from_secs(30)))
+            .queue_strategy(bb8::QueueStrategy::Lifo)
     }
 }
 
@@ -310,6 +312,7 @@ mod tests {
         assert_eq!(config.connection_timeout, DEFAULT_CONNECTION_TIMEOUT);
         assert!(config.test_on_check_out);
         assert_eq!(config.max_lifetime, Some(Duration::from_secs(3300)));
+        assert!(matches!(config.queue_strategy, bb8::QueueStrategy::Lifo));
     }
 
     #[test]

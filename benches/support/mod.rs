@@ -26,7 +26,11 @@ pub fn emulator(rt: &tokio::runtime::Runtime) -> DsqlEmulator {
         .start_blocking()
         .expect("the emulator needs the PostgreSQL server binaries");
     rt.block_on(async {
-        let admin = connector(&emulator, "admin", |b| b).await.connect().await.unwrap();
+        let admin = connector(&emulator, "admin", |b| b)
+            .await
+            .connect()
+            .await
+            .unwrap();
         for statement in [
             format!("CREATE ROLE {APP_ROLE} WITH LOGIN"),
             format!("CREATE SCHEMA {APP_SCHEMA}"),
@@ -43,9 +47,13 @@ pub async fn connector(
     user: &str,
     tune: impl FnOnce(DsqlConfigBuilder) -> DsqlConfigBuilder,
 ) -> DsqlConnector {
-    let config = tune(emulator.config_for(user).token_duration(Duration::from_secs(3600)))
-        .build()
-        .unwrap();
+    let config = tune(
+        emulator
+            .config_for(user)
+            .token_duration(Duration::from_secs(3600)),
+    )
+    .build()
+    .unwrap();
     DsqlConnector::new(config).await.unwrap()
 }
 

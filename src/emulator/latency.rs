@@ -42,7 +42,10 @@ where
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     let delay = Duration::from_nanos(latency.load(Ordering::Relaxed));
-                    if chunks.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                    if chunks
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -50,7 +53,10 @@ where
         }
     });
     while let Some((at, chunk)) = due.recv().await {
-        tokio::time::sleep_until(at).await;
+        // The timer has millisecond resolution: never sleep for nothing.
+        if at > Instant::now() {
+            tokio::time::sleep_until(at).await;
+        }
         if to.write_all(&chunk).await.is_err() {
             reader.abort();
             return;
@@ -66,7 +72,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_direction_is_delayed_once_and_pipelined() {
         let (mut client, server) = tokio::io::duplex(1024);
-        let latency: Latency = Arc::new(AtomicU64::new(Duration::from_millis(20).as_nanos() as u64));
+        let latency: Latency =
+            Arc::new(AtomicU64::new(Duration::from_millis(20).as_nanos() as u64));
         let mut server = delay_line(server, latency);
 
         let start = Instant::now();

@@ -3,7 +3,7 @@
 //! Rules, each tested below with a manual clock:
 //!
 //! - One token serves every caller until its **refresh point**, 80 % of its life. A hit is one
-//!   atomic load, a clock read and a reference-count increment.
+//!   atomic load, a coarse clock read and a reference-count increment.
 //! - No token is handed out within its **safety margin** of expiry (10 % of its life, at most
 //!   30 s), so a connection never starts its handshake with a token about to lapse.
 //! - Between the refresh point and the margin, the first caller re-signs while every other caller
@@ -40,7 +40,9 @@ pub(crate) struct TokenCache {
     action: Action,
     duration: Duration,
     provider: SharedCredentialsProvider,
-    clock: SharedTimeSource,
+    /// `None`: the system clock, read directly (a cache hit is dominated by the clock read, so
+    /// it skips the dynamic call).
+    clock: Option<SharedTimeSource>,
     current: ArcSwapOption<Cached>,
     resign: tokio::sync::Mutex<()>,
 }
@@ -51,7 +53,7 @@ impl TokenCache {
         action: Action,
         duration: Duration,
         provider: SharedCredentialsProvider,
-        clock: SharedTimeSource,
+        clock: Option<SharedTimeSource>,
     ) -> Self {
         TokenCache {
             signer,
@@ -64,9 +66,38 @@ impl TokenCache {
         }
     }
 
+    fn now(&self) -> SystemTime {
+        match &self.clock {
+            Some(clock) => clock.now(),
+            None => SystemTime::now(),
+        }
+    }
+
+    /// The time for the hit check: the system's coarse clock where there is one. It lags the
+    /// precise clock by a few milliseconds and never leads it, so a hit may come that much after
+    /// the refresh point, which is still far inside the token's usable life (the refresh point is
+    /// at least 10 % of the life before the safety margin).
+    fn now_for_hit(&self) -> SystemTime {
+        #[cfg(target_os = "linux")]
+        if self.clock.is_none() {
+            let now = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+            return SystemTime::UNIX_EPOCH
+                + Duration::new(
+                    now.tv_sec.max(0) as u64,
+                    now.tv_nsec.clamp(0, 999_999_999) as u32,
+                );
+        }
+        self.now()
+    }
+
     /// The current token, re-signing when the rules above say so.
     pub(crate) async fn get(&self) -> Result<AuthToken, Error> {
-        let now = self.clock.now();
+        if let Some(cached) = self.current.load().as_ref()
+            && self.now_for_hit() < cached.refresh_at
+        {
+            return Ok(cached.token.clone());
+        }
+        let now = self.now();
         if let Some(cached) = self.current.load().as_ref() {
             if now < cached.refresh_at {
                 return Ok(cached.token.clone());
@@ -91,7 +122,7 @@ impl TokenCache {
         let _guard = self.resign.lock().await;
         // Whoever held the lock may have re-signed already.
         if let Some(cached) = self.current.load().as_ref()
-            && self.clock.now() < cached.refresh_at
+            && self.now() < cached.refresh_at
         {
             return Ok(cached.token.clone());
         }
@@ -116,7 +147,7 @@ impl TokenCache {
                         .into(),
                     source: Some(Box::new(e)),
                 })?;
-        let now = self.clock.now();
+        let now = self.now();
         let life = self.life(&credentials, now)?;
         let token = self.signer.sign(&credentials, self.action, life, now);
         let issued = token.expires_at() - life;
@@ -174,7 +205,7 @@ mod tests {
             Action::DbConnect,
             Duration::from_secs(duration_secs),
             SharedCredentialsProvider::new(provider.clone()),
-            SharedTimeSource::new(clock.clone()),
+            Some(SharedTimeSource::new(clock.clone())),
         );
         (Arc::new(cache), clock)
     }

@@ -132,6 +132,9 @@ pub struct TokenSigner {
     /// The last signing key. A mutex held for a comparison and a 32-byte copy; uncontended in
     /// practice, since the token cache signs one token at a time.
     key: Mutex<Option<SigningKey>>,
+    /// The last session token and its percent-encoding (session tokens run to a kilobyte, and
+    /// encoding them dominated signing with temporary credentials).
+    session_token: Mutex<Option<(String, String)>>,
 }
 
 /// A derived SigV4 key and what it was derived from (the region is the signer's).
@@ -163,6 +166,7 @@ impl TokenSigner {
             host: host.into(),
             region: region.into(),
             key: Mutex::new(None),
+            session_token: Mutex::new(None),
         }
     }
 
@@ -214,7 +218,7 @@ impl TokenSigner {
         query.push_str(itoa_u64(expires_secs, &mut [0; 20]));
         if let Some(token) = session_token {
             query.push_str("&X-Amz-Security-Token=");
-            push_encoded(&mut query, token);
+            self.push_encoded_session_token(&mut query, token);
         }
         query.push_str("&X-Amz-SignedHeaders=host");
 
@@ -277,6 +281,25 @@ impl TokenSigner {
             key,
         });
         key
+    }
+}
+
+impl TokenSigner {
+    /// Appends the encoded session token, encoding it only when it changed.
+    fn push_encoded_session_token(&self, out: &mut String, token: &str) {
+        let mut slot = self
+            .session_token
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match slot.as_ref() {
+            Some((raw, encoded)) if raw == token => out.push_str(encoded),
+            _ => {
+                let mut encoded = String::with_capacity(token.len() * 3 / 2);
+                push_encoded(&mut encoded, token);
+                out.push_str(&encoded);
+                *slot = Some((token.to_owned(), encoded));
+            }
+        }
     }
 }
 

@@ -97,14 +97,19 @@ async fn connections_are_replaced_before_the_servers_cut() {
     assert!(stats.accepted >= 4 * 5, "{stats:?}");
 }
 
-/// Runs `workers` tasks doing checkout + query until `stop`; returns each task's error count
-/// and success count after `after` turned true.
-async fn load(
+/// Runs `workers` tasks doing checkout + query; after `warmup`, applies `fault`, then lets the
+/// load run for `settle`. Returns each task's failures and its successes after the fault.
+async fn load_through(
     pool: &bb8::Pool<DsqlConnectionManager>,
     workers: usize,
-    after: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    warmup: Duration,
+    fault: impl std::future::Future<Output = ()>,
+    settle: Duration,
 ) -> Vec<(u64, u64)> {
+    let (after, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let tasks: Vec<_> = (0..workers)
         .map(|_| {
             let (pool, after, stop) = (pool.clone(), after.clone(), stop.clone());
@@ -126,6 +131,11 @@ async fn load(
             })
         })
         .collect();
+    tokio::time::sleep(warmup).await;
+    fault.await;
+    after.store(true, Ordering::SeqCst);
+    tokio::time::sleep(settle).await;
+    stop.store(true, Ordering::SeqCst);
     let mut results = Vec::new();
     for task in tasks {
         results.push(task.await.unwrap());
@@ -137,20 +147,14 @@ async fn load(
 async fn dropped_connections_fail_at_most_once_then_load_continues() {
     let emulator = own_emulator(Duration::from_secs(3600)).await;
     let pool = pool_for(&emulator, Duration::from_secs(3000), |b| b.max_size(4)).await;
-    let (after, stop) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let running = tokio::spawn({
-        let (pool, after, stop) = (pool.clone(), after.clone(), stop.clone());
-        async move { load(&pool, 4, after, stop).await }
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    emulator.drop_all_connections();
-    after.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::SeqCst);
-    let results = running.await.unwrap();
+    let results = load_through(
+        &pool,
+        4,
+        Duration::from_millis(500),
+        async { emulator.drop_all_connections() },
+        Duration::from_millis(1500),
+    )
+    .await;
     assert!(emulator.stats().dropped > 0);
     for (failures, later_successes) in results {
         assert!(failures <= 1, "a task failed {failures} times");
@@ -200,20 +204,15 @@ async fn the_pool_recovers_from_an_upstream_restart_by_itself() {
     // A private PostgreSQL, so restarting it touches no other test.
     let emulator = DsqlEmulator::start().await.unwrap();
     let pool = pool_for(&emulator, Duration::from_secs(3000), |b| b.max_size(3)).await;
-    let (after, stop) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let running = tokio::spawn({
-        let (pool, after, stop) = (pool.clone(), after.clone(), stop.clone());
-        async move { load(&pool, 3, after, stop).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    emulator.restart_upstream().await.unwrap();
-    after.store(true, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::SeqCst);
-    for (failures, later_successes) in running.await.unwrap() {
+    let results = load_through(
+        &pool,
+        3,
+        Duration::from_millis(300),
+        async { emulator.restart_upstream().await.unwrap() },
+        Duration::from_millis(1000),
+    )
+    .await;
+    for (failures, later_successes) in results {
         assert!(
             later_successes > 0,
             "a task never recovered ({failures} failures)"
