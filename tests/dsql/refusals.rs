@@ -251,3 +251,41 @@ async fn unknown_role_is_refused_by_postgres() {
     let err = connector.connect().await.unwrap_err();
     assert!(err.to_string().contains("no_such_role"), "{err}");
 }
+
+/// A clock the test moves by hand.
+#[derive(Debug, Clone)]
+struct HandClock(Arc<std::sync::Mutex<SystemTime>>);
+
+impl aws_smithy_async::time::TimeSource for HandClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn the_emulators_clock_decides_token_expiry() {
+    let clock = HandClock(Arc::new(std::sync::Mutex::new(SystemTime::now())));
+    let e = DsqlEmulator::builder()
+        .upstream_url(emulator().upstream_url("admin"))
+        .time_source(clock.clone())
+        .start()
+        .await
+        .unwrap();
+    // The connector signs with the system clock; the emulator checks with the hand clock.
+    let config = e.config_for("admin").build().unwrap().into_builder();
+    let config = config
+        .time_source(aws_smithy_async::time::SystemTimeSource::new())
+        .build()
+        .unwrap();
+    let connector = DsqlConnector::new(config).await.unwrap();
+    connector.connect().await.unwrap();
+    *clock.0.lock().unwrap() += Duration::from_secs(901);
+    let err = connector.connect().await.unwrap_err();
+    match &err {
+        Error::TokenRejected { message, .. } => {
+            assert!(message.starts_with("Signature expired"), "{message}")
+        }
+        other => panic!("expected TokenRejected, got {other:?}"),
+    }
+    assert_eq!(e.stats().rejected(Rejection::TokenExpired), 1);
+}
