@@ -10,6 +10,10 @@
 //!   and reuses the SigV4 signing key.
 //! - [`DsqlConnector`]: region and credentials (`aws-config`'s default chain or your provider),
 //!   one cached token shared by all connections, rustls with verify-full and SNI, direct TLS.
+//! - [`DsqlConnector::pool`]: a `bb8` pool whose connections are recycled before DSQL's one-hour
+//!   cut, with jitter, and never handed out closed or past their deadline.
+//! - [`transaction_with_retry`]: re-runs a whole transaction on an optimistic-concurrency
+//!   conflict (`40001`, `OC000`/`OC001`), with backoff and jitter.
 //! - `emulator::DsqlEmulator` (feature `emulator`): a local DSQL endpoint in front of a real
 //!   PostgreSQL that verifies tokens like the service, for offline tests.
 //!
