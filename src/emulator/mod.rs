@@ -334,8 +334,8 @@ impl DsqlEmulatorBuilder {
         let shared = Arc::new(Shared {
             verifier: auth::Verifier {
                 endpoint: endpoint.clone(),
-                region: region.clone(),
-                credentials: credentials.clone(),
+                region,
+                credentials,
                 clock: self
                     .time_source
                     .unwrap_or_else(|| SharedTimeSource::new(SystemTimeSource::new())),
@@ -376,10 +376,7 @@ impl DsqlEmulatorBuilder {
         });
         tracing::info!(%endpoint, %address, "DSQL emulator listening");
         Ok(DsqlEmulator {
-            endpoint,
-            region,
             address,
-            credentials,
             ca_pem: certs.ca_pem,
             ca_path,
             time_source,
@@ -393,10 +390,7 @@ impl DsqlEmulatorBuilder {
 
 /// A running DSQL emulator. Dropping it stops it and its private PostgreSQL.
 pub struct DsqlEmulator {
-    endpoint: String,
-    region: String,
     address: SocketAddr,
-    credentials: Vec<Credentials>,
     ca_pem: String,
     ca_path: PathBuf,
     time_source: Option<SharedTimeSource>,
@@ -410,9 +404,9 @@ pub struct DsqlEmulator {
 impl std::fmt::Debug for DsqlEmulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DsqlEmulator")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint())
             .field("address", &self.address)
-            .field("region", &self.region)
+            .field("region", &self.region())
             .finish_non_exhaustive()
     }
 }
@@ -438,12 +432,12 @@ impl DsqlEmulator {
 
     /// The endpoint name: what clients use as host, SNI and token host.
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        &self.shared.verifier.endpoint
     }
 
     /// The region tokens must be scoped to.
     pub fn region(&self) -> &str {
-        &self.region
+        &self.shared.verifier.region
     }
 
     /// The TCP port on 127.0.0.1.
@@ -468,7 +462,7 @@ impl DsqlEmulator {
 
     /// The first accepted credentials (the generated ones unless configured).
     pub fn credentials(&self) -> &Credentials {
-        &self.credentials[0]
+        &self.shared.verifier.credentials[0]
     }
 
     /// A configuration builder preset to reach this emulator as `user`: host, `hostaddr`
@@ -476,13 +470,13 @@ impl DsqlEmulator {
     /// one was set. Add settings, then `build()`.
     pub fn config_for(&self, user: &str) -> DsqlConfigBuilder {
         let builder = DsqlConfig::builder()
-            .host(&self.endpoint)
-            .region(&self.region)
+            .host(self.endpoint())
+            .region(self.region())
             .hostaddr(Ipv4Addr::LOCALHOST.into())
             .port(self.port())
             .user(user)
             .ssl_root_cert(&self.ca_path)
-            .credentials_provider(self.credentials[0].clone());
+            .credentials_provider(self.credentials().clone());
         match &self.time_source {
             Some(clock) => builder.time_source(clock.clone()),
             None => builder,
