@@ -97,27 +97,30 @@ impl TokenCache {
         {
             return Ok(cached.token.clone());
         }
+        // Past the refresh point (the coarse clock never leads the precise one). The slow path
+        // owns its `Arc` rather than holding an `arc-swap` guard across the await below.
         let now = self.now();
-        if let Some(cached) = self.current.load().as_ref() {
+        if let Some(cached) = self.current.load_full()
+            && now < cached.usable_until
+        {
             if now < cached.refresh_at {
+                // Another caller re-signed since the check above.
                 return Ok(cached.token.clone());
             }
-            if now < cached.usable_until {
-                // Past the refresh point but still safe: re-sign unless someone already is.
-                let Ok(_guard) = self.resign.try_lock() else {
-                    return Ok(cached.token.clone());
-                };
-                return match self.resign_locked().await {
-                    Ok(token) => Ok(token),
-                    Err(error) => {
-                        tracing::warn!(
-                            error = %error,
-                            "could not re-sign the DSQL auth token; using the current one until it nears expiry"
-                        );
-                        Ok(cached.token.clone())
-                    }
-                };
-            }
+            // Still safe: re-sign unless someone already is.
+            let Ok(_guard) = self.resign.try_lock() else {
+                return Ok(cached.token.clone());
+            };
+            return match self.resign_locked().await {
+                Ok(token) => Ok(token),
+                Err(error) => {
+                    tracing::warn!(
+                        error = %error,
+                        "could not re-sign the DSQL auth token; using the current one until it nears expiry"
+                    );
+                    Ok(cached.token.clone())
+                }
+            };
         }
         let _guard = self.resign.lock().await;
         // Whoever held the lock may have re-signed already.

@@ -69,23 +69,14 @@ async fn custom_role_connects_with_its_search_path() {
 #[tokio::test]
 async fn direct_tls_and_ssl_request_both_work() {
     let before = emulator().stats();
-    let direct = connector("admin", |b| b).await;
-    assert_eq!(direct.config().ssl_negotiation(), SslNegotiation::Direct);
-    direct
-        .connect()
-        .await
-        .unwrap()
-        .simple_query("SELECT 1")
-        .await
-        .unwrap();
-    let classic = connector("admin", |b| b.ssl_negotiation(SslNegotiation::Postgres)).await;
-    classic
-        .connect()
-        .await
-        .unwrap()
-        .simple_query("SELECT 1")
-        .await
-        .unwrap();
+    for negotiation in [SslNegotiation::Direct, SslNegotiation::Postgres] {
+        let connector = connector("admin", |b| b.ssl_negotiation(negotiation)).await;
+        let client = connector.connect().await.unwrap();
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    // Direct TLS is the default.
+    let default = connector("admin", |b| b).await;
+    assert_eq!(default.config().ssl_negotiation(), SslNegotiation::Direct);
     let after = emulator().stats();
     assert!(after.direct_tls > before.direct_tls);
     assert!(after.ssl_requests > before.ssl_requests);
