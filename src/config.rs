@@ -19,7 +19,27 @@
 //! | application name prefix | [`application_name`](DsqlConfigBuilder::application_name) | `application_name` | `PGAPPNAME` | none |
 //! | pool max lifetime | [`max_lifetime`](DsqlConfigBuilder::max_lifetime) | | | 55 min |
 //! | PrivateLink cluster id | [`amzn_cluster_id`](DsqlConfigBuilder::amzn_cluster_id) | `options=-c amzn-cluster-id=…` | | none |
-//! | connect timeout | [`connect_timeout`](DsqlConfigBuilder::connect_timeout) | `connect_timeout` | `PGCONNECT_TIMEOUT` | none |
+//! | one connect attempt | [`connect_timeout`](DsqlConfigBuilder::connect_timeout) | `connect_timeout` | `PGCONNECT_TIMEOUT` | 10 s |
+//! | whole connect, retries included | [`connect_deadline`](DsqlConfigBuilder::connect_deadline) | `connect_deadline` | | 30 s |
+//! | client-side connect rate | [`connect_rate_limit`](DsqlConfigBuilder::connect_rate_limit) | | | none |
+//! | one credentials call | [`credentials_timeout`](DsqlConfigBuilder::credentials_timeout) | | | 5 s |
+//! | TCP keepalives | [`keepalives`](DsqlConfigBuilder::keepalives) | `keepalives` (0/1) | | on |
+//! | keepalive idle time | [`keepalives_idle`](DsqlConfigBuilder::keepalives_idle) | `keepalives_idle` (s) | | 60 s |
+//! | keepalive probe interval | [`keepalives_interval`](DsqlConfigBuilder::keepalives_interval) | `keepalives_interval` (s) | | 15 s |
+//! | keepalive probes | [`keepalives_retries`](DsqlConfigBuilder::keepalives_retries) | `keepalives_count` | | 3 |
+//! | unacknowledged-data limit | [`tcp_user_timeout`](DsqlConfigBuilder::tcp_user_timeout) | `tcp_user_timeout` (ms) | | 30 s |
+//!
+//! Time limits, as libpq means them: `connect_timeout` bounds one attempt from the TCP connect
+//! to the end of authentication (a server that accepts TCP and then says nothing cannot hang a
+//! connect); `connect_deadline` bounds the whole [`connect`](crate::DsqlConnector::connect),
+//! including retries after DSQL's `rate exceeded`, `too many open connections` and `waking up`
+//! refusals and waits for the client-side rate limit.
+//!
+//! The keepalive defaults find a dead peer on an idle connection in about 90 s (60 s idle, then
+//! up to 3 probes 15 s apart, cut short by `tcp_user_timeout`), well before AWS NAT gateways
+//! drop idle flows (350 s), and `tcp_user_timeout` drops a connection whose sent data has gone
+//! unacknowledged for 30 s (a half-open connection) instead of the kernel's 15 minutes. A long
+//! query is not affected: the server's kernel acknowledges the query while it runs.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -49,6 +69,7 @@ pub const SERVER_MAX_CONNECTION_AGE: Duration = Duration::from_secs(60 * 60);
 
 /// How TLS starts on a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SslNegotiation {
     /// TLS from the first byte, with ALPN `postgresql` (libpq's `sslnegotiation=direct`). Saves
     /// the SSLRequest round trip. The default.
@@ -60,6 +81,7 @@ pub enum SslNegotiation {
 
 /// How the server's certificate is checked. TLS itself is never off: DSQL requires it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SslMode {
     /// Check the chain against the trusted roots and the name against the endpoint (libpq's
     /// `verify-full`). The default.
@@ -73,6 +95,7 @@ pub enum SslMode {
 
 /// Where to find the CA certificates that the server's chain must lead to.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum RootCerts {
     /// The Mozilla root set compiled in by `webpki-roots` (includes Amazon Root CA 1).
     #[default]
@@ -106,9 +129,60 @@ pub struct DsqlConfig {
     pub(crate) application_name: Option<String>,
     pub(crate) max_lifetime: Duration,
     pub(crate) amzn_cluster_id: Option<String>,
-    pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) connect: ConnectSettings,
     pub(crate) options: Vec<(String, String)>,
     pub(crate) time_source: Option<SharedTimeSource>,
+}
+
+/// Default bound on one connect attempt (TCP, TLS, startup, authentication). An attempt is
+/// three round trips plus a token check (p99 120 ms in-Region); 10 s leaves room for a slow
+/// network without letting a silent peer hold a caller.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on a whole connect, retries included: long enough for a burst of connects
+/// refused with `rate exceeded` to drain at DSQL's 100/s, short enough to surface an outage.
+/// Raise it for clusters that scale to zero, which may take a minute or more to wake up.
+pub const DEFAULT_CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// Default bound on one call to the credentials provider; `aws-config`'s own identity cache
+/// uses the same.
+pub const DEFAULT_CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default TCP keepalive idle time.
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(60);
+/// Default interval between TCP keepalive probes.
+pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(15);
+/// Default number of unanswered keepalive probes before the connection is dropped.
+pub const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
+/// Default `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged.
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connection-level limits and TCP settings (see the table in the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ConnectSettings {
+    pub(crate) timeout: Duration,
+    pub(crate) deadline: Duration,
+    /// New connections a second, and the burst.
+    pub(crate) rate_limit: Option<(f64, u32)>,
+    pub(crate) credentials_timeout: Duration,
+    pub(crate) keepalives: bool,
+    pub(crate) keepalives_idle: Duration,
+    pub(crate) keepalives_interval: Duration,
+    pub(crate) keepalives_retries: u32,
+    pub(crate) tcp_user_timeout: Option<Duration>,
+}
+
+impl Default for ConnectSettings {
+    fn default() -> Self {
+        ConnectSettings {
+            timeout: DEFAULT_CONNECT_TIMEOUT,
+            deadline: DEFAULT_CONNECT_DEADLINE,
+            rate_limit: None,
+            credentials_timeout: DEFAULT_CREDENTIALS_TIMEOUT,
+            keepalives: true,
+            keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
+            keepalives_interval: DEFAULT_KEEPALIVES_INTERVAL,
+            keepalives_retries: DEFAULT_KEEPALIVES_RETRIES,
+            tcp_user_timeout: Some(DEFAULT_TCP_USER_TIMEOUT),
+        }
+    }
 }
 
 impl fmt::Debug for DsqlConfig {
@@ -133,7 +207,7 @@ impl fmt::Debug for DsqlConfig {
             .field("application_name", &self.application_name)
             .field("max_lifetime", &self.max_lifetime)
             .field("amzn_cluster_id", &self.amzn_cluster_id)
-            .field("connect_timeout", &self.connect_timeout)
+            .field("connect", &self.connect)
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
@@ -160,7 +234,7 @@ pub struct DsqlConfigBuilder {
     application_name: Option<String>,
     max_lifetime: Option<Duration>,
     amzn_cluster_id: Option<String>,
-    connect_timeout: Option<Duration>,
+    connect: ConnectSettings,
     options: Vec<(String, String)>,
     time_source: Option<SharedTimeSource>,
     /// Region used only when neither the host nor `region` gives one (from the environment).
@@ -298,9 +372,71 @@ impl DsqlConfigBuilder {
         self
     }
 
-    /// How long to wait for the TCP connection. Default: no limit beyond the OS's.
+    /// The bound on one connect attempt, from the TCP connect to the end of authentication
+    /// (libpq's meaning of `connect_timeout`). Default [`DEFAULT_CONNECT_TIMEOUT`] (10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = Some(timeout);
+        self.connect.timeout = timeout;
+        self
+    }
+
+    /// The bound on a whole [`connect`](crate::DsqlConnector::connect): every attempt, the
+    /// backoff after DSQL's transient refusals, and waits for the client-side rate limit.
+    /// Default [`DEFAULT_CONNECT_DEADLINE`] (30 s).
+    pub fn connect_deadline(mut self, deadline: Duration) -> Self {
+        self.connect.deadline = deadline;
+        self
+    }
+
+    /// Limits how fast this connector (with its clones and pools) opens connections: a token
+    /// bucket of `per_second` new connections a second with bursts of up to `burst`. Connects
+    /// wait their turn (within the connect deadline) instead of being refused by the cluster.
+    ///
+    /// DSQL admits 100 new connections a second per cluster, with bursts of 1 000. With `n`
+    /// service instances, `per_second = 100 / n` (minus headroom for other clients) keeps the
+    /// fleet under the cluster's rate; `burst` is what one instance may open at once, e.g. its
+    /// pool size. Default: no limit.
+    pub fn connect_rate_limit(mut self, per_second: f64, burst: u32) -> Self {
+        self.connect.rate_limit = Some((per_second, burst));
+        self
+    }
+
+    /// The bound on one call to the credentials provider. A provider that does not answer in
+    /// time counts as failed (and is backed off from). Default 5 s.
+    pub fn credentials_timeout(mut self, timeout: Duration) -> Self {
+        self.connect.credentials_timeout = timeout;
+        self
+    }
+
+    /// TCP keepalives on new connections. Default on.
+    pub fn keepalives(mut self, on: bool) -> Self {
+        self.connect.keepalives = on;
+        self
+    }
+
+    /// Idle time before the first keepalive probe. Default [`DEFAULT_KEEPALIVES_IDLE`] (60 s).
+    pub fn keepalives_idle(mut self, idle: Duration) -> Self {
+        self.connect.keepalives_idle = idle;
+        self
+    }
+
+    /// Time between keepalive probes. Default [`DEFAULT_KEEPALIVES_INTERVAL`] (15 s).
+    pub fn keepalives_interval(mut self, interval: Duration) -> Self {
+        self.connect.keepalives_interval = interval;
+        self
+    }
+
+    /// Unanswered probes before the connection is dropped (libpq's `keepalives_count`).
+    /// Default [`DEFAULT_KEEPALIVES_RETRIES`] (3).
+    pub fn keepalives_retries(mut self, retries: u32) -> Self {
+        self.connect.keepalives_retries = retries;
+        self
+    }
+
+    /// `TCP_USER_TIMEOUT` (Linux): how long sent data may stay unacknowledged before the
+    /// connection is dropped. `Duration::ZERO` leaves the kernel's default (about 15 minutes).
+    /// Default [`DEFAULT_TCP_USER_TIMEOUT`] (30 s).
+    pub fn tcp_user_timeout(mut self, timeout: Duration) -> Self {
+        self.connect.tcp_user_timeout = (!timeout.is_zero()).then_some(timeout);
         self
     }
 
@@ -413,9 +549,7 @@ impl DsqlConfigBuilder {
             }
             check_text("options", value, true)?;
         }
-        if self.connect_timeout.is_some_and(|t| t.is_zero()) {
-            return Err(Error::config("connect_timeout", "must be more than 0"));
-        }
+        self.connect.check()?;
 
         Ok(DsqlConfig {
             host,
@@ -434,7 +568,7 @@ impl DsqlConfigBuilder {
             application_name: self.application_name,
             max_lifetime,
             amzn_cluster_id: self.amzn_cluster_id,
-            connect_timeout: self.connect_timeout,
+            connect: self.connect,
             options: self.options,
             time_source: self.time_source,
         })
@@ -494,14 +628,39 @@ impl DsqlConfigBuilder {
                 _ => return Err(bad("expected `verify-full` or `require`")),
             }),
             "application_name" => self.application_name(value),
-            "connect_timeout" => {
-                let secs: u64 = value
+            "connect_timeout" => self.connect_timeout(
+                positive_secs(value)
+                    .ok_or_else(|| bad("not a positive whole number of seconds"))?,
+            ),
+            "connect_deadline" => self.connect_deadline(
+                positive_secs(value)
+                    .ok_or_else(|| bad("not a positive whole number of seconds"))?,
+            ),
+            "keepalives" => self.keepalives(match value {
+                "1" => true,
+                "0" => false,
+                _ => return Err(bad("expected 1 or 0")),
+            }),
+            "keepalives_idle" => self.keepalives_idle(
+                positive_secs(value)
+                    .ok_or_else(|| bad("not a positive whole number of seconds"))?,
+            ),
+            "keepalives_interval" => self.keepalives_interval(
+                positive_secs(value)
+                    .ok_or_else(|| bad("not a positive whole number of seconds"))?,
+            ),
+            "keepalives_count" => self.keepalives_retries(
+                value
                     .parse()
                     .ok()
-                    .filter(|s| *s > 0)
-                    .ok_or_else(|| bad("not a positive whole number of seconds"))?;
-                self.connect_timeout(Duration::from_secs(secs))
-            }
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| bad("not a positive whole number"))?,
+            ),
+            "tcp_user_timeout" => self.tcp_user_timeout(Duration::from_millis(
+                value
+                    .parse()
+                    .map_err(|_| bad("not a whole number of milliseconds"))?,
+            )),
             "options" => {
                 let mut builder = self;
                 for (name, setting) in parse_options(value).map_err(|reason| bad(&reason))? {
@@ -604,7 +763,7 @@ impl DsqlConfig {
             application_name: self.application_name,
             max_lifetime: Some(self.max_lifetime),
             amzn_cluster_id: self.amzn_cluster_id,
-            connect_timeout: self.connect_timeout,
+            connect: self.connect,
             options: self.options,
             time_source: self.time_source,
             fallback_region: None,
@@ -679,6 +838,26 @@ impl DsqlConfig {
             Some(prefix) => format!("{prefix}:{ours}"),
             None => ours.to_owned(),
         }
+    }
+
+    /// The bound on one connect attempt.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect.timeout
+    }
+
+    /// The bound on a whole connect, retries included.
+    pub fn connect_deadline(&self) -> Duration {
+        self.connect.deadline
+    }
+
+    /// The client-side connect rate limit (new connections a second, burst), if set.
+    pub fn connect_rate_limit(&self) -> Option<(f64, u32)> {
+        self.connect.rate_limit
+    }
+
+    /// The bound on one credentials-provider call.
+    pub fn credentials_timeout(&self) -> Duration {
+        self.connect.credentials_timeout
     }
 
     /// The PrivateLink cluster id, if set.
@@ -767,7 +946,7 @@ impl FromStr for DsqlConfig {
 
 /// The keys connection strings may use, as `'static` names for errors.
 fn known_key(key: &str) -> Option<&'static str> {
-    const KEYS: [&str; 16] = [
+    const KEYS: [&str; 22] = [
         "host",
         "hostaddr",
         "port",
@@ -782,6 +961,12 @@ fn known_key(key: &str) -> Option<&'static str> {
         "application_name",
         "options",
         "connect_timeout",
+        "connect_deadline",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
         "password",
         "database",
     ];
@@ -790,7 +975,8 @@ fn known_key(key: &str) -> Option<&'static str> {
 
 const KNOWN_KEYS: &str = "host, hostaddr, port, user, dbname, region, profile, \
     token_duration_secs, sslrootcert, sslmode, sslnegotiation, application_name, options, \
-    connect_timeout";
+    connect_timeout, connect_deadline, keepalives, keepalives_idle, keepalives_interval, \
+    keepalives_count, tcp_user_timeout";
 
 fn unknown_key(key: &str) -> Error {
     Error::Config {
@@ -1022,3 +1208,47 @@ fn check_text(field: &'static str, value: &str, may_be_empty: bool) -> Result<()
 
 #[cfg(test)]
 mod tests;
+
+/// A positive whole number of seconds.
+fn positive_secs(value: &str) -> Option<Duration> {
+    value
+        .parse()
+        .ok()
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
+}
+
+impl ConnectSettings {
+    /// Names the first setting out of range.
+    fn check(&self) -> Result<(), Error> {
+        for (field, value) in [
+            ("connect_timeout", self.timeout),
+            ("connect_deadline", self.deadline),
+            ("credentials_timeout", self.credentials_timeout),
+            ("keepalives_idle", self.keepalives_idle),
+            ("keepalives_interval", self.keepalives_interval),
+        ] {
+            if value.is_zero() {
+                return Err(Error::config(field, "must be more than 0"));
+            }
+        }
+        if self.keepalives_retries == 0 {
+            return Err(Error::config("keepalives_retries", "must be at least 1"));
+        }
+        if let Some((per_second, burst)) = self.rate_limit {
+            if !(per_second.is_finite() && per_second > 0.0) {
+                return Err(Error::config(
+                    "connect_rate_limit",
+                    format!("{per_second} new connections a second: must be more than 0"),
+                ));
+            }
+            if burst == 0 {
+                return Err(Error::config(
+                    "connect_rate_limit",
+                    "the burst must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,13 +1,16 @@
 //! [`DsqlConnector`]: resolves region and credentials once, then opens connections with a cached
-//! token over the connector's shared TLS configuration.
+//! token over the connector's shared TLS configuration, retrying DSQL's transient refusals
+//! inside a connect deadline.
 
 use std::sync::Arc;
 
 use aws_config::meta::region::ProvideRegion;
 use aws_credential_types::provider::SharedCredentialsProvider;
-use tokio_postgres::error::SqlState;
+use tokio::time::Instant;
 
+use crate::admission::{self, Refusal, TokenBucket};
 use crate::config::{DsqlConfig, SslNegotiation};
+use crate::error::AccessDeniedReason;
 use crate::tls::DsqlTls;
 use crate::token::cache::TokenCache;
 use crate::token::{Action, AuthToken, TokenSigner};
@@ -42,7 +45,9 @@ struct Inner {
     /// Everything but the password, which is the current token.
     postgres: tokio_postgres::Config,
     tls: DsqlTls,
-    tokens: TokenCache,
+    tokens: Arc<TokenCache>,
+    /// The client-side connect-rate limit, shared by clones and pools.
+    limiter: Option<TokenBucket>,
     /// `host:port`, plus the dialled address when it differs; for error messages and logs.
     described: String,
 }
@@ -87,13 +92,18 @@ impl DsqlConnector {
             &config.root_certs,
             config.ssl_mode,
         )?);
-        let tokens = TokenCache::new(
+        let tokens = Arc::new(TokenCache::new(
             TokenSigner::new(config.token_host(&region), region.clone()),
             Action::for_user(&config.user),
             config.token_duration,
+            config.connect.credentials_timeout,
             provider,
             config.time_source.clone(),
-        );
+        ));
+        let limiter = config
+            .connect
+            .rate_limit
+            .map(|(per_second, burst)| TokenBucket::new(per_second, burst));
         let postgres = postgres_config(&config, &endpoint);
         let described = match config.hostaddr {
             Some(addr) => format!("{endpoint}:{} (via {addr})", config.port),
@@ -107,6 +117,7 @@ impl DsqlConnector {
                 postgres,
                 tls,
                 tokens,
+                limiter,
                 described,
             }),
         };
@@ -116,21 +127,126 @@ impl DsqlConnector {
 
     /// Opens a connection and spawns its connection task on the current tokio runtime. The
     /// task's error, if the connection ends with one, is logged with `tracing` at `warn`.
+    ///
+    /// How refusals are handled (see the README's "When DSQL refuses a connection"):
+    ///
+    /// - `rate exceeded`, `too many open connections`, `waking up`: tried again after a backoff
+    ///   with full jitter (at most 2 s), with the same token, until
+    ///   [`connect_deadline`](crate::DsqlConfigBuilder::connect_deadline); then
+    ///   [`Error::Unavailable`].
+    /// - access denied: the cached token is dropped (the next connect asks the credentials
+    ///   provider again). `Signature expired` is tried once more at once with a freshly signed
+    ///   token; every other reason fails at once with [`Error::AccessDenied`].
+    /// - an attempt running past [`connect_timeout`](crate::DsqlConfigBuilder::connect_timeout):
+    ///   [`Error::ConnectTimeout`], not retried. TLS failures: [`Error::Tls`].
     pub async fn connect(&self) -> Result<tokio_postgres::Client, Error> {
-        let token = self.token().await?;
-        let mut postgres = self.inner.postgres.clone();
-        postgres.password(token.as_str());
-        let (client, connection) = postgres
-            .connect(self.inner.tls.clone())
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        let endpoint = self.inner.described.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%endpoint, %error, "DSQL connection ended with an error");
+        self.connect_within(
+            Instant::now() + self.inner.config.connect.deadline,
+            Retry::Refusals,
+        )
+        .await
+    }
+
+    /// [`connect`](Self::connect) with an explicit deadline; with [`Retry::Transient`], I/O
+    /// failures, attempt timeouts and a server that is starting or shutting down are retried
+    /// with backoff too (the pool's connects, which have no caller to retry them).
+    pub(crate) async fn connect_within(
+        &self,
+        deadline: Instant,
+        retry: Retry,
+    ) -> Result<tokio_postgres::Client, Error> {
+        let settings = &self.inner.config.connect;
+        let mut attempts = 0;
+        let mut backoffs = 0;
+        let mut resigned = false;
+        loop {
+            self.wait_for_rate_limit(deadline).await?;
+            attempts += 1;
+            let token = self.token().await?;
+            let mut postgres = self.inner.postgres.clone();
+            postgres.password(token.as_str());
+            let left = deadline.saturating_duration_since(Instant::now());
+            let bound = settings.timeout.min(left);
+            let error = match tokio::time::timeout(bound, postgres.connect(self.inner.tls.clone()))
+                .await
+            {
+                Ok(Ok((client, connection))) => {
+                    let endpoint = self.inner.described.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::warn!(%endpoint, %error, "DSQL connection ended with an error");
+                        }
+                    });
+                    return Ok(client);
+                }
+                Ok(Err(source)) => self.connect_error(source, attempts),
+                Err(_) => Error::ConnectTimeout {
+                    endpoint: self.inner.described.clone(),
+                    timeout: bound,
+                    during: if bound < settings.timeout {
+                        "the connect deadline (connect_deadline) ran out during an attempt"
+                    } else {
+                        "one attempt: TCP, TLS, startup and authentication (connect_timeout)"
+                    },
+                },
+            };
+            let retry_after_backoff = match &error {
+                Error::AccessDenied { reason, .. } => {
+                    // The credentials may have been rotated or revoked, or the token is stale:
+                    // ask the provider again next time.
+                    self.inner.tokens.invalidate();
+                    if *reason == AccessDeniedReason::SignatureExpired && !resigned {
+                        resigned = true;
+                        tracing::info!(
+                            endpoint = %self.inner.described,
+                            "DSQL refused the token as expired; retrying once with a fresh one"
+                        );
+                        continue;
+                    }
+                    false
+                }
+                Error::Unavailable { .. } => true,
+                other => retry == Retry::Transient && other.is_transient(),
+            };
+            if !retry_after_backoff {
+                return Err(error);
             }
-        });
-        Ok(client)
+            backoffs += 1;
+            let delay = admission::backoff(backoffs);
+            if Instant::now() + delay >= deadline {
+                return Err(error);
+            }
+            tracing::debug!(
+                endpoint = %self.inner.described,
+                %error,
+                attempt = attempts,
+                delay_ms = delay.as_millis() as u64,
+                "could not connect to DSQL; retrying after a backoff"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Waits for the client-side rate limit, if one is set, or fails if the wait would pass the
+    /// deadline.
+    async fn wait_for_rate_limit(&self, deadline: Instant) -> Result<(), Error> {
+        let Some(limiter) = &self.inner.limiter else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        match limiter.reserve(now, deadline) {
+            Some(wait) if wait.is_zero() => Ok(()),
+            Some(wait) => {
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            None => Err(Error::ConnectTimeout {
+                endpoint: self.inner.described.clone(),
+                timeout: self.inner.config.connect.deadline,
+                during: "the wait for the client-side connect rate limit would pass the \
+                         connect deadline (connect_rate_limit, connect_deadline)",
+            }),
+        }
     }
 
     /// The current auth token: one token serves all connections until 80 % of its life, and
@@ -164,19 +280,30 @@ impl DsqlConnector {
         &self.inner.postgres
     }
 
-    fn connect_error(&self, source: tokio_postgres::Error) -> Error {
+    /// Classifies a failed attempt (see [`admission::classify`]).
+    fn connect_error(&self, source: tokio_postgres::Error, attempts: u32) -> Error {
         let endpoint = self.inner.described.clone();
-        if let Some(db) = source.as_db_error()
-            && (*db.code() == SqlState::INVALID_PASSWORD
-                || *db.code() == SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
-        {
-            // The credentials may have been rotated or revoked: ask for them again next time.
-            self.inner.tokens.invalidate();
-            return Error::TokenRejected {
-                endpoint,
-                message: db.message().to_owned(),
-                source,
-            };
+        if let Some(db) = source.as_db_error() {
+            match admission::classify(db.code().code(), db.message(), db.hint()) {
+                Some(Refusal::AccessDenied(reason)) => {
+                    let hint = db.hint().unwrap_or_default().to_owned();
+                    return Error::AccessDenied {
+                        endpoint,
+                        reason,
+                        hint,
+                        source,
+                    };
+                }
+                Some(Refusal::Unavailable(reason)) => {
+                    return Error::Unavailable {
+                        endpoint,
+                        reason,
+                        attempts,
+                        source,
+                    };
+                }
+                None => {}
+            }
         }
         if is_tls_failure(&source) {
             return Error::Tls {
@@ -186,6 +313,15 @@ impl DsqlConnector {
         }
         Error::Connect { endpoint, source }
     }
+}
+
+/// Which failed attempts [`DsqlConnector::connect_within`] tries again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// DSQL's transient refusals (and one expired signature).
+    Refusals,
+    /// Those, and every other transient failure ([`Error::is_transient`]).
+    Transient,
 }
 
 /// The `tokio-postgres` settings for every connection (all but the password).
@@ -206,8 +342,17 @@ fn postgres_config(config: &DsqlConfig, endpoint: &str) -> tokio_postgres::Confi
     if let Some(addr) = config.hostaddr {
         postgres.hostaddr(addr);
     }
-    if let Some(timeout) = config.connect_timeout {
-        postgres.connect_timeout(timeout);
+    // The whole attempt is bounded in `connect`; this bounds the TCP connect for users who
+    // take this configuration to another pool.
+    let net = &config.connect;
+    postgres
+        .connect_timeout(net.timeout)
+        .keepalives(net.keepalives)
+        .keepalives_idle(net.keepalives_idle)
+        .keepalives_interval(net.keepalives_interval)
+        .keepalives_retries(net.keepalives_retries);
+    if let Some(timeout) = net.tcp_user_timeout {
+        postgres.tcp_user_timeout(timeout);
     }
     let options = config.startup_options();
     if !options.is_empty() {

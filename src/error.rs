@@ -6,6 +6,8 @@
 //! session token.
 
 use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
 
 /// Errors returned by this crate.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +17,7 @@ pub enum Error {
     ///
     /// `field` names the builder method, URL parameter or environment variable at fault.
     #[error("invalid configuration: {field}: {reason}")]
+    #[non_exhaustive]
     Config {
         /// The field, parameter or variable at fault (e.g. `region`, `port`, `CLUSTER_ENDPOINT`).
         field: Cow<'static, str>,
@@ -24,6 +27,7 @@ pub enum Error {
 
     /// AWS credentials could not be loaded, or they cannot sign a token.
     #[error("AWS credentials: {reason}")]
+    #[non_exhaustive]
     Credentials {
         /// What went wrong, and where credentials are looked for.
         reason: String,
@@ -34,6 +38,7 @@ pub enum Error {
 
     /// TLS could not be set up for the endpoint (bad CA file, no crypto provider, ...).
     #[error("TLS setup for {host}: {reason}")]
+    #[non_exhaustive]
     TlsConfig {
         /// The DSQL host name the TLS configuration is for.
         host: String,
@@ -46,6 +51,7 @@ pub enum Error {
 
     /// The TLS handshake with the endpoint failed (certificate not trusted, wrong name, refused).
     #[error("TLS handshake with {host} failed")]
+    #[non_exhaustive]
     Tls {
         /// The host name the certificate was checked against (the SNI name).
         host: String,
@@ -54,20 +60,66 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
-    /// The server refused the IAM auth token.
-    #[error("token rejected by {endpoint}: {message}")]
-    TokenRejected {
-        /// The endpoint that refused the token.
+    /// DSQL refused the IAM auth token: `FATAL 08006 unable to accept connection, access
+    /// denied`, with the reason in the server's HINT (kept in [`hint`](Error::hint) and shown in
+    /// `Display`). The connector forgets its cached token on every such refusal, so the next
+    /// connect asks the credentials provider again; a `Signature expired` refusal has already
+    /// been retried once with a fresh token when it reaches you.
+    #[error("access denied by {endpoint}: {}", denied_detail(*reason, hint))]
+    #[non_exhaustive]
+    AccessDenied {
+        /// The endpoint that refused the token (and the dialled address, if different).
         endpoint: String,
-        /// The server's message, e.g. `Wrong user to action mapping. user: admin, action: DbConnect`.
-        message: String,
+        /// What the HINT says went wrong.
+        reason: AccessDeniedReason,
+        /// The server's HINT, e.g. `Wrong user to action mapping. user: admin, action:
+        /// DbConnect` (empty if the server sent none).
+        hint: String,
         /// The server's error.
         #[source]
         source: tokio_postgres::Error,
     },
 
-    /// The connection could not be opened, or the server refused the session for another reason.
-    #[error("could not connect to {endpoint}")]
+    /// DSQL could not take the connection now (rate exceeded, too many open connections, or a
+    /// cluster waking up) and kept refusing until the connect deadline
+    /// ([`connect_deadline`](crate::DsqlConfigBuilder::connect_deadline)). These refusals are
+    /// retried with backoff and full jitter, never with a new token.
+    #[error(
+        "{endpoint} could not accept a connection: {reason}; gave up after {attempts} \
+         attempt(s) within the connect deadline"
+    )]
+    #[non_exhaustive]
+    Unavailable {
+        /// The endpoint (and dialled address, if different).
+        endpoint: String,
+        /// Which refusal the last attempt got.
+        reason: UnavailableReason,
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// The server's error for the last attempt.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// Connecting took too long: one attempt (TCP, TLS, startup and authentication) ran past
+    /// [`connect_timeout`](crate::DsqlConfigBuilder::connect_timeout), or the whole connect
+    /// (retries and waits for the client-side rate limit included) ran past
+    /// [`connect_deadline`](crate::DsqlConfigBuilder::connect_deadline).
+    #[error("connecting to {endpoint} timed out after {timeout:?} ({during})")]
+    #[non_exhaustive]
+    ConnectTimeout {
+        /// The endpoint (and dialled address, if different).
+        endpoint: String,
+        /// The bound that ran out.
+        timeout: Duration,
+        /// What was going on, and which setting bounds it.
+        during: &'static str,
+    },
+
+    /// The connection could not be opened, or the server refused the session for another
+    /// reason (I/O error, closed socket, unknown role, unsupported startup parameter, ...).
+    #[error("could not connect to {endpoint}{}", server_detail(source))]
+    #[non_exhaustive]
     Connect {
         /// The endpoint (and dialled address, if different).
         endpoint: String,
@@ -79,6 +131,7 @@ pub enum Error {
     /// A pooled connection cannot be handed out (closed, or past its recycle deadline). The
     /// pool discards it and tries another; users see this only through `bb8`'s error sink.
     #[error("pooled connection unusable: {reason}")]
+    #[non_exhaustive]
     Unusable {
         /// Why.
         reason: &'static str,
@@ -94,6 +147,7 @@ pub enum Error {
     /// The local emulator could not start (feature `emulator`).
     #[cfg(feature = "emulator")]
     #[error("DSQL emulator: {reason}")]
+    #[non_exhaustive]
     Emulator {
         /// What failed, and what to install or set.
         reason: String,
@@ -122,10 +176,180 @@ impl Error {
     /// The server's SQLSTATE code, when the server answered with an error.
     pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
         match self {
-            Error::TokenRejected { source, .. }
+            Error::AccessDenied { source, .. }
+            | Error::Unavailable { source, .. }
             | Error::Connect { source, .. }
             | Error::Tls { source, .. } => source.code(),
             _ => None,
         }
+    }
+}
+
+impl Error {
+    /// The server's HINT for [`Error::AccessDenied`]: DSQL's reason for the refusal.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            Error::AccessDenied { hint, .. } => Some(hint),
+            _ => None,
+        }
+    }
+
+    /// Whether the same connect may succeed if tried again later, with no change: DSQL's
+    /// admission refusals ([`Error::Unavailable`]), timeouts, I/O failures and a server that is
+    /// starting, shutting down or unavailable (SQLSTATE classes `08` and `57P`, `53`, `XX000`).
+    /// Access denied, TLS, configuration and other server refusals are not: they need a change
+    /// first.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Unavailable { .. } | Error::ConnectTimeout { .. } | Error::PoolTimeout => true,
+            Error::Connect { source, .. } => match source.as_db_error() {
+                None => true,
+                Some(db) => {
+                    let code = db.code().code();
+                    code.starts_with("08")
+                        || code.starts_with("57P")
+                        || code.starts_with("53")
+                        || code == "XX000"
+                }
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Why DSQL denied access, read from the HINT of its `08006 access denied` refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AccessDeniedReason {
+    /// `Signature expired: …`: the token is past its expiry by the server's clock. The
+    /// connector retries once with a freshly signed token; when this reaches you, the fresh
+    /// token was refused too, which points at this host's clock.
+    SignatureExpired,
+    /// `Wrong user to action mapping. …`: `admin` needs a `DbConnectAdmin` token, every other
+    /// role a `DbConnect` token. Permanent.
+    WrongAction,
+    /// `User: arn:… is not authorized to perform: dsql:DbConnect…` (or `… to access this
+    /// resource`): the IAM policy or the role's `AWS IAM GRANT` is missing. Permanent.
+    NotAuthorized,
+    /// Any other hint (unknown access key, bad signature, wrong Region, ...). Permanent.
+    Other,
+}
+
+impl AccessDeniedReason {
+    /// Classifies a HINT.
+    pub fn from_hint(hint: &str) -> Self {
+        if hint.starts_with("Signature expired") {
+            AccessDeniedReason::SignatureExpired
+        } else if hint.starts_with("Wrong user to action mapping") {
+            AccessDeniedReason::WrongAction
+        } else if hint.contains("is not authorized") {
+            AccessDeniedReason::NotAuthorized
+        } else {
+            AccessDeniedReason::Other
+        }
+    }
+}
+
+/// Why DSQL could not take a connection now. All are transient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum UnavailableReason {
+    /// `53400 Unable to accept connection, rate exceeded.`: the cluster's new-connection token
+    /// bucket (100/s, burst 1 000) is empty.
+    RateExceeded,
+    /// `53300 Unable to accept connection, too many open connections.`: the cluster has its
+    /// maximum of open connections (10 000).
+    TooManyConnections,
+    /// `unable to accept connection, waking up cluster, please retry later`: a cluster scaled to
+    /// zero is starting.
+    WakingUp,
+}
+
+impl fmt::Display for UnavailableReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UnavailableReason::RateExceeded => "new-connection rate exceeded (53400)",
+            UnavailableReason::TooManyConnections => "too many open connections (53300)",
+            UnavailableReason::WakingUp => "the cluster is waking up",
+        })
+    }
+}
+
+/// How `Display` shows an access-denied HINT, with advice where there is one.
+fn denied_detail(reason: AccessDeniedReason, hint: &str) -> String {
+    let hint = if hint.is_empty() {
+        "(the server gave no reason)"
+    } else {
+        hint
+    };
+    match reason {
+        AccessDeniedReason::SignatureExpired => format!(
+            "{hint} (a freshly signed token was refused too: check this host's clock, tokens \
+             are dated with it)"
+        ),
+        AccessDeniedReason::WrongAction => format!(
+            "{hint} (admin connects with DbConnectAdmin tokens, other roles with DbConnect)"
+        ),
+        AccessDeniedReason::NotAuthorized => format!(
+            "{hint} (grant dsql:DbConnect or dsql:DbConnectAdmin in IAM, and `AWS IAM GRANT` \
+             the role to the IAM identity)"
+        ),
+        AccessDeniedReason::Other => hint.to_owned(),
+    }
+}
+
+/// `: <severity> <code>: <message>` when the server answered, so `Display` shows the
+/// database's own words instead of the driver's bare `db error`.
+fn server_detail(source: &tokio_postgres::Error) -> String {
+    match source.as_db_error() {
+        Some(db) => format!(": {} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_are_classified() {
+        use AccessDeniedReason::*;
+        for (hint, reason) in [
+            (
+                "Signature expired: 20260101T000000Z is now earlier than 20260101T001500Z",
+                SignatureExpired,
+            ),
+            (
+                "Wrong user to action mapping. user: admin, action: DbConnect",
+                WrongAction,
+            ),
+            (
+                "User: arn:aws:iam::123456789012:user/x is not authorized to perform: \
+                 dsql:DbConnectAdmin on resource: arn:aws:dsql:us-east-1:123456789012:cluster/abc",
+                NotAuthorized,
+            ),
+            (
+                "User: arn:aws:iam::1:role/r is not authorized to access this resource",
+                NotAuthorized,
+            ),
+            (
+                "The security token included in the request is invalid",
+                Other,
+            ),
+            ("", Other),
+        ] {
+            assert_eq!(AccessDeniedReason::from_hint(hint), reason, "{hint}");
+        }
+    }
+
+    #[test]
+    fn denied_detail_gives_advice() {
+        let shown = denied_detail(AccessDeniedReason::SignatureExpired, "Signature expired: x");
+        assert!(
+            shown.starts_with("Signature expired: x") && shown.contains("clock"),
+            "{shown}"
+        );
+        assert_eq!(denied_detail(AccessDeniedReason::Other, "why"), "why");
+        assert!(denied_detail(AccessDeniedReason::Other, "").contains("no reason"));
     }
 }

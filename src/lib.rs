@@ -42,6 +42,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod admission;
 pub mod config;
 mod connector;
 #[cfg(feature = "emulator")]
@@ -57,7 +58,7 @@ mod test_support;
 
 pub use config::{DsqlConfig, DsqlConfigBuilder, RootCerts, SslMode, SslNegotiation};
 pub use connector::DsqlConnector;
-pub use error::Error;
+pub use error::{AccessDeniedReason, Error, UnavailableReason};
 pub use pool::{DsqlConnection, DsqlConnectionManager};
 pub use retry::{
     AsClient, AsOccConflict, OccConflict, RetryError, RetryPolicy, transaction_with_retry,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::connector::Retry;
 use crate::{DsqlConnector, Error};
 
 /// Default pool size. DSQL allows 10 000 connections per cluster and 100 new ones per second;
@@ -87,7 +88,11 @@ impl DerefMut for DsqlConnection {
 /// The `bb8` connection manager. Usually made for you by [`DsqlConnector::pool`]; build one
 /// yourself to pass to a tuned [`DsqlConnector::pool_builder`].
 ///
-/// - `connect` opens a connection through the [`DsqlConnector`] (cached token, shared TLS).
+/// - `connect` opens a connection through the [`DsqlConnector`] (cached token, shared TLS),
+///   retrying transient failures ([`Error::is_transient`]: DSQL's admission refusals, I/O
+///   errors, timeouts, a restarting server) with backoff and full jitter until the connector's
+///   [`connect_deadline`](crate::DsqlConfigBuilder::connect_deadline), and failing permanent
+///   ones (access denied, TLS, unknown role) at once. bb8's own connection retry is off.
 /// - `is_valid` (at checkout) refuses closed connections and connections past their recycle
 ///   deadline without any I/O, and pings only connections idle for longer than
 ///   [`ping_after_idle`](Self::ping_after_idle).
@@ -151,9 +156,14 @@ impl bb8::ManageConnection for DsqlConnectionManager {
 
     async fn connect(&self) -> Result<DsqlConnection, Error> {
         let opened_at = Instant::now();
-        let client = self.connector.connect().await.inspect_err(|error| {
-            tracing::warn!(%error, "the pool could not open a DSQL connection");
-        })?;
+        let deadline = opened_at + self.connector.config().connect_deadline();
+        let client = self
+            .connector
+            .connect_within(deadline, Retry::Transient)
+            .await
+            .inspect_err(|error| {
+                tracing::warn!(%error, "the pool could not open a DSQL connection");
+            })?;
         Ok(DsqlConnection {
             client,
             opened_at,
@@ -216,6 +226,12 @@ impl DsqlConnector {
     /// | `max_lifetime` | the config's (55 min) | the server cuts at 60; a transaction may last 5 |
     /// | `reaper_rate` | a quarter of `max_lifetime`, at most 30 s | expired idle connections go soon |
     /// | `queue_strategy` | LIFO | the most recently used connection is reused: it is warm, and under light load the surplus idles out after `idle_timeout` instead of being cycled forever |
+    /// | `retry_connection` | off | the manager retries transient failures itself, with backoff inside the connect deadline, and fails permanent ones at once; bb8's own retry would try a permanent refusal again and again |
+    ///
+    /// Each connect the pool starts is bounded by the connector's
+    /// [`connect_timeout`](crate::DsqlConfigBuilder::connect_timeout) per attempt and
+    /// [`connect_deadline`](crate::DsqlConfigBuilder::connect_deadline) overall, so a peer that
+    /// never answers holds a pool slot for at most that long.
     ///
     /// Connections get individual recycle deadlines (see [`DsqlConnectionManager`]). Opens
     /// [`DEFAULT_MIN_IDLE`] connection before returning, so a bad configuration fails here.
@@ -239,6 +255,7 @@ impl DsqlConnector {
             .max_lifetime(Some(max_lifetime))
             .reaper_rate((max_lifetime / 4).min(Duration::from_secs(30)))
             .queue_strategy(bb8::QueueStrategy::Lifo)
+            .retry_connection(false)
     }
 }
 
@@ -313,6 +330,7 @@ mod tests {
         assert!(config.test_on_check_out);
         assert_eq!(config.max_lifetime, Some(Duration::from_secs(3300)));
         assert!(matches!(config.queue_strategy, bb8::QueueStrategy::Lifo));
+        assert!(!config.retry_connection);
     }
 
     #[test]

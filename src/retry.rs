@@ -22,6 +22,7 @@ use tokio_postgres::{Client, Transaction};
 
 /// Which optimistic-concurrency conflict an error reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum OccConflict {
     /// `OC000`: the data changed under the transaction.
     Data,
@@ -161,6 +162,7 @@ impl RetryPolicy {
 
 /// Why [`transaction_with_retry`] gave up.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum RetryError<E> {
     /// A non-retryable error, returned at once (the transaction was rolled back).
     Failed(E),

@@ -175,6 +175,83 @@ fn builder_errors_name_their_field() {
         field_of(b().connect_timeout(Duration::ZERO).build()),
         "connect_timeout"
     );
+    assert_eq!(
+        field_of(b().connect_deadline(Duration::ZERO).build()),
+        "connect_deadline"
+    );
+    assert_eq!(
+        field_of(b().credentials_timeout(Duration::ZERO).build()),
+        "credentials_timeout"
+    );
+    assert_eq!(
+        field_of(b().connect_rate_limit(0.0, 1).build()),
+        "connect_rate_limit"
+    );
+    assert_eq!(
+        field_of(b().connect_rate_limit(f64::NAN, 1).build()),
+        "connect_rate_limit"
+    );
+    assert_eq!(
+        field_of(b().connect_rate_limit(5.0, 0).build()),
+        "connect_rate_limit"
+    );
+    assert_eq!(
+        field_of(b().keepalives_retries(0).build()),
+        "keepalives_retries"
+    );
+}
+
+#[test]
+fn connect_limits_and_keepalives_have_documented_defaults_and_parse() {
+    let config = DsqlConfig::builder().host(HOST).build().unwrap();
+    assert_eq!(config.connect_timeout(), DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(config.connect_timeout(), Duration::from_secs(10));
+    assert_eq!(config.connect_deadline(), Duration::from_secs(30));
+    assert_eq!(config.credentials_timeout(), Duration::from_secs(5));
+    assert_eq!(config.connect_rate_limit(), None);
+    assert_eq!(config.connect, ConnectSettings::default());
+    assert!(config.connect.keepalives);
+    assert_eq!(
+        config.connect.tcp_user_timeout,
+        Some(Duration::from_secs(30))
+    );
+
+    let config = parse(&format!(
+        "host={HOST} connect_timeout=3 connect_deadline=45 keepalives=1 keepalives_idle=20 \
+         keepalives_interval=5 keepalives_count=4 tcp_user_timeout=2500"
+    ))
+    .unwrap();
+    assert_eq!(config.connect_timeout(), Duration::from_secs(3));
+    assert_eq!(config.connect_deadline(), Duration::from_secs(45));
+    assert_eq!(config.connect.keepalives_idle, Duration::from_secs(20));
+    assert_eq!(config.connect.keepalives_interval, Duration::from_secs(5));
+    assert_eq!(config.connect.keepalives_retries, 4);
+    assert_eq!(
+        config.connect.tcp_user_timeout,
+        Some(Duration::from_millis(2500))
+    );
+    let config = parse(&format!(
+        "postgres://{HOST}?keepalives=0&tcp_user_timeout=0"
+    ))
+    .unwrap();
+    assert!(!config.connect.keepalives);
+    assert_eq!(config.connect.tcp_user_timeout, None);
+    for bad in [
+        "keepalives=yes",
+        "keepalives_idle=0",
+        "keepalives_count=-1",
+        "tcp_user_timeout=soon",
+        "connect_deadline=0",
+    ] {
+        let key = bad.split('=').next().unwrap();
+        assert_eq!(field_of(parse(&format!("host={HOST} {bad}"))), key, "{bad}");
+    }
+    let config = DsqlConfig::builder()
+        .host(HOST)
+        .connect_rate_limit(2.5, 10)
+        .build()
+        .unwrap();
+    assert_eq!(config.connect_rate_limit(), Some((2.5, 10)));
 }
 
 #[test]
@@ -210,7 +287,7 @@ fn url_form() {
             .application_name()
             .starts_with("svc:tokio-postgres-dsql/")
     );
-    assert_eq!(config.connect_timeout, Some(Duration::from_secs(5)));
+    assert_eq!(config.connect_timeout(), Duration::from_secs(5));
     assert_eq!(config.profile.as_deref(), Some("prod"));
     assert_eq!(config.search_path(), Some("myschema"));
 
@@ -389,7 +466,7 @@ fn environment() {
     assert_eq!(config.root_certs(), &RootCerts::File("/tmp/ca.pem".into()));
     assert_eq!(config.ssl_negotiation(), SslNegotiation::Postgres);
     assert!(config.application_name().starts_with("svc:"));
-    assert_eq!(config.connect_timeout, Some(Duration::from_secs(3)));
+    assert_eq!(config.connect_timeout(), Duration::from_secs(3));
 
     let config = env(&[
         ("CLUSTER_ENDPOINT", ID),

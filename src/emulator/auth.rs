@@ -15,24 +15,23 @@ use super::Rejection;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
-/// Why a token was refused: the counter it goes to, the SQLSTATE and the server message.
+/// DSQL's SQLSTATE for every token refusal (`connection_failure`).
+pub(crate) const ACCESS_DENIED_CODE: &str = "08006";
+/// DSQL's message for every token refusal; the reason goes in the HINT.
+pub(crate) const ACCESS_DENIED_MESSAGE: &str = "unable to accept connection, access denied";
+
+/// Why a token was refused: the counter it goes to and the HINT. The server sends every
+/// refusal as `FATAL` [`ACCESS_DENIED_CODE`] [`ACCESS_DENIED_MESSAGE`] with this hint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refusal {
     pub(crate) reason: Rejection,
-    pub(crate) code: &'static str,
-    pub(crate) message: String,
+    pub(crate) hint: String,
 }
 
-fn refuse(reason: Rejection, message: impl Into<String>) -> Refusal {
-    let code = if reason == Rejection::TokenAction {
-        "28000"
-    } else {
-        "28P01"
-    };
+fn refuse(reason: Rejection, hint: impl Into<String>) -> Refusal {
     Refusal {
         reason,
-        code,
-        message: message.into(),
+        hint: hint.into(),
     }
 }
 
@@ -49,7 +48,8 @@ pub(crate) struct Verifier {
 
 impl Verifier {
     /// Verifies `token` for a session as `user`. The checks run in the service's order:
-    /// structure, host, action, scope, expiry range, time, key, signature.
+    /// structure, host, action, scope, expiry range, time, key, credentials' expiry (at the
+    /// time of the connect, not of signing), signature.
     pub(crate) fn verify(&self, user: &str, token: &str) -> Result<(), Refusal> {
         let malformed =
             |what: &str| refuse(Rejection::TokenMalformed, format!("Invalid token: {what}"));
@@ -184,9 +184,11 @@ impl Verifier {
         if session_token != credentials.session_token() {
             return Err(unknown());
         }
+        // Checked at connect time: temporary credentials that expired after signing no longer
+        // vouch for the token, whatever its own expiry says.
         if credentials
             .expiry()
-            .is_some_and(|expiry| expiry <= signed_at)
+            .is_some_and(|expiry| expiry <= now || expiry <= signed_at)
         {
             return Err(refuse(
                 Rejection::TokenExpired,
@@ -394,10 +396,9 @@ mod tests {
         let refusal = v.verify("admin", &good).unwrap_err();
         assert_eq!(refusal.reason, Rejection::TokenAction);
         assert_eq!(
-            refusal.message,
+            refusal.hint,
             "Wrong user to action mapping. user: admin, action: DbConnect"
         );
-        assert_eq!(refusal.code, "28000");
         let wrong_region = TokenSigner::new(HOST, "eu-west-1").sign(
             &Credentials::new("AK1", "secret/+=", None, None, "t"),
             Action::DbConnect,
@@ -471,6 +472,32 @@ mod tests {
         v.credentials = vec![Credentials::new("AK1", "s", None, Some(at(T0)), "test")];
         let t = token("AK1", "s", None, Action::DbConnect, 900);
         assert_eq!(reason(v.verify("app", &t)), Rejection::TokenExpired);
+    }
+
+    #[test]
+    fn credentials_that_expired_after_signing_are_refused_at_connect() {
+        // Signed at T0 with credentials valid until T0 + 60, for 900 s: the token's own expiry
+        // is later, but at T0 + 61 the credentials are gone.
+        let mut v = verifier(T0 + 59);
+        v.credentials = vec![Credentials::new(
+            "AK1",
+            "s",
+            None,
+            Some(at(T0 + 60)),
+            "test",
+        )];
+        let t = token("AK1", "s", None, Action::DbConnect, 900);
+        v.verify("app", &t).unwrap();
+        let v = Verifier {
+            clock: SharedTimeSource::new(StaticTimeSource::new(at(T0 + 61))),
+            ..v
+        };
+        let refusal = v.verify("app", &t).unwrap_err();
+        assert_eq!(refusal.reason, Rejection::TokenExpired);
+        assert_eq!(
+            refusal.hint,
+            "The security token included in the request is expired"
+        );
     }
 
     #[test]

@@ -10,14 +10,24 @@
 //!   (`unable to accept connection, sni was not received`).
 //! - **Startup parameters** checked against DSQL's allow-list
 //!   (`setting configuration parameter "…" not supported`).
-//! - **Tokens verified like the service**: structure, host, action ↔ role
-//!   (`Wrong user to action mapping. user: …, action: …`), region and service scope, expiry
-//!   range, date and expiry against the emulator's clock (with 5 minutes' allowed skew), and the
-//!   SigV4 signature recomputed from the received parameters against the configured
-//!   credentials. This shares no code with [`TokenSigner`](crate::TokenSigner).
+//! - **Tokens verified like the service**: structure, host, action ↔ role, region and service
+//!   scope, expiry range, date and expiry against the emulator's clock (with 5 minutes' allowed
+//!   skew), temporary credentials still valid at connect time, and the SigV4 signature
+//!   recomputed from the received parameters against the configured credentials. This shares
+//!   no code with [`TokenSigner`](crate::TokenSigner). Every refusal is DSQL's: `FATAL 08006
+//!   unable to accept connection, access denied`, with the reason only in the HINT
+//!   (`Signature expired: …`, `Wrong user to action mapping. user: admin, action: DbConnect`,
+//!   …).
+//! - **Admission like DSQL's**: a token bucket for new connections (100 a second, bursts of
+//!   1 000) answering `53400 Unable to accept connection, rate exceeded.`, and a cap on open
+//!   connections (10 000) answering `53300 Unable to accept connection, too many open
+//!   connections.`; both configurable ([`DsqlEmulatorBuilder::connection_rate_limit`],
+//!   [`DsqlEmulatorBuilder::max_open_connections`]).
 //! - **Connection age**: connections are closed at a maximum age (60 minutes by default).
 //! - **Faults on demand**: [`drop_all_connections`](DsqlEmulator::drop_all_connections),
 //!   [`refuse_new_connections`](DsqlEmulator::refuse_new_connections),
+//!   [`wake_up_after`](DsqlEmulator::wake_up_after) (a cluster scaled to zero: `unable to
+//!   accept connection, waking up cluster, please retry later`),
 //!   [`set_latency`](DsqlEmulator::set_latency) (one-way network delay),
 //!   [`restart_upstream`](DsqlEmulator::restart_upstream).
 //!
@@ -60,6 +70,9 @@ use std::time::Duration;
 
 use aws_credential_types::Credentials;
 use aws_smithy_async::time::{SharedTimeSource, SystemTimeSource, TimeSource};
+use tokio::time::Instant;
+
+use crate::admission::TokenBucket;
 
 use crate::config::{DsqlConfigBuilder, region_from_host};
 use crate::{DsqlConfig, Error};
@@ -106,6 +119,12 @@ pub enum Rejection {
     TokenSignature,
     /// The upstream PostgreSQL refused the session (e.g. the role does not exist) or is down.
     Upstream,
+    /// The new-connection rate limit was exceeded (`53400`).
+    RateExceeded,
+    /// The open-connection cap was reached (`53300`).
+    TooManyConnections,
+    /// The endpoint was waking up ([`DsqlEmulator::wake_up_after`]).
+    WakingUp,
 }
 
 /// Counters for tests to assert on.
@@ -149,6 +168,12 @@ pub(crate) struct Shared {
     refusing: AtomicBool,
     drops: tokio::sync::watch::Sender<u64>,
     open: AtomicUsize,
+    /// Sessions past admission (authenticating or relayed): what the open-connection cap counts.
+    admitted: AtomicUsize,
+    max_open: AtomicUsize,
+    new_connections: TokenBucket,
+    /// While `Some` and in the future, connections are told the cluster is waking up.
+    waking_until: Mutex<Option<Instant>>,
     stats: Mutex<EmulatorStats>,
 }
 
@@ -165,7 +190,58 @@ impl Shared {
     fn count_accepted(&self) {
         self.count(|stats| stats.accepted += 1);
     }
+
+    /// Admission for a new session, in DSQL's order: waking up, the new-connection rate, the
+    /// open-connection cap. `Ok` holds a slot of the cap until dropped.
+    fn admit(&self) -> Result<Admitted<'_>, (Rejection, &'static str, &'static str)> {
+        let now = Instant::now();
+        let waking = self
+            .waking_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| now < until);
+        if waking {
+            return Err((
+                Rejection::WakingUp,
+                "08006",
+                "unable to accept connection, waking up cluster, please retry later",
+            ));
+        }
+        if !self.new_connections.try_take(now) {
+            return Err((
+                Rejection::RateExceeded,
+                "53400",
+                "Unable to accept connection, rate exceeded.",
+            ));
+        }
+        let max = self.max_open.load(Ordering::SeqCst);
+        if self.admitted.fetch_add(1, Ordering::SeqCst) >= max {
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
+            return Err((
+                Rejection::TooManyConnections,
+                "53300",
+                "Unable to accept connection, too many open connections.",
+            ));
+        }
+        Ok(Admitted(&self.admitted))
+    }
 }
+
+/// A session's slot under the open-connection cap.
+pub(crate) struct Admitted<'a>(&'a AtomicUsize);
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// DSQL's new-connection rate: 100 a second per cluster.
+pub const DSQL_CONNECTION_RATE: f64 = 100.0;
+/// DSQL's new-connection burst.
+pub const DSQL_CONNECTION_BURST: u32 = 1_000;
+/// DSQL's cap on open connections per cluster.
+pub const DSQL_MAX_OPEN_CONNECTIONS: usize = 10_000;
 
 /// Configures and starts a [`DsqlEmulator`].
 #[derive(Default)]
@@ -179,6 +255,8 @@ pub struct DsqlEmulatorBuilder {
     upstream_url: Option<String>,
     pg_bin: Option<PathBuf>,
     port: u16,
+    connection_rate: Option<(f64, u32)>,
+    max_open_connections: Option<usize>,
 }
 
 impl std::fmt::Debug for DsqlEmulatorBuilder {
@@ -247,6 +325,22 @@ impl DsqlEmulatorBuilder {
         self
     }
 
+    /// The new-connection token bucket: `per_second` new connections a second, bursts of up to
+    /// `burst`; connections beyond it get `53400 Unable to accept connection, rate exceeded.`
+    /// Default DSQL's: [`DSQL_CONNECTION_RATE`] (100/s), [`DSQL_CONNECTION_BURST`] (1 000).
+    pub fn connection_rate_limit(mut self, per_second: f64, burst: u32) -> Self {
+        self.connection_rate = Some((per_second, burst));
+        self
+    }
+
+    /// The cap on open connections; connections beyond it get `53300 Unable to accept
+    /// connection, too many open connections.` Default DSQL's:
+    /// [`DSQL_MAX_OPEN_CONNECTIONS`] (10 000).
+    pub fn max_open_connections(mut self, max: usize) -> Self {
+        self.max_open_connections = Some(max);
+        self
+    }
+
     /// Starts the emulator (and its PostgreSQL) without blocking the async runtime.
     pub async fn start(self) -> Result<DsqlEmulator, Error> {
         tokio::task::spawn_blocking(move || self.start_blocking())
@@ -281,6 +375,10 @@ impl DsqlEmulatorBuilder {
         if max_age < Duration::from_secs(1) {
             return Err(Error::config("max_connection_age", "must be at least 1 s"));
         }
+        let (rate, burst) = self
+            .connection_rate
+            .unwrap_or((DSQL_CONNECTION_RATE, DSQL_CONNECTION_BURST));
+        check_rate(rate, burst)?;
         let credentials = if self.credentials.is_empty() {
             vec![generated_credentials()]
         } else {
@@ -349,6 +447,13 @@ impl DsqlEmulatorBuilder {
             refusing: AtomicBool::new(false),
             drops: tokio::sync::watch::Sender::new(0),
             open: AtomicUsize::new(0),
+            admitted: AtomicUsize::new(0),
+            max_open: AtomicUsize::new(
+                self.max_open_connections
+                    .unwrap_or(DSQL_MAX_OPEN_CONNECTIONS),
+            ),
+            new_connections: TokenBucket::new(rate, burst),
+            waking_until: Mutex::new(None),
             stats: Mutex::new(EmulatorStats::default()),
         });
         runtime.spawn({
@@ -546,6 +651,32 @@ impl DsqlEmulator {
         })?
     }
 
+    /// From now on, for `duration`, every new connection is refused as a cluster scaled to zero
+    /// refuses while it starts: `FATAL 08006 unable to accept connection, waking up cluster,
+    /// please retry later` (counted as [`Rejection::WakingUp`]). Open connections continue.
+    pub fn wake_up_after(&self, duration: Duration) {
+        *self
+            .shared
+            .waking_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + duration);
+    }
+
+    /// Changes the new-connection rate limit (see
+    /// [`DsqlEmulatorBuilder::connection_rate_limit`]). Tokens already stored are kept, up to
+    /// the new burst.
+    pub fn set_connection_rate_limit(&self, per_second: f64, burst: u32) -> Result<(), Error> {
+        check_rate(per_second, burst)?;
+        self.shared.new_connections.set(per_second, burst);
+        Ok(())
+    }
+
+    /// Changes the cap on open connections (see
+    /// [`DsqlEmulatorBuilder::max_open_connections`]); open connections above it stay open.
+    pub fn set_max_open_connections(&self, max: usize) {
+        self.shared.max_open.store(max, Ordering::SeqCst);
+    }
+
     /// Changes the maximum connection age for connections accepted from now on (at least 1 s).
     pub fn set_max_connection_age(&self, age: Duration) {
         self.shared.max_age.store(
@@ -581,6 +712,16 @@ impl Drop for WorkDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+fn check_rate(per_second: f64, burst: u32) -> Result<(), Error> {
+    if !(per_second.is_finite() && per_second > 0.0) || burst == 0 {
+        return Err(Error::config(
+            "connection_rate_limit",
+            "the rate must be more than 0 a second and the burst at least 1",
+        ));
+    }
+    Ok(())
 }
 
 fn random_cluster_id() -> String {

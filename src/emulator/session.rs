@@ -10,8 +10,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::auth::{ACCESS_DENIED_CODE, ACCESS_DENIED_MESSAGE};
 use super::latency::delay_line;
-use super::wire::{self, send_fatal};
+use super::wire::{self, send_fatal, send_fatal_with_hint};
 use super::{Rejection, Shared};
 
 /// The longest password message accepted (tokens with session tokens are a few KiB).
@@ -229,6 +230,14 @@ async fn negotiate(
         send_fatal(&mut tls, "08P01", "invalid startup packet").await;
         return Ok(());
     };
+    let _admitted = match shared.admit() {
+        Ok(admitted) => admitted,
+        Err((reason, code, message)) => {
+            shared.count_rejection(reason);
+            send_fatal(&mut tls, code, message).await;
+            return Ok(());
+        }
+    };
     let startup = match check_startup(parameters, &shared.cluster_id) {
         Ok(startup) => startup,
         Err(refusal) => {
@@ -252,7 +261,13 @@ async fn negotiate(
     };
     if let Err(refusal) = shared.verifier.verify(&startup.user, token) {
         shared.count_rejection(refusal.reason);
-        send_fatal(&mut tls, refusal.code, &refusal.message).await;
+        send_fatal_with_hint(
+            &mut tls,
+            ACCESS_DENIED_CODE,
+            ACCESS_DENIED_MESSAGE,
+            Some(&refusal.hint),
+        )
+        .await;
         return Ok(());
     }
 

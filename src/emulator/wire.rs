@@ -90,15 +90,20 @@ pub(crate) fn cleartext_password_request() -> [u8; 9] {
     [b'R', 0, 0, 0, 8, 0, 0, 0, 3]
 }
 
-/// A FATAL `ErrorResponse`.
-pub(crate) fn fatal(code: &str, message: &str) -> Vec<u8> {
+/// A FATAL `ErrorResponse`, with a HINT field when `hint` is given.
+pub(crate) fn fatal(code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
     let mut body = Vec::new();
-    for (field, value) in [
-        (b'S', "FATAL"),
-        (b'V', "FATAL"),
-        (b'C', code),
-        (b'M', message),
-    ] {
+    let fields = [
+        (b'S', Some("FATAL")),
+        (b'V', Some("FATAL")),
+        (b'C', Some(code)),
+        (b'M', Some(message)),
+        (b'H', hint),
+    ];
+    for (field, value) in fields
+        .iter()
+        .filter_map(|(field, value)| value.map(|v| (*field, v)))
+    {
         body.push(field);
         body.extend_from_slice(value.as_bytes());
         body.push(0);
@@ -112,7 +117,17 @@ pub(crate) fn fatal(code: &str, message: &str) -> Vec<u8> {
 
 /// Sends a FATAL error and flushes; errors are ignored (the client may be gone already).
 pub(crate) async fn send_fatal<S: AsyncWrite + Unpin>(stream: &mut S, code: &str, message: &str) {
-    let _ = stream.write_all(&fatal(code, message)).await;
+    send_fatal_with_hint(stream, code, message, None).await;
+}
+
+/// [`send_fatal`] with a HINT field.
+pub(crate) async fn send_fatal_with_hint<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    code: &str,
+    message: &str,
+    hint: Option<&str>,
+) {
+    let _ = stream.write_all(&fatal(code, message, hint)).await;
     let _ = stream.flush().await;
     let _ = stream.shutdown().await;
 }
@@ -147,9 +162,16 @@ mod tests {
 
     #[test]
     fn fatal_carries_code_and_message() {
-        let message = fatal("28000", "nope");
+        let message = fatal("28000", "nope", None);
         assert_eq!(message[0], b'E');
         assert_eq!(error_message(&message[5..]), "nope");
         assert!(message.windows(6).any(|w| w == b"C28000"));
+        assert!(!message.windows(2).any(|w| w == b"\0H"));
+        let message = fatal("08006", "denied", Some("why"));
+        assert!(message.windows(5).any(|w| w == b"Hwhy\0"));
+        assert_eq!(
+            u32::from_be_bytes(message[1..5].try_into().unwrap()) as usize,
+            message.len() - 1
+        );
     }
 }

@@ -4,16 +4,26 @@
 //!
 //! - One token serves every caller until its **refresh point**, 80 % of its life. A hit is one
 //!   atomic load, a coarse clock read and a reference-count increment.
-//! - No token is handed out within its **safety margin** of expiry (10 % of its life, at most
-//!   30 s), so a connection never starts its handshake with a token about to lapse.
-//! - Between the refresh point and the margin, the first caller re-signs while every other caller
-//!   keeps getting the current token without waiting. Past the margin (or with no token yet),
-//!   callers wait for the one re-sign in progress; only one caller ever re-signs.
+//! - No token is ever handed out within its **safety margin** of expiry (a tenth of the
+//!   configured token life, at most 30 s), so a connection never starts its handshake with a
+//!   token about to lapse. A token that would be born inside its margin (credentials that expire
+//!   within it) is refused as a credentials error.
+//! - At the refresh point the first caller starts a **background re-sign** and, like every
+//!   caller while it runs, gets the current token at once: callers holding a usable token never
+//!   wait on the credentials provider. Past the margin (or with no token yet) callers wait for
+//!   the one re-sign in flight; only one re-sign ever runs.
+//! - Each credentials call is bounded by the **credentials timeout** (default 5 s). A failure
+//!   (error or timeout) is shared by every caller that was waiting for that re-sign, and starts
+//!   a **backoff** (1 s, doubling to 30 s) during which the provider is not called again: a
+//!   caller without a usable token gets the last failure at once. So a failing provider is
+//!   called at most once per backoff period, however many callers there are.
 //! - Credentials are asked for at each re-sign, so rotated credentials are picked up at the next
 //!   refresh point, and at once after [`TokenCache::invalidate`] (which the connector calls when
-//!   the server rejects a token). A token never outlives the credentials that signed it.
+//!   the server refuses a token). A re-sign that was in flight when `invalidate` was called does
+//!   not store its token: it may have been signed with the credentials that were just refused.
+//! - A token never outlives the credentials that signed it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -28,6 +38,11 @@ use crate::Error;
 const REFRESH_AT_PERCENT: u32 = 80;
 /// Upper bound of the safety margin before expiry.
 const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(30);
+/// The wait before calling a provider again after its first failure; it doubles with each
+/// failure in a row, up to [`MAX_FAILURE_BACKOFF`].
+const FIRST_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest wait between calls to a failing provider.
+const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Cached {
     token: AuthToken,
@@ -35,16 +50,69 @@ struct Cached {
     usable_until: SystemTime,
 }
 
+/// The last failed re-sign, kept to answer callers during the backoff.
+#[derive(Clone)]
+struct Failure {
+    reason: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    /// No provider call before this.
+    retry_at: SystemTime,
+    /// The value of the completion counter this failure was published with.
+    round: u64,
+}
+
+impl Failure {
+    fn to_error(&self) -> Error {
+        Error::Credentials {
+            reason: self.reason.clone(),
+            source: self
+                .source
+                .clone()
+                .map(|s| Box::new(SharedSource(s)) as Box<dyn std::error::Error + Send + Sync>),
+        }
+    }
+}
+
+/// A failure's cause, shared by every caller that gets it.
+#[derive(Debug)]
+struct SharedSource(Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for SharedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// A re-sign is in flight.
+    refreshing: bool,
+    /// Bumped by `invalidate`.
+    generation: u64,
+    failure: Option<Failure>,
+    failures_in_a_row: u32,
+}
+
 pub(crate) struct TokenCache {
     signer: TokenSigner,
     action: Action,
     duration: Duration,
+    margin: Duration,
+    credentials_timeout: Duration,
     provider: SharedCredentialsProvider,
     /// `None`: the system clock, read directly (a cache hit is dominated by the clock read, so
     /// it skips the dynamic call).
     clock: Option<SharedTimeSource>,
     current: ArcSwapOption<Cached>,
-    resign: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+    /// Counts finished re-signs (success or failure); waiters watch it.
+    finished: tokio::sync::watch::Sender<u64>,
 }
 
 impl TokenCache {
@@ -52,6 +120,7 @@ impl TokenCache {
         signer: TokenSigner,
         action: Action,
         duration: Duration,
+        credentials_timeout: Duration,
         provider: SharedCredentialsProvider,
         clock: Option<SharedTimeSource>,
     ) -> Self {
@@ -59,10 +128,13 @@ impl TokenCache {
             signer,
             action,
             duration,
+            margin: (duration / 10).min(MAX_SAFETY_MARGIN),
+            credentials_timeout,
             provider,
             clock,
             current: ArcSwapOption::empty(),
-            resign: tokio::sync::Mutex::new(()),
+            state: Mutex::new(State::default()),
+            finished: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -90,111 +162,203 @@ impl TokenCache {
         self.now()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The current token, re-signing when the rules above say so.
-    pub(crate) async fn get(&self) -> Result<AuthToken, Error> {
+    pub(crate) async fn get(self: &Arc<Self>) -> Result<AuthToken, Error> {
         if let Some(cached) = self.current.load().as_ref()
             && self.now_for_hit() < cached.refresh_at
         {
             return Ok(cached.token.clone());
         }
-        // Past the refresh point (the coarse clock never leads the precise one). The slow path
-        // owns its `Arc` rather than holding an `arc-swap` guard across the await below.
-        let now = self.now();
-        if let Some(cached) = self.current.load_full()
-            && now < cached.usable_until
-        {
-            if now < cached.refresh_at {
-                // Another caller re-signed since the check above.
-                return Ok(cached.token.clone());
-            }
-            // Still safe: re-sign unless someone already is.
-            let Ok(_guard) = self.resign.try_lock() else {
-                return Ok(cached.token.clone());
-            };
-            return match self.resign_locked().await {
-                Ok(token) => Ok(token),
-                Err(error) => {
-                    tracing::warn!(
-                        error = %error,
-                        "could not re-sign the DSQL auth token; using the current one until it nears expiry"
-                    );
-                    Ok(cached.token.clone())
+        // Past the refresh point (the coarse clock never leads the precise one).
+        let mut finished = self.finished.subscribe();
+        let waiting_since = *finished.borrow_and_update();
+        loop {
+            {
+                let mut state = self.lock();
+                let now = self.now();
+                if let Some(cached) = self.current.load().as_ref()
+                    && now < cached.usable_until
+                {
+                    if now >= cached.refresh_at {
+                        self.start_resign(&mut state, now);
+                    }
+                    return Ok(cached.token.clone());
                 }
-            };
+                if let Some(failure) = &state.failure
+                    && (failure.round > waiting_since || now < failure.retry_at)
+                {
+                    // The re-sign this caller waited for failed, or the provider is in its
+                    // backoff: no call now.
+                    return Err(failure.to_error());
+                }
+                self.start_resign(&mut state, now);
+            }
+            if finished.changed().await.is_err() {
+                // Cannot happen while `self` is alive (it owns the sender).
+                return Err(Error::Credentials {
+                    reason: "the token cache was dropped".into(),
+                    source: None,
+                });
+            }
         }
-        let _guard = self.resign.lock().await;
-        // Whoever held the lock may have re-signed already.
-        if let Some(cached) = self.current.load().as_ref()
-            && self.now() < cached.refresh_at
+    }
+
+    /// Starts a background re-sign unless one is in flight or the provider is backing off.
+    fn start_resign(self: &Arc<Self>, state: &mut State, now: SystemTime) {
+        if state.refreshing
+            || state
+                .failure
+                .as_ref()
+                .is_some_and(|failure| now < failure.retry_at)
         {
-            return Ok(cached.token.clone());
+            return;
         }
-        self.resign_locked().await
+        state.refreshing = true;
+        let generation = state.generation;
+        let cache = self.clone();
+        tokio::spawn(async move { cache.resign(generation).await });
     }
 
     /// Forgets the current token: the next [`get`](Self::get) asks for credentials and re-signs.
     pub(crate) fn invalidate(&self) {
+        let mut state = self.lock();
+        state.generation += 1;
         self.current.store(None);
     }
 
-    /// Asks the provider for credentials and signs a new token. Call with `resign` held.
-    async fn resign_locked(&self) -> Result<AuthToken, Error> {
-        let credentials =
-            self.provider
-                .provide_credentials()
-                .await
-                .map_err(|e| Error::Credentials {
+    /// Asks the provider for credentials, signs a new token and publishes the outcome.
+    async fn resign(&self, generation: u64) {
+        let outcome = self.sign_fresh().await;
+        let mut state = self.lock();
+        state.refreshing = false;
+        match outcome {
+            Ok(cached) => {
+                state.failure = None;
+                state.failures_in_a_row = 0;
+                if state.generation == generation {
+                    tracing::debug!(
+                        host = self.signer.host(),
+                        action = %self.action,
+                        expires_at = ?cached.token.expires_at(),
+                        "signed a new DSQL auth token"
+                    );
+                    self.current.store(Some(Arc::new(cached)));
+                } else {
+                    tracing::debug!(
+                        "the token cache was invalidated during a re-sign; its token is dropped"
+                    );
+                }
+            }
+            Err(error) => {
+                state.failures_in_a_row += 1;
+                let backoff = FIRST_FAILURE_BACKOFF
+                    .saturating_mul(1 << (state.failures_in_a_row - 1).min(10))
+                    .min(MAX_FAILURE_BACKOFF);
+                tracing::warn!(
+                    %error,
+                    retry_in_secs = backoff.as_secs(),
+                    "could not sign a DSQL auth token"
+                );
+                let (reason, source) = match error {
+                    Error::Credentials { reason, source } => (reason, source.map(Arc::from)),
+                    other => (other.to_string(), None),
+                };
+                state.failure = Some(Failure {
+                    reason,
+                    source,
+                    retry_at: self.now() + backoff,
+                    round: *self.finished.borrow() + 1,
+                });
+            }
+        }
+        drop(state);
+        self.finished.send_modify(|round| *round += 1);
+    }
+
+    async fn sign_fresh(&self) -> Result<Cached, Error> {
+        let credentials = match tokio::time::timeout(
+            self.credentials_timeout,
+            self.provider.provide_credentials(),
+        )
+        .await
+        {
+            Ok(Ok(credentials)) => credentials,
+            Ok(Err(e)) => {
+                return Err(Error::Credentials {
                     reason: "the credentials provider failed; the default chain looks at \
-                         AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, SSO, \
-                         web identity, ECS and EC2 instance roles"
+                             AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws, \
+                             SSO, web identity, ECS and EC2 instance roles"
                         .into(),
                     source: Some(Box::new(e)),
-                })?;
+                });
+            }
+            Err(_) => {
+                return Err(Error::Credentials {
+                    reason: format!(
+                        "the credentials provider did not answer within {:?} \
+                         (credentials_timeout)",
+                        self.credentials_timeout
+                    ),
+                    source: None,
+                });
+            }
+        };
         let now = self.now();
         let life = self.life(&credentials, now)?;
         let token = self.signer.sign(&credentials, self.action, life, now);
-        let issued = token.expires_at() - life;
-        let margin = (life / 10).min(MAX_SAFETY_MARGIN);
-        let cached = Cached {
-            refresh_at: issued + life * REFRESH_AT_PERCENT / 100,
-            usable_until: token.expires_at() - margin,
-            token: token.clone(),
-        };
-        tracing::debug!(
-            host = self.signer.host(),
-            action = %self.action,
-            expires_in_secs = life.as_secs(),
-            "signed a new DSQL auth token"
-        );
-        self.current.store(Some(Arc::new(cached)));
-        Ok(token)
+        let usable_until = token.expires_at() - self.margin;
+        let refresh_at = (now + life * REFRESH_AT_PERCENT / 100).min(usable_until);
+        Ok(Cached {
+            refresh_at,
+            usable_until,
+            token,
+        })
     }
 
-    /// The configured life, capped at what is left of temporary credentials.
+    /// The configured life, capped at what is left of temporary credentials; an error if that
+    /// leaves no life outside the safety margin.
     fn life(&self, credentials: &Credentials, now: SystemTime) -> Result<Duration, Error> {
         let Some(expiry) = credentials.expiry() else {
             return Ok(self.duration);
         };
-        match expiry.duration_since(now) {
-            Ok(left) if left >= Duration::from_secs(1) => {
-                // Whole seconds only, rounded down, so the token never outlives the credentials.
-                Ok(self.duration.min(Duration::from_secs(left.as_secs())))
-            }
-            _ => Err(Error::Credentials {
-                reason: format!(
-                    "the credentials for access key {} have expired; the provider returned \
-                     credentials that are no longer valid",
-                    credentials.access_key_id()
-                ),
+        // Whole seconds only, rounded down, so the token never outlives the credentials.
+        let left = expiry
+            .duration_since(now)
+            .map(|left| Duration::from_secs(left.as_secs()))
+            .unwrap_or_default();
+        if left <= self.margin {
+            return Err(Error::Credentials {
+                reason: if left.is_zero() {
+                    format!(
+                        "the credentials for access key {} have expired; the provider returned \
+                         credentials that are no longer valid",
+                        credentials.access_key_id()
+                    )
+                } else {
+                    format!(
+                        "the credentials for access key {} expire in {} s, within the token's \
+                         {} s safety margin; the provider must return credentials valid for \
+                         longer",
+                        credentials.access_key_id(),
+                        left.as_secs(),
+                        self.margin.as_secs_f64()
+                    )
+                },
                 source: None,
-            }),
+            });
         }
+        Ok(self.duration.min(left))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_CREDENTIALS_TIMEOUT;
     use crate::test_support::{CountingProvider, ManualClock};
     use aws_smithy_async::time::TimeSource;
     use std::sync::atomic::Ordering;
@@ -207,14 +371,32 @@ mod tests {
             TokenSigner::new("abc.dsql.us-east-1.on.aws", "us-east-1"),
             Action::DbConnect,
             Duration::from_secs(duration_secs),
+            DEFAULT_CREDENTIALS_TIMEOUT,
             SharedCredentialsProvider::new(provider.clone()),
             Some(SharedTimeSource::new(clock.clone())),
         );
         (Arc::new(cache), clock)
     }
 
+    /// Waits until no re-sign is in flight.
+    async fn settle(cache: &TokenCache) {
+        loop {
+            let mut finished = cache.finished.subscribe();
+            if !cache.lock().refreshing {
+                return;
+            }
+            finished.changed().await.unwrap();
+        }
+    }
+
+    fn key_of(token: &AuthToken) -> &str {
+        let start = token.as_str().find("Credential=").unwrap() + "Credential=".len();
+        let rest = &token.as_str()[start..];
+        &rest[..rest.find("%2F").unwrap()]
+    }
+
     #[tokio::test]
-    async fn one_token_until_the_refresh_point() {
+    async fn one_token_until_the_refresh_point_then_a_background_resign() {
         let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
         let (cache, clock) = setup(900, &provider);
         let first = cache.get().await.unwrap();
@@ -223,6 +405,10 @@ mod tests {
         assert_eq!(cache.get().await.unwrap(), first);
         assert_eq!(provider.calls(), 1);
         clock.advance(Duration::from_secs(1)); // 720 s = 80 %
+        // The caller that reaches the refresh point is not kept waiting: it gets the current
+        // token while the re-sign runs in the background.
+        assert_eq!(cache.get().await.unwrap(), first);
+        settle(&cache).await;
         let second = cache.get().await.unwrap();
         assert_ne!(second, first);
         assert_eq!(provider.calls(), 2);
@@ -239,10 +425,17 @@ mod tests {
         provider.fail.store(true, Ordering::SeqCst);
         clock.advance(Duration::from_secs(869));
         assert_eq!(cache.get().await.unwrap(), first);
-        clock.advance(Duration::from_secs(1)); // 870 s: 30 s left
+        settle(&cache).await;
+        assert_eq!(provider.calls(), 2);
+        clock.advance(Duration::from_secs(1)); // 870 s: 30 s left; the 1 s backoff is over
         let err = cache.get().await.unwrap_err();
         assert!(matches!(err, Error::Credentials { .. }), "{err}");
+        assert_eq!(provider.calls(), 3);
+        // The provider recovers, but the cache waits out its backoff (now 2 s) first.
         provider.fail.store(false, Ordering::SeqCst);
+        assert!(cache.get().await.is_err());
+        assert_eq!(provider.calls(), 3);
+        clock.advance(Duration::from_secs(2));
         let fresh = cache.get().await.unwrap();
         assert_eq!(fresh.expires_at(), clock.now() + Duration::from_secs(900));
     }
@@ -255,6 +448,7 @@ mod tests {
         provider.fail.store(true, Ordering::SeqCst);
         clock.advance(Duration::from_secs(8)); // refresh point, fails, 2 s left > 1 s margin
         assert_eq!(cache.get().await.unwrap(), first);
+        settle(&cache).await;
         clock.advance(Duration::from_secs(1)); // 1 s left = margin
         assert!(cache.get().await.is_err());
     }
@@ -272,8 +466,22 @@ mod tests {
         clock.advance(Duration::from_secs(239));
         assert_eq!(cache.get().await.unwrap(), token);
         clock.advance(Duration::from_secs(1));
+        assert_eq!(cache.get().await.unwrap(), token);
+        settle(&cache).await;
         let renewed = cache.get().await.unwrap();
         assert!(renewed.as_str().contains("X-Amz-Expires=60&"));
+    }
+
+    #[tokio::test]
+    async fn credentials_expiring_inside_the_margin_sign_no_token() {
+        // 20 s left, and the margin of a 900 s token is 30 s: a token signed now would be
+        // inside its own margin from birth.
+        let expiry = SystemTime::UNIX_EPOCH + Duration::from_secs(T0 + 20);
+        let creds = Credentials::new("AK1", "s1", Some("session".into()), Some(expiry), "test");
+        let provider = CountingProvider::new(creds);
+        let (cache, _clock) = setup(900, &provider);
+        let err = cache.get().await.unwrap_err();
+        assert!(err.to_string().contains("expire in 20 s"), "{err}");
     }
 
     #[tokio::test]
@@ -298,66 +506,64 @@ mod tests {
     async fn rotated_credentials_are_used_at_the_next_refresh_and_after_invalidate() {
         let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
         let (cache, clock) = setup(900, &provider);
-        assert!(
-            cache
-                .get()
-                .await
-                .unwrap()
-                .as_str()
-                .contains("Credential=AK1%2F")
-        );
+        assert_eq!(key_of(&cache.get().await.unwrap()), "AK1");
         provider.set(Credentials::from_keys("AK2", "s2", None));
         // Not before the refresh point: the provider is not asked on a hit.
-        assert!(
-            cache
-                .get()
-                .await
-                .unwrap()
-                .as_str()
-                .contains("Credential=AK1%2F")
-        );
+        assert_eq!(key_of(&cache.get().await.unwrap()), "AK1");
         clock.advance(Duration::from_secs(720));
-        assert!(
-            cache
-                .get()
-                .await
-                .unwrap()
-                .as_str()
-                .contains("Credential=AK2%2F")
-        );
+        cache.get().await.unwrap();
+        settle(&cache).await;
+        assert_eq!(key_of(&cache.get().await.unwrap()), "AK2");
         provider.set(Credentials::from_keys("AK3", "s3", None));
         cache.invalidate();
-        assert!(
-            cache
-                .get()
-                .await
-                .unwrap()
-                .as_str()
-                .contains("Credential=AK3%2F")
-        );
+        assert_eq!(key_of(&cache.get().await.unwrap()), "AK3");
     }
 
     #[tokio::test]
-    async fn while_one_caller_resigns_the_others_get_the_current_token() {
+    async fn a_hung_provider_does_not_delay_callers_holding_a_usable_token() {
         let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
         let (cache, clock) = setup(900, &provider);
         let first = cache.get().await.unwrap();
         clock.advance(Duration::from_secs(800)); // past the refresh point, still usable
         let gate = provider.hold();
-        let refresher = tokio::spawn({
-            let cache = cache.clone();
-            async move { cache.get().await.unwrap() }
-        });
+        // Many callers at once: one re-sign starts (one provider call), nobody waits.
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get().await.unwrap() })
+            })
+            .collect();
+        for caller in callers {
+            assert_eq!(caller.await.unwrap(), first);
+        }
         provider.wait_until_called(2).await;
-        // The refresher is stuck in the provider; 50 other callers are not.
         for _ in 0..50 {
             assert_eq!(cache.get().await.unwrap(), first);
         }
-        gate.release();
-        let second = refresher.await.unwrap();
-        assert_ne!(second, first);
-        assert_eq!(cache.get().await.unwrap(), second);
         assert_eq!(provider.calls(), 2);
+        gate.release();
+        settle(&cache).await;
+        let second = cache.get().await.unwrap();
+        assert_ne!(second, first);
+        assert_eq!(provider.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_margin_a_hung_provider_times_out_with_an_error_naming_it() {
+        let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
+        let (cache, clock) = setup(900, &provider);
+        cache.get().await.unwrap();
+        clock.advance(Duration::from_secs(880)); // inside the margin
+        let _gate = provider.hold();
+        let started = tokio::time::Instant::now();
+        let err = cache.get().await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("credentials provider did not answer within 5s"),
+            "{err}"
+        );
+        // Paused time: exactly the credentials timeout went by.
+        assert_eq!(started.elapsed(), DEFAULT_CREDENTIALS_TIMEOUT);
     }
 
     #[tokio::test]
@@ -380,5 +586,76 @@ mod tests {
         }
         assert!(tokens.windows(2).all(|w| w[0] == w[1]));
         assert_eq!(provider.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_failure_is_shared_by_every_waiter() {
+        let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
+        provider.fail.store(true, Ordering::SeqCst);
+        let (cache, _clock) = setup(900, &provider);
+        let gate = provider.hold();
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get().await })
+            })
+            .collect();
+        provider.wait_until_called(1).await;
+        gate.release();
+        for caller in callers {
+            let err = caller.await.unwrap().unwrap_err();
+            assert!(err.to_string().contains("provider failed"), "{err}");
+            assert!(std::error::Error::source(&err).is_some());
+        }
+        assert_eq!(provider.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failing_provider_is_called_once_per_backoff_period() {
+        let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
+        provider.fail.store(true, Ordering::SeqCst);
+        let (cache, clock) = setup(900, &provider);
+        for _ in 0..100 {
+            assert!(cache.get().await.is_err());
+        }
+        assert_eq!(provider.calls(), 1, "100 gets, one call");
+        // Backoffs of 1 s, 2 s, 4 s, ...: one more call at each.
+        clock.advance(Duration::from_secs(1));
+        for _ in 0..100 {
+            assert!(cache.get().await.is_err());
+        }
+        assert_eq!(provider.calls(), 2);
+        clock.advance(Duration::from_secs(1));
+        assert!(cache.get().await.is_err());
+        assert_eq!(provider.calls(), 2, "still inside the 2 s backoff");
+        clock.advance(Duration::from_secs(1));
+        assert!(cache.get().await.is_err());
+        assert_eq!(provider.calls(), 3);
+        provider.fail.store(false, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(4));
+        cache.get().await.unwrap();
+        assert_eq!(provider.calls(), 4);
+    }
+
+    #[tokio::test]
+    async fn an_invalidate_during_a_resign_is_not_undone() {
+        let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
+        let (cache, clock) = setup(900, &provider);
+        let first = cache.get().await.unwrap();
+        clock.advance(Duration::from_secs(800));
+        let gate = provider.hold();
+        assert_eq!(cache.get().await.unwrap(), first);
+        provider.wait_until_called(2).await;
+        // The server refuses a token while the re-sign (with the old credentials) is in flight.
+        cache.invalidate();
+        gate.release();
+        settle(&cache).await;
+        assert!(
+            cache.current.load().is_none(),
+            "the in-flight re-sign stored its token after invalidate"
+        );
+        provider.set(Credentials::from_keys("AK2", "s2", None));
+        assert_eq!(key_of(&cache.get().await.unwrap()), "AK2");
+        assert_eq!(provider.calls(), 3);
     }
 }

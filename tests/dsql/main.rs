@@ -4,6 +4,8 @@
 mod token_agreement;
 
 #[cfg(feature = "emulator")]
+mod admission;
+#[cfg(feature = "emulator")]
 mod connect;
 #[cfg(feature = "emulator")]
 mod pet_clinic;

@@ -9,18 +9,12 @@ use std::time::Duration;
 use tokio_postgres_dsql::emulator::DsqlEmulator;
 use tokio_postgres_dsql::{DsqlConnectionManager, DsqlConnector, Error};
 
-use crate::support::emulator;
+use crate::support;
 
 /// An emulator of its own (so its faults touch no other test), relaying to the shared
 /// PostgreSQL.
 async fn own_emulator(max_age: Duration) -> DsqlEmulator {
-    DsqlEmulator::builder()
-        .upstream_url(emulator().upstream_url("admin"))
-        .credentials(emulator().credentials().clone())
-        .max_connection_age(max_age)
-        .start()
-        .await
-        .unwrap()
+    support::own_emulator(|b| b.max_connection_age(max_age)).await
 }
 
 async fn pool_for(

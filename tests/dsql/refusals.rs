@@ -7,34 +7,67 @@ use aws_credential_types::Credentials;
 use aws_smithy_async::time::StaticTimeSource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres_dsql::emulator::{DsqlEmulator, Rejection};
-use tokio_postgres_dsql::{Action, DsqlConnector, Error, TokenSigner};
+use tokio_postgres_dsql::{AccessDeniedReason, Action, DsqlConnector, Error, TokenSigner};
 
-use crate::support::{connector, emulator};
+use crate::support::{HandClock, SwitchableProvider, connector, emulator, own_emulator};
 
-/// Asserts a `TokenRejected` error whose server message contains `expected`, and that the
-/// emulator counted one more refusal for `reason`.
-async fn assert_token_rejected(connector: &DsqlConnector, reason: Rejection, expected: &str) {
-    let before = emulator().stats().rejected(reason);
-    let err = connector.connect().await.unwrap_err();
-    match &err {
-        Error::TokenRejected {
-            message, endpoint, ..
+/// Asserts DSQL's access-denied contract on `err`: `Error::AccessDenied` with `reason`, the
+/// server's `FATAL 08006 unable to accept connection, access denied` as its source, a HINT
+/// starting with `hint`, the hint in `Display`, and no token in any output.
+fn assert_access_denied(
+    err: &Error,
+    connector: &DsqlConnector,
+    reason: AccessDeniedReason,
+    hint: &str,
+) {
+    match err {
+        Error::AccessDenied {
+            reason: got,
+            hint: got_hint,
+            endpoint,
+            ..
         } => {
-            assert!(message.contains(expected), "{message}");
-            assert!(endpoint.contains(emulator().endpoint()), "{endpoint}");
+            assert_eq!(*got, reason, "{err}");
+            assert!(got_hint.starts_with(hint), "{got_hint}");
+            assert!(endpoint.contains(connector.endpoint()), "{endpoint}");
         }
-        other => panic!("expected TokenRejected, got {other:?}"),
+        other => panic!("expected AccessDenied, got {other:?}"),
     }
-    assert!(err.to_string().starts_with("token rejected by "), "{err}");
+    assert_eq!(err.hint().map(|h| h.starts_with(hint)), Some(true));
+    assert_eq!(err.code().map(|c| c.code()), Some("08006"));
+    let db = std::error::Error::source(err)
+        .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
+        .and_then(|e| e.as_db_error())
+        .expect("the server's error is the source");
+    assert_eq!(db.message(), "unable to accept connection, access denied");
+    assert_eq!(db.severity(), "FATAL");
+    let shown = err.to_string();
+    assert!(shown.starts_with("access denied by "), "{shown}");
+    assert!(shown.contains(hint), "the hint is not in Display: {shown}");
+    assert!(!err.is_transient());
+}
+
+/// Connects and asserts an access-denied refusal counted under `rejection` by the shared
+/// emulator. Returns the error.
+async fn assert_denied_by_shared_emulator(
+    connector: &DsqlConnector,
+    rejection: Rejection,
+    reason: AccessDeniedReason,
+    hint: &str,
+) -> Error {
+    let before = emulator().stats().rejected(rejection);
+    let err = connector.connect().await.unwrap_err();
+    assert_access_denied(&err, connector, reason, hint);
     let token = connector.token().await.unwrap();
     assert!(
         !format!("{err} {err:?}").contains(token.as_str()),
         "the token leaked into {err:?}"
     );
     assert!(
-        emulator().stats().rejected(reason) > before,
-        "{reason:?} not counted"
+        emulator().stats().rejected(rejection) > before,
+        "{rejection:?} not counted"
     );
+    err
 }
 
 #[tokio::test]
@@ -48,25 +81,21 @@ async fn wrong_region() {
         .await
         .unwrap();
     let config = e.config_for("admin").region("eu-west-1").build().unwrap();
-    let err = DsqlConnector::new(config)
-        .await
-        .unwrap()
-        .connect()
-        .await
-        .unwrap_err();
-    match &err {
-        Error::TokenRejected { message, .. } => assert!(
-            message.contains("Credential should be scoped to a valid region, not 'eu-west-1'"),
-            "{message}"
-        ),
-        other => panic!("expected TokenRejected, got {other:?}"),
-    }
+    let connector = DsqlConnector::new(config).await.unwrap();
+    let err = connector.connect().await.unwrap_err();
+    assert_access_denied(
+        &err,
+        &connector,
+        AccessDeniedReason::Other,
+        "Credential should be scoped to a valid region, not 'eu-west-1'",
+    );
     assert_eq!(e.stats().rejected(Rejection::TokenRegion), 1);
 }
 
 #[tokio::test]
 async fn wrong_action_for_the_role() {
-    // The connector always picks the right action; sign the wrong one by hand.
+    // The connector always picks the right action; sign the wrong one by hand and check what
+    // the server sends, field by field.
     let e = emulator();
     let connector = connector("admin", |b| b).await;
     let token = TokenSigner::new(e.endpoint(), e.region()).sign(
@@ -82,31 +111,77 @@ async fn wrong_action_for_the_role() {
         panic!("a DbConnect token for admin was accepted");
     };
     let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.severity(), "FATAL");
+    assert_eq!(db.code().code(), "08006");
+    assert_eq!(db.message(), "unable to accept connection, access denied");
     assert_eq!(
-        db.message(),
-        "Wrong user to action mapping. user: admin, action: DbConnect"
+        db.hint(),
+        Some("Wrong user to action mapping. user: admin, action: DbConnect")
     );
-    assert_eq!(db.code().code(), "28000");
     assert_eq!(e.stats().rejected(Rejection::TokenAction), before + 1);
 }
 
 #[tokio::test]
-async fn expired_token() {
+async fn a_persisting_expired_signature_is_retried_once_then_says_check_the_clock() {
+    // The connector's clock is an hour behind: every token it signs is expired for the server.
+    let e = own_emulator(|b| b).await;
+    let provider = SwitchableProvider::new(e.credentials().clone());
     let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
-    let connector = connector("admin", |b| {
-        b.time_source(StaticTimeSource::new(an_hour_ago))
-    })
-    .await;
-    assert_token_rejected(&connector, Rejection::TokenExpired, "Signature expired").await;
+    let config = e
+        .config_for("admin")
+        .credentials_provider(provider.clone())
+        .time_source(StaticTimeSource::new(an_hour_ago))
+        .build()
+        .unwrap();
+    let connector = DsqlConnector::new(config).await.unwrap();
+    assert_eq!(provider.calls(), 1);
+    let err = connector.connect().await.unwrap_err();
+    assert_access_denied(
+        &err,
+        &connector,
+        AccessDeniedReason::SignatureExpired,
+        "Signature expired",
+    );
+    assert!(err.to_string().contains("check this host's clock"), "{err}");
+    // Two attempts, the second with a freshly signed token.
+    assert_eq!(e.stats().rejected(Rejection::TokenExpired), 2);
+    assert_eq!(e.stats().accepted, 0);
+    assert_eq!(provider.calls(), 2, "one re-sign, not more");
+}
+
+#[tokio::test]
+async fn one_expired_signature_is_cured_by_one_fresh_token() {
+    // The cached token was signed 1 000 s ago (900 s life): the client still thinks it fresh
+    // (its clock says 500 s), the server says expired. One re-sign fixes it.
+    let e = own_emulator(|b| b).await;
+    let provider = SwitchableProvider::new(e.credentials().clone());
+    let clock = HandClock::at(SystemTime::now() - Duration::from_secs(1000));
+    let config = e
+        .config_for("admin")
+        .credentials_provider(provider.clone())
+        .time_source(clock.clone())
+        .build()
+        .unwrap();
+    let connector = DsqlConnector::new(config).await.unwrap();
+    let stale = connector.token().await.unwrap();
+    clock.advance(Duration::from_secs(500));
+    assert_eq!(connector.token().await.unwrap(), stale);
+    let client = connector.connect().await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(e.stats().rejected(Rejection::TokenExpired), 1);
+    assert_eq!(e.stats().accepted, 1);
+    assert_eq!(provider.calls(), 2, "exactly one extra token signed");
+    assert_ne!(connector.token().await.unwrap(), stale);
 }
 
 #[tokio::test]
 async fn token_from_the_future() {
     let later = SystemTime::now() + Duration::from_secs(3600);
     let connector = connector("admin", |b| b.time_source(StaticTimeSource::new(later))).await;
-    assert_token_rejected(
+    assert_denied_by_shared_emulator(
         &connector,
         Rejection::TokenNotYetValid,
+        AccessDeniedReason::Other,
         "Signature not yet current",
     )
     .await;
@@ -116,9 +191,10 @@ async fn token_from_the_future() {
 async fn unknown_access_key() {
     let stranger = Credentials::new("AKIAUNKNOWNKEYEXAMPL", "whatever", None, None, "test");
     let connector = connector("admin", |b| b.credentials_provider(stranger)).await;
-    assert_token_rejected(
+    assert_denied_by_shared_emulator(
         &connector,
         Rejection::TokenUnknownKey,
+        AccessDeniedReason::Other,
         "The security token included in the request is invalid",
     )
     .await;
@@ -135,12 +211,52 @@ async fn tampered_signature() {
         "test",
     );
     let connector = connector("admin", |b| b.credentials_provider(forged)).await;
-    assert_token_rejected(
+    assert_denied_by_shared_emulator(
         &connector,
         Rejection::TokenSignature,
+        AccessDeniedReason::Other,
         "The request signature we calculated does not match the signature you provided",
     )
     .await;
+}
+
+#[tokio::test]
+async fn session_credentials_that_expired_after_signing_are_refused_at_connect() {
+    // Session credentials valid for another 60 s by the emulator's clock sign a 900 s token;
+    // two minutes later the token has not expired, but its credentials have.
+    let now = SystemTime::now();
+    let session = Credentials::new(
+        "ASIASESSIONKEYEXAMPL",
+        "session-secret",
+        Some("session-token".into()),
+        Some(now + Duration::from_secs(60)),
+        "test",
+    );
+    let clock = HandClock::at(now);
+    let e = own_emulator(|b| b.credentials(session.clone()).time_source(clock.clone())).await;
+    let token = TokenSigner::new(e.endpoint(), e.region()).sign(
+        &session,
+        Action::DbConnectAdmin,
+        Duration::from_secs(900),
+        now,
+    );
+    let connector = DsqlConnector::new(e.config_for("admin").build().unwrap())
+        .await
+        .unwrap();
+    let mut config = connector.postgres_config().clone();
+    config.password(token.as_str());
+    let _accepted = config.connect(connector.tls()).await.unwrap();
+    clock.advance(Duration::from_secs(120));
+    let Err(err) = config.connect(connector.tls()).await else {
+        panic!("a token signed with expired session credentials was accepted");
+    };
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "08006");
+    assert_eq!(
+        db.hint(),
+        Some("The security token included in the request is expired")
+    );
+    assert_eq!(e.stats().rejected(Rejection::TokenExpired), 1);
 }
 
 #[tokio::test]
@@ -252,25 +368,10 @@ async fn unknown_role_is_refused_by_postgres() {
     assert!(err.to_string().contains("no_such_role"), "{err}");
 }
 
-/// A clock the test moves by hand.
-#[derive(Debug, Clone)]
-struct HandClock(Arc<std::sync::Mutex<SystemTime>>);
-
-impl aws_smithy_async::time::TimeSource for HandClock {
-    fn now(&self) -> SystemTime {
-        *self.0.lock().unwrap()
-    }
-}
-
 #[tokio::test]
 async fn the_emulators_clock_decides_token_expiry() {
-    let clock = HandClock(Arc::new(std::sync::Mutex::new(SystemTime::now())));
-    let e = DsqlEmulator::builder()
-        .upstream_url(emulator().upstream_url("admin"))
-        .time_source(clock.clone())
-        .start()
-        .await
-        .unwrap();
+    let clock = HandClock::at(SystemTime::now());
+    let e = own_emulator(|b| b.time_source(clock.clone())).await;
     // The connector signs with the system clock; the emulator checks with the hand clock.
     let config = e.config_for("admin").build().unwrap().into_builder();
     let config = config
@@ -279,13 +380,14 @@ async fn the_emulators_clock_decides_token_expiry() {
         .unwrap();
     let connector = DsqlConnector::new(config).await.unwrap();
     connector.connect().await.unwrap();
-    *clock.0.lock().unwrap() += Duration::from_secs(901);
+    clock.advance(Duration::from_secs(901));
     let err = connector.connect().await.unwrap_err();
-    match &err {
-        Error::TokenRejected { message, .. } => {
-            assert!(message.starts_with("Signature expired"), "{message}")
-        }
-        other => panic!("expected TokenRejected, got {other:?}"),
-    }
-    assert_eq!(e.stats().rejected(Rejection::TokenExpired), 1);
+    assert_access_denied(
+        &err,
+        &connector,
+        AccessDeniedReason::SignatureExpired,
+        "Signature expired",
+    );
+    // The first refusal, then the one retry with a fresh (but still too old) token.
+    assert_eq!(e.stats().rejected(Rejection::TokenExpired), 2);
 }

@@ -1,11 +1,13 @@
 //! Fixtures shared by the integration tests.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::{ProvideCredentials, future};
-use tokio_postgres_dsql::emulator::DsqlEmulator;
+use tokio_postgres_dsql::emulator::{DsqlEmulator, DsqlEmulatorBuilder};
 use tokio_postgres_dsql::{DsqlConfigBuilder, DsqlConnector};
 
 /// A second access key the shared emulator accepts, with a session token.
@@ -37,6 +39,21 @@ pub fn emulator() -> &'static DsqlEmulator {
             .start_blocking()
             .expect("the emulator starts (PostgreSQL server binaries are needed)")
     })
+}
+
+/// An emulator of its own (its own counters, limits, clock and faults) in front of the shared
+/// emulator's PostgreSQL, accepting the shared emulator's first credentials.
+pub async fn own_emulator(
+    tune: impl FnOnce(DsqlEmulatorBuilder) -> DsqlEmulatorBuilder,
+) -> DsqlEmulator {
+    tune(
+        DsqlEmulator::builder()
+            .upstream_url(emulator().upstream_url("admin"))
+            .credentials(emulator().credentials().clone()),
+    )
+    .start()
+    .await
+    .expect("the emulator starts")
 }
 
 /// A connector for `user` on the shared emulator, with `tune` applied to its configuration.
@@ -153,5 +170,92 @@ impl ProvideCredentials for SwitchableProvider {
     {
         self.calls.fetch_add(1, Ordering::SeqCst);
         future::ProvideCredentials::ready(Ok(self.current.lock().unwrap().clone()))
+    }
+}
+
+/// A clock the test moves by hand.
+#[derive(Debug, Clone)]
+pub struct HandClock(Arc<Mutex<SystemTime>>);
+
+impl HandClock {
+    pub fn at(time: SystemTime) -> Self {
+        HandClock(Arc::new(Mutex::new(time)))
+    }
+
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap() += by;
+    }
+}
+
+impl aws_smithy_async::time::TimeSource for HandClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// A TCP relay on 127.0.0.1 in front of `target` that can be switched to a black hole: it
+/// then accepts connections and never answers (nor closes them), like a peer behind a dead
+/// route. Its connections end when it is dropped.
+pub struct Relay {
+    address: SocketAddr,
+    forwarding: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr, forwarding: bool) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let forwarding = Arc::new(AtomicBool::new(forwarding));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let (forwarding, accepted) = (forwarding.clone(), accepted.clone());
+            async move {
+                let mut connections = tokio::task::JoinSet::new();
+                while let Ok((mut socket, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    if forwarding.load(Ordering::SeqCst) {
+                        connections.spawn(async move {
+                            if let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut socket, &mut upstream).await;
+                            }
+                        });
+                    } else {
+                        // Hold the socket open, read nothing, answer nothing.
+                        connections.spawn(async move {
+                            std::future::pending::<()>().await;
+                            drop(socket);
+                        });
+                    }
+                }
+            }
+        });
+        Relay {
+            address,
+            forwarding,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn set_forwarding(&self, on: bool) {
+        self.forwarding.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

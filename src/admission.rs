@@ -1,0 +1,262 @@
+//! Connection admission: how a connect failure is classified, how long to wait before trying
+//! again, and the token bucket behind both the client-side connect-rate limit and the
+//! emulator's admission control.
+//!
+//! DSQL refuses connections in two families (`DSQL_FACTS` §3):
+//!
+//! - **access denied** (`FATAL 08006 unable to accept connection, access denied`, the reason in
+//!   HINT): permanent, except `Signature expired`, which is worth one retry with a fresh token;
+//! - **unavailable**: `53400` rate exceeded, `53300` too many open connections, and a cluster
+//!   waking up. Transient: retried with exponential backoff and full jitter inside the connect
+//!   deadline, never with a new token (a new token does not make the cluster admit anyone
+//!   sooner, and signing one costs a credentials call).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{AccessDeniedReason, UnavailableReason};
+
+/// What a server's refusal at connect means for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The token was refused.
+    AccessDenied(AccessDeniedReason),
+    /// The cluster cannot take the connection now.
+    Unavailable(UnavailableReason),
+}
+
+/// Classifies a server error received while connecting from its SQLSTATE, message and hint.
+/// `None`: not one of DSQL's connect refusals (e.g. an unknown role or parameter).
+pub(crate) fn classify(code: &str, message: &str, hint: Option<&str>) -> Option<Refusal> {
+    let message = message.to_ascii_lowercase();
+    if message.contains("access denied") {
+        return Some(Refusal::AccessDenied(AccessDeniedReason::from_hint(
+            hint.unwrap_or_default(),
+        )));
+    }
+    if code == "53400" || message.contains("rate exceeded") {
+        return Some(Refusal::Unavailable(UnavailableReason::RateExceeded));
+    }
+    if code == "53300" || message.contains("too many open connections") {
+        return Some(Refusal::Unavailable(UnavailableReason::TooManyConnections));
+    }
+    if message.contains("waking up") {
+        return Some(Refusal::Unavailable(UnavailableReason::WakingUp));
+    }
+    None
+}
+
+/// The first backoff delay's upper bound after an `Unavailable` refusal.
+pub(crate) const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// The largest backoff delay: short enough that a burst of refused clients drains well inside
+/// the default 30 s connect deadline, long enough to spread them over several seconds.
+pub(crate) const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// The delay after the `refusals`-th refusal (1-based): "full jitter", uniformly random between
+/// zero and `min(cap, base * 2^(refusals-1))`, so clients refused together do not come back
+/// together.
+pub(crate) fn backoff(refusals: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1u32 << refusals.saturating_sub(1).min(20))
+        .min(BACKOFF_CAP);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` stored.
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    state: Mutex<BucketState>,
+}
+
+#[derive(Debug)]
+struct BucketState {
+    rate: f64,
+    burst: f64,
+    /// May be negative: tokens promised to callers that are waiting for them.
+    tokens: f64,
+    updated: Instant,
+}
+
+impl BucketState {
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.updated = self.updated.max(now);
+    }
+}
+
+impl TokenBucket {
+    /// A full bucket. `rate` must be positive and `burst` at least 1 (callers check).
+    pub(crate) fn new(rate: f64, burst: u32) -> Self {
+        TokenBucket {
+            state: Mutex::new(BucketState {
+                rate,
+                burst: f64::from(burst),
+                tokens: f64::from(burst),
+                updated: Instant::now(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BucketState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the rate and burst, keeping the tokens there are (at most the new burst).
+    pub(crate) fn set(&self, rate: f64, burst: u32) {
+        let mut state = self.lock();
+        state.refill(Instant::now());
+        state.rate = rate;
+        state.burst = f64::from(burst);
+        state.tokens = state.tokens.min(state.burst);
+    }
+
+    /// Takes a token if one is there now (the server side: refuse when empty).
+    pub(crate) fn try_take(&self, now: Instant) -> bool {
+        let mut state = self.lock();
+        state.refill(now);
+        if state.tokens >= 1.0 {
+            state.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Reserves the next token and says how long to wait for it (the client side: callers
+    /// queue in arrival order). `None`, with nothing reserved, if the token would come after
+    /// `latest`.
+    pub(crate) fn reserve(&self, now: Instant, latest: Instant) -> Option<Duration> {
+        let mut state = self.lock();
+        state.refill(now);
+        let wait = if state.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - state.tokens) / state.rate)
+        };
+        if now + wait > latest {
+            return None;
+        }
+        state.tokens -= 1.0;
+        Some(wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dsql_refusals_are_classified() {
+        use AccessDeniedReason as D;
+        use UnavailableReason as U;
+        let denied = "unable to accept connection, access denied";
+        for (code, message, hint, expected) in [
+            (
+                "08006",
+                denied,
+                Some("Signature expired: x"),
+                Some(Refusal::AccessDenied(D::SignatureExpired)),
+            ),
+            (
+                "08006",
+                denied,
+                Some("Wrong user to action mapping. user: admin, action: DbConnect"),
+                Some(Refusal::AccessDenied(D::WrongAction)),
+            ),
+            ("08006", denied, None, Some(Refusal::AccessDenied(D::Other))),
+            (
+                "53400",
+                "Unable to accept connection, rate exceeded.",
+                None,
+                Some(Refusal::Unavailable(U::RateExceeded)),
+            ),
+            (
+                "53300",
+                "Unable to accept connection, too many open connections.",
+                None,
+                Some(Refusal::Unavailable(U::TooManyConnections)),
+            ),
+            (
+                "08006",
+                "unable to accept connection, waking up cluster, please retry later",
+                None,
+                Some(Refusal::Unavailable(U::WakingUp)),
+            ),
+            (
+                "53300",
+                "sorry, too many clients already",
+                None,
+                Some(Refusal::Unavailable(U::TooManyConnections)),
+            ),
+            ("28000", "role \"nobody\" does not exist", None, None),
+            (
+                "0A000",
+                "setting configuration parameter \"x\" not supported",
+                None,
+                None,
+            ),
+        ] {
+            assert_eq!(classify(code, message, hint), expected, "{code} {message}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_growing_capped_ceiling() {
+        for refusals in 1..40 {
+            let ceiling = BACKOFF_BASE
+                .saturating_mul(1 << (refusals - 1).min(20))
+                .min(BACKOFF_CAP);
+            let samples: Vec<Duration> = (0..500).map(|_| backoff(refusals)).collect();
+            assert!(samples.iter().all(|d| *d <= ceiling), "{refusals}");
+            // Spread over the whole range, from near zero to near the ceiling.
+            let min = samples.iter().min().unwrap();
+            let max = samples.iter().max().unwrap();
+            assert!(*min < ceiling / 10 && *max > ceiling * 9 / 10, "{refusals}");
+        }
+        assert_eq!(BACKOFF_CAP, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bucket_refuses_when_empty_and_refills_at_its_rate() {
+        let bucket = TokenBucket::new(5.0, 2);
+        let t0 = Instant::now();
+        assert!(bucket.try_take(t0));
+        assert!(bucket.try_take(t0));
+        assert!(!bucket.try_take(t0));
+        assert!(!bucket.try_take(t0 + Duration::from_millis(150)));
+        assert!(bucket.try_take(t0 + Duration::from_millis(200)));
+        // Never more than the burst, however long it rests.
+        let later = t0 + Duration::from_secs(3600);
+        assert!(bucket.try_take(later) && bucket.try_take(later));
+        assert!(!bucket.try_take(later));
+    }
+
+    #[test]
+    fn reservations_queue_in_order_and_respect_the_latest_time() {
+        let bucket = TokenBucket::new(4.0, 1);
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(60);
+        let waits: Vec<Duration> = (0..5).map(|_| bucket.reserve(t0, far).unwrap()).collect();
+        let millis: Vec<u128> = waits.iter().map(|w| w.as_millis()).collect();
+        assert_eq!(millis, vec![0, 250, 500, 750, 1000]);
+        // The sixth would wait 1.25 s: refused with a 1 s limit, and nothing is reserved.
+        assert_eq!(bucket.reserve(t0, t0 + Duration::from_secs(1)), None);
+        assert_eq!(
+            bucket.reserve(t0, far).unwrap().as_millis(),
+            1250,
+            "the refused reservation took no token"
+        );
+    }
+
+    #[test]
+    fn set_changes_the_rate_and_clamps_the_tokens() {
+        let bucket = TokenBucket::new(100.0, 1000);
+        bucket.set(5.0, 2);
+        let t0 = Instant::now();
+        assert!(bucket.try_take(t0) && bucket.try_take(t0));
+        assert!(!bucket.try_take(t0));
+    }
+}
