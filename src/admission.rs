@@ -105,6 +105,7 @@ impl TokenBucket {
     }
 
     /// Changes the rate and burst, keeping the tokens there are (at most the new burst).
+    #[cfg(any(test, feature = "emulator"))]
     pub(crate) fn set(&self, rate: f64, burst: u32) {
         let mut state = self.lock();
         state.refill(Instant::now());
@@ -114,6 +115,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if one is there now (the server side: refuse when empty).
+    #[cfg(any(test, feature = "emulator"))]
     pub(crate) fn try_take(&self, now: Instant) -> bool {
         let mut state = self.lock();
         state.refill(now);

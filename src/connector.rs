@@ -280,6 +280,20 @@ impl DsqlConnector {
         &self.inner.postgres
     }
 
+    /// Turns the error of a connect made outside the connector (with
+    /// [`postgres_config`](Self::postgres_config), [`tls`](Self::tls) and a
+    /// [`token`](Self::token), e.g. by another pool) into this crate's typed error, exactly as
+    /// [`connect`](Self::connect) does: [`Error::AccessDenied`] with the HINT's reason,
+    /// [`Error::Unavailable`], [`Error::Tls`] or [`Error::Connect`]. On access denied the cached
+    /// token is dropped, so the next [`token`](Self::token) asks the credentials provider again.
+    pub fn classify_connect_error(&self, source: tokio_postgres::Error) -> Error {
+        let error = self.connect_error(source, 1);
+        if matches!(error, Error::AccessDenied { .. }) {
+            self.inner.tokens.invalidate();
+        }
+        error
+    }
+
     /// Classifies a failed attempt (see [`admission::classify`]).
     fn connect_error(&self, source: tokio_postgres::Error, attempts: u32) -> Error {
         let endpoint = self.inner.described.clone();
@@ -446,6 +460,7 @@ mod tests {
     use super::*;
     use crate::test_support::{CountingProvider, ManualClock};
     use aws_credential_types::Credentials;
+    use std::time::Duration;
 
     #[test]
     fn options_are_escaped() {
@@ -500,6 +515,12 @@ mod tests {
             ))
         );
         assert_eq!(pg.get_password(), None);
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(10)));
+        assert!(pg.get_keepalives());
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(pg.get_keepalives_interval(), Some(Duration::from_secs(15)));
+        assert_eq!(pg.get_keepalives_retries(), Some(3));
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
         let token = connector.token().await.unwrap();
         assert!(token.as_str().starts_with(
             "abcdefghijklmnopqrstuvwxyz.dsql.eu-west-1.on.aws/?Action=DbConnectAdmin&"

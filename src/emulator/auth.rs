@@ -44,6 +44,9 @@ pub(crate) struct Verifier {
     pub(crate) clock: SharedTimeSource,
     /// How far `X-Amz-Date` may be ahead of the server's clock.
     pub(crate) max_skew: Duration,
+    /// Access keys whose IAM identity lost `dsql:DbConnect*` (see
+    /// [`DsqlEmulator::revoke_access`](super::DsqlEmulator::revoke_access)).
+    pub(crate) revoked: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Verifier {
@@ -212,9 +215,31 @@ impl Verifier {
                 "The request signature we calculated does not match the signature you provided",
             ));
         }
+        // Authorization comes after authentication, as in IAM.
+        if self
+            .revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(access_key)
+        {
+            let cluster_id = self.endpoint.split('.').next().unwrap_or_default();
+            return Err(refuse(
+                Rejection::NotAuthorized,
+                format!(
+                    "User: arn:aws:iam::{EMULATED_ACCOUNT}:user/{access_key} is not authorized \
+                     to perform: dsql:{action} on resource: \
+                     arn:aws:dsql:{}:{EMULATED_ACCOUNT}:cluster/{cluster_id} because no \
+                     identity-based policy allows the dsql:{action} action",
+                    self.region
+                ),
+            ));
+        }
         Ok(())
     }
 }
+
+/// The AWS account the emulator's IAM messages name.
+const EMULATED_ACCOUNT: &str = "000000000000";
 
 fn hmac_key(key: &[u8]) -> HmacSha256 {
     <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length")
@@ -339,6 +364,7 @@ mod tests {
             ],
             clock: SharedTimeSource::new(StaticTimeSource::new(at(now))),
             max_skew: Duration::from_secs(300),
+            revoked: Default::default(),
         }
     }
 
@@ -463,6 +489,31 @@ mod tests {
         assert_eq!(
             reason(v.verify("app", &format!("{good}&Action=DbConnect"))),
             Rejection::TokenMalformed
+        );
+    }
+
+    #[test]
+    fn a_revoked_identity_is_not_authorized() {
+        let v = verifier(T0 + 10);
+        let good = token("AK1", "secret/+=", None, Action::DbConnectAdmin, 900);
+        v.verify("admin", &good).unwrap();
+        v.revoked.lock().unwrap().insert("AK1".into());
+        let refusal = v.verify("admin", &good).unwrap_err();
+        assert_eq!(refusal.reason, Rejection::NotAuthorized);
+        assert!(
+            refusal.hint.starts_with(
+                "User: arn:aws:iam::000000000000:user/AK1 is not authorized to perform: \
+                 dsql:DbConnectAdmin on resource: arn:aws:dsql:us-east-1:000000000000:cluster/\
+                 abcdefghijklmnopqrstuvwxyz"
+            ),
+            "{}",
+            refusal.hint
+        );
+        // A bad signature is still a bad signature.
+        let forged = token("AK1", "wrong", None, Action::DbConnectAdmin, 900);
+        assert_eq!(
+            reason(v.verify("admin", &forged)),
+            Rejection::TokenSignature
         );
     }
 

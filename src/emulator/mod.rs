@@ -117,6 +117,9 @@ pub enum Rejection {
     TokenUnknownKey,
     /// A signature that does not match.
     TokenSignature,
+    /// A valid token from an IAM identity without `dsql:DbConnect*`
+    /// ([`DsqlEmulator::revoke_access`]).
+    NotAuthorized,
     /// The upstream PostgreSQL refused the session (e.g. the role does not exist) or is down.
     Upstream,
     /// The new-connection rate limit was exceeded (`53400`).
@@ -438,6 +441,7 @@ impl DsqlEmulatorBuilder {
                     .time_source
                     .unwrap_or_else(|| SharedTimeSource::new(SystemTimeSource::new())),
                 max_skew: Duration::from_secs(300),
+                revoked: Default::default(),
             },
             cluster_id,
             tls_config: certs.server_config,
@@ -660,6 +664,25 @@ impl DsqlEmulator {
             .waking_until
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + duration);
+    }
+
+    /// Takes `dsql:DbConnect` and `dsql:DbConnectAdmin` away from the IAM identity of
+    /// `access_key_id` (as removing its policy would): its tokens still verify, and are then
+    /// refused with HINT `User: arn:aws:iam::…:user/<key> is not authorized to perform:
+    /// dsql:DbConnect… on resource: …` (counted as [`Rejection::NotAuthorized`]). `false`
+    /// gives the access back.
+    pub fn revoke_access(&self, access_key_id: &str, revoked: bool) {
+        let mut set = self
+            .shared
+            .verifier
+            .revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if revoked {
+            set.insert(access_key_id.to_owned());
+        } else {
+            set.remove(access_key_id);
+        }
     }
 
     /// Changes the new-connection rate limit (see

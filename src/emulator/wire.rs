@@ -162,10 +162,10 @@ mod tests {
 
     #[test]
     fn fatal_carries_code_and_message() {
-        let message = fatal("28000", "nope", None);
+        let message = fatal("53300", "nope", None);
         assert_eq!(message[0], b'E');
         assert_eq!(error_message(&message[5..]), "nope");
-        assert!(message.windows(6).any(|w| w == b"C28000"));
+        assert!(message.windows(6).any(|w| w == b"C53300"));
         assert!(!message.windows(2).any(|w| w == b"\0H"));
         let message = fatal("08006", "denied", Some("why"));
         assert!(message.windows(5).any(|w| w == b"Hwhy\0"));

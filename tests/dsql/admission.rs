@@ -249,3 +249,27 @@ async fn a_hung_pool_connect_times_out_and_frees_its_slot() {
     conn.simple_query("SELECT 1").await.unwrap();
     assert_eq!(e.stats().accepted, 1);
 }
+
+#[tokio::test]
+async fn a_permanent_refusal_through_the_pool_is_tried_once() {
+    let e = own_emulator(|b| b).await;
+    let stranger = aws_credential_types::Credentials::new(
+        "AKIAUNKNOWNKEYEXAMPL",
+        "whatever",
+        None,
+        None,
+        "test",
+    );
+    let connector = connector_for(&e, |b| b.credentials_provider(stranger)).await;
+    let pool = connector
+        .pool_builder()
+        .max_size(1)
+        .min_idle(None)
+        .connection_timeout(Duration::from_secs(1))
+        .build_unchecked(tokio_postgres_dsql::DsqlConnectionManager::new(
+            connector.clone(),
+        ));
+    assert!(pool.get().await.is_err());
+    // bb8 used to try it again and again until its connection timeout.
+    assert_eq!(e.stats().rejected(Rejection::TokenUnknownKey), 1);
+}

@@ -119,6 +119,51 @@ async fn wrong_action_for_the_role() {
         Some("Wrong user to action mapping. user: admin, action: DbConnect")
     );
     assert_eq!(e.stats().rejected(Rejection::TokenAction), before + 1);
+    // Classified as the connector would.
+    let err = connector.classify_connect_error(err);
+    assert_access_denied(
+        &err,
+        &connector,
+        AccessDeniedReason::WrongAction,
+        "Wrong user to action mapping. user: admin, action: DbConnect",
+    );
+    assert!(err.to_string().contains("DbConnectAdmin tokens"), "{err}");
+}
+
+#[tokio::test]
+async fn an_identity_without_the_iam_permission_is_not_authorized() {
+    let e = own_emulator(|b| b).await;
+    let provider = SwitchableProvider::new(e.credentials().clone());
+    let config = e
+        .config_for("admin")
+        .credentials_provider(provider.clone())
+        .build()
+        .unwrap();
+    let connector = DsqlConnector::new(config).await.unwrap();
+    connector.connect().await.unwrap();
+    e.revoke_access(e.credentials().access_key_id(), true);
+    let err = connector.connect().await.unwrap_err();
+    assert_access_denied(
+        &err,
+        &connector,
+        AccessDeniedReason::NotAuthorized,
+        &format!(
+            "User: arn:aws:iam::000000000000:user/{} is not authorized to perform: \
+             dsql:DbConnectAdmin",
+            e.credentials().access_key_id()
+        ),
+    );
+    assert!(err.to_string().contains("AWS IAM GRANT"), "{err}");
+    assert_eq!(
+        e.stats().rejected(Rejection::NotAuthorized),
+        1,
+        "not retried"
+    );
+    // The refused token was dropped: the next connect asks the provider again.
+    let calls = provider.calls();
+    e.revoke_access(e.credentials().access_key_id(), false);
+    connector.connect().await.unwrap();
+    assert_eq!(provider.calls(), calls + 1);
 }
 
 #[tokio::test]
