@@ -318,6 +318,13 @@ impl DsqlConnector {
                 }
                 None => {}
             }
+            if db.code().code() == "28000" && db.message().ends_with("does not exist") {
+                return Error::UnknownRole {
+                    endpoint,
+                    role: self.inner.config.user.clone(),
+                    source,
+                };
+            }
         }
         if is_tls_failure(&source) {
             return Error::Tls {

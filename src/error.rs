@@ -116,6 +116,21 @@ pub enum Error {
         during: &'static str,
     },
 
+    /// The token was accepted, but the database role does not exist (`28000 role "…" does not
+    /// exist`): create it as `admin` (`CREATE ROLE … WITH LOGIN`, then `AWS IAM GRANT`), or fix
+    /// the configured `user`. Permanent.
+    #[error("could not connect to {endpoint}: the role `{role}` does not exist")]
+    #[non_exhaustive]
+    UnknownRole {
+        /// The endpoint (and dialled address, if different).
+        endpoint: String,
+        /// The role that was asked for.
+        role: String,
+        /// The server's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     /// The connection could not be opened, or the server refused the session for another
     /// reason (I/O error, closed socket, unknown role, unsupported startup parameter, ...).
     #[error("could not connect to {endpoint}{}", server_detail(source))]
@@ -123,6 +138,17 @@ pub enum Error {
     Connect {
         /// The endpoint (and dialled address, if different).
         endpoint: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// A query failed: the database's error (or a lost connection) while running SQL, for
+    /// example inside a [`retry_transaction`](crate::retry_transaction) body. `Display` shows
+    /// the server's severity, code and message; the `tokio_postgres::Error` is the source.
+    #[error("query failed{}", server_detail(source))]
+    #[non_exhaustive]
+    Query {
         /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
@@ -179,6 +205,8 @@ impl Error {
             Error::AccessDenied { source, .. }
             | Error::Unavailable { source, .. }
             | Error::Connect { source, .. }
+            | Error::UnknownRole { source, .. }
+            | Error::Query { source, .. }
             | Error::Tls { source, .. } => source.code(),
             _ => None,
         }
@@ -214,6 +242,13 @@ impl Error {
             },
             _ => false,
         }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    /// A query's error: [`Error::Query`].
+    fn from(source: tokio_postgres::Error) -> Self {
+        Error::Query { source }
     }
 }
 

@@ -9,11 +9,14 @@
 //! - [`TokenSigner`]: a pure, synchronous token signer that reproduces `aws-sdk-dsql`'s tokens
 //!   and reuses the SigV4 signing key.
 //! - [`DsqlConnector`]: region and credentials (`aws-config`'s default chain or your provider),
-//!   one cached token shared by all connections, rustls with verify-full and SNI, direct TLS.
-//! - [`DsqlConnector::pool`]: a `bb8` pool whose connections are recycled before DSQL's one-hour
-//!   cut, with jitter, and never handed out closed or past their deadline.
-//! - [`transaction_with_retry`]: re-runs a whole transaction on an optimistic-concurrency
-//!   conflict (`40001`, `OC000`/`OC001`), with backoff and jitter.
+//!   one cached token shared by all connections, rustls with verify-full and SNI, direct TLS;
+//!   DSQL's refusals as typed errors ([`Error::AccessDenied`], [`Error::Unavailable`]), the
+//!   transient ones retried with backoff inside a connect deadline.
+//! - [`DsqlConnector::pool`]: a [`DsqlPool`] (`bb8`) whose connections are recycled before
+//!   DSQL's one-hour cut, with jitter, and whose checkouts return the connect error itself.
+//! - [`retry_transaction`]: re-runs a whole transaction on an optimistic-concurrency conflict
+//!   (`40001`, `OC000`/`OC001`), with backoff and jitter; its future is `Send`, for spawned
+//!   tasks and handlers ([`transaction_with_retry`] is the async-closure form).
 //! - `emulator::DsqlEmulator` (feature `emulator`): a local DSQL endpoint in front of a real
 //!   PostgreSQL that verifies tokens like the service, for offline tests.
 //!
@@ -35,6 +38,8 @@
 //! | `aws-lc-rs` | yes | rustls crypto provider used when the application has not installed one |
 //! | `ring` | no | the same with `ring` (used only when `aws-lc-rs` is off) |
 //! | `emulator` | no | a local DSQL emulator in front of a real PostgreSQL, for tests |
+//! | `anyhow` | no | [`AsOccConflict`] for `anyhow::Error` |
+//! | `with-uuid-1`, `with-time-0_3`, `with-chrono-0_4`, `with-serde_json-1` | no | tokio-postgres's support for those crates' types |
 //!
 //! The library never installs a process-wide crypto provider: if your application calls
 //! `rustls::crypto::CryptoProvider::install_default`, that provider is used.
@@ -59,14 +64,73 @@ mod test_support;
 pub use config::{DsqlConfig, DsqlConfigBuilder, RootCerts, SslMode, SslNegotiation};
 pub use connector::DsqlConnector;
 pub use error::{AccessDeniedReason, Error, UnavailableReason};
-pub use pool::{DsqlConnection, DsqlConnectionManager};
+pub use pool::{DsqlConnection, DsqlConnectionManager, DsqlPool, DsqlPooledConnection};
 pub use retry::{
-    AsClient, AsOccConflict, OccConflict, RetryError, RetryPolicy, transaction_with_retry,
+    AsClient, AsOccConflict, OccConflict, RetryError, RetryPolicy, Tx, retry_transaction,
+    transaction_with_retry,
 };
+
+// The crates whose types appear in this crate's API, so that a service can name them without
+// depending on them (and on the right versions) itself.
+pub use aws_credential_types;
+pub use aws_credential_types::Credentials;
+pub use aws_credential_types::provider::ProvideCredentials;
+pub use bb8;
 pub use tls::DsqlTls;
 pub use token::{Action, AuthToken, TokenSigner};
+pub use tokio_postgres;
 
 /// The README's examples, compiled and run as doctests (they use the emulator).
 #[cfg(all(doctest, feature = "emulator"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod readme_tests {
+    /// Every crate a README snippet names at the start of a path (`name::…`). The README's
+    /// "In your service" block lists exactly `tokio-postgres-dsql` and `tokio`; everything else
+    /// must come through this crate's re-exports, or the snippets would not compile in a
+    /// service that copies that block.
+    #[test]
+    fn readme_snippets_use_only_the_dependencies_the_readme_lists() {
+        let readme = include_str!("../README.md");
+        let mut roots = std::collections::BTreeSet::new();
+        let mut in_rust = false;
+        for line in readme.lines() {
+            if line.starts_with("```") {
+                in_rust = line.starts_with("```rust");
+                continue;
+            }
+            if !in_rust {
+                continue;
+            }
+            let bytes = line.as_bytes();
+            for (at, _) in line.match_indices("::") {
+                let start = line[..at]
+                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .map_or(0, |i| i + 1);
+                let name = &line[start..at];
+                let before = start.checked_sub(1).map(|i| bytes[i]);
+                let is_path_start = !matches!(before, Some(b':') | Some(b'.'));
+                if is_path_start
+                    && name.starts_with(|c: char| c.is_ascii_lowercase())
+                    && !name.is_empty()
+                {
+                    roots.insert(name.to_owned());
+                }
+            }
+        }
+        let allowed = ["std", "tokio", "tokio_postgres_dsql"];
+        let extra: Vec<_> = roots
+            .iter()
+            .filter(|r| !allowed.contains(&r.as_str()))
+            .collect();
+        assert!(extra.is_empty(), "README snippets name {extra:?}");
+        assert!(roots.contains("tokio_postgres_dsql"), "{roots:?}");
+        assert!(
+            readme.contains("[dependencies]\ntokio-postgres-dsql = ")
+                && readme.contains("\ntokio = { version = \"1\""),
+            "the dependency block changed: update `allowed` with it"
+        );
+    }
+}

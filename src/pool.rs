@@ -1,7 +1,17 @@
 //! A `bb8` pool for DSQL: connections recycled before the server's one-hour cut, with jitter,
-//! and never handed out closed or past their deadline.
+//! never handed out past their deadline or once known to be closed, and checkouts that return
+//! the connect error itself.
+//!
+//! What "closed" can mean here: the pool sees a connection as closed once its connection task
+//! has seen the socket end. A connection the server closed a moment before a checkout (a
+//! failover, the emulator's `drop_all_connections`) can be handed out once more; its first query
+//! fails with a closed-connection error, the pool drops it when it is returned, and the next
+//! checkout gets another.
 
+use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -103,6 +113,68 @@ pub struct DsqlConnectionManager {
     max_lifetime: Duration,
     jitter: Duration,
     ping_after_idle: Duration,
+    failures: Arc<ConnectFailures>,
+}
+
+/// Connect errors handed from the manager (in bb8's background connect) to the checkouts
+/// waiting in [`DsqlPool::get`]: bb8 itself never returns a connect error from a checkout.
+#[derive(Debug, Default)]
+struct ConnectFailures {
+    /// `DsqlPool::get` calls waiting now.
+    waiting: AtomicUsize,
+    errors: Mutex<VecDeque<(Instant, Error)>>,
+    notify: tokio::sync::Notify,
+}
+
+impl ConnectFailures {
+    /// At most this many errors are kept for waiters (one per waiting checkout is enough).
+    const KEEP: usize = 64;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Error)>> {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `error` to a waiting checkout if there is one; gives it back otherwise.
+    fn offer(&self, error: Error) -> Result<(), Error> {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return Err(error);
+        }
+        let mut errors = self.lock();
+        if errors.len() >= Self::KEEP {
+            errors.pop_front();
+        }
+        errors.push_back((Instant::now(), error));
+        drop(errors);
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    /// The oldest error that happened at or after `since`; older ones are dropped.
+    fn take_since(&self, since: Instant) -> Option<Error> {
+        let mut errors = self.lock();
+        while let Some((at, error)) = errors.pop_front() {
+            if at >= since {
+                return Some(error);
+            }
+        }
+        None
+    }
+}
+
+/// Counts a waiting checkout while alive.
+struct Waiting<'a>(&'a ConnectFailures);
+
+impl<'a> Waiting<'a> {
+    fn new(failures: &'a ConnectFailures) -> Self {
+        failures.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(failures)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl DsqlConnectionManager {
@@ -115,6 +187,7 @@ impl DsqlConnectionManager {
             max_lifetime,
             jitter: max_lifetime / JITTER_FRACTION,
             ping_after_idle: DEFAULT_PING_AFTER_IDLE,
+            failures: Arc::default(),
         }
     }
 
@@ -161,8 +234,16 @@ impl bb8::ManageConnection for DsqlConnectionManager {
             .connector
             .connect_within(deadline, Retry::Transient)
             .await
-            .inspect_err(|error| {
+            .map_err(|error| {
                 tracing::warn!(%error, "the pool could not open a DSQL connection");
+                // A checkout waiting in `DsqlPool::get` gets the error itself; bb8, which only
+                // logs it, gets a stand-in.
+                match self.failures.offer(error) {
+                    Ok(()) => Error::Unusable {
+                        reason: "the connect failed; its error went to a waiting checkout",
+                    },
+                    Err(error) => error,
+                }
             })?;
         Ok(DsqlConnection {
             client,
@@ -213,6 +294,99 @@ impl From<bb8::RunError<Error>> for Error {
     }
 }
 
+/// A pooled connection checked out of a [`DsqlPool`].
+pub type DsqlPooledConnection<'a> = bb8::PooledConnection<'a, DsqlConnectionManager>;
+
+/// A `bb8` pool of DSQL connections ([`DsqlConnector::pool`]): everything a
+/// `bb8::Pool<DsqlConnectionManager>` is (it derefs to one), with checkouts that return this
+/// crate's [`Error`], so `pool.get().await?` works in any function whose error type converts
+/// from [`Error`].
+///
+/// What a checkout returns when no connection can be had:
+///
+/// - when the connect the pool started for it fails (access denied, TLS, an unknown role,
+///   or a transient failure that lasted past the connect deadline), **that error**, as soon as
+///   the connect gives up: a permanent refusal is returned after one attempt, not after the
+///   pool's `connection_timeout`;
+/// - otherwise [`Error::PoolTimeout`] once `connection_timeout` (10 s) passes: every
+///   connection busy, or connects still being retried.
+///
+/// Cheap to clone (bb8's pool is an `Arc` inside).
+#[derive(Clone)]
+pub struct DsqlPool {
+    pool: bb8::Pool<DsqlConnectionManager>,
+    failures: Arc<ConnectFailures>,
+}
+
+impl std::fmt::Debug for DsqlPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DsqlPool")
+            .field("state", &self.pool.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deref for DsqlPool {
+    type Target = bb8::Pool<DsqlConnectionManager>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.pool
+    }
+}
+
+impl From<DsqlPool> for bb8::Pool<DsqlConnectionManager> {
+    fn from(pool: DsqlPool) -> Self {
+        pool.pool
+    }
+}
+
+impl DsqlPool {
+    /// Wraps a pool built with [`DsqlConnector::pool_builder`] and `manager` (the manager it was
+    /// built with, or a clone of it: the two share where connect errors go).
+    pub fn new(pool: bb8::Pool<DsqlConnectionManager>, manager: &DsqlConnectionManager) -> Self {
+        DsqlPool {
+            pool,
+            failures: manager.failures.clone(),
+        }
+    }
+
+    /// Checks out a connection (see the type's docs for the errors).
+    pub async fn get(&self) -> Result<DsqlPooledConnection<'_>, Error> {
+        self.checkout(self.pool.get()).await
+    }
+
+    /// Checks out a connection that does not borrow the pool (for `'static` tasks).
+    pub async fn get_owned(&self) -> Result<DsqlPooledConnection<'static>, Error> {
+        self.checkout(self.pool.get_owned()).await
+    }
+
+    /// The `bb8` pool.
+    pub fn inner(&self) -> &bb8::Pool<DsqlConnectionManager> {
+        &self.pool
+    }
+
+    async fn checkout<C>(
+        &self,
+        checkout: impl std::future::Future<Output = Result<C, bb8::RunError<Error>>>,
+    ) -> Result<C, Error> {
+        let started = Instant::now();
+        let _waiting = Waiting::new(&self.failures);
+        let mut checkout = std::pin::pin!(checkout);
+        loop {
+            let mut failed = std::pin::pin!(self.failures.notify.notified());
+            failed.as_mut().enable();
+            if let Some(error) = self.failures.take_since(started) {
+                return Err(error);
+            }
+            tokio::select! {
+                biased;
+                result = &mut checkout => return result.map_err(Error::from),
+                () = failed => {}
+            }
+        }
+    }
+}
+
 impl DsqlConnector {
     /// A `bb8` pool with DSQL defaults, each chosen for a reason:
     ///
@@ -234,11 +408,21 @@ impl DsqlConnector {
     /// never answers holds a pool slot for at most that long.
     ///
     /// Connections get individual recycle deadlines (see [`DsqlConnectionManager`]). Opens
-    /// [`DEFAULT_MIN_IDLE`] connection before returning, so a bad configuration fails here.
-    pub async fn pool(&self) -> Result<bb8::Pool<DsqlConnectionManager>, Error> {
-        self.pool_builder()
-            .build(DsqlConnectionManager::new(self.clone()))
-            .await
+    /// [`DEFAULT_MIN_IDLE`] connection before returning, so a bad configuration fails here, at
+    /// once, with the connect error itself.
+    pub async fn pool(&self) -> Result<DsqlPool, Error> {
+        self.pool_with(|builder| builder).await
+    }
+
+    /// [`pool`](Self::pool) with the defaults changed by `tune`, e.g.
+    /// `connector.pool_with(|b| b.max_size(32)).await?`.
+    pub async fn pool_with(
+        &self,
+        tune: impl FnOnce(bb8::Builder<DsqlConnectionManager>) -> bb8::Builder<DsqlConnectionManager>,
+    ) -> Result<DsqlPool, Error> {
+        let manager = DsqlConnectionManager::new(self.clone());
+        let pool = tune(self.pool_builder()).build(manager.clone()).await?;
+        Ok(DsqlPool::new(pool, &manager))
     }
 
     /// The builder behind [`pool`](Self::pool), with the same defaults, to tune before

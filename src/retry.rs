@@ -1,23 +1,154 @@
 //! Optimistic-concurrency retry: DSQL reports write conflicts as SQLSTATE `40001` (`OC000` data,
 //! `OC001` schema), usually at `COMMIT`. The fix is to run the whole transaction again.
 //!
+//! Two helpers run a transaction body again on a conflict, with backoff:
+//!
+//! - [`retry_transaction`]: the body is a closure returning a future, `|tx| async move { … }`,
+//!   that gets a [`Tx`] handle. It works everywhere, including inside `tokio::spawn`, axum
+//!   handlers and `&self` methods, and needs no `Box::pin` and no type annotation when the call
+//!   is the function's tail expression. **Use it in services.**
+//! - [`transaction_with_retry`]: the body is an async closure, `async |tx| { … }`, that gets a
+//!   `&mut tokio_postgres::Transaction`. Fine in `main`, tests and scripts; but a future that
+//!   calls it with a closure capturing any reference is not `Send` to today's compiler
+//!   (`implementation of Send is not general enough`), so it cannot go into `tokio::spawn`.
+//!
 //! ```no_run
-//! use tokio_postgres_dsql::{DsqlConnector, RetryPolicy, transaction_with_retry};
-//! # async fn run(connector: DsqlConnector) -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = connector.pool().await?;
-//! let mut conn = pool.get().await?;
-//! let balance: i64 = transaction_with_retry(&mut conn, &RetryPolicy::default(), async |tx| {
-//!     tx.execute("UPDATE account SET balance = balance - 10 WHERE id = 1", &[]).await?;
-//!     let row = tx.query_one("SELECT balance FROM account WHERE id = 1", &[]).await?;
-//!     Ok::<_, tokio_postgres::Error>(row.get(0))
-//! })
-//! .await?;
-//! # Ok(()) }
+//! use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction};
+//!
+//! struct Accounts {
+//!     pool: DsqlPool,
+//! }
+//!
+//! impl Accounts {
+//!     /// Moves `amount` between two accounts; a conflict re-runs the whole transaction.
+//!     async fn transfer(&self, from: i64, to: i64, amount: i64) -> Result<i64, Error> {
+//!         let mut conn = self.pool.get().await?;
+//!         retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+//!             tx.execute("UPDATE account SET balance = balance - $1 WHERE id = $2", &[&amount, &from])
+//!                 .await?;
+//!             tx.execute("UPDATE account SET balance = balance + $1 WHERE id = $2", &[&amount, &to])
+//!                 .await?;
+//!             let row = tx.query_one("SELECT balance FROM account WHERE id = $1", &[&from]).await?;
+//!             Ok(row.get(0))
+//!         })
+//!         .await
+//!     }
+//! }
+//!
+//! # async fn run(accounts: std::sync::Arc<Accounts>) {
+//! // The future is Send: it can be spawned, or returned from an axum handler.
+//! tokio::spawn(async move { accounts.transfer(1, 2, 10).await });
+//! # }
 //! ```
+//!
+//! # What compiles inside `tokio::spawn`
+//!
+//! | body | inside `tokio::spawn` / an axum handler |
+//! |---|---|
+//! | `retry_transaction(…, \|tx\| async move { … })` capturing `&self`, `&str`, `&AtomicU32`, copies | compiles |
+//! | the same capturing an owned `String` or `Vec` | does not: `async move` moves it out of an `FnMut` closure. Fix: `let name = name.as_str();` (or `&vec`) before the closure, and capture the reference |
+//! | `transaction_with_retry(…, async \|tx\| { … })` capturing only owned values (`async move \|tx\|`) | compiles |
+//! | `transaction_with_retry(…, async \|tx\| { … })` capturing any reference (`&self`, a `&str`) | does not: `implementation of Send is not general enough`; the compiler cannot prove the async closure's future `Send` for every lifetime. Fix: use `retry_transaction` |
+//!
+//! State that must survive across attempts goes through references (`&AtomicU32`, a
+//! `&Mutex<…>`): `async move` copies a captured `u32`, so `count += 1` inside the body would
+//! change a copy. Better still, return values from the body.
+//!
+//! The rows above, as doctests. Each pair differs only in the point the row is about.
+//!
+//! ```no_run
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction};
+//! struct Owners { pool: DsqlPool, sql: &'static str }
+//! impl Owners {
+//!     async fn touch(&self, id: i64) -> Result<(), Error> {
+//!         let mut conn = self.pool.get().await?;
+//!         retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+//!             tx.execute(self.sql, &[&id]).await?;
+//!             Ok(())
+//!         })
+//!         .await
+//!     }
+//! }
+//! fn spawn(owners: std::sync::Arc<Owners>) {
+//!     tokio::spawn(async move { owners.touch(1).await });
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, transaction_with_retry};
+//! struct Owners { pool: DsqlPool, sql: &'static str }
+//! impl Owners {
+//!     async fn touch(&self, id: i64) -> Result<(), Error> {
+//!         let mut conn = self.pool.get().await?;
+//!         transaction_with_retry(&mut conn, &RetryPolicy::default(), async |tx| {
+//!             tx.execute(self.sql, &[&id]).await?;
+//!             Ok(())
+//!         })
+//!         .await
+//!         .map_err(|e| e.into_inner())
+//!     }
+//! }
+//! fn spawn(owners: std::sync::Arc<Owners>) {
+//!     // error: implementation of `Send` is not general enough
+//!     tokio::spawn(async move { owners.touch(1).await });
+//! }
+//! ```
+//!
+//! ```no_run
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction};
+//! async fn rename(pool: &DsqlPool, id: i64, name: String) -> Result<(), Error> {
+//!     let mut conn = pool.get().await?;
+//!     let name = name.as_str();
+//!     retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+//!         tx.execute("UPDATE owner SET name = $1 WHERE id = $2", &[&name, &id]).await?;
+//!         Ok(())
+//!     })
+//!     .await
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction};
+//! async fn rename(pool: &DsqlPool, id: i64, name: String) -> Result<(), Error> {
+//!     let mut conn = pool.get().await?;
+//!     // error: cannot move out of `name`, a captured variable in an `FnMut` closure
+//!     retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+//!         tx.execute("UPDATE owner SET name = $1 WHERE id = $2", &[&name, &id]).await?;
+//!         Ok(())
+//!     })
+//!     .await
+//! }
+//! ```
+//!
+//! ```no_run
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, transaction_with_retry};
+//! // The async-closure form in a spawned task, when the closure owns what it captures.
+//! fn spawn(pool: DsqlPool, sql: String) {
+//!     tokio::spawn(async move {
+//!         let mut conn = pool.get().await?;
+//!         transaction_with_retry(&mut conn, &RetryPolicy::default(), async move |tx| {
+//!             tx.execute(&sql, &[]).await?;
+//!             Ok::<_, Error>(())
+//!         })
+//!         .await
+//!         .map_err(|e| e.into_inner())
+//!     });
+//! }
+//! ```
+//!
+//! With your own error type `E`, the body's `?` needs `From<tokio_postgres::Error>` for `E`, and
+//! the helper needs to know which errors are conflicts: implement [`AsOccConflict`] by looking
+//! for the database error inside (see its docs for a worked example). This crate's [`Error`] and,
+//! with the `anyhow` feature, `anyhow::Error` implement it already.
+//!
+//! [`Error`]: crate::Error
 
 use std::fmt;
+use std::future::Future;
+use std::ops::Deref;
 use std::time::Duration;
 
+use tokio_postgres::error::DbError;
 use tokio_postgres::{Client, Transaction};
 
 /// Which optimistic-concurrency conflict an error reports.
@@ -53,7 +184,11 @@ impl fmt::Display for OccConflict {
 /// or `OC001` in the message, or neither), or the literal SQLSTATEs `OC000` / `OC001` that some
 /// endpoints send. Nothing else is retryable.
 pub fn occ_conflict(error: &tokio_postgres::Error) -> Option<OccConflict> {
-    let db = error.as_db_error()?;
+    error.as_db_error().and_then(conflict_of)
+}
+
+/// The conflict a server error reports, if it is one.
+fn conflict_of(db: &DbError) -> Option<OccConflict> {
     match db.code().code() {
         "OC000" => Some(OccConflict::Data),
         "OC001" => Some(OccConflict::Schema),
@@ -66,33 +201,128 @@ pub fn occ_conflict(error: &tokio_postgres::Error) -> Option<OccConflict> {
 
 /// Errors that can say whether they are an optimistic-concurrency conflict. Implement it for
 /// your own error type (usually by delegating to the `tokio_postgres::Error` it wraps) to use
-/// that type in [`transaction_with_retry`] closures.
+/// that type in [`retry_transaction`] and [`transaction_with_retry`] bodies.
+///
+/// A service's error type, with `?` on a pool checkout, inside the body and on the result:
+///
+/// ```no_run
+/// use tokio_postgres_dsql::{AsOccConflict, DsqlPool, OccConflict, RetryPolicy, retry_transaction};
+///
+/// #[derive(Debug)]
+/// enum AppError {
+///     Dsql(tokio_postgres_dsql::Error),
+///     NotEnoughMoney,
+/// }
+///
+/// impl From<tokio_postgres_dsql::Error> for AppError {
+///     fn from(e: tokio_postgres_dsql::Error) -> Self {
+///         AppError::Dsql(e)
+///     }
+/// }
+///
+/// // The body's `?` on queries.
+/// impl From<tokio_postgres_dsql::tokio_postgres::Error> for AppError {
+///     fn from(e: tokio_postgres_dsql::tokio_postgres::Error) -> Self {
+///         AppError::Dsql(e.into())
+///     }
+/// }
+///
+/// impl AsOccConflict for AppError {
+///     fn occ_conflict(&self) -> Option<OccConflict> {
+///         match self {
+///             AppError::Dsql(e) => e.occ_conflict(),
+///             AppError::NotEnoughMoney => None,
+///         }
+///     }
+/// }
+///
+/// async fn withdraw(pool: &DsqlPool, id: i64, amount: i64) -> Result<i64, AppError> {
+///     let mut conn = pool.get().await?; // a checkout error converts through `Error`
+///     retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+///         let row = tx.query_one("SELECT balance FROM account WHERE id = $1", &[&id]).await?;
+///         let balance: i64 = row.get(0);
+///         if balance < amount {
+///             return Err(AppError::NotEnoughMoney); // rolled back, not retried
+///         }
+///         tx.execute("UPDATE account SET balance = $1 WHERE id = $2", &[&(balance - amount), &id])
+///             .await?;
+///         Ok(balance - amount)
+///     })
+///     .await
+/// }
+/// ```
 pub trait AsOccConflict {
     /// The conflict this error reports, or `None` if it is not retryable.
     fn occ_conflict(&self) -> Option<OccConflict>;
+
+    /// The database's error this error carries, if any, so that [`RetryError`] can show the
+    /// server's message rather than the driver's bare `db error`. Default: none.
+    fn database_error(&self) -> Option<&DbError> {
+        None
+    }
 }
 
 impl AsOccConflict for tokio_postgres::Error {
     fn occ_conflict(&self) -> Option<OccConflict> {
         occ_conflict(self)
     }
-}
 
-impl AsOccConflict for Box<dyn std::error::Error + Send + Sync> {
-    /// Looks for a `tokio_postgres::Error` in the cause chain.
-    fn occ_conflict(&self) -> Option<OccConflict> {
-        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self.as_ref());
-        while let Some(error) = current {
-            if let Some(pg) = error.downcast_ref::<tokio_postgres::Error>() {
-                return occ_conflict(pg);
-            }
-            current = error.source();
-        }
-        None
+    fn database_error(&self) -> Option<&DbError> {
+        self.as_db_error()
     }
 }
 
-/// How [`transaction_with_retry`] retries.
+impl AsOccConflict for Box<dyn std::error::Error + Send + Sync> {
+    /// Looks for the database's error in the cause chain.
+    fn occ_conflict(&self) -> Option<OccConflict> {
+        self.database_error().and_then(conflict_of)
+    }
+
+    fn database_error(&self) -> Option<&DbError> {
+        db_error_in(self.as_ref())
+    }
+}
+
+impl AsOccConflict for crate::Error {
+    /// A conflict reported by a query ([`Error::Query`](crate::Error::Query)).
+    fn occ_conflict(&self) -> Option<OccConflict> {
+        match self {
+            crate::Error::Query { source, .. } => occ_conflict(source),
+            _ => None,
+        }
+    }
+
+    fn database_error(&self) -> Option<&DbError> {
+        db_error_in(self)
+    }
+}
+
+#[cfg(feature = "anyhow")]
+impl AsOccConflict for anyhow::Error {
+    /// Looks for the database's error in the chain (feature `anyhow`).
+    fn occ_conflict(&self) -> Option<OccConflict> {
+        self.database_error().and_then(conflict_of)
+    }
+
+    fn database_error(&self) -> Option<&DbError> {
+        self.chain()
+            .find_map(|cause| cause.downcast_ref::<DbError>())
+    }
+}
+
+/// The database's error in `error`'s cause chain, if there is one.
+fn db_error_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a DbError> {
+    let mut current = Some(error);
+    while let Some(cause) = current {
+        if let Some(db) = cause.downcast_ref::<DbError>() {
+            return Some(db);
+        }
+        current = cause.source();
+    }
+    None
+}
+
+/// How [`retry_transaction`] and [`transaction_with_retry`] retry.
 ///
 /// Delays grow exponentially from `base_delay`, capped at `max_delay`; with `jitter` on, each
 /// delay is drawn uniformly from its upper half ("equal jitter"), so colliding transactions
@@ -186,10 +416,11 @@ impl<E> RetryError<E> {
     }
 }
 
-impl<E: fmt::Display> fmt::Display for RetryError<E> {
+impl<E: fmt::Display + AsOccConflict> fmt::Display for RetryError<E> {
+    /// Shows the database's severity, code and message, not just the driver's `db error`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RetryError::Failed(error) => write!(f, "transaction failed: {error}"),
+            RetryError::Failed(error) => write!(f, "transaction failed: {}", describe(error)),
             RetryError::Exhausted {
                 attempts,
                 conflict,
@@ -197,13 +428,30 @@ impl<E: fmt::Display> fmt::Display for RetryError<E> {
             } => write!(
                 f,
                 "transaction gave up after {attempts} attempts on optimistic-concurrency \
-                 conflicts; last conflict ({conflict}): {last}"
+                 conflicts; last conflict ({conflict}): {}",
+                describe(last)
             ),
         }
     }
 }
 
-impl<E: std::error::Error + 'static> std::error::Error for RetryError<E> {
+/// `error`'s message, followed by the database's severity, code and message when it carries a
+/// server error whose message it does not already show (`tokio_postgres::Error` displays as a
+/// bare `db error`).
+fn describe<E: fmt::Display + AsOccConflict>(error: &E) -> String {
+    let shown = error.to_string();
+    match error.database_error() {
+        Some(db) if !shown.contains(db.message()) => format!(
+            "{shown}: {} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        ),
+        _ => shown,
+    }
+}
+
+impl<E: std::error::Error + AsOccConflict + 'static> std::error::Error for RetryError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             RetryError::Failed(error) | RetryError::Exhausted { last: error, .. } => Some(error),
@@ -287,6 +535,134 @@ where
     }
 }
 
+/// A transaction inside [`retry_transaction`]'s body. It derefs to the
+/// [`Client`](tokio_postgres::Client), so every query method is there (`tx.execute(…)`,
+/// `tx.query_one(…)`, and `&*tx` where a `GenericClient` is wanted). It is `Copy` and lives for
+/// the whole call, which is what lets the body be a plain `|tx| async move { … }` closure whose
+/// future is `Send`.
+///
+/// The transaction is opened with `BEGIN` before the body runs and ended by the helper:
+/// `COMMIT` when the body returns `Ok`, `ROLLBACK` when it returns `Err`, and a `ROLLBACK` queued
+/// on the connection if the whole call is dropped (cancelled) midway, as
+/// `tokio_postgres::Transaction` does, so the connection never goes back to a pool inside a
+/// transaction. Do not send `COMMIT` or `ROLLBACK` through it yourself.
+#[derive(Debug, Clone, Copy)]
+pub struct Tx<'c> {
+    client: &'c Client,
+}
+
+impl Deref for Tx<'_> {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        self.client
+    }
+}
+
+impl<'c> Tx<'c> {
+    /// The client the transaction runs on.
+    pub fn client(&self) -> &'c Client {
+        self.client
+    }
+}
+
+/// Rolls back an open transaction if the call is dropped before it ends it.
+struct OpenTransaction<'c> {
+    client: &'c Client,
+    open: bool,
+}
+
+impl Drop for OpenTransaction<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            // What `tokio_postgres::Transaction`'s own `Drop` does: queue a `ROLLBACK` on the
+            // connection without waiting for it (this is a `pub`, if hidden, tokio-postgres API).
+            self.client.__private_api_rollback(None);
+        }
+    }
+}
+
+/// Runs `body` in a transaction and commits it, re-running the whole transaction on an
+/// optimistic-concurrency conflict at any statement or at `COMMIT`, with backoff, up to
+/// `policy.max_attempts` times. Any other error rolls back and is returned at once; when the
+/// attempts run out, the last conflict is returned (and logged with `tracing` at `warn`).
+///
+/// `client` is a plain [`Client`], a [`DsqlConnection`](crate::DsqlConnection) or a pooled
+/// connection of either ([`AsClient`]). `body` gets a [`Tx`] and returns a future: write it as
+/// `|tx| async move { … }`. The future returned by this function is `Send` whenever the body's
+/// is, so it works inside `tokio::spawn` and axum handlers, capturing `&self` and other
+/// references (see the [module docs](self) for what compiles and why). The error type `E` is
+/// yours: it needs `From<tokio_postgres::Error>` (for `?` in the body and for `BEGIN`/`COMMIT`)
+/// and [`AsOccConflict`]; as a function's tail expression, `E` is inferred from the function's
+/// return type, so the body needs no `Ok::<_, E>`.
+pub async fn retry_transaction<'c, C, T, E, F, Fut>(
+    client: &'c mut C,
+    policy: &RetryPolicy,
+    mut body: F,
+) -> Result<T, E>
+where
+    C: AsClient + ?Sized,
+    F: FnMut(Tx<'c>) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: From<tokio_postgres::Error> + AsOccConflict,
+{
+    let client: &'c Client = client.as_client();
+    let max_attempts = policy.max_attempts.max(1);
+    let mut attempt = 1;
+    loop {
+        let error = match attempt_once(client, &mut body).await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let Some(conflict) = error.occ_conflict() else {
+            return Err(error);
+        };
+        if attempt >= max_attempts {
+            tracing::warn!(
+                attempts = attempt,
+                code = conflict.code(),
+                "transaction gave up on optimistic-concurrency conflicts"
+            );
+            return Err(error);
+        }
+        let delay = policy.delay_after(attempt);
+        tracing::debug!(
+            attempt,
+            code = conflict.code(),
+            delay_ms = delay.as_millis() as u64,
+            "optimistic-concurrency conflict; retrying the transaction"
+        );
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
+
+/// One attempt of [`retry_transaction`]: `BEGIN`, the body, then `COMMIT` or `ROLLBACK`.
+async fn attempt_once<'c, T, E, F, Fut>(client: &'c Client, body: &mut F) -> Result<T, E>
+where
+    F: FnMut(Tx<'c>) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: From<tokio_postgres::Error>,
+{
+    let mut transaction = OpenTransaction { client, open: true };
+    client.batch_execute("BEGIN").await?;
+    match body(Tx { client }).await {
+        Ok(value) => {
+            let committed = client.batch_execute("COMMIT").await;
+            // Committed or failed, the server has ended the transaction.
+            transaction.open = false;
+            committed?;
+            Ok(value)
+        }
+        Err(error) => {
+            // A failed rollback (e.g. the connection is gone) changes nothing for the caller.
+            let _ = client.batch_execute("ROLLBACK").await;
+            transaction.open = false;
+            Err(error)
+        }
+    }
+}
+
 async fn run_once<T, E, F>(client: &mut Client, body: &mut F) -> Result<T, E>
 where
     F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
@@ -347,10 +723,12 @@ mod tests {
 
     #[test]
     fn exhausted_error_names_attempts_and_conflict() {
-        let error: RetryError<&str> = RetryError::Exhausted {
+        let error = RetryError::Exhausted {
             attempts: 3,
             conflict: OccConflict::Data,
-            last: "change conflicts with another transaction",
+            last: Box::<dyn std::error::Error + Send + Sync>::from(
+                "change conflicts with another transaction",
+            ),
         };
         let shown = error.to_string();
         assert!(

@@ -120,8 +120,10 @@ pub enum Rejection {
     /// A valid token from an IAM identity without `dsql:DbConnect*`
     /// ([`DsqlEmulator::revoke_access`]).
     NotAuthorized,
-    /// The upstream PostgreSQL refused the session (e.g. the role does not exist) or is down.
+    /// The upstream PostgreSQL refused the session or is down.
     Upstream,
+    /// A valid token for a role that does not exist (`28000 role "…" does not exist`).
+    UnknownRole,
     /// The new-connection rate limit was exceeded (`53400`).
     RateExceeded,
     /// The open-connection cap was reached (`53300`).

@@ -283,34 +283,48 @@ async fn negotiate(
     upstream
         .write_all(&wire::startup_message(&startup.upstream_parameters))
         .await?;
-    let (tag, body) = wire::read_message(&mut upstream, 64 * 1024).await?;
-    match (tag, body.as_slice()) {
-        (b'R', [0, 0, 0, 0]) => {
-            tls.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]).await?;
-        }
-        (b'E', _) => {
-            shared.count_rejection(Rejection::Upstream);
-            let message = wire::error_message(&body);
-            tracing::debug!(%message, "upstream refused the session");
-            let mut raw = vec![b'E'];
-            raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-            raw.extend_from_slice(&body);
-            tls.write_all(&raw).await?;
-            let _ = tls.shutdown().await;
-            return Ok(());
-        }
-        _ => {
-            shared.count_rejection(Rejection::Upstream);
-            send_fatal(
-                &mut tls,
-                "XX000",
-                "the emulator's upstream PostgreSQL asked for a password; it must trust local \
-                 connections",
-            )
-            .await;
-            return Ok(());
+    // With trust authentication PostgreSQL says AuthenticationOk first and only then checks
+    // the role, so read on to ReadyForQuery (or an error) before calling the session accepted.
+    let mut startup_reply = Vec::new();
+    loop {
+        let (tag, body) = wire::read_message(&mut upstream, 64 * 1024).await?;
+        match (tag, body.as_slice()) {
+            (b'R', [0, 0, 0, 0]) | (b'S', _) | (b'K', _) | (b'N', _) => {
+                wire::append_message(&mut startup_reply, tag, &body);
+            }
+            (b'Z', _) => {
+                wire::append_message(&mut startup_reply, tag, &body);
+                break;
+            }
+            (b'E', _) => {
+                let message = wire::error_message(&body);
+                let unknown_role =
+                    message.starts_with("role \"") && message.ends_with("does not exist");
+                shared.count_rejection(if unknown_role {
+                    Rejection::UnknownRole
+                } else {
+                    Rejection::Upstream
+                });
+                tracing::debug!(%message, "upstream refused the session");
+                wire::append_message(&mut startup_reply, tag, &body);
+                tls.write_all(&startup_reply).await?;
+                let _ = tls.shutdown().await;
+                return Ok(());
+            }
+            _ => {
+                shared.count_rejection(Rejection::Upstream);
+                send_fatal(
+                    &mut tls,
+                    "XX000",
+                    "the emulator's upstream PostgreSQL asked for a password; it must trust \
+                     local connections",
+                )
+                .await;
+                return Ok(());
+            }
         }
     }
+    tls.write_all(&startup_reply).await?;
     shared.count_accepted();
     relay(tls, upstream, accepted_at, shared).await
 }

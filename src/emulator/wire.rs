@@ -85,6 +85,13 @@ pub(crate) async fn read_message<S: AsyncRead + Unpin>(
     Ok((tag, body))
 }
 
+/// Appends a typed message (`tag`, length, `body`) to `out`.
+pub(crate) fn append_message(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+    out.push(tag);
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
 /// `AuthenticationCleartextPassword`.
 pub(crate) fn cleartext_password_request() -> [u8; 9] {
     [b'R', 0, 0, 0, 8, 0, 0, 0, 3]

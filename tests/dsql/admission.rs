@@ -273,3 +273,47 @@ async fn a_permanent_refusal_through_the_pool_is_tried_once() {
     // bb8 used to try it again and again until its connection timeout.
     assert_eq!(e.stats().rejected(Rejection::TokenUnknownKey), 1);
 }
+
+#[tokio::test]
+async fn bad_credentials_fail_a_checkout_with_the_refusal_itself_at_once() {
+    let e = own_emulator(|b| b).await;
+    let stranger = aws_credential_types::Credentials::new(
+        "AKIAUNKNOWNKEYEXAMPL",
+        "whatever",
+        None,
+        None,
+        "test",
+    );
+    let connector = connector_for(&e, |b| b.credentials_provider(stranger)).await;
+    let hint = "The security token included in the request is invalid";
+    // `pool()` opens a connection first: it fails with the refusal.
+    let err = connector.pool().await.unwrap_err();
+    assert!(matches!(err, Error::AccessDenied { .. }), "{err:?}");
+    assert_eq!(e.stats().rejected(Rejection::TokenUnknownKey), 1);
+    // A pool that opens nothing up front: the checkout gets the refusal with its hint as soon
+    // as the one attempt fails, not `PoolTimeout` after 30 s.
+    let pool = connector
+        .pool_with(|b| b.min_idle(None).connection_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), pool.get())
+        .await
+        .expect("the checkout returned before its timeout")
+        .unwrap_err();
+    assert!(matches!(err, Error::AccessDenied { .. }), "{err:?}");
+    assert_eq!(err.hint(), Some(hint));
+    assert!(err.to_string().contains(hint), "{err}");
+    assert_eq!(
+        e.stats().rejected(Rejection::TokenUnknownKey),
+        2,
+        "one attempt"
+    );
+
+    // An unknown role, the same way.
+    let nobody = DsqlConnector::new(e.config_for("nobody_here").build().unwrap())
+        .await
+        .unwrap();
+    let pool = nobody.pool_with(|b| b.min_idle(None)).await.unwrap();
+    let err = pool.get().await.unwrap_err();
+    assert!(matches!(err, Error::UnknownRole { .. }), "{err:?}");
+}

@@ -18,4 +18,6 @@ mod refusals;
 #[cfg(feature = "emulator")]
 mod retry;
 #[cfg(feature = "emulator")]
+mod service;
+#[cfg(feature = "emulator")]
 mod support;

@@ -407,10 +407,31 @@ async fn direct_tls_without_alpn_is_refused() {
 }
 
 #[tokio::test]
-async fn unknown_role_is_refused_by_postgres() {
-    let connector = connector("no_such_role", |b| b).await;
+async fn an_unknown_role_is_its_own_error_and_counter() {
+    let e = own_emulator(|b| b).await;
+    let connector = DsqlConnector::new(e.config_for("no_such_role").build().unwrap())
+        .await
+        .unwrap();
+    let token = connector.token().await.unwrap();
     let err = connector.connect().await.unwrap_err();
-    assert!(err.to_string().contains("no_such_role"), "{err}");
+    match &err {
+        Error::UnknownRole { role, .. } => assert_eq!(role, "no_such_role"),
+        other => panic!("expected UnknownRole, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains("`no_such_role` does not exist"),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    assert_eq!(
+        e.stats().rejected(Rejection::UnknownRole),
+        1,
+        "{:?}",
+        e.stats()
+    );
+    assert_eq!(e.stats().accepted, 0);
+    // The token was fine: it is kept.
+    assert_eq!(connector.token().await.unwrap(), token);
 }
 
 #[tokio::test]
