@@ -536,7 +536,7 @@ where
 }
 
 /// A transaction inside [`retry_transaction`]'s body. It derefs to the
-/// [`Client`](tokio_postgres::Client), so every query method is there (`tx.execute(…)`,
+/// [`Client`], so every query method is there (`tx.execute(…)`,
 /// `tx.query_one(…)`, and `&*tx` where a `GenericClient` is wanted). It is `Copy` and lives for
 /// the whole call, which is what lets the body be a plain `|tx| async move { … }` closure whose
 /// future is `Send`.
