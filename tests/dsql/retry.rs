@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tokio_postgres_dsql::{OccConflict, RetryError, RetryPolicy, transaction_with_retry};
+use tokio_postgres_dsql::{
+    OccConflict, RetryError, RetryPolicy, retry_transaction, transaction_with_retry,
+};
 
 use crate::support::connector;
 
@@ -213,4 +215,119 @@ async fn literal_dsql_sqlstates_are_conflicts() {
     }
     let err = client.batch_execute("SELECT 1 / 0").await.unwrap_err();
     assert_eq!(tokio_postgres_dsql::retry::occ_conflict(&err), None);
+}
+
+#[tokio::test]
+async fn a_cancelled_transaction_is_rolled_back_before_the_connection_is_reused() {
+    let connector = connector("admin", |b| b).await;
+    let mut client = connector.connect().await.unwrap();
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS service_cancel; CREATE TABLE service_cancel (id int PRIMARY KEY)",
+        )
+        .await
+        .unwrap();
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(300),
+        retry_transaction(&mut client, &RetryPolicy::default(), |tx| async move {
+            tx.execute("INSERT INTO service_cancel VALUES (1)", &[])
+                .await?;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, tokio_postgres::Error>(())
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the body should still be sleeping");
+    // Outside any transaction: each statement has its own transaction timestamp, and the
+    // insert was rolled back.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let rows = client
+        .simple_query(
+            "SELECT transaction_timestamp() = statement_timestamp(), \
+             (SELECT count(*) FROM service_cancel)",
+        )
+        .await
+        .unwrap();
+    let row = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        row.get(0),
+        Some("t"),
+        "the connection is still inside the cancelled transaction"
+    );
+    assert_eq!(row.get(1), Some("0"), "the insert was not rolled back");
+}
+
+#[tokio::test]
+async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
+    let connector = connector("admin", |b| b).await;
+    let mut client = connector.connect().await.unwrap();
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS commit_probe_anyhow; \
+             DROP SEQUENCE IF EXISTS commit_attempts_anyhow; \
+             CREATE SEQUENCE commit_attempts_anyhow; \
+             CREATE TABLE commit_probe_anyhow (id int); \
+             CREATE OR REPLACE FUNCTION conflict_at_commit_anyhow() RETURNS trigger \
+               LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('commit_attempts_anyhow') <= 2 THEN \
+                 RAISE EXCEPTION USING ERRCODE = '40001', \
+                   MESSAGE = 'change conflicts with another transaction, please retry: (OC000)'; \
+               END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE CONSTRAINT TRIGGER conflict_at_commit_anyhow AFTER INSERT \
+               ON commit_probe_anyhow DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+               EXECUTE FUNCTION conflict_at_commit_anyhow()",
+        )
+        .await
+        .unwrap();
+    let calls = AtomicU32::new(0);
+    let calls = &calls;
+    let inserted: anyhow::Result<u64> =
+        retry_transaction(&mut client, &patient(), |tx| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(tx
+                .execute("INSERT INTO commit_probe_anyhow VALUES (1)", &[])
+                .await?)
+        })
+        .await;
+    assert_eq!(inserted.unwrap(), 1);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "two conflicts at COMMIT, then success"
+    );
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM commit_probe_anyhow", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the failed attempts were rolled back");
+
+    // Out of attempts: the last conflict comes back, and says what the server said.
+    client
+        .batch_execute("ALTER SEQUENCE commit_attempts_anyhow RESTART")
+        .await
+        .unwrap();
+    let err = retry_transaction(
+        &mut client,
+        &RetryPolicy::with_max_attempts(2).delays(Duration::ZERO, Duration::ZERO),
+        |tx| async move {
+            tx.execute("INSERT INTO commit_probe_anyhow VALUES (2)", &[])
+                .await?;
+            Ok::<_, tokio_postgres_dsql::Error>(())
+        },
+    )
+    .await
+    .unwrap_err();
+    use tokio_postgres_dsql::AsOccConflict;
+    assert_eq!(err.occ_conflict(), Some(OccConflict::Data));
+    assert!(err.to_string().contains("(OC000)"), "{err}");
 }
