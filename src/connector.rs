@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use crate::admission::{self, Refusal, TokenBucket};
 use crate::config::{DsqlConfig, SslNegotiation};
 use crate::error::AccessDeniedReason;
+use crate::session::SessionWatch;
 use crate::tls::DsqlTls;
 use crate::token::cache::TokenCache;
 use crate::token::{Action, AuthToken, TokenSigner};
@@ -140,11 +141,9 @@ impl DsqlConnector {
     /// - an attempt running past [`connect_timeout`](crate::DsqlConfigBuilder::connect_timeout):
     ///   [`Error::ConnectTimeout`], not retried. TLS failures: [`Error::Tls`].
     pub async fn connect(&self) -> Result<tokio_postgres::Client, Error> {
-        self.connect_within(
-            Instant::now() + self.inner.config.connect.deadline,
-            Retry::Refusals,
-        )
-        .await
+        let deadline = Instant::now() + self.inner.config.connect.deadline;
+        let (client, _watch) = self.connect_within(deadline, Retry::Refusals).await?;
+        Ok(client)
     }
 
     /// [`connect`](Self::connect) with an explicit deadline; with [`Retry::Transient`], I/O
@@ -154,7 +153,7 @@ impl DsqlConnector {
         &self,
         deadline: Instant,
         retry: Retry,
-    ) -> Result<tokio_postgres::Client, Error> {
+    ) -> Result<(tokio_postgres::Client, Arc<SessionWatch>), Error> {
         let settings = &self.inner.config.connect;
         let mut attempts = 0;
         let mut backoffs = 0;
@@ -167,9 +166,8 @@ impl DsqlConnector {
             postgres.password(token.as_str());
             let left = deadline.saturating_duration_since(Instant::now());
             let bound = settings.timeout.min(left);
-            let error = match tokio::time::timeout(bound, postgres.connect(self.inner.tls.clone()))
-                .await
-            {
+            let (tls, watch) = self.inner.tls.watched();
+            let error = match tokio::time::timeout(bound, postgres.connect(tls)).await {
                 Ok(Ok((client, connection))) => {
                     let endpoint = self.inner.described.clone();
                     tokio::spawn(async move {
@@ -177,7 +175,7 @@ impl DsqlConnector {
                             tracing::warn!(%endpoint, %error, "DSQL connection ended with an error");
                         }
                     });
-                    return Ok(client);
+                    return Ok((client, watch));
                 }
                 Ok(Err(source)) => self.connect_error(source, attempts),
                 Err(_) => Error::ConnectTimeout {

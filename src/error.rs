@@ -154,6 +154,35 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// `COMMIT` rolled the transaction back instead of committing it: a statement inside it
+    /// failed and the body went on without returning that error (PostgreSQL then answers
+    /// `COMMIT` with `ROLLBACK` and no error). Nothing was written. Not retried.
+    #[error(
+        "the transaction was rolled back at COMMIT: a statement in it failed and the body did \
+         not return that error{}",
+        server_detail(source)
+    )]
+    #[non_exhaustive]
+    TransactionRolledBack {
+        /// The error the server gave a statement sent after the failure.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// The connection was lost while `COMMIT` was in flight: the transaction may or may not
+    /// have been committed. Never retried by this crate; re-run such work only if it is
+    /// idempotent (see the README's idempotency-key pattern).
+    #[error(
+        "the connection was lost during COMMIT: the transaction may or may not have been \
+         committed"
+    )]
+    #[non_exhaustive]
+    CommitOutcomeUnknown {
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     /// A pooled connection cannot be handed out (closed, or past its recycle deadline). The
     /// pool discards it and tries another; users see this only through `bb8`'s error sink.
     #[error("pooled connection unusable: {reason}")]
@@ -206,6 +235,7 @@ impl Error {
             | Error::Unavailable { source, .. }
             | Error::Connect { source, .. }
             | Error::UnknownRole { source, .. }
+            | Error::TransactionRolledBack { source, .. }
             | Error::Query { source, .. }
             | Error::Tls { source, .. } => source.code(),
             _ => None,

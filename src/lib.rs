@@ -55,6 +55,7 @@ pub mod emulator;
 mod error;
 pub mod pool;
 pub mod retry;
+mod session;
 pub mod tls;
 pub mod token;
 

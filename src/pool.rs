@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::connector::Retry;
+use crate::session::{SessionWatch, TransactionStatus};
 use crate::{DsqlConnector, Error};
 
 /// Default pool size. DSQL allows 10 000 connections per cluster and 100 new ones per second;
@@ -33,6 +34,10 @@ pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection idle for longer than this is pinged (an empty query) at checkout; a busy
 /// connection is not, so a busy pool pays no round trip per checkout.
 pub const DEFAULT_PING_AFTER_IDLE: Duration = Duration::from_secs(60);
+/// Default bound on a checkout's check (ping or reset): an in-Region round trip takes a few
+/// milliseconds, so a connection silent for 2 s is taken for dead (a half-open TCP connection
+/// would otherwise hold the checkout until the kernel gives up, about 15 minutes later).
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Recycle deadlines are spread over the last tenth of the maximum lifetime (for the default
 /// 55 minutes: between 49.5 and 55 minutes), so a pool opened at once does not reconnect at once.
 pub const JITTER_FRACTION: u32 = 10;
@@ -43,7 +48,11 @@ pub struct DsqlConnection {
     client: tokio_postgres::Client,
     opened_at: Instant,
     recycle_at: Instant,
-    last_checked: Instant,
+    /// When it last came back to the pool (or was opened).
+    last_used: Instant,
+    /// A checkout's check (ping, reset) is in flight or was cut short.
+    checking: bool,
+    session: Arc<SessionWatch>,
 }
 
 impl std::fmt::Debug for DsqlConnection {
@@ -55,6 +64,7 @@ impl std::fmt::Debug for DsqlConnection {
                 &self.recycle_at.saturating_duration_since(Instant::now()),
             )
             .field("closed", &self.client.is_closed())
+            .field("transaction", &self.session.status())
             .finish()
     }
 }
@@ -104,15 +114,27 @@ impl DerefMut for DsqlConnection {
 ///   [`connect_deadline`](crate::DsqlConfigBuilder::connect_deadline), and failing permanent
 ///   ones (access denied, TLS, unknown role) at once. bb8's own connection retry is off.
 /// - `is_valid` (at checkout) refuses closed connections and connections past their recycle
-///   deadline without any I/O, and pings only connections idle for longer than
-///   [`ping_after_idle`](Self::ping_after_idle).
-/// - `has_broken` (on return) catches closed and expired connections.
+///   deadline without any I/O. It hands out only **clean** connections: outside any
+///   transaction, with the session settings they were opened with. The connection's TLS stream
+///   reads the transaction status the server reports after every query (`ReadyForQuery`) and
+///   notices a changed reported setting (`ParameterStatus`, e.g. after `SET TimeZone`), so
+///   this costs nothing on the common path; only a suspect connection pays a round trip at
+///   checkout: `ROLLBACK` if it came back inside a transaction (a raw `BEGIN`, or a body that
+///   never finished), `RESET ALL` if a reported setting changed. Settings the server does not
+///   report (`search_path` set with `SET`) are not seen: set them at startup (the
+///   configuration's `search_path`) or with `SET LOCAL`. A connection idle for longer than
+///   [`ping_after_idle`](Self::ping_after_idle) is pinged. Each of these checks is bounded by
+///   [`ping_timeout`](Self::ping_timeout); a connection that fails or times out is dropped.
+/// - `has_broken` (on return) records the time of last use and catches closed and expired
+///   connections, and one whose check was cut short (bb8 dropped the checkout mid-ping): it is
+///   dropped, never queued again.
 #[derive(Debug, Clone)]
 pub struct DsqlConnectionManager {
     connector: DsqlConnector,
     max_lifetime: Duration,
     jitter: Duration,
     ping_after_idle: Duration,
+    ping_timeout: Duration,
     failures: Arc<ConnectFailures>,
 }
 
@@ -187,6 +209,7 @@ impl DsqlConnectionManager {
             max_lifetime,
             jitter: max_lifetime / JITTER_FRACTION,
             ping_after_idle: DEFAULT_PING_AFTER_IDLE,
+            ping_timeout: DEFAULT_PING_TIMEOUT,
             failures: Arc::default(),
         }
     }
@@ -204,6 +227,15 @@ impl DsqlConnectionManager {
     #[must_use]
     pub fn ping_after_idle(mut self, idle: Duration) -> Self {
         self.ping_after_idle = idle;
+        self
+    }
+
+    /// The bound on a checkout's check (a ping, or the reset of a dirty session). A connection
+    /// that does not answer in time is dropped, and the checkout goes on to another. Default
+    /// [`DEFAULT_PING_TIMEOUT`] (2 s).
+    #[must_use]
+    pub fn ping_timeout(mut self, timeout: Duration) -> Self {
+        self.ping_timeout = timeout;
         self
     }
 
@@ -230,7 +262,7 @@ impl bb8::ManageConnection for DsqlConnectionManager {
     async fn connect(&self) -> Result<DsqlConnection, Error> {
         let opened_at = Instant::now();
         let deadline = opened_at + self.connector.config().connect_deadline();
-        let client = self
+        let (client, session) = self
             .connector
             .connect_within(deadline, Retry::Transient)
             .await
@@ -247,9 +279,11 @@ impl bb8::ManageConnection for DsqlConnectionManager {
             })?;
         Ok(DsqlConnection {
             client,
+            session,
             opened_at,
             recycle_at: self.deadline_for(opened_at),
-            last_checked: Instant::now(),
+            last_used: Instant::now(),
+            checking: false,
         })
     }
 
@@ -265,21 +299,62 @@ impl bb8::ManageConnection for DsqlConnectionManager {
                 reason: "the connection reached its recycle deadline",
             });
         }
-        if now.duration_since(conn.last_checked) > self.ping_after_idle {
-            conn.client
-                .simple_query("")
-                .await
-                .map_err(|source| Error::Connect {
-                    endpoint: self.connector.endpoint().to_owned(),
-                    source,
-                })?;
+        let in_transaction = matches!(
+            conn.session.status(),
+            TransactionStatus::InTransaction | TransactionStatus::Failed
+        );
+        let settings_changed = conn.session.settings_changed();
+        let idle = now.duration_since(conn.last_used) > self.ping_after_idle;
+        if !(in_transaction || settings_changed || idle) {
+            // The common path: no I/O.
+            return Ok(());
         }
-        conn.last_checked = now;
+        // If this checkout is dropped while the round trip below is in flight (bb8's checkout
+        // timeout), `has_broken` sees the flag and the connection is discarded, never queued
+        // again half-checked.
+        conn.checking = true;
+        let reset = async {
+            if in_transaction {
+                conn.client.batch_execute("ROLLBACK").await?;
+            }
+            if settings_changed {
+                conn.client.batch_execute("RESET ALL").await?;
+            }
+            if !(in_transaction || settings_changed) {
+                conn.client.simple_query("").await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        match tokio::time::timeout(self.ping_timeout, reset).await {
+            Ok(Ok(())) if conn.session.status() == TransactionStatus::Idle => {}
+            Ok(Ok(())) => {
+                return Err(Error::Unusable {
+                    reason: "the connection is still inside a transaction after ROLLBACK",
+                });
+            }
+            Ok(Err(_)) => {
+                return Err(Error::Unusable {
+                    reason: "the connection failed its check (ping, or ROLLBACK / RESET ALL of \
+                             a dirty session)",
+                });
+            }
+            Err(_) => {
+                return Err(Error::Unusable {
+                    reason: "the connection did not answer its check within ping_timeout",
+                });
+            }
+        }
+        if settings_changed {
+            conn.session.settings_reset();
+        }
+        conn.checking = false;
         Ok(())
     }
 
     fn has_broken(&self, conn: &mut DsqlConnection) -> bool {
-        conn.client.is_closed() || Instant::now() >= conn.recycle_at
+        // Called when a connection comes back: it was just used.
+        conn.last_used = Instant::now();
+        conn.checking || conn.client.is_closed() || conn.last_used >= conn.recycle_at
     }
 }
 

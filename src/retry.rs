@@ -396,6 +396,13 @@ impl RetryPolicy {
 pub enum RetryError<E> {
     /// A non-retryable error, returned at once (the transaction was rolled back).
     Failed(E),
+    /// `COMMIT` rolled the transaction back: a statement in it failed and the body returned
+    /// `Ok` anyway. `E` is the error the server gave a statement sent after the failure
+    /// (`25P02`). Nothing was written; not retried.
+    RolledBack(E),
+    /// The connection was lost with `COMMIT` in flight: the transaction may or may not have
+    /// been committed. Not retried (see the README's idempotency-key pattern).
+    OutcomeUnknown(E),
     /// Every attempt hit an optimistic-concurrency conflict.
     Exhausted {
         /// How many attempts were made.
@@ -411,7 +418,10 @@ impl<E> RetryError<E> {
     /// The underlying error (the last conflict when retries were exhausted).
     pub fn into_inner(self) -> E {
         match self {
-            RetryError::Failed(error) | RetryError::Exhausted { last: error, .. } => error,
+            RetryError::Failed(error)
+            | RetryError::RolledBack(error)
+            | RetryError::OutcomeUnknown(error)
+            | RetryError::Exhausted { last: error, .. } => error,
         }
     }
 }
@@ -421,6 +431,18 @@ impl<E: fmt::Display + AsOccConflict> fmt::Display for RetryError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RetryError::Failed(error) => write!(f, "transaction failed: {}", describe(error)),
+            RetryError::RolledBack(error) => write!(
+                f,
+                "the transaction was rolled back at COMMIT: a statement in it failed and the \
+                 body did not return that error ({})",
+                describe(error)
+            ),
+            RetryError::OutcomeUnknown(error) => write!(
+                f,
+                "the connection was lost during COMMIT: the transaction may or may not have \
+                 been committed ({})",
+                describe(error)
+            ),
             RetryError::Exhausted {
                 attempts,
                 conflict,
@@ -454,7 +476,10 @@ fn describe<E: fmt::Display + AsOccConflict>(error: &E) -> String {
 impl<E: std::error::Error + AsOccConflict + 'static> std::error::Error for RetryError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            RetryError::Failed(error) | RetryError::Exhausted { last: error, .. } => Some(error),
+            RetryError::Failed(error)
+            | RetryError::RolledBack(error)
+            | RetryError::OutcomeUnknown(error)
+            | RetryError::Exhausted { last: error, .. } => Some(error),
         }
     }
 }
@@ -511,7 +536,11 @@ where
     loop {
         let error = match run_once(client, &mut body).await {
             Ok(value) => return Ok(value),
-            Err(error) => error,
+            Err(AttemptError::Failed(error)) => error,
+            Err(AttemptError::RolledBack(error)) => return Err(RetryError::RolledBack(error)),
+            Err(AttemptError::OutcomeUnknown(error)) => {
+                return Err(RetryError::OutcomeUnknown(error));
+            }
         };
         let Some(conflict) = error.occ_conflict() else {
             return Err(RetryError::Failed(error));
@@ -604,7 +633,7 @@ where
     C: AsClient + ?Sized,
     F: FnMut(Tx<'c>) -> Fut,
     Fut: Future<Output = Result<T, E>>,
-    E: From<tokio_postgres::Error> + AsOccConflict,
+    E: From<tokio_postgres::Error> + From<crate::Error> + AsOccConflict,
 {
     let client: &'c Client = client.as_client();
     let max_attempts = policy.max_attempts.max(1);
@@ -637,22 +666,31 @@ where
     }
 }
 
-/// One attempt of [`retry_transaction`]: `BEGIN`, the body, then `COMMIT` or `ROLLBACK`.
+/// One attempt of [`retry_transaction`]: `BEGIN`, the body, then `COMMIT` (checked) or
+/// `ROLLBACK`.
 async fn attempt_once<'c, T, E, F, Fut>(client: &'c Client, body: &mut F) -> Result<T, E>
 where
     F: FnMut(Tx<'c>) -> Fut,
     Fut: Future<Output = Result<T, E>>,
-    E: From<tokio_postgres::Error>,
+    E: From<tokio_postgres::Error> + From<crate::Error>,
 {
     let mut transaction = OpenTransaction { client, open: true };
     client.batch_execute("BEGIN").await?;
     match body(Tx { client }).await {
         Ok(value) => {
-            let committed = client.batch_execute("COMMIT").await;
-            // Committed or failed, the server has ended the transaction.
+            let outcome = commit_checked(client).await;
+            // Committed or not, the server has ended the transaction.
             transaction.open = false;
-            committed?;
-            Ok(value)
+            match outcome {
+                Ok(()) => Ok(value),
+                Err(CommitFailure::Failed(e)) => Err(e.into()),
+                Err(CommitFailure::RolledBack(source)) => {
+                    Err(crate::Error::TransactionRolledBack { source }.into())
+                }
+                Err(CommitFailure::OutcomeUnknown(source)) => {
+                    Err(crate::Error::CommitOutcomeUnknown { source }.into())
+                }
+            }
         }
         Err(error) => {
             // A failed rollback (e.g. the connection is gone) changes nothing for the caller.
@@ -663,22 +701,72 @@ where
     }
 }
 
-async fn run_once<T, E, F>(client: &mut Client, body: &mut F) -> Result<T, E>
+/// How one attempt of [`transaction_with_retry`] ended, when not with a value.
+enum AttemptError<E> {
+    /// The body's error, or a definite failure of `BEGIN` or `COMMIT` (a conflict, ...).
+    Failed(E),
+    /// `COMMIT` rolled back a transaction a statement of which had failed.
+    RolledBack(E),
+    /// The connection was lost with `COMMIT` in flight.
+    OutcomeUnknown(E),
+}
+
+async fn run_once<T, E, F>(client: &mut Client, body: &mut F) -> Result<T, AttemptError<E>>
 where
     F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
     E: From<tokio_postgres::Error>,
 {
-    let mut transaction = client.transaction().await?;
+    let mut transaction = client
+        .transaction()
+        .await
+        .map_err(|e| AttemptError::Failed(e.into()))?;
     match body(&mut transaction).await {
         Ok(value) => {
-            transaction.commit().await?;
-            Ok(value)
+            let outcome = commit_checked(transaction.client()).await;
+            // The transaction is over either way; skip the `ROLLBACK` its `Drop` would send.
+            // (It holds only references: forgetting it leaks nothing.)
+            std::mem::forget(transaction);
+            match outcome {
+                Ok(()) => Ok(value),
+                Err(CommitFailure::Failed(e)) => Err(AttemptError::Failed(e.into())),
+                Err(CommitFailure::RolledBack(e)) => Err(AttemptError::RolledBack(e.into())),
+                Err(CommitFailure::OutcomeUnknown(e)) => {
+                    Err(AttemptError::OutcomeUnknown(e.into()))
+                }
+            }
         }
         Err(error) => {
             // A failed rollback (e.g. the connection is gone) changes nothing for the caller.
             let _ = transaction.rollback().await;
-            Err(error)
+            Err(AttemptError::Failed(error))
         }
+    }
+}
+
+/// Why a checked `COMMIT` did not commit.
+enum CommitFailure {
+    /// The server refused it (a conflict, a constraint): nothing was written.
+    Failed(tokio_postgres::Error),
+    /// The transaction had failed before: `COMMIT` rolled it back.
+    RolledBack(tokio_postgres::Error),
+    /// The connection was lost with `COMMIT` in flight.
+    OutcomeUnknown(tokio_postgres::Error),
+}
+
+/// Commits the open transaction on `client` and checks that it committed. PostgreSQL answers
+/// `COMMIT` in a failed transaction with the tag `ROLLBACK` and no error, and tokio-postgres
+/// does not show tags, so a `SELECT 1` is pipelined just before it: in a failed transaction it
+/// fails (`25P02`). The two go out together, so this costs no extra round trip.
+async fn commit_checked(client: &Client) -> Result<(), CommitFailure> {
+    let (probe, commit) = tokio::join!(
+        client.batch_execute("SELECT 1"),
+        client.batch_execute("COMMIT")
+    );
+    match (probe, commit) {
+        (_, Err(e)) if e.as_db_error().is_some() => Err(CommitFailure::Failed(e)),
+        (_, Err(e)) => Err(CommitFailure::OutcomeUnknown(e)),
+        (Err(e), Ok(())) if e.as_db_error().is_some() => Err(CommitFailure::RolledBack(e)),
+        _ => Ok(()),
     }
 }
 

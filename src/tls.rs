@@ -27,6 +27,7 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 use crate::Error;
 use crate::config::{RootCerts, SslMode};
+use crate::session::{BackendScanner, SessionWatch};
 
 /// The ALPN protocol name PostgreSQL uses for direct TLS.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -191,6 +192,9 @@ impl ServerCertVerifier for NoCertificateCheck {
 #[derive(Clone)]
 pub struct DsqlTls {
     config: Arc<ClientConfig>,
+    /// Set on the per-connection copy the connector makes: where the stream reports the
+    /// session's state.
+    watch: Option<Arc<SessionWatch>>,
 }
 
 impl std::fmt::Debug for DsqlTls {
@@ -202,7 +206,23 @@ impl std::fmt::Debug for DsqlTls {
 impl DsqlTls {
     /// Wraps a rustls configuration. It should offer ALPN `postgresql` for direct TLS.
     pub fn new(config: Arc<ClientConfig>) -> Self {
-        DsqlTls { config }
+        DsqlTls {
+            config,
+            watch: None,
+        }
+    }
+
+    /// A copy for one connection whose stream reports the session's state to the returned
+    /// watch.
+    pub(crate) fn watched(&self) -> (DsqlTls, Arc<SessionWatch>) {
+        let watch = Arc::new(SessionWatch::default());
+        (
+            DsqlTls {
+                config: self.config.clone(),
+                watch: Some(watch.clone()),
+            },
+            watch,
+        )
     }
 
     /// The rustls configuration shared by every connection made with this value.
@@ -223,6 +243,7 @@ where
         Ok(DsqlTlsConnect {
             config: self.config.clone(),
             name: ServerName::try_from(domain)?.to_owned(),
+            watch: self.watch.clone(),
         })
     }
 }
@@ -231,6 +252,7 @@ where
 pub struct DsqlTlsConnect {
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
+    watch: Option<Arc<SessionWatch>>,
 }
 
 impl<S> TlsConnect<S> for DsqlTlsConnect
@@ -242,23 +264,32 @@ where
     type Future = DsqlTlsHandshake<S>;
 
     fn connect(self, stream: S) -> DsqlTlsHandshake<S> {
-        DsqlTlsHandshake(tokio_rustls::TlsConnector::from(self.config).connect(self.name, stream))
+        DsqlTlsHandshake {
+            handshake: tokio_rustls::TlsConnector::from(self.config).connect(self.name, stream),
+            watch: self.watch,
+        }
     }
 }
 
 /// The TLS handshake future (see [`DsqlTls`]).
-pub struct DsqlTlsHandshake<S>(tokio_rustls::Connect<S>);
+pub struct DsqlTlsHandshake<S> {
+    handshake: tokio_rustls::Connect<S>,
+    watch: Option<Arc<SessionWatch>>,
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Future for DsqlTlsHandshake<S> {
     type Output = io::Result<DsqlTlsStream<S>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map_ok(DsqlTlsStream)
+        let this = &mut *self;
+        Pin::new(&mut this.handshake)
+            .poll(cx)
+            .map_ok(|stream| DsqlTlsStream(stream, this.watch.take().map(BackendScanner::new)))
     }
 }
 
 /// A TLS stream to DSQL (see [`DsqlTls`]).
-pub struct DsqlTlsStream<S>(tokio_rustls::client::TlsStream<S>);
+pub struct DsqlTlsStream<S>(tokio_rustls::client::TlsStream<S>, Option<BackendScanner>);
 
 impl<S> DsqlTlsStream<S> {
     /// The negotiated ALPN protocol, if any.
@@ -273,7 +304,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DsqlTlsStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.0).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(scanner)) = (&polled, &mut this.1) {
+            scanner.feed(&buf.filled()[before..]);
+        }
+        polled
     }
 }
 

@@ -28,6 +28,8 @@
 //!   [`refuse_new_connections`](DsqlEmulator::refuse_new_connections),
 //!   [`wake_up_after`](DsqlEmulator::wake_up_after) (a cluster scaled to zero: `unable to
 //!   accept connection, waking up cluster, please retry later`),
+//!   [`cut_next_commit`](DsqlEmulator::cut_next_commit) (a connection lost with `COMMIT` in
+//!   flight),
 //!   [`set_latency`](DsqlEmulator::set_latency) (one-way network delay),
 //!   [`restart_upstream`](DsqlEmulator::restart_upstream).
 //!
@@ -144,6 +146,8 @@ pub struct EmulatorStats {
     pub closed_at_max_age: u64,
     /// Connections closed by [`DsqlEmulator::drop_all_connections`].
     pub dropped: u64,
+    /// Connections closed at a `COMMIT` by [`DsqlEmulator::cut_next_commit`].
+    pub cut_at_commit: u64,
     /// Connections that started with direct TLS.
     pub direct_tls: u64,
     /// Connections that started with an SSLRequest.
@@ -171,6 +175,7 @@ pub(crate) struct Shared {
     latency: latency::Latency,
     max_age: AtomicU64,
     refusing: AtomicBool,
+    cut_next_commit: AtomicBool,
     drops: tokio::sync::watch::Sender<u64>,
     open: AtomicUsize,
     /// Sessions past admission (authenticating or relayed): what the open-connection cap counts.
@@ -451,6 +456,7 @@ impl DsqlEmulatorBuilder {
             latency: Arc::new(AtomicU64::new(0)),
             max_age: AtomicU64::new(max_age.as_nanos() as u64),
             refusing: AtomicBool::new(false),
+            cut_next_commit: AtomicBool::new(false),
             drops: tokio::sync::watch::Sender::new(0),
             open: AtomicUsize::new(0),
             admitted: AtomicUsize::new(0),
@@ -617,6 +623,15 @@ impl DsqlEmulator {
     /// Closes every relayed connection now, as a server failure would.
     pub fn drop_all_connections(&self) {
         self.shared.drops.send_modify(|generation| *generation += 1);
+    }
+
+    /// The next `COMMIT` any client sends (as a simple query, as tokio-postgres and most
+    /// drivers send it) is not forwarded: the emulator closes that connection instead, as a
+    /// network failure during `COMMIT` would. The client cannot tell whether the transaction
+    /// committed (it did not: PostgreSQL rolls back the transaction of a connection that goes
+    /// away). Counted in [`EmulatorStats::cut_at_commit`]. One-shot.
+    pub fn cut_next_commit(&self) {
+        self.shared.cut_next_commit.store(true, Ordering::SeqCst);
     }
 
     /// While `true`, new TCP connections are closed at once (counted as

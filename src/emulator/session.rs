@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
@@ -329,11 +329,12 @@ async fn negotiate(
     relay(tls, upstream, accepted_at, shared).await
 }
 
-/// Copies bytes both ways until either side closes, the connection reaches its maximum age, or
-/// `drop_all_connections` is called.
+/// Copies bytes both ways until either side closes, the connection reaches its maximum age,
+/// `drop_all_connections` is called, or the client sends a `COMMIT` while
+/// `cut_next_commit` is armed (then neither the `COMMIT` nor anything after it is forwarded).
 async fn relay<C, U>(
-    mut client: C,
-    mut upstream: U,
+    client: C,
+    upstream: U,
     accepted_at: Instant,
     shared: &Arc<Shared>,
 ) -> std::io::Result<()>
@@ -343,9 +344,32 @@ where
 {
     let max_age = Duration::from_nanos(shared.max_age.load(Ordering::SeqCst));
     let mut drops = shared.drops.subscribe();
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     shared.open.fetch_add(1, Ordering::SeqCst);
+    let to_upstream = async {
+        let mut spotter = wire::CommitSpotter::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = client_read.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            if spotter.feed(&buf[..n]) && shared.cut_next_commit.swap(false, Ordering::SeqCst) {
+                shared.count(|stats| stats.cut_at_commit += 1);
+                return Ok(());
+            }
+            upstream_write.write_all(&buf[..n]).await?;
+        }
+    };
+    let to_client = async {
+        tokio::io::copy(&mut upstream_read, &mut client_write)
+            .await
+            .map(|_| ())
+    };
     let outcome = tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => result.map(|_| ()),
+        result = to_upstream => result,
+        result = to_client => result,
         () = tokio::time::sleep_until(accepted_at + max_age) => {
             shared.count(|stats| stats.closed_at_max_age += 1);
             Ok(())
@@ -356,7 +380,7 @@ where
         }
     };
     shared.open.fetch_sub(1, Ordering::SeqCst);
-    let _ = client.shutdown().await;
+    let _ = client_write.shutdown().await;
     outcome
 }
 

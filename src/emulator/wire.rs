@@ -147,6 +147,62 @@ pub(crate) fn error_message(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
+/// Follows the framing of a client's messages after startup and spots a simple-protocol
+/// `COMMIT` (a `Query` message whose text starts with `COMMIT`, any case).
+#[derive(Debug, Default)]
+pub(crate) struct CommitSpotter {
+    header: [u8; 5],
+    have: usize,
+    /// Body bytes left in the current message.
+    left: usize,
+    /// The first bytes of a `Query` body.
+    text: Vec<u8>,
+}
+
+impl CommitSpotter {
+    /// Feeds the next bytes; `true` if a `COMMIT` query was completed in them.
+    pub(crate) fn feed(&mut self, mut data: &[u8]) -> bool {
+        let mut spotted = false;
+        while !data.is_empty() {
+            if self.left == 0 {
+                let take = (5 - self.have).min(data.len());
+                self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
+                self.have += take;
+                data = &data[take..];
+                if self.have == 5 {
+                    self.have = 0;
+                    let len = u32::from_be_bytes([
+                        self.header[1],
+                        self.header[2],
+                        self.header[3],
+                        self.header[4],
+                    ]);
+                    self.left = (len as usize).saturating_sub(4);
+                    self.text.clear();
+                }
+                continue;
+            }
+            let take = self.left.min(data.len());
+            if self.header[0] == b'Q' && self.text.len() < 7 {
+                let room = 7 - self.text.len();
+                self.text.extend_from_slice(&data[..take.min(room)]);
+            }
+            self.left -= take;
+            data = &data[take..];
+            if self.left == 0 && self.header[0] == b'Q' {
+                let text: Vec<u8> = self
+                    .text
+                    .iter()
+                    .copied()
+                    .skip_while(u8::is_ascii_whitespace)
+                    .collect();
+                spotted |= text.len() >= 6 && text[..6].eq_ignore_ascii_case(b"COMMIT");
+            }
+        }
+        spotted
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +236,25 @@ mod tests {
             u32::from_be_bytes(message[1..5].try_into().unwrap()) as usize,
             message.len() - 1
         );
+    }
+
+    #[test]
+    fn commit_is_spotted_in_any_split_and_nothing_else_is() {
+        let mut bytes = Vec::new();
+        append_message(&mut bytes, b'Q', b"SELECT 1\0");
+        append_message(&mut bytes, b'P', b"\0COMMIT\0\0\0");
+        append_message(&mut bytes, b'Q', b"commit\0");
+        for cut in 0..=bytes.len() {
+            let mut spotter = CommitSpotter::default();
+            let spotted = spotter.feed(&bytes[..cut]) | spotter.feed(&bytes[cut..]);
+            assert!(spotted, "cut at {cut}");
+        }
+        let mut spotter = CommitSpotter::default();
+        let mut other = Vec::new();
+        append_message(&mut other, b'Q', b"SELECT 'COMMIT'\0");
+        append_message(&mut other, b'Q', b"COMMENT ON TABLE t IS 'x'\0");
+        append_message(&mut other, b'Q', b"COMMIT");
+        assert!(!spotter.feed(&other[..other.len() - 1]));
+        assert!(spotter.feed(&other[other.len() - 1..]));
     }
 }

@@ -233,7 +233,7 @@ async fn a_cancelled_transaction_is_rolled_back_before_the_connection_is_reused(
             tx.execute("INSERT INTO service_cancel VALUES (1)", &[])
                 .await?;
             tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok::<_, tokio_postgres::Error>(())
+            Ok::<_, tokio_postgres_dsql::Error>(())
         }),
     )
     .await;

@@ -200,6 +200,7 @@ pub struct Relay {
     address: SocketAddr,
     forwarding: Arc<AtomicBool>,
     accepted: Arc<AtomicUsize>,
+    freeze: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -209,17 +210,23 @@ impl Relay {
         let address = listener.local_addr().unwrap();
         let forwarding = Arc::new(AtomicBool::new(forwarding));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let freeze = tokio::sync::watch::Sender::new(0u64);
         let task = tokio::spawn({
             let (forwarding, accepted) = (forwarding.clone(), accepted.clone());
+            let freeze = freeze.clone();
             async move {
                 let mut connections = tokio::task::JoinSet::new();
                 while let Ok((mut socket, _)) = listener.accept().await {
                     accepted.fetch_add(1, Ordering::SeqCst);
                     if forwarding.load(Ordering::SeqCst) {
+                        let mut frozen = freeze.subscribe();
                         connections.spawn(async move {
                             if let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await {
-                                let _ =
-                                    tokio::io::copy_bidirectional(&mut socket, &mut upstream).await;
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut socket, &mut upstream) => {}
+                                    // Frozen: both sockets stay open, nothing goes through.
+                                    _ = frozen.changed() => std::future::pending::<()>().await,
+                                }
                             }
                         });
                     } else {
@@ -236,6 +243,7 @@ impl Relay {
             address,
             forwarding,
             accepted,
+            freeze,
             task,
         }
     }
@@ -247,6 +255,12 @@ impl Relay {
     /// TCP connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections forwarded so far stop forwarding without closing (a half-open path); new
+    /// ones are forwarded as before.
+    pub fn freeze_existing(&self) {
+        self.freeze.send_modify(|generation| *generation += 1);
     }
 
     pub fn set_forwarding(&self, on: bool) {
