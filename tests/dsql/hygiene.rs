@@ -50,7 +50,7 @@ async fn a_stuck_connection_is_dropped_at_checkout_and_never_handed_out_again() 
     let e = own_emulator(|b| b).await;
     let relay = Relay::start(e.address(), true).await;
     let pool = pool_on(&e, relay.port(), 2).await;
-    let stuck_pid = scalar(&*pool.get().await.unwrap(), "SELECT pg_backend_pid()").await;
+    let stuck_pid = scalar(&pool.get().await.unwrap(), "SELECT pg_backend_pid()").await;
     // Idle past the ping threshold, then the path to it goes silent without closing.
     tokio::time::sleep(Duration::from_millis(200)).await;
     relay.freeze_existing();
