@@ -7,6 +7,7 @@ use std::sync::Arc;
 use aws_config::meta::region::ProvideRegion;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::admission::{self, Refusal, TokenBucket};
 use crate::config::{DsqlConfig, SslNegotiation};
@@ -154,13 +155,54 @@ impl DsqlConnector {
         deadline: Instant,
         retry: Retry,
     ) -> Result<(tokio_postgres::Client, Arc<SessionWatch>), Error> {
-        let settings = &self.inner.config.connect;
+        let config = &self.inner.config;
+        let span = tracing::info_span!(
+            "dsql.connect",
+            endpoint = %self.inner.described,
+            user = %config.user,
+            region = %self.inner.region,
+            negotiation = ?config.ssl_negotiation,
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        let started = Instant::now();
         let mut attempts = 0;
+        let result = self
+            .attempts(deadline, retry, &mut attempts)
+            .instrument(span.clone())
+            .await;
+        let took = started.elapsed();
+        span.record("attempts", attempts);
+        span.record("duration_ms", took.as_millis() as u64);
+        match &result {
+            Ok(_) => {
+                span.record("outcome", "connected");
+                crate::metrics::connection_opened(&self.inner.endpoint);
+                crate::metrics::connect_duration(&self.inner.endpoint, took);
+            }
+            Err(error) => {
+                let reason = crate::metrics::connect_error_reason(error);
+                span.record("outcome", reason);
+                crate::metrics::connect_error(&self.inner.endpoint, reason);
+            }
+        }
+        result
+    }
+
+    /// The attempts of [`connect_within`](Self::connect_within), counted in `attempts`.
+    async fn attempts(
+        &self,
+        deadline: Instant,
+        retry: Retry,
+        attempts: &mut u32,
+    ) -> Result<(tokio_postgres::Client, Arc<SessionWatch>), Error> {
+        let settings = &self.inner.config.connect;
         let mut backoffs = 0;
         let mut resigned = false;
         loop {
             self.wait_for_rate_limit(deadline).await?;
-            attempts += 1;
+            *attempts += 1;
             let token = self.token().await?;
             let mut postgres = self.inner.postgres.clone();
             postgres.password(token.as_str());
@@ -177,7 +219,7 @@ impl DsqlConnector {
                     });
                     return Ok((client, watch));
                 }
-                Ok(Err(source)) => self.connect_error(source, attempts),
+                Ok(Err(source)) => self.connect_error(source, *attempts),
                 Err(_) => Error::ConnectTimeout {
                     endpoint: self.inner.described.clone(),
                     timeout: bound,
@@ -217,7 +259,7 @@ impl DsqlConnector {
             tracing::debug!(
                 endpoint = %self.inner.described,
                 %error,
-                attempt = attempts,
+                attempt = *attempts,
                 delay_ms = delay.as_millis() as u64,
                 "could not connect to DSQL; retrying after a backoff"
             );

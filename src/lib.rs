@@ -53,6 +53,7 @@ mod connector;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 mod error;
+mod metrics;
 pub mod pool;
 pub mod retry;
 mod session;
@@ -68,7 +69,7 @@ pub use error::{AccessDeniedReason, Error, UnavailableReason};
 pub use pool::{DsqlConnection, DsqlConnectionManager, DsqlPool, DsqlPooledConnection};
 pub use retry::{
     AsClient, AsOccConflict, OccConflict, RetryError, RetryPolicy, Tx, retry_transaction,
-    transaction_with_retry,
+    statement_with_retry, transaction_with_retry,
 };
 
 // The crates whose types appear in this crate's API, so that a service can name them without

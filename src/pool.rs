@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use tracing::Instrument;
+
 use crate::connector::Retry;
 use crate::session::{SessionWatch, TransactionStatus};
 use crate::{DsqlConnector, Error};
@@ -52,7 +54,10 @@ pub struct DsqlConnection {
     last_used: Instant,
     /// A checkout's check (ping, reset) is in flight or was cut short.
     checking: bool,
+    /// Refused at checkout (already counted).
+    discarded: bool,
     session: Arc<SessionWatch>,
+    member: PoolMember,
 }
 
 impl std::fmt::Debug for DsqlConnection {
@@ -136,6 +141,8 @@ pub struct DsqlConnectionManager {
     ping_after_idle: Duration,
     ping_timeout: Duration,
     failures: Arc<ConnectFailures>,
+    counts: Arc<PoolCounts>,
+    endpoint: Arc<str>,
 }
 
 /// Connect errors handed from the manager (in bb8's background connect) to the checkouts
@@ -204,6 +211,7 @@ impl DsqlConnectionManager {
     /// tenth, and [`DEFAULT_PING_AFTER_IDLE`].
     pub fn new(connector: DsqlConnector) -> Self {
         let max_lifetime = connector.config().max_lifetime();
+        let endpoint = Arc::from(connector.endpoint());
         DsqlConnectionManager {
             connector,
             max_lifetime,
@@ -211,6 +219,8 @@ impl DsqlConnectionManager {
             ping_after_idle: DEFAULT_PING_AFTER_IDLE,
             ping_timeout: DEFAULT_PING_TIMEOUT,
             failures: Arc::default(),
+            counts: Arc::default(),
+            endpoint,
         }
     }
 
@@ -284,20 +294,62 @@ impl bb8::ManageConnection for DsqlConnectionManager {
             recycle_at: self.deadline_for(opened_at),
             last_used: Instant::now(),
             checking: false,
+            discarded: false,
+            member: PoolMember::new(self.counts.clone(), self.endpoint.clone()),
         })
     }
 
     async fn is_valid(&self, conn: &mut DsqlConnection) -> Result<(), Error> {
+        match self.check(conn).await {
+            Ok(()) => {
+                conn.member.set_in_use(true);
+                Ok(())
+            }
+            Err((label, reason)) => {
+                // bb8 still passes it to `has_broken`, which must not count it again.
+                conn.discarded = true;
+                crate::metrics::connection_closed(self.connector.endpoint(), label);
+                tracing::debug!(reason, "a pooled DSQL connection was discarded at checkout");
+                Err(Error::Unusable { reason })
+            }
+        }
+    }
+
+    fn has_broken(&self, conn: &mut DsqlConnection) -> bool {
+        // Called when a connection comes back: it was just used.
+        conn.last_used = Instant::now();
+        conn.member.set_in_use(false);
+        if conn.discarded {
+            return true;
+        }
+        let broken = if conn.checking {
+            Some("broken")
+        } else if conn.client.is_closed() {
+            Some("closed")
+        } else if conn.last_used >= conn.recycle_at {
+            Some("recycle_deadline")
+        } else {
+            None
+        };
+        if let Some(label) = broken {
+            crate::metrics::connection_closed(self.connector.endpoint(), label);
+        }
+        broken.is_some()
+    }
+}
+
+impl DsqlConnectionManager {
+    /// The checkout rules (see the type's docs). `Err` carries the metric label and the reason.
+    async fn check(&self, conn: &mut DsqlConnection) -> Result<(), (&'static str, &'static str)> {
         let now = Instant::now();
         if conn.client.is_closed() {
-            return Err(Error::Unusable {
-                reason: "the connection is closed",
-            });
+            return Err(("closed", "the connection is closed"));
         }
         if now >= conn.recycle_at {
-            return Err(Error::Unusable {
-                reason: "the connection reached its recycle deadline",
-            });
+            return Err((
+                "recycle_deadline",
+                "the connection reached its recycle deadline",
+            ));
         }
         let in_transaction = matches!(
             conn.session.status(),
@@ -325,23 +377,31 @@ impl bb8::ManageConnection for DsqlConnectionManager {
             }
             Ok::<_, tokio_postgres::Error>(())
         };
+        let label = if in_transaction || settings_changed {
+            "dirty"
+        } else {
+            "ping_failed"
+        };
         match tokio::time::timeout(self.ping_timeout, reset).await {
             Ok(Ok(())) if conn.session.status() == TransactionStatus::Idle => {}
             Ok(Ok(())) => {
-                return Err(Error::Unusable {
-                    reason: "the connection is still inside a transaction after ROLLBACK",
-                });
+                return Err((
+                    "dirty",
+                    "the connection is still inside a transaction after ROLLBACK",
+                ));
             }
             Ok(Err(_)) => {
-                return Err(Error::Unusable {
-                    reason: "the connection failed its check (ping, or ROLLBACK / RESET ALL of \
-                             a dirty session)",
-                });
+                return Err((
+                    label,
+                    "the connection failed its check (ping, or ROLLBACK / RESET ALL of a \
+                     dirty session)",
+                ));
             }
             Err(_) => {
-                return Err(Error::Unusable {
-                    reason: "the connection did not answer its check within ping_timeout",
-                });
+                return Err((
+                    label,
+                    "the connection did not answer its check within ping_timeout",
+                ));
             }
         }
         if settings_changed {
@@ -350,11 +410,75 @@ impl bb8::ManageConnection for DsqlConnectionManager {
         conn.checking = false;
         Ok(())
     }
+}
 
-    fn has_broken(&self, conn: &mut DsqlConnection) -> bool {
-        // Called when a connection comes back: it was just used.
-        conn.last_used = Instant::now();
-        conn.checking || conn.client.is_closed() || conn.last_used >= conn.recycle_at
+/// Counts a pool's open and checked-out connections for the `dsql_pool_connections` gauges.
+#[derive(Debug, Default)]
+struct PoolCounts {
+    open: std::sync::atomic::AtomicI64,
+    in_use: std::sync::atomic::AtomicI64,
+}
+
+impl PoolCounts {
+    fn publish(&self, endpoint: &str) {
+        let open = self.open.load(Ordering::Relaxed);
+        let in_use = self.in_use.load(Ordering::Relaxed);
+        crate::metrics::pool_connections(endpoint, open - in_use, in_use);
+    }
+}
+
+/// A connection's membership in its pool's counts: counted open while alive, in use between
+/// checkout and return.
+struct PoolMember {
+    counts: Arc<PoolCounts>,
+    endpoint: Arc<str>,
+    in_use: bool,
+}
+
+impl PoolMember {
+    fn new(counts: Arc<PoolCounts>, endpoint: Arc<str>) -> Self {
+        counts.open.fetch_add(1, Ordering::Relaxed);
+        counts.publish(&endpoint);
+        PoolMember {
+            counts,
+            endpoint,
+            in_use: false,
+        }
+    }
+
+    fn set_in_use(&mut self, in_use: bool) {
+        if self.in_use != in_use {
+            self.in_use = in_use;
+            self.counts
+                .in_use
+                .fetch_add(if in_use { 1 } else { -1 }, Ordering::Relaxed);
+            self.counts.publish(&self.endpoint);
+        }
+    }
+}
+
+impl Drop for PoolMember {
+    fn drop(&mut self) {
+        self.counts.open.fetch_sub(1, Ordering::Relaxed);
+        if self.in_use {
+            self.counts.in_use.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.counts.publish(&self.endpoint);
+    }
+}
+
+/// bb8's error sink: what bb8 would otherwise drop silently goes to `tracing`. Connect errors
+/// are logged (at `warn`) where they happen, so they are logged here only at `debug`.
+#[derive(Debug, Clone, Copy)]
+struct TracingErrorSink;
+
+impl bb8::ErrorSink<Error> for TracingErrorSink {
+    fn sink(&self, error: Error) {
+        tracing::debug!(%error, "DSQL pool");
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {
+        Box::new(*self)
     }
 }
 
@@ -391,6 +515,7 @@ pub type DsqlPooledConnection<'a> = bb8::PooledConnection<'a, DsqlConnectionMana
 pub struct DsqlPool {
     pool: bb8::Pool<DsqlConnectionManager>,
     failures: Arc<ConnectFailures>,
+    endpoint: Arc<str>,
 }
 
 impl std::fmt::Debug for DsqlPool {
@@ -422,6 +547,7 @@ impl DsqlPool {
         DsqlPool {
             pool,
             failures: manager.failures.clone(),
+            endpoint: manager.endpoint.clone(),
         }
     }
 
@@ -445,6 +571,26 @@ impl DsqlPool {
         checkout: impl std::future::Future<Output = Result<C, bb8::RunError<Error>>>,
     ) -> Result<C, Error> {
         let started = Instant::now();
+        let span = tracing::debug_span!(
+            "dsql.pool.checkout",
+            endpoint = %self.endpoint,
+            wait_ms = tracing::field::Empty
+        );
+        let result = self
+            .wait_for(checkout, started)
+            .instrument(span.clone())
+            .await;
+        let waited = started.elapsed();
+        span.record("wait_ms", waited.as_millis() as u64);
+        crate::metrics::checkout_wait(&self.endpoint, waited);
+        result
+    }
+
+    async fn wait_for<C>(
+        &self,
+        checkout: impl std::future::Future<Output = Result<C, bb8::RunError<Error>>>,
+        started: Instant,
+    ) -> Result<C, Error> {
         let _waiting = Waiting::new(&self.failures);
         let mut checkout = std::pin::pin!(checkout);
         loop {
@@ -515,6 +661,7 @@ impl DsqlConnector {
             .reaper_rate((max_lifetime / 4).min(Duration::from_secs(30)))
             .queue_strategy(bb8::QueueStrategy::Lifo)
             .retry_connection(false)
+            .error_sink(Box::new(TracingErrorSink))
     }
 }
 

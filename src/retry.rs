@@ -150,6 +150,7 @@ use std::time::Duration;
 
 use tokio_postgres::error::DbError;
 use tokio_postgres::{Client, Transaction};
+use tracing::Instrument;
 
 /// Which optimistic-concurrency conflict an error reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -338,6 +339,10 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
     /// Randomize delays. Default on.
     pub jitter: bool,
+    /// Give up retrying once this much time has passed since the first attempt began (an
+    /// attempt is not cut short; no retry starts whose delay would end past it). Default none:
+    /// only `max_attempts` bounds the retries.
+    pub deadline: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -347,6 +352,7 @@ impl Default for RetryPolicy {
             base_delay: Duration::from_millis(10),
             max_delay: Duration::from_secs(1),
             jitter: true,
+            deadline: None,
         }
     }
 }
@@ -365,6 +371,13 @@ impl RetryPolicy {
     pub fn delays(mut self, base: Duration, max: Duration) -> Self {
         self.base_delay = base;
         self.max_delay = max.max(base);
+        self
+    }
+
+    /// Sets an overall deadline (see [`deadline`](Self::deadline)).
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 
@@ -531,36 +544,125 @@ where
     E: From<tokio_postgres::Error> + AsOccConflict,
 {
     let client = client.as_client();
-    let max_attempts = policy.max_attempts.max(1);
-    let mut attempt = 1;
+    let mut attempts = Attempts::new(policy);
     loop {
-        let error = match run_once(client, &mut body).await {
+        let error = match run_once(client, &mut body)
+            .instrument(attempts.span())
+            .await
+        {
             Ok(value) => return Ok(value),
             Err(AttemptError::Failed(error)) => error,
             Err(AttemptError::RolledBack(error)) => return Err(RetryError::RolledBack(error)),
             Err(AttemptError::OutcomeUnknown(error)) => {
+                crate::metrics::transaction_outcome_unknown();
                 return Err(RetryError::OutcomeUnknown(error));
             }
         };
         let Some(conflict) = error.occ_conflict() else {
             return Err(RetryError::Failed(error));
         };
-        if attempt >= max_attempts {
-            return Err(RetryError::Exhausted {
-                attempts: attempt,
-                conflict,
-                last: error,
-            });
+        match attempts.after_conflict(conflict) {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => {
+                return Err(RetryError::Exhausted {
+                    attempts: attempts.made(),
+                    conflict,
+                    last: error,
+                });
+            }
         }
-        let delay = policy.delay_after(attempt);
+    }
+}
+
+/// The bookkeeping the retry helpers share: attempts, the deadline, delays, logs and metrics.
+struct Attempts<'p> {
+    policy: &'p RetryPolicy,
+    /// The attempt running or just finished (1-based).
+    attempt: u32,
+    started: tokio::time::Instant,
+}
+
+impl<'p> Attempts<'p> {
+    fn new(policy: &'p RetryPolicy) -> Self {
+        Attempts {
+            policy,
+            attempt: 1,
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Attempts made so far.
+    fn made(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The span of the current attempt.
+    fn span(&self) -> tracing::Span {
+        tracing::debug_span!("dsql.transaction", attempt = self.attempt)
+    }
+
+    /// After a conflict: the delay before the next attempt, or `None` when the attempts or the
+    /// deadline are spent.
+    fn after_conflict(&mut self, conflict: OccConflict) -> Option<Duration> {
+        crate::metrics::transaction_conflict(conflict.code());
+        let delay = self.policy.delay_after(self.attempt);
+        let out_of_time = self
+            .policy
+            .deadline
+            .is_some_and(|deadline| self.started.elapsed() + delay >= deadline);
+        if self.attempt >= self.policy.max_attempts.max(1) || out_of_time {
+            crate::metrics::transaction_retries_exhausted();
+            tracing::warn!(
+                attempts = self.attempt,
+                code = conflict.code(),
+                out_of_time,
+                "transaction gave up on optimistic-concurrency conflicts"
+            );
+            return None;
+        }
         tracing::debug!(
-            attempt,
+            attempt = self.attempt,
             code = conflict.code(),
             delay_ms = delay.as_millis() as u64,
             "optimistic-concurrency conflict; retrying the transaction"
         );
-        tokio::time::sleep(delay).await;
-        attempt += 1;
+        crate::metrics::transaction_retry();
+        self.attempt += 1;
+        Some(delay)
+    }
+}
+
+/// Runs one statement in its own transaction (no `BEGIN`: the statement's implicit one), again
+/// on an optimistic-concurrency conflict, with `policy`'s backoff. Made for DDL, which DSQL
+/// wants alone in its transaction (`CREATE TABLE`, `CREATE INDEX ASYNC`, `ALTER TABLE`, a
+/// `GRANT`); call it on a connection outside any transaction. Any other error is returned at
+/// once as [`Error::Query`](crate::Error::Query); when the attempts run out, the last conflict.
+pub async fn statement_with_retry<C>(
+    client: &mut C,
+    policy: &RetryPolicy,
+    statement: &str,
+) -> Result<(), crate::Error>
+where
+    C: AsClient + ?Sized,
+{
+    let client = client.as_client();
+    let mut attempts = Attempts::new(policy);
+    loop {
+        let error = match client
+            .batch_execute(statement)
+            .instrument(attempts.span())
+            .await
+        {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        let Some(conflict) = occ_conflict(&error) else {
+            return Err(error.into());
+        };
+        match attempts.after_conflict(conflict) {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => return Err(error.into()),
+        }
     }
 }
 
@@ -636,33 +738,22 @@ where
     E: From<tokio_postgres::Error> + From<crate::Error> + AsOccConflict,
 {
     let client: &'c Client = client.as_client();
-    let max_attempts = policy.max_attempts.max(1);
-    let mut attempt = 1;
+    let mut attempts = Attempts::new(policy);
     loop {
-        let error = match attempt_once(client, &mut body).await {
+        let error = match attempt_once(client, &mut body)
+            .instrument(attempts.span())
+            .await
+        {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
         let Some(conflict) = error.occ_conflict() else {
             return Err(error);
         };
-        if attempt >= max_attempts {
-            tracing::warn!(
-                attempts = attempt,
-                code = conflict.code(),
-                "transaction gave up on optimistic-concurrency conflicts"
-            );
-            return Err(error);
+        match attempts.after_conflict(conflict) {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => return Err(error),
         }
-        let delay = policy.delay_after(attempt);
-        tracing::debug!(
-            attempt,
-            code = conflict.code(),
-            delay_ms = delay.as_millis() as u64,
-            "optimistic-concurrency conflict; retrying the transaction"
-        );
-        tokio::time::sleep(delay).await;
-        attempt += 1;
     }
 }
 
@@ -688,6 +779,7 @@ where
                     Err(crate::Error::TransactionRolledBack { source }.into())
                 }
                 Err(CommitFailure::OutcomeUnknown(source)) => {
+                    crate::metrics::transaction_outcome_unknown();
                     Err(crate::Error::CommitOutcomeUnknown { source }.into())
                 }
             }

@@ -30,6 +30,7 @@ use arc_swap::ArcSwapOption;
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_smithy_async::time::SharedTimeSource;
+use tracing::Instrument;
 
 use super::{Action, AuthToken, TokenSigner};
 use crate::Error;
@@ -220,7 +221,8 @@ impl TokenCache {
         state.refreshing = true;
         let generation = state.generation;
         let cache = self.clone();
-        tokio::spawn(async move { cache.resign(generation).await });
+        let span = tracing::debug_span!("dsql.token.resign", host = cache.signer.host());
+        tokio::spawn(async move { cache.resign(generation).await }.instrument(span));
     }
 
     /// Forgets the current token: the next [`get`](Self::get) asks for credentials and re-signs.
@@ -237,6 +239,7 @@ impl TokenCache {
         state.refreshing = false;
         match outcome {
             Ok(cached) => {
+                crate::metrics::token_signed(self.signer.host());
                 state.failure = None;
                 state.failures_in_a_row = 0;
                 if state.generation == generation {
@@ -280,12 +283,16 @@ impl TokenCache {
     }
 
     async fn sign_fresh(&self) -> Result<Cached, Error> {
-        let credentials = match tokio::time::timeout(
+        let fetch = tokio::time::timeout(
             self.credentials_timeout,
             self.provider.provide_credentials(),
         )
-        .await
-        {
+        .instrument(tracing::debug_span!("dsql.credentials.fetch"));
+        let fetched = fetch.await;
+        if !matches!(fetched, Ok(Ok(_))) {
+            crate::metrics::credentials_fetch_error(self.signer.host());
+        }
+        let credentials = match fetched {
             Ok(Ok(credentials)) => credentials,
             Ok(Err(e)) => {
                 return Err(Error::Credentials {

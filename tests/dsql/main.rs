@@ -10,6 +10,8 @@ mod connect;
 #[cfg(feature = "emulator")]
 mod hygiene;
 #[cfg(feature = "emulator")]
+mod metrics;
+#[cfg(feature = "emulator")]
 mod pet_clinic;
 #[cfg(feature = "emulator")]
 mod pool;

@@ -1,0 +1,285 @@
+//! Every metric in the README's table moves when its event happens (feature `metrics`), seen
+//! through `metrics-util`'s debugging recorder. Metrics about connections carry the endpoint,
+//! and each check uses an emulator of its own, so other tests running at the same time cannot
+//! move them; the transaction metrics have no endpoint and are checked for at least the moves
+//! this test causes.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use tokio_postgres_dsql::{
+    DsqlConnectionManager, DsqlConnector, DsqlPool, Error, RetryPolicy, retry_transaction,
+};
+
+use crate::support::{Relay, own_emulator};
+
+/// The recorder, installed once, and what it has recorded so far (snapshots drain it).
+struct Recorded {
+    snapshotter: Snapshotter,
+    counters: HashMap<String, u64>,
+    gauges: HashMap<String, f64>,
+    samples: HashMap<String, usize>,
+}
+
+fn recorded() -> &'static Mutex<Recorded> {
+    static RECORDED: OnceLock<Mutex<Recorded>> = OnceLock::new();
+    RECORDED.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("no other metrics recorder in the test binary");
+        Mutex::new(Recorded {
+            snapshotter,
+            counters: HashMap::new(),
+            gauges: HashMap::new(),
+            samples: HashMap::new(),
+        })
+    })
+}
+
+/// `name{label=value,…}` with the labels sorted.
+fn key_of(name: &str, labels: &[(&str, &str)]) -> String {
+    let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    format!("{name}{{{}}}", labels.join(","))
+}
+
+/// Takes a snapshot into the running totals.
+fn update() {
+    let mut recorded = recorded().lock().unwrap();
+    for (key, _, _, value) in recorded.snapshotter.snapshot().into_vec() {
+        let labels: Vec<(String, String)> = key
+            .key()
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        let labels: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let name = key_of(key.key().name(), &labels);
+        match value {
+            DebugValue::Counter(n) => *recorded.counters.entry(name).or_default() += n,
+            DebugValue::Gauge(v) => {
+                recorded.gauges.insert(name, v.into_inner());
+            }
+            DebugValue::Histogram(values) => {
+                *recorded.samples.entry(name).or_default() += values.len()
+            }
+        }
+    }
+}
+
+fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+    update();
+    let recorded = recorded().lock().unwrap();
+    recorded
+        .counters
+        .get(&key_of(name, labels))
+        .copied()
+        .unwrap_or(0)
+}
+
+fn samples(name: &str, labels: &[(&str, &str)]) -> usize {
+    update();
+    let recorded = recorded().lock().unwrap();
+    recorded
+        .samples
+        .get(&key_of(name, labels))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The gauge's value as last set before the latest snapshot.
+fn gauge(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    update();
+    let recorded = recorded().lock().unwrap();
+    recorded.gauges.get(&key_of(name, labels)).copied()
+}
+
+#[derive(Debug)]
+struct FailingProvider;
+
+impl ProvideCredentials for FailingProvider {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::ready(Err(CredentialsError::not_loaded("no credentials here")))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_moves_with_its_event() {
+    update(); // installs the recorder before anything below runs
+    let e = own_emulator(|b| b).await;
+    let endpoint = e.endpoint().to_owned();
+    let ep = [("endpoint", endpoint.as_str())];
+    let relay = Relay::start(e.address(), true).await;
+    let connector = DsqlConnector::new(e.config_for("admin").port(relay.port()).build().unwrap())
+        .await
+        .unwrap();
+    assert!(counter("dsql_tokens_signed_total", &ep) >= 1);
+
+    let manager = DsqlConnectionManager::new(connector.clone())
+        .ping_after_idle(Duration::from_millis(100))
+        .ping_timeout(Duration::from_millis(500));
+    let pool = DsqlPool::new(
+        connector
+            .pool_builder()
+            .max_size(2)
+            .min_idle(None)
+            .build(manager.clone())
+            .await
+            .unwrap(),
+        &manager,
+    );
+    {
+        let conn = pool.get().await.unwrap();
+        conn.simple_query("SELECT 1").await.unwrap();
+        assert_eq!(
+            gauge("dsql_pool_connections", &[ep[0], ("state", "in_use")]),
+            Some(1.0)
+        );
+    }
+    assert_eq!(
+        gauge("dsql_pool_connections", &[ep[0], ("state", "idle")]),
+        Some(1.0)
+    );
+    assert_eq!(counter("dsql_connections_opened_total", &ep), 1);
+    assert_eq!(samples("dsql_connect_duration_seconds", &ep), 1);
+    assert!(samples("dsql_pool_checkout_wait_seconds", &ep) >= 1);
+
+    // A silent connection fails its ping; a closed one is discarded at checkout.
+    let closed = |reason| {
+        counter(
+            "dsql_pool_connections_closed_total",
+            &[ep[0], ("reason", reason)],
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    relay.freeze_existing();
+    drop(pool.get().await.unwrap());
+    assert_eq!(closed("ping_failed"), 1);
+    e.drop_all_connections();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(pool.get().await.unwrap());
+    assert_eq!(closed("closed"), 1);
+    assert_eq!(counter("dsql_connections_opened_total", &ep), 3);
+
+    // Past the recycle deadline.
+    let short = DsqlConnector::new(
+        e.config_for("admin")
+            .max_lifetime(Duration::from_secs(1))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let manager = DsqlConnectionManager::new(short.clone()).jitter(Duration::ZERO);
+    let short_pool = DsqlPool::new(
+        short
+            .pool_builder()
+            .min_idle(None)
+            .build(manager.clone())
+            .await
+            .unwrap(),
+        &manager,
+    );
+    drop(short_pool.get().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    drop(short_pool.get().await.unwrap());
+    assert_eq!(closed("recycle_deadline"), 1);
+
+    // Connect errors by reason, and credentials that cannot be fetched.
+    let stranger =
+        aws_credential_types::Credentials::new("AKIAUNKNOWNKEYEXAMPL", "x", None, None, "t");
+    let denied = DsqlConnector::new(
+        e.config_for("admin")
+            .credentials_provider(stranger)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(denied.connect().await.is_err());
+    assert_eq!(
+        counter(
+            "dsql_connect_errors_total",
+            &[ep[0], ("reason", "access_denied")]
+        ),
+        1
+    );
+    assert!(
+        DsqlConnector::new(
+            e.config_for("admin")
+                .credentials_provider(FailingProvider)
+                .build()
+                .unwrap()
+        )
+        .await
+        .is_err()
+    );
+    assert_eq!(counter("dsql_credentials_fetch_errors_total", &ep), 1);
+
+    // Transactions: conflicts and retries, exhausted retries, an unknown outcome.
+    let conflicts = counter("dsql_transaction_conflicts_total", &[("code", "OC000")]);
+    let retries = counter("dsql_transaction_retries_total", &[]);
+    let exhausted = counter("dsql_transaction_retries_exhausted_total", &[]);
+    let unknown = counter("dsql_transaction_outcome_unknown_total", &[]);
+    let mut client = connector.connect().await.unwrap();
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS metrics_probe; DROP SEQUENCE IF EXISTS metrics_attempts; \
+             CREATE SEQUENCE metrics_attempts; CREATE TABLE metrics_probe (id int); \
+             CREATE OR REPLACE FUNCTION metrics_conflict() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('metrics_attempts') <= 3 THEN \
+                 RAISE EXCEPTION USING ERRCODE = '40001', \
+                   MESSAGE = 'change conflicts with another transaction, please retry: (OC000)'; \
+               END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE CONSTRAINT TRIGGER metrics_conflict AFTER INSERT ON metrics_probe \
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION metrics_conflict()",
+        )
+        .await
+        .unwrap();
+    let insert = async |client: &mut tokio_postgres_dsql::tokio_postgres::Client,
+                        policy: &RetryPolicy| {
+        retry_transaction(client, policy, |tx| async move {
+            tx.execute("INSERT INTO metrics_probe VALUES (1)", &[])
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+    };
+    let fast = RetryPolicy::with_max_attempts(5).delays(Duration::ZERO, Duration::ZERO);
+    // Conflicts 1 and 2 are retried, conflict 3 exhausts a one-attempt policy.
+    insert(
+        &mut client,
+        &RetryPolicy::with_max_attempts(3).delays(Duration::ZERO, Duration::ZERO),
+    )
+    .await
+    .unwrap_err();
+    insert(&mut client, &fast).await.unwrap();
+    assert!(counter("dsql_transaction_conflicts_total", &[("code", "OC000")]) >= conflicts + 3);
+    assert!(counter("dsql_transaction_retries_total", &[]) >= retries + 2);
+    assert!(counter("dsql_transaction_retries_exhausted_total", &[]) > exhausted);
+    e.cut_next_commit();
+    let mut direct = DsqlConnector::new(e.config_for("admin").build().unwrap())
+        .await
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert!(matches!(
+        insert(&mut direct, &fast).await,
+        Err(Error::CommitOutcomeUnknown { .. })
+    ));
+    assert!(counter("dsql_transaction_outcome_unknown_total", &[]) > unknown);
+}
