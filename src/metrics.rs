@@ -34,27 +34,49 @@ mod imp {
             .increment(1);
     }
 
-    pub(crate) fn pool_connections(endpoint: &str, idle: i64, in_use: i64) {
-        metrics::gauge!(
-            "dsql_pool_connections",
-            "endpoint" => endpoint.to_owned(),
-            "state" => "idle"
-        )
-        .set(idle.max(0) as f64);
-        metrics::gauge!(
-            "dsql_pool_connections",
-            "endpoint" => endpoint.to_owned(),
-            "state" => "in_use"
-        )
-        .set(in_use.max(0) as f64);
+    /// A pool's per-checkout metrics, registered once (with the recorder installed at the time)
+    /// so that a checkout allocates nothing.
+    #[derive(Clone)]
+    pub(crate) struct PoolMetrics {
+        idle: metrics::Gauge,
+        in_use: metrics::Gauge,
+        checkout_wait: metrics::Histogram,
     }
 
-    pub(crate) fn checkout_wait(endpoint: &str, waited: Duration) {
-        metrics::histogram!(
-            "dsql_pool_checkout_wait_seconds",
-            "endpoint" => endpoint.to_owned()
-        )
-        .record(waited.as_secs_f64());
+    impl std::fmt::Debug for PoolMetrics {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("PoolMetrics")
+        }
+    }
+
+    impl PoolMetrics {
+        pub(crate) fn new(endpoint: &str) -> Self {
+            PoolMetrics {
+                idle: metrics::gauge!(
+                    "dsql_pool_connections",
+                    "endpoint" => endpoint.to_owned(),
+                    "state" => "idle"
+                ),
+                in_use: metrics::gauge!(
+                    "dsql_pool_connections",
+                    "endpoint" => endpoint.to_owned(),
+                    "state" => "in_use"
+                ),
+                checkout_wait: metrics::histogram!(
+                    "dsql_pool_checkout_wait_seconds",
+                    "endpoint" => endpoint.to_owned()
+                ),
+            }
+        }
+
+        pub(crate) fn connections(&self, idle: i64, in_use: i64) {
+            self.idle.set(idle.max(0) as f64);
+            self.in_use.set(in_use.max(0) as f64);
+        }
+
+        pub(crate) fn checkout_wait(&self, waited: Duration) {
+            self.checkout_wait.record(waited.as_secs_f64());
+        }
     }
 
     pub(crate) fn connection_closed(endpoint: &str, reason: &'static str) {
@@ -93,8 +115,17 @@ mod imp {
     pub(crate) fn connect_duration(_: &str, _: Duration) {}
     pub(crate) fn token_signed(_: &str) {}
     pub(crate) fn credentials_fetch_error(_: &str) {}
-    pub(crate) fn pool_connections(_: &str, _: i64, _: i64) {}
-    pub(crate) fn checkout_wait(_: &str, _: Duration) {}
+    /// Without the feature: nothing.
+    #[derive(Debug, Clone)]
+    pub(crate) struct PoolMetrics;
+
+    impl PoolMetrics {
+        pub(crate) fn new(_: &str) -> Self {
+            PoolMetrics
+        }
+        pub(crate) fn connections(&self, _: i64, _: i64) {}
+        pub(crate) fn checkout_wait(&self, _: Duration) {}
+    }
     pub(crate) fn connection_closed(_: &str, _: &'static str) {}
     pub(crate) fn transaction_conflict(_: &'static str) {}
     pub(crate) fn transaction_retry() {}

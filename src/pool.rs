@@ -211,7 +211,7 @@ impl DsqlConnectionManager {
     /// tenth, and [`DEFAULT_PING_AFTER_IDLE`].
     pub fn new(connector: DsqlConnector) -> Self {
         let max_lifetime = connector.config().max_lifetime();
-        let endpoint = Arc::from(connector.endpoint());
+        let endpoint: Arc<str> = Arc::from(connector.endpoint());
         DsqlConnectionManager {
             connector,
             max_lifetime,
@@ -219,7 +219,7 @@ impl DsqlConnectionManager {
             ping_after_idle: DEFAULT_PING_AFTER_IDLE,
             ping_timeout: DEFAULT_PING_TIMEOUT,
             failures: Arc::default(),
-            counts: Arc::default(),
+            counts: Arc::new(PoolCounts::new(&endpoint)),
             endpoint,
         }
     }
@@ -295,7 +295,7 @@ impl bb8::ManageConnection for DsqlConnectionManager {
             last_used: Instant::now(),
             checking: false,
             discarded: false,
-            member: PoolMember::new(self.counts.clone(), self.endpoint.clone()),
+            member: PoolMember::new(self.counts.clone()),
         })
     }
 
@@ -413,17 +413,26 @@ impl DsqlConnectionManager {
 }
 
 /// Counts a pool's open and checked-out connections for the `dsql_pool_connections` gauges.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PoolCounts {
     open: std::sync::atomic::AtomicI64,
     in_use: std::sync::atomic::AtomicI64,
+    metrics: crate::metrics::PoolMetrics,
 }
 
 impl PoolCounts {
-    fn publish(&self, endpoint: &str) {
+    fn new(endpoint: &str) -> Self {
+        PoolCounts {
+            open: Default::default(),
+            in_use: Default::default(),
+            metrics: crate::metrics::PoolMetrics::new(endpoint),
+        }
+    }
+
+    fn publish(&self) {
         let open = self.open.load(Ordering::Relaxed);
         let in_use = self.in_use.load(Ordering::Relaxed);
-        crate::metrics::pool_connections(endpoint, open - in_use, in_use);
+        self.metrics.connections(open - in_use, in_use);
     }
 }
 
@@ -431,17 +440,15 @@ impl PoolCounts {
 /// checkout and return.
 struct PoolMember {
     counts: Arc<PoolCounts>,
-    endpoint: Arc<str>,
     in_use: bool,
 }
 
 impl PoolMember {
-    fn new(counts: Arc<PoolCounts>, endpoint: Arc<str>) -> Self {
+    fn new(counts: Arc<PoolCounts>) -> Self {
         counts.open.fetch_add(1, Ordering::Relaxed);
-        counts.publish(&endpoint);
+        counts.publish();
         PoolMember {
             counts,
-            endpoint,
             in_use: false,
         }
     }
@@ -452,7 +459,7 @@ impl PoolMember {
             self.counts
                 .in_use
                 .fetch_add(if in_use { 1 } else { -1 }, Ordering::Relaxed);
-            self.counts.publish(&self.endpoint);
+            self.counts.publish();
         }
     }
 }
@@ -463,7 +470,7 @@ impl Drop for PoolMember {
         if self.in_use {
             self.counts.in_use.fetch_sub(1, Ordering::Relaxed);
         }
-        self.counts.publish(&self.endpoint);
+        self.counts.publish();
     }
 }
 
@@ -515,6 +522,7 @@ pub type DsqlPooledConnection<'a> = bb8::PooledConnection<'a, DsqlConnectionMana
 pub struct DsqlPool {
     pool: bb8::Pool<DsqlConnectionManager>,
     failures: Arc<ConnectFailures>,
+    counts: Arc<PoolCounts>,
     endpoint: Arc<str>,
 }
 
@@ -547,6 +555,7 @@ impl DsqlPool {
         DsqlPool {
             pool,
             failures: manager.failures.clone(),
+            counts: manager.counts.clone(),
             endpoint: manager.endpoint.clone(),
         }
     }
@@ -582,7 +591,7 @@ impl DsqlPool {
             .await;
         let waited = started.elapsed();
         span.record("wait_ms", waited.as_millis() as u64);
-        crate::metrics::checkout_wait(&self.endpoint, waited);
+        self.counts.metrics.checkout_wait(waited);
         result
     }
 
