@@ -136,10 +136,12 @@
 //! }
 //! ```
 //!
-//! With your own error type `E`, the body's `?` needs `From<tokio_postgres::Error>` for `E`, and
-//! the helper needs to know which errors are conflicts: implement [`AsOccConflict`] by looking
-//! for the database error inside (see its docs for a worked example). This crate's [`Error`] and,
-//! with the `anyhow` feature, `anyhow::Error` implement it already.
+//! With your own error type `E`, the body's `?` needs `From<tokio_postgres::Error>` for `E`,
+//! `retry_transaction` needs `From<`[`Error`]`>` (for a rolled-back or unknown-outcome
+//! `COMMIT`), and the helper needs to know which errors are conflicts: implement
+//! [`AsOccConflict`] by looking for the database error inside (see its docs for a worked
+//! example). This crate's [`Error`] and, with the `anyhow` feature, `anyhow::Error` have all of
+//! it already.
 //!
 //! [`Error`]: crate::Error
 
@@ -723,9 +725,17 @@ impl Drop for OpenTransaction<'_> {
 /// `|tx| async move { … }`. The future returned by this function is `Send` whenever the body's
 /// is, so it works inside `tokio::spawn` and axum handlers, capturing `&self` and other
 /// references (see the [module docs](self) for what compiles and why). The error type `E` is
-/// yours: it needs `From<tokio_postgres::Error>` (for `?` in the body and for `BEGIN`/`COMMIT`)
-/// and [`AsOccConflict`]; as a function's tail expression, `E` is inferred from the function's
-/// return type, so the body needs no `Ok::<_, E>`.
+/// yours: it needs `From<tokio_postgres::Error>` (for `?` in the body and for `BEGIN`/`COMMIT`),
+/// `From<`[`Error`](crate::Error)`>` (for the two outcomes below) and [`AsOccConflict`]; as a
+/// function's tail expression, `E` is inferred from the function's return type, so the body
+/// needs no `Ok::<_, E>`.
+///
+/// `COMMIT` is checked: if a statement failed and the body returned `Ok` anyway, PostgreSQL
+/// answers `COMMIT` with a rollback and no error, and this returns
+/// [`Error::TransactionRolledBack`](crate::Error::TransactionRolledBack). If the connection is
+/// lost with `COMMIT` in flight, it returns
+/// [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown) and does not re-run the
+/// body (see the README's idempotency-key pattern). Neither is retried.
 pub async fn retry_transaction<'c, C, T, E, F, Fut>(
     client: &'c mut C,
     policy: &RetryPolicy,
@@ -891,6 +901,30 @@ mod tests {
         assert!(*max - *min > Duration::from_millis(40), "{min:?}..{max:?}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_stops_retries_that_would_end_past_it() {
+        let policy = RetryPolicy::with_max_attempts(100)
+            .delays(Duration::from_millis(10), Duration::from_millis(10))
+            .jitter(false)
+            .with_deadline(Duration::from_millis(35));
+        let mut attempts = Attempts::new(&policy);
+        assert_eq!(
+            attempts.after_conflict(OccConflict::Data),
+            Some(Duration::from_millis(10))
+        );
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(attempts.after_conflict(OccConflict::Data).is_some()); // 20 + 10 < 35
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(attempts.after_conflict(OccConflict::Data), None); // 30 + 10 >= 35
+        assert_eq!(attempts.made(), 3);
+        // Without a deadline only the attempt count stops it.
+        let policy = RetryPolicy::with_max_attempts(2);
+        let mut attempts = Attempts::new(&policy);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(attempts.after_conflict(OccConflict::Schema).is_some());
+        assert_eq!(attempts.after_conflict(OccConflict::Schema), None);
+    }
+
     #[test]
     fn defaults_are_documented_values() {
         let policy = RetryPolicy::default();
@@ -898,6 +932,7 @@ mod tests {
         assert_eq!(policy.base_delay, Duration::from_millis(10));
         assert_eq!(policy.max_delay, Duration::from_secs(1));
         assert!(policy.jitter);
+        assert_eq!(policy.deadline, None);
         assert_eq!(RetryPolicy::with_max_attempts(0).max_attempts, 1);
     }
 

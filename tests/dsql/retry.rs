@@ -331,3 +331,54 @@ async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
     assert_eq!(err.occ_conflict(), Some(OccConflict::Data));
     assert!(err.to_string().contains("(OC000)"), "{err}");
 }
+
+#[tokio::test]
+async fn statement_with_retry_reruns_a_conflicting_statement_alone() {
+    let connector = connector("admin", |b| b).await;
+    let mut client = connector.connect().await.unwrap();
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS statement_probe; \
+             DROP SEQUENCE IF EXISTS statement_attempts; \
+             CREATE SEQUENCE statement_attempts; \
+             CREATE TABLE statement_probe (id int); \
+             CREATE OR REPLACE FUNCTION statement_conflict() RETURNS trigger \
+               LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('statement_attempts') <= 2 THEN \
+                 RAISE EXCEPTION USING ERRCODE = '40001', \
+                   MESSAGE = 'schema has been updated by another transaction, please retry: (OC001)'; \
+               END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE TRIGGER statement_conflict AFTER INSERT ON statement_probe \
+               FOR EACH ROW EXECUTE FUNCTION statement_conflict()",
+        )
+        .await
+        .unwrap();
+    tokio_postgres_dsql::statement_with_retry(
+        &mut client,
+        &patient(),
+        "INSERT INTO statement_probe VALUES (1)",
+    )
+    .await
+    .unwrap();
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM statement_probe), last_value FROM statement_attempts",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert_eq!(row.get::<_, i64>(1), 3, "two conflicts, then success");
+    // Other errors come back at once, with the server's words.
+    let err = tokio_postgres_dsql::statement_with_retry(
+        &mut client,
+        &patient(),
+        "CREATE TABLE statement_probe (id int)",
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("42P07"), "{err}");
+}
