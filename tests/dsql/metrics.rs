@@ -171,6 +171,35 @@ async fn every_metric_moves_with_its_event() {
     assert_eq!(closed("closed"), 1);
     assert_eq!(counter("dsql_connections_opened_total", &ep), 3);
 
+    // A checkout that times out in the middle of a ping: the connection is dropped when bb8
+    // puts it back, never queued again.
+    let impatient_manager = DsqlConnectionManager::new(connector.clone())
+        .ping_after_idle(Duration::from_millis(100))
+        .ping_timeout(Duration::from_secs(5));
+    let impatient = DsqlPool::new(
+        connector
+            .pool_builder()
+            .max_size(1)
+            .min_idle(None)
+            .connection_timeout(Duration::from_millis(300))
+            .build(impatient_manager.clone())
+            .await
+            .unwrap(),
+        &impatient_manager,
+    );
+    drop(impatient.get().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    relay.freeze_existing();
+    assert!(matches!(impatient.get().await, Err(Error::PoolTimeout)));
+    assert_eq!(closed("broken"), 1);
+    impatient
+        .get()
+        .await
+        .expect("a fresh connection")
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+
     // Past the recycle deadline.
     let short = DsqlConnector::new(
         e.config_for("admin")
