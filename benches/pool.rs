@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use tokio_postgres_dsql::DsqlPool;
+use tokio_postgres_dsql::{DsqlDeadpool, DsqlPool};
 
 const MAX_SIZE: u32 = 16;
 
@@ -22,6 +22,16 @@ trait Checkout: Clone + Send + Sync + 'static {
 struct Ours(DsqlPool);
 
 impl Checkout for Ours {
+    async fn run(&self) {
+        let conn = self.0.get().await.unwrap();
+        conn.simple_query("SELECT 1").await.unwrap();
+    }
+}
+
+#[derive(Clone)]
+struct OursDeadpool(DsqlDeadpool);
+
+impl Checkout for OursDeadpool {
     async fn run(&self) {
         let conn = self.0.get().await.unwrap();
         conn.simple_query("SELECT 1").await.unwrap();
@@ -76,9 +86,16 @@ async fn drive(pool: impl Checkout, tasks: u64, iters: u64) -> Duration {
 fn pools(c: &mut Criterion) {
     let rt = support::runtime();
     let emulator = support::emulator(&rt);
-    let (ours, bb8_pg, deadpool) = rt.block_on(async {
+    let (ours, ours_deadpool, bb8_pg, deadpool) = rt.block_on(async {
         let connector = support::connector(&emulator, "admin", |b| b).await;
         let ours = connector.pool_with(|b| b.max_size(MAX_SIZE)).await.unwrap();
+        let ours_deadpool = connector
+            .deadpool_builder(tokio_postgres_dsql::DsqlDeadpoolManager::new(
+                tokio_postgres_dsql::DsqlConnectionManager::new(connector.clone()),
+            ))
+            .max_size(MAX_SIZE as usize)
+            .build()
+            .unwrap();
         // The baselines get the same settings, the same TLS and a valid token as password.
         let mut config = connector.postgres_config().clone();
         config.password(connector.token().await.unwrap().as_str());
@@ -101,7 +118,12 @@ fn pools(c: &mut Criterion) {
             .max_size(MAX_SIZE as usize)
             .build()
             .unwrap();
-        (Ours(ours), Bb8Postgres(bb8_pg), Deadpool(deadpool))
+        (
+            Ours(ours),
+            OursDeadpool(ours_deadpool),
+            Bb8Postgres(bb8_pg),
+            Deadpool(deadpool),
+        )
     });
 
     let mut group = c.benchmark_group("checkout_select_1");
@@ -112,6 +134,14 @@ fn pools(c: &mut Criterion) {
             |b, &tasks| {
                 b.to_async(&rt)
                     .iter_custom(|iters| drive(ours.clone(), tasks, iters))
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("tokio-postgres-dsql-deadpool", tasks),
+            &tasks,
+            |b, &tasks| {
+                b.to_async(&rt)
+                    .iter_custom(|iters| drive(ours_deadpool.clone(), tasks, iters))
             },
         );
         group.bench_with_input(
@@ -140,8 +170,13 @@ fn pools(c: &mut Criterion) {
         for tasks in [1u64, 16] {
             let ratio = rt.block_on(alternating_ratio(&ours, &deadpool, tasks, 15));
             println!(
-                "checkout_select_1/{tasks} task(s): tokio-postgres-dsql at {ratio:.3}x \
+                "checkout_select_1/{tasks} task(s): tokio-postgres-dsql (bb8) at {ratio:.3}x \
                  deadpool-postgres's speed (median of 15 alternating ~100 ms rounds)"
+            );
+            let ratio = rt.block_on(alternating_ratio(&ours_deadpool, &deadpool, tasks, 15));
+            println!(
+                "checkout_select_1/{tasks} task(s): tokio-postgres-dsql (deadpool) at \
+                 {ratio:.3}x deadpool-postgres's speed (median of 15 alternating ~100 ms rounds)"
             );
         }
     }
@@ -149,7 +184,12 @@ fn pools(c: &mut Criterion) {
 
 /// The median, over `rounds` alternating rounds of about 100 ms each, of `theirs`' time per
 /// checkout divided by `ours`' (above 1: ours is faster).
-async fn alternating_ratio(ours: &Ours, theirs: &Deadpool, tasks: u64, rounds: usize) -> f64 {
+async fn alternating_ratio(
+    ours: &impl Checkout,
+    theirs: &impl Checkout,
+    tasks: u64,
+    rounds: usize,
+) -> f64 {
     // Size a round from a short calibration run.
     let probe = drive(ours.clone(), tasks, 200).await;
     let iters =

@@ -40,6 +40,7 @@
 //! | `emulator` | no | a local DSQL emulator in front of a real PostgreSQL, for tests |
 //! | `anyhow` | no | [`AsOccConflict`] for `anyhow::Error` |
 //! | `metrics` | no | metrics through the `metrics` facade (the README lists them) |
+//! | `deadpool` | no | a `deadpool` pool ([`DsqlConnector::deadpool`]) besides the bb8 one |
 //! | `with-uuid-1`, `with-time-0_3`, `with-chrono-0_4`, `with-serde_json-1` | no | tokio-postgres's support for those crates' types |
 //!
 //! The library never installs a process-wide crypto provider: if your application calls
@@ -68,6 +69,8 @@ pub use config::{DsqlConfig, DsqlConfigBuilder, RootCerts, SslMode, SslNegotiati
 pub use connector::DsqlConnector;
 pub use error::{AccessDeniedReason, Error, UnavailableReason};
 pub use pool::{DsqlConnection, DsqlConnectionManager, DsqlPool, DsqlPooledConnection};
+#[cfg(feature = "deadpool")]
+pub use pool::{DsqlDeadpool, DsqlDeadpoolManager};
 pub use retry::{
     AsClient, AsOccConflict, OccConflict, RetryError, RetryPolicy, Tx, retry_transaction,
     statement_with_retry, transaction_with_retry,

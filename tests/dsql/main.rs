@@ -8,6 +8,8 @@ mod admission;
 #[cfg(feature = "emulator")]
 mod connect;
 #[cfg(feature = "emulator")]
+mod deadpool;
+#[cfg(feature = "emulator")]
 mod hygiene;
 #[cfg(feature = "emulator")]
 mod metrics;

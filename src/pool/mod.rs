@@ -270,49 +270,20 @@ impl bb8::ManageConnection for DsqlConnectionManager {
     type Error = Error;
 
     async fn connect(&self) -> Result<DsqlConnection, Error> {
-        let opened_at = Instant::now();
-        let deadline = opened_at + self.connector.config().connect_deadline();
-        let (client, session) = self
-            .connector
-            .connect_within(deadline, Retry::Transient)
-            .await
-            .map_err(|error| {
-                tracing::warn!(%error, "the pool could not open a DSQL connection");
-                // A checkout waiting in `DsqlPool::get` gets the error itself; bb8, which only
-                // logs it, gets a stand-in.
-                match self.failures.offer(error) {
-                    Ok(()) => Error::Unusable {
-                        reason: "the connect failed; its error went to a waiting checkout",
-                    },
-                    Err(error) => error,
-                }
-            })?;
-        Ok(DsqlConnection {
-            client,
-            session,
-            opened_at,
-            recycle_at: self.deadline_for(opened_at),
-            last_used: Instant::now(),
-            checking: false,
-            discarded: false,
-            member: PoolMember::new(self.counts.clone()),
+        self.open().await.map_err(|error| {
+            // A checkout waiting in `DsqlPool::get` gets the error itself; bb8, which only logs
+            // it, gets a stand-in.
+            match self.failures.offer(error) {
+                Ok(()) => Error::Unusable {
+                    reason: "the connect failed; its error went to a waiting checkout",
+                },
+                Err(error) => error,
+            }
         })
     }
 
     async fn is_valid(&self, conn: &mut DsqlConnection) -> Result<(), Error> {
-        match self.check(conn).await {
-            Ok(()) => {
-                conn.member.set_in_use(true);
-                Ok(())
-            }
-            Err((label, reason)) => {
-                // bb8 still passes it to `has_broken`, which must not count it again.
-                conn.discarded = true;
-                crate::metrics::connection_closed(self.connector.endpoint(), label);
-                tracing::debug!(reason, "a pooled DSQL connection was discarded at checkout");
-                Err(Error::Unusable { reason })
-            }
-        }
+        self.check_out(conn, true).await
     }
 
     fn has_broken(&self, conn: &mut DsqlConnection) -> bool {
@@ -339,9 +310,62 @@ impl bb8::ManageConnection for DsqlConnectionManager {
 }
 
 impl DsqlConnectionManager {
+    /// Opens a connection for a pool: retries transient failures inside the connect deadline,
+    /// and gives it its recycle deadline. Shared by the bb8 and deadpool managers.
+    pub(crate) async fn open(&self) -> Result<DsqlConnection, Error> {
+        let opened_at = Instant::now();
+        let deadline = opened_at + self.connector.config().connect_deadline();
+        let (client, session) = self
+            .connector
+            .connect_within(deadline, Retry::Transient)
+            .await
+            .inspect_err(|error| {
+                tracing::warn!(%error, "the pool could not open a DSQL connection");
+            })?;
+        Ok(DsqlConnection {
+            client,
+            session,
+            opened_at,
+            recycle_at: self.deadline_for(opened_at),
+            last_used: Instant::now(),
+            checking: false,
+            discarded: false,
+            member: PoolMember::new(self.counts.clone()),
+        })
+    }
+
+    /// The checkout rules (see the type's docs), with their metrics and log line. Shared by
+    /// the bb8 and deadpool managers; `track_in_use` where the pool also reports returns.
+    pub(crate) async fn check_out(
+        &self,
+        conn: &mut DsqlConnection,
+        track_in_use: bool,
+    ) -> Result<(), Error> {
+        match self.check(conn).await {
+            Ok(()) => {
+                if track_in_use {
+                    conn.member.set_in_use(true);
+                } else {
+                    conn.last_used = Instant::now();
+                }
+                Ok(())
+            }
+            Err((label, reason)) => {
+                // bb8 still passes it to `has_broken`, which must not count it again.
+                conn.discarded = true;
+                crate::metrics::connection_closed(self.connector.endpoint(), label);
+                tracing::debug!(reason, "a pooled DSQL connection was discarded at checkout");
+                Err(Error::Unusable { reason })
+            }
+        }
+    }
+
     /// The checkout rules (see the type's docs). `Err` carries the metric label and the reason.
     async fn check(&self, conn: &mut DsqlConnection) -> Result<(), (&'static str, &'static str)> {
         let now = Instant::now();
+        if conn.checking {
+            return Err(("broken", "a check of the connection was cut short"));
+        }
         if conn.client.is_closed() {
             return Err(("closed", "the connection is closed"));
         }
@@ -673,6 +697,11 @@ impl DsqlConnector {
             .error_sink(Box::new(TracingErrorSink))
     }
 }
+
+#[cfg(feature = "deadpool")]
+mod deadpool;
+#[cfg(feature = "deadpool")]
+pub use self::deadpool::{DEFAULT_DEADPOOL_WAIT_TIMEOUT, DsqlDeadpool, DsqlDeadpoolManager};
 
 #[cfg(test)]
 mod tests {
