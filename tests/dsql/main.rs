@@ -26,4 +26,6 @@ mod retry;
 #[cfg(feature = "emulator")]
 mod service;
 #[cfg(feature = "emulator")]
+mod service_example;
+#[cfg(feature = "emulator")]
 mod support;
