@@ -176,7 +176,11 @@ async fn the_service_example_serves_counts_hot_rows_and_stops_cleanly() {
     ];
     for (request, status, says) in cases {
         let response = request.send().await.unwrap();
-        assert_eq!(response.status(), status, "expected {status} saying {says:?}");
+        assert_eq!(
+            response.status(),
+            status,
+            "expected {status} saying {says:?}"
+        );
         let body: Value = response.json().await.expect("a JSON error body");
         let error = body["error"].as_str().expect("an `error` field");
         assert!(error.contains(says), "{status}: {error}");
