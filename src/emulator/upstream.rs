@@ -309,31 +309,76 @@ impl LocalCluster {
         }
     }
 
-    /// Stops the server (fast shutdown, then SIGKILL to its process group after 10 s).
+    /// Stops the server (fast shutdown, then SIGKILL to its process group after 10 s). Never
+    /// waits for ever: if the server outlives even that, it is left to the watchdog.
     fn stop(&mut self) {
         let pid = self.server.id();
-        signal(&format!("-INT {pid}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.server.try_wait() {
-                break;
+        signal(pid, Stop::Fast);
+        if self.exited_within(Duration::from_secs(10)) {
+            return;
+        }
+        signal(pid, Stop::KillGroup);
+        if !self.exited_within(Duration::from_secs(5)) {
+            tracing::warn!(
+                pid,
+                "the emulator's PostgreSQL did not stop; leaving it to the watchdog"
+            );
+        }
+    }
+
+    fn exited_within(&mut self, bound: Duration) -> bool {
+        let deadline = Instant::now() + bound;
+        loop {
+            if !matches!(self.server.try_wait(), Ok(None)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        signal(&format!("-KILL -- -{pid}"));
-        let _ = self.server.wait();
     }
 }
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
+        if matches!(self.server.try_wait(), Ok(None)) {
+            // Still running: the watchdog (woken when its pipe closes) gets another go at it.
+            return;
+        }
         let _ = self.watchdog.kill();
         let _ = self.watchdog.wait();
     }
 }
 
-fn signal(args: &str) {
+/// How [`signal`] stops the server.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// SIGINT to the postmaster: PostgreSQL's fast shutdown.
+    Fast,
+    /// SIGKILL to its whole process group.
+    KillGroup,
+}
+
+fn signal(pid: u32, stop: Stop) {
+    // Directly where the platform allows it (no shell in the way), else through `kill`.
+    #[cfg(target_os = "linux")]
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        use rustix::process::{Signal, kill_process, kill_process_group};
+        let _ = match stop {
+            Stop::Fast => kill_process(pid, Signal::INT),
+            Stop::KillGroup => kill_process_group(pid, Signal::KILL),
+        };
+        return;
+    }
+    let args = match stop {
+        Stop::Fast => format!("-INT {pid}"),
+        Stop::KillGroup => format!("-KILL -- -{pid}"),
+    };
     let _ = Command::new("sh")
         .arg("-c")
         .arg(format!("kill {args} 2>/dev/null"))

@@ -2,7 +2,7 @@
 //! emulator, driven over HTTP with `reqwest`, then stopped with SIGTERM.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -23,17 +23,30 @@ fn postgres_of(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// The example's process; killed if the test ends before it stops it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_example_serves_counts_hot_rows_and_stops_cleanly() {
-    let mut child = Command::new(example_binary("service"))
+    let child = Command::new(example_binary("service"))
         .env_remove("CLUSTER_ENDPOINT")
         .env("PORT", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("the example starts");
-    let pid = child.id();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = Running(child);
+    let pid = child.0.id();
+    let stdout = child.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -212,10 +225,15 @@ async fn the_service_example_serves_counts_hot_rows_and_stops_cleanly() {
         .status()
         .unwrap();
     assert!(status.success());
-    let exited = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut exited = None;
+    for _ in 0..300 {
+        exited = child.0.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exited = exited.expect("the example exits within 30 s of SIGTERM");
     assert!(exited.success(), "{exited:?}");
     let mut left = postgres_of(pid);
     for _ in 0..50 {
