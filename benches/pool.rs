@@ -12,6 +12,8 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tokio_postgres_dsql::{DsqlDeadpool, DsqlPool};
 
 const MAX_SIZE: u32 = 16;
+/// Alternating rounds per comparison (each about 100 ms per pool).
+const ROUNDS: usize = 41;
 
 /// One checkout and one query, for any of the three pools.
 trait Checkout: Clone + Send + Sync + 'static {
@@ -168,15 +170,15 @@ fn pools(c: &mut Criterion) {
     // report the median of the per-round ratios.
     if !std::env::args().any(|a| a == "--test") {
         for tasks in [1u64, 16] {
-            let ratio = rt.block_on(alternating_ratio(&ours, &deadpool, tasks, 15));
+            let ratio = rt.block_on(alternating_ratio(&ours, &deadpool, tasks, ROUNDS));
             println!(
                 "checkout_select_1/{tasks} task(s): tokio-postgres-dsql (bb8) at {ratio:.3}x \
-                 deadpool-postgres's speed (median of 15 alternating ~100 ms rounds)"
+                 deadpool-postgres's speed (median of {ROUNDS} alternating ~100 ms rounds)"
             );
-            let ratio = rt.block_on(alternating_ratio(&ours_deadpool, &deadpool, tasks, 15));
+            let ratio = rt.block_on(alternating_ratio(&ours_deadpool, &deadpool, tasks, ROUNDS));
             println!(
                 "checkout_select_1/{tasks} task(s): tokio-postgres-dsql (deadpool) at \
-                 {ratio:.3}x deadpool-postgres's speed (median of 15 alternating ~100 ms rounds)"
+                 {ratio:.3}x deadpool-postgres's speed (median of {ROUNDS} alternating ~100 ms rounds)"
             );
         }
     }

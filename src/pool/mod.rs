@@ -342,11 +342,11 @@ impl DsqlConnectionManager {
         track_in_use: bool,
     ) -> Result<(), Error> {
         match self.check(conn).await {
-            Ok(()) => {
+            Ok(now) => {
                 if track_in_use {
                     conn.member.set_in_use(true);
                 } else {
-                    conn.last_used = Instant::now();
+                    conn.last_used = now;
                 }
                 Ok(())
             }
@@ -361,7 +361,11 @@ impl DsqlConnectionManager {
     }
 
     /// The checkout rules (see the type's docs). `Err` carries the metric label and the reason.
-    async fn check(&self, conn: &mut DsqlConnection) -> Result<(), (&'static str, &'static str)> {
+    /// `Ok` carries the time of the check.
+    async fn check(
+        &self,
+        conn: &mut DsqlConnection,
+    ) -> Result<Instant, (&'static str, &'static str)> {
         let now = Instant::now();
         if conn.checking {
             return Err(("broken", "a check of the connection was cut short"));
@@ -383,7 +387,7 @@ impl DsqlConnectionManager {
         let idle = now.duration_since(conn.last_used) > self.ping_after_idle;
         if !(in_transaction || settings_changed || idle) {
             // The common path: no I/O.
-            return Ok(());
+            return Ok(now);
         }
         // If this checkout is dropped while the round trip below is in flight (bb8's checkout
         // timeout), `has_broken` sees the flag and the connection is discarded, never queued
@@ -432,7 +436,7 @@ impl DsqlConnectionManager {
             conn.session.settings_reset();
         }
         conn.checking = false;
-        Ok(())
+        Ok(Instant::now())
     }
 }
 
