@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use aws_config::meta::region::ProvideRegion;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -69,21 +68,7 @@ impl DsqlConnector {
     /// missing region, missing credentials or an unreadable CA file fail here with an error
     /// that says what to set.
     pub async fn new(config: DsqlConfig) -> Result<Self, Error> {
-        let region = match &config.region {
-            Some(region) => region.clone(),
-            None => region_from_environment(config.profile.as_deref())
-                .await
-                .ok_or_else(|| {
-                    Error::config(
-                        "region",
-                        format!(
-                            "the endpoint `{}` does not name a region; set region (or \
-                             ?region= / AWS_REGION / a profile region)",
-                            config.host
-                        ),
-                    )
-                })?,
-        };
+        let region = crate::config::resolve_region(&config).await?;
         let endpoint = config.endpoint_for(&region);
         let provider = match &config.credentials_provider {
             Some(provider) => provider.clone(),
@@ -469,26 +454,6 @@ fn is_tls_failure(error: &tokio_postgres::Error) -> bool {
         source = cause.source();
     }
     false
-}
-
-/// `AWS_REGION`, `AWS_DEFAULT_REGION`, then the profile's region (no IMDS look-up).
-async fn region_from_environment(profile: Option<&str>) -> Option<String> {
-    for name in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
-        if let Ok(region) = std::env::var(name)
-            && !region.is_empty()
-        {
-            return Some(region);
-        }
-    }
-    let mut builder = aws_config::profile::ProfileFileRegionProvider::builder();
-    if let Some(profile) = profile {
-        builder = builder.profile_name(profile);
-    }
-    builder
-        .build()
-        .region()
-        .await
-        .map(|region| region.as_ref().to_owned())
 }
 
 /// `aws-config`'s default credentials chain: environment, profile (SSO, assume-role, process),

@@ -1,0 +1,372 @@
+//! [`DsqlConfigBuilder`]'s setters and the checks of [`build`](DsqlConfigBuilder::build).
+
+use super::*;
+
+impl DsqlConfigBuilder {
+    /// The cluster endpoint (`<id>.dsql.<region>.on.aws`, or a PrivateLink
+    /// `<id>.dsql-xxxx.<region>.on.aws`), or a bare 26-character cluster id, which is expanded
+    /// with the region to `<id>.dsql.<region>.on.aws`. Required.
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+
+    /// The TCP port. Default 5432.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The database role. Default `admin`, which signs tokens with `DbConnectAdmin`; every other
+    /// role signs with `DbConnect`.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// The database name. Default `postgres`, the only database a DSQL cluster has.
+    pub fn database(mut self, database: impl Into<String>) -> Self {
+        self.database = Some(database.into());
+        self
+    }
+
+    /// The AWS region tokens are signed for. Default: parsed from the endpoint; else
+    /// `AWS_REGION` / `AWS_DEFAULT_REGION`; else the profile's region. When the endpoint names a
+    /// region, a different one here is an error.
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// The address to dial instead of resolving the host (libpq's `hostaddr`). The host name is
+    /// still used for SNI, the certificate check and the token: for bastions, tunnels,
+    /// PrivateLink IPs and local tests.
+    pub fn hostaddr(mut self, hostaddr: IpAddr) -> Self {
+        self.hostaddr = Some(hostaddr);
+        self
+    }
+
+    /// How long each token is valid for new connections. Default 900 s, as in the AWS SDKs;
+    /// at least 1 s, at most 604 800 s (one week, DSQL's limit). Tokens made from temporary
+    /// credentials never outlive them. Open connections outlive their token.
+    pub fn token_duration(mut self, duration: Duration) -> Self {
+        self.token_duration = Some(duration);
+        self
+    }
+
+    /// The AWS profile for the default credentials chain (and for the region, if nothing else
+    /// gives one). Ignored when a credentials provider is set.
+    pub fn profile(mut self, profile: impl Into<String>) -> Self {
+        self.profile = Some(profile.into());
+        self
+    }
+
+    /// The credentials to sign tokens with, instead of `aws-config`'s default chain.
+    pub fn credentials_provider(mut self, provider: impl ProvideCredentials + 'static) -> Self {
+        self.credentials_provider = Some(SharedCredentialsProvider::new(provider));
+        self
+    }
+
+    /// A PEM file of CA certificates to trust instead of the built-in webpki roots, or the
+    /// literal `system` for the operating system's store (libpq's convention).
+    pub fn ssl_root_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        self.root_certs = if path.as_os_str() == "system" {
+            RootCerts::System
+        } else {
+            RootCerts::File(path)
+        };
+        self
+    }
+
+    /// How the certificate is checked. Default [`SslMode::VerifyFull`].
+    /// [`SslMode::Require`] is only accepted together with
+    /// [`amzn_cluster_id`](Self::amzn_cluster_id) (the PrivateLink case).
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.ssl_mode = mode;
+        self
+    }
+
+    /// How TLS starts. Default [`SslNegotiation::Direct`] (one round trip fewer).
+    pub fn ssl_negotiation(mut self, negotiation: SslNegotiation) -> Self {
+        self.ssl_negotiation = negotiation;
+        self
+    }
+
+    /// The schema search path, sent in the startup message (`options=-c search_path=…`) so the
+    /// session is ready without an extra `SET`. Non-admin roles usually need it (they cannot
+    /// create objects in `public`).
+    pub fn search_path(mut self, search_path: impl Into<String>) -> Self {
+        self.search_path = Some(search_path.into());
+        self
+    }
+
+    /// A prefix for the `application_name` the server sees: `<name>:tokio-postgres-dsql/<version>`.
+    /// Without it the name is `tokio-postgres-dsql/<version>`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// How long a pooled connection may live before it is replaced. Default 55 minutes (the
+    /// server closes connections at 60 and a transaction may last 5). At most 60 minutes.
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.max_lifetime = Some(lifetime);
+        self
+    }
+
+    /// The cluster id, for connecting through a PrivateLink VPC endpoint by its DNS name or IP:
+    /// the token is signed for `<id>.dsql.<region>.on.aws` and the startup message carries
+    /// `options=-c amzn-cluster-id=<id>`.
+    pub fn amzn_cluster_id(mut self, cluster_id: impl Into<String>) -> Self {
+        self.amzn_cluster_id = Some(cluster_id.into());
+        self
+    }
+
+    /// The bound on one connect attempt, from the TCP connect to the end of authentication
+    /// (libpq's meaning of `connect_timeout`). Default [`DEFAULT_CONNECT_TIMEOUT`] (10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect.timeout = timeout;
+        self
+    }
+
+    /// The bound on a whole [`connect`](crate::DsqlConnector::connect): every attempt, the
+    /// backoff after DSQL's transient refusals, and waits for the client-side rate limit.
+    /// Default [`DEFAULT_CONNECT_DEADLINE`] (30 s).
+    pub fn connect_deadline(mut self, deadline: Duration) -> Self {
+        self.connect.deadline = deadline;
+        self
+    }
+
+    /// Limits how fast this connector (with its clones and pools) opens connections: a token
+    /// bucket of `per_second` new connections a second with bursts of up to `burst`. Connects
+    /// wait their turn (within the connect deadline) instead of being refused by the cluster.
+    ///
+    /// DSQL admits 100 new connections a second per cluster, with bursts of 1 000. With `n`
+    /// service instances, `per_second = 100 / n` (minus headroom for other clients) keeps the
+    /// fleet under the cluster's rate; `burst` is what one instance may open at once, e.g. its
+    /// pool size. Default: no limit.
+    pub fn connect_rate_limit(mut self, per_second: f64, burst: u32) -> Self {
+        self.connect.rate_limit = Some((per_second, burst));
+        self
+    }
+
+    /// The bound on one call to the credentials provider. A provider that does not answer in
+    /// time counts as failed (and is backed off from). Default 5 s.
+    pub fn credentials_timeout(mut self, timeout: Duration) -> Self {
+        self.connect.credentials_timeout = timeout;
+        self
+    }
+
+    /// TCP keepalives on new connections. Default on.
+    pub fn keepalives(mut self, on: bool) -> Self {
+        self.connect.keepalives = on;
+        self
+    }
+
+    /// Idle time before the first keepalive probe. Default [`DEFAULT_KEEPALIVES_IDLE`] (60 s).
+    pub fn keepalives_idle(mut self, idle: Duration) -> Self {
+        self.connect.keepalives_idle = idle;
+        self
+    }
+
+    /// Time between keepalive probes. Default [`DEFAULT_KEEPALIVES_INTERVAL`] (15 s).
+    pub fn keepalives_interval(mut self, interval: Duration) -> Self {
+        self.connect.keepalives_interval = interval;
+        self
+    }
+
+    /// Unanswered probes before the connection is dropped (libpq's `keepalives_count`).
+    /// Default [`DEFAULT_KEEPALIVES_RETRIES`] (3).
+    pub fn keepalives_retries(mut self, retries: u32) -> Self {
+        self.connect.keepalives_retries = retries;
+        self
+    }
+
+    /// `TCP_USER_TIMEOUT` (Linux): how long sent data may stay unacknowledged before the
+    /// connection is dropped. `Duration::ZERO` leaves the kernel's default (about 15 minutes).
+    /// Default [`DEFAULT_TCP_USER_TIMEOUT`] (30 s).
+    pub fn tcp_user_timeout(mut self, timeout: Duration) -> Self {
+        self.connect.tcp_user_timeout = (!timeout.is_zero()).then_some(timeout);
+        self
+    }
+
+    /// An extra session setting sent in the startup message (`options=-c name=value`). DSQL
+    /// accepts only a few (see the README); others are refused by the server.
+    pub fn option(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.push((name.into(), value.into()));
+        self
+    }
+
+    /// The clock used for token signing and expiry. Default: the system clock. For tests.
+    pub fn time_source(mut self, time_source: impl TimeSource + 'static) -> Self {
+        self.time_source = Some(SharedTimeSource::new(time_source));
+        self
+    }
+
+    /// Checks the configuration. The error names the first field at fault.
+    pub fn build(self) -> Result<DsqlConfig, Error> {
+        let host = self.host.ok_or_else(|| {
+            Error::config(
+                "host",
+                "an endpoint is required (<cluster-id>.dsql.<region>.on.aws, or a 26-character \
+                 cluster id with a region)",
+            )
+        })?;
+        let host = validate_host(&host)?;
+
+        if let Some(region) = &self.region {
+            validate_region("region", region)?;
+        }
+        let host_region = region_from_host(&host);
+        let region = match (host_region, self.region) {
+            (Some(from_host), Some(explicit)) if from_host != explicit => {
+                return Err(Error::config(
+                    "region",
+                    format!(
+                        "`{explicit}` does not match the endpoint's region `{from_host}` \
+                         (tokens must be signed for the endpoint's region)"
+                    ),
+                ));
+            }
+            (Some(from_host), _) => Some(from_host.to_owned()),
+            (None, Some(explicit)) => Some(explicit),
+            (None, None) => self.fallback_region,
+        };
+        let host = match &region {
+            Some(region) if is_cluster_id(&host) => format!("{host}.dsql.{region}.on.aws"),
+            _ => host,
+        };
+
+        let port = self.port.unwrap_or(DEFAULT_PORT);
+        if port == 0 {
+            return Err(Error::config("port", "must be between 1 and 65535"));
+        }
+        let user = self.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
+        check_text("user", &user, false)?;
+        let database = self.database.unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        check_text("database", &database, false)?;
+
+        let token_duration = self.token_duration.unwrap_or(DEFAULT_TOKEN_DURATION);
+        if token_duration < Duration::from_secs(1) || token_duration > MAX_TOKEN_DURATION {
+            return Err(Error::config(
+                "token_duration",
+                format!(
+                    "{} s is out of range: DSQL accepts 1 to {} s",
+                    token_duration.as_secs_f64(),
+                    MAX_TOKEN_DURATION.as_secs()
+                ),
+            ));
+        }
+
+        let max_lifetime = self.max_lifetime.unwrap_or(DEFAULT_MAX_LIFETIME);
+        if max_lifetime.is_zero() || max_lifetime > SERVER_MAX_CONNECTION_AGE {
+            return Err(Error::config(
+                "max_lifetime",
+                "must be more than 0 and at most 60 minutes (DSQL closes connections at 60)",
+            ));
+        }
+
+        if let Some(id) = &self.amzn_cluster_id
+            && !is_cluster_id(id)
+        {
+            return Err(Error::config(
+                "amzn_cluster_id",
+                "a cluster id is 26 lowercase letters and digits",
+            ));
+        }
+        if self.ssl_mode == SslMode::Require && self.amzn_cluster_id.is_none() {
+            return Err(Error::config(
+                "sslmode",
+                "`require` skips certificate verification and is only for PrivateLink VPC \
+                 endpoints; set amzn_cluster_id too, or use verify-full",
+            ));
+        }
+        if let Some(path) = &self.search_path {
+            check_text("search_path", path, true)?;
+        }
+        if let Some(name) = &self.application_name {
+            check_text("application_name", name, true)?;
+        }
+        if let Some(profile) = &self.profile {
+            check_text("profile", profile, false)?;
+        }
+        for (name, value) in &self.options {
+            if name.is_empty() || name.contains(['\0', ' ', '=']) {
+                return Err(Error::config(
+                    "options",
+                    format!("bad setting name `{name}`"),
+                ));
+            }
+            check_text("options", value, true)?;
+        }
+        self.connect.check()?;
+
+        Ok(DsqlConfig {
+            host,
+            port,
+            user,
+            database,
+            region,
+            hostaddr: self.hostaddr,
+            token_duration,
+            profile: self.profile,
+            credentials_provider: self.credentials_provider,
+            root_certs: self.root_certs,
+            ssl_mode: self.ssl_mode,
+            ssl_negotiation: self.ssl_negotiation,
+            search_path: self.search_path,
+            application_name: self.application_name,
+            max_lifetime,
+            amzn_cluster_id: self.amzn_cluster_id,
+            connect: self.connect,
+            options: self.options,
+            time_source: self.time_source,
+        })
+    }
+}
+
+fn check_text(field: &'static str, value: &str, may_be_empty: bool) -> Result<(), Error> {
+    if value.contains('\0') {
+        return Err(Error::config(field, "contains a NUL character"));
+    }
+    if !may_be_empty && value.is_empty() {
+        return Err(Error::config(field, "is empty"));
+    }
+    Ok(())
+}
+
+impl ConnectSettings {
+    /// Names the first setting out of range.
+    fn check(&self) -> Result<(), Error> {
+        for (field, value) in [
+            ("connect_timeout", self.timeout),
+            ("connect_deadline", self.deadline),
+            ("credentials_timeout", self.credentials_timeout),
+            ("keepalives_idle", self.keepalives_idle),
+            ("keepalives_interval", self.keepalives_interval),
+        ] {
+            if value.is_zero() {
+                return Err(Error::config(field, "must be more than 0"));
+            }
+        }
+        if self.keepalives_retries == 0 {
+            return Err(Error::config("keepalives_retries", "must be at least 1"));
+        }
+        if let Some((per_second, burst)) = self.rate_limit {
+            if !(per_second.is_finite() && per_second > 0.0) {
+                return Err(Error::config(
+                    "connect_rate_limit",
+                    format!("{per_second} new connections a second: must be more than 0"),
+                ));
+            }
+            if burst == 0 {
+                return Err(Error::config(
+                    "connect_rate_limit",
+                    "the burst must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,405 @@
+//! [`DsqlConfig`]: where and how to connect, from a builder, a connection string or the
+//! environment.
+//!
+//! | option | builder | URL / conninfo key | environment | default |
+//! |---|---|---|---|---|
+//! | endpoint | [`host`](DsqlConfigBuilder::host) | `host` | `CLUSTER_ENDPOINT` | required |
+//! | port | [`port`](DsqlConfigBuilder::port) | `port` | `PGPORT` | 5432 |
+//! | database role | [`user`](DsqlConfigBuilder::user) | `user` | `CLUSTER_USER` | `admin` |
+//! | database | [`database`](DsqlConfigBuilder::database) | `dbname` | `PGDATABASE` | `postgres` |
+//! | region | [`region`](DsqlConfigBuilder::region) | `region` | `AWS_REGION`, `AWS_DEFAULT_REGION` | from the endpoint, else environment, else profile |
+//! | address to dial | [`hostaddr`](DsqlConfigBuilder::hostaddr) | `hostaddr` | `PGHOSTADDR` | resolve the endpoint |
+//! | token life | [`token_duration`](DsqlConfigBuilder::token_duration) | `token_duration_secs` | | 900 s (at most 604 800 s) |
+//! | AWS profile | [`profile`](DsqlConfigBuilder::profile) | `profile` | `AWS_PROFILE` | the default chain |
+//! | credentials | [`credentials_provider`](DsqlConfigBuilder::credentials_provider) | | | `aws-config`'s default chain |
+//! | CA certificates | [`ssl_root_cert`](DsqlConfigBuilder::ssl_root_cert) | `sslrootcert` | `PGSSLROOTCERT` | webpki roots (`system`: the OS store) |
+//! | TLS verification | [`ssl_mode`](DsqlConfigBuilder::ssl_mode) | `sslmode` | | `verify-full` |
+//! | TLS negotiation | [`ssl_negotiation`](DsqlConfigBuilder::ssl_negotiation) | `sslnegotiation` | `PGSSLNEGOTIATION` | `direct` |
+//! | schema search path | [`search_path`](DsqlConfigBuilder::search_path) | `options=-c search_path=…` | | server default |
+//! | application name prefix | [`application_name`](DsqlConfigBuilder::application_name) | `application_name` | `PGAPPNAME` | none |
+//! | pool max lifetime | [`max_lifetime`](DsqlConfigBuilder::max_lifetime) | | | 55 min |
+//! | PrivateLink cluster id | [`amzn_cluster_id`](DsqlConfigBuilder::amzn_cluster_id) | `options=-c amzn-cluster-id=…` | | none |
+//! | one connect attempt | [`connect_timeout`](DsqlConfigBuilder::connect_timeout) | `connect_timeout` | `PGCONNECT_TIMEOUT` | 10 s |
+//! | whole connect, retries included | [`connect_deadline`](DsqlConfigBuilder::connect_deadline) | `connect_deadline` | | 30 s |
+//! | client-side connect rate | [`connect_rate_limit`](DsqlConfigBuilder::connect_rate_limit) | | | none |
+//! | one credentials call | [`credentials_timeout`](DsqlConfigBuilder::credentials_timeout) | | | 5 s |
+//! | TCP keepalives | [`keepalives`](DsqlConfigBuilder::keepalives) | `keepalives` (0/1) | | on |
+//! | keepalive idle time | [`keepalives_idle`](DsqlConfigBuilder::keepalives_idle) | `keepalives_idle` (s) | | 60 s |
+//! | keepalive probe interval | [`keepalives_interval`](DsqlConfigBuilder::keepalives_interval) | `keepalives_interval` (s) | | 15 s |
+//! | keepalive probes | [`keepalives_retries`](DsqlConfigBuilder::keepalives_retries) | `keepalives_count` | | 3 |
+//! | unacknowledged-data limit | [`tcp_user_timeout`](DsqlConfigBuilder::tcp_user_timeout) | `tcp_user_timeout` (ms) | | 30 s |
+//!
+//! Time limits, as libpq means them: `connect_timeout` bounds one attempt from the TCP connect
+//! to the end of authentication (a server that accepts TCP and then says nothing cannot hang a
+//! connect); `connect_deadline` bounds the whole [`connect`](crate::DsqlConnector::connect),
+//! including retries after DSQL's `rate exceeded`, `too many open connections` and `waking up`
+//! refusals and waits for the client-side rate limit.
+//!
+//! The keepalive defaults find a dead peer on an idle connection in about 90 s (60 s idle, then
+//! up to 3 probes 15 s apart, cut short by `tcp_user_timeout`), well before AWS NAT gateways
+//! drop idle flows (350 s), and `tcp_user_timeout` drops a connection whose sent data has gone
+//! unacknowledged for 30 s (a half-open connection) instead of the kernel's 15 minutes. A long
+//! query is not affected: the server's kernel acknowledges the query while it runs.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_smithy_async::time::{SharedTimeSource, TimeSource};
+
+use crate::Error;
+use crate::token::{DEFAULT_TOKEN_DURATION, MAX_TOKEN_DURATION};
+
+/// DSQL's port.
+pub const DEFAULT_PORT: u16 = 5432;
+/// DSQL's built-in administrator role.
+pub const DEFAULT_USER: &str = "admin";
+/// DSQL has exactly one database, `postgres`.
+pub const DEFAULT_DATABASE: &str = "postgres";
+/// Pooled connections are recycled after 55 minutes: DSQL closes every connection at 60 minutes,
+/// and a transaction may last up to 5, so a connection handed out before 55 minutes can finish
+/// any transaction it starts.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(55 * 60);
+/// DSQL's hard limit on a connection's age.
+pub const SERVER_MAX_CONNECTION_AGE: Duration = Duration::from_secs(60 * 60);
+
+/// How TLS starts on a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SslNegotiation {
+    /// TLS from the first byte, with ALPN `postgresql` (libpq's `sslnegotiation=direct`). Saves
+    /// the SSLRequest round trip. The default.
+    #[default]
+    Direct,
+    /// The classic SSLRequest exchange, then TLS (libpq's `sslnegotiation=postgres`).
+    Postgres,
+}
+
+/// How the server's certificate is checked. TLS itself is never off: DSQL requires it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// Check the chain against the trusted roots and the name against the endpoint (libpq's
+    /// `verify-full`). The default.
+    #[default]
+    VerifyFull,
+    /// Encrypt but do not check the certificate (libpq's `require`). Only for reaching a cluster
+    /// through a PrivateLink VPC endpoint by its DNS name or IP, where the certificate cannot
+    /// match; it therefore requires [`DsqlConfigBuilder::amzn_cluster_id`].
+    Require,
+}
+
+/// Where to find the CA certificates that the server's chain must lead to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RootCerts {
+    /// The Mozilla root set compiled in by `webpki-roots` (includes Amazon Root CA 1).
+    #[default]
+    WebPki,
+    /// The operating system's store (libpq's `sslrootcert=system`).
+    System,
+    /// PEM certificates from a file.
+    File(PathBuf),
+}
+
+/// Everything needed to connect to one DSQL endpoint. Build it with [`DsqlConfig::builder`],
+/// parse it from a `postgres://` URL or a `key=value` string, or read it with
+/// [`DsqlConfig::from_env`].
+///
+/// `Debug` shows every setting except the credentials provider's contents.
+#[derive(Clone)]
+pub struct DsqlConfig {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) user: String,
+    pub(crate) database: String,
+    pub(crate) region: Option<String>,
+    pub(crate) hostaddr: Option<IpAddr>,
+    pub(crate) token_duration: Duration,
+    pub(crate) profile: Option<String>,
+    pub(crate) credentials_provider: Option<SharedCredentialsProvider>,
+    pub(crate) root_certs: RootCerts,
+    pub(crate) ssl_mode: SslMode,
+    pub(crate) ssl_negotiation: SslNegotiation,
+    pub(crate) search_path: Option<String>,
+    pub(crate) application_name: Option<String>,
+    pub(crate) max_lifetime: Duration,
+    pub(crate) amzn_cluster_id: Option<String>,
+    pub(crate) connect: ConnectSettings,
+    pub(crate) options: Vec<(String, String)>,
+    pub(crate) time_source: Option<SharedTimeSource>,
+}
+
+/// Default bound on one connect attempt (TCP, TLS, startup, authentication). An attempt is
+/// three round trips plus a token check (p99 120 ms in-Region); 10 s leaves room for a slow
+/// network without letting a silent peer hold a caller.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on a whole connect, retries included: long enough for a burst of connects
+/// refused with `rate exceeded` to drain at DSQL's 100/s, short enough to surface an outage.
+/// Raise it for clusters that scale to zero, which may take a minute or more to wake up.
+pub const DEFAULT_CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// Default bound on one call to the credentials provider; `aws-config`'s own identity cache
+/// uses the same.
+pub const DEFAULT_CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default TCP keepalive idle time.
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(60);
+/// Default interval between TCP keepalive probes.
+pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(15);
+/// Default number of unanswered keepalive probes before the connection is dropped.
+pub const DEFAULT_KEEPALIVES_RETRIES: u32 = 3;
+/// Default `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged.
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connection-level limits and TCP settings (see the table in the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ConnectSettings {
+    pub(crate) timeout: Duration,
+    pub(crate) deadline: Duration,
+    /// New connections a second, and the burst.
+    pub(crate) rate_limit: Option<(f64, u32)>,
+    pub(crate) credentials_timeout: Duration,
+    pub(crate) keepalives: bool,
+    pub(crate) keepalives_idle: Duration,
+    pub(crate) keepalives_interval: Duration,
+    pub(crate) keepalives_retries: u32,
+    pub(crate) tcp_user_timeout: Option<Duration>,
+}
+
+impl Default for ConnectSettings {
+    fn default() -> Self {
+        ConnectSettings {
+            timeout: DEFAULT_CONNECT_TIMEOUT,
+            deadline: DEFAULT_CONNECT_DEADLINE,
+            rate_limit: None,
+            credentials_timeout: DEFAULT_CREDENTIALS_TIMEOUT,
+            keepalives: true,
+            keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
+            keepalives_interval: DEFAULT_KEEPALIVES_INTERVAL,
+            keepalives_retries: DEFAULT_KEEPALIVES_RETRIES,
+            tcp_user_timeout: Some(DEFAULT_TCP_USER_TIMEOUT),
+        }
+    }
+}
+
+impl fmt::Debug for DsqlConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DsqlConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("region", &self.region)
+            .field("hostaddr", &self.hostaddr)
+            .field("token_duration", &self.token_duration)
+            .field("profile", &self.profile)
+            .field(
+                "credentials_provider",
+                &self.credentials_provider.as_ref().map(|_| "<set>"),
+            )
+            .field("root_certs", &self.root_certs)
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_negotiation", &self.ssl_negotiation)
+            .field("search_path", &self.search_path)
+            .field("application_name", &self.application_name)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("amzn_cluster_id", &self.amzn_cluster_id)
+            .field("connect", &self.connect)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`DsqlConfig`]. Every setter consumes and returns the builder; [`build`](Self::build)
+/// checks the whole configuration and names the field at fault.
+#[derive(Default, Clone)]
+#[must_use]
+pub struct DsqlConfigBuilder {
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    database: Option<String>,
+    region: Option<String>,
+    hostaddr: Option<IpAddr>,
+    token_duration: Option<Duration>,
+    profile: Option<String>,
+    credentials_provider: Option<SharedCredentialsProvider>,
+    root_certs: RootCerts,
+    ssl_mode: SslMode,
+    ssl_negotiation: SslNegotiation,
+    search_path: Option<String>,
+    application_name: Option<String>,
+    max_lifetime: Option<Duration>,
+    amzn_cluster_id: Option<String>,
+    connect: ConnectSettings,
+    options: Vec<(String, String)>,
+    time_source: Option<SharedTimeSource>,
+    /// Region used only when neither the host nor `region` gives one (from the environment).
+    fallback_region: Option<String>,
+}
+
+impl fmt::Debug for DsqlConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DsqlConfigBuilder")
+            .field("host", &self.host)
+            .field("user", &self.user)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DsqlConfig {
+    /// A builder with every option at its default.
+    pub fn builder() -> DsqlConfigBuilder {
+        DsqlConfigBuilder::default()
+    }
+
+    /// A builder holding this configuration, to override some settings (for example a
+    /// configuration read with [`from_env`](Self::from_env), then a different user).
+    pub fn into_builder(self) -> DsqlConfigBuilder {
+        DsqlConfigBuilder {
+            host: Some(self.host),
+            port: Some(self.port),
+            user: Some(self.user),
+            database: Some(self.database),
+            region: self.region,
+            hostaddr: self.hostaddr,
+            token_duration: Some(self.token_duration),
+            profile: self.profile,
+            credentials_provider: self.credentials_provider,
+            root_certs: self.root_certs,
+            ssl_mode: self.ssl_mode,
+            ssl_negotiation: self.ssl_negotiation,
+            search_path: self.search_path,
+            application_name: self.application_name,
+            max_lifetime: Some(self.max_lifetime),
+            amzn_cluster_id: self.amzn_cluster_id,
+            connect: self.connect,
+            options: self.options,
+            time_source: self.time_source,
+            fallback_region: None,
+        }
+    }
+
+    /// The endpoint host name (SNI, certificate name; the token's host unless
+    /// [`amzn_cluster_id`](DsqlConfigBuilder::amzn_cluster_id) is set).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The database role.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The database name.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The region, if known without asking the AWS profile.
+    pub fn region(&self) -> Option<&str> {
+        self.region.as_deref()
+    }
+
+    /// The address dialled instead of resolving the host.
+    pub fn hostaddr(&self) -> Option<IpAddr> {
+        self.hostaddr
+    }
+
+    /// The token life.
+    pub fn token_duration(&self) -> Duration {
+        self.token_duration
+    }
+
+    /// The pool's maximum connection lifetime.
+    pub fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
+    }
+
+    /// The TLS negotiation.
+    pub fn ssl_negotiation(&self) -> SslNegotiation {
+        self.ssl_negotiation
+    }
+
+    /// The certificate check.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// Where trusted CA certificates come from.
+    pub fn root_certs(&self) -> &RootCerts {
+        &self.root_certs
+    }
+
+    /// The search path sent at startup.
+    pub fn search_path(&self) -> Option<&str> {
+        self.search_path.as_deref()
+    }
+
+    /// The `application_name` the server sees.
+    pub fn application_name(&self) -> String {
+        let ours = concat!("tokio-postgres-dsql/", env!("CARGO_PKG_VERSION"));
+        match &self.application_name {
+            Some(prefix) => format!("{prefix}:{ours}"),
+            None => ours.to_owned(),
+        }
+    }
+
+    /// The bound on one connect attempt.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect.timeout
+    }
+
+    /// The bound on a whole connect, retries included.
+    pub fn connect_deadline(&self) -> Duration {
+        self.connect.deadline
+    }
+
+    /// The client-side connect rate limit (new connections a second, burst), if set.
+    pub fn connect_rate_limit(&self) -> Option<(f64, u32)> {
+        self.connect.rate_limit
+    }
+
+    /// The bound on one credentials-provider call.
+    pub fn credentials_timeout(&self) -> Duration {
+        self.connect.credentials_timeout
+    }
+
+    /// The PrivateLink cluster id, if set.
+    pub fn amzn_cluster_id(&self) -> Option<&str> {
+        self.amzn_cluster_id.as_deref()
+    }
+
+    /// The settings sent as `options=-c …` at startup: `search_path`, `amzn-cluster-id` and
+    /// any extra [`option`](DsqlConfigBuilder::option)s, in that order.
+    pub fn startup_options(&self) -> Vec<(&str, &str)> {
+        let mut out = Vec::new();
+        if let Some(path) = &self.search_path {
+            out.push(("search_path", path.as_str()));
+        }
+        if let Some(id) = &self.amzn_cluster_id {
+            out.push(("amzn-cluster-id", id.as_str()));
+        }
+        out.extend(self.options.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        out
+    }
+}
+
+mod builder;
+mod endpoint;
+mod parse;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use endpoint::{is_cluster_id, region_from_host, resolve_region};
+use endpoint::{region_variable, validate_host, validate_region};
+pub(crate) use parse::parse_options;
