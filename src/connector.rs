@@ -430,30 +430,25 @@ pub(crate) fn startup_options_string(options: &[(&str, &str)]) -> String {
 }
 
 fn is_tls_failure(error: &tokio_postgres::Error) -> bool {
-    // tokio-postgres does not expose its error kinds; its TLS kind displays as below (this also
-    // covers a server that answers SSLRequest with `N`), and the cause chain holds the rustls
-    // error for certificate and handshake failures.
-    if error
-        .to_string()
-        .starts_with("error performing TLS handshake")
-    {
-        return true;
-    }
+    // tokio-postgres does not expose its error kinds. The cause chain holds the rustls error for
+    // certificate and handshake failures; a plain I/O error (a reset, an early end of stream)
+    // during the handshake is the network's, not TLS's. Otherwise its TLS kind displays as
+    // below (this also covers a server that answers SSLRequest with `N`).
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         if cause.is::<rustls::Error>() || cause.is::<rustls::pki_types::InvalidDnsNameError>() {
             return true;
         }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>()
-            && io
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io
                 .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-        {
-            return true;
+                .is_some_and(|inner| inner.is::<rustls::Error>());
         }
         source = cause.source();
     }
-    false
+    error
+        .to_string()
+        .starts_with("error performing TLS handshake")
 }
 
 /// `aws-config`'s default credentials chain: environment, profile (SSO, assume-role, process),

@@ -134,6 +134,18 @@ pub enum Rejection {
     WakingUp,
 }
 
+/// The state of the network in front of an endpoint, as a Region outage looks from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Network {
+    /// Everything goes through.
+    Up,
+    /// Nothing goes through and nothing is refused: new connections are accepted and never
+    /// answered, open ones stall (and resume when it is up again).
+    BlackHole,
+    /// The endpoint is gone: connections are refused (nothing listens) and open ones are cut.
+    Down,
+}
+
 /// Counters for tests to assert on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -176,6 +188,10 @@ pub(crate) struct Shared {
     max_age: AtomicU64,
     refusing: AtomicBool,
     cut_next_commit: AtomicBool,
+    /// The network between clients and this endpoint (see [`Network`]).
+    network: tokio::sync::watch::Sender<Network>,
+    /// Whether the accept loop holds its listening socket now.
+    listening: AtomicBool,
     drops: tokio::sync::watch::Sender<u64>,
     open: AtomicUsize,
     /// Sessions past admission (authenticating or relayed): what the open-connection cap counts.
@@ -457,6 +473,8 @@ impl DsqlEmulatorBuilder {
             max_age: AtomicU64::new(max_age.as_nanos() as u64),
             refusing: AtomicBool::new(false),
             cut_next_commit: AtomicBool::new(false),
+            network: tokio::sync::watch::Sender::new(Network::Up),
+            listening: AtomicBool::new(true),
             drops: tokio::sync::watch::Sender::new(0),
             open: AtomicUsize::new(0),
             admitted: AtomicUsize::new(0),
@@ -471,22 +489,46 @@ impl DsqlEmulatorBuilder {
         runtime.spawn({
             let shared = shared.clone();
             async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => listener,
+                let mut listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => Some(listener),
                     Err(error) => {
                         tracing::error!(%error, "emulator cannot use its listening socket");
                         return;
                     }
                 };
+                let mut network = shared.network.subscribe();
                 loop {
-                    match listener.accept().await {
-                        Ok((socket, _)) => {
-                            tokio::spawn(session::serve(socket, shared.clone()));
+                    if *network.borrow_and_update() == Network::Down {
+                        // Nothing listens: connections are refused.
+                        listener = None;
+                        shared.listening.store(false, Ordering::SeqCst);
+                        let _ = network.wait_for(|n| *n != Network::Down).await;
+                        continue;
+                    }
+                    let Some(current) = &listener else {
+                        match tokio::net::TcpListener::bind(address).await {
+                            Ok(bound) => {
+                                listener = Some(bound);
+                                shared.listening.store(true, Ordering::SeqCst);
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, %address, "emulator cannot listen again");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
                         }
-                        Err(error) => {
-                            tracing::warn!(%error, "emulator accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+                        continue;
+                    };
+                    tokio::select! {
+                        accepted = current.accept() => match accepted {
+                            Ok((socket, _)) => {
+                                tokio::spawn(session::serve(socket, shared.clone()));
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "emulator accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        },
+                        _ = network.changed() => {}
                     }
                 }
             }
@@ -545,6 +587,27 @@ impl DsqlEmulator {
     /// Starts an emulator with the defaults.
     pub async fn start() -> Result<DsqlEmulator, Error> {
         Self::builder().start().await
+    }
+
+    /// Starts the two peered endpoints of a multi-Region cluster over one PostgreSQL, as DSQL's
+    /// are over one strongly consistent database: a write through one is read through the other
+    /// at once. Each has its own cluster id, Region (`us-east-1`, `us-east-2`), certificate
+    /// (from its own CA), and verifies tokens for its own host and Region; both accept the same
+    /// credentials. Faults are per endpoint ([`set_down`](Self::set_down),
+    /// [`set_black_hole`](Self::set_black_hole), ...). The second relays to the first's
+    /// PostgreSQL: keep the first alive as long as the second.
+    pub async fn start_pair() -> Result<(DsqlEmulator, DsqlEmulator), Error> {
+        let first = Self::builder()
+            .endpoint(format!("{}.dsql.us-east-1.on.aws", random_cluster_id()))
+            .start()
+            .await?;
+        let second = Self::builder()
+            .endpoint(format!("{}.dsql.us-east-2.on.aws", random_cluster_id()))
+            .upstream_url(first.upstream_url("admin"))
+            .credentials(first.credentials().clone())
+            .start()
+            .await?;
+        Ok((first, second))
     }
 
     /// The endpoint name: what clients use as host, SNI and token host.
@@ -632,6 +695,48 @@ impl DsqlEmulator {
     /// away). Counted in [`EmulatorStats::cut_at_commit`]. One-shot.
     pub fn cut_next_commit(&self) {
         self.shared.cut_next_commit.store(true, Ordering::SeqCst);
+    }
+
+    /// While `true`, the endpoint is black-holed, as behind a network partition: new TCP
+    /// connections are accepted and never answered, and open connections stall (nothing they
+    /// send or are sent goes through) until it is `false` again, when they resume. Clients see
+    /// timeouts, not errors.
+    pub fn set_black_hole(&self, on: bool) {
+        self.shared.network.send_if_modified(|network| {
+            let next = if on { Network::BlackHole } else { Network::Up };
+            let changed = *network != next && *network != Network::Down;
+            if changed {
+                *network = next;
+            }
+            changed
+        });
+    }
+
+    /// While `true`, the endpoint is down, as in a Region outage: nothing listens on its port
+    /// (connections are refused) and every open connection is cut. `false` listens again on the
+    /// same port.
+    /// Returns once the change has taken effect (within a second).
+    pub fn set_down(&self, down: bool) {
+        if down {
+            self.shared.network.send_replace(Network::Down);
+            self.drop_all_connections();
+        } else {
+            self.shared.network.send_if_modified(|network| {
+                let changed = *network == Network::Down;
+                if changed {
+                    *network = Network::Up;
+                }
+                changed
+            });
+        }
+        // The accept loop runs on the emulator's own threads: wait for it to close or reopen
+        // the listening socket, so that the next connect sees the new state.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while self.shared.listening.load(Ordering::SeqCst) == down
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// While `true`, new TCP connections are closed at once (counted as

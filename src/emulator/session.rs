@@ -13,7 +13,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::auth::{ACCESS_DENIED_CODE, ACCESS_DENIED_MESSAGE};
 use super::latency::delay_line;
 use super::wire::{self, send_fatal, send_fatal_with_hint};
-use super::{Rejection, Shared};
+use super::{Network, Rejection, Shared};
 
 /// The longest password message accepted (tokens with session tokens are a few KiB).
 const MAX_PASSWORD_LEN: u32 = 16 * 1024;
@@ -133,6 +133,14 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
     let accepted_at = Instant::now();
     if shared.refusing.load(Ordering::SeqCst) {
         shared.count_rejection(Rejection::Refused);
+        return;
+    }
+    let mut network = shared.network.subscribe();
+    if *network.borrow_and_update() == Network::BlackHole {
+        // Accepted, never answered; let go once the network changes (the client has long
+        // given up by then).
+        let _ = network.changed().await;
+        drop(socket);
         return;
     }
     let _ = socket.set_nodelay(true);
@@ -349,6 +357,7 @@ where
     shared.open.fetch_add(1, Ordering::SeqCst);
     let to_upstream = async {
         let mut spotter = wire::CommitSpotter::default();
+        let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = client_read.read(&mut buf).await?;
@@ -359,13 +368,21 @@ where
                 shared.count(|stats| stats.cut_at_commit += 1);
                 return Ok(());
             }
+            pass_black_hole(&mut network).await;
             upstream_write.write_all(&buf[..n]).await?;
         }
     };
     let to_client = async {
-        tokio::io::copy(&mut upstream_read, &mut client_write)
-            .await
-            .map(|_| ())
+        let mut network = shared.network.subscribe();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = upstream_read.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            pass_black_hole(&mut network).await;
+            client_write.write_all(&buf[..n]).await?;
+        }
     };
     let outcome = tokio::select! {
         result = to_upstream => result,
@@ -382,6 +399,11 @@ where
     shared.open.fetch_sub(1, Ordering::SeqCst);
     let _ = client_write.shutdown().await;
     outcome
+}
+
+/// Waits while the endpoint is black-holed.
+async fn pass_black_hole(network: &mut tokio::sync::watch::Receiver<Network>) {
+    let _ = network.wait_for(|n| *n != Network::BlackHole).await;
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ mod hygiene;
 #[cfg(feature = "emulator")]
 mod metrics;
 #[cfg(feature = "emulator")]
+mod multi_region;
+#[cfg(feature = "emulator")]
 mod pet_clinic;
 #[cfg(feature = "emulator")]
 mod pool;
