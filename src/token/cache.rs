@@ -51,6 +51,27 @@ struct Cached {
     usable_until: SystemTime,
 }
 
+/// Publishes a failure if a re-sign ends without an outcome (the credentials provider
+/// panicked, or the task was cancelled), so that the callers waiting for it do not wait for
+/// ever.
+struct Unfinished<'a>(Option<&'a TokenCache>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(cache) = self.0 {
+            cache.publish(
+                Err(Error::Credentials {
+                    reason: "the re-sign ended without an answer from the credentials provider \
+                             (it panicked, or its task was cancelled)"
+                        .into(),
+                    source: None,
+                }),
+                0,
+            );
+        }
+    }
+}
+
 /// The last failed re-sign, kept to answer callers during the backoff.
 #[derive(Clone)]
 struct Failure {
@@ -234,7 +255,14 @@ impl TokenCache {
 
     /// Asks the provider for credentials, signs a new token and publishes the outcome.
     async fn resign(&self, generation: u64) {
+        let mut unfinished = Unfinished(Some(self));
         let outcome = self.sign_fresh().await;
+        unfinished.0 = None;
+        self.publish(outcome, generation);
+    }
+
+    /// Publishes a re-sign's outcome to the cache and to the callers waiting for it.
+    fn publish(&self, outcome: Result<Cached, Error>, generation: u64) {
         let mut state = self.lock();
         state.refreshing = false;
         match outcome {
@@ -642,6 +670,39 @@ mod tests {
         clock.advance(Duration::from_secs(4));
         cache.get().await.unwrap();
         assert_eq!(provider.calls(), 4);
+    }
+
+    #[derive(Debug)]
+    struct PanickingProvider;
+
+    impl ProvideCredentials for PanickingProvider {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            aws_credential_types::provider::future::ProvideCredentials::new(async {
+                panic!("a provider bug")
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_provider_gives_an_error_not_a_hang() {
+        let cache = Arc::new(TokenCache::new(
+            TokenSigner::new("abc.dsql.us-east-1.on.aws", "us-east-1"),
+            Action::DbConnect,
+            Duration::from_secs(900),
+            DEFAULT_CREDENTIALS_TIMEOUT,
+            SharedCredentialsProvider::new(PanickingProvider),
+            Some(SharedTimeSource::new(ManualClock::at(T0))),
+        ));
+        let err = tokio::time::timeout(Duration::from_secs(10), cache.get())
+            .await
+            .expect("no hang")
+            .unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
     }
 
     #[tokio::test]
