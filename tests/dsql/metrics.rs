@@ -14,7 +14,7 @@ use tokio_postgres_dsql::{
     DsqlConnectionManager, DsqlConnector, DsqlPool, Error, RetryPolicy, retry_transaction,
 };
 
-use crate::support::{Relay, own_emulator};
+use crate::support::{Relay, conflicting_table, own_emulator};
 
 /// The recorder, installed once, and what it has recorded so far (snapshots drain it).
 struct Recorded {
@@ -261,23 +261,7 @@ async fn every_metric_moves_with_its_event() {
     let exhausted = counter("dsql_transaction_retries_exhausted_total", &[]);
     let unknown = counter("dsql_transaction_outcome_unknown_total", &[]);
     let mut client = connector.connect().await.unwrap();
-    client
-        .batch_execute(
-            "DROP TABLE IF EXISTS metrics_probe; DROP SEQUENCE IF EXISTS metrics_attempts; \
-             CREATE SEQUENCE metrics_attempts; CREATE TABLE metrics_probe (id int); \
-             CREATE OR REPLACE FUNCTION metrics_conflict() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN \
-               IF nextval('metrics_attempts') <= 3 THEN \
-                 RAISE EXCEPTION USING ERRCODE = '40001', \
-                   MESSAGE = 'change conflicts with another transaction, please retry: (OC000)'; \
-               END IF; \
-               RETURN NULL; \
-             END $$; \
-             CREATE CONSTRAINT TRIGGER metrics_conflict AFTER INSERT ON metrics_probe \
-               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION metrics_conflict()",
-        )
-        .await
-        .unwrap();
+    conflicting_table(&client, "metrics_probe", 3, "OC000", true).await;
     let insert = async |client: &mut tokio_postgres_dsql::tokio_postgres::Client,
                         policy: &RetryPolicy| {
         retry_transaction(client, policy, |tx| async move {

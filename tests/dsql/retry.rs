@@ -8,7 +8,7 @@ use tokio_postgres_dsql::{
     OccConflict, RetryError, RetryPolicy, retry_transaction, transaction_with_retry,
 };
 
-use crate::support::connector;
+use crate::support::{conflicting_table, connector};
 
 fn patient() -> RetryPolicy {
     RetryPolicy::with_max_attempts(200).delays(Duration::from_millis(1), Duration::from_millis(40))
@@ -82,24 +82,7 @@ async fn a_plain_client_retries_a_conflict_at_commit() {
     let mut client = connector.connect().await.unwrap();
     // A deferred trigger raises DSQL's commit-time conflict twice (a sequence is not rolled
     // back, so it counts attempts across the retries).
-    client
-        .batch_execute(
-            "DROP TABLE IF EXISTS commit_probe; DROP SEQUENCE IF EXISTS commit_attempts; \
-             CREATE SEQUENCE commit_attempts; \
-             CREATE TABLE commit_probe (id int); \
-             CREATE OR REPLACE FUNCTION conflict_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN \
-               IF nextval('commit_attempts') <= 2 THEN \
-                 RAISE EXCEPTION USING ERRCODE = '40001', \
-                   MESSAGE = 'change conflicts with another transaction, please retry: (OC000)'; \
-               END IF; \
-               RETURN NULL; \
-             END $$; \
-             CREATE CONSTRAINT TRIGGER conflict_at_commit AFTER INSERT ON commit_probe \
-               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION conflict_at_commit()",
-        )
-        .await
-        .unwrap();
+    conflicting_table(&client, "commit_probe", 2, "OC000", true).await;
     let mut calls = 0;
     transaction_with_retry(&mut client, &patient(), async |tx| {
         calls += 1;
@@ -267,27 +250,7 @@ async fn a_cancelled_transaction_is_rolled_back_before_the_connection_is_reused(
 async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
     let connector = connector("admin", |b| b).await;
     let mut client = connector.connect().await.unwrap();
-    client
-        .batch_execute(
-            "DROP TABLE IF EXISTS commit_probe_anyhow; \
-             DROP SEQUENCE IF EXISTS commit_attempts_anyhow; \
-             CREATE SEQUENCE commit_attempts_anyhow; \
-             CREATE TABLE commit_probe_anyhow (id int); \
-             CREATE OR REPLACE FUNCTION conflict_at_commit_anyhow() RETURNS trigger \
-               LANGUAGE plpgsql AS $$ \
-             BEGIN \
-               IF nextval('commit_attempts_anyhow') <= 2 THEN \
-                 RAISE EXCEPTION USING ERRCODE = '40001', \
-                   MESSAGE = 'change conflicts with another transaction, please retry: (OC000)'; \
-               END IF; \
-               RETURN NULL; \
-             END $$; \
-             CREATE CONSTRAINT TRIGGER conflict_at_commit_anyhow AFTER INSERT \
-               ON commit_probe_anyhow DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
-               EXECUTE FUNCTION conflict_at_commit_anyhow()",
-        )
-        .await
-        .unwrap();
+    conflicting_table(&client, "commit_probe_anyhow", 2, "OC000", true).await;
     let calls = AtomicU32::new(0);
     let calls = &calls;
     let inserted: anyhow::Result<u64> =
@@ -313,7 +276,7 @@ async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
 
     // Out of attempts: the last conflict comes back, and says what the server said.
     client
-        .batch_execute("ALTER SEQUENCE commit_attempts_anyhow RESTART")
+        .batch_execute("ALTER SEQUENCE commit_probe_anyhow_attempts RESTART")
         .await
         .unwrap();
     let err = retry_transaction(
@@ -336,26 +299,7 @@ async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
 async fn statement_with_retry_reruns_a_conflicting_statement_alone() {
     let connector = connector("admin", |b| b).await;
     let mut client = connector.connect().await.unwrap();
-    client
-        .batch_execute(
-            "DROP TABLE IF EXISTS statement_probe; \
-             DROP SEQUENCE IF EXISTS statement_attempts; \
-             CREATE SEQUENCE statement_attempts; \
-             CREATE TABLE statement_probe (id int); \
-             CREATE OR REPLACE FUNCTION statement_conflict() RETURNS trigger \
-               LANGUAGE plpgsql AS $$ \
-             BEGIN \
-               IF nextval('statement_attempts') <= 2 THEN \
-                 RAISE EXCEPTION USING ERRCODE = '40001', \
-                   MESSAGE = 'schema has been updated by another transaction, please retry: (OC001)'; \
-               END IF; \
-               RETURN NULL; \
-             END $$; \
-             CREATE TRIGGER statement_conflict AFTER INSERT ON statement_probe \
-               FOR EACH ROW EXECUTE FUNCTION statement_conflict()",
-        )
-        .await
-        .unwrap();
+    conflicting_table(&client, "statement_probe", 2, "OC001", false).await;
     tokio_postgres_dsql::statement_with_retry(
         &mut client,
         &patient(),
@@ -365,7 +309,7 @@ async fn statement_with_retry_reruns_a_conflicting_statement_alone() {
     .unwrap();
     let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM statement_probe), last_value FROM statement_attempts",
+            "SELECT (SELECT count(*) FROM statement_probe), last_value FROM statement_probe_attempts",
             &[],
         )
         .await

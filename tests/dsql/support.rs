@@ -273,3 +273,41 @@ impl Drop for Relay {
         self.task.abort();
     }
 }
+
+/// Creates `table (id int)` whose inserts fail with DSQL's conflict (`40001`, the message
+/// carrying `code`: `OC000` or `OC001`) the first `conflicts` times: at `COMMIT` when
+/// `at_commit` (a deferred constraint trigger), else at the statement. A sequence
+/// `<table>_attempts`, which rollbacks do not undo, counts the attempts.
+pub async fn conflicting_table(
+    client: &tokio_postgres_dsql::tokio_postgres::Client,
+    table: &str,
+    conflicts: u32,
+    code: &str,
+    at_commit: bool,
+) {
+    let message = match code {
+        "OC001" => "schema has been updated by another transaction, please retry: (OC001)",
+        _ => "change conflicts with another transaction, please retry: (OC000)",
+    };
+    let trigger = if at_commit {
+        "CONSTRAINT TRIGGER {t}_conflict AFTER INSERT ON {t} DEFERRABLE INITIALLY DEFERRED"
+    } else {
+        "TRIGGER {t}_conflict AFTER INSERT ON {t}"
+    }
+    .replace("{t}", table);
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; DROP SEQUENCE IF EXISTS {table}_attempts; \
+             CREATE SEQUENCE {table}_attempts; CREATE TABLE {table} (id int); \
+             CREATE OR REPLACE FUNCTION {table}_conflict() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('{table}_attempts') <= {conflicts} THEN \
+                 RAISE EXCEPTION USING ERRCODE = '40001', MESSAGE = '{message}'; \
+               END IF; \
+               RETURN NULL; \
+             END $$; \
+             CREATE {trigger} FOR EACH ROW EXECUTE FUNCTION {table}_conflict()"
+        ))
+        .await
+        .unwrap();
+}
