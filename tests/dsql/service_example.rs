@@ -35,6 +35,11 @@ impl Drop for Running {
     }
 }
 
+/// GET `url`, as JSON.
+async fn get_json(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_example_serves_counts_hot_rows_and_stops_cleanly() {
     let child = Command::new(example_binary("service"))
@@ -86,14 +91,7 @@ async fn the_service_example_serves_counts_hot_rows_and_stops_cleanly() {
             .unwrap();
         assert_eq!(response.status(), 201);
     }
-    let owner: Value = http
-        .get(format!("{base}/owners/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let owner: Value = get_json(&http, format!("{base}/owners/{id}")).await;
     let pets: Vec<&str> = owner["pets"]
         .as_array()
         .unwrap()
@@ -102,14 +100,7 @@ async fn the_service_example_serves_counts_hot_rows_and_stops_cleanly() {
         .collect();
     assert_eq!(pets, ["Pet1", "Pet2"]);
     assert_eq!(owner["pets"][0]["birth_date"], "2006-10-25");
-    let vets: Value = http
-        .get(format!("{base}/vets"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let vets: Value = get_json(&http, format!("{base}/vets")).await;
     assert_eq!(
         vets,
         json!([
@@ -128,14 +119,7 @@ async fn the_service_example_serves_counts_hot_rows_and_stops_cleanly() {
     for visit in visits {
         assert_eq!(visit.await.unwrap(), 200);
     }
-    let owner: Value = http
-        .get(format!("{base}/owners/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let owner: Value = get_json(&http, format!("{base}/owners/{id}")).await;
     assert_eq!(owner["visits"], 50);
 
     // Bad input and unknown ids: the codes, and a JSON body that says what is wrong.
