@@ -163,13 +163,13 @@ impl DsqlConnector {
         match &result {
             Ok(_) => {
                 span.record("outcome", "connected");
-                crate::metrics::connection_opened(&self.inner.endpoint);
-                crate::metrics::connect_duration(&self.inner.endpoint, took);
+                crate::telemetry::connection_opened(&self.inner.endpoint);
+                crate::telemetry::connect_duration(&self.inner.endpoint, took);
             }
             Err(error) => {
-                let reason = crate::metrics::connect_error_reason(error);
+                let reason = crate::telemetry::connect_error_reason(error);
                 span.record("outcome", reason);
-                crate::metrics::connect_error(&self.inner.endpoint, reason);
+                crate::telemetry::connect_error(&self.inner.endpoint, reason);
             }
         }
         result

@@ -55,10 +55,10 @@ mod connector;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 mod error;
-mod metrics;
 pub mod pool;
 pub mod retry;
 mod session;
+mod telemetry;
 pub mod tls;
 pub mod token;
 
@@ -81,10 +81,17 @@ pub use retry::{
 pub use aws_credential_types;
 pub use aws_credential_types::Credentials;
 pub use aws_credential_types::provider::ProvideCredentials;
+pub use aws_smithy_async;
 pub use bb8;
+#[cfg(feature = "deadpool")]
+pub use deadpool;
+#[cfg(feature = "metrics")]
+pub use metrics;
+pub use rustls;
+pub use tokio_postgres;
+
 pub use tls::DsqlTls;
 pub use token::{Action, AuthToken, TokenSigner};
-pub use tokio_postgres;
 
 /// The README's examples, compiled and run as doctests (they use the emulator).
 #[cfg(all(doctest, feature = "emulator"))]

@@ -556,7 +556,7 @@ where
             Err(AttemptError::Failed(error)) => error,
             Err(AttemptError::RolledBack(error)) => return Err(RetryError::RolledBack(error)),
             Err(AttemptError::OutcomeUnknown(error)) => {
-                crate::metrics::transaction_outcome_unknown();
+                crate::telemetry::transaction_outcome_unknown();
                 return Err(RetryError::OutcomeUnknown(error));
             }
         };
@@ -606,14 +606,14 @@ impl<'p> Attempts<'p> {
     /// After a conflict: the delay before the next attempt, or `None` when the attempts or the
     /// deadline are spent.
     fn after_conflict(&mut self, conflict: OccConflict) -> Option<Duration> {
-        crate::metrics::transaction_conflict(conflict.code());
+        crate::telemetry::transaction_conflict(conflict.code());
         let delay = self.policy.delay_after(self.attempt);
         let out_of_time = self
             .policy
             .deadline
             .is_some_and(|deadline| self.started.elapsed() + delay >= deadline);
         if self.attempt >= self.policy.max_attempts.max(1) || out_of_time {
-            crate::metrics::transaction_retries_exhausted();
+            crate::telemetry::transaction_retries_exhausted();
             tracing::warn!(
                 attempts = self.attempt,
                 code = conflict.code(),
@@ -628,7 +628,7 @@ impl<'p> Attempts<'p> {
             delay_ms = delay.as_millis() as u64,
             "optimistic-concurrency conflict; retrying the transaction"
         );
-        crate::metrics::transaction_retry();
+        crate::telemetry::transaction_retry();
         self.attempt += 1;
         Some(delay)
     }
@@ -789,7 +789,7 @@ where
                     Err(crate::Error::TransactionRolledBack { source }.into())
                 }
                 Err(CommitFailure::OutcomeUnknown(source)) => {
-                    crate::metrics::transaction_outcome_unknown();
+                    crate::telemetry::transaction_outcome_unknown();
                     Err(crate::Error::CommitOutcomeUnknown { source }.into())
                 }
             }

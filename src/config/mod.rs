@@ -402,4 +402,5 @@ mod tests;
 
 pub(crate) use endpoint::{is_cluster_id, region_from_host, resolve_region};
 use endpoint::{region_variable, validate_host, validate_region};
+#[cfg(any(test, feature = "emulator"))]
 pub(crate) use parse::parse_options;

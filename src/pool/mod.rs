@@ -303,7 +303,7 @@ impl bb8::ManageConnection for DsqlConnectionManager {
             None
         };
         if let Some(label) = broken {
-            crate::metrics::connection_closed(self.connector.endpoint(), label);
+            crate::telemetry::connection_closed(self.connector.endpoint(), label);
         }
         broken.is_some()
     }
@@ -353,7 +353,7 @@ impl DsqlConnectionManager {
             Err((label, reason)) => {
                 // bb8 still passes it to `has_broken`, which must not count it again.
                 conn.discarded = true;
-                crate::metrics::connection_closed(self.connector.endpoint(), label);
+                crate::telemetry::connection_closed(self.connector.endpoint(), label);
                 tracing::debug!(reason, "a pooled DSQL connection was discarded at checkout");
                 Err(Error::Unusable { reason })
             }
@@ -445,7 +445,7 @@ impl DsqlConnectionManager {
 struct PoolCounts {
     open: std::sync::atomic::AtomicI64,
     in_use: std::sync::atomic::AtomicI64,
-    metrics: crate::metrics::PoolMetrics,
+    metrics: crate::telemetry::PoolMetrics,
 }
 
 impl PoolCounts {
@@ -453,7 +453,7 @@ impl PoolCounts {
         PoolCounts {
             open: Default::default(),
             in_use: Default::default(),
-            metrics: crate::metrics::PoolMetrics::new(endpoint),
+            metrics: crate::telemetry::PoolMetrics::new(endpoint),
         }
     }
 

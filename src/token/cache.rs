@@ -267,7 +267,7 @@ impl TokenCache {
         state.refreshing = false;
         match outcome {
             Ok(cached) => {
-                crate::metrics::token_signed(self.signer.host());
+                crate::telemetry::token_signed(self.signer.host());
                 state.failure = None;
                 state.failures_in_a_row = 0;
                 if state.generation == generation {
@@ -318,7 +318,7 @@ impl TokenCache {
         .instrument(tracing::debug_span!("dsql.credentials.fetch"));
         let fetched = fetch.await;
         if !matches!(fetched, Ok(Ok(_))) {
-            crate::metrics::credentials_fetch_error(self.signer.host());
+            crate::telemetry::credentials_fetch_error(self.signer.host());
         }
         let credentials = match fetched {
             Ok(Ok(credentials)) => credentials,
