@@ -366,10 +366,15 @@ fn denied_detail(reason: AccessDeniedReason, hint: &str) -> String {
 /// `: <severity> <code>: <message>` when the server answered, so `Display` shows the
 /// database's own words instead of the driver's bare `db error`.
 fn server_detail(source: &tokio_postgres::Error) -> String {
-    match source.as_db_error() {
-        Some(db) => format!(": {} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => String::new(),
-    }
+    source
+        .as_db_error()
+        .map(|db| format!(": {}", server_words(db)))
+        .unwrap_or_default()
+}
+
+/// The server's severity, SQLSTATE and message, as every `Display` here shows them.
+pub(crate) fn server_words(db: &tokio_postgres::error::DbError) -> String {
+    format!("{} {}: {}", db.severity(), db.code().code(), db.message())
 }
 
 #[cfg(test)]

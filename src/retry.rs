@@ -478,12 +478,9 @@ impl<E: fmt::Display + AsOccConflict> fmt::Display for RetryError<E> {
 fn describe<E: fmt::Display + AsOccConflict>(error: &E) -> String {
     let shown = error.to_string();
     match error.database_error() {
-        Some(db) if !shown.contains(db.message()) => format!(
-            "{shown}: {} {}: {}",
-            db.severity(),
-            db.code().code(),
-            db.message()
-        ),
+        Some(db) if !shown.contains(db.message()) => {
+            format!("{shown}: {}", crate::error::server_words(db))
+        }
         _ => shown,
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_postgres_dsql::emulator::{DsqlEmulator, Rejection};
 use tokio_postgres_dsql::{DsqlConfigBuilder, DsqlConnector, Error, UnavailableReason};
 
-use crate::support::{Relay, own_emulator};
+use crate::support::{Relay, own_emulator, stranger};
 
 async fn connector_for(
     emulator: &DsqlEmulator,
@@ -253,13 +253,7 @@ async fn a_hung_pool_connect_times_out_and_frees_its_slot() {
 #[tokio::test]
 async fn a_permanent_refusal_through_the_pool_is_tried_once() {
     let e = own_emulator(|b| b).await;
-    let stranger = aws_credential_types::Credentials::new(
-        "AKIAUNKNOWNKEYEXAMPL",
-        "whatever",
-        None,
-        None,
-        "test",
-    );
+    let stranger = stranger();
     let connector = connector_for(&e, |b| b.credentials_provider(stranger)).await;
     let pool = connector
         .pool_builder()
@@ -277,13 +271,7 @@ async fn a_permanent_refusal_through_the_pool_is_tried_once() {
 #[tokio::test]
 async fn bad_credentials_fail_a_checkout_with_the_refusal_itself_at_once() {
     let e = own_emulator(|b| b).await;
-    let stranger = aws_credential_types::Credentials::new(
-        "AKIAUNKNOWNKEYEXAMPL",
-        "whatever",
-        None,
-        None,
-        "test",
-    );
+    let stranger = stranger();
     let connector = connector_for(&e, |b| b.credentials_provider(stranger)).await;
     let hint = "The security token included in the request is invalid";
     // `pool()` opens a connection first: it fails with the refusal.

@@ -11,7 +11,7 @@ use tokio_postgres_dsql::{
     DsqlConfigBuilder, DsqlConnector, DsqlDeadpool, Error, RetryPolicy, retry_transaction,
 };
 
-use crate::support::{Relay, own_emulator};
+use crate::support::{Relay, own_emulator, stranger};
 
 async fn deadpool_for(
     emulator: &DsqlEmulator,
@@ -116,8 +116,7 @@ async fn after_every_connection_is_dropped_each_task_fails_at_most_once() {
 #[tokio::test]
 async fn a_refusal_comes_back_from_get_at_once_and_a_silent_peer_is_bounded() {
     let emulator = own_emulator(|b| b).await;
-    let stranger =
-        aws_credential_types::Credentials::new("AKIAUNKNOWNKEYEXAMPL", "x", None, None, "t");
+    let stranger = stranger();
     let pool = deadpool_for(&emulator, |b| b.credentials_provider(stranger)).await;
     let err = Error::from(pool.get().await.map(|_| ()).unwrap_err());
     assert!(matches!(err, Error::AccessDenied { .. }), "{err:?}");

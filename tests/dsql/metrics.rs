@@ -14,7 +14,7 @@ use tokio_postgres_dsql::{
     DsqlConnectionManager, DsqlConnector, DsqlPool, Error, RetryPolicy, retry_transaction,
 };
 
-use crate::support::{Relay, conflicting_table, own_emulator};
+use crate::support::{Relay, conflicting_table, own_emulator, stranger};
 
 /// The recorder, installed once, and what it has recorded so far (snapshots drain it).
 struct Recorded {
@@ -238,8 +238,7 @@ async fn every_metric_moves_with_its_event() {
     assert_eq!(closed("recycle_deadline"), 1);
 
     // Connect errors by reason, and credentials that cannot be fetched.
-    let stranger =
-        aws_credential_types::Credentials::new("AKIAUNKNOWNKEYEXAMPL", "x", None, None, "t");
+    let stranger = stranger();
     let denied = DsqlConnector::new(
         e.config_for("admin")
             .credentials_provider(stranger)

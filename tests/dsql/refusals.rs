@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres_dsql::emulator::{DsqlEmulator, Rejection};
 use tokio_postgres_dsql::{AccessDeniedReason, Action, DsqlConnector, Error, TokenSigner};
 
-use crate::support::{HandClock, SwitchableProvider, connector, emulator, own_emulator};
+use crate::support::{HandClock, SwitchableProvider, connector, emulator, own_emulator, stranger};
 
 /// Asserts DSQL's access-denied contract on `err`: `Error::AccessDenied` with `reason`, the
 /// server's `FATAL 08006 unable to accept connection, access denied` as its source, a HINT
@@ -234,7 +234,7 @@ async fn token_from_the_future() {
 
 #[tokio::test]
 async fn unknown_access_key() {
-    let stranger = Credentials::new("AKIAUNKNOWNKEYEXAMPL", "whatever", None, None, "test");
+    let stranger = stranger();
     let connector = connector("admin", |b| b.credentials_provider(stranger)).await;
     assert_denied_by_shared_emulator(
         &connector,

@@ -41,6 +41,12 @@ pub fn emulator() -> &'static DsqlEmulator {
     })
 }
 
+/// Credentials no emulator knows: their tokens are refused (`The security token included in
+/// the request is invalid`).
+pub fn stranger() -> Credentials {
+    Credentials::new("AKIAUNKNOWNKEYEXAMPL", "whatever", None, None, "test")
+}
+
 /// An emulator of its own (its own counters, limits, clock and faults) in front of the shared
 /// emulator's PostgreSQL, accepting the shared emulator's first credentials.
 pub async fn own_emulator(
