@@ -3,6 +3,8 @@
 //! inside a connect deadline.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use aws_credential_types::provider::SharedCredentialsProvider;
 use tokio::time::Instant;
@@ -10,7 +12,7 @@ use tracing::Instrument;
 
 use crate::admission::{self, Refusal, TokenBucket};
 use crate::config::{DsqlConfig, SslNegotiation};
-use crate::error::AccessDeniedReason;
+use crate::error::{AccessDeniedReason, UnavailableReason};
 use crate::session::SessionWatch;
 use crate::tls::DsqlTls;
 use crate::token::cache::TokenCache;
@@ -19,8 +21,8 @@ use crate::{Error, tls};
 
 /// Opens DSQL connections: IAM token (cached), TLS with SNI, the DSQL startup parameters.
 ///
-/// Cheap to clone: clones share the token cache and the TLS configuration (and with it TLS
-/// session resumption).
+/// Cheap to clone: clones share the token caches, the TLS configuration (and with it TLS
+/// session resumption) and, with several endpoints, what is known of their health.
 ///
 /// ```no_run
 /// use tokio_postgres_dsql::{DsqlConfig, DsqlConnector};
@@ -34,6 +36,31 @@ use crate::{Error, tls};
 /// assert_eq!(row.get::<_, i32>(0), 1);
 /// # Ok(()) }
 /// ```
+///
+/// ## Several endpoints
+///
+/// With a multi-Region cluster's endpoints in the configuration
+/// ([`DsqlConfigBuilder::peer`](crate::DsqlConfigBuilder::peer), `host=a,b`), each endpoint has
+/// its own token cache (tokens signed for its host and Region) and TLS name, and new
+/// connections go to the first endpoint, in the configured order, that is not marked down:
+///
+/// - An endpoint is marked down when an attempt on it fails at the network: TCP refused or
+///   reset, a TLS failure, an attempt past `connect_timeout`, a server that closes during
+///   startup, or `waking up` until the connect deadline. Never for access denied, an unknown
+///   role, `rate exceeded` / `too many open connections`, or anything a query answers: those
+///   would fail the same way on the peer.
+/// - A connect whose endpoint is marked down mid-way tries the next endpoint at once, within
+///   the same deadline; later connects skip the endpoint (no timeout paid again) while another
+///   is up. With every endpoint down, they are tried in order as a last resort.
+/// - An endpoint marked down is probed in the background with one connect attempt every
+///   [`failback_probe_interval`](crate::DsqlConfigBuilder::failback_probe_interval) (2 s,
+///   jittered); the first that succeeds marks it up, and new connections return to it
+///   (failback). The peer sees no login while the preferred endpoint is up.
+/// - Pools drop connections to an endpoint marked down at checkout, and move connections back
+///   after a failback, spread over a probe interval (see [`DsqlConnectionManager`](crate::DsqlConnectionManager)).
+///
+/// Marking down, failback and each connect's endpoint are logged with `tracing` and counted
+/// (see the README's "Multi-Region clusters").
 #[derive(Clone)]
 pub struct DsqlConnector {
     inner: Arc<Inner>,
@@ -41,74 +68,136 @@ pub struct DsqlConnector {
 
 struct Inner {
     config: DsqlConfig,
-    endpoint: String,
-    region: String,
-    /// Everything but the password, which is the current token.
-    postgres: tokio_postgres::Config,
+    /// One per configured endpoint, the preferred first.
+    targets: Vec<Arc<Target>>,
     tls: DsqlTls,
-    tokens: Arc<TokenCache>,
     /// The client-side connect-rate limit, shared by clones and pools.
     limiter: Option<TokenBucket>,
+    /// The origin of the health timestamps.
+    epoch: Instant,
+}
+
+/// One endpoint as the connector uses it: its names, `tokio-postgres` settings, tokens and
+/// health.
+pub(crate) struct Target {
+    /// Its place in the configuration (0: preferred).
+    pub(crate) index: usize,
+    /// The endpoint host (a bare cluster id expanded).
+    pub(crate) endpoint: String,
+    pub(crate) region: String,
+    /// Everything but the password, which is the current token.
+    postgres: tokio_postgres::Config,
+    tokens: Arc<TokenCache>,
     /// `host:port`, plus the dialled address when it differs; for error messages and logs.
-    described: String,
+    pub(crate) described: String,
+    health: Health,
+}
+
+/// What the connector knows of an endpoint's health (kept only with several endpoints).
+#[derive(Default)]
+struct Health {
+    down: AtomicBool,
+    /// When it was last marked up or down, in nanoseconds since the connector's epoch.
+    changed_at: AtomicU64,
+    /// A background probe is running.
+    probing: AtomicBool,
+}
+
+/// A connection just opened, with what the pool keeps of it.
+pub(crate) struct Connected {
+    pub(crate) client: tokio_postgres::Client,
+    pub(crate) session: Arc<SessionWatch>,
+    pub(crate) target: Arc<Target>,
 }
 
 impl std::fmt::Debug for DsqlConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let endpoints: Vec<_> = self
+            .inner
+            .targets
+            .iter()
+            .map(|t| format!("{} [{}]", t.described, t.region))
+            .collect();
         f.debug_struct("DsqlConnector")
-            .field("endpoint", &self.inner.described)
-            .field("region", &self.inner.region)
+            .field("endpoints", &endpoints)
             .field("user", &self.inner.config.user)
             .finish_non_exhaustive()
     }
 }
 
+/// The health of one endpoint of a [`DsqlConnector`], from
+/// [`DsqlConnector::endpoint_health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointHealth {
+    /// The endpoint host.
+    pub endpoint: String,
+    /// Its Region.
+    pub region: String,
+    /// `false` while it is marked down (always `true` with a single endpoint).
+    pub up: bool,
+}
+
 impl DsqlConnector {
-    /// Resolves the region and credentials, sets up TLS, and signs a first token, so that a
-    /// missing region, missing credentials or an unreadable CA file fail here with an error
-    /// that says what to set.
+    /// Resolves the region and credentials, sets up TLS, and signs a first token for each
+    /// endpoint, so that a missing region, missing credentials or an unreadable CA file fail
+    /// here with an error that says what to set. Nothing is sent to any endpoint.
     pub async fn new(config: DsqlConfig) -> Result<Self, Error> {
-        let region = crate::config::resolve_region(&config).await?;
-        let endpoint = config.endpoint_for(&region);
+        let first_region = crate::config::resolve_region(&config, &config.endpoints[0]).await?;
         let provider = match &config.credentials_provider {
             Some(provider) => provider.clone(),
-            None => default_credentials(&region, config.profile.as_deref()).await,
+            None => default_credentials(&first_region, config.profile.as_deref()).await,
         };
         let tls = DsqlTls::new(tls::client_config(
-            &endpoint,
+            &config.endpoints[0].host_in(&first_region),
             &config.root_certs,
             config.ssl_mode,
         )?);
-        let tokens = Arc::new(TokenCache::new(
-            TokenSigner::new(config.token_host(&region), region.clone()),
-            Action::for_user(&config.user),
-            config.token_duration,
-            config.connect.credentials_timeout,
-            provider,
-            config.time_source.clone(),
-        ));
+        let mut targets = Vec::with_capacity(config.endpoints.len());
+        for (index, configured) in config.endpoints.iter().enumerate() {
+            let region = match index {
+                0 => first_region.clone(),
+                _ => crate::config::resolve_region(&config, configured).await?,
+            };
+            let endpoint = configured.host_in(&region);
+            let tokens = Arc::new(TokenCache::new(
+                TokenSigner::new(config.token_host(configured, &region), region.clone()),
+                Action::for_user(&config.user),
+                config.token_duration,
+                config.connect.credentials_timeout,
+                provider.clone(),
+                config.time_source.clone(),
+            ));
+            let described = match configured.hostaddr {
+                Some(addr) => format!("{endpoint}:{} (via {addr})", configured.port),
+                None => format!("{endpoint}:{}", configured.port),
+            };
+            targets.push(Arc::new(Target {
+                index,
+                postgres: postgres_config(&config, configured, &endpoint),
+                endpoint,
+                region,
+                tokens,
+                described,
+                health: Health::default(),
+            }));
+        }
         let limiter = config
             .connect
             .rate_limit
             .map(|(per_second, burst)| TokenBucket::new(per_second, burst));
-        let postgres = postgres_config(&config, &endpoint);
-        let described = match config.hostaddr {
-            Some(addr) => format!("{endpoint}:{} (via {addr})", config.port),
-            None => format!("{endpoint}:{}", config.port),
-        };
         let connector = DsqlConnector {
             inner: Arc::new(Inner {
                 config,
-                endpoint,
-                region,
-                postgres,
+                targets,
                 tls,
-                tokens,
                 limiter,
-                described,
+                epoch: Instant::now(),
             }),
         };
-        connector.token().await?;
+        for target in &connector.inner.targets {
+            target.tokens.get().await?;
+        }
         Ok(connector)
     }
 
@@ -125,11 +214,12 @@ impl DsqlConnector {
     ///   provider again). `Signature expired` is tried once more at once with a freshly signed
     ///   token; every other reason fails at once with [`Error::AccessDenied`].
     /// - an attempt running past [`connect_timeout`](crate::DsqlConfigBuilder::connect_timeout):
-    ///   [`Error::ConnectTimeout`], not retried. TLS failures: [`Error::Tls`].
+    ///   [`Error::ConnectTimeout`], not retried (with several endpoints: the next endpoint is
+    ///   tried, see the type's docs). TLS failures: [`Error::Tls`].
     pub async fn connect(&self) -> Result<tokio_postgres::Client, Error> {
         let deadline = Instant::now() + self.inner.config.connect.deadline;
-        let (client, _watch) = self.connect_within(deadline, Retry::Refusals).await?;
-        Ok(client)
+        let connected = self.connect_within(deadline, Retry::Refusals).await?;
+        Ok(connected.client)
     }
 
     /// [`connect`](Self::connect) with an explicit deadline; with [`Retry::Transient`], I/O
@@ -139,13 +229,13 @@ impl DsqlConnector {
         &self,
         deadline: Instant,
         retry: Retry,
-    ) -> Result<(tokio_postgres::Client, Arc<SessionWatch>), Error> {
+    ) -> Result<Connected, Error> {
         let config = &self.inner.config;
         let span = tracing::info_span!(
             "dsql.connect",
-            endpoint = %self.inner.described,
+            endpoint = tracing::field::Empty,
             user = %config.user,
-            region = %self.inner.region,
+            region = tracing::field::Empty,
             negotiation = ?config.ssl_negotiation,
             attempts = tracing::field::Empty,
             outcome = tracing::field::Empty,
@@ -153,77 +243,72 @@ impl DsqlConnector {
         );
         let started = Instant::now();
         let mut attempts = 0;
+        let mut last = self.serving().clone();
         let result = self
-            .attempts(deadline, retry, &mut attempts)
+            .attempts(deadline, retry, &mut attempts, &mut last)
             .instrument(span.clone())
             .await;
         let took = started.elapsed();
+        span.record("endpoint", last.described.as_str());
+        span.record("region", last.region.as_str());
         span.record("attempts", attempts);
         span.record("duration_ms", took.as_millis() as u64);
         match &result {
             Ok(_) => {
                 span.record("outcome", "connected");
-                crate::telemetry::connection_opened(&self.inner.endpoint);
-                crate::telemetry::connect_duration(&self.inner.endpoint, took);
+                crate::telemetry::connection_opened(&last.endpoint);
+                crate::telemetry::connect_duration(&last.endpoint, took);
             }
             Err(error) => {
                 let reason = crate::telemetry::connect_error_reason(error);
                 span.record("outcome", reason);
-                crate::telemetry::connect_error(&self.inner.endpoint, reason);
+                crate::telemetry::connect_error(&last.endpoint, reason);
             }
         }
         result
     }
 
-    /// The attempts of [`connect_within`](Self::connect_within), counted in `attempts`.
+    /// The attempts of [`connect_within`](Self::connect_within), counted in `attempts`; `last`
+    /// is the endpoint of the last attempt.
     async fn attempts(
         &self,
         deadline: Instant,
         retry: Retry,
         attempts: &mut u32,
-    ) -> Result<(tokio_postgres::Client, Arc<SessionWatch>), Error> {
-        let settings = &self.inner.config.connect;
+        last: &mut Arc<Target>,
+    ) -> Result<Connected, Error> {
         let mut backoffs = 0;
         let mut resigned = false;
+        // Endpoints that failed at the network during this connect.
+        let mut failed_here = vec![false; self.inner.targets.len()];
         loop {
-            self.wait_for_rate_limit(deadline).await?;
+            let target = self.pick(&failed_here).clone();
+            *last = target.clone();
+            self.wait_for_rate_limit(deadline, &target).await?;
             *attempts += 1;
-            let token = self.token().await?;
-            let mut postgres = self.inner.postgres.clone();
-            postgres.password(token.as_str());
-            let left = deadline.saturating_duration_since(Instant::now());
-            let bound = settings.timeout.min(left);
-            let (tls, watch) = self.inner.tls.watched();
-            let error = match tokio::time::timeout(bound, postgres.connect(tls)).await {
-                Ok(Ok((client, connection))) => {
-                    let endpoint = self.inner.described.clone();
-                    tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::warn!(%endpoint, %error, "DSQL connection ended with an error");
-                        }
+            let error = match self.attempt(&target, deadline).await {
+                Ok((client, session)) => {
+                    self.mark_up(&target, "a connect succeeded");
+                    return Ok(Connected {
+                        client,
+                        session,
+                        target,
                     });
-                    return Ok((client, watch));
                 }
-                Ok(Err(source)) => self.connect_error(source, *attempts),
-                Err(_) => Error::ConnectTimeout {
-                    endpoint: self.inner.described.clone(),
-                    timeout: bound,
-                    during: if bound < settings.timeout {
-                        "the connect deadline (connect_deadline) ran out during an attempt"
-                    } else {
-                        "one attempt: TCP, TLS, startup and authentication (connect_timeout)"
-                    },
+                Err(source) => match source {
+                    AttemptError::Refused(source) => self.connect_error(&target, source, *attempts),
+                    AttemptError::TimedOut(error) => error,
                 },
             };
             let retry_after_backoff = match &error {
                 Error::AccessDenied { reason, .. } => {
                     // The credentials may have been rotated or revoked, or the token is stale:
                     // ask the provider again next time.
-                    self.inner.tokens.invalidate();
+                    target.tokens.invalidate();
                     if *reason == AccessDeniedReason::SignatureExpired && !resigned {
                         resigned = true;
                         tracing::info!(
-                            endpoint = %self.inner.described,
+                            endpoint = %target.described,
                             "DSQL refused the token as expired; retrying once with a fresh one"
                         );
                         continue;
@@ -231,6 +316,16 @@ impl DsqlConnector {
                     false
                 }
                 Error::Unavailable { .. } => true,
+                other if means_endpoint_down(other) => {
+                    if self.mark_down(&target, other) {
+                        failed_here[target.index] = true;
+                        if failed_here.iter().any(|failed| !failed) {
+                            // Fail over at once: no backoff before another endpoint.
+                            continue;
+                        }
+                    }
+                    retry == Retry::Transient && other.is_transient()
+                }
                 other => retry == Retry::Transient && other.is_transient(),
             };
             if !retry_after_backoff {
@@ -239,10 +334,21 @@ impl DsqlConnector {
             backoffs += 1;
             let delay = admission::backoff(backoffs);
             if Instant::now() + delay >= deadline {
+                if let Error::Unavailable {
+                    reason: UnavailableReason::WakingUp,
+                    ..
+                } = &error
+                {
+                    // Still waking up after the whole connect deadline: down, for practical
+                    // purposes, until a probe gets in.
+                    self.mark_down(&target, &error);
+                }
                 return Err(error);
             }
+            // Another round over every endpoint.
+            failed_here.fill(false);
             tracing::debug!(
-                endpoint = %self.inner.described,
+                endpoint = %target.described,
                 %error,
                 attempt = *attempts,
                 delay_ms = delay.as_millis() as u64,
@@ -252,9 +358,201 @@ impl DsqlConnector {
         }
     }
 
+    /// One connect attempt to `target`, bounded by `connect_timeout` and `deadline`; spawns the
+    /// connection task when it succeeds.
+    async fn attempt(
+        &self,
+        target: &Target,
+        deadline: Instant,
+    ) -> Result<(tokio_postgres::Client, Arc<SessionWatch>), AttemptError> {
+        let settings = &self.inner.config.connect;
+        let token = target.tokens.get().await.map_err(AttemptError::TimedOut)?;
+        let mut postgres = target.postgres.clone();
+        postgres.password(token.as_str());
+        let left = deadline.saturating_duration_since(Instant::now());
+        let bound = settings.timeout.min(left);
+        let (tls, watch) = self.inner.tls.watched();
+        match tokio::time::timeout(bound, postgres.connect(tls)).await {
+            Ok(Ok((client, connection))) => {
+                let endpoint = target.described.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::warn!(%endpoint, %error, "DSQL connection ended with an error");
+                    }
+                });
+                Ok((client, watch))
+            }
+            Ok(Err(source)) => Err(AttemptError::Refused(source)),
+            Err(_) => Err(AttemptError::TimedOut(Error::ConnectTimeout {
+                endpoint: target.described.clone(),
+                timeout: bound,
+                during: if bound < settings.timeout {
+                    "the connect deadline (connect_deadline) ran out during an attempt"
+                } else {
+                    "one attempt: TCP, TLS, startup and authentication (connect_timeout)"
+                },
+            })),
+        }
+    }
+
+    /// The endpoint new connections go to: the first not marked down (or the preferred one,
+    /// if all are), skipping those that failed during this connect while another remains.
+    fn pick(&self, failed_here: &[bool]) -> &Arc<Target> {
+        let targets = &self.inner.targets;
+        let candidates = || targets.iter().filter(|t| !failed_here[t.index]);
+        candidates()
+            .find(|t| !t.health.down.load(Ordering::Acquire))
+            .or_else(|| candidates().next())
+            .unwrap_or(&targets[0])
+    }
+
+    /// The endpoint new connections go to now.
+    fn serving(&self) -> &Arc<Target> {
+        let targets = &self.inner.targets;
+        targets
+            .iter()
+            .find(|t| !t.health.down.load(Ordering::Acquire))
+            .unwrap_or(&targets[0])
+    }
+
+    /// Marks `target` down after `error` (only with several endpoints; returns whether it is
+    /// down now), logs it, and starts its background probe.
+    fn mark_down(&self, target: &Arc<Target>, error: &Error) -> bool {
+        if self.inner.targets.len() < 2 {
+            return false;
+        }
+        if !target.health.down.swap(true, Ordering::AcqRel) {
+            target
+                .health
+                .changed_at
+                .store(self.since_epoch(), Ordering::Release);
+            let next = self.serving();
+            tracing::warn!(
+                endpoint = %target.described,
+                region = %target.region,
+                serving = %next.described,
+                %error,
+                "DSQL endpoint marked down; new connections go to the next endpoint"
+            );
+            crate::telemetry::endpoint_marked(&target.endpoint, false);
+        }
+        if !target.health.probing.swap(true, Ordering::AcqRel) {
+            self.spawn_probe(target.clone());
+        }
+        true
+    }
+
+    /// Marks `target` up if it was down (failback), and logs it.
+    fn mark_up(&self, target: &Target, how: &'static str) {
+        if target.health.down.swap(false, Ordering::AcqRel) {
+            target
+                .health
+                .changed_at
+                .store(self.since_epoch(), Ordering::Release);
+            tracing::info!(
+                endpoint = %target.described,
+                region = %target.region,
+                how,
+                "DSQL endpoint is up again; new connections return to it"
+            );
+            crate::telemetry::endpoint_marked(&target.endpoint, true);
+        }
+    }
+
+    fn since_epoch(&self) -> u64 {
+        self.inner.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Probes `target` until it takes a connection: one attempt (bounded by `connect_timeout`)
+    /// after each jittered `failback_probe_interval`. Holds no strong reference between
+    /// attempts, so it ends when the last clone of the connector is dropped.
+    fn spawn_probe(&self, target: Arc<Target>) {
+        let connector = Arc::downgrade(&self.inner);
+        let interval = self.inner.config.failback_probe_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval.mul_f64(0.5 + fastrand::f64())).await;
+                let Some(inner) = connector.upgrade() else {
+                    return;
+                };
+                let connector = DsqlConnector { inner };
+                if target.health.down.load(Ordering::Acquire) {
+                    let deadline = Instant::now() + connector.inner.config.connect.timeout;
+                    match connector.attempt(&target, deadline).await {
+                        Ok((client, _)) => {
+                            drop(client);
+                            connector.mark_up(&target, "the background probe connected");
+                        }
+                        Err(error) => {
+                            let error = match error {
+                                AttemptError::Refused(source) => {
+                                    connector.connect_error(&target, source, 1)
+                                }
+                                AttemptError::TimedOut(error) => error,
+                            };
+                            tracing::debug!(
+                                endpoint = %target.described,
+                                %error,
+                                "DSQL endpoint still down"
+                            );
+                            continue;
+                        }
+                    }
+                }
+                // Up: stop, unless it went down again meanwhile with no other probe started.
+                target.health.probing.store(false, Ordering::Release);
+                if !target.health.down.load(Ordering::Acquire)
+                    || target.health.probing.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Each endpoint and whether it is up, the preferred one first.
+    pub fn endpoint_health(&self) -> Vec<EndpointHealth> {
+        self.inner
+            .targets
+            .iter()
+            .map(|t| EndpointHealth {
+                endpoint: t.endpoint.clone(),
+                region: t.region.clone(),
+                up: !t.health.down.load(Ordering::Acquire),
+            })
+            .collect()
+    }
+
+    /// The endpoint new connections go to now: the first one not marked down.
+    pub fn serving_endpoint(&self) -> &str {
+        &self.serving().endpoint
+    }
+
+    /// For a pool's checkout: why a connection to `target` should be replaced, if it should:
+    /// its endpoint is marked down, or (failback) an endpoint preferred to it has been up for
+    /// longer than `failback_after`, the connection's own share of a probe interval.
+    pub(crate) fn should_leave(
+        &self,
+        target: &Target,
+        failback_after: Duration,
+    ) -> Option<&'static str> {
+        if self.inner.targets.len() < 2 {
+            return None;
+        }
+        if target.health.down.load(Ordering::Acquire) {
+            return Some("endpoint_down");
+        }
+        let now = self.since_epoch();
+        let back = self.inner.targets[..target.index].iter().any(|better| {
+            !better.health.down.load(Ordering::Acquire)
+                && now.saturating_sub(better.health.changed_at.load(Ordering::Acquire))
+                    >= failback_after.as_nanos() as u64
+        });
+        back.then_some("failback")
+    }
     /// Waits for the client-side rate limit, if one is set, or fails if the wait would pass the
     /// deadline.
-    async fn wait_for_rate_limit(&self, deadline: Instant) -> Result<(), Error> {
+    async fn wait_for_rate_limit(&self, deadline: Instant, target: &Target) -> Result<(), Error> {
         let Some(limiter) = &self.inner.limiter else {
             return Ok(());
         };
@@ -266,7 +564,7 @@ impl DsqlConnector {
                 Ok(())
             }
             None => Err(Error::ConnectTimeout {
-                endpoint: self.inner.described.clone(),
+                endpoint: target.described.clone(),
                 timeout: self.inner.config.connect.deadline,
                 during: "the wait for the client-side connect rate limit would pass the \
                          connect deadline (connect_rate_limit, connect_deadline)",
@@ -274,10 +572,18 @@ impl DsqlConnector {
         }
     }
 
-    /// The current auth token: one token serves all connections until 80 % of its life, and
-    /// none is handed out close to its expiry. A cache hit takes no lock.
+    /// The current auth token for the preferred endpoint: one token serves all connections
+    /// until 80 % of its life, and none is handed out close to its expiry. A cache hit takes no
+    /// lock.
     pub async fn token(&self) -> Result<AuthToken, Error> {
-        self.inner.tokens.get().await
+        self.inner.targets[0].tokens.get().await
+    }
+
+    /// The current auth token for one of the configured endpoints (by its host), signed for
+    /// that endpoint's host and Region; `None` if `endpoint` is not one of them.
+    pub async fn token_for(&self, endpoint: &str) -> Option<Result<AuthToken, Error>> {
+        let target = self.inner.targets.iter().find(|t| t.endpoint == endpoint)?;
+        Some(target.tokens.get().await)
     }
 
     /// The configuration this connector was built from.
@@ -285,14 +591,14 @@ impl DsqlConnector {
         &self.inner.config
     }
 
-    /// The endpoint host (a bare cluster id expanded with the region).
+    /// The preferred endpoint's host (a bare cluster id expanded with the region).
     pub fn endpoint(&self) -> &str {
-        &self.inner.endpoint
+        &self.inner.targets[0].endpoint
     }
 
-    /// The region tokens are signed for.
+    /// The Region tokens for the preferred endpoint are signed for.
     pub fn region(&self) -> &str {
-        &self.inner.region
+        &self.inner.targets[0].region
     }
 
     /// The `tokio-postgres` TLS hook this connector uses, for other pools or drivers.
@@ -300,9 +606,10 @@ impl DsqlConnector {
         self.inner.tls.clone()
     }
 
-    /// The `tokio-postgres` configuration used for each connection, without a password.
+    /// The `tokio-postgres` configuration used for each connection to the preferred endpoint,
+    /// without a password.
     pub fn postgres_config(&self) -> &tokio_postgres::Config {
-        &self.inner.postgres
+        &self.inner.targets[0].postgres
     }
 
     /// Turns the error of a connect made outside the connector (with
@@ -311,17 +618,24 @@ impl DsqlConnector {
     /// [`connect`](Self::connect) does: [`Error::AccessDenied`] with the HINT's reason,
     /// [`Error::Unavailable`], [`Error::Tls`] or [`Error::Connect`]. On access denied the cached
     /// token is dropped, so the next [`token`](Self::token) asks the credentials provider again.
+    /// (The preferred endpoint's: that is what those three describe.)
     pub fn classify_connect_error(&self, source: tokio_postgres::Error) -> Error {
-        let error = self.connect_error(source, 1);
+        let target = &self.inner.targets[0];
+        let error = self.connect_error(target, source, 1);
         if matches!(error, Error::AccessDenied { .. }) {
-            self.inner.tokens.invalidate();
+            target.tokens.invalidate();
         }
         error
     }
 
-    /// Classifies a failed attempt (see [`admission::classify`]).
-    fn connect_error(&self, source: tokio_postgres::Error, attempts: u32) -> Error {
-        let endpoint = self.inner.described.clone();
+    /// Classifies a failed attempt on `target` (see [`admission::classify`]).
+    fn connect_error(
+        &self,
+        target: &Target,
+        source: tokio_postgres::Error,
+        attempts: u32,
+    ) -> Error {
+        let endpoint = target.described.clone();
         if let Some(db) = source.as_db_error() {
             match admission::classify(db.code().code(), db.message(), db.hint()) {
                 Some(Refusal::AccessDenied(reason)) => {
@@ -353,7 +667,7 @@ impl DsqlConnector {
         }
         if is_tls_failure(&source) {
             return Error::Tls {
-                host: self.inner.endpoint.clone(),
+                host: target.endpoint.clone(),
                 source,
             };
         }
@@ -370,12 +684,34 @@ pub(crate) enum Retry {
     Transient,
 }
 
-/// The `tokio-postgres` settings for every connection (all but the password).
-fn postgres_config(config: &DsqlConfig, endpoint: &str) -> tokio_postgres::Config {
+/// How one connect attempt failed.
+enum AttemptError {
+    /// The server or the network refused it: classified by [`DsqlConnector::connect_error`].
+    Refused(tokio_postgres::Error),
+    /// It ran out of time (or no token could be had): already this crate's error.
+    TimedOut(Error),
+}
+
+/// Whether a failed attempt says its endpoint is down: the network failed (TCP, TLS, a silent
+/// server, a server closing or restarting), not DSQL's answer to this client.
+fn means_endpoint_down(error: &Error) -> bool {
+    match error {
+        Error::Tls { .. } | Error::ConnectTimeout { .. } => true,
+        Error::Connect { .. } => error.is_transient(),
+        _ => false,
+    }
+}
+
+/// The `tokio-postgres` settings for every connection to one endpoint (all but the password).
+fn postgres_config(
+    config: &DsqlConfig,
+    configured: &crate::config::Endpoint,
+    endpoint: &str,
+) -> tokio_postgres::Config {
     let mut postgres = tokio_postgres::Config::new();
     postgres
         .host(endpoint)
-        .port(config.port)
+        .port(configured.port)
         .user(&config.user)
         .dbname(&config.database)
         .application_name(config.application_name())
@@ -385,7 +721,7 @@ fn postgres_config(config: &DsqlConfig, endpoint: &str) -> tokio_postgres::Confi
             SslNegotiation::Direct => tokio_postgres::config::SslNegotiation::Direct,
             SslNegotiation::Postgres => tokio_postgres::config::SslNegotiation::Postgres,
         });
-    if let Some(addr) = config.hostaddr {
+    if let Some(addr) = configured.hostaddr {
         postgres.hostaddr(addr);
     }
     // The whole attempt is bounded in `connect`; this bounds the TCP connect for users who

@@ -169,18 +169,31 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
-    /// The connection was lost while `COMMIT` was in flight: the transaction may or may not
-    /// have been committed. Never retried by this crate; re-run such work only if it is
-    /// idempotent (see the README's idempotency-key pattern).
+    /// The connection was lost while `COMMIT` was in flight, or (with
+    /// [`RetryPolicy::attempt_timeout`](crate::RetryPolicy::attempt_timeout)) `COMMIT` got no
+    /// answer in time: the transaction may or may not have been committed. Never retried by
+    /// this crate; re-run such work only if it is idempotent (see the README's idempotency-key
+    /// pattern).
     #[error(
-        "the connection was lost during COMMIT: the transaction may or may not have been \
-         committed"
+        "the connection was lost during COMMIT, or COMMIT got no answer in time: the \
+         transaction may or may not have been committed"
     )]
     #[non_exhaustive]
     CommitOutcomeUnknown {
-        /// The driver's error.
+        /// The driver's error; `None` when the attempt timed out with `COMMIT` in flight.
         #[source]
-        source: tokio_postgres::Error,
+        source: Option<tokio_postgres::Error>,
+    },
+
+    /// A transaction attempt ran past
+    /// [`RetryPolicy::attempt_timeout`](crate::RetryPolicy::attempt_timeout) before its
+    /// `COMMIT` was sent, and no attempt was left to retry it: nothing was committed (the
+    /// connection was dropped, which rolls the transaction back).
+    #[error("a transaction attempt ran past its attempt_timeout ({timeout:?}) before COMMIT")]
+    #[non_exhaustive]
+    AttemptTimeout {
+        /// The bound that was passed.
+        timeout: std::time::Duration,
     },
 
     /// A pooled connection cannot be handed out (closed, or past its recycle deadline). The
@@ -259,7 +272,10 @@ impl Error {
     /// first.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Unavailable { .. } | Error::ConnectTimeout { .. } | Error::PoolTimeout => true,
+            Error::Unavailable { .. }
+            | Error::ConnectTimeout { .. }
+            | Error::PoolTimeout
+            | Error::AttemptTimeout { .. } => true,
             Error::Connect { source, .. } => match source.as_db_error() {
                 None => true,
                 Some(db) => {

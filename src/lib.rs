@@ -65,14 +65,16 @@ pub mod token;
 #[cfg(test)]
 mod test_support;
 
-pub use config::{DsqlConfig, DsqlConfigBuilder, RootCerts, SslMode, SslNegotiation};
-pub use connector::DsqlConnector;
+pub use config::{
+    DsqlConfig, DsqlConfigBuilder, Endpoint, Peer, RootCerts, SslMode, SslNegotiation,
+};
+pub use connector::{DsqlConnector, EndpointHealth};
 pub use error::{AccessDeniedReason, Error, UnavailableReason};
 pub use pool::{DsqlConnection, DsqlConnectionManager, DsqlPool, DsqlPooledConnection};
 #[cfg(feature = "deadpool")]
 pub use pool::{DsqlDeadpool, DsqlDeadpoolManager};
 pub use retry::{
-    AsClient, AsOccConflict, OccConflict, RetryError, RetryPolicy, Tx, retry_transaction,
+    AsClient, AsOccConflict, OccConflict, PooledTx, RetryError, RetryPolicy, Tx, retry_transaction,
     statement_with_retry, transaction_with_retry,
 };
 

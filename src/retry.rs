@@ -148,6 +148,7 @@
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::error::DbError;
@@ -345,6 +346,16 @@ pub struct RetryPolicy {
     /// attempt is not cut short; no retry starts whose delay would end past it). Default none:
     /// only `max_attempts` bounds the retries.
     pub deadline: Option<Duration>,
+    /// Bound on one attempt, `BEGIN` to the end of `COMMIT`, for
+    /// [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction) only (the other
+    /// helpers hold one connection and cannot replace it: wrap them in `tokio::time::timeout`).
+    /// An attempt past it is abandoned and its connection dropped: before `COMMIT` was sent,
+    /// the attempt is retried on another connection (nothing was committed); with `COMMIT` in
+    /// flight, it returns [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown).
+    /// DSQL ignores `statement_timeout`, and a silent network (a Region cut off) otherwise
+    /// holds a statement until the TCP user timeout; set this a little above your slowest
+    /// transaction. Default none.
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -355,6 +366,7 @@ impl Default for RetryPolicy {
             max_delay: Duration::from_secs(1),
             jitter: true,
             deadline: None,
+            attempt_timeout: None,
         }
     }
 }
@@ -380,6 +392,13 @@ impl RetryPolicy {
     #[must_use]
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
+        self
+    }
+
+    /// Sets a bound on each attempt (see [`attempt_timeout`](Self::attempt_timeout)).
+    #[must_use]
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
         self
     }
 
@@ -600,6 +619,36 @@ impl<'p> Attempts<'p> {
         tracing::debug_span!("dsql.transaction", attempt = self.attempt)
     }
 
+    /// After a connection lost (or an attempt timed out) before `COMMIT`: the delay before the
+    /// next attempt, on another connection, or `None` when the attempts or the deadline are
+    /// spent.
+    fn after_lost_connection(&mut self, endpoint: &str, why: &'static str) -> Option<Duration> {
+        let delay = self.policy.delay_after(self.attempt);
+        let out_of_time = self
+            .policy
+            .deadline
+            .is_some_and(|deadline| self.started.elapsed() + delay >= deadline);
+        if self.attempt >= self.policy.max_attempts.max(1) || out_of_time {
+            tracing::warn!(
+                attempts = self.attempt,
+                endpoint,
+                why,
+                "transaction gave up after losing its connection before COMMIT"
+            );
+            return None;
+        }
+        tracing::info!(
+            attempt = self.attempt,
+            endpoint,
+            why,
+            delay_ms = delay.as_millis() as u64,
+            "connection lost before COMMIT (nothing committed); retrying on another connection"
+        );
+        crate::telemetry::transaction_retry();
+        self.attempt += 1;
+        Some(delay)
+    }
+
     /// After a conflict: the delay before the next attempt, or `None` when the attempts or the
     /// deadline are spent.
     fn after_conflict(&mut self, conflict: OccConflict) -> Option<Duration> {
@@ -774,8 +823,25 @@ where
 {
     let mut transaction = OpenTransaction { client, open: true };
     client.batch_execute("BEGIN").await?;
-    match body(Tx { client }).await {
+    let result = body(Tx { client }).await;
+    let committing = std::sync::atomic::AtomicBool::new(false);
+    end_attempt(client, &mut transaction, result, &committing).await
+}
+
+/// Ends an attempt of [`retry_transaction`] or [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction):
+/// the body's `Ok` is committed (checked), its `Err` rolled back.
+async fn end_attempt<T, E>(
+    client: &Client,
+    transaction: &mut OpenTransaction<'_>,
+    result: Result<T, E>,
+    committing: &std::sync::atomic::AtomicBool,
+) -> Result<T, E>
+where
+    E: From<tokio_postgres::Error> + From<crate::Error>,
+{
+    match result {
         Ok(value) => {
+            committing.store(true, std::sync::atomic::Ordering::SeqCst);
             let outcome = commit_checked(client).await;
             // Committed or not, the server has ended the transaction.
             transaction.open = false;
@@ -787,7 +853,10 @@ where
                 }
                 Err(CommitFailure::OutcomeUnknown(source)) => {
                     crate::telemetry::transaction_outcome_unknown();
-                    Err(crate::Error::CommitOutcomeUnknown { source }.into())
+                    Err(crate::Error::CommitOutcomeUnknown {
+                        source: Some(source),
+                    }
+                    .into())
                 }
             }
         }
@@ -867,6 +936,163 @@ async fn commit_checked(client: &Client) -> Result<(), CommitFailure> {
         (Err(e), Ok(())) if e.as_db_error().is_some() => Err(CommitFailure::RolledBack(e)),
         _ => Ok(()),
     }
+}
+
+/// A transaction inside [`DsqlPool::retry_transaction`]'s body: like [`Tx`], it derefs to the
+/// [`Client`], and the helper sends `BEGIN`, `COMMIT` and `ROLLBACK`. It owns (a share of) the
+/// pooled connection, so the body's future borrows nothing and is `Send` and `'static`
+/// whenever what it captures is. Cloning it is cheap; the connection goes back to the pool
+/// when the attempt is over and the last clone is dropped.
+#[derive(Clone)]
+pub struct PooledTx {
+    conn: Arc<crate::DsqlPooledConnection<'static>>,
+}
+
+impl std::fmt::Debug for PooledTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledTx")
+            .field("endpoint", &self.endpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deref for PooledTx {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        self.conn.client()
+    }
+}
+
+impl PooledTx {
+    /// The endpoint the attempt runs on.
+    pub fn endpoint(&self) -> &str {
+        self.conn.endpoint()
+    }
+
+    /// The Region of that endpoint.
+    pub fn region(&self) -> &str {
+        self.conn.region()
+    }
+}
+
+impl crate::DsqlPool {
+    /// Runs `body` in a transaction on a connection from the pool and commits it, like
+    /// [`retry_transaction`], re-running the whole transaction on an optimistic-concurrency
+    /// conflict, **and** on a connection lost before `COMMIT` was sent (its endpoint failed, it
+    /// was cut), on a fresh checkout: with a multi-Region configuration, on the peer once the
+    /// failed endpoint is marked down. Each attempt may be bounded by
+    /// [`RetryPolicy::attempt_timeout`]. Both kinds of retry count against
+    /// `policy.max_attempts` and `policy.deadline`.
+    ///
+    /// Never re-run: a connection lost with `COMMIT` in flight, or an attempt timing out then
+    /// ([`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown): the outcome is
+    /// unknown, see the README's idempotency-key pattern); `COMMIT` rolling back a failed
+    /// transaction ([`Error::TransactionRolledBack`](crate::Error::TransactionRolledBack)); any
+    /// other error, returned at once. A checkout that fails returns its
+    /// [`Error`](crate::Error).
+    ///
+    /// `body` gets a [`PooledTx`] and returns a future: `|tx| async move { … }`.
+    ///
+    /// ```no_run
+    /// # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy};
+    /// # use std::time::Duration;
+    /// # async fn f(pool: &DsqlPool, id: uuid::Uuid) -> Result<(), Error> {
+    /// let policy = RetryPolicy::default().with_attempt_timeout(Duration::from_secs(5));
+    /// pool.retry_transaction(&policy, |tx| async move {
+    ///     tx.execute("UPDATE account SET balance = balance - 1 WHERE id = $1", &[&id])
+    ///         .await?;
+    ///     Ok::<_, Error>(())
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn retry_transaction<T, E, F, Fut>(
+        &self,
+        policy: &RetryPolicy,
+        mut body: F,
+    ) -> Result<T, E>
+    where
+        F: FnMut(PooledTx) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<tokio_postgres::Error> + From<crate::Error> + AsOccConflict,
+    {
+        let mut attempts = Attempts::new(policy);
+        loop {
+            let mut conn = self.get_owned().await?;
+            let endpoint = conn.endpoint().to_owned();
+            let committing = std::sync::atomic::AtomicBool::new(false);
+            let shared = Arc::new(conn);
+            let attempt =
+                pooled_attempt(&shared, &mut body, &committing).instrument(attempts.span());
+            let outcome = match policy.attempt_timeout {
+                Some(timeout) => tokio::time::timeout(timeout, attempt)
+                    .await
+                    .map_err(|_| timeout),
+                None => Ok(attempt.await),
+            };
+            let error = match outcome {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
+                Err(timeout) => {
+                    // The attempt's future, and with it the body's clones of the connection,
+                    // are gone: drop the connection rather than give a stalled one back.
+                    if let Ok(inner) = Arc::try_unwrap(shared) {
+                        conn = inner;
+                        conn.discard();
+                    }
+                    if committing.load(std::sync::atomic::Ordering::SeqCst) {
+                        crate::telemetry::transaction_outcome_unknown();
+                        return Err(crate::Error::CommitOutcomeUnknown { source: None }.into());
+                    }
+                    match attempts.after_lost_connection(&endpoint, "attempt_timeout") {
+                        Some(delay) => {
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
+                        None => return Err(crate::Error::AttemptTimeout { timeout }.into()),
+                    }
+                }
+            };
+            if let Some(conflict) = error.occ_conflict() {
+                match attempts.after_conflict(conflict) {
+                    Some(delay) => {
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                    None => return Err(error),
+                }
+            }
+            let lost = shared.is_closed() && !committing.load(std::sync::atomic::Ordering::SeqCst);
+            if !lost {
+                return Err(error);
+            }
+            drop(shared);
+            match attempts.after_lost_connection(&endpoint, "connection_lost") {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(error),
+            }
+        }
+    }
+}
+
+/// One attempt of [`DsqlPool::retry_transaction`] on `conn`; sets `committing` just before
+/// `COMMIT` goes out.
+async fn pooled_attempt<T, E, F, Fut>(
+    conn: &Arc<crate::DsqlPooledConnection<'static>>,
+    body: &mut F,
+    committing: &std::sync::atomic::AtomicBool,
+) -> Result<T, E>
+where
+    F: FnMut(PooledTx) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: From<tokio_postgres::Error> + From<crate::Error>,
+{
+    let client = conn.client();
+    let mut transaction = OpenTransaction { client, open: true };
+    client.batch_execute("BEGIN").await?;
+    let result = body(PooledTx { conn: conn.clone() }).await;
+    end_attempt(client, &mut transaction, result, committing).await
 }
 
 #[cfg(test)]

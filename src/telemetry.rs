@@ -103,6 +103,21 @@ mod imp {
     pub(crate) fn transaction_outcome_unknown() {
         metrics::counter!("dsql_transaction_outcome_unknown_total").increment(1);
     }
+
+    /// An endpoint of several was marked down (`up == false`) or up again.
+    pub(crate) fn endpoint_marked(endpoint: &str, up: bool) {
+        let name = if up {
+            "dsql_endpoint_failbacks_total"
+        } else {
+            "dsql_endpoint_failovers_total"
+        };
+        metrics::counter!(name, "endpoint" => endpoint.to_owned()).increment(1);
+        metrics::gauge!("dsql_endpoint_up", "endpoint" => endpoint.to_owned()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+    }
 }
 
 #[cfg(not(feature = "metrics"))]
@@ -131,6 +146,7 @@ mod imp {
     pub(crate) fn transaction_retry() {}
     pub(crate) fn transaction_retries_exhausted() {}
     pub(crate) fn transaction_outcome_unknown() {}
+    pub(crate) fn endpoint_marked(_: &str, _: bool) {}
 }
 
 pub(crate) use imp::*;

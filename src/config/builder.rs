@@ -204,8 +204,57 @@ impl DsqlConfigBuilder {
         self
     }
 
+    /// Adds a peer endpoint: the other cluster of a multi-Region cluster (see the module docs).
+    /// The endpoint set with [`host`](Self::host) stays the preferred one; peers follow in the
+    /// order added. New connections go to the first endpoint that is not marked down.
+    ///
+    /// ```
+    /// use tokio_postgres_dsql::{DsqlConfig, Peer};
+    /// let config = DsqlConfig::builder()
+    ///     .host("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
+    ///     .peer("zyxwvutsrqponmlkjihgfedcba.dsql.us-east-2.on.aws")
+    ///     .build()?;
+    /// assert_eq!(config.endpoints()[1].region(), Some("us-east-2"));
+    /// // Each endpoint may have its own port and address, e.g. through a tunnel:
+    /// let tunnelled = DsqlConfig::builder()
+    ///     .host("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
+    ///     .hostaddr("127.0.0.1".parse()?)
+    ///     .port(15432)
+    ///     .peer(
+    ///         Peer::new("zyxwvutsrqponmlkjihgfedcba")
+    ///             .region("us-east-2")
+    ///             .hostaddr("127.0.0.1".parse()?)
+    ///             .port(25432),
+    ///     )
+    ///     .build()?;
+    /// assert_eq!(
+    ///     tunnelled.endpoints()[1].host(),
+    ///     "zyxwvutsrqponmlkjihgfedcba.dsql.us-east-2.on.aws"
+    /// );
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn peer(mut self, peer: impl Into<Peer>) -> Self {
+        self.peers.push(peer.into());
+        self
+    }
+
+    /// With several endpoints: how often one marked down is probed (one connect attempt) to
+    /// bring new connections back to it, before jitter (each wait is drawn from half to one and
+    /// a half times it, so a fleet of clients does not probe in step). Default
+    /// [`DEFAULT_FAILBACK_PROBE_INTERVAL`] (2 s).
+    pub fn failback_probe_interval(mut self, interval: Duration) -> Self {
+        self.failback_probe_interval = Some(interval);
+        self
+    }
+
     /// Checks the configuration. The error names the first field at fault.
-    pub fn build(self) -> Result<DsqlConfig, Error> {
+    pub fn build(mut self) -> Result<DsqlConfig, Error> {
+        let lists = std::mem::take(&mut self.lists);
+        let this = lists.apply(self)?;
+        this.build_checked()
+    }
+
+    fn build_checked(self) -> Result<DsqlConfig, Error> {
         let host = self.host.ok_or_else(|| {
             Error::config(
                 "host",
@@ -213,35 +262,54 @@ impl DsqlConfigBuilder {
                  cluster id with a region)",
             )
         })?;
-        let host = validate_host(&host)?;
-
-        if let Some(region) = &self.region {
-            validate_region("region", region)?;
-        }
-        let host_region = region_from_host(&host);
-        let region = match (host_region, self.region) {
-            (Some(from_host), Some(explicit)) if from_host != explicit => {
+        let port = self.port.unwrap_or(DEFAULT_PORT);
+        let several = !self.peers.is_empty();
+        let first = checked_endpoint(
+            &host,
+            port,
+            self.hostaddr,
+            self.region,
+            (!several).then_some(self.fallback_region).flatten(),
+            several,
+        )?;
+        let mut endpoints = vec![first];
+        for peer in self.peers {
+            let endpoint = checked_endpoint(
+                &peer.host,
+                peer.port.unwrap_or(port),
+                peer.hostaddr,
+                peer.region,
+                None,
+                true,
+            )?;
+            if endpoints.iter().any(|e| e.host == endpoint.host) {
                 return Err(Error::config(
-                    "region",
+                    "host",
                     format!(
-                        "`{explicit}` does not match the endpoint's region `{from_host}` \
-                         (tokens must be signed for the endpoint's region)"
+                        "`{}` is listed twice; a multi-Region cluster's endpoints are distinct",
+                        endpoint.host
                     ),
                 ));
             }
-            (Some(from_host), _) => Some(from_host.to_owned()),
-            (None, Some(explicit)) => Some(explicit),
-            (None, None) => self.fallback_region,
-        };
-        let host = match &region {
-            Some(region) if is_cluster_id(&host) => format!("{host}.dsql.{region}.on.aws"),
-            _ => host,
-        };
-
-        let port = self.port.unwrap_or(DEFAULT_PORT);
-        if port == 0 {
-            return Err(Error::config("port", "must be between 1 and 65535"));
+            endpoints.push(endpoint);
         }
+        if several && self.amzn_cluster_id.is_some() {
+            return Err(Error::config(
+                "amzn_cluster_id",
+                "names one cluster, but several endpoints are configured; each peer of a \
+                 multi-Region cluster has its own cluster id",
+            ));
+        }
+        let failback_probe_interval = self
+            .failback_probe_interval
+            .unwrap_or(DEFAULT_FAILBACK_PROBE_INTERVAL);
+        if failback_probe_interval.is_zero() {
+            return Err(Error::config(
+                "failback_probe_interval",
+                "must be more than 0",
+            ));
+        }
+
         let user = self.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
         check_text("user", &user, false)?;
         let database = self.database.unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
@@ -303,12 +371,9 @@ impl DsqlConfigBuilder {
         self.connect.check()?;
 
         Ok(DsqlConfig {
-            host,
-            port,
+            endpoints,
             user,
             database,
-            region,
-            hostaddr: self.hostaddr,
             token_duration,
             profile: self.profile,
             credentials_provider: self.credentials_provider,
@@ -322,8 +387,62 @@ impl DsqlConfigBuilder {
             connect: self.connect,
             options: self.options,
             time_source: self.time_source,
+            failback_probe_interval,
         })
     }
+}
+
+/// Checks one endpoint: its host form, its Region against the host's, and its port. A bare
+/// cluster id is expanded once the Region is known; `needs_region` (several endpoints) makes
+/// an unknown Region an error.
+fn checked_endpoint(
+    host: &str,
+    port: u16,
+    hostaddr: Option<IpAddr>,
+    region: Option<String>,
+    fallback_region: Option<String>,
+    needs_region: bool,
+) -> Result<Endpoint, Error> {
+    let host = validate_host(host)?;
+    if let Some(region) = &region {
+        validate_region("region", region)?;
+    }
+    let region = match (region_from_host(&host), region) {
+        (Some(from_host), Some(explicit)) if from_host != explicit => {
+            return Err(Error::config(
+                "region",
+                format!(
+                    "`{explicit}` does not match the Region `{from_host}` of the endpoint \
+                     `{host}` (tokens must be signed for the endpoint's Region)"
+                ),
+            ));
+        }
+        (Some(from_host), _) => Some(from_host.to_owned()),
+        (None, Some(explicit)) => Some(explicit),
+        (None, None) => fallback_region,
+    };
+    if region.is_none() && needs_region {
+        return Err(Error::config(
+            "region",
+            format!(
+                "the endpoint `{host}` names no Region; with several endpoints each needs its \
+                 own (a full <id>.dsql.<region>.on.aws name, or a region for each)"
+            ),
+        ));
+    }
+    let host = match &region {
+        Some(region) if is_cluster_id(&host) => format!("{host}.dsql.{region}.on.aws"),
+        _ => host,
+    };
+    if port == 0 {
+        return Err(Error::config("port", "must be between 1 and 65535"));
+    }
+    Ok(Endpoint {
+        host,
+        port,
+        hostaddr,
+        region,
+    })
 }
 
 fn check_text(field: &'static str, value: &str, may_be_empty: bool) -> Result<(), Error> {

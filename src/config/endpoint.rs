@@ -4,17 +4,19 @@
 use super::*;
 
 impl DsqlConfig {
-    /// The host name tokens are signed for, given the resolved region: the endpoint itself, or
-    /// `<amzn_cluster_id>.dsql.<region>.on.aws` in the PrivateLink case.
-    pub(crate) fn token_host(&self, region: &str) -> String {
+    /// The host name tokens for `endpoint` are signed for, given its resolved region: the
+    /// endpoint itself, or `<amzn_cluster_id>.dsql.<region>.on.aws` in the PrivateLink case.
+    pub(crate) fn token_host(&self, endpoint: &Endpoint, region: &str) -> String {
         match &self.amzn_cluster_id {
             Some(id) => format!("{id}.dsql.{region}.on.aws"),
-            None => self.host.clone(),
+            None => endpoint.host_in(region),
         }
     }
+}
 
+impl Endpoint {
     /// The endpoint host once the region is known (expands a bare cluster id).
-    pub(crate) fn endpoint_for(&self, region: &str) -> String {
+    pub(crate) fn host_in(&self, region: &str) -> String {
         if is_cluster_id(&self.host) {
             format!("{}.dsql.{region}.on.aws", self.host)
         } else {
@@ -102,12 +104,16 @@ pub(super) fn region_variable(
         .find_map(|name| var(name).filter(|v| !v.is_empty()).map(|v| (name, v)))
 }
 
-/// The Region tokens are signed for, resolved in one place: the configuration's (named by the
-/// endpoint, or set), else `AWS_REGION` / `AWS_DEFAULT_REGION`, else the AWS profile's region
-/// (no instance-metadata look-up).
-pub(crate) async fn resolve_region(config: &DsqlConfig) -> Result<String, Error> {
+/// The Region tokens for `endpoint` are signed for, resolved in one place: the configuration's
+/// (named by the endpoint, or set), else `AWS_REGION` / `AWS_DEFAULT_REGION`, else the AWS
+/// profile's region (no instance-metadata look-up). Only a single endpoint can lack one: the
+/// builder requires a Region for each of several.
+pub(crate) async fn resolve_region(
+    config: &DsqlConfig,
+    endpoint: &Endpoint,
+) -> Result<String, Error> {
     use aws_config::meta::region::ProvideRegion;
-    if let Some(region) = &config.region {
+    if let Some(region) = &endpoint.region {
         return Ok(region.clone());
     }
     if let Some((name, region)) = region_variable(|name| std::env::var(name).ok()) {
@@ -129,7 +135,7 @@ pub(crate) async fn resolve_region(config: &DsqlConfig) -> Result<String, Error>
                 format!(
                     "the endpoint `{}` does not name a region; set region (or ?region= / \
                      AWS_REGION / a profile region)",
-                    config.host
+                    endpoint.host
                 ),
             )
         })

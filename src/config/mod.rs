@@ -4,6 +4,7 @@
 //! | option | builder | URL / conninfo key | environment | default |
 //! |---|---|---|---|---|
 //! | endpoint | [`host`](DsqlConfigBuilder::host) | `host` | `CLUSTER_ENDPOINT` | required |
+//! | peer endpoints (multi-Region) | [`peer`](DsqlConfigBuilder::peer) | `host=a,b` | `CLUSTER_ENDPOINT=a,b` | none |
 //! | port | [`port`](DsqlConfigBuilder::port) | `port` | `PGPORT` | 5432 |
 //! | database role | [`user`](DsqlConfigBuilder::user) | `user` | `CLUSTER_USER` | `admin` |
 //! | database | [`database`](DsqlConfigBuilder::database) | `dbname` | `PGDATABASE` | `postgres` |
@@ -28,6 +29,20 @@
 //! | keepalive probe interval | [`keepalives_interval`](DsqlConfigBuilder::keepalives_interval) | `keepalives_interval` (s) | | 15 s |
 //! | keepalive probes | [`keepalives_retries`](DsqlConfigBuilder::keepalives_retries) | `keepalives_count` | | 3 |
 //! | unacknowledged-data limit | [`tcp_user_timeout`](DsqlConfigBuilder::tcp_user_timeout) | `tcp_user_timeout` (ms) | | 30 s |
+//! | failback probe interval | [`failback_probe_interval`](DsqlConfigBuilder::failback_probe_interval) | | | 2 s |
+//!
+//! ## Several endpoints (multi-Region clusters)
+//!
+//! A multi-Region cluster is two peered clusters, each with its own endpoint, cluster id and
+//! Region. A configuration may name both, the first preferred, in libpq's multi-host forms:
+//! `host=<a>,<b>` (with `hostaddr`, `port` and `region` as lists of the same length, or one
+//! value for all), `postgres://admin@<a>,<b>/postgres` (each host may carry its `:port`),
+//! `CLUSTER_ENDPOINT=<a>,<b>` with `PGHOSTADDR` and `PGPORT` lists in the same order, or
+//! [`DsqlConfigBuilder::peer`]. Each endpoint's Region comes from its host name or is given;
+//! with several endpoints, a bare cluster id needs its Region given (the environment's Region
+//! names one Region, not two). The same endpoint twice is refused, and so is
+//! [`amzn_cluster_id`](DsqlConfigBuilder::amzn_cluster_id) (it names one cluster). How the
+//! connector fails over between them is in the README's "Multi-Region clusters".
 //!
 //! Time limits, as libpq means them: `connect_timeout` bounds one attempt from the TCP connect
 //! to the end of authentication (a server that accepts TCP and then says nothing cannot hang a
@@ -113,12 +128,10 @@ pub enum RootCerts {
 /// `Debug` shows every setting except the credentials provider's contents.
 #[derive(Clone)]
 pub struct DsqlConfig {
-    pub(crate) host: String,
-    pub(crate) port: u16,
+    /// The preferred endpoint first, then its peers; never empty.
+    pub(crate) endpoints: Vec<Endpoint>,
     pub(crate) user: String,
     pub(crate) database: String,
-    pub(crate) region: Option<String>,
-    pub(crate) hostaddr: Option<IpAddr>,
     pub(crate) token_duration: Duration,
     pub(crate) profile: Option<String>,
     pub(crate) credentials_provider: Option<SharedCredentialsProvider>,
@@ -132,7 +145,100 @@ pub struct DsqlConfig {
     pub(crate) connect: ConnectSettings,
     pub(crate) options: Vec<(String, String)>,
     pub(crate) time_source: Option<SharedTimeSource>,
+    pub(crate) failback_probe_interval: Duration,
 }
+
+/// One endpoint of a [`DsqlConfig`], checked: its host name (a bare cluster id expanded when its
+/// Region is known), port, the address dialled instead of resolving the host, and its Region
+/// when known without asking the environment or the AWS profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) hostaddr: Option<IpAddr>,
+    pub(crate) region: Option<String>,
+}
+
+impl Endpoint {
+    /// The endpoint host name (SNI, certificate name, token host).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address dialled instead of resolving the host.
+    pub fn hostaddr(&self) -> Option<IpAddr> {
+        self.hostaddr
+    }
+
+    /// The Region tokens for this endpoint are signed for, if known from the configuration.
+    pub fn region(&self) -> Option<&str> {
+        self.region.as_deref()
+    }
+}
+
+/// A peer endpoint to add with [`DsqlConfigBuilder::peer`]: the other cluster of a
+/// multi-Region cluster. A host name converts into one (`.peer("<id>.dsql.us-east-2.on.aws")`);
+/// set its own port, `hostaddr` or Region with the methods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct Peer {
+    host: String,
+    port: Option<u16>,
+    hostaddr: Option<IpAddr>,
+    region: Option<String>,
+}
+
+impl Peer {
+    /// A peer endpoint: `<id>.dsql.<region>.on.aws`, or a bare cluster id with
+    /// [`region`](Self::region).
+    pub fn new(host: impl Into<String>) -> Self {
+        Peer {
+            host: host.into(),
+            port: None,
+            hostaddr: None,
+            region: None,
+        }
+    }
+
+    /// Its port. Default: the configuration's [`port`](DsqlConfigBuilder::port).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The address to dial instead of resolving its host. Default: none (resolve the host).
+    pub fn hostaddr(mut self, hostaddr: IpAddr) -> Self {
+        self.hostaddr = Some(hostaddr);
+        self
+    }
+
+    /// Its Region. Default: from its host name; required for a bare cluster id.
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+}
+
+impl From<&str> for Peer {
+    fn from(host: &str) -> Self {
+        Peer::new(host)
+    }
+}
+
+impl From<String> for Peer {
+    fn from(host: String) -> Self {
+        Peer::new(host)
+    }
+}
+
+/// Default interval between probes of an endpoint marked down, before jitter (each wait is
+/// drawn uniformly from half to one and a half times it).
+pub const DEFAULT_FAILBACK_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Default bound on one connect attempt (TCP, TLS, startup, authentication). An attempt is
 /// three round trips plus a token check (p99 120 ms in-Region); 10 s leaves room for a slow
@@ -188,12 +294,9 @@ impl Default for ConnectSettings {
 impl fmt::Debug for DsqlConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DsqlConfig")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("endpoints", &self.endpoints)
             .field("user", &self.user)
             .field("database", &self.database)
-            .field("region", &self.region)
-            .field("hostaddr", &self.hostaddr)
             .field("token_duration", &self.token_duration)
             .field("profile", &self.profile)
             .field(
@@ -237,6 +340,10 @@ pub struct DsqlConfigBuilder {
     connect: ConnectSettings,
     options: Vec<(String, String)>,
     time_source: Option<SharedTimeSource>,
+    peers: Vec<Peer>,
+    failback_probe_interval: Option<Duration>,
+    /// Endpoint settings from a connection string or the environment, possibly lists.
+    lists: parse::EndpointLists,
     /// Region used only when neither the host nor `region` gives one (from the environment).
     fallback_region: Option<String>,
 }
@@ -245,6 +352,7 @@ impl fmt::Debug for DsqlConfigBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DsqlConfigBuilder")
             .field("host", &self.host)
+            .field("peers", &self.peers)
             .field("user", &self.user)
             .field("region", &self.region)
             .finish_non_exhaustive()
@@ -260,13 +368,23 @@ impl DsqlConfig {
     /// A builder holding this configuration, to override some settings (for example a
     /// configuration read with [`from_env`](Self::from_env), then a different user).
     pub fn into_builder(self) -> DsqlConfigBuilder {
+        let mut endpoints = self.endpoints.into_iter();
+        let first = endpoints.next().expect("a configuration has an endpoint");
+        let peers = endpoints
+            .map(|e| Peer {
+                host: e.host,
+                port: Some(e.port),
+                hostaddr: e.hostaddr,
+                region: e.region,
+            })
+            .collect();
         DsqlConfigBuilder {
-            host: Some(self.host),
-            port: Some(self.port),
+            host: Some(first.host),
+            port: Some(first.port),
             user: Some(self.user),
             database: Some(self.database),
-            region: self.region,
-            hostaddr: self.hostaddr,
+            region: first.region,
+            hostaddr: first.hostaddr,
             token_duration: Some(self.token_duration),
             profile: self.profile,
             credentials_provider: self.credentials_provider,
@@ -280,19 +398,32 @@ impl DsqlConfig {
             connect: self.connect,
             options: self.options,
             time_source: self.time_source,
+            peers,
+            failback_probe_interval: Some(self.failback_probe_interval),
+            lists: Default::default(),
             fallback_region: None,
         }
     }
 
-    /// The endpoint host name (SNI, certificate name; the token's host unless
+    /// The (preferred) endpoint host name (SNI, certificate name; the token's host unless
     /// [`amzn_cluster_id`](DsqlConfigBuilder::amzn_cluster_id) is set).
     pub fn host(&self) -> &str {
-        &self.host
+        &self.endpoints[0].host
     }
 
-    /// The TCP port.
+    /// The (preferred) endpoint's TCP port.
     pub fn port(&self) -> u16 {
-        self.port
+        self.endpoints[0].port
+    }
+
+    /// Every endpoint, the preferred one first, then its peers (a multi-Region cluster's).
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// How often an endpoint marked down is probed, before jitter.
+    pub fn failback_probe_interval(&self) -> Duration {
+        self.failback_probe_interval
     }
 
     /// The database role.
@@ -305,14 +436,14 @@ impl DsqlConfig {
         &self.database
     }
 
-    /// The region, if known without asking the AWS profile.
+    /// The (preferred) endpoint's region, if known without asking the AWS profile.
     pub fn region(&self) -> Option<&str> {
-        self.region.as_deref()
+        self.endpoints[0].region.as_deref()
     }
 
-    /// The address dialled instead of resolving the host.
+    /// The address dialled instead of resolving the (preferred) endpoint's host.
     pub fn hostaddr(&self) -> Option<IpAddr> {
-        self.hostaddr
+        self.endpoints[0].hostaddr
     }
 
     /// The token life.

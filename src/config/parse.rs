@@ -2,32 +2,126 @@
 
 use super::*;
 
+/// The endpoint settings read from a connection string or the environment, each a list
+/// (libpq's multi-host form: one entry per host, or one for all), with the name its errors use.
+/// [`build`](DsqlConfigBuilder::build) turns them into the preferred endpoint and its peers.
+#[derive(Debug, Default, Clone)]
+pub(super) struct EndpointLists {
+    host: Option<(Vec<String>, &'static str)>,
+    hostaddr: Option<(Vec<IpAddr>, &'static str)>,
+    port: Option<(Vec<u16>, &'static str)>,
+    region: Option<(Vec<String>, &'static str)>,
+}
+
+/// Splits a comma-separated list and parses each entry; an empty entry is an error.
+fn list<T>(
+    value: &str,
+    field: &'static str,
+    parse: impl Fn(&str) -> Option<T>,
+    expected: &str,
+) -> Result<(Vec<T>, &'static str), Error> {
+    let entries = value
+        .split(',')
+        .map(|entry| {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                return Err(Error::config(
+                    field,
+                    format!("`{value}`: has an empty entry"),
+                ));
+            }
+            parse(entry).ok_or_else(|| Error::config(field, format!("`{entry}`: {expected}")))
+        })
+        .collect::<Result<Vec<T>, Error>>()?;
+    Ok((entries, field))
+}
+
+impl EndpointLists {
+    /// Sets the preferred endpoint from the first entries and adds a peer for each further
+    /// host. Every list has one entry per host, or one for all.
+    pub(super) fn apply(self, mut builder: DsqlConfigBuilder) -> Result<DsqlConfigBuilder, Error> {
+        let hosts = self.host.map(|(hosts, _)| hosts);
+        let count = hosts.as_ref().map_or(1, Vec::len);
+        fn nth<T: Clone>(
+            list: &Option<(Vec<T>, &'static str)>,
+            count: usize,
+            i: usize,
+        ) -> Result<Option<T>, Error> {
+            let Some((values, field)) = list else {
+                return Ok(None);
+            };
+            if values.len() != 1 && values.len() != count {
+                return Err(Error::config(
+                    *field,
+                    format!(
+                        "has {} values for {count} host(s): give one for each host, in the same \
+                         order, or one for all",
+                        values.len()
+                    ),
+                ));
+            }
+            Ok(Some(values[if values.len() == 1 { 0 } else { i }].clone()))
+        }
+        let mut peers = Vec::new();
+        for i in 0..count {
+            let port = nth(&self.port, count, i)?;
+            let hostaddr = nth(&self.hostaddr, count, i)?;
+            let region = nth(&self.region, count, i)?;
+            if i == 0 {
+                if let Some(hosts) = &hosts {
+                    builder.host = Some(hosts[0].clone());
+                }
+                builder.port = port.or(builder.port);
+                builder.hostaddr = hostaddr.or(builder.hostaddr);
+                builder.region = region.or(builder.region);
+            } else if let Some(hosts) = &hosts {
+                peers.push(Peer {
+                    host: hosts[i].clone(),
+                    port,
+                    hostaddr,
+                    region,
+                });
+            }
+        }
+        peers.append(&mut builder.peers);
+        builder.peers = peers;
+        Ok(builder)
+    }
+}
+
 impl DsqlConfigBuilder {
     /// Applies one connection-string or environment setting. `field` is how errors name it.
-    fn apply(self, key: &str, value: &str, field: &'static str) -> Result<Self, Error> {
+    fn apply(mut self, key: &str, value: &str, field: &'static str) -> Result<Self, Error> {
         let bad = |reason: &str| Error::config(field, format!("`{value}`: {reason}"));
         Ok(match key {
             "host" => {
-                if value.contains(',') {
-                    return Err(bad("only one host is supported"));
-                }
-                self.host(value)
+                self.lists.host = Some(list(value, field, |h| Some(h.to_owned()), "")?);
+                self
             }
-            "hostaddr" => self.hostaddr(
-                value
-                    .parse()
-                    .map_err(|_| bad("not an IPv4 or IPv6 address"))?,
-            ),
-            "port" => self.port(
-                value
-                    .parse()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| bad("not a port number (1-65535)"))?,
-            ),
+            "hostaddr" => {
+                self.lists.hostaddr = Some(list(
+                    value,
+                    field,
+                    |a| a.parse().ok(),
+                    "not an IPv4 or IPv6 address",
+                )?);
+                self
+            }
+            "port" => {
+                self.lists.port = Some(list(
+                    value,
+                    field,
+                    |p| p.parse().ok().filter(|p| *p != 0),
+                    "not a port number (1-65535)",
+                )?);
+                self
+            }
             "user" => self.user(value),
             "dbname" => self.database(value),
-            "region" => self.region(value),
+            "region" => {
+                self.lists.region = Some(list(value, field, |r| Some(r.to_owned()), "")?);
+                self
+            }
             "profile" => self.profile(value),
             "token_duration_secs" => {
                 let secs: u64 = value
@@ -117,11 +211,11 @@ impl DsqlConfig {
     ///
     /// | variable | meaning |
     /// |---|---|
-    /// | `CLUSTER_ENDPOINT` | endpoint or cluster id (required) |
+    /// | `CLUSTER_ENDPOINT` | endpoint or cluster id (required); `<a>,<b>` for a multi-Region cluster's endpoints, the first preferred |
     /// | `CLUSTER_USER` | database role (default `admin`) |
     /// | `AWS_REGION`, `AWS_DEFAULT_REGION` | region, when the endpoint does not name one |
     /// | `AWS_PROFILE` | profile for credentials |
-    /// | `PGHOSTADDR`, `PGPORT`, `PGDATABASE` | address to dial, port, database |
+    /// | `PGHOSTADDR`, `PGPORT`, `PGDATABASE` | address to dial, port (each one for all endpoints, or a list in `CLUSTER_ENDPOINT`'s order), database |
     /// | `PGSSLROOTCERT`, `PGSSLNEGOTIATION` | CA file (or `system`), `direct` / `postgres` |
     /// | `PGAPPNAME`, `PGCONNECT_TIMEOUT` | application name prefix, connect timeout (s) |
     ///
@@ -253,7 +347,10 @@ fn unknown_key(key: &str) -> Error {
 }
 
 fn parse_url(url: &str) -> Result<DsqlConfigBuilder, Error> {
-    let parsed = url::Url::parse(url)
+    // libpq's multi-host URL form (`postgres://user@a:5432,b:5433/db`) is not a URL the `url`
+    // crate reads: take the host list out and parse the rest with a stand-in host.
+    let (url, hosts) = split_url_hosts(url)?;
+    let parsed = url::Url::parse(&url)
         .map_err(|e| Error::config("connection string", format!("not a valid URL: {e}")))?;
     let decode = |s: &str, field: &'static str| {
         percent_encoding::percent_decode_str(s)
@@ -268,11 +365,21 @@ fn parse_url(url: &str) -> Result<DsqlConfigBuilder, Error> {
     if !parsed.username().is_empty() {
         builder = builder.user(decode(parsed.username(), "user")?);
     }
-    if let Some(host) = parsed.host_str() {
-        builder = builder.apply("host", &decode(host, "host")?, "host")?;
-    }
-    if let Some(port) = parsed.port() {
-        builder = builder.apply("port", &port.to_string(), "port")?;
+    match hosts {
+        Some((hosts, ports)) => {
+            builder = builder.apply("host", &decode(&hosts, "host")?, "host")?;
+            if let Some(ports) = ports {
+                builder = builder.apply("port", &ports, "port")?;
+            }
+        }
+        None => {
+            if let Some(host) = parsed.host_str() {
+                builder = builder.apply("host", &decode(host, "host")?, "host")?;
+            }
+            if let Some(port) = parsed.port() {
+                builder = builder.apply("port", &port.to_string(), "port")?;
+            }
+        }
     }
     let path = parsed.path().trim_start_matches('/');
     if !path.is_empty() {
@@ -286,6 +393,52 @@ fn parse_url(url: &str) -> Result<DsqlConfigBuilder, Error> {
         builder = builder.apply(key, &value, field)?;
     }
     Ok(builder)
+}
+
+/// Host list and port list (`a,b` and `5432,5433`; `None` when no entry has a port) of a URL
+/// whose authority names several hosts, and the URL with a stand-in single host.
+type UrlHosts = Option<(String, Option<String>)>;
+
+fn split_url_hosts(url: &str) -> Result<(Cow<'_, str>, UrlHosts), Error> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok((Cow::Borrowed(url), None));
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hostlist) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    if !hostlist.contains(',') {
+        return Ok((Cow::Borrowed(url), None));
+    }
+    let mut hosts = Vec::new();
+    let mut ports = Vec::new();
+    for entry in hostlist.split(',') {
+        let (host, port) = match entry.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (entry, None),
+        };
+        if host.is_empty() {
+            return Err(Error::config(
+                "host",
+                format!("`{hostlist}`: has an empty entry"),
+            ));
+        }
+        hosts.push(host);
+        ports.push(port);
+    }
+    let ports = ports.iter().any(Option::is_some).then(|| {
+        let default = DEFAULT_PORT.to_string();
+        ports
+            .iter()
+            .map(|p| p.unwrap_or(&default).to_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    let stand_in = format!("{scheme}://{userinfo}localhost{tail}");
+    Ok((Cow::Owned(stand_in), Some((hosts.join(","), ports))))
 }
 
 /// Splits a libpq `key=value` string: values may be single-quoted, with `\'` and `\\` escapes.

@@ -78,7 +78,7 @@ fn host_forms() {
     assert_eq!(config.host(), ID);
     assert_eq!(config.region(), None);
     assert_eq!(
-        config.endpoint_for("us-west-2"),
+        config.endpoints()[0].host_in("us-west-2"),
         format!("{ID}.dsql.us-west-2.on.aws")
     );
     // Another name (a VPC endpoint) with an explicit region.
@@ -363,7 +363,8 @@ fn url_errors_name_the_parameter() {
         "region"
     );
     assert_eq!(field_of(parse("postgres://")), "host");
-    assert_eq!(field_of(parse("postgres://a,b/postgres")), "host");
+    // Several hosts that are not DSQL endpoints name no Region.
+    assert_eq!(field_of(parse("postgres://a,b/postgres")), "region");
     assert_eq!(field_of(parse("mysql://x")), "connection string");
     assert_eq!(field_of(parse("   ")), "connection string");
     assert_eq!(field_of(parse(&format!("postgres://{HOST}:0"))), "port");
@@ -551,6 +552,234 @@ fn debug_shows_settings_but_not_the_credentials() {
     for secret in ["AKIDEXAMPLE", "wJalrXUtnFEMI", "FwoGZXIvYXdzE"] {
         assert!(!shown.contains(secret), "{shown}");
     }
+}
+
+const PEER: &str = "zyxwvutsrqponmlkjihgfedcba.dsql.us-east-2.on.aws";
+const PEER_ID: &str = "zyxwvutsrqponmlkjihgfedcba";
+
+/// (host, port, hostaddr, region) of each endpoint.
+fn endpoints(config: &DsqlConfig) -> Vec<(String, u16, Option<String>, Option<String>)> {
+    config
+        .endpoints()
+        .iter()
+        .map(|e| {
+            (
+                e.host().to_owned(),
+                e.port(),
+                e.hostaddr().map(|a| a.to_string()),
+                e.region().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+fn ep(
+    host: &str,
+    port: u16,
+    addr: Option<&str>,
+    region: &str,
+) -> (String, u16, Option<String>, Option<String>) {
+    (
+        host.to_owned(),
+        port,
+        addr.map(str::to_owned),
+        Some(region.to_owned()),
+    )
+}
+
+#[test]
+fn several_endpoints_in_every_form() {
+    let expected = vec![
+        ep(HOST, 5432, None, "us-east-1"),
+        ep(PEER, 5432, None, "us-east-2"),
+    ];
+    // Builder, conninfo, URL, environment: the same two endpoints, the first preferred.
+    let built = DsqlConfig::builder().host(HOST).peer(PEER).build().unwrap();
+    assert_eq!(endpoints(&built), expected);
+    assert_eq!(
+        endpoints(&parse(&format!("host={HOST},{PEER}")).unwrap()),
+        expected
+    );
+    assert_eq!(
+        endpoints(&parse(&format!("host='{HOST}, {PEER}'")).unwrap()),
+        expected
+    );
+    assert_eq!(
+        endpoints(&parse(&format!("postgres://admin@{HOST},{PEER}/postgres")).unwrap()),
+        expected
+    );
+    assert_eq!(
+        endpoints(&env(&[("CLUSTER_ENDPOINT", &format!("{HOST},{PEER}"))]).unwrap()),
+        expected
+    );
+    assert_eq!(built.host(), HOST);
+    assert_eq!(built.region(), Some("us-east-1"));
+
+    // Lists of the same length, or one value for all.
+    let config = parse(&format!(
+        "host={HOST},{PEER} hostaddr=127.0.0.1,::1 port=15432,25432"
+    ))
+    .unwrap();
+    assert_eq!(
+        endpoints(&config),
+        vec![
+            ep(HOST, 15432, Some("127.0.0.1"), "us-east-1"),
+            ep(PEER, 25432, Some("::1"), "us-east-2"),
+        ]
+    );
+    let config = parse(&format!("host={HOST},{PEER} hostaddr=10.0.0.1 port=6000")).unwrap();
+    assert_eq!(
+        endpoints(&config),
+        vec![
+            ep(HOST, 6000, Some("10.0.0.1"), "us-east-1"),
+            ep(PEER, 6000, Some("10.0.0.1"), "us-east-2"),
+        ]
+    );
+    let config = env(&[
+        ("CLUSTER_ENDPOINT", &format!("{HOST},{PEER}")),
+        ("PGHOSTADDR", "127.0.0.1,127.0.0.2"),
+        ("PGPORT", "1,2"),
+    ])
+    .unwrap();
+    assert_eq!(
+        endpoints(&config),
+        vec![
+            ep(HOST, 1, Some("127.0.0.1"), "us-east-1"),
+            ep(PEER, 2, Some("127.0.0.2"), "us-east-2"),
+        ]
+    );
+    // URL hosts with their own ports; one without takes 5432.
+    let config = parse(&format!(
+        "postgresql://app@{HOST}:6000,{PEER}/postgres?sslnegotiation=postgres"
+    ))
+    .unwrap();
+    assert_eq!(
+        endpoints(&config),
+        vec![
+            ep(HOST, 6000, None, "us-east-1"),
+            ep(PEER, 5432, None, "us-east-2")
+        ]
+    );
+    assert_eq!(config.user(), "app");
+    assert_eq!(config.ssl_negotiation(), SslNegotiation::Postgres);
+
+    // Bare cluster ids with a Region each; the builder's peer with its own settings.
+    let config = parse(&format!("host={ID},{PEER_ID} region=us-east-1,us-east-2")).unwrap();
+    assert_eq!(endpoints(&config), expected);
+    let config = DsqlConfig::builder()
+        .host(ID)
+        .region("us-east-1")
+        .port(7000)
+        .peer(
+            Peer::new(PEER_ID)
+                .region("us-east-2")
+                .hostaddr("127.0.0.1".parse().unwrap()),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(
+        endpoints(&config),
+        vec![
+            ep(HOST, 7000, None, "us-east-1"),
+            ep(PEER, 7000, Some("127.0.0.1"), "us-east-2")
+        ]
+    );
+    // The round trip keeps both.
+    let again = config.clone().into_builder().build().unwrap();
+    assert_eq!(endpoints(&again), endpoints(&config));
+}
+
+#[test]
+fn several_endpoints_errors_name_the_field() {
+    // Lists of another length than the hosts'.
+    assert_eq!(
+        field_of(parse(&format!("host={HOST},{PEER} port=1,2,3"))),
+        "port"
+    );
+    assert_eq!(
+        field_of(parse(&format!("host={HOST} hostaddr=127.0.0.1,127.0.0.2"))),
+        "hostaddr"
+    );
+    assert_eq!(
+        field_of(env(&[
+            ("CLUSTER_ENDPOINT", &format!("{HOST},{PEER}")),
+            ("PGPORT", "1,2,3"),
+        ])),
+        "PGPORT"
+    );
+    // Empty entries.
+    assert_eq!(field_of(parse(&format!("host={HOST},"))), "host");
+    assert_eq!(
+        field_of(env(&[("CLUSTER_ENDPOINT", &format!(",{HOST}"))])),
+        "CLUSTER_ENDPOINT"
+    );
+    assert_eq!(
+        field_of(parse(&format!("postgres://{HOST},/postgres"))),
+        "host"
+    );
+    // Duplicates, also spelled differently.
+    let err = parse(&format!("host={HOST},{}", HOST.to_uppercase())).unwrap_err();
+    assert!(err.to_string().contains("listed twice"), "{err}");
+    assert_eq!(
+        field_of(
+            DsqlConfig::builder()
+                .host(ID)
+                .region("us-east-1")
+                .peer(HOST)
+                .build()
+        ),
+        "host"
+    );
+    // A bare cluster id among several needs its own Region (the environment's is one Region).
+    let err = env(&[
+        ("CLUSTER_ENDPOINT", &format!("{HOST},{PEER_ID}")),
+        ("AWS_REGION", "us-east-2"),
+    ])
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config { field, .. } if field == "region"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(PEER_ID), "{err}");
+    // One Region for all that does not match a host's.
+    assert_eq!(
+        field_of(parse(&format!("host={HOST},{PEER} region=us-east-1"))),
+        "region"
+    );
+    // A bad peer host or port.
+    assert_eq!(
+        field_of(DsqlConfig::builder().host(HOST).peer("bad host").build()),
+        "host"
+    );
+    assert_eq!(
+        field_of(
+            DsqlConfig::builder()
+                .host(HOST)
+                .peer(Peer::new(PEER).port(0))
+                .build()
+        ),
+        "port"
+    );
+    // PrivateLink names one cluster.
+    assert_eq!(
+        field_of(
+            DsqlConfig::builder()
+                .host(HOST)
+                .peer(PEER)
+                .amzn_cluster_id(ID)
+                .build()
+        ),
+        "amzn_cluster_id"
+    );
+    assert_eq!(
+        field_of(
+            DsqlConfig::builder()
+                .host(HOST)
+                .failback_probe_interval(Duration::ZERO)
+                .build()
+        ),
+        "failback_probe_interval"
+    );
 }
 
 proptest::proptest! {

@@ -10,7 +10,32 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use crate::Error;
 use crate::tls::ALPN_POSTGRESQL;
 
-/// A fresh CA and a server certificate for one DNS name, as PEM and as a rustls server config.
+/// A certificate authority: one per emulator, or one shared by a peered pair (as one Amazon
+/// root serves both endpoints of a multi-Region cluster).
+pub(crate) struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    cert: rcgen::Certificate,
+}
+
+impl Authority {
+    pub(crate) fn generate() -> Result<Arc<Authority>, Error> {
+        let ca_key = KeyPair::generate().map_err(failed("CA key"))?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(failed("CA"))?;
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tokio-postgres-dsql emulator CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = ca_params.self_signed(&ca_key).map_err(failed("CA"))?;
+        Ok(Arc::new(Authority {
+            issuer: Issuer::new(ca_params, ca_key),
+            cert,
+        }))
+    }
+}
+
+/// A server certificate for one DNS name from a CA, with the CA as PEM and a rustls server
+/// config.
 pub(crate) struct Certificates {
     pub(crate) ca_pem: String,
     pub(crate) server_config: Arc<ServerConfig>,
@@ -24,16 +49,9 @@ fn failed(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
 }
 
 impl Certificates {
-    pub(crate) fn generate(endpoint: &str) -> Result<Certificates, Error> {
-        let ca_key = KeyPair::generate().map_err(failed("CA key"))?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(failed("CA"))?;
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "tokio-postgres-dsql emulator CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).map_err(failed("CA"))?;
-        let issuer = Issuer::new(ca_params, ca_key);
+    pub(crate) fn generate(endpoint: &str, authority: &Authority) -> Result<Certificates, Error> {
+        let issuer = &authority.issuer;
+        let ca_cert = &authority.cert;
 
         let server_key = KeyPair::generate().map_err(failed("server key"))?;
         let mut server_params = CertificateParams::new(vec![endpoint.to_owned()])
@@ -42,7 +60,7 @@ impl Certificates {
             .distinguished_name
             .push(DnType::CommonName, endpoint);
         let server_cert = server_params
-            .signed_by(&server_key, &issuer)
+            .signed_by(&server_key, issuer)
             .map_err(failed("server certificate"))?;
 
         let provider = crate::tls::crypto_provider().ok_or_else(|| Error::Emulator {

@@ -283,6 +283,8 @@ pub struct DsqlEmulatorBuilder {
     port: u16,
     connection_rate: Option<(f64, u32)>,
     max_open_connections: Option<usize>,
+    /// The CA to sign the endpoint's certificate with (a pair shares one).
+    authority: Option<Arc<certs::Authority>>,
 }
 
 impl std::fmt::Debug for DsqlEmulatorBuilder {
@@ -412,7 +414,11 @@ impl DsqlEmulatorBuilder {
         };
 
         let work_dir = WorkDir::create()?;
-        let certs = certs::Certificates::generate(&endpoint)?;
+        let authority = match self.authority {
+            Some(authority) => authority,
+            None => certs::Authority::generate()?,
+        };
+        let certs = certs::Certificates::generate(&endpoint, &authority)?;
         let ca_path = work_dir.path.join("ca.pem");
         std::fs::write(&ca_path, &certs.ca_pem).map_err(|e| Error::Emulator {
             reason: format!("cannot write {}", ca_path.display()),
@@ -537,6 +543,7 @@ impl DsqlEmulatorBuilder {
         Ok(DsqlEmulator {
             address,
             ca_pem: certs.ca_pem,
+            authority,
             ca_path,
             time_source,
             shared,
@@ -551,6 +558,7 @@ impl DsqlEmulatorBuilder {
 pub struct DsqlEmulator {
     address: SocketAddr,
     ca_pem: String,
+    authority: Arc<certs::Authority>,
     ca_path: PathBuf,
     time_source: Option<SharedTimeSource>,
     shared: Arc<Shared>,
@@ -591,9 +599,10 @@ impl DsqlEmulator {
 
     /// Starts the two peered endpoints of a multi-Region cluster over one PostgreSQL, as DSQL's
     /// are over one strongly consistent database: a write through one is read through the other
-    /// at once. Each has its own cluster id, Region (`us-east-1`, `us-east-2`), certificate
-    /// (from its own CA), and verifies tokens for its own host and Region; both accept the same
-    /// credentials. Faults are per endpoint ([`set_down`](Self::set_down),
+    /// at once. Each has its own cluster id, Region (`us-east-1`, `us-east-2`) and certificate
+    /// (both from one CA, so either's [`ca_cert_path`](Self::ca_cert_path) serves both), and
+    /// verifies tokens for its own host and Region; both accept the same credentials.
+    /// [`config_with_peer`](Self::config_with_peer) configures a client for both. Faults are per endpoint ([`set_down`](Self::set_down),
     /// [`set_black_hole`](Self::set_black_hole), ...). The second relays to the first's
     /// PostgreSQL: keep the first alive as long as the second.
     pub async fn start_pair() -> Result<(DsqlEmulator, DsqlEmulator), Error> {
@@ -601,13 +610,27 @@ impl DsqlEmulator {
             .endpoint(format!("{}.dsql.us-east-1.on.aws", random_cluster_id()))
             .start()
             .await?;
-        let second = Self::builder()
+        let mut second = Self::builder()
             .endpoint(format!("{}.dsql.us-east-2.on.aws", random_cluster_id()))
             .upstream_url(first.upstream_url("admin"))
-            .credentials(first.credentials().clone())
-            .start()
-            .await?;
+            .credentials(first.credentials().clone());
+        second.authority = Some(first.authority.clone());
+        let second = second.start().await?;
         Ok((first, second))
+    }
+
+    /// A configuration builder preset to reach this endpoint (preferred) and `peer` as one
+    /// multi-Region cluster, as `user`: both endpoints with `hostaddr` 127.0.0.1 and their
+    /// ports, the pair's CA, the accepted credentials. For a pair from
+    /// [`start_pair`](Self::start_pair) (the two share one CA, as one Amazon root serves both
+    /// endpoints of a real cluster). Add settings, then `build()`.
+    pub fn config_with_peer(&self, peer: &DsqlEmulator, user: &str) -> DsqlConfigBuilder {
+        self.config_for(user).peer(
+            crate::config::Peer::new(peer.endpoint())
+                .region(peer.region())
+                .hostaddr(Ipv4Addr::LOCALHOST.into())
+                .port(peer.port()),
+        )
     }
 
     /// The endpoint name: what clients use as host, SNI and token host.

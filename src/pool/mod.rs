@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use tracing::Instrument;
 
-use crate::connector::Retry;
+use crate::connector::{Retry, Target};
 use crate::session::{SessionWatch, TransactionStatus};
 use crate::{DsqlConnector, Error};
 
@@ -58,11 +58,17 @@ pub struct DsqlConnection {
     discarded: bool,
     session: Arc<SessionWatch>,
     member: PoolMember,
+    /// The endpoint it is connected to.
+    target: Arc<Target>,
+    /// After a failback, how long an endpoint preferred to this connection's must have been up
+    /// before the connection is replaced at checkout (its share of the spread).
+    failback_after: Duration,
 }
 
 impl std::fmt::Debug for DsqlConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DsqlConnection")
+            .field("endpoint", &self.target.described)
             .field("age", &self.opened_at.elapsed())
             .field(
                 "recycle_in",
@@ -85,9 +91,25 @@ impl DsqlConnection {
         self.recycle_at
     }
 
+    /// The endpoint host it is connected to (with several endpoints, the one that served it).
+    pub fn endpoint(&self) -> &str {
+        &self.target.endpoint
+    }
+
+    /// The Region of its endpoint.
+    pub fn region(&self) -> &str {
+        &self.target.region
+    }
+
     /// The client (also reachable through `Deref`).
     pub fn client(&self) -> &tokio_postgres::Client {
         &self.client
+    }
+
+    /// Marks it to be dropped, not reused, when it goes back to the pool (a transaction
+    /// helper gave up on it mid-way).
+    pub(crate) fn discard(&mut self) {
+        self.checking = true;
     }
 
     /// Takes the client out of the pool's wrapper.
@@ -130,6 +152,12 @@ impl DerefMut for DsqlConnection {
 ///   configuration's `search_path`) or with `SET LOCAL`. A connection idle for longer than
 ///   [`ping_after_idle`](Self::ping_after_idle) is pinged. Each of these checks is bounded by
 ///   [`ping_timeout`](Self::ping_timeout); a connection that fails or times out is dropped.
+/// - With several endpoints ([`DsqlConnector`]'s "Several endpoints"), `is_valid` also
+///   refuses, without I/O, a connection whose endpoint is marked down (new connections open
+///   on the next endpoint), and after a failback one on a less preferred endpoint once the
+///   preferred one has been up for the connection's own share of a
+///   [`failback_probe_interval`](crate::DsqlConfigBuilder::failback_probe_interval), so pools
+///   move back gradually instead of reconnecting all at once.
 /// - `has_broken` (on return) records the time of last use and catches closed and expired
 ///   connections, and one whose check was cut short (bb8 dropped the checkout mid-ping): it is
 ///   dropped, never queued again.
@@ -303,7 +331,7 @@ impl bb8::ManageConnection for DsqlConnectionManager {
             None
         };
         if let Some(label) = broken {
-            crate::telemetry::connection_closed(self.connector.endpoint(), label);
+            crate::telemetry::connection_closed(&conn.target.endpoint, label);
         }
         broken.is_some()
     }
@@ -315,16 +343,19 @@ impl DsqlConnectionManager {
     pub(crate) async fn open(&self) -> Result<DsqlConnection, Error> {
         let opened_at = Instant::now();
         let deadline = opened_at + self.connector.config().connect_deadline();
-        let (client, session) = self
+        let connected = self
             .connector
             .connect_within(deadline, Retry::Transient)
             .await
             .inspect_err(|error| {
                 tracing::warn!(%error, "the pool could not open a DSQL connection");
             })?;
+        let spread = self.connector.config().failback_probe_interval();
         Ok(DsqlConnection {
-            client,
-            session,
+            client: connected.client,
+            session: connected.session,
+            target: connected.target,
+            failback_after: spread.mul_f64(fastrand::f64()),
             opened_at,
             recycle_at: self.deadline_for(opened_at),
             last_used: Instant::now(),
@@ -353,7 +384,7 @@ impl DsqlConnectionManager {
             Err((label, reason)) => {
                 // bb8 still passes it to `has_broken`, which must not count it again.
                 conn.discarded = true;
-                crate::telemetry::connection_closed(self.connector.endpoint(), label);
+                crate::telemetry::connection_closed(&conn.target.endpoint, label);
                 tracing::debug!(reason, "a pooled DSQL connection was discarded at checkout");
                 Err(Error::Unusable { reason })
             }
@@ -372,6 +403,19 @@ impl DsqlConnectionManager {
         }
         if conn.client.is_closed() {
             return Err(("closed", "the connection is closed"));
+        }
+        if let Some(label) = self
+            .connector
+            .should_leave(&conn.target, conn.failback_after)
+        {
+            return Err((
+                label,
+                if label == "failback" {
+                    "an endpoint preferred to this connection's is up again (failback)"
+                } else {
+                    "the connection's endpoint is marked down"
+                },
+            ));
         }
         if now >= conn.recycle_at {
             return Err((
