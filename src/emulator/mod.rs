@@ -150,6 +150,8 @@ pub(crate) enum Network {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EmulatorStats {
+    /// TCP connections accepted, whatever became of them (also while black-holed).
+    pub connections: u64,
     /// Sessions authenticated and relayed.
     pub accepted: u64,
     /// Refusals by reason.
@@ -527,6 +529,7 @@ impl DsqlEmulatorBuilder {
                     tokio::select! {
                         accepted = current.accept() => match accepted {
                             Ok((socket, _)) => {
+                                shared.count(|stats| stats.connections += 1);
                                 tokio::spawn(session::serve(socket, shared.clone()));
                             }
                             Err(error) => {

@@ -370,6 +370,7 @@ where
             }
             pass_black_hole(&mut network).await;
             upstream_write.write_all(&buf[..n]).await?;
+            upstream_write.flush().await?;
         }
     };
     let to_client = async {
@@ -382,6 +383,10 @@ where
             }
             pass_black_hole(&mut network).await;
             client_write.write_all(&buf[..n]).await?;
+            // A TLS stream may keep the last records of a write in its buffer when the socket
+            // was full (it reports the bytes written): without a flush they wait for the next
+            // write, which may never come (a large result followed by silence).
+            client_write.flush().await?;
         }
     };
     let outcome = tokio::select! {

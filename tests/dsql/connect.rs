@@ -223,3 +223,37 @@ async fn the_maximum_connection_age_closes_a_plain_client() {
     assert!(err.is_closed() || client.is_closed(), "{err}");
     assert_eq!(short_lived.stats().closed_at_max_age, 1);
 }
+
+/// A large result read slowly arrives whole: the emulator's relay must flush its TLS stream,
+/// or the last records of a write made while the socket was full wait for a write that never
+/// comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_read_slowly_arrives_whole() {
+    use futures_util::TryStreamExt;
+    let connector = connector("admin", |b| b).await;
+    let client = connector.connect().await.unwrap();
+    for _ in 0..3 {
+        let rows = client
+            .query_raw(
+                "SELECT i, repeat('x', 1000) FROM generate_series(1, 4000) AS i",
+                std::iter::empty::<i32>(),
+            )
+            .await
+            .unwrap();
+        let mut rows = std::pin::pin!(rows);
+        let read = async {
+            let mut n = 0;
+            while let Some(_row) = rows.try_next().await.unwrap() {
+                n += 1;
+                if n % 400 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            n
+        };
+        let n = tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("the whole result arrives");
+        assert_eq!(n, 4000);
+    }
+}
