@@ -222,7 +222,7 @@ async fn a_silent_preferred_endpoint_costs_one_timeout_then_is_skipped() {
     assert_eq!(east1.stats().connections, 1);
     assert_eq!(east2.stats().accepted, 6);
     // Access denied on the peer does not mark it down: it would fail the same way anywhere.
-    east2.revoke_access(&east2.credentials().access_key_id().to_owned(), true);
+    east2.revoke_access(east2.credentials().access_key_id(), true);
     let err = connector.connect().await.unwrap_err();
     assert!(matches!(err, Error::AccessDenied { .. }), "{err:?}");
     assert!(connector.endpoint_health()[1].up);
@@ -396,21 +396,22 @@ async fn under_load_the_pool_fails_over_and_back_and_loses_nothing() {
         // none started later commits on the peer.
         let back = tokio::time::timeout(Duration::from_secs(15), async {
             loop {
-                let outcomes = outcomes.lock().unwrap();
-                let last_on_peer = outcomes
-                    .iter()
-                    .filter(|o| o.result.as_deref() == Ok(east2.endpoint()))
-                    .map(|o| o.started)
-                    .max()
-                    .unwrap_or_default();
-                let on_preferred = outcomes
-                    .iter()
-                    .filter(|o| {
-                        o.started > last_on_peer.max(recovered_at)
-                            && o.result.as_deref() == Ok(east1.endpoint())
-                    })
-                    .count();
-                drop(outcomes);
+                let on_preferred = {
+                    let outcomes = outcomes.lock().unwrap();
+                    let last_on_peer = outcomes
+                        .iter()
+                        .filter(|o| o.result.as_deref() == Ok(east2.endpoint()))
+                        .map(|o| o.started)
+                        .max()
+                        .unwrap_or_default();
+                    outcomes
+                        .iter()
+                        .filter(|o| {
+                            o.started > last_on_peer.max(recovered_at)
+                                && o.result.as_deref() == Ok(east1.endpoint())
+                        })
+                        .count()
+                };
                 if on_preferred >= 40 {
                     return t0.elapsed();
                 }
