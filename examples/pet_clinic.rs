@@ -2,13 +2,19 @@
 //!
 //! ```sh
 //! cargo run --example pet_clinic                      # on the embedded DSQL emulator
+//! cargo run --example pet_clinic -- --pair            # on an emulated multi-Region pair
 //! CLUSTER_ENDPOINT=<id>.dsql.<region>.on.aws cargo run --example pet_clinic   # on DSQL
+//! CLUSTER_ENDPOINT=<id1>.dsql.us-east-1.on.aws,<id2>.dsql.us-east-2.on.aws \
+//!     cargo run --example pet_clinic                  # on a multi-Region cluster
 //! ```
 //!
 //! With `CLUSTER_ENDPOINT` set it connects with `DsqlConfig::from_env()` (`CLUSTER_USER`, default
-//! `admin`, credentials from the usual AWS places); otherwise it starts the local emulator. As
-//! `admin` it works in `public`; any other role works in `myschema`, which an admin creates
-//! and grants (see the README).
+//! `admin`, credentials from the usual AWS places); a comma-separated list names the endpoints
+//! of a multi-Region cluster, the first preferred. Otherwise it starts the local emulator; with
+//! `--pair` (or `DSQL_EMULATOR_PAIR=1`) a peered pair of emulated endpoints in two Regions over
+//! one database, and after the clinic it takes the preferred endpoint down to show the pool
+//! failing over to the peer. As `admin` it works in `public`; any other role works in
+//! `myschema`, which an admin creates and grants (see the README).
 //!
 //! The shape is the sample's: UUID keys made by the client, relations without foreign-key
 //! constraints, DDL as plain SQL with one statement per transaction (DSQL's rule), and every
@@ -389,9 +395,27 @@ async fn run_retry_demo(pool: &Pool, summary: &mut Vec<String>) -> Result<(), Bo
 }
 
 async fn main_inner(summary: &mut Vec<String>) -> Result<(), BoxError> {
-    // Where to run: a real cluster from the environment, or the embedded emulator.
-    let (config, _emulator) = if std::env::var_os("CLUSTER_ENDPOINT").is_some() {
-        (DsqlConfig::from_env()?, None)
+    // Where to run: a real cluster from the environment, or the embedded emulator (one
+    // endpoint, or a multi-Region pair).
+    let pair = std::env::args().any(|a| a == "--pair")
+        || std::env::var("DSQL_EMULATOR_PAIR").is_ok_and(|v| v == "1");
+    let (config, emulators) = if std::env::var_os("CLUSTER_ENDPOINT").is_some() {
+        (DsqlConfig::from_env()?, Vec::new())
+    } else if pair {
+        let (first, second) = DsqlEmulator::start_pair().await?;
+        println!(
+            "CLUSTER_ENDPOINT is not set: running on an emulated multi-Region pair: {} ({}, \
+             preferred) and {} ({})",
+            first.endpoint(),
+            first.region(),
+            second.endpoint(),
+            second.region()
+        );
+        let config = first
+            .config_with_peer(&second, "admin")
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build()?;
+        (config, vec![first, second])
     } else {
         let emulator = DsqlEmulator::start().await?;
         println!(
@@ -399,7 +423,7 @@ async fn main_inner(summary: &mut Vec<String>) -> Result<(), BoxError> {
             emulator.address(),
             emulator.endpoint()
         );
-        (emulator.config_for("admin").build()?, Some(emulator))
+        (emulator.config_for("admin").build()?, vec![emulator])
     };
     // As admin, the public schema; any other role, the sample's `myschema`.
     let config = if config.user() == "admin" {
@@ -407,9 +431,14 @@ async fn main_inner(summary: &mut Vec<String>) -> Result<(), BoxError> {
     } else {
         config.into_builder().search_path("myschema").build()?
     };
+    let endpoints: Vec<String> = config
+        .endpoints()
+        .iter()
+        .map(|e| e.host().to_owned())
+        .collect();
     summary.push(format!(
         "connected to {} as {}",
-        config.host(),
+        endpoints.join(" (preferred), then "),
         config.user()
     ));
 
@@ -423,6 +452,40 @@ async fn main_inner(summary: &mut Vec<String>) -> Result<(), BoxError> {
     summary.push("created tables owner, pet, specialty, vet, vet_specialties".into());
     run_clinic(&pool, summary).await?;
     run_retry_demo(&pool, summary).await?;
+    if let [preferred, _peer] = emulators.as_slice() {
+        run_failover_demo(&pool, preferred, summary).await?;
+    }
+    Ok(())
+}
+
+/// On the emulated pair: the preferred endpoint goes down (a Region outage) and the pool
+/// carries on through the peer, which sees the same rows; then it comes back.
+async fn run_failover_demo(
+    pool: &Pool,
+    preferred: &DsqlEmulator,
+    summary: &mut Vec<String>,
+) -> Result<(), BoxError> {
+    preferred.set_down(true);
+    let conn = pool.get().await?;
+    let owners: i64 = conn
+        .query_one("SELECT count(*) FROM owner", &[])
+        .await?
+        .get(0);
+    if conn.endpoint() == preferred.endpoint() || owners != 2 {
+        return Err(format!(
+            "failover: expected the peer and 2 owners, got {} and {owners}",
+            conn.endpoint()
+        )
+        .into());
+    }
+    summary.push(format!(
+        "failover: with {} down, the pool served from {} ({}), which sees the same {owners} owners",
+        preferred.endpoint(),
+        conn.endpoint(),
+        conn.region()
+    ));
+    drop(conn);
+    preferred.set_down(false);
     Ok(())
 }
 

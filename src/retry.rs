@@ -938,7 +938,7 @@ async fn commit_checked(client: &Client) -> Result<(), CommitFailure> {
     }
 }
 
-/// A transaction inside [`DsqlPool::retry_transaction`]'s body: like [`Tx`], it derefs to the
+/// A transaction inside [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction)'s body: like [`Tx`], it derefs to the
 /// [`Client`], and the helper sends `BEGIN`, `COMMIT` and `ROLLBACK`. It owns (a share of) the
 /// pooled connection, so the body's future borrows nothing and is `Send` and `'static`
 /// whenever what it captures is. Cloning it is cheap; the connection goes back to the pool

@@ -109,3 +109,30 @@ async fn pet_clinic_as_admin_and_as_a_custom_role() {
         .unwrap();
     assert_rows("myschema").await;
 }
+
+#[test]
+fn pet_clinic_runs_on_an_emulated_multi_region_pair_and_fails_over() {
+    let output = Command::new(example_binary("pet_clinic"))
+        .env_clear()
+        .env("DSQL_EMULATOR_PAIR", "1")
+        .envs(
+            ["PATH", "PG_BIN"]
+                .into_iter()
+                .filter_map(|name| Some((name, std::env::var_os(name)?))),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pet_clinic on a pair failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("emulated multi-Region pair"), "{stdout}");
+    assert!(stdout.contains("(preferred), then"), "{stdout}");
+    assert!(
+        stdout.contains("(us-east-2), which sees the same 2 owners"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pet clinic: all checks passed"), "{stdout}");
+}
