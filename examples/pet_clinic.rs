@@ -27,7 +27,7 @@ use time::{Date, Month};
 use tokio_postgres::{Row, Transaction};
 use tokio_postgres_dsql::emulator::DsqlEmulator;
 use tokio_postgres_dsql::{
-    DsqlConfig, DsqlConnectionManager, DsqlConnector, RetryPolicy, transaction_with_retry,
+    DsqlConfig, DsqlConnectionManager, DsqlConnector, DsqlPool, RetryPolicy, transaction_with_retry,
 };
 use uuid::Uuid;
 
@@ -443,48 +443,54 @@ async fn main_inner(summary: &mut Vec<String>) -> Result<(), BoxError> {
     ));
 
     let connector = DsqlConnector::new(config).await?;
-    let pool = connector
-        .pool_builder()
-        .max_size(4)
-        .build(DsqlConnectionManager::new(connector.clone()))
-        .await?;
+    let pool = connector.pool_with(|builder| builder.max_size(4)).await?;
     create_schema(&pool).await?;
     summary.push("created tables owner, pet, specialty, vet, vet_specialties".into());
     run_clinic(&pool, summary).await?;
     run_retry_demo(&pool, summary).await?;
     if let [preferred, _peer] = emulators.as_slice() {
-        run_failover_demo(&pool, preferred, summary).await?;
+        run_failover_demo(&pool, &connector, preferred, summary).await?;
     }
     Ok(())
 }
 
 /// On the emulated pair: the preferred endpoint goes down (a Region outage) and the pool
-/// carries on through the peer, which sees the same rows; then it comes back.
+/// carries on through the peer, which sees the same rows; then it comes back. The pooled
+/// connections were cut with the endpoint: the first attempt may meet one before the pool knows,
+/// and `DsqlPool::retry_transaction` runs it again on a fresh connection (nothing had been
+/// committed).
 async fn run_failover_demo(
-    pool: &Pool,
+    pool: &DsqlPool,
+    connector: &DsqlConnector,
     preferred: &DsqlEmulator,
     summary: &mut Vec<String>,
 ) -> Result<(), BoxError> {
     preferred.set_down(true);
-    let conn = pool.get().await?;
-    let owners: i64 = conn
-        .query_one("SELECT count(*) FROM owner", &[])
-        .await?
-        .get(0);
-    if conn.endpoint() == preferred.endpoint() || owners != 2 {
+    let (owners, endpoint, region) = pool
+        .retry_transaction(&RetryPolicy::default(), |tx| async move {
+            let owners: i64 = tx
+                .query_one("SELECT count(*) FROM owner", &[])
+                .await?
+                .get(0);
+            Ok::<_, tokio_postgres_dsql::Error>((
+                owners,
+                tx.endpoint().to_owned(),
+                tx.region().to_owned(),
+            ))
+        })
+        .await?;
+    if endpoint == preferred.endpoint() || owners != 2 {
         return Err(format!(
-            "failover: expected the peer and 2 owners, got {} and {owners}",
-            conn.endpoint()
+            "failover: expected the peer and 2 owners, got {endpoint} and {owners}"
         )
         .into());
     }
     summary.push(format!(
-        "failover: with {} down, the pool served from {} ({}), which sees the same {owners} owners",
+        "failover: with {} down, the pool served from {endpoint} ({region}), which sees the same \
+         {owners} owners; new connections go to {}",
         preferred.endpoint(),
-        conn.endpoint(),
-        conn.region()
+        connector.serving_endpoint()
     ));
-    drop(conn);
     preferred.set_down(false);
     Ok(())
 }

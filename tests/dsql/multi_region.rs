@@ -476,3 +476,32 @@ async fn under_load_the_pool_fails_over_and_back_and_loses_nothing() {
     }
     assert!(committed > 100, "{committed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_still_waking_up_at_the_deadline_is_marked_down() {
+    let (east1, east2) = DsqlEmulator::start_pair().await.unwrap();
+    let connector = over_pair((&east1, &east2), |b| {
+        b.connect_deadline(Duration::from_secs(1))
+            .failback_probe_interval(Duration::from_secs(3600))
+    })
+    .await;
+    east1.wake_up_after(Duration::from_secs(60));
+    // Waking up is retried on the same endpoint until the deadline: not a network failure.
+    let err = connector.connect().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unavailable {
+                reason: tokio_postgres_dsql::UnavailableReason::WakingUp,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(east2.stats().connections, 0);
+    // Still waking after the whole deadline: down, and the next connect goes to the peer.
+    assert!(!connector.endpoint_health()[0].up);
+    let client = connector.connect().await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(east2.stats().accepted, 1);
+}
