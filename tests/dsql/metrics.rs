@@ -308,3 +308,50 @@ async fn every_metric_moves_with_its_event() {
     ));
     assert!(counter("dsql_transaction_outcome_unknown_total", &[]) > unknown);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_and_failback_are_counted_per_endpoint() {
+    recorded();
+    let (east1, east2) = tokio_postgres_dsql::emulator::DsqlEmulator::start_pair()
+        .await
+        .unwrap();
+    let config = east1
+        .config_with_peer(&east2, "admin")
+        .connect_timeout(Duration::from_millis(500))
+        .failback_probe_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let connector = DsqlConnector::new(config).await.unwrap();
+    let preferred = [("endpoint", east1.endpoint())];
+    let peer = [("endpoint", east2.endpoint())];
+    connector.connect().await.unwrap();
+    assert_eq!(counter("dsql_endpoint_failovers_total", &preferred), 0);
+    assert_eq!(gauge("dsql_endpoint_up", &preferred), None);
+
+    east1.set_down(true);
+    connector.connect().await.unwrap();
+    assert_eq!(counter("dsql_endpoint_failovers_total", &preferred), 1);
+    assert_eq!(gauge("dsql_endpoint_up", &preferred), Some(0.0));
+    assert_eq!(counter("dsql_connections_opened_total", &peer), 1);
+    assert_eq!(
+        counter(
+            "dsql_connect_errors_total",
+            &[("endpoint", east1.endpoint()), ("reason", "io")]
+        ),
+        0,
+        "the connect succeeded on the peer: no error to count"
+    );
+
+    east1.set_down(false);
+    // The probe brings the endpoint back; the gauge is set just after the state flips.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while gauge("dsql_endpoint_up", &preferred) != Some(1.0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the endpoint is counted up again");
+    assert!(connector.endpoint_health()[0].up);
+    assert_eq!(counter("dsql_endpoint_failbacks_total", &preferred), 1);
+    assert_eq!(counter("dsql_endpoint_failovers_total", &peer), 0);
+}
