@@ -619,24 +619,39 @@ impl<'p> Attempts<'p> {
         tracing::debug_span!("dsql.transaction", attempt = self.attempt)
     }
 
-    /// After a connection lost (or an attempt timed out) before `COMMIT`: the delay before the
-    /// next attempt, on another connection, or `None` when the attempts or the deadline are
-    /// spent.
-    fn after_lost_connection(&mut self, endpoint: &str, why: &'static str) -> Option<Duration> {
+    /// The delay before another attempt, or `Err(out_of_time)` when the attempts or the
+    /// deadline are spent.
+    fn next_delay(&self) -> Result<Duration, bool> {
         let delay = self.policy.delay_after(self.attempt);
         let out_of_time = self
             .policy
             .deadline
             .is_some_and(|deadline| self.started.elapsed() + delay >= deadline);
         if self.attempt >= self.policy.max_attempts.max(1) || out_of_time {
-            tracing::warn!(
-                attempts = self.attempt,
-                endpoint,
-                why,
-                "transaction gave up after losing its connection before COMMIT"
-            );
-            return None;
+            Err(out_of_time)
+        } else {
+            Ok(delay)
         }
+    }
+
+    /// After a connection lost (or an attempt timed out) before `COMMIT`: the delay before the
+    /// next attempt, on another connection, or `None` when the attempts or the deadline are
+    /// spent.
+    fn after_lost_connection(&mut self, endpoint: &str, why: &'static str) -> Option<Duration> {
+        let delay = match self.next_delay() {
+            Ok(delay) => delay,
+            Err(out_of_time) => {
+                crate::telemetry::transaction_retries_exhausted();
+                tracing::warn!(
+                    attempts = self.attempt,
+                    endpoint,
+                    why,
+                    out_of_time,
+                    "transaction gave up after losing its connection before COMMIT"
+                );
+                return None;
+            }
+        };
         tracing::info!(
             attempt = self.attempt,
             endpoint,
@@ -653,21 +668,19 @@ impl<'p> Attempts<'p> {
     /// deadline are spent.
     fn after_conflict(&mut self, conflict: OccConflict) -> Option<Duration> {
         crate::telemetry::transaction_conflict(conflict.code());
-        let delay = self.policy.delay_after(self.attempt);
-        let out_of_time = self
-            .policy
-            .deadline
-            .is_some_and(|deadline| self.started.elapsed() + delay >= deadline);
-        if self.attempt >= self.policy.max_attempts.max(1) || out_of_time {
-            crate::telemetry::transaction_retries_exhausted();
-            tracing::warn!(
-                attempts = self.attempt,
-                code = conflict.code(),
-                out_of_time,
-                "transaction gave up on optimistic-concurrency conflicts"
-            );
-            return None;
-        }
+        let delay = match self.next_delay() {
+            Ok(delay) => delay,
+            Err(out_of_time) => {
+                crate::telemetry::transaction_retries_exhausted();
+                tracing::warn!(
+                    attempts = self.attempt,
+                    code = conflict.code(),
+                    out_of_time,
+                    "transaction gave up on optimistic-concurrency conflicts"
+                );
+                return None;
+            }
+        };
         tracing::debug!(
             attempt = self.attempt,
             code = conflict.code(),
