@@ -281,6 +281,8 @@ impl DsqlConnector {
         let mut resigned = false;
         // Endpoints that failed at the network during this connect.
         let mut failed_here = vec![false; self.inner.targets.len()];
+        // The last transient refusal, retried after a backoff.
+        let mut last_refusal: Option<Error> = None;
         loop {
             let target = self.pick(&failed_here).clone();
             *last = target.clone();
@@ -295,10 +297,15 @@ impl DsqlConnector {
                         target,
                     });
                 }
-                Err(source) => match source {
-                    AttemptError::Refused(source) => self.connect_error(&target, source, *attempts),
-                    AttemptError::TimedOut(error) => error,
-                },
+                Err(AttemptError::Refused(source)) => {
+                    self.connect_error(&target, source, *attempts)
+                }
+                Err(AttemptError::TimedOut(error)) => error,
+                // The deadline, not the endpoint, cut the attempt short: no sign the endpoint
+                // is down, and the refusal that led here says more than the timeout.
+                Err(AttemptError::DeadlinePassed(error)) => {
+                    return Err(last_refusal.unwrap_or(error));
+                }
             };
             let retry_after_backoff = match &error {
                 Error::AccessDenied { reason, .. } => {
@@ -354,6 +361,7 @@ impl DsqlConnector {
                 delay_ms = delay.as_millis() as u64,
                 "could not connect to DSQL; retrying after a backoff"
             );
+            last_refusal = matches!(error, Error::Unavailable { .. }).then_some(error);
             tokio::time::sleep(delay).await;
         }
     }
@@ -383,14 +391,17 @@ impl DsqlConnector {
                 Ok((client, watch))
             }
             Ok(Err(source)) => Err(AttemptError::Refused(source)),
+            Err(_) if bound < settings.timeout => {
+                Err(AttemptError::DeadlinePassed(Error::ConnectTimeout {
+                    endpoint: target.described.clone(),
+                    timeout: bound,
+                    during: "the connect deadline (connect_deadline) ran out during an attempt",
+                }))
+            }
             Err(_) => Err(AttemptError::TimedOut(Error::ConnectTimeout {
                 endpoint: target.described.clone(),
                 timeout: bound,
-                during: if bound < settings.timeout {
-                    "the connect deadline (connect_deadline) ran out during an attempt"
-                } else {
-                    "one attempt: TCP, TLS, startup and authentication (connect_timeout)"
-                },
+                during: "one attempt: TCP, TLS, startup and authentication (connect_timeout)",
             })),
         }
     }
@@ -488,7 +499,8 @@ impl DsqlConnector {
                                 AttemptError::Refused(source) => {
                                     connector.connect_error(&target, source, 1)
                                 }
-                                AttemptError::TimedOut(error) => error,
+                                AttemptError::TimedOut(error)
+                                | AttemptError::DeadlinePassed(error) => error,
                             };
                             tracing::debug!(
                                 endpoint = %target.described,
@@ -688,8 +700,10 @@ pub(crate) enum Retry {
 enum AttemptError {
     /// The server or the network refused it: classified by [`DsqlConnector::connect_error`].
     Refused(tokio_postgres::Error),
-    /// It ran out of time (or no token could be had): already this crate's error.
+    /// It ran out of `connect_timeout` (or no token could be had): already this crate's error.
     TimedOut(Error),
+    /// The connect deadline ran out during it.
+    DeadlinePassed(Error),
 }
 
 /// Whether a failed attempt says its endpoint is down: the network failed (TCP, TLS, a silent
