@@ -9,6 +9,11 @@
 //! PGPASSWORD="$(cargo run -q --example generate_token)" psql -c 'SELECT 1'
 //! ```
 //!
+//! `--sql-rules` makes it answer SQL as DSQL does (statements and types DSQL refuses, one DDL
+//! per transaction, ...; see the README's rule table); without it, any SQL PostgreSQL accepts
+//! passes (DSQL's connection and authentication rules apply either way). It prints which mode
+//! it runs in.
+//!
 //! The printed credentials are the emulator's own throw-away key pair; they are valid nowhere
 //! else.
 
@@ -16,7 +21,8 @@ use tokio_postgres_dsql::emulator::DsqlEmulator;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let emulator = DsqlEmulator::start().await?;
+    let sql_rules = std::env::args().any(|a| a == "--sql-rules");
+    let emulator = DsqlEmulator::builder().sql_rules(sql_rules).start().await?;
     let credentials = emulator.credentials();
     let exports = [
         ("CLUSTER_ENDPOINT", emulator.endpoint().to_owned()),
@@ -42,8 +48,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("export {name}='{value}'");
     }
     println!(
-        "# DSQL emulator ready at {} (Ctrl-C to stop)",
-        emulator.address()
+        "# DSQL emulator ready at {} (Ctrl-C to stop); SQL rules: {}",
+        emulator.address(),
+        if emulator.sql_rules() {
+            "on (SQL is answered as DSQL answers it)"
+        } else {
+            "off (any SQL PostgreSQL accepts passes; --sql-rules turns them on)"
+        }
     );
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -60,6 +60,7 @@ mod auth;
 mod certs;
 mod latency;
 mod session;
+mod sql;
 mod upstream;
 mod wire;
 
@@ -190,6 +191,8 @@ pub(crate) struct Shared {
     max_age: AtomicU64,
     refusing: AtomicBool,
     cut_next_commit: AtomicBool,
+    /// DSQL's SQL rules are applied (see `sql`).
+    sql_rules: bool,
     /// The network between clients and this endpoint (see [`Network`]).
     network: tokio::sync::watch::Sender<Network>,
     /// Whether the accept loop holds its listening socket now.
@@ -287,6 +290,7 @@ pub struct DsqlEmulatorBuilder {
     max_open_connections: Option<usize>,
     /// The CA to sign the endpoint's certificate with (a pair shares one).
     authority: Option<Arc<certs::Authority>>,
+    sql_rules: bool,
 }
 
 impl std::fmt::Debug for DsqlEmulatorBuilder {
@@ -368,6 +372,16 @@ impl DsqlEmulatorBuilder {
     /// [`DSQL_MAX_OPEN_CONNECTIONS`] (10 000).
     pub fn max_open_connections(mut self, max: usize) -> Self {
         self.max_open_connections = Some(max);
+        self
+    }
+
+    /// Answers SQL as DSQL does (see the README's rule table): statements and types DSQL
+    /// refuses get its SQLSTATE and message, one DDL per transaction, no DDL with DML, only
+    /// REPEATABLE READ, no savepoints, `SET` of allowed parameters only, `CREATE INDEX ASYNC`.
+    /// Default off for now: commit-time conflicts and DSQL's transaction limits are not
+    /// emulated yet (the README's emulator section lists what is and is not).
+    pub fn sql_rules(mut self, on: bool) -> Self {
+        self.sql_rules = on;
         self
     }
 
@@ -481,6 +495,7 @@ impl DsqlEmulatorBuilder {
             max_age: AtomicU64::new(max_age.as_nanos() as u64),
             refusing: AtomicBool::new(false),
             cut_next_commit: AtomicBool::new(false),
+            sql_rules: self.sql_rules,
             network: tokio::sync::watch::Sender::new(Network::Up),
             listening: AtomicBool::new(true),
             drops: tokio::sync::watch::Sender::new(0),
@@ -634,6 +649,11 @@ impl DsqlEmulator {
                 .hostaddr(Ipv4Addr::LOCALHOST.into())
                 .port(peer.port()),
         )
+    }
+
+    /// Whether DSQL's SQL rules are applied ([`DsqlEmulatorBuilder::sql_rules`]).
+    pub fn sql_rules(&self) -> bool {
+        self.shared.sql_rules
     }
 
     /// The endpoint name: what clients use as host, SNI and token host.

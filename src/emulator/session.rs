@@ -13,13 +13,13 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::auth::{ACCESS_DENIED_CODE, ACCESS_DENIED_MESSAGE};
 use super::latency::delay_line;
 use super::wire::{self, send_fatal, send_fatal_with_hint};
-use super::{Network, Rejection, Shared};
+use super::{Network, Rejection, Shared, sql};
 
 /// The longest password message accepted (tokens with session tokens are a few KiB).
 const MAX_PASSWORD_LEN: u32 = 16 * 1024;
 
 /// Startup parameters DSQL accepts (besides `user`, `database` and `options`).
-fn parameter_allowed(name: &str) -> bool {
+pub(crate) fn parameter_allowed(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     matches!(
         name.as_str(),
@@ -359,6 +359,10 @@ where
         let mut spotter = wire::CommitSpotter::default();
         let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
+        // With DSQL's SQL rules: the client's messages, decided one by one.
+        let mut dialect = shared.sql_rules.then(sql::Dialect::default);
+        let mut pending = Vec::new();
+        let mut out = Vec::new();
         loop {
             let n = client_read.read(&mut buf).await?;
             if n == 0 {
@@ -368,21 +372,44 @@ where
                 shared.count(|stats| stats.cut_at_commit += 1);
                 return Ok(());
             }
+            let data: &[u8] = match &mut dialect {
+                None => &buf[..n],
+                Some(dialect) => {
+                    pending.extend_from_slice(&buf[..n]);
+                    out.clear();
+                    let used = decide(dialect, &pending, &mut out);
+                    pending.drain(..used);
+                    &out
+                }
+            };
+            if data.is_empty() {
+                continue;
+            }
             pass_black_hole(&mut network).await;
-            upstream_write.write_all(&buf[..n]).await?;
+            upstream_write.write_all(data).await?;
             upstream_write.flush().await?;
         }
     };
     let to_client = async {
         let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
+        let mut rewriter = shared.sql_rules.then(sql::ErrorRewriter::default);
+        let mut out = Vec::new();
         loop {
             let n = upstream_read.read(&mut buf).await?;
             if n == 0 {
                 return Ok(());
             }
+            let data: &[u8] = match &mut rewriter {
+                None => &buf[..n],
+                Some(rewriter) => {
+                    out.clear();
+                    rewriter.feed(&buf[..n], &mut out);
+                    &out
+                }
+            };
             pass_black_hole(&mut network).await;
-            client_write.write_all(&buf[..n]).await?;
+            client_write.write_all(data).await?;
             // A TLS stream may keep the last records of a write in its buffer when the socket
             // was full (it reports the bytes written): without a flush they wait for the next
             // write, which may never come (a large result followed by silence).
@@ -404,6 +431,37 @@ where
     shared.open.fetch_sub(1, Ordering::SeqCst);
     let _ = client_write.shutdown().await;
     outcome
+}
+
+/// Runs the complete messages at the start of `pending` through `dialect`, appending what goes
+/// upstream to `out`; returns how many bytes were used (a partial message waits for the rest).
+fn decide(dialect: &mut sql::Dialect, pending: &[u8], out: &mut Vec<u8>) -> usize {
+    let mut at = 0;
+    while pending.len() - at >= 5 {
+        let tag = pending[at];
+        let len = u32::from_be_bytes([
+            pending[at + 1],
+            pending[at + 2],
+            pending[at + 3],
+            pending[at + 4],
+        ]) as usize;
+        if len < 4 {
+            // Not the protocol: pass the rest on and let PostgreSQL answer it.
+            out.extend_from_slice(&pending[at..]);
+            return pending.len();
+        }
+        let end = at + 1 + len;
+        if end > pending.len() {
+            break;
+        }
+        match dialect.on_message(tag, &pending[at + 5..end]) {
+            sql::Upstream::Forward => out.extend_from_slice(&pending[at..end]),
+            sql::Upstream::Replace(bytes) => out.extend_from_slice(&bytes),
+            sql::Upstream::Drop => {}
+        }
+        at = end;
+    }
+    at
 }
 
 /// Waits while the endpoint is black-holed.

@@ -30,4 +30,6 @@ mod service;
 #[cfg(feature = "emulator")]
 mod service_example;
 #[cfg(feature = "emulator")]
+mod sql_rules;
+#[cfg(feature = "emulator")]
 mod support;

@@ -1,0 +1,718 @@
+//! DSQL's statement rules (`DSQL_SQL_RULES.md` §1–§4 and parts of §8), applied to the parse
+//! tree that PostgreSQL's own parser (`pg_query`) gives: which statements DSQL refuses, with its
+//! SQLSTATE and message, and which are DDL or DML for the transaction rules.
+
+use pg_query::NodeEnum;
+use pg_query::protobuf::{
+    self, AlterTableType, ConstrType, LockClauseStrength, ObjectType, SortByDir,
+    TransactionStmtKind, VariableSetKind,
+};
+
+/// DSQL's answer to a statement it does not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+}
+
+fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+fn unsupported(message: impl Into<String>) -> Refusal {
+    refuse("0A000", message)
+}
+
+/// What a statement is, for the transaction rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Changes the catalog (DDL, GRANT, REVOKE): alone in its transaction.
+    Ddl,
+    /// Writes rows.
+    Dml,
+    /// Opens a transaction block.
+    Begin,
+    /// Ends one (COMMIT, ROLLBACK).
+    End,
+    /// Anything else (reads, SET, SHOW, ...).
+    Other,
+}
+
+/// One statement of a query, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Statement {
+    pub(crate) kind: Kind,
+    /// DSQL refuses it whatever the transaction.
+    pub(crate) refusal: Option<Refusal>,
+}
+
+/// A query text as DSQL reads it: its statements (none when PostgreSQL's parser does not accept
+/// it: PostgreSQL then answers with its own syntax error, as DSQL does), and the text to send
+/// to PostgreSQL (the DSQL-only `ASYNC` of `CREATE INDEX ASYNC` and `ALTER TABLE ASYNC` taken
+/// out, so that PostgreSQL reads what DSQL's grammar reads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Classified {
+    pub(crate) statements: Vec<Statement>,
+    pub(crate) upstream_text: String,
+}
+
+/// Reads `sql`.
+pub(crate) fn classify(sql: &str) -> Classified {
+    let (upstream_text, async_at) = strip_async(sql);
+    let Ok(parsed) = pg_query::parse(&upstream_text, pg_query::ParserOptions::DEFAULT) else {
+        return Classified {
+            statements: Vec::new(),
+            upstream_text,
+        };
+    };
+    let tablesample = has_tablesample(&upstream_text);
+    let statements = parsed
+        .protobuf
+        .stmts
+        .iter()
+        .map(|raw| {
+            let start = raw.stmt_location.max(0) as usize;
+            let end = if raw.stmt_len == 0 {
+                usize::MAX
+            } else {
+                start + raw.stmt_len as usize
+            };
+            let is_async = async_at.iter().any(|at| (start..end).contains(at));
+            let node = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
+            match node {
+                Some(node) => statement(node, is_async, tablesample),
+                None => Statement {
+                    kind: Kind::Other,
+                    refusal: None,
+                },
+            }
+        })
+        .collect();
+    Classified {
+        statements,
+        upstream_text,
+    }
+}
+
+/// Takes out `ASYNC` after `CREATE [UNIQUE] INDEX` and after `ALTER TABLE` (found with
+/// PostgreSQL's scanner, so never inside a string or a comment). Returns the text and the
+/// offsets, in it, where an `ASYNC` was.
+fn strip_async(sql: &str) -> (String, Vec<usize>) {
+    let Ok(scanned) = pg_query::scan(sql) else {
+        return (sql.to_owned(), Vec::new());
+    };
+    let word = |t: &protobuf::ScanToken| &sql[t.start as usize..t.end as usize];
+    let tokens = &scanned.tokens;
+    let mut cuts = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        if !word(token).eq_ignore_ascii_case("async") || i == 0 {
+            continue;
+        }
+        let before: Vec<String> = tokens[i.saturating_sub(3)..i]
+            .iter()
+            .map(|t| word(t).to_ascii_uppercase())
+            .collect();
+        let before: Vec<&str> = before.iter().map(String::as_str).collect();
+        let index = matches!(
+            before.as_slice(),
+            [.., "CREATE", "INDEX"] | [.., "CREATE", "UNIQUE", "INDEX"]
+        );
+        let table = matches!(before.as_slice(), [.., "ALTER", "TABLE"]);
+        if index || table {
+            cuts.push((token.start as usize, token.end as usize));
+        }
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut at = Vec::new();
+    let mut last = 0;
+    for (start, end) in cuts {
+        out.push_str(&sql[last..start]);
+        at.push(out.len());
+        last = end;
+    }
+    out.push_str(&sql[last..]);
+    (out, at)
+}
+
+/// Whether the text uses `TABLESAMPLE` (as a keyword, not in a string).
+fn has_tablesample(sql: &str) -> bool {
+    pg_query::scan(sql).is_ok_and(|scanned| {
+        scanned.tokens.iter().any(|t| {
+            sql[t.start as usize..t.end as usize].eq_ignore_ascii_case("tablesample")
+                && t.token != protobuf::Token::Ident as i32
+        })
+    })
+}
+
+fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
+    let kind = kind_of(node);
+    let refusal = refusal_of(node, is_async, tablesample);
+    Statement { kind, refusal }
+}
+
+fn kind_of(node: &NodeEnum) -> Kind {
+    use NodeEnum as N;
+    match node {
+        N::TransactionStmt(t) => match TransactionStmtKind::try_from(t.kind) {
+            Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart) => {
+                Kind::Begin
+            }
+            Ok(TransactionStmtKind::TransStmtCommit | TransactionStmtKind::TransStmtRollback) => {
+                Kind::End
+            }
+            _ => Kind::Other,
+        },
+        N::InsertStmt(_) | N::UpdateStmt(_) | N::DeleteStmt(_) | N::MergeStmt(_) => Kind::Dml,
+        N::SelectStmt(_)
+        | N::VariableSetStmt(_)
+        | N::VariableShowStmt(_)
+        | N::ExplainStmt(_)
+        | N::CallStmt(_)
+        | N::DoStmt(_)
+        | N::PrepareStmt(_)
+        | N::ExecuteStmt(_)
+        | N::DeallocateStmt(_)
+        | N::CopyStmt(_)
+        | N::VacuumStmt(_)
+        | N::ListenStmt(_)
+        | N::NotifyStmt(_)
+        | N::UnlistenStmt(_)
+        | N::LockStmt(_)
+        | N::ConstraintsSetStmt(_)
+        | N::DiscardStmt(_)
+        | N::CheckPointStmt(_)
+        | N::DeclareCursorStmt(_)
+        | N::FetchStmt(_)
+        | N::ClosePortalStmt(_) => Kind::Other,
+        // Every other statement changes the catalog.
+        _ => Kind::Ddl,
+    }
+}
+
+fn refusal_of(node: &NodeEnum, is_async: bool, tablesample: bool) -> Option<Refusal> {
+    use NodeEnum as N;
+    let statement = |name: &str| Some(unsupported(format!("unsupported statement: {name}")));
+    match node {
+        N::TruncateStmt(_) => statement("Truncate"),
+        N::CreateExtensionStmt(_) => statement("CreateExtension"),
+        N::CreatedbStmt(_) => statement("Createdb"),
+        N::CreateTableAsStmt(_) => statement("CreateTableAs"),
+        N::CreateTableSpaceStmt(_) => statement("CreateTableSpace"),
+        N::CreateForeignTableStmt(_) => statement("CreateForeignTable"),
+        N::ListenStmt(_) => statement("Listen"),
+        N::NotifyStmt(_) => statement("Notify"),
+        N::UnlistenStmt(_) => statement("Unlisten"),
+        N::AlterSystemStmt(_) => statement("AlterSystem"),
+        N::CompositeTypeStmt(_) => statement("CompositeType"),
+        N::CreateRangeStmt(_) => statement("CreateRange"),
+        N::PrepareStmt(_) => statement("Prepare"),
+        N::CreateTrigStmt(_) => Some(unsupported("CREATE TRIGGER not supported")),
+        N::VacuumStmt(v) if v.is_vacuumcmd => Some(unsupported("unsupported VACUUM statement")),
+        N::MergeStmt(_) => Some(unsupported("unsupported statement type: MERGE")),
+        N::CreateEnumStmt(_) => Some(unsupported("CREATE TYPE not supported")),
+        N::AlterEnumStmt(_) => Some(unsupported("ALTER TYPE not supported")),
+        N::RenameStmt(r) if r.rename_type == ObjectType::ObjectType as i32 => {
+            Some(unsupported("unsupported object in RENAME statement"))
+        }
+        N::DropStmt(d) if d.remove_type == ObjectType::ObjectType as i32 => {
+            Some(unsupported("unsupported object in DROP statement"))
+        }
+        N::CreateFunctionStmt(f) => function(f),
+        N::CreateStmt(c) => create_table(c),
+        N::CreateSeqStmt(s) => cache_refusal(&s.options, "CREATE SEQUENCE"),
+        N::IndexStmt(i) => index(i, is_async),
+        N::AlterTableStmt(a) => a.cmds.iter().find_map(|cmd| match &cmd.node {
+            Some(N::AlterTableCmd(cmd)) => alter_table(cmd, is_async),
+            _ => None,
+        }),
+        N::TransactionStmt(t) => transaction(t),
+        N::VariableSetStmt(v) => set(v),
+        // `SELECT … INTO` is `CREATE TABLE AS` once analysed.
+        N::SelectStmt(s) if s.into_clause.is_some() => statement("CreateTableAs"),
+        N::SelectStmt(s) => select(s, tablesample),
+        N::InsertStmt(_) | N::UpdateStmt(_) | N::DeleteStmt(_) if tablesample => {
+            Some(unsupported("TABLESAMPLE clause not supported"))
+        }
+        _ => None,
+    }
+}
+
+fn transaction(t: &protobuf::TransactionStmt) -> Option<Refusal> {
+    match TransactionStmtKind::try_from(t.kind).ok()? {
+        TransactionStmtKind::TransStmtSavepoint => {
+            Some(unsupported("unsupported transaction statement: SAVEPOINT"))
+        }
+        TransactionStmtKind::TransStmtRollbackTo => Some(unsupported(
+            "unsupported transaction statement: ROLLBACK TO",
+        )),
+        TransactionStmtKind::TransStmtRelease => {
+            Some(unsupported("unsupported transaction statement: RELEASE"))
+        }
+        TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart => {
+            isolation(&t.options)
+        }
+        _ => None,
+    }
+}
+
+/// `ISOLATION LEVEL` among transaction options: only REPEATABLE READ.
+fn isolation(options: &[protobuf::Node]) -> Option<Refusal> {
+    options.iter().find_map(|option| {
+        let def = def_elem(option)?;
+        if def.defname != "transaction_isolation" {
+            return None;
+        }
+        let level = def.arg.as_deref().and_then(string_of)?;
+        (!level.eq_ignore_ascii_case("repeatable read")).then(|| {
+            unsupported(format!(
+                "Unsupported isolation level: {}",
+                level.to_ascii_uppercase()
+            ))
+        })
+    })
+}
+
+fn set(v: &protobuf::VariableSetStmt) -> Option<Refusal> {
+    let kind = VariableSetKind::try_from(v.kind).ok()?;
+    if kind == VariableSetKind::VarResetAll {
+        return None;
+    }
+    let name = v.name.to_ascii_lowercase();
+    let refused = |name: &str| {
+        Some(unsupported(format!(
+            "setting configuration parameter \"{name}\" not supported"
+        )))
+    };
+    match name.as_str() {
+        // SET TRANSACTION … and SET SESSION CHARACTERISTICS AS TRANSACTION …
+        "transaction" | "session characteristics" => refused("TRANSACTION"),
+        "default_transaction_isolation" | "transaction_isolation" => refused(&name),
+        _ if crate::emulator::session::parameter_allowed(&name) => None,
+        // SET TIME ZONE / SET NAMES arrive under their parameter names.
+        "client_encoding" => None,
+        _ => refused(&name),
+    }
+}
+
+fn select(s: &protobuf::SelectStmt, tablesample: bool) -> Option<Refusal> {
+    if tablesample {
+        return Some(unsupported("TABLESAMPLE clause not supported"));
+    }
+    let locking = s.locking_clause.iter().any(|clause| match &clause.node {
+        Some(NodeEnum::LockingClause(l)) => !matches!(
+            LockClauseStrength::try_from(l.strength),
+            Ok(LockClauseStrength::LcsForupdate | LockClauseStrength::LcsForkeyshare)
+        ),
+        _ => false,
+    });
+    locking.then(|| {
+        unsupported("locking clauses other than FOR UPDATE/FOR KEY SHARE are not supported")
+    })
+}
+
+fn function(f: &protobuf::CreateFunctionStmt) -> Option<Refusal> {
+    if f.is_procedure {
+        return Some(unsupported("PROCEDURE is not supported"));
+    }
+    let language = f
+        .options
+        .iter()
+        .filter_map(def_elem)
+        .find(|d| d.defname == "language")
+        .and_then(|d| d.arg.as_deref().and_then(string_of));
+    match language {
+        Some(language) if !language.eq_ignore_ascii_case("sql") => Some(unsupported(format!(
+            "CREATE FUNCTION with language {language} not supported"
+        ))),
+        _ => None,
+    }
+}
+
+fn create_table(c: &protobuf::CreateStmt) -> Option<Refusal> {
+    if let Some(relation) = &c.relation {
+        match relation.relpersistence.as_str() {
+            "t" => {
+                return Some(unsupported(
+                    "TEMPORARY or TEMP table not supported for CREATE TABLE",
+                ));
+            }
+            "u" => {
+                return Some(unsupported("UNLOGGED table not supported for CREATE TABLE"));
+            }
+            _ => {}
+        }
+    }
+    c.table_elts.iter().find_map(|element| match &element.node {
+        Some(NodeEnum::ColumnDef(column)) => column_type(column).or_else(|| identity(column)),
+        _ => None,
+    })
+}
+
+fn alter_table(cmd: &protobuf::AlterTableCmd, is_async: bool) -> Option<Refusal> {
+    let subtype = AlterTableType::try_from(cmd.subtype).ok()?;
+    match subtype {
+        AlterTableType::AtAddColumn => {
+            let Some(NodeEnum::ColumnDef(column)) =
+                cmd.def.as_deref().and_then(|d| d.node.as_ref())
+            else {
+                return None;
+            };
+            column_type(column).or_else(|| {
+                let constrained = column.constraints.iter().any(|c| {
+                    !matches!(&c.node, Some(NodeEnum::Constraint(c))
+                        if c.contype == ConstrType::ConstrNull as i32)
+                });
+                constrained
+                    .then(|| unsupported("ALTER TABLE ADD COLUMN with constraint not supported"))
+            })
+        }
+        AlterTableType::AtAddConstraint => {
+            let Some(NodeEnum::Constraint(c)) = cmd.def.as_deref().and_then(|d| d.node.as_ref())
+            else {
+                return None;
+            };
+            let contype = ConstrType::try_from(c.contype).ok()?;
+            let accepted = match contype {
+                ConstrType::ConstrCheck | ConstrType::ConstrForeign => c.skip_validation,
+                // `UNIQUE USING INDEX` is accepted; a new key is not.
+                ConstrType::ConstrUnique | ConstrType::ConstrPrimary => !c.indexname.is_empty(),
+                _ => true,
+            };
+            (!accepted).then(|| unsupported("unsupported ALTER TABLE ADD CONSTRAINT statement"))
+        }
+        AlterTableType::AtValidateConstraint if !is_async => Some(unsupported(
+            "unsupported ALTER TABLE VALIDATE CONSTRAINT statement",
+        )),
+        AlterTableType::AtAlterColumnType => Some(unsupported(
+            "unsupported ALTER TABLE ALTER COLUMN ... SET DATA TYPE statement",
+        )),
+        AlterTableType::AtSetStatistics => Some(unsupported(
+            "unsupported ALTER TABLE ALTER COLUMN ... SET STATISTICS statement",
+        )),
+        _ => None,
+    }
+}
+
+fn index(i: &protobuf::IndexStmt, is_async: bool) -> Option<Refusal> {
+    if i.concurrent {
+        return Some(unsupported("CONCURRENTLY not supported for CREATE INDEX"));
+    }
+    if !is_async {
+        return Some(unsupported(
+            "unsupported mode. please use CREATE INDEX ASYNC.",
+        ));
+    }
+    if i.index_params.len() > 8 {
+        return Some(refuse(
+            "54011",
+            "more than 8 column keys in an index are not supported",
+        ));
+    }
+    i.index_params.iter().find_map(|param| match &param.node {
+        Some(NodeEnum::IndexElem(e)) if e.ordering != SortByDir::SortbyDefault as i32 => Some(
+            unsupported("specifying sort order not supported for index keys"),
+        ),
+        Some(NodeEnum::IndexElem(e)) if !e.opclass.is_empty() => {
+            Some(unsupported("opclass not supported for index keys"))
+        }
+        _ => None,
+    })
+}
+
+/// An identity column needs an explicit CACHE of 1 or at least 65 536, and type bigint.
+fn identity(column: &protobuf::ColumnDef) -> Option<Refusal> {
+    column.constraints.iter().find_map(|c| match &c.node {
+        Some(NodeEnum::Constraint(c)) if c.contype == ConstrType::ConstrIdentity as i32 => {
+            let name = column.type_name.as_ref().map(type_display)?;
+            if name != "bigint" {
+                return Some(unsupported(format!(
+                    "datatype {name} not supported, identity column type must be bigint"
+                )));
+            }
+            cache_refusal(&c.options, "identity column")
+        }
+        _ => None,
+    })
+}
+
+/// `CACHE` must be given, and be 1 or at least 65 536.
+fn cache_refusal(options: &[protobuf::Node], what: &str) -> Option<Refusal> {
+    let cache = options
+        .iter()
+        .filter_map(def_elem)
+        .find(|d| d.defname == "cache")
+        .and_then(|d| d.arg.as_deref().and_then(integer_of));
+    match cache {
+        Some(1) => None,
+        Some(n) if n >= 65_536 => None,
+        _ => Some(unsupported(format!(
+            "{what} is not supported without an explicit cache size. please define CACHE \
+             greater than or equal to 65536 or equal to 1"
+        ))),
+    }
+}
+
+/// The column's type, refused if DSQL has no such column type.
+fn column_type(column: &protobuf::ColumnDef) -> Option<Refusal> {
+    let type_name = column.type_name.as_ref()?;
+    let base = type_base(type_name)?;
+    if matches!(
+        base.as_str(),
+        "serial" | "serial4" | "bigserial" | "serial8" | "smallserial" | "serial2"
+    ) {
+        return Some(refuse("42704", format!("type \"{base}\" does not exist")));
+    }
+    let supported = matches!(
+        base.as_str(),
+        "int2"
+            | "int4"
+            | "int8"
+            | "float4"
+            | "float8"
+            | "numeric"
+            | "bpchar"
+            | "varchar"
+            | "text"
+            | "date"
+            | "time"
+            | "timetz"
+            | "timestamp"
+            | "timestamptz"
+            | "interval"
+            | "bool"
+            | "bytea"
+            | "uuid"
+            | "json"
+            | "jsonb"
+    );
+    let builtin_refused = matches!(
+        base.as_str(),
+        "money"
+            | "xml"
+            | "inet"
+            | "cidr"
+            | "macaddr"
+            | "macaddr8"
+            | "point"
+            | "line"
+            | "lseg"
+            | "box"
+            | "path"
+            | "polygon"
+            | "circle"
+            | "tsvector"
+            | "tsquery"
+            | "int4range"
+            | "int8range"
+            | "numrange"
+            | "tsrange"
+            | "tstzrange"
+            | "daterange"
+            | "bit"
+            | "varbit"
+            | "pg_lsn"
+    );
+    let array = !type_name.array_bounds.is_empty();
+    if builtin_refused || (array && supported) {
+        return Some(unsupported(format!(
+            "datatype {} not supported",
+            type_display(type_name)
+        )));
+    }
+    None
+}
+
+/// The type's own name, lower case, without `pg_catalog.`.
+fn type_base(type_name: &protobuf::TypeName) -> Option<String> {
+    let names: Vec<&str> = type_name.names.iter().filter_map(string_of).collect();
+    match names.as_slice() {
+        ["pg_catalog", name] | [name] => Some(name.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// The type as PostgreSQL displays it (`integer`, `bit varying`, `integer[]`).
+fn type_display(type_name: &protobuf::TypeName) -> String {
+    let base = type_base(type_name).unwrap_or_default();
+    let shown = match base.as_str() {
+        "int2" => "smallint",
+        "int4" => "integer",
+        "int8" => "bigint",
+        "float4" => "real",
+        "float8" => "double precision",
+        "bool" => "boolean",
+        "varchar" => "character varying",
+        "bpchar" => "character",
+        "varbit" => "bit varying",
+        "timestamptz" => "timestamp with time zone",
+        "timetz" => "time with time zone",
+        other => other,
+    };
+    if type_name.array_bounds.is_empty() {
+        shown.to_owned()
+    } else {
+        format!("{shown}[]")
+    }
+}
+
+fn def_elem(node: &protobuf::Node) -> Option<&protobuf::DefElem> {
+    match &node.node {
+        Some(NodeEnum::DefElem(d)) => Some(d),
+        _ => None,
+    }
+}
+
+fn string_of(node: &protobuf::Node) -> Option<&str> {
+    match &node.node {
+        Some(NodeEnum::String(s)) => Some(&s.sval),
+        Some(NodeEnum::AConst(c)) => match &c.val {
+            Some(protobuf::a_const::Val::Sval(s)) => Some(&s.sval),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn integer_of(node: &protobuf::Node) -> Option<i64> {
+    match &node.node {
+        Some(NodeEnum::Integer(i)) => Some(i64::from(i.ival)),
+        Some(NodeEnum::Float(f)) => f.fval.parse().ok(),
+        Some(NodeEnum::AConst(c)) => match &c.val {
+            Some(protobuf::a_const::Val::Ival(i)) => Some(i64::from(i.ival)),
+            Some(protobuf::a_const::Val::Fval(f)) => f.fval.parse().ok(),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first(sql: &str) -> Statement {
+        classify(sql).statements.remove(0)
+    }
+
+    fn refused(sql: &str) -> (String, String) {
+        let r = first(sql)
+            .refusal
+            .unwrap_or_else(|| panic!("{sql}: not refused"));
+        (r.code.to_owned(), r.message)
+    }
+
+    #[test]
+    fn async_is_taken_out_only_where_dsql_puts_it() {
+        let c = classify("create unique index async if not exists i on t (v)");
+        assert_eq!(
+            c.upstream_text,
+            "create unique index  if not exists i on t (v)"
+        );
+        assert_eq!(c.statements[0].refusal, None);
+        let c = classify("SELECT 'CREATE INDEX ASYNC' AS async");
+        assert_eq!(c.upstream_text, "SELECT 'CREATE INDEX ASYNC' AS async");
+        assert_eq!(
+            refused("CREATE INDEX i ON t (v)").1,
+            "unsupported mode. please use CREATE INDEX ASYNC."
+        );
+        let c = classify("ALTER TABLE ASYNC t VALIDATE CONSTRAINT c");
+        assert_eq!(c.statements[0].refusal, None);
+        assert!(
+            first("ALTER TABLE t VALIDATE CONSTRAINT c")
+                .refusal
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn kinds_drive_the_transaction_rules() {
+        let c = classify("BEGIN; CREATE TABLE a (id int); INSERT INTO a VALUES (1); COMMIT");
+        let kinds: Vec<Kind> = c.statements.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds, [Kind::Begin, Kind::Ddl, Kind::Dml, Kind::End]);
+        assert_eq!(first("GRANT SELECT ON t TO r").kind, Kind::Ddl);
+        assert_eq!(first("select 1").kind, Kind::Other);
+    }
+
+    #[test]
+    fn a_text_the_parser_refuses_is_left_to_postgresql_without_async() {
+        let c = classify("CREATE INDEX ASYNC public.i ON t (v)");
+        assert!(c.statements.is_empty());
+        assert_eq!(c.upstream_text, "CREATE INDEX  public.i ON t (v)");
+    }
+
+    #[test]
+    fn types_and_identity() {
+        assert_eq!(
+            refused("CREATE TABLE t (id serial PRIMARY KEY)"),
+            ("42704".into(), "type \"serial\" does not exist".into())
+        );
+        assert_eq!(
+            refused("create table t (v bit varying(8))").1,
+            "datatype bit varying not supported"
+        );
+        assert_eq!(
+            refused("CREATE TABLE t (v int[])").1,
+            "datatype integer[] not supported"
+        );
+        assert_eq!(
+            refused("CREATE TABLE t (v money)").1,
+            "datatype money not supported"
+        );
+        assert!(
+            first("CREATE TABLE t (a numeric(18,6), b varchar(20), c timestamptz, d jsonb)")
+                .refusal
+                .is_none()
+        );
+        assert_eq!(
+            refused("CREATE TABLE t (id integer GENERATED BY DEFAULT AS IDENTITY (CACHE 1))").1,
+            "datatype integer not supported, identity column type must be bigint"
+        );
+        assert!(
+            refused("CREATE TABLE t (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)")
+                .1
+                .starts_with("identity column is not supported without an explicit cache size")
+        );
+        assert!(
+            first("CREATE TABLE t (id bigint GENERATED ALWAYS AS IDENTITY (CACHE 65536))")
+                .refusal
+                .is_none()
+        );
+        assert!(
+            refused("CREATE SEQUENCE s")
+                .1
+                .starts_with("CREATE SEQUENCE is not supported")
+        );
+        assert!(first("CREATE SEQUENCE s CACHE 1").refusal.is_none());
+    }
+
+    #[test]
+    fn set_and_transactions() {
+        assert_eq!(
+            refused("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").1,
+            "setting configuration parameter \"TRANSACTION\" not supported"
+        );
+        assert_eq!(
+            refused("BEGIN ISOLATION LEVEL SERIALIZABLE").1,
+            "Unsupported isolation level: SERIALIZABLE"
+        );
+        assert!(
+            first("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                .refusal
+                .is_none()
+        );
+        assert_eq!(
+            refused("set statement_timeout = 5").1,
+            "setting configuration parameter \"statement_timeout\" not supported"
+        );
+        assert!(first("SET search_path = myschema").refusal.is_none());
+        assert!(first("SET TIME ZONE 'UTC'").refusal.is_none());
+        assert!(first("RESET ALL").refusal.is_none());
+        assert_eq!(
+            refused("ROLLBACK TO SAVEPOINT sp").1,
+            "unsupported transaction statement: ROLLBACK TO"
+        );
+    }
+}

@@ -1,0 +1,771 @@
+//! Conformance of the emulator's SQL rules (`sql_rules(true)`) to `DSQL_SQL_RULES.md`: one case
+//! per rule and variant, each run through tokio-postgres's simple protocol, its extended
+//! protocol, and `psql`; then the transaction rules step by step.
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use tokio_postgres::Client;
+use tokio_postgres_dsql::emulator::DsqlEmulator;
+use tokio_postgres_dsql::{DsqlConnector, Error};
+
+use crate::support::emulator;
+
+/// An emulator with DSQL's SQL rules in front of the shared emulator's PostgreSQL.
+fn rules_emulator() -> &'static DsqlEmulator {
+    static EMULATOR: OnceLock<DsqlEmulator> = OnceLock::new();
+    EMULATOR.get_or_init(|| {
+        DsqlEmulator::builder()
+            .upstream_url(emulator().upstream_url("admin"))
+            .credentials(emulator().credentials().clone())
+            .sql_rules(true)
+            .start_blocking()
+            .expect("the emulator starts")
+    })
+}
+
+async fn rules_connector() -> DsqlConnector {
+    let config = rules_emulator().config_for("admin").build().unwrap();
+    DsqlConnector::new(config).await.unwrap()
+}
+
+/// What DSQL answers: success, or an error with this SQLSTATE and message.
+type Expected = Option<(&'static str, &'static str)>;
+
+const OK: Expected = None;
+const fn no(code: &'static str, message: &'static str) -> Expected {
+    Some((code, message))
+}
+
+const CACHE: &str = "is not supported without an explicit cache size. please define CACHE \
+                     greater than or equal to 65536 or equal to 1";
+
+/// Statements run alone, in autocommit; each expected answer is DSQL's (§ of the rules file).
+fn cases() -> Vec<(&'static str, Expected)> {
+    let sequence: &'static str = Box::leak(format!("CREATE SEQUENCE {CACHE}").into_boxed_str());
+    let identity: &'static str = Box::leak(format!("identity column {CACHE}").into_boxed_str());
+    vec![
+        // §1 transactions
+        (
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            no("0A000", "Unsupported isolation level: SERIALIZABLE"),
+        ),
+        (
+            "start transaction isolation level read committed",
+            no("0A000", "Unsupported isolation level: READ COMMITTED"),
+        ),
+        ("BEGIN ISOLATION LEVEL REPEATABLE READ", OK),
+        (
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            no(
+                "0A000",
+                "setting configuration parameter \"TRANSACTION\" not supported",
+            ),
+        ),
+        (
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            no(
+                "0A000",
+                "setting configuration parameter \"TRANSACTION\" not supported",
+            ),
+        ),
+        (
+            "SET TRANSACTION READ ONLY",
+            no(
+                "0A000",
+                "setting configuration parameter \"TRANSACTION\" not supported",
+            ),
+        ),
+        (
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            no(
+                "0A000",
+                "setting configuration parameter \"TRANSACTION\" not supported",
+            ),
+        ),
+        (
+            "SET default_transaction_isolation = 'repeatable read'",
+            no(
+                "0A000",
+                "setting configuration parameter \"default_transaction_isolation\" not supported",
+            ),
+        ),
+        (
+            "SET transaction_isolation = 'repeatable read'",
+            no(
+                "0A000",
+                "setting configuration parameter \"transaction_isolation\" not supported",
+            ),
+        ),
+        (
+            "SAVEPOINT sp",
+            no("0A000", "unsupported transaction statement: SAVEPOINT"),
+        ),
+        (
+            "ROLLBACK TO SAVEPOINT sp",
+            no("0A000", "unsupported transaction statement: ROLLBACK TO"),
+        ),
+        (
+            "RELEASE SAVEPOINT sp",
+            no("0A000", "unsupported transaction statement: RELEASE"),
+        ),
+        // §2 refused outright
+        (
+            "TRUNCATE TABLE rules_t",
+            no("0A000", "unsupported statement: Truncate"),
+        ),
+        (
+            "truncate public.rules_t",
+            no("0A000", "unsupported statement: Truncate"),
+        ),
+        (
+            "CREATE EXTENSION IF NOT EXISTS pgcrypto",
+            no("0A000", "unsupported statement: CreateExtension"),
+        ),
+        (
+            "CREATE TRIGGER trg AFTER INSERT ON rules_t EXECUTE FUNCTION no_such_f()",
+            no("0A000", "CREATE TRIGGER not supported"),
+        ),
+        (
+            "CREATE DATABASE other",
+            no("0A000", "unsupported statement: Createdb"),
+        ),
+        (
+            "CREATE TEMPORARY TABLE rules_tmp (id int)",
+            no(
+                "0A000",
+                "TEMPORARY or TEMP table not supported for CREATE TABLE",
+            ),
+        ),
+        (
+            "create temp table rules_tmp (id int)",
+            no(
+                "0A000",
+                "TEMPORARY or TEMP table not supported for CREATE TABLE",
+            ),
+        ),
+        (
+            "CREATE UNLOGGED TABLE rules_u (id int)",
+            no("0A000", "UNLOGGED table not supported for CREATE TABLE"),
+        ),
+        (
+            "CREATE MATERIALIZED VIEW rules_mv AS SELECT 1 AS x",
+            no("0A000", "unsupported statement: CreateTableAs"),
+        ),
+        (
+            "CREATE TABLE rules_ctas AS SELECT 1 AS x",
+            no("0A000", "unsupported statement: CreateTableAs"),
+        ),
+        (
+            "SELECT 1 AS x INTO rules_into",
+            no("0A000", "unsupported statement: CreateTableAs"),
+        ),
+        (
+            "CREATE TABLESPACE ts LOCATION '/tmp/x'",
+            no("0A000", "unsupported statement: CreateTableSpace"),
+        ),
+        (
+            "CREATE FOREIGN TABLE ft (id int) SERVER s",
+            no("0A000", "unsupported statement: CreateForeignTable"),
+        ),
+        (
+            "VACUUM rules_t",
+            no("0A000", "unsupported VACUUM statement"),
+        ),
+        ("ANALYZE rules_t", OK),
+        ("LISTEN chan", no("0A000", "unsupported statement: Listen")),
+        ("NOTIFY chan", no("0A000", "unsupported statement: Notify")),
+        (
+            "UNLISTEN chan",
+            no("0A000", "unsupported statement: Unlisten"),
+        ),
+        (
+            "ALTER SYSTEM SET work_mem = '4MB'",
+            no("0A000", "unsupported statement: AlterSystem"),
+        ),
+        (
+            "MERGE INTO rules_t USING rules_t s ON rules_t.id = s.id WHEN MATCHED THEN UPDATE SET v = s.v",
+            no("0A000", "unsupported statement type: MERGE"),
+        ),
+        (
+            "CREATE FUNCTION rules_f() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN 1; END $$",
+            no(
+                "0A000",
+                "CREATE FUNCTION with language plpgsql not supported",
+            ),
+        ),
+        (
+            "CREATE OR REPLACE FUNCTION rules_sqlf() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            OK,
+        ),
+        (
+            "CREATE PROCEDURE rules_p() LANGUAGE sql AS 'SELECT 1'",
+            no("0A000", "PROCEDURE is not supported"),
+        ),
+        (
+            "SELECT * FROM rules_t TABLESAMPLE SYSTEM (1)",
+            no("0A000", "TABLESAMPLE clause not supported"),
+        ),
+        (
+            "SELECT * FROM rules_t FOR SHARE",
+            no(
+                "0A000",
+                "locking clauses other than FOR UPDATE/FOR KEY SHARE are not supported",
+            ),
+        ),
+        (
+            "SELECT * FROM rules_t FOR NO KEY UPDATE",
+            no(
+                "0A000",
+                "locking clauses other than FOR UPDATE/FOR KEY SHARE are not supported",
+            ),
+        ),
+        ("SELECT * FROM rules_t FOR UPDATE", OK),
+        ("SELECT * FROM public.rules_t FOR KEY SHARE", OK),
+        ("SELECT 'TRUNCATE t' AS not_a_statement", OK),
+        (
+            "PREPARE rules_q AS SELECT 1",
+            no("0A000", "unsupported statement: Prepare"),
+        ),
+        (
+            "SET statement_timeout = 1000",
+            no(
+                "0A000",
+                "setting configuration parameter \"statement_timeout\" not supported",
+            ),
+        ),
+        ("SET search_path = public", OK),
+        ("SET TIME ZONE 'UTC'", OK),
+        // §3 types
+        (
+            "CREATE TABLE rules_s (id serial PRIMARY KEY)",
+            no("42704", "type \"serial\" does not exist"),
+        ),
+        (
+            "CREATE TABLE rules_s (id BIGSERIAL)",
+            no("42704", "type \"bigserial\" does not exist"),
+        ),
+        (
+            "ALTER TABLE rules_t ADD COLUMN s serial",
+            no("42704", "type \"serial\" does not exist"),
+        ),
+        (
+            "CREATE TABLE rules_m (v money)",
+            no("0A000", "datatype money not supported"),
+        ),
+        (
+            "CREATE TABLE rules_m (v inet)",
+            no("0A000", "datatype inet not supported"),
+        ),
+        (
+            "CREATE TABLE rules_m (v xml)",
+            no("0A000", "datatype xml not supported"),
+        ),
+        (
+            "CREATE TABLE rules_m (v tsvector)",
+            no("0A000", "datatype tsvector not supported"),
+        ),
+        (
+            "CREATE TABLE rules_m (v int4range)",
+            no("0A000", "datatype int4range not supported"),
+        ),
+        (
+            "CREATE TABLE rules_m (v bit(8))",
+            no("0A000", "datatype bit not supported"),
+        ),
+        (
+            "CREATE TABLE rules_m (v varbit(8))",
+            no("0A000", "datatype bit varying not supported"),
+        ),
+        (
+            "CREATE TABLE rules_m (v int[])",
+            no("0A000", "datatype integer[] not supported"),
+        ),
+        (
+            "CREATE TABLE rules_m (v text[])",
+            no("0A000", "datatype text[] not supported"),
+        ),
+        (
+            "ALTER TABLE rules_t ADD COLUMN m money",
+            no("0A000", "datatype money not supported"),
+        ),
+        (
+            "CREATE TABLE IF NOT EXISTS rules_types (a smallint, b integer, c bigint, d real, \
+          e double precision, f numeric(18,6), g decimal(10,2), h character(10), i varchar(20), \
+          j text, k date, l time, m timetz, n timestamp, o timestamptz, p interval, q boolean, \
+          r bytea, s uuid, t json, u jsonb, v int8, w float8, x bool, y bpchar(5))",
+            OK,
+        ),
+        ("SELECT string_to_array('a,b', ','), '127.0.0.1'::inet", OK),
+        (
+            "CREATE TYPE mood AS ENUM ('sad', 'ok')",
+            no("0A000", "CREATE TYPE not supported"),
+        ),
+        (
+            "CREATE TYPE pair AS (a int, b int)",
+            no("0A000", "unsupported statement: CompositeType"),
+        ),
+        (
+            "CREATE TYPE r AS RANGE (subtype = int4)",
+            no("0A000", "unsupported statement: CreateRange"),
+        ),
+        (
+            "ALTER TYPE mood ADD VALUE 'meh'",
+            no("0A000", "ALTER TYPE not supported"),
+        ),
+        (
+            "ALTER TYPE mood RENAME TO m2",
+            no("0A000", "unsupported object in RENAME statement"),
+        ),
+        (
+            "DROP TYPE IF EXISTS mood",
+            no("0A000", "unsupported object in DROP statement"),
+        ),
+        (
+            "CREATE TABLE rules_m (m mood)",
+            no("42704", "type \"mood\" does not exist"),
+        ),
+        // §4 sequences, identity, indexes, ALTER TABLE
+        ("CREATE SEQUENCE rules_seq", no("0A000", sequence)),
+        ("CREATE SEQUENCE rules_seq CACHE 100", no("0A000", sequence)),
+        ("CREATE SEQUENCE IF NOT EXISTS rules_seq1 CACHE 1", OK),
+        ("CREATE SEQUENCE IF NOT EXISTS rules_seq2 CACHE 65536", OK),
+        (
+            "CREATE TABLE rules_id (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)",
+            no("0A000", identity),
+        ),
+        (
+            "CREATE TABLE rules_id (id integer GENERATED BY DEFAULT AS IDENTITY (CACHE 1))",
+            no(
+                "0A000",
+                "datatype integer not supported, identity column type must be bigint",
+            ),
+        ),
+        (
+            "CREATE TABLE rules_id (id smallint GENERATED BY DEFAULT AS IDENTITY (CACHE 1))",
+            no(
+                "0A000",
+                "datatype smallint not supported, identity column type must be bigint",
+            ),
+        ),
+        (
+            "CREATE TABLE IF NOT EXISTS rules_id (id bigint GENERATED ALWAYS AS IDENTITY (CACHE 65536) PRIMARY KEY)",
+            OK,
+        ),
+        (
+            "CREATE INDEX rules_i ON rules_t (v)",
+            no("0A000", "unsupported mode. please use CREATE INDEX ASYNC."),
+        ),
+        (
+            "CREATE INDEX CONCURRENTLY rules_i ON rules_t (v)",
+            no("0A000", "CONCURRENTLY not supported for CREATE INDEX"),
+        ),
+        (
+            "CREATE INDEX ASYNC IF NOT EXISTS rules_i ON rules_t (v)",
+            OK,
+        ),
+        (
+            "create unique index async if not exists rules_ui ON rules_t (v) NULLS NOT DISTINCT",
+            OK,
+        ),
+        (
+            "CREATE INDEX ASYNC IF NOT EXISTS rules_w ON rules_t (v) WHERE v > 0",
+            OK,
+        ),
+        (
+            "CREATE INDEX ASYNC rules_d ON rules_t (v DESC)",
+            no(
+                "0A000",
+                "specifying sort order not supported for index keys",
+            ),
+        ),
+        (
+            "CREATE INDEX ASYNC rules_o ON rules_t (v int4_ops)",
+            no("0A000", "opclass not supported for index keys"),
+        ),
+        (
+            "CREATE INDEX ASYNC public.rules_q ON rules_t (v)",
+            no("42601", "syntax error at or near \".\""),
+        ),
+        (
+            "ALTER TABLE rules_t ADD CONSTRAINT rules_pk PRIMARY KEY (id)",
+            no("0A000", "unsupported ALTER TABLE ADD CONSTRAINT statement"),
+        ),
+        (
+            "ALTER TABLE rules_t ADD CONSTRAINT rules_uq UNIQUE (v)",
+            no("0A000", "unsupported ALTER TABLE ADD CONSTRAINT statement"),
+        ),
+        (
+            "ALTER TABLE rules_t ADD CONSTRAINT rules_chk CHECK (v IS NOT NULL)",
+            no("0A000", "unsupported ALTER TABLE ADD CONSTRAINT statement"),
+        ),
+        (
+            "ALTER TABLE rules_t ADD CONSTRAINT rules_chk CHECK (v IS NOT NULL) NOT VALID",
+            OK,
+        ),
+        (
+            "ALTER TABLE rules_t VALIDATE CONSTRAINT rules_chk",
+            no(
+                "0A000",
+                "unsupported ALTER TABLE VALIDATE CONSTRAINT statement",
+            ),
+        ),
+        (
+            "ALTER TABLE ASYNC rules_t VALIDATE CONSTRAINT rules_chk",
+            OK,
+        ),
+        (
+            "ALTER TABLE rules_t ADD COLUMN n int NOT NULL DEFAULT 0",
+            no(
+                "0A000",
+                "ALTER TABLE ADD COLUMN with constraint not supported",
+            ),
+        ),
+        (
+            "ALTER TABLE rules_t ADD COLUMN n int DEFAULT 0",
+            no(
+                "0A000",
+                "ALTER TABLE ADD COLUMN with constraint not supported",
+            ),
+        ),
+        (
+            "ALTER TABLE rules_t ADD COLUMN n int CHECK (n > 0)",
+            no(
+                "0A000",
+                "ALTER TABLE ADD COLUMN with constraint not supported",
+            ),
+        ),
+        (
+            "ALTER TABLE rules_t ADD COLUMN n int UNIQUE",
+            no(
+                "0A000",
+                "ALTER TABLE ADD COLUMN with constraint not supported",
+            ),
+        ),
+        (
+            "ALTER TABLE rules_t ADD COLUMN n bigint GENERATED ALWAYS AS IDENTITY (CACHE 1)",
+            no(
+                "0A000",
+                "ALTER TABLE ADD COLUMN with constraint not supported",
+            ),
+        ),
+        ("ALTER TABLE rules_t ADD COLUMN IF NOT EXISTS c text", OK),
+        (
+            "ALTER TABLE rules_t ALTER COLUMN v TYPE varchar(20)",
+            no(
+                "0A000",
+                "unsupported ALTER TABLE ALTER COLUMN ... SET DATA TYPE statement",
+            ),
+        ),
+        (
+            "ALTER TABLE rules_t ALTER COLUMN v SET STATISTICS 100",
+            no(
+                "0A000",
+                "unsupported ALTER TABLE ALTER COLUMN ... SET STATISTICS statement",
+            ),
+        ),
+        ("ALTER TABLE rules_t ALTER COLUMN c SET STORAGE PLAIN", OK),
+        (
+            "CREATE INDEX ASYNC IF NOT EXISTS rules_nine ON rules_t (id, v, c, id, v, c, id, v, c)",
+            no(
+                "54011",
+                "more than 8 column keys in an index are not supported",
+            ),
+        ),
+        // Several statements in one simple query are one transaction (simple protocol only).
+        (
+            "CREATE TABLE IF NOT EXISTS rules_a (id int); CREATE TABLE IF NOT EXISTS rules_b (id int)",
+            no(
+                "0A000",
+                "multiple ddl statements not supported in a transaction",
+            ),
+        ),
+        (
+            "CREATE TABLE IF NOT EXISTS rules_a (id int); CREATE INDEX ASYNC IF NOT EXISTS rules_ai ON rules_a (id)",
+            no(
+                "0A000",
+                "multiple ddl statements not supported in a transaction",
+            ),
+        ),
+        (
+            "CREATE TABLE IF NOT EXISTS rules_a (id int); INSERT INTO rules_a VALUES (1)",
+            no(
+                "0A000",
+                "ddl and dml are not supported in the same transaction",
+            ),
+        ),
+        (
+            "SELECT 1; TRUNCATE rules_t",
+            no("0A000", "unsupported statement: Truncate"),
+        ),
+    ]
+}
+
+/// Prepares the objects the cases refer to, through the plain emulator (no rules), once.
+async fn setup() {
+    static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    DONE.get_or_init(|| async {
+        let plain = plain().await;
+        for statement in [
+            "CREATE TABLE IF NOT EXISTS rules_t (id int PRIMARY KEY, v int)",
+            "DROP TABLE IF EXISTS rules_a",
+            "DROP TABLE IF EXISTS rules_b",
+        ] {
+            plain.batch_execute(statement).await.unwrap();
+        }
+    })
+    .await;
+}
+
+/// A connection through the plain emulator (no rules), for setup.
+async fn plain() -> Client {
+    crate::support::connector("admin", |b| b)
+        .await
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// What must be undone before a case can run again (its effect of the previous run).
+fn undo_before(statement: &str) -> Option<&'static str> {
+    statement
+        .contains("ADD CONSTRAINT rules_chk CHECK (v IS NOT NULL) NOT VALID")
+        .then_some("ALTER TABLE rules_t DROP CONSTRAINT IF EXISTS rules_chk")
+}
+
+/// The SQLSTATE and message of a failed statement, or `None` if it succeeded.
+fn answer(result: Result<(), tokio_postgres::Error>) -> Option<(String, String)> {
+    let error = result.err()?;
+    let db = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {error}"));
+    Some((db.code().code().to_owned(), db.message().to_owned()))
+}
+
+fn expected(e: Expected) -> Option<(String, String)> {
+    e.map(|(c, m)| (c.to_owned(), m.to_owned()))
+}
+
+/// Runs one case and leaves the session outside any transaction.
+async fn run(client: &Client, extended: bool, statement: &str) -> Option<(String, String)> {
+    let result = if extended {
+        client.execute(statement, &[]).await.map(|_| ())
+    } else {
+        client.batch_execute(statement).await
+    };
+    let _ = client.batch_execute("ROLLBACK").await;
+    answer(result)
+}
+
+#[tokio::test]
+async fn every_rule_through_the_simple_and_the_extended_protocol() {
+    setup().await;
+    let plain = plain().await;
+    let client = rules_connector().await.connect().await.unwrap();
+    let mut wrong = Vec::new();
+    for (statement, expect) in cases() {
+        if let Some(undo) = undo_before(statement) {
+            plain.batch_execute(undo).await.unwrap();
+        }
+        let got = run(&client, false, statement).await;
+        if got != expected(expect) {
+            wrong.push(format!(
+                "simple   {statement}\n   got {got:?}\n  want {expect:?}"
+            ));
+        }
+        // The extended protocol takes one statement at a time.
+        if statement.contains("; ") {
+            continue;
+        }
+        if let Some(undo) = undo_before(statement) {
+            plain.batch_execute(undo).await.unwrap();
+        }
+        let got = run(&client, true, statement).await;
+        if got != expected(expect) {
+            wrong.push(format!(
+                "extended {statement}\n   got {got:?}\n  want {expect:?}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[tokio::test]
+async fn every_rule_through_psql() {
+    if Command::new("psql").arg("--version").output().is_err() {
+        println!("skipping: psql is not installed (CI installs it)");
+        return;
+    }
+    setup().await;
+    let plain = plain().await;
+    let emulator = rules_emulator();
+    let token = rules_connector().await.token().await.unwrap();
+    let mut wrong = Vec::new();
+    for (statement, expect) in cases() {
+        if let Some(undo) = undo_before(statement) {
+            plain.batch_execute(undo).await.unwrap();
+        }
+        let output = Command::new("psql")
+            .args(["-X", "-q", "-v", "VERBOSITY=verbose", "-c", statement])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PGHOST", emulator.endpoint())
+            .env("PGHOSTADDR", "127.0.0.1")
+            .env("PGPORT", emulator.port().to_string())
+            .env("PGUSER", "admin")
+            .env("PGDATABASE", "postgres")
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", emulator.ca_cert_path())
+            .env("PGPASSWORD", token.as_str())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let error_line = stderr.lines().find(|l| l.starts_with("ERROR:"));
+        let ok = match expect {
+            None => output.status.success() && error_line.is_none(),
+            Some((code, message)) => {
+                error_line == Some(&format!("ERROR:  {code}: {message}"))
+                    && !stderr.contains("CONTEXT")
+            }
+        };
+        if !ok {
+            wrong.push(format!(
+                "psql {statement}\n  stderr {stderr}\n  want {expect:?}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `(code, message)` of an error from this crate's helpers or a plain statement.
+fn code_of(error: &tokio_postgres::Error) -> (String, String) {
+    let db = error.as_db_error().expect("a server error");
+    (db.code().code().to_owned(), db.message().to_owned())
+}
+
+#[tokio::test]
+async fn the_transaction_rules_step_by_step() {
+    setup().await;
+    let client = rules_connector().await.connect().await.unwrap();
+    let plain = plain().await;
+    plain
+        .batch_execute("DROP TABLE IF EXISTS rules_tx_a")
+        .await
+        .unwrap();
+    plain
+        .batch_execute("DROP TABLE IF EXISTS rules_tx_b")
+        .await
+        .unwrap();
+    let aborted = (
+        "25P02".to_owned(),
+        "current transaction is aborted, commands ignored until end of transaction block"
+            .to_owned(),
+    );
+
+    // One DDL per transaction: the second fails; the transaction is then aborted, COMMIT rolls
+    // it back, and the first DDL did not happen.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("CREATE TABLE rules_tx_a (id int)")
+        .await
+        .unwrap();
+    let err = client
+        .batch_execute("CREATE TABLE rules_tx_b (id int)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&err),
+        (
+            "0A000".into(),
+            "multiple ddl statements not supported in a transaction".into()
+        )
+    );
+    assert_eq!(
+        code_of(&client.batch_execute("SELECT 1").await.unwrap_err()),
+        aborted
+    );
+    // A second unsupported statement also gets 25P02: the abort is checked first.
+    assert_eq!(
+        code_of(&client.batch_execute("TRUNCATE rules_t").await.unwrap_err()),
+        aborted
+    );
+    let rows = client.simple_query("COMMIT").await.unwrap();
+    assert!(
+        rows.iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_))),
+        "COMMIT answers (with the ROLLBACK tag)"
+    );
+    let exists: bool = plain
+        .query_one("SELECT to_regclass('rules_tx_a') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "the first DDL was rolled back");
+
+    // DDL then DML in one transaction, through the extended protocol.
+    let mut session = rules_connector().await.connect().await.unwrap();
+    let tx = session.transaction().await.unwrap();
+    tx.execute("CREATE TABLE rules_tx_a (id int)", &[])
+        .await
+        .unwrap();
+    let err = tx
+        .execute("INSERT INTO rules_tx_a VALUES (1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&err),
+        (
+            "0A000".into(),
+            "ddl and dml are not supported in the same transaction".into()
+        )
+    );
+    tx.rollback().await.unwrap();
+
+    // Each alone in its own transaction works; DML after DML too.
+    session
+        .batch_execute("CREATE TABLE rules_tx_a (id int)")
+        .await
+        .unwrap();
+    let tx = session.transaction().await.unwrap();
+    tx.execute("INSERT INTO rules_tx_a VALUES (1)", &[])
+        .await
+        .unwrap();
+    tx.execute("INSERT INTO rules_tx_a VALUES (2)", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let tx = session.transaction().await.unwrap();
+    tx.execute("SET CONSTRAINTS ALL DEFERRED", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // A refusal outside a block does not poison the session.
+    let err = session
+        .batch_execute("TRUNCATE rules_tx_a")
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err).0, "0A000");
+    let n: i64 = session
+        .query_one("SELECT count(*) FROM rules_tx_a", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+
+    // The crate's own helpers report the refusal as a query error, not retried.
+    let mut conn = session;
+    let result: Result<(), Error> = tokio_postgres_dsql::retry_transaction(
+        &mut conn,
+        &tokio_postgres_dsql::RetryPolicy::default(),
+        |tx| async move {
+            tx.execute("TRUNCATE rules_tx_a", &[]).await?;
+            Ok(())
+        },
+    )
+    .await;
+    assert!(
+        matches!(&result, Err(Error::Query { source, .. }) if code_of(source).0 == "0A000"),
+        "{result:?}"
+    );
+}
