@@ -2,6 +2,10 @@
 //! configuration and a valid token: ours, `bb8-postgres` and `deadpool-postgres` (the
 //! baselines, in the same run), with 1 and 16 concurrent tasks. Each pool uses its defaults
 //! (deadpool with `RecyclingMethod::Fast`) and at most 16 connections.
+//!
+//! `relay_select_1`: the same checkout + `SELECT 1` through our pool, against the emulator's
+//! byte relay and against its message-aware relay (`sql_rules(true)`: every message framed,
+//! every query read by PostgreSQL's parser, cached per session), in front of one PostgreSQL.
 
 mod support;
 
@@ -128,6 +132,18 @@ fn pools(c: &mut Criterion) {
         )
     });
 
+    // The same pool against an emulator with DSQL's SQL rules, over the same PostgreSQL.
+    let rules = tokio_postgres_dsql::emulator::DsqlEmulator::builder()
+        .upstream_url(emulator.upstream_url("admin"))
+        .credentials(emulator.credentials().clone())
+        .sql_rules(true)
+        .start_blocking()
+        .unwrap();
+    let ours_rules = rt.block_on(async {
+        let connector = support::connector(&rules, "admin", |b| b).await;
+        Ours(connector.pool_with(|b| b.max_size(MAX_SIZE)).await.unwrap())
+    });
+
     let mut group = c.benchmark_group("checkout_select_1");
     for tasks in [1u64, 16] {
         group.bench_with_input(
@@ -164,6 +180,25 @@ fn pools(c: &mut Criterion) {
         );
     }
     group.finish();
+
+    let mut group = c.benchmark_group("relay_select_1");
+    group.bench_function("byte relay", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| drive(ours.clone(), 1, iters))
+    });
+    group.bench_function("message-aware relay (SQL rules)", |b| {
+        b.to_async(&rt)
+            .iter_custom(|iters| drive(ours_rules.clone(), 1, iters))
+    });
+    group.finish();
+    if !std::env::args().any(|a| a == "--test") {
+        let ratio = rt.block_on(alternating_ratio(&ours, &ours_rules, 1, ROUNDS));
+        println!(
+            "relay_select_1: the message-aware relay (SQL rules) costs {:+.1} % per checkout + \
+             SELECT 1 against the byte relay (median of {ROUNDS} alternating ~100 ms rounds)",
+            (1.0 / ratio - 1.0) * 100.0
+        );
+    }
 
     // Criterion measures one pool after the other; on a shared machine the ratio between two
     // such measurements swings. Alternate ours and deadpool in ~100 ms rounds instead and
