@@ -297,6 +297,11 @@ async fn negotiate(
     loop {
         let (tag, body) = wire::read_message(&mut upstream, 64 * 1024).await?;
         match (tag, body.as_slice()) {
+            (b'S', _) if shared.sql_rules => {
+                // The server reports itself as DSQL does (`server_version` 16.15).
+                let body = sql::dsql_parameter_status(&body).unwrap_or(body);
+                wire::append_message(&mut startup_reply, tag, &body);
+            }
             (b'R', [0, 0, 0, 0]) | (b'S', _) | (b'K', _) | (b'N', _) => {
                 wire::append_message(&mut startup_reply, tag, &body);
             }

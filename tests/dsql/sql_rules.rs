@@ -769,3 +769,61 @@ async fn the_transaction_rules_step_by_step() {
         "{result:?}"
     );
 }
+
+#[tokio::test]
+async fn the_server_reports_itself_as_dsql_does() {
+    let client = rules_connector().await.connect().await.unwrap();
+    let simple = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
+        rows.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        simple(client.simple_query("SHOW server_version").await.unwrap()),
+        "16.15"
+    );
+    let num: String = client
+        .query_one("show SERVER_VERSION_NUM", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(num, "160015");
+    assert_eq!(
+        simple(
+            client
+                .simple_query("SHOW transaction_isolation")
+                .await
+                .unwrap()
+        ),
+        "repeatable read"
+    );
+    // The plain emulator reports the PostgreSQL behind it.
+    let plain = plain().await;
+    let version = simple(plain.simple_query("SHOW server_version").await.unwrap());
+    assert_ne!(version, "16.15");
+
+    // The version announced at startup, as psql reads it.
+    if Command::new("psql").arg("--version").output().is_err() {
+        return;
+    }
+    let emulator = rules_emulator();
+    let token = rules_connector().await.token().await.unwrap();
+    let output = Command::new("psql")
+        .args(["-X", "-c", "\\echo :SERVER_VERSION_NAME"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PGHOST", emulator.endpoint())
+        .env("PGHOSTADDR", "127.0.0.1")
+        .env("PGPORT", emulator.port().to_string())
+        .env("PGUSER", "admin")
+        .env("PGDATABASE", "postgres")
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", emulator.ca_cert_path())
+        .env("PGPASSWORD", token.as_str())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "16.15");
+}

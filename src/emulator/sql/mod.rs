@@ -286,6 +286,21 @@ impl Transaction {
     }
 }
 
+/// DSQL's `server_version` and `server_version_num` (`DSQL_SQL_RULES.md` §7).
+pub(crate) const DSQL_SERVER_VERSION: &str = "16.15";
+pub(crate) const DSQL_SERVER_VERSION_NUM: &str = "160015";
+
+/// A `ParameterStatus` body with DSQL's value for `server_version`, if it is that parameter.
+pub(crate) fn dsql_parameter_status(body: &[u8]) -> Option<Vec<u8>> {
+    let name = body.split(|b| *b == 0).next()?;
+    (name == b"server_version").then(|| {
+        let mut out = b"server_version\0".to_vec();
+        out.extend_from_slice(DSQL_SERVER_VERSION.as_bytes());
+        out.push(0);
+        out
+    })
+}
+
 /// The dollar-quote tag of the refusal `DO` blocks.
 const TAG: &str = "$dsql_emulator_refusal$";
 

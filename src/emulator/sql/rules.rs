@@ -69,6 +69,29 @@ pub(crate) fn classify(sql: &str) -> Classified {
         };
     };
     let tablesample = has_tablesample(&upstream_text);
+    // `SHOW server_version[_num]` alone answers DSQL's version.
+    if let [raw] = parsed.protobuf.stmts.as_slice()
+        && let Some(NodeEnum::VariableShowStmt(show)) =
+            raw.stmt.as_ref().and_then(|n| n.node.as_ref())
+    {
+        let value = match show.name.to_ascii_lowercase().as_str() {
+            "server_version" => Some(super::DSQL_SERVER_VERSION),
+            "server_version_num" => Some(super::DSQL_SERVER_VERSION_NUM),
+            _ => None,
+        };
+        if let Some(value) = value {
+            return Classified {
+                statements: vec![Statement {
+                    kind: Kind::Other,
+                    refusal: None,
+                }],
+                upstream_text: format!(
+                    "SELECT '{value}'::text AS {}",
+                    show.name.to_ascii_lowercase()
+                ),
+            };
+        }
+    }
     let statements = parsed
         .protobuf
         .stmts
