@@ -301,10 +301,17 @@ impl DsqlConnector {
                     self.connect_error(&target, source, *attempts)
                 }
                 Err(AttemptError::TimedOut(error)) => error,
-                // The deadline, not the endpoint, cut the attempt short: no sign the endpoint
-                // is down, and the refusal that led here says more than the timeout.
+                // The deadline cut the attempt short. After a refusal that was being retried,
+                // that refusal says more than the timeout, and the endpoint answered before;
+                // otherwise the endpoint stayed silent for what was left of the deadline.
                 Err(AttemptError::DeadlinePassed(error)) => {
-                    return Err(last_refusal.unwrap_or(error));
+                    return Err(match last_refusal {
+                        Some(refusal) => refusal,
+                        None => {
+                            self.mark_down(&target, &error);
+                            error
+                        }
+                    });
                 }
             };
             let retry_after_backoff = match &error {

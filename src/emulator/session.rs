@@ -288,8 +288,13 @@ async fn negotiate(
             return Ok(());
         }
     };
+    let mut upstream_parameters = startup.upstream_parameters.clone();
+    if shared.sql_rules {
+        // A write that meets a row another transaction holds does not wait (see `sql`).
+        upstream_parameters.push(("lock_timeout".into(), sql::LOCK_TIMEOUT.into()));
+    }
     upstream
-        .write_all(&wire::startup_message(&startup.upstream_parameters))
+        .write_all(&wire::startup_message(&upstream_parameters))
         .await?;
     // With trust authentication PostgreSQL says AuthenticationOk first and only then checks
     // the role, so read on to ReadyForQuery (or an error) before calling the session accepted.
@@ -360,16 +365,30 @@ where
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     shared.open.fetch_add(1, Ordering::SeqCst);
+    // With DSQL's SQL rules: the plans both directions share, and the upstream side's inbox for
+    // requests the server-to-client side makes (undoing a write that lost a conflict).
+    let plans = sql::Plans::default();
+    let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let to_upstream = async {
         let mut spotter = wire::CommitSpotter::default();
         let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
         // With DSQL's SQL rules: the client's messages, decided one by one.
-        let mut dialect = shared.sql_rules.then(sql::Dialect::default);
+        let mut dialect = shared.sql_rules.then(|| sql::Dialect::new(plans.clone()));
         let mut pending = Vec::new();
-        let mut out = Vec::new();
+        let mut out = sql::Outgoing::default();
         loop {
-            let n = client_read.read(&mut buf).await?;
+            let n = tokio::select! {
+                biased;
+                Some(request) = injected.recv() => {
+                    plans.push(sql::Plan::Swallow);
+                    pass_black_hole(&mut network).await;
+                    upstream_write.write_all(&request).await?;
+                    upstream_write.flush().await?;
+                    continue;
+                }
+                read = client_read.read(&mut buf) => read?,
+            };
             if n == 0 {
                 return Ok(());
             }
@@ -384,7 +403,10 @@ where
                     out.clear();
                     let used = decide(dialect, &pending, &mut out);
                     pending.drain(..used);
-                    &out
+                    for plan in out.plans.drain(..) {
+                        plans.push(plan);
+                    }
+                    &out.bytes
                 }
             };
             if data.is_empty() {
@@ -398,7 +420,9 @@ where
     let to_client = async {
         let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
-        let mut rewriter = shared.sql_rules.then(sql::ErrorRewriter::default);
+        let mut rewriter = shared
+            .sql_rules
+            .then(|| sql::Responder::new(plans.clone(), inject.clone()));
         let mut out = Vec::new();
         loop {
             let n = upstream_read.read(&mut buf).await?;
@@ -440,7 +464,7 @@ where
 
 /// Runs the complete messages at the start of `pending` through `dialect`, appending what goes
 /// upstream to `out`; returns how many bytes were used (a partial message waits for the rest).
-fn decide(dialect: &mut sql::Dialect, pending: &[u8], out: &mut Vec<u8>) -> usize {
+fn decide(dialect: &mut sql::Dialect, pending: &[u8], out: &mut sql::Outgoing) -> usize {
     let mut at = 0;
     while pending.len() - at >= 5 {
         let tag = pending[at];
@@ -452,18 +476,14 @@ fn decide(dialect: &mut sql::Dialect, pending: &[u8], out: &mut Vec<u8>) -> usiz
         ]) as usize;
         if len < 4 {
             // Not the protocol: pass the rest on and let PostgreSQL answer it.
-            out.extend_from_slice(&pending[at..]);
+            out.bytes.extend_from_slice(&pending[at..]);
             return pending.len();
         }
         let end = at + 1 + len;
         if end > pending.len() {
             break;
         }
-        match dialect.on_message(tag, &pending[at + 5..end]) {
-            sql::Upstream::Forward => out.extend_from_slice(&pending[at..end]),
-            sql::Upstream::Replace(bytes) => out.extend_from_slice(&bytes),
-            sql::Upstream::Drop => {}
-        }
+        dialect.on_message(tag, &pending[at + 5..end], &pending[at..end], out);
         at = end;
     }
     at

@@ -827,3 +827,223 @@ async fn the_server_reports_itself_as_dsql_does() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "16.15");
 }
+
+/// Conflicts surface at COMMIT, never as a lock wait (§6): two sessions write the same row,
+/// both writes answer at once, exactly one COMMIT fails with `40001 … (OC000)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_of_one_row_never_wait_and_one_commit_fails() {
+    let plain = plain().await;
+    plain
+        .batch_execute("DROP TABLE IF EXISTS rules_occ")
+        .await
+        .unwrap();
+    plain
+        .batch_execute("CREATE TABLE rules_occ (id int PRIMARY KEY, v int NOT NULL)")
+        .await
+        .unwrap();
+    plain
+        .batch_execute("INSERT INTO rules_occ VALUES (1, 0), (2, 0)")
+        .await
+        .unwrap();
+    let connector = rules_connector().await;
+    let s0 = connector.connect().await.unwrap();
+    let s1 = connector.connect().await.unwrap();
+    let occ = (
+        "40001".to_owned(),
+        "change conflicts with another transaction (OC000)".to_owned(),
+    );
+    // Without the emulator's handling, the second UPDATE would wait for the first
+    // transaction to end (for ever, here): a bound far above the answer time.
+    let at_once = std::time::Duration::from_secs(2);
+
+    for (first_to_commit, extended) in [(0, false), (1, false), (0, true)] {
+        for s in [&s0, &s1] {
+            s.batch_execute("BEGIN").await.unwrap();
+        }
+        let mut took = Vec::new();
+        for s in [&s0, &s1] {
+            let started = std::time::Instant::now();
+            let update = async {
+                if extended {
+                    s.execute("UPDATE rules_occ SET v = v + 1 WHERE id = $1", &[&1i32])
+                        .await
+                } else {
+                    s.simple_query("UPDATE rules_occ SET v = v + 1 WHERE id = 1")
+                        .await
+                        .map(|_| 1)
+                }
+            };
+            let n = tokio::time::timeout(at_once, update)
+                .await
+                .expect("the UPDATE answers without waiting")
+                .unwrap();
+            assert_eq!(n, 1);
+            took.push(started.elapsed());
+        }
+        println!("UPDATEs answered in {took:?}");
+        let (first, second) = if first_to_commit == 0 {
+            (&s0, &s1)
+        } else {
+            (&s1, &s0)
+        };
+        let a = first.batch_execute("COMMIT").await;
+        let b = second.batch_execute("COMMIT").await;
+        let failed: Vec<_> = [a, b]
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| code_of(&e)))
+            .collect();
+        assert_eq!(failed, [occ.clone()], "exactly one COMMIT fails");
+        // Both sessions are out of their transactions and usable.
+        for s in [&s0, &s1] {
+            s.batch_execute("SELECT 1").await.unwrap();
+        }
+    }
+    let v: i32 = plain
+        .query_one("SELECT v FROM rules_occ WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 3, "one increment per round");
+
+    // Disjoint rows never conflict.
+    for s in [&s0, &s1] {
+        s.batch_execute("BEGIN").await.unwrap();
+    }
+    s0.batch_execute("UPDATE rules_occ SET v = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    s1.batch_execute("UPDATE rules_occ SET v = 20 WHERE id = 2")
+        .await
+        .unwrap();
+    s0.batch_execute("COMMIT").await.unwrap();
+    s1.batch_execute("COMMIT").await.unwrap();
+
+    // A write after the other transaction committed the row, on an older snapshot, loses too.
+    s0.batch_execute("BEGIN").await.unwrap();
+    s0.batch_execute("SELECT v FROM rules_occ WHERE id = 1")
+        .await
+        .unwrap();
+    s1.batch_execute("UPDATE rules_occ SET v = 30 WHERE id = 1")
+        .await
+        .unwrap();
+    s0.batch_execute("UPDATE rules_occ SET v = 40 WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(code_of(&s0.batch_execute("COMMIT").await.unwrap_err()), occ);
+}
+
+/// Foreign keys: deleting a parent conflicts with inserting its child; a non-key update of
+/// the parent does not (§6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_key_conflicts_follow_the_key() {
+    let plain = plain().await;
+    for statement in [
+        "DROP TABLE IF EXISTS rules_child",
+        "DROP TABLE IF EXISTS rules_parent",
+        "CREATE TABLE rules_parent (id int PRIMARY KEY, name text)",
+        "CREATE TABLE rules_child (id int PRIMARY KEY, parent_id int REFERENCES rules_parent (id))",
+        "INSERT INTO rules_parent VALUES (1, 'a'), (2, 'b')",
+    ] {
+        plain.batch_execute(statement).await.unwrap();
+    }
+    let connector = rules_connector().await;
+    let s0 = connector.connect().await.unwrap();
+    let s1 = connector.connect().await.unwrap();
+
+    // A non-key update of the parent and a child insert: both commit.
+    for s in [&s0, &s1] {
+        s.batch_execute("BEGIN").await.unwrap();
+    }
+    s0.batch_execute("UPDATE rules_parent SET name = 'x' WHERE id = 1")
+        .await
+        .unwrap();
+    s1.batch_execute("INSERT INTO rules_child VALUES (10, 1)")
+        .await
+        .unwrap();
+    s0.batch_execute("COMMIT").await.unwrap();
+    s1.batch_execute("COMMIT").await.unwrap();
+
+    // Deleting a parent while its child is inserted: one of them fails at COMMIT.
+    for s in [&s0, &s1] {
+        s.batch_execute("BEGIN").await.unwrap();
+    }
+    s1.batch_execute("INSERT INTO rules_child VALUES (11, 2)")
+        .await
+        .unwrap();
+    let deleted = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        s0.batch_execute("DELETE FROM rules_parent WHERE id = 2"),
+    )
+    .await
+    .expect("the DELETE answers without waiting");
+    assert!(deleted.is_ok(), "{deleted:?}");
+    let results = [
+        s1.batch_execute("COMMIT").await,
+        s0.batch_execute("COMMIT").await,
+    ];
+    let failed: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(code_of))
+        .collect();
+    assert_eq!(failed.len(), 1, "{results:?}");
+    assert_eq!(failed[0].0, "40001");
+}
+
+/// `retry_transaction` with 8 tasks incrementing one counter through a pool on the strict
+/// emulator: conflicts come at COMMIT, the helper retries, and the count ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
+    let plain = plain().await;
+    for statement in [
+        "DROP TABLE IF EXISTS rules_counter",
+        "CREATE TABLE rules_counter (id int PRIMARY KEY, n int NOT NULL)",
+        "INSERT INTO rules_counter VALUES (1, 0)",
+    ] {
+        plain.batch_execute(statement).await.unwrap();
+    }
+    let pool = rules_connector()
+        .await
+        .pool_with(|b| b.max_size(8))
+        .await
+        .unwrap();
+    let conflicts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let policy = tokio_postgres_dsql::RetryPolicy::with_max_attempts(200).delays(
+        std::time::Duration::from_millis(1),
+        std::time::Duration::from_millis(40),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (pool, policy, conflicts) = (pool.clone(), policy.clone(), conflicts.clone());
+        tasks.spawn(async move {
+            for _ in 0..10 {
+                let mut conn = pool.get().await.unwrap();
+                let attempts = std::sync::atomic::AtomicU32::new(0);
+                let attempts = &attempts;
+                tokio_postgres_dsql::retry_transaction(&mut conn, &policy, |tx| async move {
+                    attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tx.execute("UPDATE rules_counter SET n = n + 1 WHERE id = 1", &[])
+                        .await?;
+                    Ok::<_, Error>(())
+                })
+                .await
+                .unwrap();
+                conflicts.fetch_add(
+                    attempts.load(std::sync::atomic::Ordering::SeqCst) - 1,
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let n: i32 = plain
+        .query_one("SELECT n FROM rules_counter WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 80);
+    let conflicts = conflicts.load(std::sync::atomic::Ordering::SeqCst);
+    println!("80 increments, {conflicts} conflicts retried");
+    assert!(conflicts > 0, "8 writers of one row conflict");
+}

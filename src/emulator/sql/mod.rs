@@ -32,22 +32,126 @@
 //! - Rules apply when a statement is parsed (`Parse`) and, for the transaction rules, when it
 //!   is executed; DSQL may apply some later (at `Bind`).
 
+//!
+//! ## Next: commit-time optimistic concurrency (design; not built yet)
+//!
+//! DSQL never makes a writer wait: both writers of a row get their `UPDATE 1` at once, and the
+//! second to commit fails at `COMMIT` with `40001 change conflicts with another transaction
+//! (OC000)`. PostgreSQL behind the relay makes the second writer wait on the row lock, then
+//! (at REPEATABLE READ) fails its statement. The plan, on the same relay:
+//!
+//! - Upstream sessions run with a `lock_timeout` of a few milliseconds. Inside a transaction,
+//!   each write statement (and `SELECT … FOR UPDATE`, which DSQL counts as a write) goes
+//!   upstream between an injected `SAVEPOINT` and `RELEASE` whose responses the relay
+//!   swallows. A `55P03` lock timeout or a `40001` "could not serialize access" on it means a
+//!   concurrent writer holds or changed a row: the relay rolls back to the savepoint, marks
+//!   the transaction doomed, and answers the statement with the tag it would have had (its row
+//!   count from a `SELECT count(*)` over the same target and condition, written with
+//!   `pg_query`'s deparser). A doomed transaction's `COMMIT` becomes the `DO` refusal with
+//!   `40001 … (OC000)`, which rolls it back. Foreign-key checks take key-share locks on parent
+//!   rows, so a parent deleted under a child being inserted conflicts the same way, and
+//!   referential actions too; disjoint rows never wait, so never conflict.
+//! - `OC001`: the relay records each committed catalog change (DDL, `GRANT`, `REVOKE`) with the
+//!   relations it names and a sequence number; another session's first later statement that
+//!   names one of them, in a transaction that began before the change, gets the `DO` refusal
+//!   `40001 schema has been updated by another transaction (OC001)`, once.
+//! - This needs the server-to-client side to match responses to requests (a queue of one
+//!   plan per `Query` or `Sync` sent upstream: pass, swallow, or rewrite), which the
+//!   refusals above do without.
+//! - Deviations it would keep: the loser is the second *writer* (not always the second to
+//!   commit); a doomed transaction does not read its own lost write; a write that waits on
+//!   something other than a row (a table lock taken by DDL) also counts as a conflict.
+//! - The 3 000-row limit fits the same plan: the row counts of a transaction's write tags are
+//!   summed, and the statement that crosses 3 000 is rolled back to its savepoint and answered
+//!   with `54000 transaction row limit exceeded` (in autocommit the relay would wrap the
+//!   statement in a transaction of its own).
+
 pub(crate) mod rules;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rules::{Classified, Kind, Refusal};
 
-/// What the relay sends upstream for one client message.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Upstream {
-    /// The message as it came.
-    Forward,
-    /// These bytes instead (whole messages).
-    Replace(Vec<u8>),
-    /// Nothing.
-    Drop,
+/// The name of the savepoint the relay puts before each write in a transaction.
+const SAVEPOINT: &str = "dsql_emulator_occ";
+
+/// How long an upstream statement waits for a row lock before the relay counts the write as a
+/// conflict (a startup parameter of every upstream session; `RESET ALL` keeps it).
+pub(crate) const LOCK_TIMEOUT: &str = "10ms";
+
+/// What the relay makes of the server's answer to one `Query` or `Sync` it sends upstream (one
+/// group of messages ending with `ReadyForQuery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Plan {
+    /// The client's own request: the answer goes to the client.
+    Pass,
+    /// A request the relay added: the whole answer is dropped.
+    Swallow,
+    /// A write inside a transaction, after a savepoint the relay added: the answer goes to the
+    /// client, unless the write met a row another transaction holds or changed (`55P03` lock
+    /// timeout, `40001` concurrent update): then the error is dropped, the write rolled back to
+    /// the savepoint, the transaction doomed, and the client told `tag`.
+    Guard { tag: &'static str },
+    /// The answer but its `ReadyForQuery`.
+    AllButReady,
+    /// Only the `ReadyForQuery`.
+    OnlyReady,
 }
+
+/// The relay's plans for the answers it awaits, in the order of the requests, shared by both
+/// directions of a session; and whether the session's transaction lost a conflict.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Plans {
+    queue: Arc<Mutex<VecDeque<Plan>>>,
+    doomed: Arc<AtomicBool>,
+}
+
+impl Plans {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Plan>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the plan of a request about to be sent upstream.
+    pub(crate) fn push(&self, plan: Plan) {
+        self.lock().push_back(plan);
+    }
+}
+
+/// What goes upstream for some client messages: the bytes, and a plan for each `Query` or
+/// `Sync` among them, in order.
+#[derive(Debug, Default)]
+pub(crate) struct Outgoing {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) plans: Vec<Plan>,
+}
+
+impl Outgoing {
+    /// Whole messages; `plan` when they end with a `Query` or `Sync`.
+    fn push(&mut self, bytes: &[u8], plan: Option<Plan>) {
+        self.bytes.extend_from_slice(bytes);
+        self.plans.extend(plan);
+    }
+
+    /// Empties it for the next round.
+    pub(crate) fn clear(&mut self) {
+        self.bytes.clear();
+        self.plans.clear();
+    }
+}
+
+/// A prepared statement as the rules see it.
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    kind: Kind,
+    write_tag: Option<&'static str>,
+}
+
+const OTHER: Prepared = Prepared {
+    kind: Kind::Other,
+    write_tag: None,
+};
 
 /// One session's view of DSQL's rules: the transaction it is in, what that transaction did,
 /// and its prepared statements.
@@ -56,12 +160,15 @@ pub(crate) struct Dialect {
     in_block: bool,
     ddl: bool,
     dml: bool,
-    /// Prepared statement name → the kind of its statement.
-    statements: HashMap<String, Kind>,
+    plans: Plans,
+    /// Prepared statement name → what it is.
+    statements: HashMap<String, Prepared>,
     /// Portal name → statement name.
     portals: HashMap<String, String>,
     /// An extended-protocol batch being skipped to `Sync` after this refusal.
     skipping: Option<Refusal>,
+    /// The plan of the current extended-protocol batch's `Sync` (a guarded write).
+    batch_plan: Option<Plan>,
     /// Query texts already read (a service sends the same few again and again).
     cache: HashMap<String, Classified>,
 }
@@ -70,48 +177,62 @@ pub(crate) struct Dialect {
 const CACHE_LIMIT: usize = 256;
 
 impl Dialect {
-    /// Decides what to send upstream for the client's message `tag` with `body`.
-    pub(crate) fn on_message(&mut self, tag: u8, body: &[u8]) -> Upstream {
+    /// A session's dialect, sharing `plans` with its [`Responder`].
+    pub(crate) fn new(plans: Plans) -> Self {
+        Dialect {
+            plans,
+            ..Dialect::default()
+        }
+    }
+
+    /// Decides what goes upstream for the client's message `tag` with `body` (`whole` is the
+    /// message with its header), appending it to `out`.
+    pub(crate) fn on_message(&mut self, tag: u8, body: &[u8], whole: &[u8], out: &mut Outgoing) {
+        let skipping = self.skipping.is_some();
         match tag {
-            b'Q' => self.on_query(body),
-            b'P' => self.on_parse(body),
-            b'B' => {
-                if self.skipping.is_some() {
-                    return Upstream::Drop;
-                }
+            b'Q' => self.on_query(body, whole, out),
+            b'P' => self.on_parse(body, whole, out),
+            b'B' if !skipping => {
                 let mut fields = body.split(|b| *b == 0);
                 if let (Some(portal), Some(statement)) = (fields.next(), fields.next()) {
-                    self.portals.insert(
-                        String::from_utf8_lossy(portal).into_owned(),
-                        String::from_utf8_lossy(statement).into_owned(),
-                    );
+                    let statement = String::from_utf8_lossy(statement).into_owned();
+                    let prepared = self.statements.get(&statement).copied().unwrap_or(OTHER);
+                    // A write in a transaction goes after a savepoint, to be undone alone if
+                    // it loses a conflict.
+                    if let (true, Some(tag)) = (self.in_block, prepared.write_tag) {
+                        out.push(&savepoint_query(), Some(Plan::Swallow));
+                        self.batch_plan = Some(Plan::Guard { tag });
+                    }
+                    self.portals
+                        .insert(String::from_utf8_lossy(portal).into_owned(), statement);
                 }
-                Upstream::Forward
+                out.push(whole, None);
             }
-            b'E' => self.on_execute(body),
+            b'E' if !skipping => self.on_execute(body, whole, out),
             b'S' => {
-                let out = match self.skipping.take() {
-                    Some(refusal) => Upstream::Replace(raise_query(&refusal)),
-                    None => Upstream::Forward,
-                };
-                self.end_of_implicit_transaction();
-                out
-            }
-            b'C' => {
-                if self.skipping.is_some() {
-                    return Upstream::Drop;
+                match self.skipping.take() {
+                    Some(refusal) => out.push(&raise_query(&refusal), Some(Plan::Pass)),
+                    None => out.push(whole, Some(self.batch_plan.take().unwrap_or(Plan::Pass))),
                 }
+                self.batch_plan = None;
+                self.end_of_implicit_transaction();
+            }
+            b'C' if !skipping => {
                 if let Some((&kind, name)) = body.split_first() {
                     let name = String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name));
                     match kind {
-                        b'S' => self.statements.remove(name.as_ref()),
-                        _ => self.portals.remove(name.as_ref()).map(|_| Kind::Other),
-                    };
+                        b'S' => {
+                            self.statements.remove(name.as_ref());
+                        }
+                        _ => {
+                            self.portals.remove(name.as_ref());
+                        }
+                    }
                 }
-                Upstream::Forward
+                out.push(whole, None);
             }
-            b'D' | b'H' if self.skipping.is_some() => Upstream::Drop,
-            _ => Upstream::Forward,
+            b'B' | b'E' | b'C' | b'D' | b'H' if skipping => {}
+            _ => out.push(whole, None),
         }
     }
 
@@ -127,90 +248,122 @@ impl Dialect {
         classified
     }
 
-    fn on_query(&mut self, body: &[u8]) -> Upstream {
+    fn on_query(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
         let text = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
         let classified = self.classified(&text);
         if let Some(refusal) = classified.statements.iter().find_map(|s| s.refusal.clone()) {
             self.end_of_implicit_transaction();
-            return Upstream::Replace(raise_query(&refusal));
+            return out.push(&raise_query(&refusal), Some(Plan::Pass));
+        }
+        // A transaction that lost a conflict fails at COMMIT, as on DSQL, and is over.
+        if let [statement] = classified.statements.as_slice()
+            && statement.kind == Kind::End
+            && self.in_block
+            && self.plans.doomed.swap(false, Ordering::SeqCst)
+            && is_commit(&text)
+        {
+            out.push(
+                &raise_query(&Refusal {
+                    code: "40001",
+                    message: "change conflicts with another transaction (OC000)".into(),
+                }),
+                Some(Plan::AllButReady),
+            );
+            out.push(&query("ROLLBACK"), Some(Plan::OnlyReady));
+            self.set_transaction(Transaction::default());
+            return;
         }
         // The whole query runs as one implicit transaction unless it opens or is in a block.
         let mut state = self.transaction();
         for statement in &classified.statements {
             if let Err(refusal) = state.apply(statement.kind) {
                 self.end_of_implicit_transaction();
-                return Upstream::Replace(raise_query(&refusal));
+                return out.push(&raise_query(&refusal), Some(Plan::Pass));
             }
+        }
+        let guard = match classified.statements.as_slice() {
+            [statement] if self.in_block => statement.write_tag,
+            _ => None,
+        };
+        if state.in_block != self.in_block || !state.in_block {
+            // A new transaction, or the end of one: nothing lost yet.
+            self.plans.doomed.store(false, Ordering::SeqCst);
         }
         self.set_transaction(state);
         self.end_of_implicit_transaction();
+        let plan = match guard {
+            Some(tag) => {
+                out.push(&savepoint_query(), Some(Plan::Swallow));
+                Plan::Guard { tag }
+            }
+            None => Plan::Pass,
+        };
         if classified.upstream_text == text {
-            Upstream::Forward
+            out.push(whole, Some(plan));
         } else {
-            let mut body = classified.upstream_text.into_bytes();
-            body.push(0);
-            Upstream::Replace(message(b'Q', &body))
+            out.push(&query(&classified.upstream_text), Some(plan));
         }
     }
 
-    fn on_parse(&mut self, body: &[u8]) -> Upstream {
+    fn on_parse(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
         if self.skipping.is_some() {
-            return Upstream::Drop;
+            return;
         }
         let mut fields = body.splitn(3, |b| *b == 0);
-        let (Some(name), Some(query), Some(rest)) = (fields.next(), fields.next(), fields.next())
+        let (Some(name), Some(text), Some(rest)) = (fields.next(), fields.next(), fields.next())
         else {
-            return Upstream::Forward;
+            return out.push(whole, None);
         };
         let name = String::from_utf8_lossy(name).into_owned();
-        let text = String::from_utf8_lossy(query).into_owned();
+        let text = String::from_utf8_lossy(text).into_owned();
         let classified = self.classified(&text);
-        let kind = match classified.statements.as_slice() {
+        let prepared = match classified.statements.as_slice() {
             [one] => match &one.refusal {
                 Some(refusal) => {
                     self.skipping = Some(refusal.clone());
-                    return Upstream::Drop;
+                    return;
                 }
-                None => one.kind,
+                None => Prepared {
+                    kind: one.kind,
+                    write_tag: one.write_tag,
+                },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
-            _ => Kind::Other,
+            _ => OTHER,
         };
-        self.statements.insert(name.clone(), kind);
-        let upstream_text = classified.upstream_text;
-        if upstream_text == text {
-            return Upstream::Forward;
+        self.statements.insert(name.clone(), prepared);
+        if classified.upstream_text == text {
+            return out.push(whole, None);
         }
-        let mut out = Vec::with_capacity(body.len());
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        out.extend_from_slice(upstream_text.as_bytes());
-        out.push(0);
-        out.extend_from_slice(rest);
-        Upstream::Replace(message(b'P', &out))
+        let mut parse = Vec::with_capacity(body.len());
+        parse.extend_from_slice(name.as_bytes());
+        parse.push(0);
+        parse.extend_from_slice(classified.upstream_text.as_bytes());
+        parse.push(0);
+        parse.extend_from_slice(rest);
+        out.push(&message(b'P', &parse), None);
     }
 
-    fn on_execute(&mut self, body: &[u8]) -> Upstream {
-        if self.skipping.is_some() {
-            return Upstream::Drop;
-        }
+    fn on_execute(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
         let portal = body.split(|b| *b == 0).next().unwrap_or_default();
         let portal = String::from_utf8_lossy(portal);
         let kind = self
             .portals
             .get(portal.as_ref())
             .and_then(|statement| self.statements.get(statement))
-            .copied()
-            .unwrap_or(Kind::Other);
+            .map_or(Kind::Other, |p| p.kind);
         let mut state = self.transaction();
         match state.apply(kind) {
             Ok(()) => {
+                if state.in_block != self.in_block {
+                    self.plans.doomed.store(false, Ordering::SeqCst);
+                }
                 self.set_transaction(state);
-                Upstream::Forward
+                out.push(whole, None);
             }
             Err(refusal) => {
                 self.skipping = Some(refusal);
-                Upstream::Drop
+                self.batch_plan = None;
             }
         }
     }
@@ -238,8 +391,18 @@ impl Dialect {
     }
 }
 
+/// Whether a transaction-ending statement commits (`COMMIT`, `END`, `COMMIT WORK`).
+fn is_commit(text: &str) -> bool {
+    let word = text
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default();
+    word.eq_ignore_ascii_case("commit") || word.eq_ignore_ascii_case("end")
+}
+
 /// The transaction rules' state: in a block or not, and whether it has run DDL or DML.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Transaction {
     in_block: bool,
     ddl: bool,
@@ -258,17 +421,10 @@ impl Transaction {
             Kind::Begin => {
                 *self = Transaction {
                     in_block: true,
-                    ddl: false,
-                    dml: false,
+                    ..Transaction::default()
                 }
             }
-            Kind::End => {
-                *self = Transaction {
-                    in_block: false,
-                    ddl: false,
-                    dml: false,
-                }
-            }
+            Kind::End => *self = Transaction::default(),
             Kind::Ddl if self.ddl => {
                 return refuse("multiple ddl statements not supported in a transaction");
             }
@@ -321,25 +477,53 @@ fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A `Query` message.
+fn query(text: &str) -> Vec<u8> {
+    let mut body = text.as_bytes().to_vec();
+    body.push(0);
+    message(b'Q', &body)
+}
+
+fn savepoint_query() -> Vec<u8> {
+    query(&format!("SAVEPOINT {SAVEPOINT}"))
+}
+
 /// The `CONTEXT` PL/pgSQL adds to the errors of the refusal `DO` blocks.
 const RAISE_CONTEXT: &[u8] = b"WPL/pgSQL function inline_code_block line 1 at RAISE\0";
 
-/// Follows the framing of the server's messages and takes the refusal blocks' `CONTEXT` field
-/// out of `ErrorResponse`s; everything else passes through unchanged.
-#[derive(Debug, Default)]
-pub(crate) struct ErrorRewriter {
+/// The server-to-client side of a session with DSQL's rules: follows the framing of the
+/// server's messages and applies the plan of each answer (see [`Plan`]); takes the refusal
+/// blocks' `CONTEXT` out of errors; asks for the `ROLLBACK TO SAVEPOINT` of a lost write.
+#[derive(Debug)]
+pub(crate) struct Responder {
+    plans: Plans,
+    /// Requests for the upstream side (the rollback of a lost write).
+    upstream: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     header: Vec<u8>,
     /// Body bytes left in the current message.
     left: usize,
-    /// The `ErrorResponse` being collected (header included).
-    error: Option<Vec<u8>>,
+    /// The current message, header included.
+    current: Vec<u8>,
+    /// The current guarded write lost its conflict.
+    lost: bool,
 }
 
-impl ErrorRewriter {
+impl Responder {
+    pub(crate) fn new(plans: Plans, upstream: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
+        Responder {
+            plans,
+            upstream,
+            header: Vec::with_capacity(5),
+            left: 0,
+            current: Vec::new(),
+            lost: false,
+        }
+    }
+
     /// Appends to `out` what the client should get for the next `data` from the server.
     pub(crate) fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
         while !data.is_empty() {
-            if self.left == 0 {
+            if self.left == 0 && self.header.len() < 5 {
                 let take = (5 - self.header.len()).min(data.len());
                 self.header.extend_from_slice(&data[..take]);
                 data = &data[take..];
@@ -353,22 +537,15 @@ impl ErrorRewriter {
                     self.header[4],
                 ]);
                 self.left = (len as usize).saturating_sub(4);
-                if self.header[0] == b'E' {
-                    self.error = Some(std::mem::take(&mut self.header));
-                } else {
-                    out.extend_from_slice(&self.header);
-                    self.header.clear();
-                }
+                self.current.clear();
+                self.current.extend_from_slice(&self.header);
                 if self.left == 0 {
                     self.finish(out);
                 }
                 continue;
             }
             let take = self.left.min(data.len());
-            match &mut self.error {
-                Some(error) => error.extend_from_slice(&data[..take]),
-                None => out.extend_from_slice(&data[..take]),
-            }
+            self.current.extend_from_slice(&data[..take]);
             self.left -= take;
             data = &data[take..];
             if self.left == 0 {
@@ -377,79 +554,135 @@ impl ErrorRewriter {
         }
     }
 
+    /// One whole server message in `self.current`.
     fn finish(&mut self, out: &mut Vec<u8>) {
-        let Some(error) = self.error.take() else {
-            return;
-        };
-        let body = &error[5..];
-        match body
-            .windows(RAISE_CONTEXT.len())
-            .position(|w| w == RAISE_CONTEXT)
-        {
-            Some(at) => {
-                let mut rewritten = body[..at].to_vec();
-                rewritten.extend_from_slice(&body[at + RAISE_CONTEXT.len()..]);
-                super::wire::append_message(out, b'E', &rewritten);
+        self.header.clear();
+        let tag = self.current[0];
+        let plan = self.plans.lock().front().copied().unwrap_or(Plan::Pass);
+        let ready = tag == b'Z';
+        match plan {
+            Plan::Pass => self.pass(out),
+            Plan::Swallow => {}
+            Plan::AllButReady if !ready => self.pass(out),
+            Plan::AllButReady => {}
+            Plan::OnlyReady if ready => self.pass(out),
+            Plan::OnlyReady => {}
+            Plan::Guard { tag: told } => {
+                if tag == b'E' && lost_conflict(&self.current[5..]) {
+                    self.lost = true;
+                } else if self.lost && ready {
+                    // Undo the write alone, and tell the client it went through.
+                    let _ = self
+                        .upstream
+                        .send(query(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")));
+                    self.plans.doomed.store(true, Ordering::SeqCst);
+                    let mut complete = told.as_bytes().to_vec();
+                    complete.push(0);
+                    super::wire::append_message(out, b'C', &complete);
+                    super::wire::append_message(out, b'Z', b"T");
+                    self.lost = false;
+                } else if !self.lost {
+                    self.pass(out);
+                }
             }
-            None => out.extend_from_slice(&error),
+        }
+        if ready {
+            self.plans.lock().pop_front();
         }
     }
+
+    /// Passes the current message on, without the refusal blocks' `CONTEXT`.
+    fn pass(&mut self, out: &mut Vec<u8>) {
+        let message = &self.current;
+        if message[0] == b'E'
+            && let Some(at) = message[5..]
+                .windows(RAISE_CONTEXT.len())
+                .position(|w| w == RAISE_CONTEXT)
+        {
+            let body = &message[5..];
+            let mut rewritten = body[..at].to_vec();
+            rewritten.extend_from_slice(&body[at + RAISE_CONTEXT.len()..]);
+            super::wire::append_message(out, b'E', &rewritten);
+            return;
+        }
+        out.extend_from_slice(message);
+    }
+}
+
+/// Whether an `ErrorResponse` body says a write met a row another transaction holds (`55P03`
+/// lock timeout) or changed since the snapshot (`40001`).
+fn lost_conflict(body: &[u8]) -> bool {
+    body.split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(b"C"))
+        .is_some_and(|code| code == b"55P03" || code == b"40001")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn query(text: &str) -> Vec<u8> {
-        let mut body = text.as_bytes().to_vec();
-        body.push(0);
-        body
+    fn q(text: &str) -> Vec<u8> {
+        query(text)
     }
 
-    fn raised(out: &Upstream) -> String {
-        match out {
-            Upstream::Replace(bytes) => String::from_utf8_lossy(&bytes[5..]).into_owned(),
-            other => panic!("not replaced: {other:?}"),
-        }
+    /// Runs one whole client message through `d`: what goes upstream, as text, and the plans.
+    fn send(d: &mut Dialect, whole: &[u8]) -> (String, Vec<Plan>) {
+        let mut out = Outgoing::default();
+        d.on_message(whole[0], &whole[5..], whole, &mut out);
+        (String::from_utf8_lossy(&out.bytes).into_owned(), out.plans)
     }
 
     #[test]
     fn one_ddl_per_transaction_and_no_ddl_with_dml() {
         let mut d = Dialect::default();
-        assert_eq!(d.on_message(b'Q', &query("BEGIN")), Upstream::Forward);
-        assert_eq!(
-            d.on_message(b'Q', &query("CREATE TABLE a (id int)")),
-            Upstream::Forward
-        );
-        let out = d.on_message(b'Q', &query("CREATE TABLE b (id int)"));
+        assert_eq!(send(&mut d, &q("BEGIN")).1, [Plan::Pass]);
+        let (text, _) = send(&mut d, &q("CREATE TABLE a (id int)"));
+        assert!(text.contains("CREATE TABLE a"));
+        let (text, _) = send(&mut d, &q("CREATE TABLE b (id int)"));
         assert!(
-            raised(&out).contains("multiple ddl statements not supported"),
-            "{out:?}"
+            text.contains("multiple ddl statements not supported"),
+            "{text}"
         );
-        assert_eq!(d.on_message(b'Q', &query("ROLLBACK")), Upstream::Forward);
-        // Autocommit: each query is its own transaction.
-        assert_eq!(
-            d.on_message(b'Q', &query("CREATE TABLE a (id int)")),
-            Upstream::Forward
-        );
-        assert_eq!(
-            d.on_message(b'Q', &query("INSERT INTO a VALUES (1)")),
-            Upstream::Forward
-        );
+        send(&mut d, &q("ROLLBACK"));
+        // Autocommit: each query is its own transaction, and writes are not guarded.
+        send(&mut d, &q("CREATE TABLE a (id int)"));
+        assert_eq!(send(&mut d, &q("INSERT INTO a VALUES (1)")).1, [Plan::Pass]);
         // A batch is one transaction.
-        let out = d.on_message(
-            b'Q',
-            &query("CREATE TABLE c (id int); INSERT INTO c VALUES (1)"),
+        let (text, _) = send(
+            &mut d,
+            &q("CREATE TABLE c (id int); INSERT INTO c VALUES (1)"),
         );
+        assert!(text.contains("ddl and dml are not supported"), "{text}");
+        let (text, _) = send(
+            &mut d,
+            &q("DROP TABLE IF EXISTS c; CREATE TABLE c (id int)"),
+        );
+        assert!(text.contains("multiple ddl"), "{text}");
+    }
+
+    #[test]
+    fn a_write_in_a_transaction_goes_after_a_savepoint_and_a_doomed_commit_fails() {
+        let mut d = Dialect::default();
+        send(&mut d, &q("BEGIN"));
+        let (text, plans) = send(&mut d, &q("UPDATE t SET v = 1 WHERE id = 1"));
+        assert!(text.starts_with("Q"), "{text}");
+        assert!(text.contains("SAVEPOINT dsql_emulator_occ") && text.contains("UPDATE t"));
+        assert_eq!(plans, [Plan::Swallow, Plan::Guard { tag: "UPDATE 1" }]);
+        // Reads are not guarded.
+        assert_eq!(send(&mut d, &q("SELECT 1")).1, [Plan::Pass]);
+        // The responder found the write lost: COMMIT raises OC000 and ends the transaction.
+        d.plans.doomed.store(true, Ordering::SeqCst);
+        let (text, plans) = send(&mut d, &q("COMMIT"));
         assert!(
-            raised(&out).contains("ddl and dml are not supported"),
-            "{out:?}"
+            text.contains("ERRCODE = '40001'") && text.contains("(OC000)"),
+            "{text}"
         );
-        let out = d.on_message(
-            b'Q',
-            &query("DROP TABLE IF EXISTS c; CREATE TABLE c (id int)"),
-        );
-        assert!(raised(&out).contains("multiple ddl"), "{out:?}");
+        assert!(text.contains("ROLLBACK"));
+        assert_eq!(plans, [Plan::AllButReady, Plan::OnlyReady]);
+        assert!(!d.in_block);
+        // The next transaction starts clean.
+        send(&mut d, &q("BEGIN"));
+        assert_eq!(send(&mut d, &q("COMMIT")).1, [Plan::Pass]);
     }
 
     #[test]
@@ -459,51 +692,111 @@ mod tests {
             let mut body = b"s1\0".to_vec();
             body.extend_from_slice(text.as_bytes());
             body.extend_from_slice(&[0, 0, 0]);
-            body
+            message(b'P', &body)
         };
-        assert_eq!(d.on_message(b'P', &parse("TRUNCATE t")), Upstream::Drop);
-        assert_eq!(d.on_message(b'D', b"Ss1\0"), Upstream::Drop);
-        let out = d.on_message(b'S', b"");
-        assert!(
-            raised(&out).contains("ERRCODE = '0A000', MESSAGE = 'unsupported statement: Truncate'")
-        );
+        assert_eq!(send(&mut d, &parse("TRUNCATE t")).0, "");
+        assert_eq!(send(&mut d, &message(b'D', b"Ss1\0")).0, "");
+        let (text, plans) = send(&mut d, &message(b'S', b""));
+        assert!(text.contains("ERRCODE = '0A000', MESSAGE = 'unsupported statement: Truncate'"));
+        assert_eq!(plans, [Plan::Pass]);
         // The next batch runs normally.
-        assert_eq!(d.on_message(b'P', &parse("SELECT 1")), Upstream::Forward);
-        assert_eq!(d.on_message(b'B', b"\0s1\0\0\0\0\0\0\0"), Upstream::Forward);
-        assert_eq!(d.on_message(b'E', b"\0\0\0\0\0"), Upstream::Forward);
-        assert_eq!(d.on_message(b'S', b""), Upstream::Forward);
+        let select = parse("SELECT 1");
+        assert_eq!(send(&mut d, &select).0.as_bytes(), select.as_slice());
+        send(&mut d, &message(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        send(&mut d, &message(b'E', b"\0\0\0\0\0"));
+        assert_eq!(send(&mut d, &message(b'S', b"")).1, [Plan::Pass]);
         // ASYNC is taken out of the text sent on.
-        match d.on_message(b'P', &parse("CREATE INDEX ASYNC i ON t (v)")) {
-            Upstream::Replace(bytes) => {
-                assert_eq!(&bytes[5..], b"s1\0CREATE INDEX  i ON t (v)\0\0\0");
-                assert_eq!(
-                    u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize,
-                    bytes.len() - 1
-                );
-            }
-            other => panic!("{other:?}"),
+        let (text, _) = send(&mut d, &parse("CREATE INDEX ASYNC i ON t (v)"));
+        assert_eq!(&text.as_bytes()[5..], b"s1\0CREATE INDEX  i ON t (v)\0\0\0");
+        // A write bound inside a transaction gets its savepoint, and its Sync a guard.
+        send(&mut d, &q("BEGIN"));
+        send(&mut d, &parse("DELETE FROM t WHERE id = $1"));
+        let (text, plans) = send(&mut d, &message(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        assert!(text.contains("SAVEPOINT dsql_emulator_occ"));
+        assert_eq!(plans, [Plan::Swallow]);
+        send(&mut d, &message(b'E', b"\0\0\0\0\0"));
+        assert_eq!(
+            send(&mut d, &message(b'S', b"")).1,
+            [Plan::Guard { tag: "DELETE 1" }]
+        );
+    }
+
+    fn error(code: &str, extra: &[u8]) -> Vec<u8> {
+        let mut body = format!("SERROR\0C{code}\0Mnope\0").into_bytes();
+        body.extend_from_slice(extra);
+        body.push(0);
+        message(b'E', &body)
+    }
+
+    fn responder_for(plans: &[Plan]) -> (Responder, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+        let shared = Plans::default();
+        for plan in plans {
+            shared.push(*plan);
         }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Responder::new(shared, tx), rx)
     }
 
     #[test]
     fn the_refusal_context_is_taken_out_across_any_split() {
-        let mut error = Vec::new();
-        let mut body = b"SERROR\0C0A000\0Mnope\0".to_vec();
-        body.extend_from_slice(RAISE_CONTEXT);
-        body.push(0);
-        crate::emulator::wire::append_message(&mut error, b'E', &body);
-        let mut stream = b"C\0\0\0\x0dSELECT 1\0".to_vec();
-        stream.extend_from_slice(&error);
-        stream.extend_from_slice(b"Z\0\0\0\x05I");
-        let mut expected = b"C\0\0\0\x0dSELECT 1\0".to_vec();
-        crate::emulator::wire::append_message(&mut expected, b'E', b"SERROR\0C0A000\0Mnope\0\0");
-        expected.extend_from_slice(b"Z\0\0\0\x05I");
+        let mut stream = message(b'C', b"SELECT 1\0");
+        stream.extend_from_slice(&error("0A000", RAISE_CONTEXT));
+        stream.extend_from_slice(&message(b'Z', b"I"));
+        let mut expected = message(b'C', b"SELECT 1\0");
+        expected.extend_from_slice(&error("0A000", b""));
+        expected.extend_from_slice(&message(b'Z', b"I"));
         for split in 0..stream.len() {
-            let mut rewriter = ErrorRewriter::default();
+            let (mut responder, _rx) = responder_for(&[Plan::Pass]);
             let mut out = Vec::new();
-            rewriter.feed(&stream[..split], &mut out);
-            rewriter.feed(&stream[split..], &mut out);
+            responder.feed(&stream[..split], &mut out);
+            responder.feed(&stream[split..], &mut out);
             assert_eq!(out, expected, "split at {split}");
         }
+    }
+
+    #[test]
+    fn a_lost_write_is_told_its_tag_and_rolled_back_to_its_savepoint() {
+        // SAVEPOINT's answer (swallowed), then the write's: it timed out on a row lock.
+        let mut stream = message(b'C', b"SAVEPOINT\0");
+        stream.extend_from_slice(&message(b'Z', b"T"));
+        stream.extend_from_slice(&message(b'2', b""));
+        stream.extend_from_slice(&error("55P03", b""));
+        stream.extend_from_slice(&message(b'Z', b"E"));
+        let (mut responder, mut rx) =
+            responder_for(&[Plan::Swallow, Plan::Guard { tag: "UPDATE 1" }]);
+        let mut out = Vec::new();
+        responder.feed(&stream, &mut out);
+        let mut expected = message(b'2', b"");
+        expected.extend_from_slice(&message(b'C', b"UPDATE 1\0"));
+        expected.extend_from_slice(&message(b'Z', b"T"));
+        assert_eq!(out, expected);
+        assert!(responder.plans.doomed.load(Ordering::SeqCst));
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            query("ROLLBACK TO SAVEPOINT dsql_emulator_occ")
+        );
+        assert!(responder.plans.lock().is_empty());
+
+        // Another error is the client's own: passed on, nothing doomed.
+        let (mut responder, mut rx) = responder_for(&[Plan::Guard { tag: "UPDATE 1" }]);
+        let mut stream = error("23505", b"");
+        stream.extend_from_slice(&message(b'Z', b"E"));
+        let mut out = Vec::new();
+        responder.feed(&stream, &mut out);
+        assert_eq!(out, stream);
+        assert!(rx.try_recv().is_err());
+        assert!(!responder.plans.doomed.load(Ordering::SeqCst));
+
+        // A doomed COMMIT: the error without its ReadyForQuery, then only the ROLLBACK's.
+        let (mut responder, _rx) = responder_for(&[Plan::AllButReady, Plan::OnlyReady]);
+        let mut stream = error("40001", RAISE_CONTEXT);
+        stream.extend_from_slice(&message(b'Z', b"E"));
+        stream.extend_from_slice(&message(b'C', b"ROLLBACK\0"));
+        stream.extend_from_slice(&message(b'Z', b"I"));
+        let mut out = Vec::new();
+        responder.feed(&stream, &mut out);
+        let mut expected = error("40001", b"");
+        expected.extend_from_slice(&message(b'Z', b"I"));
+        assert_eq!(out, expected);
     }
 }

@@ -47,6 +47,9 @@ pub(crate) struct Statement {
     pub(crate) kind: Kind,
     /// DSQL refuses it whatever the transaction.
     pub(crate) refusal: Option<Refusal>,
+    /// For a write that may lose a conflict: the command tag the client is told when it does
+    /// (its row count is not known then; see the module docs).
+    pub(crate) write_tag: Option<&'static str>,
 }
 
 /// A query text as DSQL reads it: its statements (none when PostgreSQL's parser does not accept
@@ -84,6 +87,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                 statements: vec![Statement {
                     kind: Kind::Other,
                     refusal: None,
+                    write_tag: None,
                 }],
                 upstream_text: format!(
                     "SELECT '{value}'::text AS {}",
@@ -110,6 +114,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                 None => Statement {
                     kind: Kind::Other,
                     refusal: None,
+                    write_tag: None,
                 },
             }
         })
@@ -173,7 +178,17 @@ fn has_tablesample(sql: &str) -> bool {
 fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
     let kind = kind_of(node);
     let refusal = refusal_of(node, is_async, tablesample);
-    Statement { kind, refusal }
+    let write_tag = match node {
+        NodeEnum::InsertStmt(_) => Some("INSERT 0 1"),
+        NodeEnum::UpdateStmt(_) => Some("UPDATE 1"),
+        NodeEnum::DeleteStmt(_) => Some("DELETE 1"),
+        _ => None,
+    };
+    Statement {
+        kind,
+        refusal,
+        write_tag,
+    }
 }
 
 fn kind_of(node: &NodeEnum) -> Kind {
