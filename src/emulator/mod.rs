@@ -193,6 +193,8 @@ pub(crate) struct Shared {
     cut_next_commit: AtomicBool,
     /// DSQL's SQL rules are applied (see `sql`).
     sql_rules: bool,
+    /// Committed schema changes, for `OC001` (with the SQL rules).
+    catalog: Arc<sql::Catalog>,
     /// The network between clients and this endpoint (see [`Network`]).
     network: tokio::sync::watch::Sender<Network>,
     /// Whether the accept loop holds its listening socket now.
@@ -496,6 +498,7 @@ impl DsqlEmulatorBuilder {
             refusing: AtomicBool::new(false),
             cut_next_commit: AtomicBool::new(false),
             sql_rules: self.sql_rules,
+            catalog: Arc::default(),
             network: tokio::sync::watch::Sender::new(Network::Up),
             listening: AtomicBool::new(true),
             drops: tokio::sync::watch::Sender::new(0),

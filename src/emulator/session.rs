@@ -374,7 +374,9 @@ where
         let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
         // With DSQL's SQL rules: the client's messages, decided one by one.
-        let mut dialect = shared.sql_rules.then(|| sql::Dialect::new(plans.clone()));
+        let mut dialect = shared
+            .sql_rules
+            .then(|| sql::Dialect::new(plans.clone(), shared.catalog.clone()));
         let mut pending = Vec::new();
         let mut out = sql::Outgoing::default();
         loop {

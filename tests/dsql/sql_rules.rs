@@ -517,6 +517,10 @@ async fn setup() {
     .await;
 }
 
+/// The two table-driven tests change the same tables: each other's schema changes would give
+/// them `OC001` (as DSQL would), so they take turns.
+static CASES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A connection through the plain emulator (no rules), for setup.
 async fn plain() -> Client {
     crate::support::connector("admin", |b| b)
@@ -559,6 +563,7 @@ async fn run(client: &Client, extended: bool, statement: &str) -> Option<(String
 
 #[tokio::test]
 async fn every_rule_through_the_simple_and_the_extended_protocol() {
+    let _turn = CASES.lock().await;
     setup().await;
     let plain = plain().await;
     let client = rules_connector().await.connect().await.unwrap();
@@ -596,6 +601,7 @@ async fn every_rule_through_psql() {
         println!("skipping: psql is not installed (CI installs it)");
         return;
     }
+    let _turn = CASES.lock().await;
     setup().await;
     let plain = plain().await;
     let emulator = rules_emulator();
@@ -1046,4 +1052,78 @@ async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
     let conflicts = conflicts.load(std::sync::atomic::Ordering::SeqCst);
     println!("80 increments, {conflicts} conflicts retried");
     assert!(conflicts > 0, "8 writers of one row conflict");
+}
+
+/// A committed catalog change makes another session's next statement on that object fail once
+/// with `40001 … (OC001)`; the retry goes through (§6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_fails_the_other_sessions_next_statement_once() {
+    let plain = plain().await;
+    for statement in [
+        "DROP TABLE IF EXISTS rules_schema",
+        "DROP TABLE IF EXISTS rules_schema_other",
+        "CREATE TABLE rules_schema (id int PRIMARY KEY)",
+        "CREATE TABLE rules_schema_other (id int PRIMARY KEY)",
+    ] {
+        plain.batch_execute(statement).await.unwrap();
+    }
+    let connector = rules_connector().await;
+    let reader = connector.connect().await.unwrap();
+    let mut writer = connector.connect().await.unwrap();
+    reader
+        .batch_execute("SELECT * FROM rules_schema")
+        .await
+        .unwrap();
+    writer
+        .batch_execute("ALTER TABLE rules_schema ADD COLUMN note text")
+        .await
+        .unwrap();
+    let oc001 = (
+        "40001".to_owned(),
+        "schema has been updated by another transaction (OC001)".to_owned(),
+    );
+    // Another table is not affected; the changed one fails once, then works.
+    reader
+        .batch_execute("SELECT * FROM rules_schema_other")
+        .await
+        .unwrap();
+    let err = reader
+        .query("SELECT id, note FROM rules_schema", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&err), oc001);
+    reader
+        .query("SELECT id, note FROM rules_schema", &[])
+        .await
+        .unwrap();
+    // The session that made the change is not told of its own change.
+    writer
+        .batch_execute("INSERT INTO rules_schema (id, note) VALUES (1, 'x')")
+        .await
+        .unwrap();
+
+    // In a transaction, retry_transaction sees the conflict and runs it again.
+    writer
+        .batch_execute("ALTER TABLE rules_schema ADD COLUMN note2 text")
+        .await
+        .unwrap();
+    let mut reader = reader;
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    let attempts = &attempts;
+    let n: i64 = tokio_postgres_dsql::retry_transaction(
+        &mut reader,
+        &tokio_postgres_dsql::RetryPolicy::default(),
+        |tx| async move {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let row = tx
+                .query_one("SELECT count(note2) FROM rules_schema", &[])
+                .await?;
+            Ok::<_, Error>(row.get(0))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    drop(writer.transaction().await.unwrap());
 }

@@ -119,6 +119,76 @@ impl Plans {
     }
 }
 
+/// The committed catalog changes (DDL, `GRANT`, `REVOKE`) of one emulator's sessions, with the
+/// relations they named: another session's next statement naming one of them gets
+/// `40001 schema has been updated by another transaction (OC001)`, once.
+#[derive(Debug, Default)]
+pub(crate) struct Catalog {
+    changes: Mutex<VecDeque<Change>>,
+    sessions: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct Change {
+    seq: u64,
+    session: u64,
+    tables: Vec<String>,
+}
+
+/// Changes remembered (a session that has seen none of the oldest is told of them anyway).
+const CHANGES_KEPT: usize = 1024;
+
+impl Catalog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Change>> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new session: its id, and the changes it has seen (all so far).
+    fn join(&self) -> (u64, u64) {
+        let session = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
+        (session, self.current())
+    }
+
+    fn current(&self) -> u64 {
+        self.lock().back().map_or(0, |c| c.seq)
+    }
+
+    /// Records a committed change by `session`; returns its number.
+    fn record(&self, session: u64, tables: &[String]) -> u64 {
+        let mut changes = self.lock();
+        let seq = changes.back().map_or(0, |c| c.seq) + 1;
+        if changes.len() >= CHANGES_KEPT {
+            changes.pop_front();
+        }
+        changes.push_back(Change {
+            seq,
+            session,
+            tables: tables.to_vec(),
+        });
+        seq
+    }
+
+    /// Whether another session changed one of `tables` after change `seen`; if so, the number
+    /// of the latest change.
+    fn changed_since(&self, session: u64, seen: u64, tables: &[String]) -> Option<u64> {
+        if tables.is_empty() {
+            return None;
+        }
+        let changes = self.lock();
+        let changed = changes.iter().any(|c| {
+            c.seq > seen && c.session != session && c.tables.iter().any(|t| tables.contains(t))
+        });
+        changed.then(|| changes.back().map_or(0, |c| c.seq))
+    }
+}
+
+fn schema_conflict() -> Refusal {
+    Refusal {
+        code: "40001",
+        message: "schema has been updated by another transaction (OC001)".into(),
+    }
+}
+
 /// What goes upstream for some client messages: the bytes, and a plan for each `Query` or
 /// `Sync` among them, in order.
 #[derive(Debug, Default)]
@@ -142,16 +212,20 @@ impl Outgoing {
 }
 
 /// A prepared statement as the rules see it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Prepared {
     kind: Kind,
     write_tag: Option<&'static str>,
+    tables: Arc<[String]>,
 }
 
-const OTHER: Prepared = Prepared {
-    kind: Kind::Other,
-    write_tag: None,
-};
+fn other() -> Prepared {
+    Prepared {
+        kind: Kind::Other,
+        write_tag: None,
+        tables: Arc::new([]),
+    }
+}
 
 /// One session's view of DSQL's rules: the transaction it is in, what that transaction did,
 /// and its prepared statements.
@@ -171,17 +245,50 @@ pub(crate) struct Dialect {
     batch_plan: Option<Plan>,
     /// Query texts already read (a service sends the same few again and again).
     cache: HashMap<String, Classified>,
+    catalog: Arc<Catalog>,
+    /// This session's id in the catalog, and the last change it has seen.
+    session: u64,
+    seen: u64,
+    /// Relations named by DDL in the open transaction block, recorded when it commits.
+    pending_ddl: Vec<String>,
 }
 
 /// The most query texts remembered per session.
 const CACHE_LIMIT: usize = 256;
 
 impl Dialect {
-    /// A session's dialect, sharing `plans` with its [`Responder`].
-    pub(crate) fn new(plans: Plans) -> Self {
+    /// A session's dialect, sharing `plans` with its [`Responder`] and `catalog` with the
+    /// emulator's other sessions.
+    pub(crate) fn new(plans: Plans, catalog: Arc<Catalog>) -> Self {
+        let (session, seen) = catalog.join();
         Dialect {
             plans,
+            catalog,
+            session,
+            seen,
             ..Dialect::default()
+        }
+    }
+
+    /// `OC001` for a statement naming `tables`, if another session changed one since this
+    /// session last looked; it is told once.
+    fn schema_check(&mut self, tables: &[String]) -> Option<Refusal> {
+        let latest = self
+            .catalog
+            .changed_since(self.session, self.seen, tables)?;
+        self.seen = latest;
+        Some(schema_conflict())
+    }
+
+    /// After statements of `kind` naming `tables` went through: DDL outside a block is
+    /// committed now, inside one when the block commits.
+    fn note_catalog_change(&mut self, kinds: &[Kind], tables: &[String], committed: bool) {
+        if kinds.contains(&Kind::Ddl) {
+            self.pending_ddl.extend_from_slice(tables);
+        }
+        if committed && !self.pending_ddl.is_empty() {
+            let pending = std::mem::take(&mut self.pending_ddl);
+            self.seen = self.catalog.record(self.session, &pending);
         }
     }
 
@@ -196,7 +303,11 @@ impl Dialect {
                 let mut fields = body.split(|b| *b == 0);
                 if let (Some(portal), Some(statement)) = (fields.next(), fields.next()) {
                     let statement = String::from_utf8_lossy(statement).into_owned();
-                    let prepared = self.statements.get(&statement).copied().unwrap_or(OTHER);
+                    let prepared = self
+                        .statements
+                        .get(&statement)
+                        .cloned()
+                        .unwrap_or_else(other);
                     // A write in a transaction goes after a savepoint, to be undone alone if
                     // it loses a conflict.
                     if let (true, Some(tag)) = (self.in_block, prepared.write_tag) {
@@ -271,7 +382,12 @@ impl Dialect {
             );
             out.push(&query("ROLLBACK"), Some(Plan::OnlyReady));
             self.set_transaction(Transaction::default());
+            self.pending_ddl.clear();
             return;
+        }
+        if let Some(refusal) = self.schema_check(&classified.tables) {
+            self.end_of_implicit_transaction();
+            return out.push(&raise_query(&refusal), Some(Plan::Pass));
         }
         // The whole query runs as one implicit transaction unless it opens or is in a block.
         let mut state = self.transaction();
@@ -281,6 +397,13 @@ impl Dialect {
                 return out.push(&raise_query(&refusal), Some(Plan::Pass));
             }
         }
+        let kinds: Vec<Kind> = classified.statements.iter().map(|s| s.kind).collect();
+        let ends = !state.in_block;
+        if ends && kinds.contains(&Kind::End) && !is_commit(&text) && !kinds.contains(&Kind::Ddl) {
+            // Rolled back: its DDL never happened.
+            self.pending_ddl.clear();
+        }
+        self.note_catalog_change(&kinds, &classified.tables, ends);
         let guard = match classified.statements.as_slice() {
             [statement] if self.in_block => statement.write_tag,
             _ => None,
@@ -326,10 +449,11 @@ impl Dialect {
                 None => Prepared {
                     kind: one.kind,
                     write_tag: one.write_tag,
+                    tables: classified.tables.clone().into(),
                 },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
-            _ => OTHER,
+            _ => other(),
         };
         self.statements.insert(name.clone(), prepared);
         if classified.upstream_text == text {
@@ -347,18 +471,25 @@ impl Dialect {
     fn on_execute(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
         let portal = body.split(|b| *b == 0).next().unwrap_or_default();
         let portal = String::from_utf8_lossy(portal);
-        let kind = self
+        let prepared = self
             .portals
             .get(portal.as_ref())
             .and_then(|statement| self.statements.get(statement))
-            .map_or(Kind::Other, |p| p.kind);
+            .cloned()
+            .unwrap_or_else(other);
+        if let Some(refusal) = self.schema_check(&prepared.tables) {
+            self.skipping = Some(refusal);
+            self.batch_plan = None;
+            return;
+        }
         let mut state = self.transaction();
-        match state.apply(kind) {
+        match state.apply(prepared.kind) {
             Ok(()) => {
                 if state.in_block != self.in_block {
                     self.plans.doomed.store(false, Ordering::SeqCst);
                 }
                 self.set_transaction(state);
+                self.note_catalog_change(&[prepared.kind], &prepared.tables, !state.in_block);
                 out.push(whole, None);
             }
             Err(refusal) => {

@@ -60,6 +60,8 @@ pub(crate) struct Statement {
 pub(crate) struct Classified {
     pub(crate) statements: Vec<Statement>,
     pub(crate) upstream_text: String,
+    /// The relations the text names (lower case, without schema).
+    pub(crate) tables: Vec<String>,
 }
 
 /// Reads `sql`.
@@ -69,8 +71,19 @@ pub(crate) fn classify(sql: &str) -> Classified {
         return Classified {
             statements: Vec::new(),
             upstream_text,
+            tables: Vec::new(),
         };
     };
+    let mut tables: Vec<String> = parsed
+        .tables
+        .iter()
+        .map(|(name, _)| {
+            let name = name.rsplit('.').next().unwrap_or(name);
+            name.trim_matches('"').to_ascii_lowercase()
+        })
+        .collect();
+    tables.sort();
+    tables.dedup();
     let tablesample = has_tablesample(&upstream_text);
     // `SHOW server_version[_num]` alone answers DSQL's version.
     if let [raw] = parsed.protobuf.stmts.as_slice()
@@ -93,6 +106,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     "SELECT '{value}'::text AS {}",
                     show.name.to_ascii_lowercase()
                 ),
+                tables: Vec::new(),
             };
         }
     }
@@ -122,6 +136,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
     Classified {
         statements,
         upstream_text,
+        tables,
     }
 }
 
