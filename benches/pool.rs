@@ -3,9 +3,10 @@
 //! baselines, in the same run), with 1 and 16 concurrent tasks. Each pool uses its defaults
 //! (deadpool with `RecyclingMethod::Fast`) and at most 16 connections.
 //!
-//! `relay_select_1`: the same checkout + `SELECT 1` through our pool, against the emulator's
-//! byte relay and against its message-aware relay (`sql_rules(true)`: every message framed,
-//! every query read by PostgreSQL's parser, cached per session), in front of one PostgreSQL.
+//! All of them go through the emulator as users get it (DSQL's SQL rules on). `relay_select_1`:
+//! the same checkout + `SELECT 1` through our pool, against that message-aware relay (every
+//! message framed, every query read by PostgreSQL's parser, cached per session) and against the
+//! byte relay of an emulator with `sql_rules(false)`, in front of one PostgreSQL.
 
 mod support;
 
@@ -132,15 +133,16 @@ fn pools(c: &mut Criterion) {
         )
     });
 
-    // The same pool against an emulator with DSQL's SQL rules, over the same PostgreSQL.
-    let rules = tokio_postgres_dsql::emulator::DsqlEmulator::builder()
+    // The same pool against an emulator without DSQL's SQL rules (a byte relay), over the same
+    // PostgreSQL.
+    let bytes = tokio_postgres_dsql::emulator::DsqlEmulator::builder()
         .upstream_url(emulator.upstream_url("admin"))
         .credentials(emulator.credentials().clone())
-        .sql_rules(true)
+        .sql_rules(false)
         .start_blocking()
         .unwrap();
-    let ours_rules = rt.block_on(async {
-        let connector = support::connector(&rules, "admin", |b| b).await;
+    let ours_bytes = rt.block_on(async {
+        let connector = support::connector(&bytes, "admin", |b| b).await;
         Ours(connector.pool_with(|b| b.max_size(MAX_SIZE)).await.unwrap())
     });
 
@@ -184,15 +186,15 @@ fn pools(c: &mut Criterion) {
     let mut group = c.benchmark_group("relay_select_1");
     group.bench_function("byte relay", |b| {
         b.to_async(&rt)
-            .iter_custom(|iters| drive(ours.clone(), 1, iters))
+            .iter_custom(|iters| drive(ours_bytes.clone(), 1, iters))
     });
     group.bench_function("message-aware relay (SQL rules)", |b| {
         b.to_async(&rt)
-            .iter_custom(|iters| drive(ours_rules.clone(), 1, iters))
+            .iter_custom(|iters| drive(ours.clone(), 1, iters))
     });
     group.finish();
     if !std::env::args().any(|a| a == "--test") {
-        let ratio = rt.block_on(alternating_ratio(&ours, &ours_rules, 1, ROUNDS));
+        let ratio = rt.block_on(alternating_ratio(&ours_bytes, &ours, 1, ROUNDS));
         println!(
             "relay_select_1: the message-aware relay (SQL rules) costs {:+.1} % per checkout + \
              SELECT 1 against the byte relay (median of {ROUNDS} alternating ~100 ms rounds)",

@@ -9,10 +9,10 @@
 //! PGPASSWORD="$(cargo run -q --example generate_token)" psql -c 'SELECT 1'
 //! ```
 //!
-//! `--sql-rules` makes it answer SQL as DSQL does (statements and types DSQL refuses, one DDL
-//! per transaction, ...; see the README's rule table); without it, any SQL PostgreSQL accepts
-//! passes (DSQL's connection and authentication rules apply either way). It prints which mode
-//! it runs in.
+//! It answers SQL as DSQL does (statements and types DSQL refuses, one DDL per transaction,
+//! conflicts at COMMIT, ...; see the README's rule table); with `--no-sql-rules`, any SQL
+//! PostgreSQL accepts passes (DSQL's connection and authentication rules apply either way). It
+//! prints which mode it runs in.
 //!
 //! The printed credentials are the emulator's own throw-away key pair; they are valid nowhere
 //! else.
@@ -21,7 +21,7 @@ use tokio_postgres_dsql::emulator::DsqlEmulator;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let sql_rules = std::env::args().any(|a| a == "--sql-rules");
+    let sql_rules = !std::env::args().any(|a| a == "--no-sql-rules");
     let emulator = DsqlEmulator::builder().sql_rules(sql_rules).start().await?;
     let credentials = emulator.credentials();
     let exports = [
@@ -51,9 +51,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "# DSQL emulator ready at {} (Ctrl-C to stop); SQL rules: {}",
         emulator.address(),
         if emulator.sql_rules() {
-            "on (SQL is answered as DSQL answers it)"
+            "on (SQL is answered as DSQL answers it; --no-sql-rules turns them off)"
         } else {
-            "off (any SQL PostgreSQL accepts passes; --sql-rules turns them on)"
+            "off (any SQL PostgreSQL accepts passes)"
         }
     );
 

@@ -292,7 +292,7 @@ pub struct DsqlEmulatorBuilder {
     max_open_connections: Option<usize>,
     /// The CA to sign the endpoint's certificate with (a pair shares one).
     authority: Option<Arc<certs::Authority>>,
-    sql_rules: bool,
+    sql_rules: Option<bool>,
 }
 
 impl std::fmt::Debug for DsqlEmulatorBuilder {
@@ -377,13 +377,15 @@ impl DsqlEmulatorBuilder {
         self
     }
 
-    /// Answers SQL as DSQL does (see the README's rule table): statements and types DSQL
-    /// refuses get its SQLSTATE and message, one DDL per transaction, no DDL with DML, only
-    /// REPEATABLE READ, no savepoints, `SET` of allowed parameters only, `CREATE INDEX ASYNC`.
-    /// Default off for now: commit-time conflicts and DSQL's transaction limits are not
-    /// emulated yet (the README's emulator section lists what is and is not).
+    /// Whether SQL is answered as DSQL answers it (see the README's rule table): statements
+    /// and types DSQL refuses get its SQLSTATE and message; one DDL per transaction, no DDL
+    /// with DML, only REPEATABLE READ, no savepoints, `SET` of allowed parameters only,
+    /// `CREATE INDEX ASYNC`; writers never wait on each other and conflicts fail at `COMMIT`
+    /// (`OC000`), schema changes give other sessions `OC001`. Default on; `false` leaves a
+    /// plain PostgreSQL behind DSQL's connection rules (the README lists what is and is not
+    /// emulated).
     pub fn sql_rules(mut self, on: bool) -> Self {
-        self.sql_rules = on;
+        self.sql_rules = Some(on);
         self
     }
 
@@ -497,7 +499,7 @@ impl DsqlEmulatorBuilder {
             max_age: AtomicU64::new(max_age.as_nanos() as u64),
             refusing: AtomicBool::new(false),
             cut_next_commit: AtomicBool::new(false),
-            sql_rules: self.sql_rules,
+            sql_rules: self.sql_rules.unwrap_or(true),
             catalog: Arc::default(),
             network: tokio::sync::watch::Sender::new(Network::Up),
             listening: AtomicBool::new(true),

@@ -140,9 +140,14 @@ async fn probe_table(emulator: &DsqlEmulator, table: &str) -> DsqlConnector {
         .connect()
         .await
         .unwrap()
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int PRIMARY KEY)"
-        ))
+        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+        .await
+        .unwrap();
+    connector
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
         .await
         .unwrap();
     connector

@@ -31,12 +31,15 @@ async fn a_peered_pair_shares_one_database_and_each_faults_alone() {
 
     // A write through one endpoint is read through the other at once.
     let a = one.connect().await.unwrap();
-    a.batch_execute(
-        "DROP TABLE IF EXISTS pair_probe; CREATE TABLE pair_probe (id int PRIMARY KEY); \
-         INSERT INTO pair_probe VALUES (7)",
+    crate::support::each(
+        &a,
+        &[
+            "DROP TABLE IF EXISTS pair_probe",
+            "CREATE TABLE pair_probe (id int PRIMARY KEY)",
+            "INSERT INTO pair_probe VALUES (7)",
+        ],
     )
-    .await
-    .unwrap();
+    .await;
     let b = two.connect().await.unwrap();
     let row = b.query_one("SELECT id FROM pair_probe", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 7);
@@ -233,10 +236,14 @@ async fn a_commit_cut_on_the_pool_is_an_unknown_outcome_and_not_retried() {
     let (east1, east2) = DsqlEmulator::start_pair().await.unwrap();
     let connector = over_pair((&east1, &east2), |b| b).await;
     let setup = connector.connect().await.unwrap();
-    setup
-        .batch_execute("DROP TABLE IF EXISTS pair_cut; CREATE TABLE pair_cut (id int NOT NULL)")
-        .await
-        .unwrap();
+    crate::support::each(
+        &setup,
+        &[
+            "DROP TABLE IF EXISTS pair_cut",
+            "CREATE TABLE pair_cut (id int NOT NULL)",
+        ],
+    )
+    .await;
     let pool = connector.pool().await.unwrap();
     let runs = Arc::new(AtomicU32::new(0));
     east1.cut_next_commit();
@@ -297,16 +304,14 @@ async fn under_load_the_pool_fails_over_and_back_and_loses_nothing() {
         b.connect_timeout(Duration::from_millis(300))
     })
     .await;
-    connector
-        .connect()
-        .await
-        .unwrap()
-        .batch_execute(
-            "DROP TABLE IF EXISTS failover_ledger; \
-             CREATE TABLE failover_ledger (id text NOT NULL, endpoint text NOT NULL)",
-        )
-        .await
-        .unwrap();
+    crate::support::each(
+        &connector.connect().await.unwrap(),
+        &[
+            "DROP TABLE IF EXISTS failover_ledger",
+            "CREATE TABLE failover_ledger (id text NOT NULL, endpoint text NOT NULL)",
+        ],
+    )
+    .await;
     let pool = connector
         .pool_with(|b| b.max_size(8).connection_timeout(Duration::from_secs(5)))
         .await

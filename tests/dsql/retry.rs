@@ -18,14 +18,15 @@ fn patient() -> RetryPolicy {
 async fn concurrent_increments_on_a_pool_end_exact() {
     let connector = connector("admin", |b| b).await;
     let setup = connector.connect().await.unwrap();
-    setup
-        .batch_execute(
-            "DROP TABLE IF EXISTS retry_counter; \
-             CREATE TABLE retry_counter (id int PRIMARY KEY, n int NOT NULL); \
-             INSERT INTO retry_counter VALUES (1, 0)",
-        )
-        .await
-        .unwrap();
+    crate::support::each(
+        &setup,
+        &[
+            "DROP TABLE IF EXISTS retry_counter",
+            "CREATE TABLE retry_counter (id int PRIMARY KEY, n int NOT NULL)",
+            "INSERT INTO retry_counter VALUES (1, 0)",
+        ],
+    )
+    .await;
     let pool = connector
         .pool_builder()
         .max_size(8)
@@ -204,12 +205,14 @@ async fn literal_dsql_sqlstates_are_conflicts() {
 async fn a_cancelled_transaction_is_rolled_back_before_the_connection_is_reused() {
     let connector = connector("admin", |b| b).await;
     let mut client = connector.connect().await.unwrap();
-    client
-        .batch_execute(
-            "DROP TABLE IF EXISTS service_cancel; CREATE TABLE service_cancel (id int PRIMARY KEY)",
-        )
-        .await
-        .unwrap();
+    crate::support::each(
+        &client,
+        &[
+            "DROP TABLE IF EXISTS service_cancel",
+            "CREATE TABLE service_cancel (id int PRIMARY KEY)",
+        ],
+    )
+    .await;
     let cancelled = tokio::time::timeout(
         Duration::from_millis(300),
         retry_transaction(&mut client, &RetryPolicy::default(), |tx| async move {

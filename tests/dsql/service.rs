@@ -105,13 +105,14 @@ async fn transfer_handler(bank: Arc<Bank>, amount: i64) -> Result<String, String
 async fn bank(table: &'static str) -> Arc<Bank> {
     let connector = connector("admin", |b| b).await;
     let setup = connector.connect().await.unwrap();
-    setup
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {table}; \
-             CREATE TABLE {table} (id bigint PRIMARY KEY, balance bigint NOT NULL)"
-        ))
-        .await
-        .unwrap();
+    crate::support::each(
+        &setup,
+        &[
+            &format!("DROP TABLE IF EXISTS {table}"),
+            &format!("CREATE TABLE {table} (id bigint PRIMARY KEY, balance bigint NOT NULL)"),
+        ],
+    )
+    .await;
     Arc::new(Bank {
         pool: connector.pool_with(|b| b.max_size(8)).await.unwrap(),
         policy: RetryPolicy::with_max_attempts(200)

@@ -280,12 +280,38 @@ impl Drop for Relay {
     }
 }
 
+/// Runs each statement alone, in autocommit (DSQL wants each DDL in a transaction of its own,
+/// and refuses a simple query that mixes two).
+pub async fn each(client: &tokio_postgres_dsql::tokio_postgres::Client, statements: &[&str]) {
+    for statement in statements {
+        client
+            .batch_execute(statement)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+}
+
+/// A connection straight to the shared emulator's PostgreSQL, bypassing the emulator and its
+/// SQL rules: for test fixtures DSQL itself would refuse (triggers, PL/pgSQL).
+pub async fn upstream() -> tokio_postgres_dsql::tokio_postgres::Client {
+    let (client, connection) = tokio_postgres_dsql::tokio_postgres::connect(
+        &emulator().upstream_url("admin"),
+        tokio_postgres_dsql::tokio_postgres::NoTls,
+    )
+    .await
+    .expect("the upstream PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
 /// Creates `table (id int)` whose inserts fail with DSQL's conflict (`40001`, the message
 /// carrying `code`: `OC000` or `OC001`) the first `conflicts` times: at `COMMIT` when
 /// `at_commit` (a deferred constraint trigger), else at the statement. A sequence
-/// `<table>_attempts`, which rollbacks do not undo, counts the attempts.
+/// `<table>_attempts`, which rollbacks do not undo, counts the attempts. A deterministic
+/// stand-in for a real conflict (tests/dsql/sql_rules.rs has real ones), made straight in the
+/// upstream PostgreSQL since DSQL has neither triggers nor PL/pgSQL; `_client` is unused.
 pub async fn conflicting_table(
-    client: &tokio_postgres_dsql::tokio_postgres::Client,
+    _client: &tokio_postgres_dsql::tokio_postgres::Client,
     table: &str,
     conflicts: u32,
     code: &str,
@@ -301,7 +327,8 @@ pub async fn conflicting_table(
         "TRIGGER {t}_conflict AFTER INSERT ON {t}"
     }
     .replace("{t}", table);
-    client
+    upstream()
+        .await
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {table}; DROP SEQUENCE IF EXISTS {table}_attempts; \
              CREATE SEQUENCE {table}_attempts; CREATE TABLE {table} (id int); \

@@ -20,51 +20,54 @@
 //! every later statement gets `25P02` until `ROLLBACK`, and `COMMIT` answers `ROLLBACK`, as on
 //! DSQL. The `CONTEXT` line PL/pgSQL adds to the error is taken out on the way back.
 //!
-//! ## Known deviations (this stage)
-//!
-//! - Not yet emulated: commit-time optimistic concurrency (PostgreSQL's row locks still wait),
-//!   the 3 000-row, 10 MiB and 300 s transaction limits, `CREATE INDEX ASYNC`'s `job_id` row and
-//!   `sys.jobs` / `sys.wait_for_job`, the per-value and per-table limits of §8, refusing to drop
-//!   a primary-key column, full-text search configurations, and DSQL's `server_version`.
-//! - The transaction rules follow the statements the relay has seen, as it reads them: a
-//!   client pipelining statements across a failed one may see a rule applied to a statement
-//!   PostgreSQL then skips.
-//! - Rules apply when a statement is parsed (`Parse`) and, for the transaction rules, when it
-//!   is executed; DSQL may apply some later (at `Bind`).
-
-//!
-//! ## Next: commit-time optimistic concurrency (design; not built yet)
+//! ## Commit-time optimistic concurrency
 //!
 //! DSQL never makes a writer wait: both writers of a row get their `UPDATE 1` at once, and the
-//! second to commit fails at `COMMIT` with `40001 change conflicts with another transaction
-//! (OC000)`. PostgreSQL behind the relay makes the second writer wait on the row lock, then
-//! (at REPEATABLE READ) fails its statement. The plan, on the same relay:
+//! second fails at `COMMIT` with `40001 change conflicts with another transaction (OC000)`.
+//! PostgreSQL behind the relay would make the second writer wait on the row lock, then (at
+//! REPEATABLE READ) fail its statement. So:
 //!
-//! - Upstream sessions run with a `lock_timeout` of a few milliseconds. Inside a transaction,
-//!   each write statement (and `SELECT … FOR UPDATE`, which DSQL counts as a write) goes
-//!   upstream between an injected `SAVEPOINT` and `RELEASE` whose responses the relay
-//!   swallows. A `55P03` lock timeout or a `40001` "could not serialize access" on it means a
-//!   concurrent writer holds or changed a row: the relay rolls back to the savepoint, marks
-//!   the transaction doomed, and answers the statement with the tag it would have had (its row
-//!   count from a `SELECT count(*)` over the same target and condition, written with
-//!   `pg_query`'s deparser). A doomed transaction's `COMMIT` becomes the `DO` refusal with
-//!   `40001 … (OC000)`, which rolls it back. Foreign-key checks take key-share locks on parent
-//!   rows, so a parent deleted under a child being inserted conflicts the same way, and
-//!   referential actions too; disjoint rows never wait, so never conflict.
-//! - `OC001`: the relay records each committed catalog change (DDL, `GRANT`, `REVOKE`) with the
-//!   relations it names and a sequence number; another session's first later statement that
-//!   names one of them, in a transaction that began before the change, gets the `DO` refusal
-//!   `40001 schema has been updated by another transaction (OC001)`, once.
-//! - This needs the server-to-client side to match responses to requests (a queue of one
-//!   plan per `Query` or `Sync` sent upstream: pass, swallow, or rewrite), which the
-//!   refusals above do without.
-//! - Deviations it would keep: the loser is the second *writer* (not always the second to
-//!   commit); a doomed transaction does not read its own lost write; a write that waits on
-//!   something other than a row (a table lock taken by DDL) also counts as a conflict.
-//! - The 3 000-row limit fits the same plan: the row counts of a transaction's write tags are
-//!   summed, and the statement that crosses 3 000 is rolled back to its savepoint and answered
-//!   with `54000 transaction row limit exceeded` (in autocommit the relay would wrap the
-//!   statement in a transaction of its own).
+//! - Upstream sessions start with `lock_timeout` = [`LOCK_TIMEOUT`]. Inside a transaction
+//!   block, each `INSERT`/`UPDATE`/`DELETE` without `RETURNING` goes upstream right after an
+//!   injected `SAVEPOINT` (pipelined: no extra round trip), whose answer is dropped
+//!   ([`Plan::Swallow`]); the write's answer is watched ([`Plan::Guard`]). A `55P03` lock
+//!   timeout or PostgreSQL's `40001 could not serialize access` on it means a concurrent
+//!   writer holds or changed a row: the [`Responder`] drops the error, asks the upstream side
+//!   for `ROLLBACK TO SAVEPOINT`, marks the transaction doomed, and tells the client the
+//!   statement's tag. A doomed transaction's `COMMIT` becomes the `DO` refusal with
+//!   `40001 … (OC000)` followed by a `ROLLBACK` ([`Plan::AllButReady`], [`Plan::OnlyReady`]),
+//!   so the client sees the error and a session outside any transaction, as on DSQL.
+//! - Everywhere else PostgreSQL's own `55P03` and `could not serialize access` reach the
+//!   client as DSQL's `OC000` (a write with `RETURNING`, `SELECT … FOR UPDATE`, autocommit):
+//!   at the statement, which the retry helpers handle as well.
+//! - Foreign-key checks take key-share locks on parent rows, so deleting a parent while its
+//!   child is inserted conflicts, and referential actions too; non-key updates and disjoint
+//!   rows never wait, so never conflict.
+//! - `OC001`: [`Catalog`] records each committed catalog change (DDL, `GRANT`, `REVOKE`;
+//!   outside a block when sent, inside one at its `COMMIT`) with the relations it names
+//!   (`pg_query`'s table list, without schema); a session that had used one of them gets the
+//!   `DO` refusal `40001 schema has been updated by another transaction (OC001)` on its next
+//!   statement naming it, once.
+//!
+//! ## Known deviations
+//!
+//! - The loser of a conflict is the second *writer*, not always the second to commit; a lost
+//!   write's tag says one row; a doomed transaction does not read its own lost write; a write
+//!   that waits on something other than a row (a table lock held by DDL) counts as a
+//!   conflict. A DDL that PostgreSQL then refuses still counts as a schema change. Relation
+//!   names are compared without their schema.
+//! - Not yet emulated: the 3 000-row, 10 MiB and 300 s transaction limits, `CREATE INDEX
+//!   ASYNC`'s `job_id` row and `sys.jobs` / `sys.wait_for_job`, the per-value and per-table
+//!   limits of §8, refusing to drop a primary-key column, full-text search configurations,
+//!   `version()`. The 3 000-row limit fits the plan above: the write tags of a transaction
+//!   summed, the statement that crosses 3 000 undone to its savepoint and answered `54000
+//!   transaction row limit exceeded`.
+//! - The transaction rules follow the statements the relay has seen, as it reads them: a
+//!   client pipelining statements across a failed one may see a rule applied to a statement
+//!   PostgreSQL then skips, and a lost write's `ROLLBACK TO SAVEPOINT` lands after any
+//!   statement the client pipelined behind it.
+//! - Rules apply when a statement is parsed (`Parse`) and, for the transaction rules, when it
+//!   is executed; DSQL may apply some later (at `Bind`).
 
 pub(crate) mod rules;
 
@@ -120,8 +123,9 @@ impl Plans {
 }
 
 /// The committed catalog changes (DDL, `GRANT`, `REVOKE`) of one emulator's sessions, with the
-/// relations they named: another session's next statement naming one of them gets
-/// `40001 schema has been updated by another transaction (OC001)`, once.
+/// relations they named: another session that had used one of them before the change gets
+/// `40001 schema has been updated by another transaction (OC001)` on its next statement naming
+/// it, once (its cached schema is stale; a session that never used it has none to be stale).
 #[derive(Debug, Default)]
 pub(crate) struct Catalog {
     changes: Mutex<VecDeque<Change>>,
@@ -143,10 +147,9 @@ impl Catalog {
         self.changes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new session: its id, and the changes it has seen (all so far).
-    fn join(&self) -> (u64, u64) {
-        let session = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
-        (session, self.current())
+    /// A new session's id.
+    fn join(&self) -> u64 {
+        self.sessions.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     fn current(&self) -> u64 {
@@ -168,17 +171,17 @@ impl Catalog {
         seq
     }
 
-    /// Whether another session changed one of `tables` after change `seen`; if so, the number
-    /// of the latest change.
-    fn changed_since(&self, session: u64, seen: u64, tables: &[String]) -> Option<u64> {
-        if tables.is_empty() {
-            return None;
-        }
+    /// Whether another session changed one of `tables` since `session` last used it
+    /// (`touched`: table → the latest change number then).
+    fn stale(&self, session: u64, touched: &HashMap<String, u64>, tables: &[String]) -> bool {
         let changes = self.lock();
-        let changed = changes.iter().any(|c| {
-            c.seq > seen && c.session != session && c.tables.iter().any(|t| tables.contains(t))
-        });
-        changed.then(|| changes.back().map_or(0, |c| c.seq))
+        tables.iter().any(|table| {
+            touched.get(table).is_some_and(|&used_at| {
+                changes
+                    .iter()
+                    .any(|c| c.seq > used_at && c.session != session && c.tables.contains(table))
+            })
+        })
     }
 }
 
@@ -246,9 +249,10 @@ pub(crate) struct Dialect {
     /// Query texts already read (a service sends the same few again and again).
     cache: HashMap<String, Classified>,
     catalog: Arc<Catalog>,
-    /// This session's id in the catalog, and the last change it has seen.
+    /// This session's id in the catalog.
     session: u64,
-    seen: u64,
+    /// The relations this session has used, with the latest catalog change number then.
+    touched: HashMap<String, u64>,
     /// Relations named by DDL in the open transaction block, recorded when it commits.
     pending_ddl: Vec<String>,
 }
@@ -260,24 +264,27 @@ impl Dialect {
     /// A session's dialect, sharing `plans` with its [`Responder`] and `catalog` with the
     /// emulator's other sessions.
     pub(crate) fn new(plans: Plans, catalog: Arc<Catalog>) -> Self {
-        let (session, seen) = catalog.join();
+        let session = catalog.join();
         Dialect {
             plans,
             catalog,
             session,
-            seen,
             ..Dialect::default()
         }
     }
 
     /// `OC001` for a statement naming `tables`, if another session changed one since this
-    /// session last looked; it is told once.
+    /// session last used it; it is told once. Either way the tables count as used now.
     fn schema_check(&mut self, tables: &[String]) -> Option<Refusal> {
-        let latest = self
-            .catalog
-            .changed_since(self.session, self.seen, tables)?;
-        self.seen = latest;
-        Some(schema_conflict())
+        if tables.is_empty() {
+            return None;
+        }
+        let stale = self.catalog.stale(self.session, &self.touched, tables);
+        let now = self.catalog.current();
+        for table in tables {
+            self.touched.insert(table.clone(), now);
+        }
+        stale.then(schema_conflict)
     }
 
     /// After statements of `kind` naming `tables` went through: DDL outside a block is
@@ -288,7 +295,10 @@ impl Dialect {
         }
         if committed && !self.pending_ddl.is_empty() {
             let pending = std::mem::take(&mut self.pending_ddl);
-            self.seen = self.catalog.record(self.session, &pending);
+            let seq = self.catalog.record(self.session, &pending);
+            for table in pending {
+                self.touched.insert(table, seq);
+            }
         }
     }
 
@@ -699,7 +709,7 @@ impl Responder {
             Plan::OnlyReady if ready => self.pass(out),
             Plan::OnlyReady => {}
             Plan::Guard { tag: told } => {
-                if tag == b'E' && lost_conflict(&self.current[5..]) {
+                if tag == b'E' && native_conflict(&self.current[5..]) {
                     self.lost = true;
                 } else if self.lost && ready {
                     // Undo the write alone, and tell the client it went through.
@@ -722,9 +732,16 @@ impl Responder {
         }
     }
 
-    /// Passes the current message on, without the refusal blocks' `CONTEXT`.
+    /// Passes the current message on, without the refusal blocks' `CONTEXT`; PostgreSQL's own
+    /// lock timeouts and serialization failures become DSQL's conflict.
     fn pass(&mut self, out: &mut Vec<u8>) {
         let message = &self.current;
+        if message[0] == b'E' && native_conflict(&message[5..]) {
+            let body =
+                b"SERROR\0VERROR\0C40001\0Mchange conflicts with another transaction (OC000)\0\0";
+            super::wire::append_message(out, b'E', body);
+            return;
+        }
         if message[0] == b'E'
             && let Some(at) = message[5..]
                 .windows(RAISE_CONTEXT.len())
@@ -740,12 +757,20 @@ impl Responder {
     }
 }
 
-/// Whether an `ErrorResponse` body says a write met a row another transaction holds (`55P03`
-/// lock timeout) or changed since the snapshot (`40001`).
-fn lost_conflict(body: &[u8]) -> bool {
-    body.split(|b| *b == 0)
-        .find_map(|field| field.strip_prefix(b"C"))
-        .is_some_and(|code| code == b"55P03" || code == b"40001")
+/// Whether an `ErrorResponse` body is PostgreSQL's own answer to a row another transaction
+/// holds (`55P03` lock timeout) or changed since the snapshot (`40001 could not serialize
+/// access …`), not a conflict the relay raised itself.
+fn native_conflict(body: &[u8]) -> bool {
+    let field = |name: u8| {
+        body.split(|b| *b == 0)
+            .find_map(|field| field.strip_prefix(&[name]))
+            .unwrap_or_default()
+    };
+    match field(b'C') {
+        b"55P03" => true,
+        b"40001" => field(b'M').starts_with(b"could not serialize access"),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -917,6 +942,16 @@ mod tests {
         assert_eq!(out, stream);
         assert!(rx.try_recv().is_err());
         assert!(!responder.plans.doomed.load(Ordering::SeqCst));
+
+        // Elsewhere PostgreSQL's own lock timeout reaches the client as DSQL's conflict.
+        let (mut responder, _rx) = responder_for(&[Plan::Pass]);
+        let mut out = Vec::new();
+        responder.feed(&error("55P03", b""), &mut out);
+        assert!(
+            String::from_utf8_lossy(&out)
+                .contains("C40001\0Mchange conflicts with another transaction (OC000)"),
+            "{out:?}"
+        );
 
         // A doomed COMMIT: the error without its ReadyForQuery, then only the ROLLBACK's.
         let (mut responder, _rx) = responder_for(&[Plan::AllButReady, Plan::OnlyReady]);

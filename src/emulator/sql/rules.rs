@@ -193,10 +193,12 @@ fn has_tablesample(sql: &str) -> bool {
 fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
     let kind = kind_of(node);
     let refusal = refusal_of(node, is_async, tablesample);
+    // A write with RETURNING cannot be answered without its rows: if it loses, the client
+    // gets the conflict at the statement instead (see the module docs).
     let write_tag = match node {
-        NodeEnum::InsertStmt(_) => Some("INSERT 0 1"),
-        NodeEnum::UpdateStmt(_) => Some("UPDATE 1"),
-        NodeEnum::DeleteStmt(_) => Some("DELETE 1"),
+        NodeEnum::InsertStmt(i) if i.returning_clause.is_none() => Some("INSERT 0 1"),
+        NodeEnum::UpdateStmt(u) if u.returning_clause.is_none() => Some("UPDATE 1"),
+        NodeEnum::DeleteStmt(d) if d.returning_clause.is_none() => Some("DELETE 1"),
         _ => None,
     };
     Statement {
