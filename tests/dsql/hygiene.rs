@@ -136,20 +136,14 @@ async fn probe_table(emulator: &DsqlEmulator, table: &str) -> DsqlConnector {
     let connector = DsqlConnector::new(emulator.config_for("admin").build().unwrap())
         .await
         .unwrap();
-    connector
-        .connect()
-        .await
-        .unwrap()
-        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
-        .await
-        .unwrap();
-    connector
-        .connect()
-        .await
-        .unwrap()
-        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
-        .await
-        .unwrap();
+    crate::support::each(
+        &connector.connect().await.unwrap(),
+        &[
+            &format!("DROP TABLE IF EXISTS {table}"),
+            &format!("CREATE TABLE {table} (id int PRIMARY KEY)"),
+        ],
+    )
+    .await;
     connector
 }
 

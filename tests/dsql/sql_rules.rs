@@ -969,15 +969,17 @@ async fn two_writers_of_one_row_never_wait_and_one_commit_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_key_conflicts_follow_the_key() {
     let plain = plain().await;
-    for statement in [
-        "DROP TABLE IF EXISTS rules_child",
-        "DROP TABLE IF EXISTS rules_parent",
-        "CREATE TABLE rules_parent (id int PRIMARY KEY, name text)",
-        "CREATE TABLE rules_child (id int PRIMARY KEY, parent_id int REFERENCES rules_parent (id))",
-        "INSERT INTO rules_parent VALUES (1, 'a'), (2, 'b')",
-    ] {
-        plain.batch_execute(statement).await.unwrap();
-    }
+    crate::support::each(
+        &plain,
+        &[
+            "DROP TABLE IF EXISTS rules_child",
+            "DROP TABLE IF EXISTS rules_parent",
+            "CREATE TABLE rules_parent (id int PRIMARY KEY, name text)",
+            "CREATE TABLE rules_child (id int PRIMARY KEY, parent_id int REFERENCES rules_parent (id))",
+            "INSERT INTO rules_parent VALUES (1, 'a'), (2, 'b')",
+        ],
+    )
+    .await;
     let connector = rules_connector().await;
     let s0 = connector.connect().await.unwrap();
     let s1 = connector.connect().await.unwrap();
@@ -1026,13 +1028,15 @@ async fn foreign_key_conflicts_follow_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
     let plain = plain().await;
-    for statement in [
-        "DROP TABLE IF EXISTS rules_counter",
-        "CREATE TABLE rules_counter (id int PRIMARY KEY, n int NOT NULL)",
-        "INSERT INTO rules_counter VALUES (1, 0)",
-    ] {
-        plain.batch_execute(statement).await.unwrap();
-    }
+    crate::support::each(
+        &plain,
+        &[
+            "DROP TABLE IF EXISTS rules_counter",
+            "CREATE TABLE rules_counter (id int PRIMARY KEY, n int NOT NULL)",
+            "INSERT INTO rules_counter VALUES (1, 0)",
+        ],
+    )
+    .await;
     let pool = rules_connector()
         .await
         .pool_with(|b| b.max_size(8))
@@ -1085,14 +1089,16 @@ async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_change_fails_the_other_sessions_next_statement_once() {
     let plain = plain().await;
-    for statement in [
-        "DROP TABLE IF EXISTS rules_schema",
-        "DROP TABLE IF EXISTS rules_schema_other",
-        "CREATE TABLE rules_schema (id int PRIMARY KEY)",
-        "CREATE TABLE rules_schema_other (id int PRIMARY KEY)",
-    ] {
-        plain.batch_execute(statement).await.unwrap();
-    }
+    crate::support::each(
+        &plain,
+        &[
+            "DROP TABLE IF EXISTS rules_schema",
+            "DROP TABLE IF EXISTS rules_schema_other",
+            "CREATE TABLE rules_schema (id int PRIMARY KEY)",
+            "CREATE TABLE rules_schema_other (id int PRIMARY KEY)",
+        ],
+    )
+    .await;
     let connector = rules_connector().await;
     let reader = connector.connect().await.unwrap();
     let fresh = connector.connect().await.unwrap();
