@@ -619,77 +619,66 @@ impl<'p> Attempts<'p> {
         tracing::debug_span!("dsql.transaction", attempt = self.attempt)
     }
 
-    /// The delay before another attempt, or `Err(out_of_time)` when the attempts or the
-    /// deadline are spent.
-    fn next_delay(&self) -> Result<Duration, bool> {
+    /// The delay before the next attempt (a retry), or `None` when the attempts or the deadline
+    /// are spent (exhausted); counted either way, and logged by `log`, which gets the attempt
+    /// that failed and the delay, or whether the deadline (not the count) ran out.
+    fn next(&mut self, log: impl FnOnce(u32, Result<Duration, bool>)) -> Option<Duration> {
         let delay = self.policy.delay_after(self.attempt);
         let out_of_time = self
             .policy
             .deadline
             .is_some_and(|deadline| self.started.elapsed() + delay >= deadline);
         if self.attempt >= self.policy.max_attempts.max(1) || out_of_time {
-            Err(out_of_time)
-        } else {
-            Ok(delay)
+            log(self.attempt, Err(out_of_time));
+            crate::telemetry::transaction_retries_exhausted();
+            return None;
         }
+        log(self.attempt, Ok(delay));
+        crate::telemetry::transaction_retry();
+        self.attempt += 1;
+        Some(delay)
     }
 
     /// After a connection lost (or an attempt timed out) before `COMMIT`: the delay before the
     /// next attempt, on another connection, or `None` when the attempts or the deadline are
     /// spent.
     fn after_lost_connection(&mut self, endpoint: &str, why: &'static str) -> Option<Duration> {
-        let delay = match self.next_delay() {
-            Ok(delay) => delay,
-            Err(out_of_time) => {
-                crate::telemetry::transaction_retries_exhausted();
-                tracing::warn!(
-                    attempts = self.attempt,
-                    endpoint,
-                    why,
-                    out_of_time,
-                    "transaction gave up after losing its connection before COMMIT"
-                );
-                return None;
-            }
-        };
-        tracing::info!(
-            attempt = self.attempt,
-            endpoint,
-            why,
-            delay_ms = delay.as_millis() as u64,
-            "connection lost before COMMIT (nothing committed); retrying on another connection"
-        );
-        crate::telemetry::transaction_retry();
-        self.attempt += 1;
-        Some(delay)
+        self.next(|attempt, outcome| match outcome {
+            Ok(delay) => tracing::info!(
+                attempt,
+                endpoint,
+                why,
+                delay_ms = delay.as_millis() as u64,
+                "connection lost before COMMIT (nothing committed); retrying on another connection"
+            ),
+            Err(out_of_time) => tracing::warn!(
+                attempts = attempt,
+                endpoint,
+                why,
+                out_of_time,
+                "transaction gave up after losing its connection before COMMIT"
+            ),
+        })
     }
 
     /// After a conflict: the delay before the next attempt, or `None` when the attempts or the
     /// deadline are spent.
     fn after_conflict(&mut self, conflict: OccConflict) -> Option<Duration> {
         crate::telemetry::transaction_conflict(conflict.code());
-        let delay = match self.next_delay() {
-            Ok(delay) => delay,
-            Err(out_of_time) => {
-                crate::telemetry::transaction_retries_exhausted();
-                tracing::warn!(
-                    attempts = self.attempt,
-                    code = conflict.code(),
-                    out_of_time,
-                    "transaction gave up on optimistic-concurrency conflicts"
-                );
-                return None;
-            }
-        };
-        tracing::debug!(
-            attempt = self.attempt,
-            code = conflict.code(),
-            delay_ms = delay.as_millis() as u64,
-            "optimistic-concurrency conflict; retrying the transaction"
-        );
-        crate::telemetry::transaction_retry();
-        self.attempt += 1;
-        Some(delay)
+        self.next(|attempt, outcome| match outcome {
+            Ok(delay) => tracing::debug!(
+                attempt,
+                code = conflict.code(),
+                delay_ms = delay.as_millis() as u64,
+                "optimistic-concurrency conflict; retrying the transaction"
+            ),
+            Err(out_of_time) => tracing::warn!(
+                attempts = attempt,
+                code = conflict.code(),
+                out_of_time,
+                "transaction gave up on optimistic-concurrency conflicts"
+            ),
+        })
     }
 }
 
