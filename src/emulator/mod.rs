@@ -193,6 +193,8 @@ pub(crate) struct Shared {
     cut_next_commit: AtomicBool,
     /// DSQL's SQL rules are applied (see `sql`).
     sql_rules: bool,
+    /// How long a transaction block may stay open (with the SQL rules).
+    transaction_age_limit: Duration,
     /// Committed schema changes, for `OC001` (with the SQL rules).
     catalog: Arc<sql::Catalog>,
     /// The network between clients and this endpoint (see [`Network`]).
@@ -293,6 +295,7 @@ pub struct DsqlEmulatorBuilder {
     /// The CA to sign the endpoint's certificate with (a pair shares one).
     authority: Option<Arc<certs::Authority>>,
     sql_rules: Option<bool>,
+    transaction_age_limit: Option<Duration>,
 }
 
 impl std::fmt::Debug for DsqlEmulatorBuilder {
@@ -389,6 +392,14 @@ impl DsqlEmulatorBuilder {
         self
     }
 
+    /// How long a transaction block may stay open with the SQL rules on: after it, its next
+    /// statement fails with `54000 transaction age limit of <n>s exceeded` (a `COMMIT` then
+    /// ends it). DSQL's limit, and the default, is 300 s; tests may want a shorter one.
+    pub fn transaction_age_limit(mut self, limit: Duration) -> Self {
+        self.transaction_age_limit = Some(limit);
+        self
+    }
+
     /// Starts the emulator (and its PostgreSQL) without blocking the async runtime.
     pub async fn start(self) -> Result<DsqlEmulator, Error> {
         tokio::task::spawn_blocking(move || self.start_blocking())
@@ -422,6 +433,15 @@ impl DsqlEmulatorBuilder {
             .unwrap_or(crate::config::SERVER_MAX_CONNECTION_AGE);
         if max_age < Duration::from_secs(1) {
             return Err(Error::config("max_connection_age", "must be at least 1 s"));
+        }
+        let transaction_age_limit = self
+            .transaction_age_limit
+            .unwrap_or(sql::TRANSACTION_AGE_LIMIT);
+        if transaction_age_limit < Duration::from_secs(1) {
+            return Err(Error::config(
+                "transaction_age_limit",
+                "must be at least 1 s",
+            ));
         }
         let (rate, burst) = self
             .connection_rate
@@ -500,6 +520,7 @@ impl DsqlEmulatorBuilder {
             refusing: AtomicBool::new(false),
             cut_next_commit: AtomicBool::new(false),
             sql_rules: self.sql_rules.unwrap_or(true),
+            transaction_age_limit,
             catalog: Arc::default(),
             network: tokio::sync::watch::Sender::new(Network::Up),
             listening: AtomicBool::new(true),

@@ -366,31 +366,56 @@ where
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     shared.open.fetch_add(1, Ordering::SeqCst);
     // With DSQL's SQL rules: the plans both directions share, and the upstream side's inbox for
-    // requests the server-to-client side makes (undoing a write that lost a conflict).
+    // what the server-to-client side sends upstream when a write's answer is in.
     let plans = sql::Plans::default();
-    let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<sql::Requests>();
     let to_upstream = async {
         let mut spotter = wire::CommitSpotter::default();
         let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
         // With DSQL's SQL rules: the client's messages, decided one by one.
-        let mut dialect = shared
-            .sql_rules
-            .then(|| sql::Dialect::new(plans.clone(), shared.catalog.clone()));
+        let mut dialect = shared.sql_rules.then(|| {
+            sql::Dialect::new(
+                plans.clone(),
+                shared.catalog.clone(),
+                shared.transaction_age_limit,
+            )
+        });
         let mut pending = Vec::new();
         let mut out = sql::Outgoing::default();
         loop {
-            let n = tokio::select! {
-                biased;
-                Some(request) = injected.recv() => {
-                    plans.push(sql::Plan::Swallow);
-                    pass_black_hole(&mut network).await;
-                    upstream_write.write_all(&request).await?;
-                    upstream_write.flush().await?;
-                    continue;
+            // Decide what the client has sent; after a request that writes, wait for its answer
+            // (and what it asks to send next) before deciding on.
+            while let Some(dialect) = &mut dialect {
+                out.clear();
+                let used = decide(dialect, &pending, &mut out);
+                pending.drain(..used);
+                for plan in out.plans.drain(..) {
+                    plans.push(plan);
                 }
-                read = client_read.read(&mut buf) => read?,
-            };
+                if !out.bytes.is_empty() {
+                    pass_black_hole(&mut network).await;
+                    upstream_write.write_all(&out.bytes).await?;
+                    upstream_write.flush().await?;
+                }
+                if !out.gate {
+                    break;
+                }
+                let Some(requests) = injected.recv().await else {
+                    return Ok(());
+                };
+                out.clear();
+                for (request, plan) in requests {
+                    plans.push(plan);
+                    out.bytes.extend_from_slice(&request);
+                }
+                if !out.bytes.is_empty() {
+                    pass_black_hole(&mut network).await;
+                    upstream_write.write_all(&out.bytes).await?;
+                    upstream_write.flush().await?;
+                }
+            }
+            let n = client_read.read(&mut buf).await?;
             if n == 0 {
                 return Ok(());
             }
@@ -398,24 +423,12 @@ where
                 shared.count(|stats| stats.cut_at_commit += 1);
                 return Ok(());
             }
-            let data: &[u8] = match &mut dialect {
-                None => &buf[..n],
-                Some(dialect) => {
-                    pending.extend_from_slice(&buf[..n]);
-                    out.clear();
-                    let used = decide(dialect, &pending, &mut out);
-                    pending.drain(..used);
-                    for plan in out.plans.drain(..) {
-                        plans.push(plan);
-                    }
-                    &out.bytes
-                }
-            };
-            if data.is_empty() {
+            if dialect.is_some() {
+                pending.extend_from_slice(&buf[..n]);
                 continue;
             }
             pass_black_hole(&mut network).await;
-            upstream_write.write_all(data).await?;
+            upstream_write.write_all(&buf[..n]).await?;
             upstream_write.flush().await?;
         }
     };
@@ -487,6 +500,9 @@ fn decide(dialect: &mut sql::Dialect, pending: &[u8], out: &mut sql::Outgoing) -
         }
         dialect.on_message(tag, &pending[at + 5..end], &pending[at..end], out);
         at = end;
+        if out.gate {
+            break;
+        }
     }
     at
 }

@@ -504,7 +504,7 @@ fn cases() -> Vec<(&'static str, Expected)> {
     ]
 }
 
-/// Prepares the objects the cases refer to, through the plain emulator (no rules), once.
+/// Prepares the objects the cases refer to, straight in PostgreSQL, once.
 async fn setup() {
     static DONE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     DONE.get_or_init(|| async {
@@ -524,13 +524,10 @@ async fn setup() {
 /// them `OC001` (as DSQL would), so they take turns.
 static CASES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A connection through the plain emulator (no rules), for setup.
+/// A connection straight to the emulator's PostgreSQL (no DSQL rules, no catalog changes seen
+/// by the emulator), for setup and checks.
 async fn plain() -> Client {
-    crate::support::connector("admin", |b| b)
-        .await
-        .connect()
-        .await
-        .unwrap()
+    crate::support::upstream().await
 }
 
 /// What must be undone before a case can run again (its effect of the previous run).
@@ -1166,4 +1163,247 @@ async fn a_schema_change_fails_the_other_sessions_next_statement_once() {
     assert_eq!(n, 0);
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
     drop(writer.transaction().await.unwrap());
+}
+
+/// Statements through the extended protocol with the unnamed statement (what node-postgres and
+/// `query_typed` send: Parse, Bind, Describe, Execute and Sync in one go): a write in a
+/// transaction block, and one whose Parse fails there.
+#[tokio::test]
+async fn unnamed_statements_in_a_transaction_block() {
+    use tokio_postgres::types::Type;
+    setup().await;
+    let plain = plain().await;
+    let client = rules_connector().await.connect().await.unwrap();
+    plain
+        .batch_execute("DELETE FROM rules_t WHERE id = 9001")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    let inserted = client
+        .query_typed(
+            "INSERT INTO rules_t VALUES ($1, 1) RETURNING id",
+            &[(&9_001i32, Type::INT4)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(inserted[0].get::<_, i32>(0), 9_001);
+    let updated = client
+        .query_typed(
+            "UPDATE rules_t SET v = $1 WHERE id = 9001",
+            &[(&2i32, Type::INT4)],
+        )
+        .await
+        .unwrap();
+    assert!(updated.is_empty());
+    client.batch_execute("COMMIT").await.unwrap();
+    let row = plain
+        .query_one("SELECT v FROM rules_t WHERE id = 9001", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+
+    // A Parse that fails in a block: PostgreSQL's error at once, then 25P02 until ROLLBACK.
+    client.batch_execute("BEGIN").await.unwrap();
+    let failed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.query_typed(
+            "INSERT INTO rules_no_such VALUES ($1)",
+            &[(&1i32, Type::INT4)],
+        ),
+    )
+    .await
+    .expect("the error arrives")
+    .unwrap_err();
+    assert_eq!(code_of(&failed).0, "42P01");
+    let aborted = client.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code_of(&aborted).0, "25P02");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    plain
+        .batch_execute("DELETE FROM rules_t WHERE id = 9001")
+        .await
+        .unwrap();
+}
+
+/// DSQL's 3 000-row limit per transaction (§1, §8): the statement that crosses it fails with
+/// `54000`, in autocommit and in a block, through either protocol; nothing it wrote is left.
+#[tokio::test]
+async fn a_transaction_writes_at_most_3000_rows() {
+    setup().await;
+    let plain = plain().await;
+    crate::support::each(
+        &plain,
+        &[
+            "DROP TABLE IF EXISTS rules_rows",
+            "CREATE TABLE rules_rows (v int)",
+        ],
+    )
+    .await;
+    let client = rules_connector().await.connect().await.unwrap();
+    let limit = (
+        "54000".to_owned(),
+        "transaction row limit exceeded".to_owned(),
+    );
+    let over = "INSERT INTO rules_rows SELECT generate_series(1, 3001)";
+    // Autocommit, simple and extended.
+    assert_eq!(
+        answer(client.batch_execute(over).await),
+        Some(limit.clone())
+    );
+    assert_eq!(
+        answer(client.execute(over, &[]).await.map(|_| ())),
+        Some(limit.clone())
+    );
+    assert_eq!(rows_in(&plain, "rules_rows").await, 0);
+    // Exactly 3 000 is fine.
+    let written = client
+        .execute(
+            "INSERT INTO rules_rows SELECT generate_series(1, 3000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(written, 3000);
+    assert_eq!(rows_in(&plain, "rules_rows").await, 3000);
+    // An UPDATE of 3 000 rows goes through; of 3 001 it fails and changes nothing.
+    assert_eq!(
+        client
+            .execute("UPDATE rules_rows SET v = v + 1", &[])
+            .await
+            .unwrap(),
+        3000
+    );
+    plain
+        .batch_execute("INSERT INTO rules_rows VALUES (0)")
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(client.batch_execute("UPDATE rules_rows SET v = -1").await),
+        Some(limit.clone())
+    );
+    let changed = plain
+        .query_one("SELECT count(*) FROM rules_rows WHERE v = -1", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(changed, 0);
+    plain.batch_execute("DELETE FROM rules_rows").await.unwrap();
+
+    // In a block the rows of all its statements count: the one that crosses fails, the block
+    // is aborted (25P02), COMMIT answers ROLLBACK and nothing is left.
+    for extended in [false, true] {
+        client.batch_execute("BEGIN").await.unwrap();
+        for _ in 0..2 {
+            let sql = "INSERT INTO rules_rows SELECT generate_series(1, 1500)";
+            if extended {
+                assert_eq!(client.execute(sql, &[]).await.unwrap(), 1500);
+            } else {
+                client.batch_execute(sql).await.unwrap();
+            }
+        }
+        let one = "INSERT INTO rules_rows VALUES (1)";
+        let crossing = if extended {
+            client.execute(one, &[]).await.map(|_| ())
+        } else {
+            client.batch_execute(one).await
+        };
+        assert_eq!(
+            answer(crossing),
+            Some(limit.clone()),
+            "extended: {extended}"
+        );
+        let aborted = client.simple_query("SELECT 1").await.unwrap_err();
+        assert_eq!(code_of(&aborted).0, "25P02");
+        let commit = client.simple_query("COMMIT").await.unwrap();
+        assert!(
+            matches!(
+                &commit[0],
+                tokio_postgres::SimpleQueryMessage::CommandComplete(0)
+            ),
+            "{commit:?}"
+        );
+        assert_eq!(rows_in(&plain, "rules_rows").await, 0);
+    }
+    // The next transaction starts from zero.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("INSERT INTO rules_rows SELECT generate_series(1, 3000)")
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(rows_in(&plain, "rules_rows").await, 3000);
+    plain.batch_execute("DROP TABLE rules_rows").await.unwrap();
+}
+
+async fn rows_in(client: &Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// DSQL's transaction age limit (§1, §8; 300 s there, 1 s here): the first statement after it
+/// fails with `54000` and aborts the block; a `COMMIT` after it fails and ends the block.
+#[tokio::test]
+async fn a_transaction_older_than_the_age_limit_fails() {
+    setup().await;
+    let plain = plain().await;
+    crate::support::each(
+        &plain,
+        &[
+            "DROP TABLE IF EXISTS rules_aged",
+            "CREATE TABLE rules_aged (v int)",
+        ],
+    )
+    .await;
+    let emulator = DsqlEmulator::builder()
+        .upstream_url(crate::support::emulator().upstream_url("admin"))
+        .credentials(crate::support::emulator().credentials().clone())
+        .transaction_age_limit(std::time::Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let connector = DsqlConnector::new(emulator.config_for("admin").build().unwrap())
+        .await
+        .unwrap();
+    let client = connector.connect().await.unwrap();
+    let past_the_limit = || tokio::time::sleep(std::time::Duration::from_millis(1_300));
+
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("INSERT INTO rules_aged VALUES (1)")
+        .await
+        .unwrap();
+    past_the_limit().await;
+    let error = client.simple_query("SELECT 1").await.unwrap_err();
+    let db = error.as_db_error().unwrap();
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("54000", "transaction age limit of 1s exceeded")
+    );
+    assert_eq!(db.detail(), Some("Current transaction age 1s exceeds 1s"));
+    let aborted = client.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code_of(&aborted).0, "25P02");
+    client.batch_execute("ROLLBACK").await.unwrap();
+
+    // COMMIT past the limit fails, and the session is outside any transaction after it.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .execute("INSERT INTO rules_aged VALUES (2)", &[])
+        .await
+        .unwrap();
+    past_the_limit().await;
+    let error = client.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(code_of(&error).0, "54000");
+    client.batch_execute("SELECT 1").await.unwrap();
+    assert_eq!(rows_in(&plain, "rules_aged").await, 0);
+    // A young transaction commits as usual.
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .batch_execute("INSERT INTO rules_aged VALUES (3)")
+        .await
+        .unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(rows_in(&plain, "rules_aged").await, 1);
+    plain.batch_execute("DROP TABLE rules_aged").await.unwrap();
 }

@@ -9,7 +9,10 @@
 //! and every statement of a `Query` are checked against the transaction rules (one DDL per
 //! transaction, no DDL with DML) using the transaction state the session's statements imply.
 //! DSQL's `CREATE INDEX ASYNC` and `ALTER TABLE ASYNC … VALIDATE` are recognised with
-//! PostgreSQL's scanner and sent on without `ASYNC`.
+//! PostgreSQL's scanner and sent on without `ASYNC`. The messages of an extended-protocol
+//! batch are held until its `Sync` (or a `Flush`), so that whatever the relay puts before a
+//! write (a savepoint, a `BEGIN`) goes before the whole batch: a simple `Query` in the middle
+//! of a batch would drop its unnamed statement, and be ignored after an error in it.
 //!
 //! A refusal is answered **by PostgreSQL**, which keeps the protocol and the transaction in
 //! step: the refused `Query` is replaced by a `DO` block that raises DSQL's SQLSTATE and
@@ -49,6 +52,18 @@
 //!   `DO` refusal `40001 schema has been updated by another transaction (OC001)` on its next
 //!   statement naming it, once.
 //!
+//! ## Transaction limits
+//!
+//! - Rows (3 000): each request that writes ([`Plan::Write`]) is answered before the relay
+//!   sends anything more upstream; the [`Responder`] adds up the row counts of the
+//!   transaction's command tags. A write outside a transaction block runs in a transaction the
+//!   relay opens (a pipelined `BEGIN`) and ends once its answer is in: `COMMIT`, or
+//!   `ROLLBACK` when it crossed the limit. Inside a block the statement that crosses it is
+//!   answered `54000 transaction row limit exceeded` by a `DO` refusal, which aborts the block.
+//! - Age (300 s, [`TRANSACTION_AGE_LIMIT`], or the builder's): the first statement after it
+//!   gets `54000 transaction age limit of 300s exceeded` with DSQL's DETAIL and aborts the
+//!   block; a `COMMIT` then fails and ends it.
+//!
 //! ## Known deviations
 //!
 //! - The loser of a conflict is the second *writer*, not always the second to commit; a lost
@@ -56,16 +71,19 @@
 //!   that waits on something other than a row (a table lock held by DDL) counts as a
 //!   conflict. A DDL that PostgreSQL then refuses still counts as a schema change. Relation
 //!   names are compared without their schema.
-//! - Not yet emulated: the 3 000-row, 10 MiB and 300 s transaction limits, `CREATE INDEX
-//!   ASYNC`'s `job_id` row and `sys.jobs` / `sys.wait_for_job`, the per-value and per-table
-//!   limits of §8, refusing to drop a primary-key column, full-text search configurations,
-//!   `version()`. The 3 000-row limit fits the plan above: the write tags of a transaction
-//!   summed, the statement that crosses 3 000 undone to its savepoint and answered `54000
-//!   transaction row limit exceeded`.
+//! - Not yet emulated: the 10 MiB transaction size, `CREATE INDEX ASYNC`'s `job_id` row and
+//!   `sys.jobs` / `sys.wait_for_job`, the per-value and per-table limits of §8, refusing to
+//!   drop a primary-key column, full-text search configurations, `version()`.
+//! - Row limit: rows of a write's `RETURNING` reach the client before the `54000`; a query
+//!   text that opens and commits its own block (`BEGIN; INSERT …; COMMIT` in one `Query`) is
+//!   counted but not stopped; writes inside a `WITH`, and `COPY`, are not counted. An
+//!   autocommit write costs one more round trip to PostgreSQL (its `COMMIT`), and pipelined
+//!   requests behind a write wait for its answer. A batch that binds the unnamed statement of
+//!   an earlier batch, or was flushed before its `Sync`, gets no savepoint and, in
+//!   autocommit, no row limit.
 //! - The transaction rules follow the statements the relay has seen, as it reads them: a
 //!   client pipelining statements across a failed one may see a rule applied to a statement
-//!   PostgreSQL then skips, and a lost write's `ROLLBACK TO SAVEPOINT` lands after any
-//!   statement the client pipelined behind it.
+//!   PostgreSQL then skips.
 //! - Rules apply when a statement is parsed (`Parse`) and, for the transaction rules, when it
 //!   is executed; DSQL may apply some later (at `Bind`).
 
@@ -75,7 +93,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rules::{Classified, Kind, Refusal};
+use rules::{Classified, Kind, Refusal, Statement};
 
 /// The name of the savepoint the relay puts before each write in a transaction.
 const SAVEPOINT: &str = "dsql_emulator_occ";
@@ -92,15 +110,42 @@ pub(crate) enum Plan {
     Pass,
     /// A request the relay added: the whole answer is dropped.
     Swallow,
-    /// A write inside a transaction, after a savepoint the relay added: the answer goes to the
-    /// client, unless the write met a row another transaction holds or changed (`55P03` lock
-    /// timeout, `40001` concurrent update): then the error is dropped, the write rolled back to
-    /// the savepoint, the transaction doomed, and the client told `tag`.
-    Guard { tag: &'static str },
+    /// A request that writes rows. Its row counts are added to the transaction's (DSQL's
+    /// 3 000-row limit: the statement that crosses it fails with `54000`); the relay sends
+    /// nothing else upstream until its answer is in (see [`Responder`]).
+    ///
+    /// `guard`: a single write inside a transaction, after a savepoint the relay added: unless
+    /// it met a row another transaction holds or changed (`55P03` lock timeout, `40001`
+    /// concurrent update): then the error is dropped, the write rolled back to the savepoint,
+    /// the transaction doomed, and the client told this tag.
+    ///
+    /// `autocommit`: a write outside a transaction block, which the relay runs in a
+    /// transaction of its own (after a `BEGIN` it added) so that it can still be undone; the
+    /// relay ends it with `COMMIT` or, over the row limit, `ROLLBACK`.
+    Write {
+        guard: Option<&'static str>,
+        autocommit: bool,
+    },
     /// The answer but its `ReadyForQuery`.
     AllButReady,
     /// Only the `ReadyForQuery`.
     OnlyReady,
+    /// The `COMMIT` the relay sends for an autocommit write: all but its command tag.
+    Finish,
+}
+
+/// Requests the server-to-client side sends upstream (with their plans) when the answer to a
+/// [`Plan::Write`] is in; possibly none: either way the upstream side reads on.
+pub(crate) type Requests = Vec<(Vec<u8>, Plan)>;
+
+/// DSQL's limit on how long a transaction may stay open (`DSQL_SQL_RULES.md` §1, §8).
+pub(crate) const TRANSACTION_AGE_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// DSQL's limit on the rows one transaction writes (`DSQL_SQL_RULES.md` §1, §8).
+pub(crate) const ROW_LIMIT: u64 = 3_000;
+
+fn row_limit_exceeded() -> Refusal {
+    Refusal::new("54000", "transaction row limit exceeded")
 }
 
 /// The relay's plans for the answers it awaits, in the order of the requests, shared by both
@@ -186,10 +231,10 @@ impl Catalog {
 }
 
 fn schema_conflict() -> Refusal {
-    Refusal {
-        code: "40001",
-        message: "schema has been updated by another transaction (OC001)".into(),
-    }
+    Refusal::new(
+        "40001",
+        "schema has been updated by another transaction (OC001)",
+    )
 }
 
 /// What goes upstream for some client messages: the bytes, and a plan for each `Query` or
@@ -198,12 +243,16 @@ fn schema_conflict() -> Refusal {
 pub(crate) struct Outgoing {
     pub(crate) bytes: Vec<u8>,
     pub(crate) plans: Vec<Plan>,
+    /// They end with a request that writes ([`Plan::Write`]): nothing more goes upstream
+    /// until the [`Responder`] has its answer.
+    pub(crate) gate: bool,
 }
 
 impl Outgoing {
     /// Whole messages; `plan` when they end with a `Query` or `Sync`.
     fn push(&mut self, bytes: &[u8], plan: Option<Plan>) {
         self.bytes.extend_from_slice(bytes);
+        self.gate |= matches!(plan, Some(Plan::Write { .. }));
         self.plans.extend(plan);
     }
 
@@ -211,6 +260,7 @@ impl Outgoing {
     pub(crate) fn clear(&mut self) {
         self.bytes.clear();
         self.plans.clear();
+        self.gate = false;
     }
 }
 
@@ -244,8 +294,10 @@ pub(crate) struct Dialect {
     portals: HashMap<String, String>,
     /// An extended-protocol batch being skipped to `Sync` after this refusal.
     skipping: Option<Refusal>,
-    /// The plan of the current extended-protocol batch's `Sync` (a guarded write).
-    batch_plan: Option<Plan>,
+    /// The messages of the current extended-protocol batch not sent yet.
+    held: Vec<u8>,
+    /// What the current extended-protocol batch does.
+    batch: Batch,
     /// Query texts already read (a service sends the same few again and again).
     cache: HashMap<String, Classified>,
     catalog: Arc<Catalog>,
@@ -255,22 +307,81 @@ pub(crate) struct Dialect {
     touched: HashMap<String, u64>,
     /// Relations named by DDL in the open transaction block, recorded when it commits.
     pending_ddl: Vec<String>,
+    /// When the open transaction block began.
+    began: Option<std::time::Instant>,
+    /// How long a transaction block may stay open.
+    age_limit: std::time::Duration,
 }
 
 /// The most query texts remembered per session.
 const CACHE_LIMIT: usize = 256;
 
+/// The most bytes of an extended-protocol batch held back before they go upstream anyway.
+const HELD_LIMIT: usize = 1 << 20;
+
+/// What an extended-protocol batch (messages up to a `Sync`) does, as far as the relay has read.
+#[derive(Debug, Default)]
+struct Batch {
+    /// `Execute` messages.
+    executes: u32,
+    /// Its first write.
+    write: Option<BatchWrite>,
+    /// It begins or ends a transaction block.
+    transaction_statement: bool,
+    /// It parses the unnamed statement.
+    parsed_unnamed: bool,
+    /// It binds the unnamed statement of an earlier batch.
+    reuses_unnamed: bool,
+    /// Some of it went upstream before its `Sync`.
+    released: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BatchWrite {
+    in_block: bool,
+    tag: Option<&'static str>,
+}
+
 impl Dialect {
     /// A session's dialect, sharing `plans` with its [`Responder`] and `catalog` with the
     /// emulator's other sessions.
-    pub(crate) fn new(plans: Plans, catalog: Arc<Catalog>) -> Self {
+    pub(crate) fn new(plans: Plans, catalog: Arc<Catalog>, age_limit: std::time::Duration) -> Self {
         let session = catalog.join();
         Dialect {
             plans,
             catalog,
             session,
+            age_limit,
             ..Dialect::default()
         }
+    }
+
+    /// `54000` if the open transaction block is older than the age limit.
+    fn too_old(&self) -> Option<Refusal> {
+        let age = self.began?.elapsed();
+        (self.in_block && age > self.age_limit).then(|| {
+            let limit = self.age_limit.as_secs();
+            Refusal {
+                detail: Some(format!(
+                    "Current transaction age {}s exceeds {limit}s",
+                    age.as_secs()
+                )),
+                ..Refusal::new(
+                    "54000",
+                    format!("transaction age limit of {limit}s exceeded"),
+                )
+            }
+        })
+    }
+
+    /// Ends a transaction block that cannot commit: `COMMIT` fails with `refusal` and the
+    /// block is rolled back, so the session is outside any transaction, as on DSQL.
+    fn fail_commit(&mut self, refusal: &Refusal, out: &mut Outgoing) {
+        out.push(&raise_query(refusal), Some(Plan::AllButReady));
+        out.push(&query("ROLLBACK"), Some(Plan::OnlyReady));
+        self.plans.doomed.store(false, Ordering::SeqCst);
+        self.set_transaction(Transaction::default());
+        self.pending_ddl.clear();
     }
 
     /// `OC001` for a statement naming `tables`, if another session changed one since this
@@ -304,40 +415,29 @@ impl Dialect {
 
     /// Decides what goes upstream for the client's message `tag` with `body` (`whole` is the
     /// message with its header), appending it to `out`.
+    ///
+    /// The messages of an extended-protocol batch are held until its `Sync` (or a `Flush`), so
+    /// that what the relay adds for a write (a savepoint, or a `BEGIN`) goes before the whole
+    /// batch: a simple `Query` in the middle would drop the batch's unnamed statement, and
+    /// would be ignored after an error in it.
     pub(crate) fn on_message(&mut self, tag: u8, body: &[u8], whole: &[u8], out: &mut Outgoing) {
         let skipping = self.skipping.is_some();
         match tag {
-            b'Q' => self.on_query(body, whole, out),
             b'P' => self.on_parse(body, whole, out),
             b'B' if !skipping => {
                 let mut fields = body.split(|b| *b == 0);
                 if let (Some(portal), Some(statement)) = (fields.next(), fields.next()) {
-                    let statement = String::from_utf8_lossy(statement).into_owned();
-                    let prepared = self
-                        .statements
-                        .get(&statement)
-                        .cloned()
-                        .unwrap_or_else(other);
-                    // A write in a transaction goes after a savepoint, to be undone alone if
-                    // it loses a conflict.
-                    if let (true, Some(tag)) = (self.in_block, prepared.write_tag) {
-                        out.push(&savepoint_query(), Some(Plan::Swallow));
-                        self.batch_plan = Some(Plan::Guard { tag });
+                    if statement.is_empty() && !self.batch.parsed_unnamed {
+                        self.batch.reuses_unnamed = true;
                     }
+                    let statement = String::from_utf8_lossy(statement).into_owned();
                     self.portals
                         .insert(String::from_utf8_lossy(portal).into_owned(), statement);
                 }
-                out.push(whole, None);
+                self.hold(whole, out);
             }
             b'E' if !skipping => self.on_execute(body, whole, out),
-            b'S' => {
-                match self.skipping.take() {
-                    Some(refusal) => out.push(&raise_query(&refusal), Some(Plan::Pass)),
-                    None => out.push(whole, Some(self.batch_plan.take().unwrap_or(Plan::Pass))),
-                }
-                self.batch_plan = None;
-                self.end_of_implicit_transaction();
-            }
+            b'S' => self.on_sync(whole, out),
             b'C' if !skipping => {
                 if let Some((&kind, name)) = body.split_first() {
                     let name = String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name));
@@ -350,11 +450,73 @@ impl Dialect {
                         }
                     }
                 }
+                self.hold(whole, out);
+            }
+            b'D' if !skipping => self.hold(whole, out),
+            b'B' | b'E' | b'C' | b'D' | b'H' if skipping => {}
+            b'H' => {
+                self.release(out);
                 out.push(whole, None);
             }
-            b'B' | b'E' | b'C' | b'D' | b'H' if skipping => {}
-            _ => out.push(whole, None),
+            b'Q' => {
+                self.release(out);
+                self.on_query(body, whole, out);
+            }
+            _ => {
+                self.release(out);
+                out.push(whole, None);
+            }
         }
+    }
+
+    /// Holds a message of the current extended-protocol batch.
+    fn hold(&mut self, whole: &[u8], out: &mut Outgoing) {
+        self.held.extend_from_slice(whole);
+        if self.held.len() > HELD_LIMIT {
+            self.release(out);
+        }
+    }
+
+    /// Sends the held messages of the batch on now; nothing can go before them any more.
+    fn release(&mut self, out: &mut Outgoing) {
+        if !self.held.is_empty() {
+            out.push(&self.held, None);
+            self.held.clear();
+            self.batch.released = true;
+        }
+    }
+
+    /// The end of an extended-protocol batch: what goes before it, and the plan of its answer.
+    fn on_sync(&mut self, whole: &[u8], out: &mut Outgoing) {
+        let batch = std::mem::take(&mut self.batch);
+        let held = std::mem::take(&mut self.held);
+        if let Some(refusal) = self.skipping.take() {
+            out.push(&held, None);
+            out.push(&raise_query(&refusal), Some(Plan::Pass));
+        } else {
+            let write = |guard, autocommit| Plan::Write { guard, autocommit };
+            let (prefix, plan) = match batch.write {
+                None => (None, Plan::Pass),
+                // Too late, or it would drop the unnamed statement the batch binds.
+                Some(_) if batch.released || batch.reuses_unnamed => (None, write(None, false)),
+                // A write in a transaction goes after a savepoint, to be undone alone if it
+                // loses a conflict (one write a batch: several cannot be told apart).
+                Some(w) if w.in_block => match (batch.executes, w.tag) {
+                    (1, Some(tag)) => (Some(savepoint_query()), write(Some(tag), false)),
+                    _ => (None, write(None, false)),
+                },
+                Some(_) if !batch.transaction_statement => {
+                    (Some(query("BEGIN")), write(None, true))
+                }
+                Some(_) => (None, write(None, false)),
+            };
+            if let Some(prefix) = prefix {
+                out.push(&prefix, Some(Plan::Swallow));
+            }
+            out.push(&held, None);
+            out.push(whole, Some(plan));
+        }
+        self.end_of_implicit_transaction();
     }
 
     fn classified(&mut self, text: &str) -> Classified {
@@ -376,24 +538,27 @@ impl Dialect {
             self.end_of_implicit_transaction();
             return out.push(&raise_query(&refusal), Some(Plan::Pass));
         }
+        let ends_block = matches!(classified.statements.as_slice(),
+            [statement] if statement.kind == Kind::End);
+        if let Some(refusal) = self.too_old() {
+            // Only ROLLBACK gets through; COMMIT fails and ends the block.
+            if ends_block && is_commit(&text) {
+                return self.fail_commit(&refusal, out);
+            }
+            if !ends_block {
+                return out.push(&raise_query(&refusal), Some(Plan::Pass));
+            }
+        }
         // A transaction that lost a conflict fails at COMMIT, as on DSQL, and is over.
-        if let [statement] = classified.statements.as_slice()
-            && statement.kind == Kind::End
+        if ends_block
             && self.in_block
-            && self.plans.doomed.swap(false, Ordering::SeqCst)
+            && self.plans.doomed.load(Ordering::SeqCst)
             && is_commit(&text)
         {
-            out.push(
-                &raise_query(&Refusal {
-                    code: "40001",
-                    message: "change conflicts with another transaction (OC000)".into(),
-                }),
-                Some(Plan::AllButReady),
+            return self.fail_commit(
+                &Refusal::new("40001", "change conflicts with another transaction (OC000)"),
+                out,
             );
-            out.push(&query("ROLLBACK"), Some(Plan::OnlyReady));
-            self.set_transaction(Transaction::default());
-            self.pending_ddl.clear();
-            return;
         }
         if let Some(refusal) = self.schema_check(&classified.tables) {
             self.end_of_implicit_transaction();
@@ -414,9 +579,26 @@ impl Dialect {
             self.pending_ddl.clear();
         }
         self.note_catalog_change(&kinds, &classified.tables, ends);
-        let guard = match classified.statements.as_slice() {
-            [statement] if self.in_block => statement.write_tag,
-            _ => None,
+        let write = |guard, autocommit| Plan::Write { guard, autocommit };
+        let (prefix, plan) = if !kinds.contains(&Kind::Dml) {
+            (None, Plan::Pass)
+        } else if self.in_block {
+            // A write in a transaction goes after a savepoint, to be undone alone if it loses
+            // a conflict.
+            match classified.statements.as_slice() {
+                [
+                    Statement {
+                        write_tag: Some(tag),
+                        ..
+                    },
+                ] => (Some(savepoint_query()), write(Some(*tag), false)),
+                _ => (None, write(None, false)),
+            }
+        } else if kinds.iter().any(|k| matches!(k, Kind::Begin | Kind::End)) {
+            (None, write(None, false))
+        } else {
+            // Its own transaction, to be undone if it writes too many rows.
+            (Some(query("BEGIN")), write(None, true))
         };
         if state.in_block != self.in_block || !state.in_block {
             // A new transaction, or the end of one: nothing lost yet.
@@ -424,13 +606,9 @@ impl Dialect {
         }
         self.set_transaction(state);
         self.end_of_implicit_transaction();
-        let plan = match guard {
-            Some(tag) => {
-                out.push(&savepoint_query(), Some(Plan::Swallow));
-                Plan::Guard { tag }
-            }
-            None => Plan::Pass,
-        };
+        if let Some(prefix) = prefix {
+            out.push(&prefix, Some(Plan::Swallow));
+        }
         if classified.upstream_text == text {
             out.push(whole, Some(plan));
         } else {
@@ -445,8 +623,11 @@ impl Dialect {
         let mut fields = body.splitn(3, |b| *b == 0);
         let (Some(name), Some(text), Some(rest)) = (fields.next(), fields.next(), fields.next())
         else {
-            return out.push(whole, None);
+            return self.hold(whole, out);
         };
+        if name.is_empty() {
+            self.batch.parsed_unnamed = true;
+        }
         let name = String::from_utf8_lossy(name).into_owned();
         let text = String::from_utf8_lossy(text).into_owned();
         let classified = self.classified(&text);
@@ -467,7 +648,7 @@ impl Dialect {
         };
         self.statements.insert(name.clone(), prepared);
         if classified.upstream_text == text {
-            return out.push(whole, None);
+            return self.hold(whole, out);
         }
         let mut parse = Vec::with_capacity(body.len());
         parse.extend_from_slice(name.as_bytes());
@@ -475,7 +656,7 @@ impl Dialect {
         parse.extend_from_slice(classified.upstream_text.as_bytes());
         parse.push(0);
         parse.extend_from_slice(rest);
-        out.push(&message(b'P', &parse), None);
+        self.hold(&message(b'P', &parse), out);
     }
 
     fn on_execute(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
@@ -487,9 +668,12 @@ impl Dialect {
             .and_then(|statement| self.statements.get(statement))
             .cloned()
             .unwrap_or_else(other);
+        if let Some(refusal) = self.too_old().filter(|_| prepared.kind != Kind::End) {
+            self.skipping = Some(refusal);
+            return;
+        }
         if let Some(refusal) = self.schema_check(&prepared.tables) {
             self.skipping = Some(refusal);
-            self.batch_plan = None;
             return;
         }
         let mut state = self.transaction();
@@ -500,12 +684,21 @@ impl Dialect {
                 }
                 self.set_transaction(state);
                 self.note_catalog_change(&[prepared.kind], &prepared.tables, !state.in_block);
-                out.push(whole, None);
+                let batch = &mut self.batch;
+                batch.executes += 1;
+                match prepared.kind {
+                    Kind::Dml if batch.write.is_none() => {
+                        batch.write = Some(BatchWrite {
+                            in_block: state.in_block,
+                            tag: prepared.write_tag,
+                        });
+                    }
+                    Kind::Begin | Kind::End => batch.transaction_statement = true,
+                    _ => {}
+                }
+                self.hold(whole, out);
             }
-            Err(refusal) => {
-                self.skipping = Some(refusal);
-                self.batch_plan = None;
-            }
+            Err(refusal) => self.skipping = Some(refusal),
         }
     }
 
@@ -518,6 +711,11 @@ impl Dialect {
     }
 
     fn set_transaction(&mut self, state: Transaction) {
+        if !state.in_block {
+            self.began = None;
+        } else if !self.in_block {
+            self.began = Some(std::time::Instant::now());
+        }
         self.in_block = state.in_block;
         self.ddl = state.ddl;
         self.dml = state.dml;
@@ -552,12 +750,7 @@ struct Transaction {
 
 impl Transaction {
     fn apply(&mut self, kind: Kind) -> Result<(), Refusal> {
-        let refuse = |message: &str| {
-            Err(Refusal {
-                code: "0A000",
-                message: message.to_owned(),
-            })
-        };
+        let refuse = |message: &str| Err(Refusal::new("0A000", message));
         match kind {
             Kind::Begin => {
                 *self = Transaction {
@@ -603,12 +796,29 @@ const TAG: &str = "$dsql_emulator_refusal$";
 
 /// A `Query` message whose execution raises `refusal` in PostgreSQL.
 fn raise_query(refusal: &Refusal) -> Vec<u8> {
-    let quoted = refusal.message.replace('\'', "''");
+    let quote = |text: &str| text.replace('\'', "''");
+    let detail = refusal
+        .detail
+        .as_deref()
+        .map(|detail| format!(", DETAIL = '{}'", quote(detail)))
+        .unwrap_or_default();
     let text = format!(
-        "DO {TAG} BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{quoted}'; END {TAG}\0",
-        refusal.code
+        "DO {TAG} BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{}'{detail}; END {TAG}\0",
+        refusal.code,
+        quote(&refusal.message),
     );
     message(b'Q', text.as_bytes())
+}
+
+/// An `ErrorResponse` with `refusal`, as PostgreSQL would send it.
+fn error_response(refusal: &Refusal, out: &mut Vec<u8>) {
+    let mut body =
+        format!("SERROR\0VERROR\0C{}\0M{}\0", refusal.code, refusal.message).into_bytes();
+    if let Some(detail) = &refusal.detail {
+        body.extend_from_slice(format!("D{detail}\0").as_bytes());
+    }
+    body.push(0);
+    super::wire::append_message(out, b'E', &body);
 }
 
 /// A typed message.
@@ -634,12 +844,14 @@ const RAISE_CONTEXT: &[u8] = b"WPL/pgSQL function inline_code_block line 1 at RA
 
 /// The server-to-client side of a session with DSQL's rules: follows the framing of the
 /// server's messages and applies the plan of each answer (see [`Plan`]); takes the refusal
-/// blocks' `CONTEXT` out of errors; asks for the `ROLLBACK TO SAVEPOINT` of a lost write.
+/// blocks' `CONTEXT` out of errors; counts the rows each transaction writes; and, when the
+/// answer to a write is in, tells the upstream side what to send next (the rollback of a lost
+/// write, the end of an autocommit write's transaction, the row-limit refusal).
 #[derive(Debug)]
 pub(crate) struct Responder {
     plans: Plans,
-    /// Requests for the upstream side (the rollback of a lost write).
-    upstream: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    /// Requests for the upstream side, which waits for them after each write.
+    upstream: tokio::sync::mpsc::UnboundedSender<Requests>,
     header: Vec<u8>,
     /// Body bytes left in the current message.
     left: usize,
@@ -647,10 +859,17 @@ pub(crate) struct Responder {
     current: Vec<u8>,
     /// The current guarded write lost its conflict.
     lost: bool,
+    /// Rows written in the current transaction.
+    rows: u64,
+    /// The current write crossed the row limit.
+    over: bool,
 }
 
 impl Responder {
-    pub(crate) fn new(plans: Plans, upstream: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> Self {
+    pub(crate) fn new(
+        plans: Plans,
+        upstream: tokio::sync::mpsc::UnboundedSender<Requests>,
+    ) -> Self {
         Responder {
             plans,
             upstream,
@@ -658,6 +877,8 @@ impl Responder {
             left: 0,
             current: Vec::new(),
             lost: false,
+            rows: 0,
+            over: false,
         }
     }
 
@@ -708,28 +929,76 @@ impl Responder {
             Plan::AllButReady => {}
             Plan::OnlyReady if ready => self.pass(out),
             Plan::OnlyReady => {}
-            Plan::Guard { tag: told } => {
-                if tag == b'E' && native_conflict(&self.current[5..]) {
-                    self.lost = true;
-                } else if self.lost && ready {
-                    // Undo the write alone, and tell the client it went through.
-                    let _ = self
-                        .upstream
-                        .send(query(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")));
-                    self.plans.doomed.store(true, Ordering::SeqCst);
-                    let mut complete = told.as_bytes().to_vec();
-                    complete.push(0);
-                    super::wire::append_message(out, b'C', &complete);
-                    super::wire::append_message(out, b'Z', b"T");
-                    self.lost = false;
-                } else if !self.lost {
+            Plan::Finish if tag == b'C' => {}
+            Plan::Finish => self.pass(out),
+            Plan::Write { guard, autocommit } => self.write(guard, autocommit, out),
+        }
+        if ready {
+            // Outside any transaction now: the next one starts with no rows written.
+            if self.current.get(5) == Some(&b'I') {
+                self.rows = 0;
+            }
+            self.plans.lock().pop_front();
+        }
+    }
+
+    /// A message of the answer to a request that writes.
+    fn write(&mut self, guard: Option<&'static str>, autocommit: bool, out: &mut Vec<u8>) {
+        match self.current[0] {
+            b'E' if guard.is_some() && native_conflict(&self.current[5..]) => self.lost = true,
+            b'Z' => self.end_of_write(guard, autocommit, out),
+            _ if self.lost || self.over => {}
+            b'C' => {
+                let rows = written_rows(&self.current[5..]);
+                if self.rows + rows > ROW_LIMIT {
+                    // The statement that crosses the limit fails, and so does its transaction.
+                    self.over = true;
+                } else {
+                    self.rows += rows;
                     self.pass(out);
                 }
             }
+            _ => self.pass(out),
         }
-        if ready {
-            self.plans.lock().pop_front();
+    }
+
+    /// The `ReadyForQuery` that ends the answer to a request that writes: what the client is
+    /// told, and what goes upstream next (possibly nothing; the upstream side reads on either
+    /// way).
+    fn end_of_write(&mut self, guard: Option<&'static str>, autocommit: bool, out: &mut Vec<u8>) {
+        let status = self.current.get(5).copied().unwrap_or(b'I');
+        let mut requests: Requests = Vec::new();
+        if let (true, Some(told)) = (self.lost, guard) {
+            // Undo the write alone, and tell the client it went through.
+            requests.push((
+                query(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")),
+                Plan::Swallow,
+            ));
+            self.plans.doomed.store(true, Ordering::SeqCst);
+            let mut complete = told.as_bytes().to_vec();
+            complete.push(0);
+            super::wire::append_message(out, b'C', &complete);
+            super::wire::append_message(out, b'Z', b"T");
+        } else if self.over && autocommit {
+            error_response(&row_limit_exceeded(), out);
+            requests.push((query("ROLLBACK"), Plan::OnlyReady));
+        } else if self.over && status == b'T' {
+            // PostgreSQL fails the transaction block, as DSQL does.
+            requests.push((raise_query(&row_limit_exceeded()), Plan::Pass));
+        } else if self.over && status == b'E' {
+            error_response(&row_limit_exceeded(), out);
+            self.pass(out);
+        } else if autocommit && status == b'T' {
+            requests.push((query("COMMIT"), Plan::Finish));
+        } else if autocommit {
+            requests.push((query("ROLLBACK"), Plan::OnlyReady));
+        } else {
+            // Over the limit in a block the query itself committed: too late (see the docs).
+            self.pass(out);
         }
+        self.lost = false;
+        self.over = false;
+        let _ = self.upstream.send(requests);
     }
 
     /// Passes the current message on, without the refusal blocks' `CONTEXT`; PostgreSQL's own
@@ -757,6 +1026,19 @@ impl Responder {
     }
 }
 
+/// The rows a `CommandComplete` body says a write changed (`INSERT 0 n`, `UPDATE n`,
+/// `DELETE n`, `MERGE n`); 0 for anything else.
+fn written_rows(body: &[u8]) -> u64 {
+    let tag = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body));
+    let mut words = tag.split(' ');
+    match words.next() {
+        Some("INSERT" | "UPDATE" | "DELETE" | "MERGE") => {
+            words.next_back().and_then(|n| n.parse().ok()).unwrap_or(0)
+        }
+        _ => 0,
+    }
+}
+
 /// Whether an `ErrorResponse` body is PostgreSQL's own answer to a row another transaction
 /// holds (`55P03` lock timeout) or changed since the snapshot (`40001 could not serialize
 /// access …`), not a conflict the relay raised itself.
@@ -781,6 +1063,10 @@ mod tests {
         query(text)
     }
 
+    fn dialect() -> Dialect {
+        Dialect::new(Plans::default(), Arc::default(), TRANSACTION_AGE_LIMIT)
+    }
+
     /// Runs one whole client message through `d`: what goes upstream, as text, and the plans.
     fn send(d: &mut Dialect, whole: &[u8]) -> (String, Vec<Plan>) {
         let mut out = Outgoing::default();
@@ -790,7 +1076,7 @@ mod tests {
 
     #[test]
     fn one_ddl_per_transaction_and_no_ddl_with_dml() {
-        let mut d = Dialect::default();
+        let mut d = dialect();
         assert_eq!(send(&mut d, &q("BEGIN")).1, [Plan::Pass]);
         let (text, _) = send(&mut d, &q("CREATE TABLE a (id int)"));
         assert!(text.contains("CREATE TABLE a"));
@@ -800,9 +1086,14 @@ mod tests {
             "{text}"
         );
         send(&mut d, &q("ROLLBACK"));
-        // Autocommit: each query is its own transaction, and writes are not guarded.
+        // Autocommit: each query is its own transaction; a write runs in one the relay opens.
         send(&mut d, &q("CREATE TABLE a (id int)"));
-        assert_eq!(send(&mut d, &q("INSERT INTO a VALUES (1)")).1, [Plan::Pass]);
+        let (text, plans) = send(&mut d, &q("INSERT INTO a VALUES (1)"));
+        assert!(
+            text.contains("BEGIN") && text.contains("INSERT INTO a"),
+            "{text}"
+        );
+        assert_eq!(plans, [Plan::Swallow, autocommit()]);
         // A batch is one transaction.
         let (text, _) = send(
             &mut d,
@@ -818,12 +1109,12 @@ mod tests {
 
     #[test]
     fn a_write_in_a_transaction_goes_after_a_savepoint_and_a_doomed_commit_fails() {
-        let mut d = Dialect::default();
+        let mut d = dialect();
         send(&mut d, &q("BEGIN"));
         let (text, plans) = send(&mut d, &q("UPDATE t SET v = 1 WHERE id = 1"));
         assert!(text.starts_with("Q"), "{text}");
         assert!(text.contains("SAVEPOINT dsql_emulator_occ") && text.contains("UPDATE t"));
-        assert_eq!(plans, [Plan::Swallow, Plan::Guard { tag: "UPDATE 1" }]);
+        assert_eq!(plans, [Plan::Swallow, guard("UPDATE 1")]);
         // Reads are not guarded.
         assert_eq!(send(&mut d, &q("SELECT 1")).1, [Plan::Pass]);
         // The responder found the write lost: COMMIT raises OC000 and ends the transaction.
@@ -841,40 +1132,117 @@ mod tests {
         assert_eq!(send(&mut d, &q("COMMIT")).1, [Plan::Pass]);
     }
 
+    fn guard(tag: &'static str) -> Plan {
+        Plan::Write {
+            guard: Some(tag),
+            autocommit: false,
+        }
+    }
+
+    fn autocommit() -> Plan {
+        Plan::Write {
+            guard: None,
+            autocommit: true,
+        }
+    }
+
+    fn parse(name: &str, text: &str) -> Vec<u8> {
+        let mut body = format!("{name}\0{text}\0").into_bytes();
+        body.extend_from_slice(&[0, 0]);
+        message(b'P', &body)
+    }
+
+    fn bind(statement: &str) -> Vec<u8> {
+        message(b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes())
+    }
+
+    fn execute() -> Vec<u8> {
+        message(b'E', b"\0\0\0\0\0")
+    }
+
+    fn sync() -> Vec<u8> {
+        message(b'S', b"")
+    }
+
     #[test]
     fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
-        let mut d = Dialect::default();
-        let parse = |text: &str| {
-            let mut body = b"s1\0".to_vec();
-            body.extend_from_slice(text.as_bytes());
-            body.extend_from_slice(&[0, 0, 0]);
-            message(b'P', &body)
-        };
-        assert_eq!(send(&mut d, &parse("TRUNCATE t")).0, "");
+        let mut d = dialect();
+        assert_eq!(send(&mut d, &parse("s1", "TRUNCATE t")).0, "");
         assert_eq!(send(&mut d, &message(b'D', b"Ss1\0")).0, "");
-        let (text, plans) = send(&mut d, &message(b'S', b""));
+        let (text, plans) = send(&mut d, &sync());
         assert!(text.contains("ERRCODE = '0A000', MESSAGE = 'unsupported statement: Truncate'"));
         assert_eq!(plans, [Plan::Pass]);
-        // The next batch runs normally.
-        let select = parse("SELECT 1");
-        assert_eq!(send(&mut d, &select).0.as_bytes(), select.as_slice());
-        send(&mut d, &message(b'B', b"\0s1\0\0\0\0\0\0\0"));
-        send(&mut d, &message(b'E', b"\0\0\0\0\0"));
-        assert_eq!(send(&mut d, &message(b'S', b"")).1, [Plan::Pass]);
+        // The next batch runs normally, held to its Sync.
+        let select = parse("s1", "SELECT 1");
+        assert_eq!(send(&mut d, &select).0, "");
+        send(&mut d, &bind("s1"));
+        send(&mut d, &execute());
+        let (text, plans) = send(&mut d, &sync());
+        let mut expected = select.clone();
+        expected.extend_from_slice(&bind("s1"));
+        expected.extend_from_slice(&execute());
+        expected.extend_from_slice(&sync());
+        assert_eq!(text.as_bytes(), expected.as_slice());
+        assert_eq!(plans, [Plan::Pass]);
+        // A Flush sends what is held on at once.
+        send(&mut d, &parse("s2", "SELECT 2"));
+        let (text, _) = send(&mut d, &message(b'H', b""));
+        assert!(text.contains("SELECT 2"), "{text}");
+        send(&mut d, &sync());
         // ASYNC is taken out of the text sent on.
-        let (text, _) = send(&mut d, &parse("CREATE INDEX ASYNC i ON t (v)"));
-        assert_eq!(&text.as_bytes()[5..], b"s1\0CREATE INDEX  i ON t (v)\0\0\0");
-        // A write bound inside a transaction gets its savepoint, and its Sync a guard.
-        send(&mut d, &q("BEGIN"));
-        send(&mut d, &parse("DELETE FROM t WHERE id = $1"));
-        let (text, plans) = send(&mut d, &message(b'B', b"\0s1\0\0\0\0\0\0\0"));
-        assert!(text.contains("SAVEPOINT dsql_emulator_occ"));
-        assert_eq!(plans, [Plan::Swallow]);
-        send(&mut d, &message(b'E', b"\0\0\0\0\0"));
-        assert_eq!(
-            send(&mut d, &message(b'S', b"")).1,
-            [Plan::Guard { tag: "DELETE 1" }]
+        send(&mut d, &parse("s1", "CREATE INDEX ASYNC i ON t (v)"));
+        let (text, _) = send(&mut d, &sync());
+        assert!(
+            text.as_bytes()
+                .starts_with(&parse("s1", "CREATE INDEX  i ON t (v)")),
+            "{text}"
         );
+    }
+
+    #[test]
+    fn what_the_relay_adds_for_a_write_goes_before_the_whole_batch() {
+        let mut d = dialect();
+        // Autocommit: the batch (unnamed statement and all) runs in a transaction of its own.
+        send(&mut d, &parse("", "INSERT INTO t VALUES ($1)"));
+        send(&mut d, &bind(""));
+        send(&mut d, &execute());
+        let (text, plans) = send(&mut d, &sync());
+        let begin = query("BEGIN");
+        assert!(text.as_bytes().starts_with(&begin), "{text}");
+        assert!(
+            text.as_bytes()[begin.len()..].starts_with(&parse("", "INSERT INTO t VALUES ($1)"))
+        );
+        assert_eq!(plans, [Plan::Swallow, autocommit()]);
+        // In a transaction the savepoint goes before the Parse.
+        send(&mut d, &q("BEGIN"));
+        send(&mut d, &parse("", "DELETE FROM t WHERE id = $1"));
+        send(&mut d, &bind(""));
+        send(&mut d, &execute());
+        let (text, plans) = send(&mut d, &sync());
+        assert!(text.as_bytes().starts_with(&savepoint_query()), "{text}");
+        assert_eq!(plans, [Plan::Swallow, guard("DELETE 1")]);
+        // Binding the unnamed statement of an earlier batch: nothing can go before it.
+        send(&mut d, &bind(""));
+        send(&mut d, &execute());
+        let (text, plans) = send(&mut d, &sync());
+        assert!(text.as_bytes().starts_with(&bind("")), "{text}");
+        assert_eq!(
+            plans,
+            [Plan::Write {
+                guard: None,
+                autocommit: false
+            }]
+        );
+        // A named statement bound in a later batch gets its savepoint.
+        send(&mut d, &parse("w", "UPDATE t SET v = 1"));
+        send(&mut d, &sync());
+        send(&mut d, &bind("w"));
+        send(&mut d, &execute());
+        let mut out = Outgoing::default();
+        let whole = sync();
+        d.on_message(b'S', b"", &whole, &mut out);
+        assert!(out.gate);
+        assert_eq!(out.plans, [Plan::Swallow, guard("UPDATE 1")]);
     }
 
     fn error(code: &str, extra: &[u8]) -> Vec<u8> {
@@ -884,7 +1252,9 @@ mod tests {
         message(b'E', &body)
     }
 
-    fn responder_for(plans: &[Plan]) -> (Responder, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    fn responder_for(
+        plans: &[Plan],
+    ) -> (Responder, tokio::sync::mpsc::UnboundedReceiver<Requests>) {
         let shared = Plans::default();
         for plan in plans {
             shared.push(*plan);
@@ -918,8 +1288,7 @@ mod tests {
         stream.extend_from_slice(&message(b'2', b""));
         stream.extend_from_slice(&error("55P03", b""));
         stream.extend_from_slice(&message(b'Z', b"E"));
-        let (mut responder, mut rx) =
-            responder_for(&[Plan::Swallow, Plan::Guard { tag: "UPDATE 1" }]);
+        let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
         let mut out = Vec::new();
         responder.feed(&stream, &mut out);
         let mut expected = message(b'2', b"");
@@ -929,18 +1298,22 @@ mod tests {
         assert!(responder.plans.doomed.load(Ordering::SeqCst));
         assert_eq!(
             rx.try_recv().unwrap(),
-            query("ROLLBACK TO SAVEPOINT dsql_emulator_occ")
+            [(
+                query("ROLLBACK TO SAVEPOINT dsql_emulator_occ"),
+                Plan::Swallow
+            )]
         );
         assert!(responder.plans.lock().is_empty());
 
         // Another error is the client's own: passed on, nothing doomed.
-        let (mut responder, mut rx) = responder_for(&[Plan::Guard { tag: "UPDATE 1" }]);
+        let (mut responder, mut rx) = responder_for(&[guard("UPDATE 1")]);
         let mut stream = error("23505", b"");
         stream.extend_from_slice(&message(b'Z', b"E"));
         let mut out = Vec::new();
         responder.feed(&stream, &mut out);
         assert_eq!(out, stream);
-        assert!(rx.try_recv().is_err());
+        // Nothing to send, but the upstream side is told to read on.
+        assert_eq!(rx.try_recv().unwrap(), []);
         assert!(!responder.plans.doomed.load(Ordering::SeqCst));
 
         // Elsewhere PostgreSQL's own lock timeout reaches the client as DSQL's conflict.

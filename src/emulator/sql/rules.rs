@@ -13,13 +13,22 @@ use pg_query::protobuf::{
 pub(crate) struct Refusal {
     pub(crate) code: &'static str,
     pub(crate) message: String,
+    pub(crate) detail: Option<String>,
+}
+
+impl Refusal {
+    /// A refusal with this SQLSTATE and message.
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+            detail: None,
+        }
+    }
 }
 
 fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        code,
-        message: message.into(),
-    }
+    Refusal::new(code, message)
 }
 
 fn unsupported(message: impl Into<String>) -> Refusal {
