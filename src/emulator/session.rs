@@ -292,6 +292,13 @@ async fn negotiate(
     if shared.sql_rules {
         // A write that meets a row another transaction holds does not wait (see `sql`).
         upstream_parameters.push(("lock_timeout".into(), sql::LOCK_TIMEOUT.into()));
+        // DSQL's sessions are in UTC unless the client says otherwise.
+        if !upstream_parameters
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("timezone"))
+        {
+            upstream_parameters.push(("TimeZone".into(), "UTC".into()));
+        }
     }
     upstream
         .write_all(&wire::startup_message(&upstream_parameters))

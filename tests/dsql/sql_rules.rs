@@ -497,6 +497,66 @@ fn cases() -> Vec<(&'static str, Expected)> {
                 "ddl and dml are not supported in the same transaction",
             ),
         ),
+        // §5 queries
+        (
+            "SELECT to_tsvector('english', 'x')",
+            no(
+                "42704",
+                "text search configuration \"english\" does not exist",
+            ),
+        ),
+        (
+            "SELECT to_tsquery('english', 'x')",
+            no(
+                "42704",
+                "text search configuration \"english\" does not exist",
+            ),
+        ),
+        (
+            "SELECT websearch_to_tsquery('english', 'x')",
+            no(
+                "42704",
+                "text search configuration \"english\" does not exist",
+            ),
+        ),
+        (
+            "SELECT 'a fat cat' @@ 'cat'",
+            no(
+                "42704",
+                "text search configuration \"english\" does not exist",
+            ),
+        ),
+        // [inferred] the rule list's other functions, and another configuration.
+        (
+            "SELECT plainto_tsquery('simple', 'x')",
+            no(
+                "42704",
+                "text search configuration \"simple\" does not exist",
+            ),
+        ),
+        (
+            "select ts_rank(to_tsvector('x'), to_tsquery('x'))",
+            no(
+                "42704",
+                "text search configuration \"english\" does not exist",
+            ),
+        ),
+        ("SELECT '{\"a\": 1}'::jsonb @@ '$.a == 1'", OK),
+        (
+            "SELECT line('{1,2,3}')",
+            no("0A000", "datatype line not supported"),
+        ),
+        (
+            "SELECT circle('<(0,0),1>'::text)",
+            no("0A000", "datatype circle not supported"),
+        ),
+        // [inferred]
+        (
+            "SELECT polygon('((0,0),(1,1),(1,0))'::text)",
+            no("0A000", "datatype polygon not supported"),
+        ),
+        ("SELECT string_to_array('a,b', ',')", OK),
+        ("SELECT '127.0.0.1'::inet", OK),
         (
             "SELECT 1; TRUNCATE rules_t",
             no("0A000", "unsupported statement: Truncate"),
@@ -797,6 +857,35 @@ async fn the_server_reports_itself_as_dsql_does() {
         .unwrap()
         .get(0);
     assert_eq!(num, "160015");
+    // The same through functions, either protocol, with PostgreSQL's column names.
+    for (sql, column, value) in [
+        ("SELECT version()", "version", "PostgreSQL 16"),
+        ("select pg_catalog.VERSION ( )", "version", "PostgreSQL 16"),
+        (
+            "SELECT current_setting('server_version')",
+            "current_setting",
+            "16.15",
+        ),
+        (
+            "SELECT current_setting('server_version_num', true) AS num",
+            "num",
+            "160015",
+        ),
+    ] {
+        let row = client.query_one(sql, &[]).await.unwrap();
+        assert_eq!(row.columns()[0].name(), column, "{sql}");
+        assert_eq!(row.get::<_, String>(0), value, "{sql}");
+        assert_eq!(simple(client.simple_query(sql).await.unwrap()), value);
+    }
+    let row = client
+        .query_one(
+            "SELECT 'version()' AS quoted, current_setting('TimeZone') AS zone",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "version()");
+    assert_eq!(row.get::<_, String>(1), "UTC");
     assert_eq!(
         simple(
             client

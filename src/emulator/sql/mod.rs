@@ -779,6 +779,8 @@ impl Transaction {
 /// DSQL's `server_version` and `server_version_num` (`DSQL_SQL_RULES.md` §7).
 pub(crate) const DSQL_SERVER_VERSION: &str = "16.15";
 pub(crate) const DSQL_SERVER_VERSION_NUM: &str = "160015";
+/// What DSQL's `version()` answers.
+pub(crate) const DSQL_VERSION: &str = "PostgreSQL 16";
 
 /// A `ParameterStatus` body with DSQL's value for `server_version`, if it is that parameter.
 pub(crate) fn dsql_parameter_status(body: &[u8]) -> Option<Vec<u8>> {

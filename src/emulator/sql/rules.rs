@@ -142,11 +142,138 @@ pub(crate) fn classify(sql: &str) -> Classified {
             }
         })
         .collect();
+    let upstream_text = rewrite_environment(&parsed.protobuf, upstream_text);
     Classified {
         statements,
         upstream_text,
         tables,
     }
+}
+
+/// What `version()` and `current_setting('server_version'[_num])` answer on DSQL (§7), as
+/// scalar subqueries that keep the column name PostgreSQL would give the call.
+fn environment_value(call: &protobuf::FuncCall) -> Option<String> {
+    let value = match function_name(call)?.as_str() {
+        "version" if call.args.is_empty() => super::DSQL_VERSION,
+        "current_setting" => match call.args.first().and_then(string_of) {
+            Some(name) if name.eq_ignore_ascii_case("server_version") => super::DSQL_SERVER_VERSION,
+            Some(name) if name.eq_ignore_ascii_case("server_version_num") => {
+                super::DSQL_SERVER_VERSION_NUM
+            }
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let column = function_name(call)?;
+    Some(format!("(SELECT '{value}'::text AS {column})"))
+}
+
+/// `sql` with each call [`environment_value`] answers replaced by that answer.
+fn rewrite_environment(parsed: &protobuf::ParseResult, sql: String) -> String {
+    let mut calls: Vec<(usize, String)> = parsed
+        .nodes()
+        .into_iter()
+        .filter_map(|(node, ..)| match node {
+            pg_query::NodeRef::FuncCall(call) => {
+                Some((call.location.max(0) as usize, environment_value(call)?))
+            }
+            _ => None,
+        })
+        .collect();
+    if calls.is_empty() {
+        return sql;
+    }
+    let Ok(scanned) = pg_query::scan(&sql) else {
+        return sql;
+    };
+    let tokens = &scanned.tokens;
+    calls.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut out = sql.clone();
+    for (start, replacement) in calls {
+        // The call runs from its name to the parenthesis that closes its arguments.
+        let mut depth = 0;
+        let end = tokens
+            .iter()
+            .filter(|t| t.start as usize >= start)
+            .find_map(|t| {
+                match &sql[t.start as usize..t.end as usize] {
+                    "(" => depth += 1,
+                    ")" => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(t.end as usize);
+                        }
+                    }
+                    _ => {}
+                }
+                None
+            });
+        if let Some(end) = end {
+            out.replace_range(start..end, &replacement);
+        }
+    }
+    out
+}
+
+/// A function's own name, lower case, without `pg_catalog.`.
+fn function_name(call: &protobuf::FuncCall) -> Option<String> {
+    let names: Vec<&str> = call.funcname.iter().filter_map(string_of).collect();
+    match names.as_slice() {
+        ["pg_catalog", name] | [name] => Some(name.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// DSQL's answer to the functions and operators it does not run (§5): full-text search has no
+/// configurations; geometric types are not supported.
+fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
+    let no_configuration = |name: &str| {
+        refuse(
+            "42704",
+            format!("text search configuration \"{name}\" does not exist"),
+        )
+    };
+    node.nodes().into_iter().find_map(|(node, ..)| match node {
+        pg_query::NodeRef::FuncCall(call) => {
+            let name = function_name(call)?;
+            let first = call.args.first().and_then(string_of);
+            match name.as_str() {
+                // A configuration first when there are two arguments.
+                "to_tsvector"
+                | "to_tsquery"
+                | "plainto_tsquery"
+                | "phraseto_tsquery"
+                | "websearch_to_tsquery" => Some(no_configuration(
+                    &first
+                        .filter(|_| call.args.len() >= 2)
+                        .map_or("english".into(), str::to_ascii_lowercase),
+                )),
+                // … and when there are three or four.
+                "ts_headline" => Some(no_configuration(
+                    &first
+                        .filter(|_| call.args.len() >= 3)
+                        .map_or("english".into(), str::to_ascii_lowercase),
+                )),
+                "ts_rank" | "ts_rank_cd" | "setweight" => Some(no_configuration("english")),
+                "line" | "lseg" | "box" | "path" | "polygon" | "circle" => {
+                    Some(unsupported(format!("datatype {name} not supported")))
+                }
+                "center" => Some(unsupported("datatype point not supported")),
+                "radius" => Some(unsupported("datatype circle not supported")),
+                _ => None,
+            }
+        }
+        // `text @@ text` searches with the default configuration.
+        pg_query::NodeRef::AExpr(e)
+            if e.name.iter().filter_map(string_of).eq(["@@"])
+                && [&e.lexpr, &e.rexpr]
+                    .iter()
+                    .all(|side| side.as_deref().and_then(string_of).is_some()) =>
+        {
+            Some(no_configuration("english"))
+        }
+        _ => None,
+    })
 }
 
 /// Takes out `ASYNC` after `CREATE [UNIQUE] INDEX` and after `ALTER TABLE` (found with
@@ -201,7 +328,7 @@ fn has_tablesample(sql: &str) -> bool {
 
 fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
     let kind = kind_of(node);
-    let refusal = refusal_of(node, is_async, tablesample);
+    let refusal = refusal_of(node, is_async, tablesample).or_else(|| query_refusal(node));
     // A write with RETURNING cannot be answered without its rows: if it loses, the client
     // gets the conflict at the statement instead (see the module docs).
     let write_tag = match node {
