@@ -187,7 +187,7 @@ fn rewrite_environment(parsed: &protobuf::ParseResult, sql: String) -> String {
         return sql;
     };
     let tokens = &scanned.tokens;
-    calls.sort_by(|a, b| b.0.cmp(&a.0));
+    calls.sort_by_key(|call| std::cmp::Reverse(call.0));
     let mut out = sql.clone();
     for (start, replacement) in calls {
         // The call runs from its name to the parenthesis that closes its arguments.
