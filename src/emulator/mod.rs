@@ -479,6 +479,11 @@ impl DsqlEmulatorBuilder {
             }
         };
 
+        let sql_rules = self.sql_rules.unwrap_or(true);
+        if sql_rules {
+            sql::prepare_upstream(target.url("admin"))?;
+        }
+
         let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, self.port))
             .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
             .map_err(|e| Error::Emulator {
@@ -519,7 +524,7 @@ impl DsqlEmulatorBuilder {
             max_age: AtomicU64::new(max_age.as_nanos() as u64),
             refusing: AtomicBool::new(false),
             cut_next_commit: AtomicBool::new(false),
-            sql_rules: self.sql_rules.unwrap_or(true),
+            sql_rules,
             transaction_age_limit,
             catalog: Arc::default(),
             network: tokio::sync::watch::Sender::new(Network::Up),

@@ -292,6 +292,8 @@ async fn negotiate(
     if shared.sql_rules {
         // A write that meets a row another transaction holds does not wait (see `sql`).
         upstream_parameters.push(("lock_timeout".into(), sql::LOCK_TIMEOUT.into()));
+        // The upstream's event triggers apply the catalog limits to this session.
+        upstream_parameters.push((sql::RULES_PARAMETER.into(), "on".into()));
         // DSQL's sessions are in UTC unless the client says otherwise.
         if !upstream_parameters
             .iter()

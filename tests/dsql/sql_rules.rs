@@ -497,6 +497,46 @@ fn cases() -> Vec<(&'static str, Expected)> {
                 "ddl and dml are not supported in the same transaction",
             ),
         ),
+        // §4 catalog-dependent rules (the upstream's event triggers)
+        (
+            "ALTER TABLE rules_pk DROP COLUMN id",
+            no("0A000", "cannot drop primary key column id"),
+        ),
+        (
+            "alter table public.rules_pk2 drop column b",
+            no("0A000", "cannot drop primary key column b"),
+        ),
+        ("ALTER TABLE rules_pk2 DROP COLUMN IF EXISTS gone", OK),
+        // §4 sys.wait_for_job
+        (
+            "CALL sys.wait_for_job('no-such-job')",
+            no("22P02", "Unable to convert text to UUID"),
+        ),
+        (
+            "SELECT sys.wait_for_job('qfzv5uemkrg2lbczil2fim3o2q')",
+            no("42809", "sys.wait_for_job(text) is a procedure"),
+        ),
+        (
+            "CALL sys.wait_for_job((SELECT 'qfzv5uemkrg2lbczil2fim3o2q'))",
+            no("0A000", "cannot use subquery in CALL argument"),
+        ),
+        ("CALL sys.wait_for_job('qfzv5uemkrg2lbczil2fim3o2q')", OK),
+        // §8 declared sizes
+        (
+            "CREATE TABLE rules_b (v varchar(65536))",
+            no(
+                "54000",
+                "Datatype limit greater than 65535 bytes not supported for varchar",
+            ),
+        ),
+        // [inferred] the same for char's 4 096.
+        (
+            "CREATE TABLE rules_b (v char(4097))",
+            no(
+                "54000",
+                "Datatype limit greater than 4096 bytes not supported for bpchar",
+            ),
+        ),
         // §5 queries
         (
             "SELECT to_tsvector('english', 'x')",
@@ -571,6 +611,8 @@ async fn setup() {
         let plain = plain().await;
         for statement in [
             "CREATE TABLE IF NOT EXISTS rules_t (id int PRIMARY KEY, v int)",
+            "CREATE TABLE IF NOT EXISTS rules_pk (id int PRIMARY KEY, note text)",
+            "CREATE TABLE IF NOT EXISTS rules_pk2 (a int, b int, c int, PRIMARY KEY (a, b))",
             "DROP TABLE IF EXISTS rules_a",
             "DROP TABLE IF EXISTS rules_b",
         ] {
@@ -1495,4 +1537,213 @@ async fn a_transaction_older_than_the_age_limit_fails() {
     client.batch_execute("COMMIT").await.unwrap();
     assert_eq!(rows_in(&plain, "rules_aged").await, 1);
     plain.batch_execute("DROP TABLE rules_aged").await.unwrap();
+}
+
+/// The `job_id` row of `CREATE INDEX ASYNC` and `ALTER TABLE ASYNC … VALIDATE` (§4), the job
+/// in `sys.jobs`, and `sys.wait_for_job`.
+#[tokio::test]
+async fn asynchronous_ddl_answers_a_job_id() {
+    use tokio_postgres::SimpleQueryMessage as M;
+    setup().await;
+    let plain = plain().await;
+    crate::support::each(
+        &plain,
+        &[
+            "DROP TABLE IF EXISTS rules_jobs",
+            "CREATE TABLE rules_jobs (id int PRIMARY KEY, v int)",
+            "ALTER TABLE rules_jobs ADD CONSTRAINT rules_jobs_chk CHECK (v > 0) NOT VALID",
+        ],
+    )
+    .await;
+    let client = rules_connector().await.connect().await.unwrap();
+    // The job id of a simple query's answer: one row, `job_id`, then the DDL's own tag.
+    async fn job_of(client: &Client, sql: &str) -> String {
+        let messages = client.simple_query(sql).await.unwrap();
+        let rows: Vec<&tokio_postgres::SimpleQueryRow> = messages
+            .iter()
+            .filter_map(|m| match m {
+                M::Row(row) => Some(row),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rows.len(), 1, "{sql}: {messages:?}");
+        assert_eq!(rows[0].columns()[0].name(), "job_id");
+        let id = rows[0].get(0).unwrap().to_owned();
+        assert_eq!(id.len(), 26, "{id}");
+        assert!(
+            id.bytes().all(|b| matches!(b, b'a'..=b'z' | b'2'..=b'7')),
+            "{id}"
+        );
+        assert!(matches!(messages.last(), Some(M::CommandComplete(0))));
+        id
+    }
+    let named = job_of(&client, "CREATE INDEX ASYNC rules_jobs_v ON rules_jobs (v)").await;
+    let unnamed = job_of(&client, "create index async on rules_jobs (id, v)").await;
+    let in_block = job_of(
+        &client,
+        "BEGIN; CREATE UNIQUE INDEX ASYNC rules_jobs_u ON rules_jobs (v) WHERE v > 10; COMMIT",
+    )
+    .await;
+    let validate = job_of(
+        &client,
+        "ALTER TABLE ASYNC rules_jobs VALIDATE CONSTRAINT rules_jobs_chk",
+    )
+    .await;
+    assert!(
+        [&unnamed, &in_block, &validate]
+            .iter()
+            .all(|id| **id != named)
+    );
+    for (id, kind, object) in [
+        (&named, "INDEX_BUILD", "rules_jobs_v"),
+        (&unnamed, "INDEX_BUILD", "rules_jobs_id_v_idx"),
+        (&in_block, "INDEX_BUILD", "rules_jobs_u"),
+        (&validate, "VALIDATE", "rules_jobs_chk"),
+    ] {
+        let row = client
+            .query_one(
+                "SELECT status, job_type, object_name FROM sys.jobs WHERE job_id = $1",
+                &[id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                row.get::<_, String>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2)
+            ),
+            ("completed".into(), kind.into(), object.into())
+        );
+        client
+            .batch_execute(&format!("CALL sys.wait_for_job('{id}')"))
+            .await
+            .unwrap();
+    }
+    // The indexes exist and the constraint is validated.
+    let indexes: i64 = plain
+        .query_one(
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'rules_jobs'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 4);
+    let validated: bool = plain
+        .query_one(
+            "SELECT convalidated FROM pg_constraint WHERE conname = 'rules_jobs_chk'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(validated);
+    // Through the extended protocol the index is built; its answer has no row (see the docs).
+    client
+        .execute("CREATE INDEX ASYNC rules_jobs_x ON rules_jobs (v, id)", &[])
+        .await
+        .unwrap();
+    plain.batch_execute("DROP TABLE rules_jobs").await.unwrap();
+}
+
+/// At most 24 indexes a table, primary key and unique constraints included (§8).
+#[tokio::test]
+async fn a_table_has_at_most_24_indexes() {
+    setup().await;
+    let plain = plain().await;
+    let columns = |n: usize, unique: bool| {
+        (1..=n)
+            .map(|i| format!("c{i} int{}", if unique { " UNIQUE" } else { "" }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    crate::support::each(
+        &plain,
+        &[
+            "DROP TABLE IF EXISTS rules_many",
+            "DROP TABLE IF EXISTS rules_too_many",
+            &format!(
+                "CREATE TABLE rules_many (id int PRIMARY KEY, {}, x int, y int)",
+                columns(22, true)
+            ),
+        ],
+    )
+    .await;
+    let client = rules_connector().await.connect().await.unwrap();
+    let limit = Some((
+        "54000".to_owned(),
+        "more than 24 indexes per table are not allowed".to_owned(),
+    ));
+    // 23 so far: the 24th is fine, the 25th is not, through either protocol.
+    client
+        .batch_execute("CREATE INDEX ASYNC rules_many_x ON rules_many (x)")
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(
+            client
+                .batch_execute("CREATE INDEX ASYNC rules_many_y ON rules_many (y)")
+                .await
+        ),
+        limit
+    );
+    assert_eq!(
+        answer(
+            client
+                .execute("CREATE INDEX ASYNC rules_many_y ON rules_many (y)", &[])
+                .await
+                .map(|_| ())
+        ),
+        limit
+    );
+    // A table declared with 25 is refused and not made.
+    let too_many = format!(
+        "CREATE TABLE rules_too_many (id int PRIMARY KEY, {})",
+        columns(24, true)
+    );
+    assert_eq!(answer(client.batch_execute(&too_many).await), limit);
+    let made: bool = plain
+        .query_one("SELECT to_regclass('rules_too_many') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!made);
+    plain.batch_execute("DROP TABLE rules_many").await.unwrap();
+}
+
+/// At most 10 schemas besides `public` and `sys` (§8), on an emulator of its own (other tests
+/// make schemas on the shared one).
+#[tokio::test]
+async fn a_cluster_has_at_most_10_schemas() {
+    let emulator = DsqlEmulator::builder()
+        .credentials(crate::support::emulator().credentials().clone())
+        .start()
+        .await
+        .unwrap();
+    let client = DsqlConnector::new(emulator.config_for("admin").build().unwrap())
+        .await
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for i in 1..=10 {
+        client
+            .batch_execute(&format!("CREATE SCHEMA rules_s{i}"))
+            .await
+            .unwrap();
+    }
+    let error = client
+        .batch_execute("CREATE SCHEMA rules_s11")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&error),
+        ("54000".into(), "more than 10 schemas not allowed".into())
+    );
+    client.batch_execute("DROP SCHEMA rules_s10").await.unwrap();
+    client
+        .batch_execute("CREATE SCHEMA rules_s11")
+        .await
+        .unwrap();
 }

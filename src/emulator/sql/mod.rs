@@ -89,6 +89,46 @@
 
 pub(crate) mod rules;
 
+/// The startup parameter that tells the upstream's event triggers a session has the rules on.
+pub(crate) const RULES_PARAMETER: &str = "dsql_emulator.sql_rules";
+
+/// Creates what the upstream PostgreSQL needs for the rules (`bootstrap.sql`: `sys.jobs`,
+/// `sys.wait_for_job`, the event triggers of the catalog limits), as `admin`. Blocking; runs
+/// on a thread of its own, so it may be called from inside an async runtime.
+pub(crate) fn prepare_upstream(url: String) -> Result<(), crate::Error> {
+    let failed = |reason: String, source: Option<Box<dyn std::error::Error + Send + Sync>>| {
+        crate::Error::Emulator {
+            reason: format!(
+                "cannot prepare the upstream PostgreSQL for DSQL's SQL rules ({reason}); its \
+                 `admin` role must be a superuser, or turn the rules off with sql_rules(false)"
+            ),
+            source,
+        }
+    };
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| failed("no runtime".into(), Some(Box::new(e))))?;
+        runtime.block_on(async {
+            let (client, connection) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| failed("cannot connect".into(), Some(Box::new(e))))?;
+            let connection = tokio::spawn(connection);
+            let outcome = client
+                .batch_execute(include_str!("bootstrap.sql"))
+                .await
+                .map_err(|e| failed("bootstrap.sql failed".into(), Some(Box::new(e))));
+            drop(client);
+            let _ = connection.await;
+            outcome
+        })
+    })
+    .join()
+    .map_err(|_| failed("the thread panicked".into(), None))?
+}
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -132,6 +172,9 @@ pub(crate) enum Plan {
     OnlyReady,
     /// The `COMMIT` the relay sends for an autocommit write: all but its command tag.
     Finish,
+    /// Asynchronous DDL followed by the statement that records its job and returns its
+    /// `job_id` row: the client gets the row, then the DDL's command tag.
+    Job,
 }
 
 /// Requests the server-to-client side sends upstream (with their plans) when the answer to a
@@ -609,7 +652,10 @@ impl Dialect {
         if let Some(prefix) = prefix {
             out.push(&prefix, Some(Plan::Swallow));
         }
-        if classified.upstream_text == text {
+        if classified.job {
+            let text = classified.upstream_text.replace(rules::JOB_ID, &job_id());
+            out.push(&query(&text), Some(Plan::Job));
+        } else if classified.upstream_text == text {
             out.push(whole, Some(plan));
         } else {
             out.push(&query(&classified.upstream_text), Some(plan));
@@ -647,13 +693,17 @@ impl Dialect {
             _ => other(),
         };
         self.statements.insert(name.clone(), prepared);
-        if classified.upstream_text == text {
+        let upstream_text = classified
+            .single_statement_text
+            .as_ref()
+            .unwrap_or(&classified.upstream_text);
+        if *upstream_text == text {
             return self.hold(whole, out);
         }
         let mut parse = Vec::with_capacity(body.len());
         parse.extend_from_slice(name.as_bytes());
         parse.push(0);
-        parse.extend_from_slice(classified.upstream_text.as_bytes());
+        parse.extend_from_slice(upstream_text.as_bytes());
         parse.push(0);
         parse.extend_from_slice(rest);
         self.hold(&message(b'P', &parse), out);
@@ -728,6 +778,24 @@ impl Dialect {
             self.dml = false;
         }
     }
+}
+
+/// A new job id as DSQL writes them: a random UUID in lower-case base32 (26 characters).
+fn job_id() -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let bits = fastrand::u128(..);
+    (0..26)
+        .map(|i| {
+            // 130 bits of base32 for 128 of UUID: the last character carries 3.
+            let shift = 128i32 - 5 * (i + 1);
+            let chunk = if shift >= 0 {
+                bits >> shift
+            } else {
+                bits << -shift
+            };
+            ALPHABET[(chunk & 31) as usize] as char
+        })
+        .collect()
 }
 
 /// Whether a transaction-ending statement commits (`COMMIT`, `END`, `COMMIT WORK`).
@@ -865,6 +933,8 @@ pub(crate) struct Responder {
     rows: u64,
     /// The current write crossed the row limit.
     over: bool,
+    /// The command tag of asynchronous DDL, until its job's row has gone.
+    held_tag: Option<Vec<u8>>,
 }
 
 impl Responder {
@@ -881,6 +951,7 @@ impl Responder {
             lost: false,
             rows: 0,
             over: false,
+            held_tag: None,
         }
     }
 
@@ -934,6 +1005,7 @@ impl Responder {
             Plan::Finish if tag == b'C' => {}
             Plan::Finish => self.pass(out),
             Plan::Write { guard, autocommit } => self.write(guard, autocommit, out),
+            Plan::Job => self.job(out),
         }
         if ready {
             // Outside any transaction now: the next one starts with no rows written.
@@ -941,6 +1013,27 @@ impl Responder {
                 self.rows = 0;
             }
             self.plans.lock().pop_front();
+        }
+    }
+
+    /// A message of the answer to asynchronous DDL and its job's `SELECT`: the DDL's tag is
+    /// held back and takes the place of the `SELECT`'s.
+    fn job(&mut self, out: &mut Vec<u8>) {
+        let body = &self.current[5..];
+        match self.current[0] {
+            b'C' if body.starts_with(b"CREATE INDEX\0") || body.starts_with(b"ALTER TABLE\0") => {
+                self.held_tag = Some(self.current.clone());
+            }
+            b'C' if body.starts_with(b"SELECT ") && self.held_tag.is_some() => {
+                if let Some(tag) = self.held_tag.take() {
+                    out.extend_from_slice(&tag);
+                }
+            }
+            b'Z' => {
+                self.held_tag = None;
+                self.pass(out);
+            }
+            _ => self.pass(out),
         }
     }
 
@@ -1013,14 +1106,22 @@ impl Responder {
             super::wire::append_message(out, b'E', body);
             return;
         }
-        if message[0] == b'E'
-            && let Some(at) = message[5..]
-                .windows(RAISE_CONTEXT.len())
-                .position(|w| w == RAISE_CONTEXT)
-        {
-            let body = &message[5..];
-            let mut rewritten = body[..at].to_vec();
-            rewritten.extend_from_slice(&body[at + RAISE_CONTEXT.len()..]);
+        // The `CONTEXT` of the relay's refusal blocks and of the upstream's `sys` functions
+        // (event triggers, `sys.wait_for_job`): DSQL's errors have none.
+        let ours = |field: &[u8]| {
+            field == &RAISE_CONTEXT[..RAISE_CONTEXT.len() - 1]
+                || field.starts_with(b"WPL/pgSQL function sys.")
+        };
+        let body = &message[5..];
+        if message[0] == b'E' && body.split(|b| *b == 0).any(ours) {
+            let mut rewritten = Vec::with_capacity(body.len());
+            for field in body.split(|b| *b == 0) {
+                if !field.is_empty() && !ours(field) {
+                    rewritten.extend_from_slice(field);
+                    rewritten.push(0);
+                }
+            }
+            rewritten.push(0);
             super::wire::append_message(out, b'E', &rewritten);
             return;
         }

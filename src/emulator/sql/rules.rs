@@ -71,6 +71,10 @@ pub(crate) struct Classified {
     pub(crate) upstream_text: String,
     /// The relations the text names (lower case, without schema).
     pub(crate) tables: Vec<String>,
+    /// The text sent on records a job ([`JOB_ID`]) and answers its `job_id` row.
+    pub(crate) job: bool,
+    /// With a job: the text to send on as a prepared statement (without the job's statement).
+    pub(crate) single_statement_text: Option<String>,
 }
 
 /// Reads `sql`.
@@ -81,6 +85,8 @@ pub(crate) fn classify(sql: &str) -> Classified {
             statements: Vec::new(),
             upstream_text,
             tables: Vec::new(),
+            job: false,
+            single_statement_text: None,
         };
     };
     let mut tables: Vec<String> = parsed
@@ -116,9 +122,14 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     show.name.to_ascii_lowercase()
                 ),
                 tables: Vec::new(),
+                job: false,
+                single_statement_text: None,
             };
         }
     }
+    let mut edits = environment_edits(&parsed.protobuf, &upstream_text);
+    let environment_only = edits.len();
+    let mut job = false;
     let statements = parsed
         .protobuf
         .stmts
@@ -126,14 +137,23 @@ pub(crate) fn classify(sql: &str) -> Classified {
         .map(|raw| {
             let start = raw.stmt_location.max(0) as usize;
             let end = if raw.stmt_len == 0 {
-                usize::MAX
+                upstream_text.len()
             } else {
                 start + raw.stmt_len as usize
             };
             let is_async = async_at.iter().any(|at| (start..end).contains(at));
             let node = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
             match node {
-                Some(node) => statement(node, is_async, tablesample),
+                Some(node) => {
+                    let statement = statement(node, is_async, tablesample);
+                    if let (true, None, Some(select)) =
+                        (is_async, &statement.refusal, job_select(node))
+                    {
+                        edits.push((end, end, select));
+                        job = true;
+                    }
+                    statement
+                }
                 None => Statement {
                     kind: Kind::Other,
                     refusal: None,
@@ -142,12 +162,63 @@ pub(crate) fn classify(sql: &str) -> Classified {
             }
         })
         .collect();
-    let upstream_text = rewrite_environment(&parsed.protobuf, upstream_text);
+    // A prepared statement is one statement: it gets no job row (see the module docs).
+    let single_statement_text =
+        job.then(|| edited(&upstream_text, edits[..environment_only].to_vec()));
     Classified {
         statements,
-        upstream_text,
+        upstream_text: edited(&upstream_text, edits),
         tables,
+        job,
+        single_statement_text,
     }
+}
+
+/// Where the relay puts the id of a new job in the text it sends on (see [`job_select`]).
+pub(crate) const JOB_ID: &str = "dsql-emulator-job-id";
+
+/// For DSQL's asynchronous DDL (`CREATE INDEX ASYNC`, `ALTER TABLE ASYNC … VALIDATE`), which
+/// answers with a `job_id` row: the statement that records the job in `sys.jobs` and returns
+/// that row, to run right after it (the [`JOB_ID`] replaced by a fresh id).
+fn job_select(node: &NodeEnum) -> Option<String> {
+    let (kind, relation, name) = match node {
+        NodeEnum::IndexStmt(i) => ("INDEX_BUILD", i.relation.as_ref()?, i.idxname.as_str()),
+        NodeEnum::AlterTableStmt(a) => {
+            let name = a.cmds.iter().find_map(|cmd| match &cmd.node {
+                Some(NodeEnum::AlterTableCmd(cmd))
+                    if cmd.subtype == AlterTableType::AtValidateConstraint as i32 =>
+                {
+                    Some(cmd.name.as_str())
+                }
+                _ => None,
+            })?;
+            ("VALIDATE", a.relation.as_ref()?, name)
+        }
+        _ => return None,
+    };
+    let quote_ident = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let mut qualified = quote_ident(&relation.relname);
+    if !relation.schemaname.is_empty() {
+        qualified = format!("{}.{qualified}", quote_ident(&relation.schemaname));
+    }
+    let literal = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    Some(format!(
+        "\n; SELECT sys.dsql_emulator_job('{JOB_ID}', '{kind}', {}::regclass, {}) AS job_id",
+        literal(&qualified),
+        literal(name),
+    ))
+}
+
+/// `sql` with `edits` (start, end, replacement; not overlapping) made.
+fn edited(sql: &str, mut edits: Vec<(usize, usize, String)>) -> String {
+    let mut out = sql.to_owned();
+    edits.sort_by_key(|edit| std::cmp::Reverse(edit.0));
+    for (start, end, replacement) in edits {
+        if start <= end && end <= out.len() {
+            out.replace_range(start..end, &replacement);
+        }
+    }
+    out
 }
 
 /// What `version()` and `current_setting('server_version'[_num])` answer on DSQL (§7), as
@@ -168,9 +239,9 @@ fn environment_value(call: &protobuf::FuncCall) -> Option<String> {
     Some(format!("(SELECT '{value}'::text AS {column})"))
 }
 
-/// `sql` with each call [`environment_value`] answers replaced by that answer.
-fn rewrite_environment(parsed: &protobuf::ParseResult, sql: String) -> String {
-    let mut calls: Vec<(usize, String)> = parsed
+/// The edits that replace each call [`environment_value`] answers by that answer.
+fn environment_edits(parsed: &protobuf::ParseResult, sql: &str) -> Vec<(usize, usize, String)> {
+    let calls: Vec<(usize, String)> = parsed
         .nodes()
         .into_iter()
         .filter_map(|(node, ..)| match node {
@@ -181,14 +252,13 @@ fn rewrite_environment(parsed: &protobuf::ParseResult, sql: String) -> String {
         })
         .collect();
     if calls.is_empty() {
-        return sql;
+        return Vec::new();
     }
-    let Ok(scanned) = pg_query::scan(&sql) else {
-        return sql;
+    let Ok(scanned) = pg_query::scan(sql) else {
+        return Vec::new();
     };
     let tokens = &scanned.tokens;
-    calls.sort_by_key(|call| std::cmp::Reverse(call.0));
-    let mut out = sql.clone();
+    let mut edits = Vec::new();
     for (start, replacement) in calls {
         // The call runs from its name to the parenthesis that closes its arguments.
         let mut depth = 0;
@@ -209,10 +279,10 @@ fn rewrite_environment(parsed: &protobuf::ParseResult, sql: String) -> String {
                 None
             });
         if let Some(end) = end {
-            out.replace_range(start..end, &replacement);
+            edits.push((start, end, replacement));
         }
     }
-    out
+    edits
 }
 
 /// A function's own name, lower case, without `pg_catalog.`.
@@ -233,7 +303,20 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
             format!("text search configuration \"{name}\" does not exist"),
         )
     };
+    let call_statement = matches!(node, NodeEnum::CallStmt(_));
     node.nodes().into_iter().find_map(|(node, ..)| match node {
+        // DSQL names the procedure's own signature, where PostgreSQL names the call's.
+        pg_query::NodeRef::FuncCall(call)
+            if !call_statement
+                && call
+                    .funcname
+                    .iter()
+                    .filter_map(string_of)
+                    .map(str::to_ascii_lowercase)
+                    .eq(["sys", "wait_for_job"]) =>
+        {
+            Some(refuse("42809", "sys.wait_for_job(text) is a procedure"))
+        }
         pg_query::NodeRef::FuncCall(call) => {
             let name = function_name(call)?;
             let first = call.args.first().and_then(string_of);
@@ -706,6 +789,21 @@ fn column_type(column: &protobuf::ColumnDef) -> Option<Refusal> {
             | "varbit"
             | "pg_lsn"
     );
+    // The declared size of a character type.
+    let limit = match base.as_str() {
+        "varchar" => Some(65_535),
+        "bpchar" => Some(4_096),
+        _ => None,
+    };
+    let size = type_name.typmods.first().and_then(integer_of);
+    if let (Some(limit), Some(size)) = (limit, size)
+        && size > limit
+    {
+        return Some(refuse(
+            "54000",
+            format!("Datatype limit greater than {limit} bytes not supported for {base}"),
+        ));
+    }
     let array = !type_name.array_bounds.is_empty();
     if builtin_refused || (array && supported) {
         return Some(unsupported(format!(
@@ -798,10 +896,19 @@ mod tests {
     #[test]
     fn async_is_taken_out_only_where_dsql_puts_it() {
         let c = classify("create unique index async if not exists i on t (v)");
+        // As a prepared statement, and as a query that also records the job.
+        assert_eq!(
+            c.single_statement_text.as_deref(),
+            Some("create unique index  if not exists i on t (v)")
+        );
         assert_eq!(
             c.upstream_text,
-            "create unique index  if not exists i on t (v)"
+            format!(
+                "create unique index  if not exists i on t (v)\n; SELECT \
+                 sys.dsql_emulator_job('{JOB_ID}', 'INDEX_BUILD', '\"t\"'::regclass, 'i') AS job_id"
+            )
         );
+        assert!(c.job);
         assert_eq!(c.statements[0].refusal, None);
         let c = classify("SELECT 'CREATE INDEX ASYNC' AS async");
         assert_eq!(c.upstream_text, "SELECT 'CREATE INDEX ASYNC' AS async");

@@ -1,0 +1,137 @@
+-- What the emulator's PostgreSQL needs for DSQL's SQL rules: DSQL's `sys.jobs` and
+-- `sys.wait_for_job`, and the rules that depend on the catalog (indexes per table, schemas,
+-- primary-key columns), checked by event triggers so that they hold whatever protocol a
+-- statement comes by. The emulator runs this as `admin` (a superuser) when it starts with the
+-- rules on; it may run again, and from two emulators at once. The triggers act only in
+-- sessions the emulator opened with the rules on (`dsql_emulator.sql_rules`).
+BEGIN ISOLATION LEVEL READ COMMITTED;
+SELECT pg_advisory_xact_lock(7306516);
+
+CREATE SCHEMA IF NOT EXISTS sys;
+GRANT USAGE ON SCHEMA sys TO PUBLIC;
+
+CREATE TABLE IF NOT EXISTS sys.jobs (
+    job_id text PRIMARY KEY,
+    status text NOT NULL,
+    details text,
+    job_type text NOT NULL,
+    class_id oid,
+    object_id oid,
+    object_name text,
+    start_time timestamptz NOT NULL,
+    update_time timestamptz NOT NULL
+);
+GRANT SELECT ON sys.jobs TO PUBLIC;
+
+-- Records the job of a `CREATE INDEX ASYNC` or `ALTER TABLE ASYNC` the relay has just run
+-- (synchronously: the job is complete) and returns its id.
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_job(id text, kind text, relation regclass, name text)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    object oid := relation;
+    object_name text := name;
+BEGIN
+    IF kind = 'INDEX_BUILD' THEN
+        -- The index the statement made: the one it named, or the table's newest.
+        SELECT c.oid, c.relname INTO object, object_name
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid = relation
+         ORDER BY c.relname = name DESC, c.oid DESC
+         LIMIT 1;
+    END IF;
+    INSERT INTO sys.jobs
+    VALUES (id, 'completed', NULL, kind, 'pg_class'::regclass, object, object_name, now(),
+            clock_timestamp());
+    RETURN id;
+END $$;
+
+-- DSQL's job ids are UUIDs in lower-case base32; builds here are over when the statement
+-- answers, so there is nothing to wait for.
+CREATE OR REPLACE PROCEDURE sys.wait_for_job(job_id text) LANGUAGE plpgsql AS $$
+BEGIN
+    IF job_id IS NULL OR job_id !~ '^[a-z2-7]{26}$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22P02', MESSAGE = 'Unable to convert text to UUID';
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_ddl_end() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    command record;
+    relation oid;
+BEGIN
+    IF current_setting('dsql_emulator.sql_rules', true) IS DISTINCT FROM 'on' THEN
+        RETURN;
+    END IF;
+    FOR command IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        IF command.command_tag = 'CREATE SCHEMA' THEN
+            IF (SELECT count(*) FROM pg_namespace
+                 WHERE nspname NOT IN ('public', 'sys', 'information_schema')
+                   AND nspname !~ '^pg_') > 10 THEN
+                RAISE EXCEPTION USING ERRCODE = '54000',
+                    MESSAGE = 'more than 10 schemas not allowed';
+            END IF;
+        ELSIF command.object_type IN ('table', 'index') THEN
+            relation := CASE command.object_type
+                WHEN 'index' THEN (SELECT indrelid FROM pg_index WHERE indexrelid = command.objid)
+                ELSE command.objid END;
+            IF (SELECT count(*) FROM pg_index WHERE indrelid = relation) > 24 THEN
+                RAISE EXCEPTION USING ERRCODE = '54000',
+                    MESSAGE = 'more than 24 indexes per table are not allowed';
+            END IF;
+        END IF;
+    END LOOP;
+END $$;
+
+-- The primary-key columns before an ALTER TABLE, for `sys.dsql_emulator_sql_drop`.
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_ddl_start() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('dsql_emulator.sql_rules', true) IS DISTINCT FROM 'on' THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('dsql_emulator.primary_keys',
+        coalesce((SELECT string_agg(i.indrelid || ':' || k.attnum, ' ')
+                    FROM pg_index i, unnest(i.indkey) AS k(attnum)
+                   WHERE i.indisprimary), ''),
+        true);
+END $$;
+
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    dropped record;
+BEGIN
+    IF current_setting('dsql_emulator.sql_rules', true) IS DISTINCT FROM 'on' THEN
+        RETURN;
+    END IF;
+    FOR dropped IN SELECT * FROM pg_event_trigger_dropped_objects()
+                    WHERE object_type = 'table column' AND original LOOP
+        IF dropped.objid || ':' || dropped.objsubid = ANY (string_to_array(
+               current_setting('dsql_emulator.primary_keys', true), ' ')) THEN
+            RAISE EXCEPTION USING ERRCODE = '0A000',
+                MESSAGE = format('cannot drop primary key column %s', dropped.address_names[3]);
+        END IF;
+    END LOOP;
+END $$;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_ddl_end') THEN
+        CREATE EVENT TRIGGER dsql_emulator_ddl_end ON ddl_command_end
+            WHEN TAG IN ('CREATE TABLE', 'CREATE INDEX', 'CREATE SCHEMA')
+            EXECUTE FUNCTION sys.dsql_emulator_ddl_end();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_ddl_start') THEN
+        CREATE EVENT TRIGGER dsql_emulator_ddl_start ON ddl_command_start
+            WHEN TAG IN ('ALTER TABLE')
+            EXECUTE FUNCTION sys.dsql_emulator_ddl_start();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_sql_drop') THEN
+        CREATE EVENT TRIGGER dsql_emulator_sql_drop ON sql_drop
+            WHEN TAG IN ('ALTER TABLE')
+            EXECUTE FUNCTION sys.dsql_emulator_sql_drop();
+    END IF;
+END $$;
+
+COMMIT;
