@@ -1293,6 +1293,25 @@ async fn a_schema_change_fails_the_other_sessions_next_statement_once() {
     .unwrap();
     assert_eq!(n, 0);
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // A change that lands while a transaction that used the table is open fails its COMMIT,
+    // which ends it; the next one goes through.
+    reader.batch_execute("BEGIN").await.unwrap();
+    reader
+        .batch_execute("SELECT * FROM rules_schema")
+        .await
+        .unwrap();
+    writer
+        .batch_execute("GRANT SELECT ON rules_schema TO PUBLIC")
+        .await
+        .unwrap();
+    let err = reader.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(code_of(&err), oc001);
+    reader.batch_execute("SELECT 1").await.unwrap();
+    reader
+        .batch_execute("BEGIN; SELECT * FROM rules_schema; COMMIT")
+        .await
+        .unwrap();
     drop(writer.transaction().await.unwrap());
 }
 

@@ -352,6 +352,9 @@ pub(crate) struct Dialect {
     pending_ddl: Vec<String>,
     /// When the open transaction block began.
     began: Option<std::time::Instant>,
+    /// The relations the open transaction block used, with the latest catalog change number
+    /// when it first did.
+    block_used: HashMap<String, u64>,
     /// How long a transaction block may stay open.
     age_limit: std::time::Duration,
 }
@@ -437,8 +440,25 @@ impl Dialect {
         let now = self.catalog.current();
         for table in tables {
             self.touched.insert(table.clone(), now);
+            if self.in_block {
+                self.block_used.entry(table.clone()).or_insert(now);
+            }
         }
         stale.then(schema_conflict)
+    }
+
+    /// `OC001` for a `COMMIT` if another session changed a table this block used after it
+    /// first used it (a change that landed mid-transaction); it is told once.
+    fn commit_schema_check(&mut self) -> Option<Refusal> {
+        let used: Vec<String> = self.block_used.keys().cloned().collect();
+        if !self.catalog.stale(self.session, &self.block_used, &used) {
+            return None;
+        }
+        let now = self.catalog.current();
+        for table in used {
+            self.touched.insert(table, now);
+        }
+        Some(schema_conflict())
     }
 
     /// After statements of `kind` naming `tables` went through: DDL outside a block is
@@ -592,16 +612,18 @@ impl Dialect {
                 return out.push(&raise_query(&refusal), Some(Plan::Pass));
             }
         }
-        // A transaction that lost a conflict fails at COMMIT, as on DSQL, and is over.
-        if ends_block
-            && self.in_block
-            && self.plans.doomed.load(Ordering::SeqCst)
-            && is_commit(&text)
-        {
-            return self.fail_commit(
-                &Refusal::new("40001", "change conflicts with another transaction (OC000)"),
-                out,
-            );
+        if ends_block && self.in_block && is_commit(&text) {
+            // A transaction that lost a conflict fails at COMMIT, as on DSQL, and is over; so
+            // does one whose tables another session changed meanwhile.
+            if self.plans.doomed.load(Ordering::SeqCst) {
+                return self.fail_commit(
+                    &Refusal::new("40001", "change conflicts with another transaction (OC000)"),
+                    out,
+                );
+            }
+            if let Some(refusal) = self.commit_schema_check() {
+                return self.fail_commit(&refusal, out);
+            }
         }
         if let Some(refusal) = self.schema_check(&classified.tables) {
             self.end_of_implicit_transaction();
@@ -763,8 +785,10 @@ impl Dialect {
     fn set_transaction(&mut self, state: Transaction) {
         if !state.in_block {
             self.began = None;
+            self.block_used.clear();
         } else if !self.in_block {
             self.began = Some(std::time::Instant::now());
+            self.block_used.clear();
         }
         self.in_block = state.in_block;
         self.ddl = state.ddl;
