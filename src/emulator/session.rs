@@ -407,6 +407,9 @@ where
                     upstream_write.write_all(&out.bytes).await?;
                     upstream_write.flush().await?;
                 }
+                if out.close {
+                    return Ok(());
+                }
                 if !out.gate {
                     break;
                 }
@@ -502,6 +505,10 @@ fn decide(dialect: &mut sql::Dialect, pending: &[u8], out: &mut sql::Outgoing) -
             // Not the protocol: pass the rest on and let PostgreSQL answer it.
             out.bytes.extend_from_slice(&pending[at..]);
             return pending.len();
+        }
+        if len > sql::MESSAGE_LIMIT {
+            out.close = true;
+            return at;
         }
         let end = at + 1 + len;
         if end > pending.len() {

@@ -1766,3 +1766,125 @@ async fn a_cluster_has_at_most_10_schemas() {
         .await
         .unwrap();
 }
+
+/// §8: one value at most 1 MiB; a transaction at most 10 MiB, checked at COMMIT; a protocol
+/// message over 10 MiB closes the connection.
+#[tokio::test]
+async fn values_transactions_and_messages_have_size_limits() {
+    use tokio_postgres::types::Type;
+    setup().await;
+    let plain = plain().await;
+    crate::support::each(
+        &plain,
+        &[
+            "DROP TABLE IF EXISTS rules_sizes",
+            "CREATE TABLE rules_sizes (id int PRIMARY KEY, t text, b bytea)",
+        ],
+    )
+    .await;
+    let connector = rules_connector().await;
+    let client = connector.connect().await.unwrap();
+    const MIB: usize = 1 << 20;
+    let too_big = |type_name: &str| {
+        Some((
+            "54000".to_owned(),
+            format!("datatype limit greater than 1048576 bytes not supported for {type_name}"),
+        ))
+    };
+    let text = "x".repeat(MIB + 1);
+    let bytes = vec![7u8; MIB + 1];
+    let insert_text = "INSERT INTO rules_sizes (id, t) VALUES ($1, $2)";
+    assert_eq!(
+        answer(
+            client
+                .execute(insert_text, &[&1i32, &text])
+                .await
+                .map(|_| ())
+        ),
+        too_big("text")
+    );
+    assert_eq!(
+        answer(
+            client
+                .execute(
+                    "INSERT INTO rules_sizes (id, b) VALUES ($1, $2)",
+                    &[&1i32, &bytes]
+                )
+                .await
+                .map(|_| ())
+        ),
+        too_big("bytea")
+    );
+    // The unnamed statement, with the type given.
+    assert_eq!(
+        answer(
+            client
+                .query_typed(
+                    "INSERT INTO rules_sizes (id, b) VALUES ($1, $2)",
+                    &[(&1i32, Type::INT4), (&bytes, Type::BYTEA)],
+                )
+                .await
+                .map(|_| ())
+        ),
+        too_big("bytea")
+    );
+    // A literal in a simple query.
+    assert_eq!(
+        answer(
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO rules_sizes (id, t) VALUES (1, '{text}')"
+                ))
+                .await
+        ),
+        too_big("text")
+    );
+    // Reading a large value is fine, and so is writing exactly 1 MiB.
+    client
+        .query_one("SELECT repeat('x', 2 * 1048576)", &[])
+        .await
+        .unwrap();
+    let one_mib = "x".repeat(MIB);
+    client
+        .execute(insert_text, &[&1i32, &one_mib])
+        .await
+        .unwrap();
+    assert_eq!(rows_in(&plain, "rules_sizes").await, 1);
+
+    // Ten 1 MiB values and their keys in a block, just over 10 MiB: each write answers, the
+    // COMMIT fails and ends the block.
+    client.batch_execute("BEGIN").await.unwrap();
+    for id in 10..20 {
+        client.execute(insert_text, &[&id, &one_mib]).await.unwrap();
+    }
+    let error = client.batch_execute("COMMIT").await.unwrap_err();
+    let db = error.as_db_error().unwrap();
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("54000", "transaction size limit 10mb exceeded")
+    );
+    assert_eq!(db.detail(), Some("Current transaction size 11mb > 10mb"));
+    client.batch_execute("SELECT 1").await.unwrap();
+    assert_eq!(rows_in(&plain, "rules_sizes").await, 1);
+    // 9 MiB commits.
+    client.batch_execute("BEGIN").await.unwrap();
+    for id in 10..19 {
+        client.execute(insert_text, &[&id, &one_mib]).await.unwrap();
+    }
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(rows_in(&plain, "rules_sizes").await, 10);
+
+    // A message over 10 MiB: the connection is closed without an error message.
+    let huge = format!("SELECT '{}'", "x".repeat(10 * MIB));
+    let error = client.batch_execute(&huge).await.unwrap_err();
+    assert!(error.as_db_error().is_none(), "{error}");
+    assert!(client.is_closed());
+    connector
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute("SELECT 1")
+        .await
+        .unwrap();
+    plain.batch_execute("DROP TABLE rules_sizes").await.unwrap();
+}

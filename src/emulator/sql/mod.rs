@@ -162,9 +162,13 @@ pub(crate) enum Plan {
     /// `autocommit`: a write outside a transaction block, which the relay runs in a
     /// transaction of its own (after a `BEGIN` it added) so that it can still be undone; the
     /// relay ends it with `COMMIT` or, over the row limit, `ROLLBACK`.
+    ///
+    /// `oversize`: the bytes of an autocommit write over DSQL's 10 MiB transaction size: it
+    /// fails at its `COMMIT`.
     Write {
         guard: Option<&'static str>,
         autocommit: bool,
+        oversize: Option<u64>,
     },
     /// The answer but its `ReadyForQuery`.
     AllButReady,
@@ -186,6 +190,24 @@ pub(crate) const TRANSACTION_AGE_LIMIT: std::time::Duration = std::time::Duratio
 
 /// DSQL's limit on the rows one transaction writes (`DSQL_SQL_RULES.md` §1, §8).
 pub(crate) const ROW_LIMIT: u64 = 3_000;
+
+/// DSQL's limit on the bytes one transaction writes (`DSQL_SQL_RULES.md` §8), checked at
+/// `COMMIT`. The relay counts the bytes of the writes' query texts and bound values: data
+/// PostgreSQL makes itself (`INSERT … SELECT`, defaults) and index entries are not counted.
+pub(crate) const TX_SIZE_LIMIT: u64 = 10 << 20;
+
+/// DSQL's largest protocol message: a bigger one closes the connection without a word.
+pub(crate) const MESSAGE_LIMIT: usize = 10 << 20;
+
+fn size_limit_exceeded(bytes: u64) -> Refusal {
+    Refusal {
+        detail: Some(format!(
+            "Current transaction size {}mb > 10mb",
+            bytes.div_ceil(1 << 20)
+        )),
+        ..Refusal::new("54000", "transaction size limit 10mb exceeded")
+    }
+}
 
 fn row_limit_exceeded() -> Refusal {
     Refusal::new("54000", "transaction row limit exceeded")
@@ -289,6 +311,8 @@ pub(crate) struct Outgoing {
     /// They end with a request that writes ([`Plan::Write`]): nothing more goes upstream
     /// until the [`Responder`] has its answer.
     pub(crate) gate: bool,
+    /// The client sent a message over [`MESSAGE_LIMIT`]: DSQL closes the connection.
+    pub(crate) close: bool,
 }
 
 impl Outgoing {
@@ -304,6 +328,7 @@ impl Outgoing {
         self.bytes.clear();
         self.plans.clear();
         self.gate = false;
+        self.close = false;
     }
 }
 
@@ -313,6 +338,8 @@ struct Prepared {
     kind: Kind,
     write_tag: Option<&'static str>,
     tables: Arc<[String]>,
+    /// The parameter types its `Parse` gave (0: for the server to infer).
+    parameter_types: Arc<[u32]>,
 }
 
 fn other() -> Prepared {
@@ -320,7 +347,78 @@ fn other() -> Prepared {
         kind: Kind::Other,
         write_tag: None,
         tables: Arc::new([]),
+        parameter_types: Arc::new([]),
     }
+}
+
+/// The parameter type OIDs after a `Parse` body's query text.
+fn parameter_types(rest: &[u8]) -> Vec<u32> {
+    let Some((count, mut oids)) = rest.split_at_checked(2) else {
+        return Vec::new();
+    };
+    let count = u16::from_be_bytes([count[0], count[1]]);
+    (0..count)
+        .map_while(|_| {
+            let (oid, tail) = oids.split_at_checked(4)?;
+            oids = tail;
+            Some(u32::from_be_bytes([oid[0], oid[1], oid[2], oid[3]]))
+        })
+        .collect()
+}
+
+/// A portal: its statement, and the bytes of the values bound to it.
+#[derive(Debug, Clone)]
+struct Portal {
+    statement: String,
+    bytes: u64,
+}
+
+/// The parameter values of a `Bind` body (`None` for NULL), after its portal and statement.
+fn bound_values(mut rest: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        rest = tail;
+        Some(head)
+    };
+    let u16_of = |b: &[u8]| usize::from(u16::from_be_bytes([b[0], b[1]]));
+    let formats = u16_of(take(2)?);
+    take(2 * formats)?;
+    let count = u16_of(take(2)?);
+    (0..count)
+        .map(|_| {
+            let len = take(4)?;
+            let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+            match usize::try_from(len) {
+                Ok(len) => take(len).map(Some),
+                Err(_) => Some(None),
+            }
+        })
+        .collect()
+}
+
+/// The name DSQL gives a parameter's type in its value-size refusal, from the type the
+/// `Parse` declared or, failing that, the one PostgreSQL inferred for a named statement.
+fn value_refusal(statement: &str, prepared: &Prepared, index: usize) -> Refusal {
+    let declared = match prepared.parameter_types.get(index) {
+        Some(17) => Some("bytea"),
+        Some(25) => Some("text"),
+        Some(114) => Some("json"),
+        Some(1042) => Some("bpchar"),
+        Some(1043) => Some("varchar"),
+        Some(3802) => Some("jsonb"),
+        _ => None,
+    };
+    let mut refusal = rules::value_limit_exceeded(declared.unwrap_or("text"));
+    if declared.is_none() && !statement.is_empty() {
+        let prefix = refusal.message.trim_end_matches("text").replace('\'', "''");
+        refusal.message_sql = Some(format!(
+            "'{prefix}' || coalesce((SELECT t.typname FROM pg_prepared_statements p \
+             JOIN pg_type t ON t.oid = p.parameter_types[{}]::oid WHERE p.name = '{}'), 'text')",
+            index + 1,
+            statement.replace('\'', "''"),
+        ));
+    }
+    refusal
 }
 
 /// One session's view of DSQL's rules: the transaction it is in, what that transaction did,
@@ -334,7 +432,7 @@ pub(crate) struct Dialect {
     /// Prepared statement name → what it is.
     statements: HashMap<String, Prepared>,
     /// Portal name → statement name.
-    portals: HashMap<String, String>,
+    portals: HashMap<String, Portal>,
     /// An extended-protocol batch being skipped to `Sync` after this refusal.
     skipping: Option<Refusal>,
     /// The messages of the current extended-protocol batch not sent yet.
@@ -352,6 +450,8 @@ pub(crate) struct Dialect {
     pending_ddl: Vec<String>,
     /// When the open transaction block began.
     began: Option<std::time::Instant>,
+    /// The bytes of the values the open transaction has written, as far as the relay sees.
+    tx_bytes: u64,
     /// The relations the open transaction block used, with the latest catalog change number
     /// when it first did.
     block_used: HashMap<String, u64>,
@@ -487,18 +587,7 @@ impl Dialect {
         let skipping = self.skipping.is_some();
         match tag {
             b'P' => self.on_parse(body, whole, out),
-            b'B' if !skipping => {
-                let mut fields = body.split(|b| *b == 0);
-                if let (Some(portal), Some(statement)) = (fields.next(), fields.next()) {
-                    if statement.is_empty() && !self.batch.parsed_unnamed {
-                        self.batch.reuses_unnamed = true;
-                    }
-                    let statement = String::from_utf8_lossy(statement).into_owned();
-                    self.portals
-                        .insert(String::from_utf8_lossy(portal).into_owned(), statement);
-                }
-                self.hold(whole, out);
-            }
+            b'B' if !skipping => self.on_bind(body, whole, out),
             b'E' if !skipping => self.on_execute(body, whole, out),
             b'S' => self.on_sync(whole, out),
             b'C' if !skipping => {
@@ -557,7 +646,12 @@ impl Dialect {
             out.push(&held, None);
             out.push(&raise_query(&refusal), Some(Plan::Pass));
         } else {
-            let write = |guard, autocommit| Plan::Write { guard, autocommit };
+            let oversize = (self.tx_bytes > TX_SIZE_LIMIT).then_some(self.tx_bytes);
+            let write = |guard, autocommit: bool| Plan::Write {
+                guard,
+                autocommit,
+                oversize: oversize.filter(|_| autocommit),
+            };
             let (prefix, plan) = match batch.write {
                 None => (None, Plan::Pass),
                 // Too late, or it would drop the unnamed statement the batch binds.
@@ -580,6 +674,15 @@ impl Dialect {
             out.push(whole, Some(plan));
         }
         self.end_of_implicit_transaction();
+    }
+
+    /// The bytes the open transaction has written so far: those of this request's writes
+    /// (`text` for a simple query), after the earlier requests' in a block.
+    fn count_bytes(&mut self, bytes: u64) {
+        if !self.in_block {
+            self.tx_bytes = 0;
+        }
+        self.tx_bytes += bytes;
     }
 
     fn classified(&mut self, text: &str) -> Classified {
@@ -624,6 +727,9 @@ impl Dialect {
             if let Some(refusal) = self.commit_schema_check() {
                 return self.fail_commit(&refusal, out);
             }
+            if self.tx_bytes > TX_SIZE_LIMIT {
+                return self.fail_commit(&size_limit_exceeded(self.tx_bytes), out);
+            }
         }
         if let Some(refusal) = self.schema_check(&classified.tables) {
             self.end_of_implicit_transaction();
@@ -644,7 +750,15 @@ impl Dialect {
             self.pending_ddl.clear();
         }
         self.note_catalog_change(&kinds, &classified.tables, ends);
-        let write = |guard, autocommit| Plan::Write { guard, autocommit };
+        if kinds.contains(&Kind::Dml) {
+            self.count_bytes(text.len() as u64);
+        }
+        let oversize = (self.tx_bytes > TX_SIZE_LIMIT).then_some(self.tx_bytes);
+        let write = |guard, autocommit: bool| Plan::Write {
+            guard,
+            autocommit,
+            oversize: oversize.filter(|_| autocommit),
+        };
         let (prefix, plan) = if !kinds.contains(&Kind::Dml) {
             (None, Plan::Pass)
         } else if self.in_block {
@@ -709,6 +823,7 @@ impl Dialect {
                     kind: one.kind,
                     write_tag: one.write_tag,
                     tables: classified.tables.clone().into(),
+                    parameter_types: parameter_types(rest).into(),
                 },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
@@ -731,13 +846,41 @@ impl Dialect {
         self.hold(&message(b'P', &parse), out);
     }
 
+    fn on_bind(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
+        let mut fields = body.splitn(3, |b| *b == 0);
+        if let (Some(portal), Some(statement), Some(rest)) =
+            (fields.next(), fields.next(), fields.next())
+        {
+            if statement.is_empty() && !self.batch.parsed_unnamed {
+                self.batch.reuses_unnamed = true;
+            }
+            let statement = String::from_utf8_lossy(statement).into_owned();
+            let values = bound_values(rest).unwrap_or_default();
+            // A write stores its values: none may be over DSQL's largest.
+            if let Some(prepared) = self.statements.get(&statement)
+                && prepared.kind == Kind::Dml
+                && let Some(index) = values
+                    .iter()
+                    .position(|v| v.is_some_and(|v| v.len() > rules::VALUE_LIMIT))
+            {
+                self.skipping = Some(value_refusal(&statement, prepared, index));
+                return;
+            }
+            let bytes = values.iter().flatten().map(|v| v.len() as u64).sum();
+            self.portals.insert(
+                String::from_utf8_lossy(portal).into_owned(),
+                Portal { statement, bytes },
+            );
+        }
+        self.hold(whole, out);
+    }
+
     fn on_execute(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
         let portal = body.split(|b| *b == 0).next().unwrap_or_default();
-        let portal = String::from_utf8_lossy(portal);
-        let prepared = self
-            .portals
-            .get(portal.as_ref())
-            .and_then(|statement| self.statements.get(statement))
+        let portal = self.portals.get(String::from_utf8_lossy(portal).as_ref());
+        let bytes = portal.map_or(0, |p| p.bytes);
+        let prepared = portal
+            .and_then(|portal| self.statements.get(&portal.statement))
             .cloned()
             .unwrap_or_else(other);
         if let Some(refusal) = self.too_old().filter(|_| prepared.kind != Kind::End) {
@@ -756,6 +899,9 @@ impl Dialect {
                 }
                 self.set_transaction(state);
                 self.note_catalog_change(&[prepared.kind], &prepared.tables, !state.in_block);
+                if prepared.kind == Kind::Dml {
+                    self.tx_bytes += bytes;
+                }
                 let batch = &mut self.batch;
                 batch.executes += 1;
                 match prepared.kind {
@@ -783,12 +929,10 @@ impl Dialect {
     }
 
     fn set_transaction(&mut self, state: Transaction) {
-        if !state.in_block {
-            self.began = None;
+        if state.in_block != self.in_block {
+            self.tx_bytes = 0;
             self.block_used.clear();
-        } else if !self.in_block {
-            self.began = Some(std::time::Instant::now());
-            self.block_used.clear();
+            self.began = state.in_block.then(std::time::Instant::now);
         }
         self.in_block = state.in_block;
         self.ddl = state.ddl;
@@ -800,6 +944,7 @@ impl Dialect {
         if !self.in_block {
             self.ddl = false;
             self.dml = false;
+            self.tx_bytes = 0;
         }
     }
 }
@@ -896,10 +1041,13 @@ fn raise_query(refusal: &Refusal) -> Vec<u8> {
         .as_deref()
         .map(|detail| format!(", DETAIL = '{}'", quote(detail)))
         .unwrap_or_default();
+    let text_of_message = refusal
+        .message_sql
+        .clone()
+        .unwrap_or_else(|| format!("'{}'", quote(&refusal.message)));
     let text = format!(
-        "DO {TAG} BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{}'{detail}; END {TAG}\0",
+        "DO {TAG} BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {text_of_message}{detail}; END {TAG}\0",
         refusal.code,
-        quote(&refusal.message),
     );
     message(b'Q', text.as_bytes())
 }
@@ -1028,7 +1176,11 @@ impl Responder {
             Plan::OnlyReady => {}
             Plan::Finish if tag == b'C' => {}
             Plan::Finish => self.pass(out),
-            Plan::Write { guard, autocommit } => self.write(guard, autocommit, out),
+            Plan::Write {
+                guard,
+                autocommit,
+                oversize,
+            } => self.write(guard, autocommit, oversize, out),
             Plan::Job => self.job(out),
         }
         if ready {
@@ -1062,10 +1214,16 @@ impl Responder {
     }
 
     /// A message of the answer to a request that writes.
-    fn write(&mut self, guard: Option<&'static str>, autocommit: bool, out: &mut Vec<u8>) {
+    fn write(
+        &mut self,
+        guard: Option<&'static str>,
+        autocommit: bool,
+        oversize: Option<u64>,
+        out: &mut Vec<u8>,
+    ) {
         match self.current[0] {
             b'E' if guard.is_some() && native_conflict(&self.current[5..]) => self.lost = true,
-            b'Z' => self.end_of_write(guard, autocommit, out),
+            b'Z' => self.end_of_write(guard, autocommit, oversize, out),
             _ if self.lost || self.over => {}
             b'C' => {
                 let rows = written_rows(&self.current[5..]);
@@ -1084,7 +1242,13 @@ impl Responder {
     /// The `ReadyForQuery` that ends the answer to a request that writes: what the client is
     /// told, and what goes upstream next (possibly nothing; the upstream side reads on either
     /// way).
-    fn end_of_write(&mut self, guard: Option<&'static str>, autocommit: bool, out: &mut Vec<u8>) {
+    fn end_of_write(
+        &mut self,
+        guard: Option<&'static str>,
+        autocommit: bool,
+        oversize: Option<u64>,
+        out: &mut Vec<u8>,
+    ) {
         let status = self.current.get(5).copied().unwrap_or(b'I');
         let mut requests: Requests = Vec::new();
         if let (true, Some(told)) = (self.lost, guard) {
@@ -1107,6 +1271,10 @@ impl Responder {
         } else if self.over && status == b'E' {
             error_response(&row_limit_exceeded(), out);
             self.pass(out);
+        } else if let (true, Some(bytes), b'T') = (autocommit, oversize, status) {
+            // Checked at COMMIT, as DSQL does.
+            error_response(&size_limit_exceeded(bytes), out);
+            requests.push((query("ROLLBACK"), Plan::OnlyReady));
         } else if autocommit && status == b'T' {
             requests.push((query("COMMIT"), Plan::Finish));
         } else if autocommit {
@@ -1263,6 +1431,7 @@ mod tests {
         Plan::Write {
             guard: Some(tag),
             autocommit: false,
+            oversize: None,
         }
     }
 
@@ -1270,6 +1439,7 @@ mod tests {
         Plan::Write {
             guard: None,
             autocommit: true,
+            oversize: None,
         }
     }
 
@@ -1357,7 +1527,8 @@ mod tests {
             plans,
             [Plan::Write {
                 guard: None,
-                autocommit: false
+                autocommit: false,
+                oversize: None,
             }]
         );
         // A named statement bound in a later batch gets its savepoint.

@@ -14,6 +14,9 @@ pub(crate) struct Refusal {
     pub(crate) code: &'static str,
     pub(crate) message: String,
     pub(crate) detail: Option<String>,
+    /// An SQL expression PostgreSQL evaluates for the message instead (when the message names
+    /// something only the server knows).
+    pub(crate) message_sql: Option<String>,
 }
 
 impl Refusal {
@@ -23,6 +26,7 @@ impl Refusal {
             code,
             message: message.into(),
             detail: None,
+            message_sql: None,
         }
     }
 }
@@ -129,6 +133,10 @@ pub(crate) fn classify(sql: &str) -> Classified {
     }
     let mut edits = environment_edits(&parsed.protobuf, &upstream_text);
     let environment_only = edits.len();
+    // Only a text that long can hold a value over the limit.
+    let scanned = (upstream_text.len() > VALUE_LIMIT)
+        .then(|| pg_query::scan(&upstream_text).ok())
+        .flatten();
     let mut job = false;
     let statements = parsed
         .protobuf
@@ -145,7 +153,15 @@ pub(crate) fn classify(sql: &str) -> Classified {
             let node = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
             match node {
                 Some(node) => {
-                    let statement = statement(node, is_async, tablesample);
+                    let mut statement = statement(node, is_async, tablesample);
+                    // A write stores its values: no string in it may be over DSQL's largest.
+                    if statement.kind == Kind::Dml
+                        && statement.refusal.is_none()
+                        && let Some(scanned) = &scanned
+                        && holds_large_string(scanned, start, end)
+                    {
+                        statement.refusal = Some(value_limit_exceeded("text"));
+                    }
                     if let (true, None, Some(select)) =
                         (is_async, &statement.refusal, job_select(node))
                     {
@@ -292,6 +308,27 @@ fn function_name(call: &protobuf::FuncCall) -> Option<String> {
         ["pg_catalog", name] | [name] => Some(name.to_ascii_lowercase()),
         _ => None,
     }
+}
+
+/// DSQL's largest text, bytea or jsonb value (§8).
+pub(crate) const VALUE_LIMIT: usize = 1 << 20;
+
+/// DSQL's refusal of a value over [`VALUE_LIMIT`] of type `type_name`.
+pub(crate) fn value_limit_exceeded(type_name: &str) -> Refusal {
+    refuse(
+        "54000",
+        format!("datatype limit greater than {VALUE_LIMIT} bytes not supported for {type_name}"),
+    )
+}
+
+/// Whether `sql[start..end]` holds a string constant over [`VALUE_LIMIT`] (found with
+/// PostgreSQL's scanner: quoted, escaped or dollar-quoted alike).
+fn holds_large_string(scanned: &protobuf::ScanResult, start: usize, end: usize) -> bool {
+    scanned.tokens.iter().any(|t| {
+        t.token == protobuf::Token::Sconst as i32
+            && (start..end).contains(&(t.start as usize))
+            && (t.end - t.start) as usize > VALUE_LIMIT
+    })
 }
 
 /// DSQL's answer to the functions and operators it does not run (§5): full-text search has no
