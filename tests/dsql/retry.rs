@@ -8,7 +8,7 @@ use tokio_postgres_dsql::{
     OccConflict, RetryError, RetryPolicy, retry_transaction, transaction_with_retry,
 };
 
-use crate::support::{conflicting_table, connector};
+use crate::support::connector;
 
 fn patient() -> RetryPolicy {
     RetryPolicy::with_max_attempts(200).delays(Duration::from_millis(1), Duration::from_millis(40))
@@ -77,29 +77,72 @@ async fn concurrent_increments_on_a_pool_end_exact() {
     );
 }
 
+/// `table (id int PRIMARY KEY, n int)` with row 1 at 0, made as `admin` through the emulator.
+async fn counter_table(client: &tokio_postgres::Client, table: &str) {
+    crate::support::each(
+        client,
+        &[
+            &format!("DROP TABLE IF EXISTS {table}"),
+            &format!("CREATE TABLE {table} (id int PRIMARY KEY, n int NOT NULL)"),
+            &format!("INSERT INTO {table} VALUES (1, 0)"),
+        ],
+    )
+    .await;
+}
+
+/// Another session whose transaction writes row 1 of a counter table before the caller's
+/// does, and commits while the caller's is still open: as on DSQL, the caller's write answers
+/// at once and its COMMIT fails with `40001 … (OC000)`.
+struct Rival(tokio_postgres::Client);
+
+impl Rival {
+    async fn writes_first(&self, table: &str) -> Result<(), tokio_postgres::Error> {
+        self.0.batch_execute("BEGIN").await?;
+        self.0
+            .execute(&format!("UPDATE {table} SET n = n + 100 WHERE id = 1"), &[])
+            .await?;
+        Ok(())
+    }
+
+    async fn commits(&self) -> Result<(), tokio_postgres::Error> {
+        self.0.batch_execute("COMMIT").await
+    }
+}
+
 #[tokio::test]
 async fn a_plain_client_retries_a_conflict_at_commit() {
     let connector = connector("admin", |b| b).await;
     let mut client = connector.connect().await.unwrap();
-    // A deferred trigger raises DSQL's commit-time conflict twice (a sequence is not rolled
-    // back, so it counts attempts across the retries).
-    conflicting_table(&client, "commit_probe", 2, "OC000", true).await;
+    counter_table(&client, "retry_real").await;
+    let rival = Rival(connector.connect().await.unwrap());
     let mut calls = 0;
+    let mut answered = Vec::new();
     transaction_with_retry(&mut client, &patient(), async |tx| {
         calls += 1;
-        tx.execute("INSERT INTO commit_probe VALUES (1)", &[])
-            .await?;
+        // The first two attempts meet a rival that commits first.
+        if calls <= 2 {
+            rival.writes_first("retry_real").await?;
+        }
+        answered.push(
+            tx.execute("UPDATE retry_real SET n = n + 1 WHERE id = 1", &[])
+                .await?,
+        );
+        if calls <= 2 {
+            rival.commits().await?;
+        }
         Ok::<_, tokio_postgres::Error>(())
     })
     .await
     .unwrap();
     assert_eq!(calls, 3);
-    let rows: i64 = client
-        .query_one("SELECT count(*) FROM commit_probe", &[])
+    // Every attempt's write answered; the conflicts came at COMMIT.
+    assert_eq!(answered, [1, 1, 1]);
+    let n: i32 = client
+        .query_one("SELECT n FROM retry_real WHERE id = 1", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, 1, "the failed attempts were rolled back");
+    assert_eq!(n, 201, "the rival's two writes and ours once");
 }
 
 #[tokio::test]
@@ -253,41 +296,48 @@ async fn a_cancelled_transaction_is_rolled_back_before_the_connection_is_reused(
 async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
     let connector = connector("admin", |b| b).await;
     let mut client = connector.connect().await.unwrap();
-    conflicting_table(&client, "commit_probe_anyhow", 2, "OC000", true).await;
+    counter_table(&client, "retry_real_anyhow").await;
+    let rival = Rival(connector.connect().await.unwrap());
+    let rival = &rival;
     let calls = AtomicU32::new(0);
     let calls = &calls;
-    let inserted: anyhow::Result<u64> =
+    let updated: anyhow::Result<u64> =
         retry_transaction(&mut client, &patient(), |tx| async move {
-            calls.fetch_add(1, Ordering::SeqCst);
-            Ok(tx
-                .execute("INSERT INTO commit_probe_anyhow VALUES (1)", &[])
-                .await?)
+            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if call <= 2 {
+                rival.writes_first("retry_real_anyhow").await?;
+            }
+            let updated = tx
+                .execute("UPDATE retry_real_anyhow SET n = n + 1 WHERE id = 1", &[])
+                .await?;
+            if call <= 2 {
+                rival.commits().await?;
+            }
+            Ok(updated)
         })
         .await;
-    assert_eq!(inserted.unwrap(), 1);
+    assert_eq!(updated.unwrap(), 1);
     assert_eq!(
         calls.load(Ordering::SeqCst),
         3,
         "two conflicts at COMMIT, then success"
     );
-    let rows: i64 = client
-        .query_one("SELECT count(*) FROM commit_probe_anyhow", &[])
+    let n: i32 = client
+        .query_one("SELECT n FROM retry_real_anyhow WHERE id = 1", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, 1, "the failed attempts were rolled back");
+    assert_eq!(n, 201, "the failed attempts were rolled back");
 
     // Out of attempts: the last conflict comes back, and says what the server said.
-    client
-        .batch_execute("ALTER SEQUENCE commit_probe_anyhow_attempts RESTART")
-        .await
-        .unwrap();
     let err = retry_transaction(
         &mut client,
         &RetryPolicy::with_max_attempts(2).delays(Duration::ZERO, Duration::ZERO),
         |tx| async move {
-            tx.execute("INSERT INTO commit_probe_anyhow VALUES (2)", &[])
+            rival.writes_first("retry_real_anyhow").await?;
+            tx.execute("UPDATE retry_real_anyhow SET n = n + 1 WHERE id = 1", &[])
                 .await?;
+            rival.commits().await?;
             Ok::<_, tokio_postgres_dsql::Error>(())
         },
     )
@@ -302,23 +352,40 @@ async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
 async fn statement_with_retry_reruns_a_conflicting_statement_alone() {
     let connector = connector("admin", |b| b).await;
     let mut client = connector.connect().await.unwrap();
-    conflicting_table(&client, "statement_probe", 2, "OC001", false).await;
-    tokio_postgres_dsql::statement_with_retry(
-        &mut client,
-        &patient(),
-        "INSERT INTO statement_probe VALUES (1)",
-    )
-    .await
-    .unwrap();
-    let row = client
-        .query_one(
-            "SELECT (SELECT count(*) FROM statement_probe), last_value FROM statement_probe_attempts",
-            &[],
-        )
+    counter_table(&client, "statement_probe").await;
+    let other = connector.connect().await.unwrap();
+    // Another session's schema change makes this session's next statement on the table fail
+    // once with OC001 (it had used the table before).
+    let change = async |column: &str| {
+        client
+            .batch_execute("SELECT * FROM statement_probe")
+            .await
+            .unwrap();
+        other
+            .batch_execute(&format!(
+                "ALTER TABLE statement_probe ADD COLUMN {column} text"
+            ))
+            .await
+            .unwrap();
+    };
+    change("a").await;
+    let insert = "INSERT INTO statement_probe (id, n) VALUES (2, 0)";
+    let err = client.execute(insert, &[]).await.unwrap_err();
+    let message = err.as_db_error().map(|db| db.message().to_owned());
+    assert_eq!(
+        message.as_deref(),
+        Some("schema has been updated by another transaction (OC001)")
+    );
+    change("b").await;
+    tokio_postgres_dsql::statement_with_retry(&mut client, &patient(), insert)
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 1);
-    assert_eq!(row.get::<_, i64>(1), 3, "two conflicts, then success");
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM statement_probe", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
     // Other errors come back at once, with the server's words.
     let err = tokio_postgres_dsql::statement_with_retry(
         &mut client,
