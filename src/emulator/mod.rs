@@ -39,7 +39,8 @@
 //! in the newest `/usr/lib/postgresql/*/bin`; as root it runs it as `postgres` (or `nobody`).
 //! Or it relays to an existing server ([`DsqlEmulatorBuilder::upstream_url`] or
 //! `DSQL_EMULATOR_UPSTREAM`), which must trust the emulator's connections and have an `admin`
-//! role.
+//! role; with the SQL rules on (the default) `admin` must be a superuser, since the emulator
+//! creates DSQL's `sys.jobs` and `sys.wait_for_job` and a few event triggers there at start.
 //!
 //! Custom roles are created as on DSQL, as `admin` through the emulator:
 //! `CREATE ROLE app WITH LOGIN;` then `CREATE SCHEMA myschema; GRANT USAGE, CREATE ON SCHEMA
@@ -383,8 +384,9 @@ impl DsqlEmulatorBuilder {
     /// Whether SQL is answered as DSQL answers it (see the README's rule table): statements
     /// and types DSQL refuses get its SQLSTATE and message; one DDL per transaction, no DDL
     /// with DML, only REPEATABLE READ, no savepoints, `SET` of allowed parameters only,
-    /// `CREATE INDEX ASYNC`; writers never wait on each other and conflicts fail at `COMMIT`
-    /// (`OC000`), schema changes give other sessions `OC001`. Default on; `false` leaves a
+    /// `CREATE INDEX ASYNC` with its job; the row, age, size, index and schema limits; writers
+    /// never wait on each other and conflicts fail at `COMMIT` (`OC000`), schema changes give
+    /// other sessions `OC001`. Default on; `false` leaves a
     /// plain PostgreSQL behind DSQL's connection rules (the README lists what is and is not
     /// emulated).
     pub fn sql_rules(mut self, on: bool) -> Self {

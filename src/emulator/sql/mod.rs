@@ -63,6 +63,9 @@
 //! - Age (300 s, [`TRANSACTION_AGE_LIMIT`], or the builder's): the first statement after it
 //!   gets `54000 transaction age limit of 300s exceeded` with DSQL's DETAIL and aborts the
 //!   block; a `COMMIT` then fails and ends it.
+//! - Size: 1 MiB a value (refused at the statement, named by the parameter's type), 10 MiB a
+//!   transaction (its `COMMIT` fails, [`TX_SIZE_LIMIT`]), and a message over
+//!   [`MESSAGE_LIMIT`] closes the connection.
 //!
 //! ## Known deviations
 //!
@@ -71,9 +74,18 @@
 //!   that waits on something other than a row (a table lock held by DDL) counts as a
 //!   conflict. A DDL that PostgreSQL then refuses still counts as a schema change. Relation
 //!   names are compared without their schema.
-//! - Not yet emulated: the 10 MiB transaction size, `CREATE INDEX ASYNC`'s `job_id` row and
-//!   `sys.jobs` / `sys.wait_for_job`, the per-value and per-table limits of §8, refusing to
-//!   drop a primary-key column, full-text search configurations, `version()`.
+//! - Catalog-dependent rules (24 indexes a table, 10 schemas, no primary-key column drop) are
+//!   checked by event triggers in the upstream (`bootstrap.sql`), after PostgreSQL has run the
+//!   statement, which then fails and is undone; they act in sessions the relay opened with the
+//!   rules on ([`RULES_PARAMETER`]). `CREATE INDEX ASYNC` and `ALTER TABLE ASYNC … VALIDATE`
+//!   run synchronously; a simple query gets the job's statement appended, whose `job_id` row
+//!   goes to the client before the DDL's tag ([`Plan::Job`]); a prepared one gets no row.
+//! - Sizes: a value over 1 MiB is found among a write's bound values and the string constants
+//!   of its text; the 10 MiB of a transaction are the bytes of its writes' texts and bound
+//!   values (data PostgreSQL makes itself and index entries are not counted).
+//! - A DDL on a table that another session's open transaction has used meets PostgreSQL's
+//!   lock, times out and reports `OC000`; on DSQL it goes through and the other transaction
+//!   fails with `OC001` (a change that takes no such lock, `GRANT`, does that here too).
 //! - Row limit: rows of a write's `RETURNING` reach the client before the `54000`; a query
 //!   text that opens and commits its own block (`BEGIN; INSERT …; COMMIT` in one `Query`) is
 //!   counted but not stopped; writes inside a `WITH`, and `COPY`, are not counted. An
