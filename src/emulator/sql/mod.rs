@@ -33,7 +33,7 @@
 //! - Upstream sessions start with `lock_timeout` = [`LOCK_TIMEOUT`]. Inside a transaction
 //!   block, each `INSERT`/`UPDATE`/`DELETE` without `RETURNING` goes upstream right after an
 //!   injected `SAVEPOINT` (pipelined: no extra round trip), whose answer is dropped
-//!   ([`Plan::Swallow`]); the write's answer is watched ([`Plan::Guard`]). A `55P03` lock
+//!   ([`Plan::Swallow`]); the write's answer is watched (`guard` of [`Plan::Write`]). A `55P03` lock
 //!   timeout or PostgreSQL's `40001 could not serialize access` on it means a concurrent
 //!   writer holds or changed a row: the [`Responder`] drops the error, asks the upstream side
 //!   for `ROLLBACK TO SAVEPOINT`, marks the transaction doomed, and tells the client the
