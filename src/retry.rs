@@ -1078,8 +1078,8 @@ impl crate::DsqlPool {
     }
 }
 
-/// One attempt of [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction) on `conn`; sets `committing` just before
-/// `COMMIT` goes out.
+/// One attempt of [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction) on
+/// `conn`; sets `committing` just before `COMMIT` goes out.
 async fn pooled_attempt<T, E, F, Fut>(
     conn: &Arc<crate::DsqlPooledConnection<'static>>,
     body: &mut F,

@@ -33,8 +33,8 @@
 //! - Upstream sessions start with `lock_timeout` = [`LOCK_TIMEOUT`]. Inside a transaction
 //!   block, each `INSERT`/`UPDATE`/`DELETE` without `RETURNING` goes upstream right after an
 //!   injected `SAVEPOINT` (pipelined: no extra round trip), whose answer is dropped
-//!   ([`Plan::Swallow`]); the write's answer is watched (`guard` of [`Plan::Write`]). A `55P03` lock
-//!   timeout or PostgreSQL's `40001 could not serialize access` on it means a concurrent
+//!   ([`Plan::Swallow`]); the write's answer is watched (`guard` of [`Plan::Write`]). A
+//!   `55P03` lock timeout or PostgreSQL's `40001 could not serialize access` on it means a concurrent
 //!   writer holds or changed a row: the [`Responder`] drops the error, asks the upstream side
 //!   for `ROLLBACK TO SAVEPOINT`, marks the transaction doomed, and tells the client the
 //!   statement's tag. A doomed transaction's `COMMIT` becomes the `DO` refusal with
@@ -1058,7 +1058,8 @@ fn raise_query(refusal: &Refusal) -> Vec<u8> {
         .clone()
         .unwrap_or_else(|| format!("'{}'", quote(&refusal.message)));
     let text = format!(
-        "DO {TAG} BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {text_of_message}{detail}; END {TAG}\0",
+        "DO {TAG} BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {text_of_message}{detail}; \
+         END {TAG}\0",
         refusal.code,
     );
     message(b'Q', text.as_bytes())

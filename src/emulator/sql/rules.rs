@@ -1,4 +1,4 @@
-//! DSQL's statement rules (`DSQL_SQL_RULES.md` §1–§5, §7 and the declared sizes of §8), applied
+//! DSQL's statement rules (`DSQL_SQL_RULES.md` §1–§5, §7, the declared sizes of §8), applied
 //! to the parse tree that PostgreSQL's own parser (`pg_query`) gives: which statements DSQL
 //! refuses, with its SQLSTATE and message, which are DDL or DML for the transaction rules, and
 //! what the relay sends on instead (without `ASYNC`, with DSQL's version, with a job's row).
