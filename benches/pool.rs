@@ -7,6 +7,10 @@
 //! the same checkout + `SELECT 1` through our pool, against that message-aware relay (every
 //! message framed, every query read by PostgreSQL's parser, cached per session) and against the
 //! byte relay of an emulator with `sql_rules(false)`, in front of one PostgreSQL.
+//! `relay_autocommit_insert` / `relay_autocommit_update`: the same for a checkout + an
+//! autocommit write: a one-row `INSERT … VALUES` (its text bounds its rows, so the rules relay
+//! sends it as it is), and an `UPDATE`, which the rules relay runs in a transaction of its own
+//! to enforce DSQL's row limit (one more round trip to PostgreSQL, for its `COMMIT`).
 
 mod support;
 
@@ -34,6 +38,20 @@ impl Checkout for Ours {
         conn.simple_query("SELECT 1").await.unwrap();
     }
 }
+
+/// Checkout + an autocommit write (where `Ours` reads).
+#[derive(Clone)]
+struct OursWrite(DsqlPool, &'static str);
+
+impl Checkout for OursWrite {
+    async fn run(&self) {
+        let conn = self.0.get().await.unwrap();
+        conn.simple_query(self.1).await.unwrap();
+    }
+}
+
+const INSERT: &str = "INSERT INTO bench_relay_writes VALUES (1, 0)";
+const UPDATE: &str = "UPDATE bench_relay_writes SET n = n + 1 WHERE id = 0";
 
 #[derive(Clone)]
 struct OursDeadpool(DsqlDeadpool);
@@ -145,6 +163,23 @@ fn pools(c: &mut Criterion) {
         let connector = support::connector(&bytes, "admin", |b| b).await;
         Ours(connector.pool_with(|b| b.max_size(MAX_SIZE)).await.unwrap())
     });
+    rt.block_on(async {
+        let conn = ours_bytes.0.get().await.unwrap();
+        for statement in [
+            "DROP TABLE IF EXISTS bench_relay_writes",
+            "CREATE TABLE bench_relay_writes (id int, n int)",
+            "INSERT INTO bench_relay_writes VALUES (0, 0)",
+        ] {
+            conn.batch_execute(statement).await.unwrap();
+        }
+    });
+    let writes = [("insert", INSERT), ("update", UPDATE)].map(|(name, sql)| {
+        (
+            name,
+            OursWrite(ours.0.clone(), sql),
+            OursWrite(ours_bytes.0.clone(), sql),
+        )
+    });
 
     let mut group = c.benchmark_group("checkout_select_1");
     for tasks in [1u64, 16] {
@@ -193,13 +228,36 @@ fn pools(c: &mut Criterion) {
             .iter_custom(|iters| drive(ours.clone(), 1, iters))
     });
     group.finish();
+    for (name, rules, bytes) in &writes {
+        let mut group = c.benchmark_group(format!("relay_autocommit_{name}"));
+        group.bench_function("byte relay", |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| drive(bytes.clone(), 1, iters))
+        });
+        group.bench_function("message-aware relay (SQL rules)", |b| {
+            b.to_async(&rt)
+                .iter_custom(|iters| drive(rules.clone(), 1, iters))
+        });
+        group.finish();
+    }
     if !std::env::args().any(|a| a == "--test") {
+        // The byte relay as `ours`: the ratio is the rules relay's time over the byte relay's.
         let ratio = rt.block_on(alternating_ratio(&ours_bytes, &ours, 1, ROUNDS));
         println!(
             "relay_select_1: the message-aware relay (SQL rules) costs {:+.1} % per checkout + \
              SELECT 1 against the byte relay (median of {ROUNDS} alternating ~100 ms rounds)",
-            (1.0 / ratio - 1.0) * 100.0
+            (ratio - 1.0) * 100.0
         );
+        for (name, rules, bytes) in &writes {
+            let ratio = rt.block_on(alternating_ratio(bytes, rules, 1, ROUNDS));
+            println!(
+                "relay_autocommit_{name}: the message-aware relay (SQL rules) costs {:+.1} % per \
+                 checkout + autocommit {} against the byte relay (median of {ROUNDS} \
+                 alternating ~100 ms rounds)",
+                (ratio - 1.0) * 100.0,
+                name.to_ascii_uppercase(),
+            );
+        }
     }
 
     // Criterion measures one pool after the other; on a shared machine the ratio between two

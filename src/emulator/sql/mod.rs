@@ -352,6 +352,8 @@ struct Prepared {
     tables: Arc<[String]>,
     /// The parameter types its `Parse` gave (0: for the server to infer).
     parameter_types: Arc<[u32]>,
+    /// The most rows it writes, when its text bounds them.
+    most_rows: Option<u64>,
 }
 
 fn other() -> Prepared {
@@ -360,6 +362,7 @@ fn other() -> Prepared {
         write_tag: None,
         tables: Arc::new([]),
         parameter_types: Arc::new([]),
+        most_rows: None,
     }
 }
 
@@ -492,6 +495,10 @@ struct Batch {
     reuses_unnamed: bool,
     /// Some of it went upstream before its `Sync`.
     released: bool,
+    /// The most rows its writes can write, as far as their texts bound them.
+    bounded_rows: u64,
+    /// One of its writes has no bound in its text.
+    unbounded: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -674,6 +681,14 @@ impl Dialect {
                     (1, Some(tag)) => (Some(savepoint_query()), write(Some(tag), false)),
                     _ => (None, write(None, false)),
                 },
+                // Nothing to undo for: within the row limit whatever it does, and small.
+                Some(_)
+                    if !batch.unbounded
+                        && batch.bounded_rows <= ROW_LIMIT
+                        && oversize.is_none() =>
+                {
+                    (None, Plan::Pass)
+                }
                 Some(_) if !batch.transaction_statement => {
                     (Some(query("BEGIN")), write(None, true))
                 }
@@ -787,6 +802,16 @@ impl Dialect {
             }
         } else if kinds.iter().any(|k| matches!(k, Kind::Begin | Kind::End)) {
             (None, write(None, false))
+        } else if oversize.is_none()
+            && classified
+                .statements
+                .iter()
+                .filter(|s| s.kind == Kind::Dml)
+                .try_fold(0, |sum, s| s.most_rows.map(|rows| sum + rows))
+                .is_some_and(|rows| rows <= ROW_LIMIT)
+        {
+            // Nothing to undo for: within the row limit whatever it does, and small.
+            (None, Plan::Pass)
         } else {
             // Its own transaction, to be undone if it writes too many rows.
             (Some(query("BEGIN")), write(None, true))
@@ -836,6 +861,7 @@ impl Dialect {
                     write_tag: one.write_tag,
                     tables: classified.tables.clone().into(),
                     parameter_types: parameter_types(rest).into(),
+                    most_rows: one.most_rows,
                 },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
@@ -916,6 +942,12 @@ impl Dialect {
                 }
                 let batch = &mut self.batch;
                 batch.executes += 1;
+                if prepared.kind == Kind::Dml {
+                    match prepared.most_rows {
+                        Some(rows) => batch.bounded_rows += rows,
+                        None => batch.unbounded = true,
+                    }
+                }
                 match prepared.kind {
                     Kind::Dml if batch.write.is_none() => {
                         batch.write = Some(BatchWrite {
@@ -1394,14 +1426,18 @@ mod tests {
             "{text}"
         );
         send(&mut d, &q("ROLLBACK"));
-        // Autocommit: each query is its own transaction; a write runs in one the relay opens.
+        // Autocommit: each query is its own transaction; a write that could cross the row
+        // limit runs in one the relay opens, one whose text bounds its rows does not.
         send(&mut d, &q("CREATE TABLE a (id int)"));
-        let (text, plans) = send(&mut d, &q("INSERT INTO a VALUES (1)"));
+        let (text, plans) = send(&mut d, &q("INSERT INTO a SELECT generate_series(1, 9)"));
         assert!(
             text.contains("BEGIN") && text.contains("INSERT INTO a"),
             "{text}"
         );
         assert_eq!(plans, [Plan::Swallow, autocommit()]);
+        let (text, plans) = send(&mut d, &q("INSERT INTO a VALUES (1), (2)"));
+        assert!(!text.contains("BEGIN"), "{text}");
+        assert_eq!(plans, [Plan::Pass]);
         // A batch is one transaction.
         let (text, _) = send(
             &mut d,
@@ -1513,16 +1549,24 @@ mod tests {
     fn what_the_relay_adds_for_a_write_goes_before_the_whole_batch() {
         let mut d = dialect();
         // Autocommit: the batch (unnamed statement and all) runs in a transaction of its own.
-        send(&mut d, &parse("", "INSERT INTO t VALUES ($1)"));
+        send(&mut d, &parse("", "UPDATE t SET v = $1"));
         send(&mut d, &bind(""));
         send(&mut d, &execute());
         let (text, plans) = send(&mut d, &sync());
         let begin = query("BEGIN");
         assert!(text.as_bytes().starts_with(&begin), "{text}");
-        assert!(
-            text.as_bytes()[begin.len()..].starts_with(&parse("", "INSERT INTO t VALUES ($1)"))
-        );
+        assert!(text.as_bytes()[begin.len()..].starts_with(&parse("", "UPDATE t SET v = $1")));
         assert_eq!(plans, [Plan::Swallow, autocommit()]);
+        // Unless its text bounds its rows within the limit.
+        send(&mut d, &parse("", "INSERT INTO t VALUES ($1)"));
+        send(&mut d, &bind(""));
+        send(&mut d, &execute());
+        let (text, plans) = send(&mut d, &sync());
+        assert!(
+            text.as_bytes()
+                .starts_with(&parse("", "INSERT INTO t VALUES ($1)"))
+        );
+        assert_eq!(plans, [Plan::Pass]);
         // In a transaction the savepoint goes before the Parse.
         send(&mut d, &q("BEGIN"));
         send(&mut d, &parse("", "DELETE FROM t WHERE id = $1"));

@@ -64,6 +64,8 @@ pub(crate) struct Statement {
     /// For a write that may lose a conflict: the command tag the client is told when it does
     /// (its row count is not known then; see the module docs).
     pub(crate) write_tag: Option<&'static str>,
+    /// For a write whose text bounds the rows it writes (`INSERT … VALUES`), that bound.
+    pub(crate) most_rows: Option<u64>,
 }
 
 /// A query text as DSQL reads it: its statements (none when PostgreSQL's parser does not accept
@@ -121,6 +123,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     kind: Kind::Other,
                     refusal: None,
                     write_tag: None,
+                    most_rows: None,
                 }],
                 upstream_text: format!(
                     "SELECT '{value}'::text AS {}",
@@ -175,6 +178,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     kind: Kind::Other,
                     refusal: None,
                     write_tag: None,
+                    most_rows: None,
                 },
             }
         })
@@ -462,6 +466,27 @@ fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
         kind,
         refusal,
         write_tag,
+        most_rows: most_rows(node),
+    }
+}
+
+/// The most rows an `INSERT … VALUES` (or `DEFAULT VALUES`) writes: one a row of its list,
+/// inserted or, with `ON CONFLICT DO UPDATE`, updated.
+fn most_rows(node: &NodeEnum) -> Option<u64> {
+    let NodeEnum::InsertStmt(insert) = node else {
+        return None;
+    };
+    if insert.with_clause.is_some() {
+        return None;
+    }
+    match insert.select_stmt.as_deref().and_then(|s| s.node.as_ref()) {
+        None => Some(1),
+        Some(NodeEnum::SelectStmt(select))
+            if !select.values_lists.is_empty() && select.with_clause.is_none() =>
+        {
+            Some(select.values_lists.len() as u64)
+        }
+        _ => None,
     }
 }
 
