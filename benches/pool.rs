@@ -51,7 +51,7 @@ impl Checkout for OursWrite {
 }
 
 const INSERT: &str = "INSERT INTO bench_relay_writes VALUES (1, 0)";
-const UPDATE: &str = "UPDATE bench_relay_writes SET n = n + 1 WHERE id = 0";
+const UPDATE: &str = "UPDATE bench_relay_counter SET n = n + 1 WHERE id = 0";
 
 #[derive(Clone)]
 struct OursDeadpool(DsqlDeadpool);
@@ -168,7 +168,9 @@ fn pools(c: &mut Criterion) {
         for statement in [
             "DROP TABLE IF EXISTS bench_relay_writes",
             "CREATE TABLE bench_relay_writes (id int, n int)",
-            "INSERT INTO bench_relay_writes VALUES (0, 0)",
+            "DROP TABLE IF EXISTS bench_relay_counter",
+            "CREATE TABLE bench_relay_counter (id int PRIMARY KEY, n int)",
+            "INSERT INTO bench_relay_counter VALUES (0, 0)",
         ] {
             conn.batch_execute(statement).await.unwrap();
         }
