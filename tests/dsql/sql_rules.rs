@@ -632,6 +632,14 @@ async fn plain() -> Client {
     crate::support::upstream().await
 }
 
+/// [`plain`], after the shared [`setup`] and `statements` (a test's own tables) through it.
+async fn upstream_with(statements: &[&str]) -> Client {
+    setup().await;
+    let plain = plain().await;
+    crate::support::each(&plain, statements).await;
+    plain
+}
+
 /// What must be undone before a case can run again (its effect of the previous run).
 fn undo_before(statement: &str) -> Option<&'static str> {
     statement
@@ -1102,17 +1110,13 @@ async fn two_writers_of_one_row_never_wait_and_one_commit_fails() {
 /// the parent does not (§6).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_key_conflicts_follow_the_key() {
-    let plain = plain().await;
-    crate::support::each(
-        &plain,
-        &[
-            "DROP TABLE IF EXISTS rules_child",
-            "DROP TABLE IF EXISTS rules_parent",
-            "CREATE TABLE rules_parent (id int PRIMARY KEY, name text)",
-            "CREATE TABLE rules_child (id int PRIMARY KEY, parent_id int REFERENCES rules_parent (id))",
-            "INSERT INTO rules_parent VALUES (1, 'a'), (2, 'b')",
-        ],
-    )
+    upstream_with(&[
+        "DROP TABLE IF EXISTS rules_child",
+        "DROP TABLE IF EXISTS rules_parent",
+        "CREATE TABLE rules_parent (id int PRIMARY KEY, name text)",
+        "CREATE TABLE rules_child (id int PRIMARY KEY, parent_id int REFERENCES rules_parent (id))",
+        "INSERT INTO rules_parent VALUES (1, 'a'), (2, 'b')",
+    ])
     .await;
     let connector = rules_connector().await;
     let s0 = connector.connect().await.unwrap();
@@ -1157,15 +1161,11 @@ async fn foreign_key_conflicts_follow_the_key() {
 /// emulator: conflicts come at COMMIT, the helper retries, and the count ends exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
-    let plain = plain().await;
-    crate::support::each(
-        &plain,
-        &[
-            "DROP TABLE IF EXISTS rules_counter",
-            "CREATE TABLE rules_counter (id int PRIMARY KEY, n int NOT NULL)",
-            "INSERT INTO rules_counter VALUES (1, 0)",
-        ],
-    )
+    let plain = upstream_with(&[
+        "DROP TABLE IF EXISTS rules_counter",
+        "CREATE TABLE rules_counter (id int PRIMARY KEY, n int NOT NULL)",
+        "INSERT INTO rules_counter VALUES (1, 0)",
+    ])
     .await;
     let pool = rules_connector()
         .await
@@ -1218,16 +1218,12 @@ async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
 /// with `40001 … (OC001)`; the retry goes through (§6).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_change_fails_the_other_sessions_next_statement_once() {
-    let plain = plain().await;
-    crate::support::each(
-        &plain,
-        &[
-            "DROP TABLE IF EXISTS rules_schema",
-            "DROP TABLE IF EXISTS rules_schema_other",
-            "CREATE TABLE rules_schema (id int PRIMARY KEY)",
-            "CREATE TABLE rules_schema_other (id int PRIMARY KEY)",
-        ],
-    )
+    upstream_with(&[
+        "DROP TABLE IF EXISTS rules_schema",
+        "DROP TABLE IF EXISTS rules_schema_other",
+        "CREATE TABLE rules_schema (id int PRIMARY KEY)",
+        "CREATE TABLE rules_schema_other (id int PRIMARY KEY)",
+    ])
     .await;
     let connector = rules_connector().await;
     let reader = connector.connect().await.unwrap();
@@ -1378,15 +1374,10 @@ async fn unnamed_statements_in_a_transaction_block() {
 /// `54000`, in autocommit and in a block, through either protocol; nothing it wrote is left.
 #[tokio::test]
 async fn a_transaction_writes_at_most_3000_rows() {
-    setup().await;
-    let plain = plain().await;
-    crate::support::each(
-        &plain,
-        &[
-            "DROP TABLE IF EXISTS rules_rows",
-            "CREATE TABLE rules_rows (v int)",
-        ],
-    )
+    let plain = upstream_with(&[
+        "DROP TABLE IF EXISTS rules_rows",
+        "CREATE TABLE rules_rows (v int)",
+    ])
     .await;
     let client = rules_connector().await.connect().await.unwrap();
     let limit = (
@@ -1496,15 +1487,10 @@ async fn rows_in(client: &Client, table: &str) -> i64 {
 /// fails with `54000` and aborts the block; a `COMMIT` after it fails and ends the block.
 #[tokio::test]
 async fn a_transaction_older_than_the_age_limit_fails() {
-    setup().await;
-    let plain = plain().await;
-    crate::support::each(
-        &plain,
-        &[
-            "DROP TABLE IF EXISTS rules_aged",
-            "CREATE TABLE rules_aged (v int)",
-        ],
-    )
+    let plain = upstream_with(&[
+        "DROP TABLE IF EXISTS rules_aged",
+        "CREATE TABLE rules_aged (v int)",
+    ])
     .await;
     let emulator = DsqlEmulator::builder()
         .upstream_url(crate::support::emulator().upstream_url("admin"))
@@ -1563,16 +1549,11 @@ async fn a_transaction_older_than_the_age_limit_fails() {
 #[tokio::test]
 async fn asynchronous_ddl_answers_a_job_id() {
     use tokio_postgres::SimpleQueryMessage as M;
-    setup().await;
-    let plain = plain().await;
-    crate::support::each(
-        &plain,
-        &[
-            "DROP TABLE IF EXISTS rules_jobs",
-            "CREATE TABLE rules_jobs (id int PRIMARY KEY, v int)",
-            "ALTER TABLE rules_jobs ADD CONSTRAINT rules_jobs_chk CHECK (v > 0) NOT VALID",
-        ],
-    )
+    let plain = upstream_with(&[
+        "DROP TABLE IF EXISTS rules_jobs",
+        "CREATE TABLE rules_jobs (id int PRIMARY KEY, v int)",
+        "ALTER TABLE rules_jobs ADD CONSTRAINT rules_jobs_chk CHECK (v > 0) NOT VALID",
+    ])
     .await;
     let client = rules_connector().await.connect().await.unwrap();
     // The job id of a simple query's answer: one row, `job_id`, then the DDL's own tag.
@@ -1772,15 +1753,10 @@ async fn a_cluster_has_at_most_10_schemas() {
 #[tokio::test]
 async fn values_transactions_and_messages_have_size_limits() {
     use tokio_postgres::types::Type;
-    setup().await;
-    let plain = plain().await;
-    crate::support::each(
-        &plain,
-        &[
-            "DROP TABLE IF EXISTS rules_sizes",
-            "CREATE TABLE rules_sizes (id int PRIMARY KEY, t text, b bytea)",
-        ],
-    )
+    let plain = upstream_with(&[
+        "DROP TABLE IF EXISTS rules_sizes",
+        "CREATE TABLE rules_sizes (id int PRIMARY KEY, t text, b bytea)",
+    ])
     .await;
     let connector = rules_connector().await;
     let client = connector.connect().await.unwrap();
@@ -1887,4 +1863,72 @@ async fn values_transactions_and_messages_have_size_limits() {
         .await
         .unwrap();
     plain.batch_execute("DROP TABLE rules_sizes").await.unwrap();
+}
+
+/// `COPY … FROM STDIN` through the rules relay (psql), alone and after a write in the same
+/// query, where the relay must not wait for an answer that waits for the data.
+#[tokio::test]
+async fn copy_from_stdin_goes_through() {
+    if Command::new("psql").arg("--version").output().is_err() {
+        println!("skipping: psql is not installed (CI installs it)");
+        return;
+    }
+    let plain = upstream_with(&[
+        "DROP TABLE IF EXISTS rules_copy",
+        "CREATE TABLE rules_copy (v int)",
+        "INSERT INTO rules_copy VALUES (1)",
+    ])
+    .await;
+    let emulator = rules_emulator();
+    let token = rules_connector().await.token().await.unwrap();
+    let psql = |sql: &str, data: &[u8]| {
+        let mut child = Command::new("psql")
+            .args(["-X", "-q", "-c", sql])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PGHOST", emulator.endpoint())
+            .env("PGHOSTADDR", "127.0.0.1")
+            .env("PGPORT", emulator.port().to_string())
+            .env("PGUSER", "admin")
+            .env("PGDATABASE", "postgres")
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", emulator.ca_cert_path())
+            .env("PGPASSWORD", token.as_str())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(data).unwrap();
+        }
+        // Bounded: a relay waiting on the server while the server waits on the data hangs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("psql did not finish `{sql}`: the relay waits on the COPY");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    psql("COPY rules_copy FROM STDIN", b"2\n3\n\\.\n");
+    assert_eq!(rows_in(&plain, "rules_copy").await, 3);
+    psql(
+        "UPDATE rules_copy SET v = v + 10; COPY rules_copy FROM STDIN",
+        b"4\n5\n\\.\n",
+    );
+    let sum: i64 = plain
+        .query_one("SELECT sum(v) FROM rules_copy", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sum, 11 + 12 + 13 + 4 + 5);
 }

@@ -58,7 +58,9 @@
 //!   sends anything more upstream; the [`Responder`] adds up the row counts of the
 //!   transaction's command tags. A write outside a transaction block runs in a transaction the
 //!   relay opens (a pipelined `BEGIN`) and ends once its answer is in: `COMMIT`, or
-//!   `ROLLBACK` when it crossed the limit. Inside a block the statement that crosses it is
+//!   `ROLLBACK` when it crossed the limit; not one whose text bounds its rows within the limit
+//!   (`INSERT … VALUES`), nor a request with `COPY … FROM STDIN`, whose answer waits for the
+//!   client's data (the relay must not wait for it). Inside a block the statement that crosses it is
 //!   answered `54000 transaction row limit exceeded` by a `DO` refusal, which aborts the block.
 //! - Age (300 s, [`TRANSACTION_AGE_LIMIT`], or the builder's): the first statement after it
 //!   gets `54000 transaction age limit of 300s exceeded` with DSQL's DETAIL and aborts the
@@ -354,6 +356,8 @@ struct Prepared {
     parameter_types: Arc<[u32]>,
     /// The most rows it writes, when its text bounds them.
     most_rows: Option<u64>,
+    /// `COPY … FROM STDIN`.
+    copy_in: bool,
 }
 
 fn other() -> Prepared {
@@ -363,6 +367,7 @@ fn other() -> Prepared {
         tables: Arc::new([]),
         parameter_types: Arc::new([]),
         most_rows: None,
+        copy_in: false,
     }
 }
 
@@ -499,6 +504,8 @@ struct Batch {
     bounded_rows: u64,
     /// One of its writes has no bound in its text.
     unbounded: bool,
+    /// It copies data in: its answer waits for the client (so the relay must not).
+    copy_in: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -673,10 +680,13 @@ impl Dialect {
             };
             let (prefix, plan) = match batch.write {
                 None => (None, Plan::Pass),
+                // The relay would wait for the answer while the server waits for the data.
+                Some(_) if batch.copy_in => (None, Plan::Pass),
                 // Too late, or it would drop the unnamed statement the batch binds.
                 Some(_) if batch.released || batch.reuses_unnamed => (None, write(None, false)),
                 // A write in a transaction goes after a savepoint, to be undone alone if it
-                // loses a conflict (one write a batch: several cannot be told apart).
+                // loses a conflict (one statement a batch: several writes cannot be told apart,
+                // and a batch that also opens the block would get the savepoint before it).
                 Some(w) if w.in_block => match (batch.executes, w.tag) {
                     (1, Some(tag)) => (Some(savepoint_query()), write(Some(tag), false)),
                     _ => (None, write(None, false)),
@@ -786,7 +796,10 @@ impl Dialect {
             autocommit,
             oversize: oversize.filter(|_| autocommit),
         };
-        let (prefix, plan) = if !kinds.contains(&Kind::Dml) {
+        let copy_in = classified.statements.iter().any(|s| s.copy_in);
+        let (prefix, plan) = if !kinds.contains(&Kind::Dml) || copy_in {
+            // (With `COPY … FROM STDIN` the relay would wait for the answer while the server
+            // waits for the data.)
             (None, Plan::Pass)
         } else if self.in_block {
             // A write in a transaction goes after a savepoint, to be undone alone if it loses
@@ -862,6 +875,7 @@ impl Dialect {
                     tables: classified.tables.clone().into(),
                     parameter_types: parameter_types(rest).into(),
                     most_rows: one.most_rows,
+                    copy_in: one.copy_in,
                 },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
@@ -942,6 +956,7 @@ impl Dialect {
                 }
                 let batch = &mut self.batch;
                 batch.executes += 1;
+                batch.copy_in |= prepared.copy_in;
                 if prepared.kind == Kind::Dml {
                     match prepared.most_rows {
                         Some(rows) => batch.bounded_rows += rows,

@@ -66,6 +66,8 @@ pub(crate) struct Statement {
     pub(crate) write_tag: Option<&'static str>,
     /// For a write whose text bounds the rows it writes (`INSERT … VALUES`), that bound.
     pub(crate) most_rows: Option<u64>,
+    /// `COPY … FROM STDIN`: the server waits for the client's data in the middle of its answer.
+    pub(crate) copy_in: bool,
 }
 
 /// A query text as DSQL reads it: its statements (none when PostgreSQL's parser does not accept
@@ -124,6 +126,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     refusal: None,
                     write_tag: None,
                     most_rows: None,
+                    copy_in: false,
                 }],
                 upstream_text: format!(
                     "SELECT '{value}'::text AS {}",
@@ -179,6 +182,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     refusal: None,
                     write_tag: None,
                     most_rows: None,
+                    copy_in: false,
                 },
             }
         })
@@ -308,7 +312,13 @@ fn environment_edits(parsed: &protobuf::ParseResult, sql: &str) -> Vec<(usize, u
 
 /// A function's own name, lower case, without `pg_catalog.`.
 fn function_name(call: &protobuf::FuncCall) -> Option<String> {
-    let names: Vec<&str> = call.funcname.iter().filter_map(string_of).collect();
+    builtin_name(&call.funcname)
+}
+
+/// The last of `names`, lower case, if it names a built-in object (alone, or after
+/// `pg_catalog`).
+fn builtin_name(names: &[protobuf::Node]) -> Option<String> {
+    let names: Vec<&str> = names.iter().filter_map(string_of).collect();
     match names.as_slice() {
         ["pg_catalog", name] | [name] => Some(name.to_ascii_lowercase()),
         _ => None,
@@ -467,6 +477,7 @@ fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
         refusal,
         write_tag,
         most_rows: most_rows(node),
+        copy_in: matches!(node, NodeEnum::CopyStmt(c) if c.is_from && c.filename.is_empty()),
     }
 }
 
@@ -879,11 +890,7 @@ fn column_type(column: &protobuf::ColumnDef) -> Option<Refusal> {
 
 /// The type's own name, lower case, without `pg_catalog.`.
 fn type_base(type_name: &protobuf::TypeName) -> Option<String> {
-    let names: Vec<&str> = type_name.names.iter().filter_map(string_of).collect();
-    match names.as_slice() {
-        ["pg_catalog", name] | [name] => Some(name.to_ascii_lowercase()),
-        _ => None,
-    }
+    builtin_name(&type_name.names)
 }
 
 /// The type as PostgreSQL displays it (`integer`, `bit varying`, `integer[]`).
