@@ -295,6 +295,8 @@ pub struct DsqlEmulatorBuilder {
     max_open_connections: Option<usize>,
     /// The CA to sign the endpoint's certificate with (a pair shares one).
     authority: Option<Arc<certs::Authority>>,
+    /// The committed schema changes to share (a pair's endpoints see each other's, for OC001).
+    catalog: Option<Arc<sql::Catalog>>,
     sql_rules: Option<bool>,
     transaction_age_limit: Option<Duration>,
 }
@@ -528,7 +530,7 @@ impl DsqlEmulatorBuilder {
             cut_next_commit: AtomicBool::new(false),
             sql_rules,
             transaction_age_limit,
-            catalog: Arc::default(),
+            catalog: self.catalog.unwrap_or_default(),
             network: tokio::sync::watch::Sender::new(Network::Up),
             listening: AtomicBool::new(true),
             drops: tokio::sync::watch::Sender::new(0),
@@ -666,6 +668,8 @@ impl DsqlEmulator {
             .upstream_url(first.upstream_url("admin"))
             .credentials(first.credentials().clone());
         second.authority = Some(first.authority.clone());
+        // One database: a schema change through either endpoint is the other's too (OC001).
+        second.catalog = Some(first.shared.catalog.clone());
         let second = second.start().await?;
         Ok((first, second))
     }

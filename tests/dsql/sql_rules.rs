@@ -1932,3 +1932,46 @@ async fn copy_from_stdin_goes_through() {
         .get(0);
     assert_eq!(sum, 11 + 12 + 13 + 4 + 5);
 }
+
+/// The two endpoints of a multi-Region pair are one database: a schema change through one gives
+/// a session on the other that had used the table `OC001`, once.
+#[tokio::test]
+async fn a_pairs_endpoints_see_each_others_schema_changes() {
+    let (first, second) = DsqlEmulator::start_pair().await.unwrap();
+    let connect = async |emulator: &DsqlEmulator| {
+        DsqlConnector::new(emulator.config_for("admin").build().unwrap())
+            .await
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    let (east1, east2) = (connect(&first).await, connect(&second).await);
+    east1
+        .batch_execute("CREATE TABLE rules_pair (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    east2
+        .batch_execute("SELECT * FROM rules_pair")
+        .await
+        .unwrap();
+    east1
+        .batch_execute("ALTER TABLE rules_pair ADD COLUMN note text")
+        .await
+        .unwrap();
+    let error = east2
+        .batch_execute("SELECT * FROM rules_pair")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&error),
+        (
+            "40001".into(),
+            "schema has been updated by another transaction (OC001)".into()
+        )
+    );
+    east2
+        .batch_execute("SELECT * FROM rules_pair")
+        .await
+        .unwrap();
+}
