@@ -507,6 +507,11 @@ fn cases() -> Vec<(&'static str, Expected)> {
             no("0A000", "cannot drop primary key column b"),
         ),
         ("ALTER TABLE rules_pk2 DROP COLUMN IF EXISTS gone", OK),
+        // PostgreSQL's own errors, from inside the job's statement, come back as they are.
+        (
+            "CREATE INDEX ASYNC rules_x ON rules_missing (v)",
+            no("42P01", "relation \"rules_missing\" does not exist"),
+        ),
         // §4 sys.wait_for_job
         (
             "CALL sys.wait_for_job('no-such-job')",
@@ -1639,11 +1644,28 @@ async fn asynchronous_ddl_answers_a_job_id() {
         .unwrap()
         .get(0);
     assert!(validated);
-    // Through the extended protocol the index is built; its answer has no row (see the docs).
-    client
-        .execute("CREATE INDEX ASYNC rules_jobs_x ON rules_jobs (v, id)", &[])
+    // Through the extended protocol too: the row, and DSQL's tag (`CREATE INDEX`: no count,
+    // where the `SELECT 1` of the statement that ran it would count 1).
+    let row = client
+        .query_one("CREATE INDEX ASYNC rules_jobs_x ON rules_jobs (v, id)", &[])
         .await
         .unwrap();
+    let extended: String = row.get("job_id");
+    assert_eq!(extended.len(), 26);
+    client
+        .execute("CALL sys.wait_for_job($1)", &[&extended])
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .execute(
+                "CREATE INDEX ASYNC IF NOT EXISTS rules_jobs_x ON rules_jobs (v)",
+                &[]
+            )
+            .await
+            .unwrap(),
+        0
+    );
     plain.batch_execute("DROP TABLE rules_jobs").await.unwrap();
 }
 

@@ -23,8 +23,17 @@ CREATE TABLE IF NOT EXISTS sys.jobs (
 );
 GRANT SELECT ON sys.jobs TO PUBLIC;
 
--- Records the job of a `CREATE INDEX ASYNC` or `ALTER TABLE ASYNC` the relay has just run
--- (synchronously: the job is complete) and returns its id.
+-- A new job id as DSQL writes them: a random UUID in lower-case base32 (26 characters).
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_job_id() RETURNS text LANGUAGE sql VOLATILE AS $$
+    SELECT string_agg(substr('abcdefghijklmnopqrstuvwxyz234567',
+                             substring(bits FROM i * 5 + 1 FOR 5)::int + 1, 1), '' ORDER BY i)
+      FROM (SELECT ('x' || encode(uuid_send(gen_random_uuid()), 'hex'))::bit(128) || B'00'
+                   AS bits) AS id,
+           generate_series(0, 25) AS i
+$$;
+
+-- Records the job `id` of asynchronous DDL just run (synchronously: the job is complete) and
+-- returns the id.
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_job(id text, kind text, relation regclass, name text)
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -43,6 +52,16 @@ BEGIN
     VALUES (id, 'completed', NULL, kind, 'pg_class'::regclass, object, object_name, now(),
             clock_timestamp());
     RETURN id;
+END $$;
+
+-- Runs DSQL's asynchronous DDL (`CREATE INDEX ASYNC`, `ALTER TABLE ASYNC … VALIDATE`, without
+-- `ASYNC`) as the caller, and returns the id of its job: the relay sends it as
+-- `SELECT sys.dsql_emulator_ddl_job(…) AS job_id`, one statement for either protocol.
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_ddl_job(ddl text, kind text, relation text, name text)
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE ddl;
+    RETURN sys.dsql_emulator_job(sys.dsql_emulator_job_id(), kind, relation::regclass, name);
 END $$;
 
 -- DSQL's job ids are UUIDs in lower-case base32; builds here are over when the statement

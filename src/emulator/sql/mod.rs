@@ -80,8 +80,9 @@
 //!   checked by event triggers in the upstream (`bootstrap.sql`), after PostgreSQL has run the
 //!   statement, which then fails and is undone; they act in sessions the relay opened with the
 //!   rules on ([`RULES_PARAMETER`]). `CREATE INDEX ASYNC` and `ALTER TABLE ASYNC … VALIDATE`
-//!   run synchronously; a simple query gets the job's statement appended, whose `job_id` row
-//!   goes to the client before the DDL's tag ([`Plan::Job`]); a prepared one gets no row.
+//!   run synchronously, inside `SELECT sys.dsql_emulator_ddl_job(…) AS job_id` (one statement,
+//!   so either protocol gets the `job_id` row); that `SELECT`'s tag is replaced by the DDL's
+//!   ([`Plan::Job`]).
 //! - Sizes: a value over 1 MiB is found among a write's bound values and the string constants
 //!   of its text; the 10 MiB of a transaction are the bytes of its writes' texts and bound
 //!   values (data PostgreSQL makes itself and index entries are not counted).
@@ -190,9 +191,12 @@ pub(crate) enum Plan {
     OnlyReady,
     /// The `COMMIT` the relay sends for an autocommit write: all but its command tag.
     Finish,
-    /// Asynchronous DDL followed by the statement that records its job and returns its
-    /// `job_id` row: the client gets the row, then the DDL's command tag.
-    Job,
+    /// Asynchronous DDL, run by the `SELECT` that records its job and returns its `job_id`
+    /// row: the client gets the row with the DDL's command tag `tag` instead of `SELECT 1`.
+    /// `described`: the request is an extended-protocol batch that executes only that
+    /// statement (its `RowDescription` may have come with an earlier `Describe`); otherwise
+    /// the tag that follows a `job_id` `RowDescription` is the one replaced.
+    Job { tag: &'static str, described: bool },
 }
 
 /// Requests the server-to-client side sends upstream (with their plans) when the answer to a
@@ -358,6 +362,8 @@ struct Prepared {
     most_rows: Option<u64>,
     /// `COPY … FROM STDIN`.
     copy_in: bool,
+    /// Asynchronous DDL run by its job's `SELECT`: the DDL's tag.
+    job: Option<&'static str>,
 }
 
 fn other() -> Prepared {
@@ -368,6 +374,7 @@ fn other() -> Prepared {
         parameter_types: Arc::new([]),
         most_rows: None,
         copy_in: false,
+        job: None,
     }
 }
 
@@ -506,6 +513,8 @@ struct Batch {
     unbounded: bool,
     /// It copies data in: its answer waits for the client (so the relay must not).
     copy_in: bool,
+    /// The tag of the asynchronous DDL it executes.
+    job: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -679,7 +688,16 @@ impl Dialect {
                 oversize: oversize.filter(|_| autocommit),
             };
             let (prefix, plan) = match batch.write {
-                None => (None, Plan::Pass),
+                None => match batch.job {
+                    Some(tag) => (
+                        None,
+                        Plan::Job {
+                            tag,
+                            described: batch.executes == 1,
+                        },
+                    ),
+                    None => (None, Plan::Pass),
+                },
                 // The relay would wait for the answer while the server waits for the data.
                 Some(_) if batch.copy_in => (None, Plan::Pass),
                 // Too late, or it would drop the unnamed statement the batch binds.
@@ -838,10 +856,14 @@ impl Dialect {
         if let Some(prefix) = prefix {
             out.push(&prefix, Some(Plan::Swallow));
         }
-        if classified.job {
-            let text = classified.upstream_text.replace(rules::JOB_ID, &job_id());
-            out.push(&query(&text), Some(Plan::Job));
-        } else if classified.upstream_text == text {
+        let plan = match classified.job {
+            Some(tag) => Plan::Job {
+                tag,
+                described: false,
+            },
+            None => plan,
+        };
+        if classified.upstream_text == text {
             out.push(whole, Some(plan));
         } else {
             out.push(&query(&classified.upstream_text), Some(plan));
@@ -876,16 +898,14 @@ impl Dialect {
                     parameter_types: parameter_types(rest).into(),
                     most_rows: one.most_rows,
                     copy_in: one.copy_in,
+                    job: classified.job,
                 },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
             _ => other(),
         };
         self.statements.insert(name.clone(), prepared);
-        let upstream_text = classified
-            .single_statement_text
-            .as_ref()
-            .unwrap_or(&classified.upstream_text);
+        let upstream_text = &classified.upstream_text;
         if *upstream_text == text {
             return self.hold(whole, out);
         }
@@ -957,6 +977,7 @@ impl Dialect {
                 let batch = &mut self.batch;
                 batch.executes += 1;
                 batch.copy_in |= prepared.copy_in;
+                batch.job = batch.job.or(prepared.job);
                 if prepared.kind == Kind::Dml {
                     match prepared.most_rows {
                         Some(rows) => batch.bounded_rows += rows,
@@ -1006,24 +1027,6 @@ impl Dialect {
             self.tx_bytes = 0;
         }
     }
-}
-
-/// A new job id as DSQL writes them: a random UUID in lower-case base32 (26 characters).
-fn job_id() -> String {
-    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let bits = fastrand::u128(..);
-    (0..26)
-        .map(|i| {
-            // 130 bits of base32 for 128 of UUID: the last character carries 3.
-            let shift = 128i32 - 5 * (i + 1);
-            let chunk = if shift >= 0 {
-                bits >> shift
-            } else {
-                bits << -shift
-            };
-            ALPHABET[(chunk & 31) as usize] as char
-        })
-        .collect()
 }
 
 /// Whether a transaction-ending statement commits (`COMMIT`, `END`, `COMMIT WORK`).
@@ -1141,6 +1144,9 @@ fn savepoint_query() -> Vec<u8> {
     query(&format!("SAVEPOINT {SAVEPOINT}"))
 }
 
+/// What PL/pgSQL's `CONTEXT` says of an error in one of the upstream's `sys` functions.
+const SYS_FUNCTION: &[u8] = b"PL/pgSQL function sys.";
+
 /// The `CONTEXT` PL/pgSQL adds to the errors of the refusal `DO` blocks.
 const RAISE_CONTEXT: &[u8] = b"WPL/pgSQL function inline_code_block line 1 at RAISE\0";
 
@@ -1165,8 +1171,8 @@ pub(crate) struct Responder {
     rows: u64,
     /// The current write crossed the row limit.
     over: bool,
-    /// The command tag of asynchronous DDL, until its job's row has gone.
-    held_tag: Option<Vec<u8>>,
+    /// The rows now coming are a job's (after its `RowDescription`).
+    job_rows: bool,
 }
 
 impl Responder {
@@ -1183,7 +1189,7 @@ impl Responder {
             lost: false,
             rows: 0,
             over: false,
-            held_tag: None,
+            job_rows: false,
         }
     }
 
@@ -1241,7 +1247,7 @@ impl Responder {
                 autocommit,
                 oversize,
             } => self.write(guard, autocommit, oversize, out),
-            Plan::Job => self.job(out),
+            Plan::Job { tag, described } => self.job(tag, described, out),
         }
         if ready {
             // Outside any transaction now: the next one starts with no rows written.
@@ -1252,21 +1258,24 @@ impl Responder {
         }
     }
 
-    /// A message of the answer to asynchronous DDL and its job's `SELECT`: the DDL's tag is
-    /// held back and takes the place of the `SELECT`'s.
-    fn job(&mut self, out: &mut Vec<u8>) {
-        let body = &self.current[5..];
+    /// A message of the answer to asynchronous DDL run by its job's `SELECT`: that `SELECT`'s
+    /// tag becomes the DDL's.
+    fn job(&mut self, tag: &'static str, described: bool, out: &mut Vec<u8>) {
         match self.current[0] {
-            b'C' if body.starts_with(b"CREATE INDEX\0") || body.starts_with(b"ALTER TABLE\0") => {
-                self.held_tag = Some(self.current.clone());
+            b'T' => {
+                // One field, `job_id`: the job's row follows.
+                let body = &self.current[5..];
+                self.job_rows = body.get(2..9) == Some(b"job_id\0") && body.starts_with(&[0, 1]);
+                self.pass(out);
             }
-            b'C' if body.starts_with(b"SELECT ") && self.held_tag.is_some() => {
-                if let Some(tag) = self.held_tag.take() {
-                    out.extend_from_slice(&tag);
-                }
+            b'C' if (self.job_rows || described) && self.current[5..].starts_with(b"SELECT ") => {
+                let mut body = tag.as_bytes().to_vec();
+                body.push(0);
+                super::wire::append_message(out, b'C', &body);
+                self.job_rows = false;
             }
             b'Z' => {
-                self.held_tag = None;
+                self.job_rows = false;
                 self.pass(out);
             }
             _ => self.pass(out),
@@ -1362,13 +1371,16 @@ impl Responder {
         // (event triggers, `sys.wait_for_job`): DSQL's errors have none.
         let ours = |field: &[u8]| {
             field == &RAISE_CONTEXT[..RAISE_CONTEXT.len() - 1]
-                || field.starts_with(b"WPL/pgSQL function sys.")
+                || (field.starts_with(b"W")
+                    && field.windows(SYS_FUNCTION.len()).any(|w| w == SYS_FUNCTION))
         };
         let body = &message[5..];
         if message[0] == b'E' && body.split(|b| *b == 0).any(ours) {
+            // With the statement the function ran, and where in it the error is.
+            let internal = |field: &[u8]| matches!(field.first(), Some(b'p' | b'q'));
             let mut rewritten = Vec::with_capacity(body.len());
             for field in body.split(|b| *b == 0) {
-                if !field.is_empty() && !ours(field) {
+                if !field.is_empty() && !ours(field) && !internal(field) {
                     rewritten.extend_from_slice(field);
                     rewritten.push(0);
                 }
@@ -1550,13 +1562,28 @@ mod tests {
         let (text, _) = send(&mut d, &message(b'H', b""));
         assert!(text.contains("SELECT 2"), "{text}");
         send(&mut d, &sync());
-        // ASYNC is taken out of the text sent on.
+        // ASYNC DDL goes as the SELECT that runs it and answers its job, with its own tag.
         send(&mut d, &parse("s1", "CREATE INDEX ASYNC i ON t (v)"));
         let (text, _) = send(&mut d, &sync());
+        let expected = parse(
+            "s1",
+            "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$CREATE INDEX  i ON t \
+             (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i') AS job_id",
+        );
+        // (Compared as text: its length is not UTF-8.)
         assert!(
-            text.as_bytes()
-                .starts_with(&parse("s1", "CREATE INDEX  i ON t (v)")),
+            text.starts_with(&*String::from_utf8_lossy(&expected)),
             "{text}"
+        );
+        send(&mut d, &bind("s1"));
+        send(&mut d, &execute());
+        let (_, plans) = send(&mut d, &sync());
+        assert_eq!(
+            plans,
+            [Plan::Job {
+                tag: "CREATE INDEX",
+                described: true
+            }]
         );
     }
 

@@ -80,10 +80,9 @@ pub(crate) struct Classified {
     pub(crate) upstream_text: String,
     /// The relations the text names (lower case, without schema).
     pub(crate) tables: Vec<String>,
-    /// The text sent on records a job ([`JOB_ID`]) and answers its `job_id` row.
-    pub(crate) job: bool,
-    /// With a job: the text to send on as a prepared statement (without the job's statement).
-    pub(crate) single_statement_text: Option<String>,
+    /// The command tag of the asynchronous DDL in it, which the text sent on runs in a
+    /// `SELECT` answering its `job_id` row (see [`job_statement`]).
+    pub(crate) job: Option<&'static str>,
 }
 
 /// Reads `sql`.
@@ -94,8 +93,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
             statements: Vec::new(),
             upstream_text,
             tables: Vec::new(),
-            job: false,
-            single_statement_text: None,
+            job: None,
         };
     };
     let mut tables: Vec<String> = parsed
@@ -133,18 +131,16 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     show.name.to_ascii_lowercase()
                 ),
                 tables: Vec::new(),
-                job: false,
-                single_statement_text: None,
+                job: None,
             };
         }
     }
     let mut edits = environment_edits(&parsed.protobuf, &upstream_text);
-    let environment_only = edits.len();
     // Only a text that long can hold a value over the limit.
     let scanned = (upstream_text.len() > VALUE_LIMIT)
         .then(|| pg_query::scan(&upstream_text).ok())
         .flatten();
-    let mut job = false;
+    let mut job = None;
     let statements = parsed
         .protobuf
         .stmts
@@ -169,11 +165,13 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     {
                         statement.refusal = Some(value_limit_exceeded("text"));
                     }
-                    if let (true, None, Some(select)) =
-                        (is_async, &statement.refusal, job_select(node))
-                    {
-                        edits.push((end, end, select));
-                        job = true;
+                    if let (true, None, Some((tag, select))) = (
+                        is_async,
+                        &statement.refusal,
+                        job_statement(node, &upstream_text[start..end]),
+                    ) {
+                        edits.push((start, end, select));
+                        job = Some(tag);
                     }
                     statement
                 }
@@ -187,27 +185,26 @@ pub(crate) fn classify(sql: &str) -> Classified {
             }
         })
         .collect();
-    // A prepared statement is one statement: it gets no job row (see the module docs).
-    let single_statement_text =
-        job.then(|| edited(&upstream_text, edits[..environment_only].to_vec()));
     Classified {
         statements,
         upstream_text: edited(&upstream_text, edits),
         tables,
         job,
-        single_statement_text,
     }
 }
 
-/// Where the relay puts the id of a new job in the text it sends on (see [`job_select`]).
-pub(crate) const JOB_ID: &str = "dsql-emulator-job-id";
-
 /// For DSQL's asynchronous DDL (`CREATE INDEX ASYNC`, `ALTER TABLE ASYNC … VALIDATE`), which
-/// answers with a `job_id` row: the statement that records the job in `sys.jobs` and returns
-/// that row, to run right after it (the [`JOB_ID`] replaced by a fresh id).
-fn job_select(node: &NodeEnum) -> Option<String> {
-    let (kind, relation, name) = match node {
-        NodeEnum::IndexStmt(i) => ("INDEX_BUILD", i.relation.as_ref()?, i.idxname.as_str()),
+/// answers with a `job_id` row and its own tag: its tag, and the one statement that runs
+/// `text` (the DDL without `ASYNC`), records the job in `sys.jobs` and returns that row
+/// (`sys.dsql_emulator_ddl_job`), for either protocol.
+fn job_statement(node: &NodeEnum, text: &str) -> Option<(&'static str, String)> {
+    let (tag, kind, relation, name) = match node {
+        NodeEnum::IndexStmt(i) => (
+            "CREATE INDEX",
+            "INDEX_BUILD",
+            i.relation.as_ref()?,
+            i.idxname.as_str(),
+        ),
         NodeEnum::AlterTableStmt(a) => {
             let name = a.cmds.iter().find_map(|cmd| match &cmd.node {
                 Some(NodeEnum::AlterTableCmd(cmd))
@@ -217,20 +214,27 @@ fn job_select(node: &NodeEnum) -> Option<String> {
                 }
                 _ => None,
             })?;
-            ("VALIDATE", a.relation.as_ref()?, name)
+            ("ALTER TABLE", "VALIDATE", a.relation.as_ref()?, name)
         }
         _ => return None,
     };
+    const QUOTE: &str = "$dsql_emulator_ddl$";
+    if text.contains(QUOTE) {
+        return None;
+    }
     let quote_ident = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
     let mut qualified = quote_ident(&relation.relname);
     if !relation.schemaname.is_empty() {
         qualified = format!("{}.{qualified}", quote_ident(&relation.schemaname));
     }
     let literal = |text: &str| format!("'{}'", text.replace('\'', "''"));
-    Some(format!(
-        "\n; SELECT sys.dsql_emulator_job('{JOB_ID}', '{kind}', {}::regclass, {}) AS job_id",
-        literal(&qualified),
-        literal(name),
+    Some((
+        tag,
+        format!(
+            "SELECT sys.dsql_emulator_ddl_job({QUOTE}{text}{QUOTE}, '{kind}', {}, {}) AS job_id",
+            literal(&qualified),
+            literal(name),
+        ),
     ))
 }
 
@@ -966,19 +970,13 @@ mod tests {
     #[test]
     fn async_is_taken_out_only_where_dsql_puts_it() {
         let c = classify("create unique index async if not exists i on t (v)");
-        // As a prepared statement, and as a query that also records the job.
-        assert_eq!(
-            c.single_statement_text.as_deref(),
-            Some("create unique index  if not exists i on t (v)")
-        );
+        // Run in the statement that records the job and answers its row.
         assert_eq!(
             c.upstream_text,
-            format!(
-                "create unique index  if not exists i on t (v)\n; SELECT \
-                 sys.dsql_emulator_job('{JOB_ID}', 'INDEX_BUILD', '\"t\"'::regclass, 'i') AS job_id"
-            )
+            "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$create unique index  if not \
+             exists i on t (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i') AS job_id"
         );
-        assert!(c.job);
+        assert_eq!(c.job, Some("CREATE INDEX"));
         assert_eq!(c.statements[0].refusal, None);
         let c = classify("SELECT 'CREATE INDEX ASYNC' AS async");
         assert_eq!(c.upstream_text, "SELECT 'CREATE INDEX ASYNC' AS async");
