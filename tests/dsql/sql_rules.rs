@@ -587,6 +587,14 @@ fn cases() -> Vec<(&'static str, Expected)> {
             ),
         ),
         ("SELECT '{\"a\": 1}'::jsonb @@ '$.a == 1'", OK),
+        // Inside a VALUES list too.
+        (
+            "INSERT INTO rules_t VALUES (9100, length(to_tsvector('english', 'x')::text))",
+            no(
+                "42704",
+                "text search configuration \"english\" does not exist",
+            ),
+        ),
         (
             "SELECT line('{1,2,3}')",
             no("0A000", "datatype line not supported"),
@@ -926,6 +934,7 @@ async fn the_server_reports_itself_as_dsql_does() {
             "num",
             "160015",
         ),
+        ("VALUES (version())", "column1", "PostgreSQL 16"),
     ] {
         let row = client.query_one(sql, &[]).await.unwrap();
         assert_eq!(row.columns()[0].name(), column, "{sql}");

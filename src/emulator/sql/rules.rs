@@ -270,16 +270,21 @@ fn environment_value(call: &protobuf::FuncCall) -> Option<String> {
 
 /// The edits that replace each call [`environment_value`] answers by that answer.
 fn environment_edits(parsed: &protobuf::ParseResult, sql: &str) -> Vec<(usize, usize, String)> {
-    let calls: Vec<(usize, String)> = parsed
-        .nodes()
-        .into_iter()
-        .filter_map(|(node, ..)| match node {
-            pg_query::NodeRef::FuncCall(call) => {
-                Some((call.location.max(0) as usize, environment_value(call)?))
+    let mut calls: Vec<(usize, String)> = Vec::new();
+    for statement in parsed
+        .stmts
+        .iter()
+        .filter_map(|raw| raw.stmt.as_ref()?.node.as_ref())
+    {
+        find_node(statement, &mut |node| {
+            if let pg_query::NodeRef::FuncCall(call) = node
+                && let Some(value) = environment_value(call)
+            {
+                calls.push((call.location.max(0) as usize, value));
             }
-            _ => None,
-        })
-        .collect();
+            None::<()>
+        });
+    }
     if calls.is_empty() {
         return Vec::new();
     }
@@ -350,6 +355,27 @@ fn holds_large_string(scanned: &protobuf::ScanResult, start: usize, end: usize) 
     })
 }
 
+/// The first `f` gives something for, over the nodes of `node` (pg_query's walk of
+/// expressions, and the `VALUES` lists it leaves out).
+fn find_node<T>(
+    node: &NodeEnum,
+    f: &mut dyn FnMut(pg_query::NodeRef<'_>) -> Option<T>,
+) -> Option<T> {
+    for (node, ..) in node.nodes() {
+        if let Some(found) = f(node) {
+            return Some(found);
+        }
+        if let pg_query::NodeRef::SelectStmt(select) = node {
+            for list in select.values_lists.iter().filter_map(|l| l.node.as_ref()) {
+                if let Some(found) = find_node(list, f) {
+                    return Some(found);
+                }
+            }
+        }
+    }
+    None
+}
+
 /// DSQL's answer to the functions and operators it does not run (§5): full-text search has no
 /// configurations; geometric types are not supported.
 fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
@@ -360,7 +386,7 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
         )
     };
     let call_statement = matches!(node, NodeEnum::CallStmt(_));
-    node.nodes().into_iter().find_map(|(node, ..)| match node {
+    find_node(node, &mut |node| match node {
         // DSQL names the procedure's own signature, where PostgreSQL names the call's.
         pg_query::NodeRef::FuncCall(call)
             if !call_statement
