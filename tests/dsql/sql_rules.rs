@@ -727,25 +727,14 @@ async fn every_rule_through_psql() {
     let _turn = CASES.lock().await;
     setup().await;
     let plain = plain().await;
-    let emulator = rules_emulator();
     let token = rules_connector().await.token().await.unwrap();
     let mut wrong = Vec::new();
     for (statement, expect) in cases() {
         if let Some(undo) = undo_before(statement) {
             plain.batch_execute(undo).await.unwrap();
         }
-        let output = Command::new("psql")
+        let output = psql_to_rules(&token)
             .args(["-X", "-q", "-v", "VERBOSITY=verbose", "-c", statement])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PGHOST", emulator.endpoint())
-            .env("PGHOSTADDR", "127.0.0.1")
-            .env("PGPORT", emulator.port().to_string())
-            .env("PGUSER", "admin")
-            .env("PGDATABASE", "postgres")
-            .env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", emulator.ca_cert_path())
-            .env("PGPASSWORD", token.as_str())
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -764,6 +753,23 @@ async fn every_rule_through_psql() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `psql` for the rules emulator as `admin` with `token`, over verify-full TLS.
+fn psql_to_rules(token: &tokio_postgres_dsql::AuthToken) -> Command {
+    let emulator = rules_emulator();
+    let mut psql = Command::new("psql");
+    psql.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PGHOST", emulator.endpoint())
+        .env("PGHOSTADDR", "127.0.0.1")
+        .env("PGPORT", emulator.port().to_string())
+        .env("PGUSER", "admin")
+        .env("PGDATABASE", "postgres")
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", emulator.ca_cert_path())
+        .env("PGPASSWORD", token.as_str());
+    psql
 }
 
 /// `(code, message)` of an error from this crate's helpers or a plain statement.
@@ -974,20 +980,9 @@ async fn the_server_reports_itself_as_dsql_does() {
     if Command::new("psql").arg("--version").output().is_err() {
         return;
     }
-    let emulator = rules_emulator();
     let token = rules_connector().await.token().await.unwrap();
-    let output = Command::new("psql")
+    let output = psql_to_rules(&token)
         .args(["-X", "-c", "\\echo :SERVER_VERSION_NAME"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PGHOST", emulator.endpoint())
-        .env("PGHOSTADDR", "127.0.0.1")
-        .env("PGPORT", emulator.port().to_string())
-        .env("PGUSER", "admin")
-        .env("PGDATABASE", "postgres")
-        .env("PGSSLMODE", "verify-full")
-        .env("PGSSLROOTCERT", emulator.ca_cert_path())
-        .env("PGPASSWORD", token.as_str())
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "16.15");
@@ -1910,21 +1905,10 @@ async fn copy_from_stdin_goes_through() {
         "INSERT INTO rules_copy VALUES (1)",
     ])
     .await;
-    let emulator = rules_emulator();
     let token = rules_connector().await.token().await.unwrap();
     let psql = |sql: &str, data: &[u8]| {
-        let mut child = Command::new("psql")
+        let mut child = psql_to_rules(&token)
             .args(["-X", "-q", "-c", sql])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PGHOST", emulator.endpoint())
-            .env("PGHOSTADDR", "127.0.0.1")
-            .env("PGPORT", emulator.port().to_string())
-            .env("PGUSER", "admin")
-            .env("PGDATABASE", "postgres")
-            .env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", emulator.ca_cert_path())
-            .env("PGPASSWORD", token.as_str())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
