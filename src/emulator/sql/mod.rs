@@ -92,8 +92,8 @@
 //! - Row limit: rows of a write's `RETURNING` reach the client before the `54000`; a query
 //!   text that opens and commits its own block (`BEGIN; INSERT …; COMMIT` in one `Query`) is
 //!   counted but not stopped; writes inside a `WITH`, and `COPY`, are not counted. An
-//!   autocommit write costs one more round trip to PostgreSQL (its `COMMIT`), and pipelined
-//!   requests behind a write wait for its answer. A batch that binds the unnamed statement of
+//!   autocommit write whose text does not bound its rows costs one more round trip to
+//!   PostgreSQL (its `COMMIT`), and pipelined requests behind a write wait for its answer. A batch that binds the unnamed statement of
 //!   an earlier batch, or was flushed before its `Sync`, gets no savepoint and, in
 //!   autocommit, no row limit.
 //! - The transaction rules follow the statements the relay has seen, as it reads them: a
