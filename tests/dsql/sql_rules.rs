@@ -1990,3 +1990,26 @@ async fn a_pairs_endpoints_see_each_others_schema_changes() {
         .await
         .unwrap();
 }
+
+/// The emulator prepares its PostgreSQL for the rules when it starts: an upstream that accepts
+/// the connection and never answers fails the start within a bound, and says why.
+#[tokio::test]
+async fn an_upstream_that_never_answers_fails_the_start() {
+    // A listener nobody accepts on: connections complete and then hear nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let start = DsqlEmulator::builder()
+        .upstream_url(format!(
+            "host=127.0.0.1 port={port} user=admin dbname=postgres"
+        ))
+        .start();
+    let started = tokio::time::timeout(std::time::Duration::from_secs(60), start)
+        .await
+        .expect("the start gives up on its own");
+    let error = started.expect_err("the start fails").to_string();
+    assert!(
+        error.contains("cannot prepare the upstream PostgreSQL") && error.contains("no answer"),
+        "{error}"
+    );
+    drop(silent);
+}

@@ -107,9 +107,13 @@ pub(crate) mod rules;
 /// The startup parameter that tells the upstream's event triggers a session has the rules on.
 pub(crate) const RULES_PARAMETER: &str = "dsql_emulator.sql_rules";
 
+/// How long preparing the upstream may take (a server that does not answer fails the start).
+const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Creates what the upstream PostgreSQL needs for the rules (`bootstrap.sql`: `sys.jobs`,
-/// `sys.wait_for_job`, the event triggers of the catalog limits), as `admin`. Blocking; runs
-/// on a thread of its own, so it may be called from inside an async runtime.
+/// `sys.wait_for_job`, the event triggers of the catalog limits), as `admin`, within
+/// [`PREPARE_TIMEOUT`]. Blocking; runs on a thread of its own, so it may be called from inside
+/// an async runtime.
 pub(crate) fn prepare_upstream(url: String) -> Result<(), crate::Error> {
     let failed = |reason: String, source: Option<Box<dyn std::error::Error + Send + Sync>>| {
         crate::Error::Emulator {
@@ -125,7 +129,7 @@ pub(crate) fn prepare_upstream(url: String) -> Result<(), crate::Error> {
             .enable_all()
             .build()
             .map_err(|e| failed("no runtime".into(), Some(Box::new(e))))?;
-        runtime.block_on(async {
+        let prepare = async {
             let (client, connection) =
                 tokio_postgres::connect(&url, tokio_postgres::NoTls)
                     .await
@@ -138,7 +142,15 @@ pub(crate) fn prepare_upstream(url: String) -> Result<(), crate::Error> {
             drop(client);
             let _ = connection.await;
             outcome
-        })
+        };
+        runtime
+            .block_on(async { tokio::time::timeout(PREPARE_TIMEOUT, prepare).await })
+            .map_err(|_| {
+                failed(
+                    format!("no answer within {} s", PREPARE_TIMEOUT.as_secs()),
+                    None,
+                )
+            })?
     })
     .join()
     .map_err(|_| failed("the thread panicked".into(), None))?
