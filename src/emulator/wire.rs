@@ -147,58 +147,85 @@ pub(crate) fn error_message(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
+/// Follows the framing of a stream of PostgreSQL messages after startup, fed in pieces of any
+/// size, and hands each whole message on: its header and at most `keep` bytes of its body.
+#[derive(Debug)]
+pub(crate) struct Framer {
+    keep: usize,
+    /// The current message: its header (once whole) and the body bytes kept.
+    current: Vec<u8>,
+    /// Body bytes still to come in the current message, once its header is whole.
+    left: usize,
+}
+
+impl Framer {
+    /// A framer that keeps at most `keep` bytes of each body.
+    pub(crate) fn new(keep: usize) -> Self {
+        Framer {
+            keep,
+            current: Vec::new(),
+            left: 0,
+        }
+    }
+
+    /// Feeds the next bytes; `message` gets each message completed in them (header and kept
+    /// body, as a buffer it may take: the framer starts the next message in whatever is left).
+    pub(crate) fn feed(&mut self, mut data: &[u8], mut message: impl FnMut(&mut Vec<u8>)) {
+        while !data.is_empty() {
+            if self.current.len() < 5 {
+                let take = (5 - self.current.len()).min(data.len());
+                self.current.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.current.len() < 5 {
+                    continue;
+                }
+                let len = [1, 2, 3, 4].map(|i| self.current[i]);
+                self.left = (u32::from_be_bytes(len) as usize).saturating_sub(4);
+            } else {
+                let take = self.left.min(data.len());
+                let room = self
+                    .keep
+                    .saturating_add(5)
+                    .saturating_sub(self.current.len())
+                    .min(take);
+                self.current.extend_from_slice(&data[..room]);
+                self.left -= take;
+                data = &data[take..];
+            }
+            if self.left == 0 {
+                message(&mut self.current);
+                self.current.clear();
+            }
+        }
+    }
+}
+
 /// Follows the framing of a client's messages after startup and spots a simple-protocol
 /// `COMMIT` (a `Query` message whose text starts with `COMMIT`, any case).
-#[derive(Debug, Default)]
-pub(crate) struct CommitSpotter {
-    header: [u8; 5],
-    have: usize,
-    /// Body bytes left in the current message.
-    left: usize,
-    /// The first bytes of a `Query` body.
-    text: Vec<u8>,
+#[derive(Debug)]
+pub(crate) struct CommitSpotter(Framer);
+
+impl Default for CommitSpotter {
+    fn default() -> Self {
+        // Enough of a query for `COMMIT` after a little white space.
+        CommitSpotter(Framer::new(7))
+    }
 }
 
 impl CommitSpotter {
     /// Feeds the next bytes; `true` if a `COMMIT` query was completed in them.
-    pub(crate) fn feed(&mut self, mut data: &[u8]) -> bool {
+    pub(crate) fn feed(&mut self, data: &[u8]) -> bool {
         let mut spotted = false;
-        while !data.is_empty() {
-            if self.left == 0 {
-                let take = (5 - self.have).min(data.len());
-                self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
-                self.have += take;
-                data = &data[take..];
-                if self.have == 5 {
-                    self.have = 0;
-                    let len = u32::from_be_bytes([
-                        self.header[1],
-                        self.header[2],
-                        self.header[3],
-                        self.header[4],
-                    ]);
-                    self.left = (len as usize).saturating_sub(4);
-                    self.text.clear();
-                }
-                continue;
-            }
-            let take = self.left.min(data.len());
-            if self.header[0] == b'Q' && self.text.len() < 7 {
-                let room = 7 - self.text.len();
-                self.text.extend_from_slice(&data[..take.min(room)]);
-            }
-            self.left -= take;
-            data = &data[take..];
-            if self.left == 0 && self.header[0] == b'Q' {
-                let text: Vec<u8> = self
-                    .text
+        self.0.feed(data, |message| {
+            if message[0] == b'Q' {
+                let text: Vec<u8> = message[5..]
                     .iter()
                     .copied()
                     .skip_while(u8::is_ascii_whitespace)
                     .collect();
                 spotted |= text.len() >= 6 && text[..6].eq_ignore_ascii_case(b"COMMIT");
             }
-        }
+        });
         spotted
     }
 }

@@ -1172,9 +1172,8 @@ pub(crate) struct Responder {
     plans: Plans,
     /// Requests for the upstream side, which waits for them after each write.
     upstream: tokio::sync::mpsc::UnboundedSender<Requests>,
-    header: Vec<u8>,
-    /// Body bytes left in the current message.
-    left: usize,
+    /// The framing of the server's messages.
+    framer: super::wire::Framer,
     /// The current message, header included.
     current: Vec<u8>,
     /// The current guarded write lost its conflict.
@@ -1195,8 +1194,7 @@ impl Responder {
         Responder {
             plans,
             upstream,
-            header: Vec::with_capacity(5),
-            left: 0,
+            framer: super::wire::Framer::new(usize::MAX),
             current: Vec::new(),
             lost: false,
             rows: 0,
@@ -1206,42 +1204,17 @@ impl Responder {
     }
 
     /// Appends to `out` what the client should get for the next `data` from the server.
-    pub(crate) fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
-        while !data.is_empty() {
-            if self.left == 0 && self.header.len() < 5 {
-                let take = (5 - self.header.len()).min(data.len());
-                self.header.extend_from_slice(&data[..take]);
-                data = &data[take..];
-                if self.header.len() < 5 {
-                    continue;
-                }
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                self.left = (len as usize).saturating_sub(4);
-                self.current.clear();
-                self.current.extend_from_slice(&self.header);
-                if self.left == 0 {
-                    self.finish(out);
-                }
-                continue;
-            }
-            let take = self.left.min(data.len());
-            self.current.extend_from_slice(&data[..take]);
-            self.left -= take;
-            data = &data[take..];
-            if self.left == 0 {
-                self.finish(out);
-            }
-        }
+    pub(crate) fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let mut framer = std::mem::replace(&mut self.framer, super::wire::Framer::new(0));
+        framer.feed(data, |message| {
+            std::mem::swap(&mut self.current, message);
+            self.finish(out);
+        });
+        self.framer = framer;
     }
 
     /// One whole server message in `self.current`.
     fn finish(&mut self, out: &mut Vec<u8>) {
-        self.header.clear();
         let tag = self.current[0];
         let plan = self.plans.lock().front().copied().unwrap_or(Plan::Pass);
         let ready = tag == b'Z';
