@@ -2013,3 +2013,18 @@ async fn an_upstream_that_never_answers_fails_the_start() {
     );
     drop(silent);
 }
+
+/// A transaction age limit under a second is refused, naming the option.
+#[tokio::test]
+async fn a_transaction_age_limit_under_a_second_is_refused() {
+    let error = DsqlEmulator::builder()
+        .transaction_age_limit(std::time::Duration::from_millis(500))
+        .start()
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        error.contains("transaction_age_limit") && error.contains("at least 1 s"),
+        "{error}"
+    );
+}
