@@ -10,11 +10,15 @@ mod connect;
 #[cfg(feature = "emulator")]
 mod deadpool;
 #[cfg(feature = "emulator")]
+mod frontend;
+#[cfg(feature = "emulator")]
 mod hygiene;
 #[cfg(feature = "emulator")]
 mod metrics;
 #[cfg(feature = "emulator")]
 mod multi_region;
+#[cfg(feature = "emulator")]
+mod occ;
 #[cfg(feature = "emulator")]
 mod pet_clinic;
 #[cfg(feature = "emulator")]

@@ -12,7 +12,7 @@ use tokio_postgres_dsql::{DsqlConnector, Error};
 use crate::support::emulator;
 
 /// An emulator with DSQL's SQL rules in front of the shared emulator's PostgreSQL.
-fn rules_emulator() -> &'static DsqlEmulator {
+pub(crate) fn rules_emulator() -> &'static DsqlEmulator {
     static EMULATOR: OnceLock<DsqlEmulator> = OnceLock::new();
     EMULATOR.get_or_init(|| {
         DsqlEmulator::builder()
@@ -24,7 +24,7 @@ fn rules_emulator() -> &'static DsqlEmulator {
     })
 }
 
-async fn rules_connector() -> DsqlConnector {
+pub(crate) async fn rules_connector() -> DsqlConnector {
     let config = rules_emulator().config_for("admin").build().unwrap();
     DsqlConnector::new(config).await.unwrap()
 }
