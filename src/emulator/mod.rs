@@ -198,6 +198,8 @@ pub(crate) struct Shared {
     transaction_age_limit: Duration,
     /// Committed schema changes, for `OC001` (with the SQL rules).
     catalog: Arc<sql::Catalog>,
+    /// The database's sessions, for commit-time conflicts (with the SQL rules).
+    sessions: Arc<sql::occ::Sessions>,
     /// The network between clients and this endpoint (see [`Network`]).
     network: tokio::sync::watch::Sender<Network>,
     /// Whether the accept loop holds its listening socket now.
@@ -297,6 +299,7 @@ pub struct DsqlEmulatorBuilder {
     authority: Option<Arc<certs::Authority>>,
     /// The committed schema changes to share (a pair's endpoints see each other's, for OC001).
     catalog: Option<Arc<sql::Catalog>>,
+    sessions: Option<Arc<sql::occ::Sessions>>,
     sql_rules: Option<bool>,
     transaction_age_limit: Option<Duration>,
 }
@@ -510,6 +513,11 @@ impl DsqlEmulatorBuilder {
             })?;
 
         let time_source = self.time_source.clone();
+        // The database's sessions (shared by a pair's endpoints), watched through the upstream's
+        // superuser.
+        let sessions = self
+            .sessions
+            .unwrap_or_else(|| Arc::new(sql::occ::Sessions::new(target.url("admin"))));
         let shared = Arc::new(Shared {
             verifier: auth::Verifier {
                 endpoint: endpoint.clone(),
@@ -531,6 +539,7 @@ impl DsqlEmulatorBuilder {
             sql_rules,
             transaction_age_limit,
             catalog: self.catalog.unwrap_or_default(),
+            sessions,
             network: tokio::sync::watch::Sender::new(Network::Up),
             listening: AtomicBool::new(true),
             drops: tokio::sync::watch::Sender::new(0),
@@ -670,6 +679,7 @@ impl DsqlEmulator {
         second.authority = Some(first.authority.clone());
         // One database: a schema change through either endpoint is the other's too (OC001).
         second.catalog = Some(first.shared.catalog.clone());
+        second.sessions = Some(first.shared.sessions.clone());
         let second = second.start().await?;
         Ok((first, second))
     }

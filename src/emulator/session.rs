@@ -292,6 +292,11 @@ async fn negotiate(
     if shared.sql_rules {
         // A write that meets a row another transaction holds does not wait (see `sql`).
         upstream_parameters.push(("lock_timeout".into(), sql::LOCK_TIMEOUT.into()));
+        // DSQL's only isolation level, whatever the upstream server's default.
+        upstream_parameters.push((
+            "default_transaction_isolation".into(),
+            "repeatable read".into(),
+        ));
         // The upstream's event triggers apply the catalog limits to this session.
         upstream_parameters.push((sql::RULES_PARAMETER.into(), "on".into()));
         // DSQL's sessions are in UTC unless the client says otherwise.
@@ -308,12 +313,17 @@ async fn negotiate(
     // With trust authentication PostgreSQL says AuthenticationOk first and only then checks
     // the role, so read on to ReadyForQuery (or an error) before calling the session accepted.
     let mut startup_reply = Vec::new();
+    let mut backend = 0;
     loop {
         let (tag, body) = wire::read_message(&mut upstream, 64 * 1024).await?;
         match (tag, body.as_slice()) {
             (b'S', _) if shared.sql_rules => {
                 // The server reports itself as DSQL does (`server_version` 16.15).
                 let body = sql::dsql_parameter_status(&body).unwrap_or(body);
+                wire::append_message(&mut startup_reply, tag, &body);
+            }
+            (b'K', [a, b, c, d, ..]) => {
+                backend = i32::from_be_bytes([*a, *b, *c, *d]);
                 wire::append_message(&mut startup_reply, tag, &body);
             }
             (b'R', [0, 0, 0, 0]) | (b'S', _) | (b'K', _) | (b'N', _) => {
@@ -353,15 +363,17 @@ async fn negotiate(
     }
     tls.write_all(&startup_reply).await?;
     shared.count_accepted();
-    relay(tls, upstream, accepted_at, shared).await
+    relay(tls, upstream, backend, accepted_at, shared).await
 }
 
 /// Copies bytes both ways until either side closes, the connection reaches its maximum age,
 /// `drop_all_connections` is called, or the client sends a `COMMIT` while
 /// `cut_next_commit` is armed (then neither the `COMMIT` nor anything after it is forwarded).
+/// `backend`: the upstream backend's process id (for commit-time conflicts, [`sql::occ`]).
 async fn relay<C, U>(
     client: C,
     upstream: U,
+    backend: i32,
     accepted_at: Instant,
     shared: &Arc<Shared>,
 ) -> std::io::Result<()>
@@ -374,60 +386,64 @@ where
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     shared.open.fetch_add(1, Ordering::SeqCst);
-    // With DSQL's SQL rules: the plans both directions share, and the upstream side's inbox for
-    // what the server-to-client side sends upstream when a write's answer is in.
+    // With DSQL's SQL rules: the plans both directions share, this session among the
+    // database's, and the upstream side's inbox for the server-to-client side's replies.
     let plans = sql::Plans::default();
-    let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<sql::Requests>();
+    let member = shared.sql_rules.then(|| shared.sessions.join(backend));
+    let (replies, mut inbox) = tokio::sync::mpsc::channel::<sql::Reply>(4);
     let to_upstream = async {
         let mut spotter = wire::CommitSpotter::default();
         let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
         // With DSQL's SQL rules: the client's messages, decided one by one.
-        let mut dialect = shared.sql_rules.then(|| {
+        let mut dialect = member.as_ref().map(|member| {
             sql::Dialect::new(
                 plans.clone(),
                 shared.catalog.clone(),
                 shared.transaction_age_limit,
             )
+            .with_sessions(shared.sessions.clone(), member.entry.clone())
         });
         let mut pending = Vec::new();
         let mut out = sql::Outgoing::default();
         loop {
-            // Decide what the client has sent; after a request that writes, wait for its answer
-            // (and what it asks to send next) before deciding on.
+            // Decide what the client has sent; after a request whose answer is reported,
+            // wait for it (and what it asks to send next) before deciding on.
             while let Some(dialect) = &mut dialect {
                 out.clear();
                 let used = decide(dialect, &pending, &mut out);
                 pending.drain(..used);
-                for plan in out.plans.drain(..) {
-                    plans.push(plan);
-                }
-                if !out.bytes.is_empty() {
-                    pass_black_hole(&mut network).await;
-                    upstream_write.write_all(&out.bytes).await?;
-                    upstream_write.flush().await?;
-                }
+                let more = !out.bytes.is_empty() || !out.plans.is_empty() || out.close;
+                drive(
+                    dialect,
+                    &mut out,
+                    &plans,
+                    &mut upstream_write,
+                    &mut inbox,
+                    &mut network,
+                    member.as_ref(),
+                    shared,
+                )
+                .await?;
                 if out.close {
                     return Ok(());
                 }
-                if !out.gate {
+                if !more {
                     break;
                 }
-                let Some(requests) = injected.recv().await else {
-                    return Ok(());
-                };
-                out.clear();
-                for (request, plan) in requests {
-                    plans.push(plan);
-                    out.bytes.extend_from_slice(&request);
-                }
-                if !out.bytes.is_empty() {
-                    pass_black_hole(&mut network).await;
-                    upstream_write.write_all(&out.bytes).await?;
-                    upstream_write.flush().await?;
-                }
             }
-            let n = client_read.read(&mut buf).await?;
+            let n = tokio::select! {
+                n = client_read.read(&mut buf) => n?,
+                () = released(member.as_ref()) => {
+                    if let Some(dialect) = &mut dialect {
+                        out.clear();
+                        dialect.release(&mut out);
+                        drive(dialect, &mut out, &plans, &mut upstream_write, &mut inbox,
+                            &mut network, member.as_ref(), shared).await?;
+                    }
+                    continue;
+                }
+            };
             if n == 0 {
                 return Ok(());
             }
@@ -449,18 +465,19 @@ where
         let mut buf = vec![0u8; 16 * 1024];
         let mut rewriter = shared
             .sql_rules
-            .then(|| sql::Responder::new(plans.clone(), inject.clone()));
+            .then(|| sql::Responder::new(plans.clone(), replies.clone()));
         let mut out = Vec::new();
         loop {
             let n = upstream_read.read(&mut buf).await?;
             if n == 0 {
                 return Ok(());
             }
+            let mut open = true;
             let data: &[u8] = match &mut rewriter {
                 None => &buf[..n],
                 Some(rewriter) => {
                     out.clear();
-                    rewriter.feed(&buf[..n], &mut out);
+                    open = rewriter.feed(&buf[..n], &mut out);
                     &out
                 }
             };
@@ -470,6 +487,9 @@ where
             // was full (it reports the bytes written): without a flush they wait for the next
             // write, which may never come (a large result followed by silence).
             client_write.flush().await?;
+            if !open {
+                return Ok(());
+            }
         }
     };
     let outcome = tokio::select! {
@@ -487,6 +507,84 @@ where
     shared.open.fetch_sub(1, Ordering::SeqCst);
     let _ = client_write.shutdown().await;
     outcome
+}
+
+/// Resolves when a committer dooms this session's open transaction (never without the rules).
+async fn released(member: Option<&sql::occ::Member>) {
+    match member {
+        Some(member) => member.entry.release.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends what `out` holds upstream, then, while it ends with a reported request, waits for
+/// the reply and sends what the dialect decides next; a `COMMIT` waiting for its validation
+/// is validated here ([`sql::occ::validate`]). Sets `out.close` when the session must end.
+#[allow(clippy::too_many_arguments)]
+async fn drive<W: AsyncWrite + Unpin>(
+    dialect: &mut sql::Dialect,
+    out: &mut sql::Outgoing,
+    plans: &sql::Plans,
+    upstream: &mut W,
+    inbox: &mut tokio::sync::mpsc::Receiver<sql::Reply>,
+    network: &mut tokio::sync::watch::Receiver<Network>,
+    member: Option<&sql::occ::Member>,
+    shared: &Arc<Shared>,
+) -> std::io::Result<()> {
+    loop {
+        for planned in out.plans.drain(..) {
+            plans.push(planned);
+        }
+        if !out.bytes.is_empty() {
+            pass_black_hole(network).await;
+            upstream.write_all(&out.bytes).await?;
+            upstream.flush().await?;
+        }
+        if out.close {
+            return Ok(());
+        }
+        if let Some(validation) = out.validate.take() {
+            let Some(member) = member else {
+                return Ok(());
+            };
+            let outcome = sql::occ::validate(
+                validation,
+                &shared.sessions,
+                &member.entry,
+                plans,
+                upstream,
+                inbox,
+            )
+            .await;
+            out.clear();
+            match outcome {
+                Ok(outcome) => dialect.after_validation(outcome, out),
+                Err(sql::occ::Lost(why)) => {
+                    tracing::error!(why, "emulator: a COMMIT's validation could not finish");
+                    out.close = true;
+                    return Ok(());
+                }
+            }
+            continue;
+        }
+        if !out.gate {
+            return Ok(());
+        }
+        let Some(reply) = inbox.recv().await else {
+            out.close = true;
+            return Ok(());
+        };
+        out.clear();
+        for (request, plan) in &reply.requests {
+            out.bytes.extend_from_slice(request);
+            out.plans.push(sql::Planned::new(*plan));
+        }
+        // (Follow-up requests are not reported: the dialect decides what comes next.)
+        for planned in &mut out.plans {
+            planned.report = false;
+        }
+        dialect.on_reply(&reply, out);
+    }
 }
 
 /// Runs the complete messages at the start of `pending` through `dialect`, appending what goes

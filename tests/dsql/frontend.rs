@@ -14,10 +14,17 @@ use tokio_postgres_dsql::emulator::DsqlEmulator;
 pub const ANSWER_BOUND: Duration = Duration::from_secs(20);
 
 /// One backend message: its tag and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Message {
     pub tag: u8,
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = String::from_utf8_lossy(&self.body).replace('\0', "|");
+        write!(f, "{}({text})", self.tag as char)
+    }
 }
 
 impl Message {

@@ -64,6 +64,28 @@ BEGIN
     RETURN sys.dsql_emulator_job(sys.dsql_emulator_job_id(), kind, relation::regclass, name);
 END $$;
 
+-- Validates a `SELECT … FOR UPDATE` at COMMIT as DSQL does, as if its rows had been written:
+-- the relay runs `SELECT sys.dsql_emulator_touch('<table>', ARRAY(SELECT t.ctid … FOR UPDATE))`,
+-- which locks the rows again and writes each unchanged, so that another transaction that read
+-- them `FOR UPDATE` on an older snapshot fails in turn (PostgreSQL's serialization failure).
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_touch(relation text, rows tid[])
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    target regclass := relation::regclass;
+    col name;
+BEGIN
+    IF rows IS NULL OR cardinality(rows) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT attname INTO col FROM pg_attribute
+     WHERE attrelid = target AND attnum > 0 AND NOT attisdropped
+       AND attgenerated = '' AND attidentity <> 'a'
+     ORDER BY attnum LIMIT 1;
+    IF col IS NOT NULL THEN
+        EXECUTE format('UPDATE %s SET %I = %I WHERE ctid = ANY($1)', target, col, col) USING rows;
+    END IF;
+END $$;
+
 -- DSQL's job ids are UUIDs in lower-case base32; builds here are over when the statement
 -- answers, so there is nothing to wait for.
 CREATE OR REPLACE PROCEDURE sys.wait_for_job(job_id text) LANGUAGE plpgsql AS $$

@@ -102,6 +102,7 @@
 //! - Rules apply when a statement is parsed (`Parse`) and, for the transaction rules, when it
 //!   is executed; DSQL may apply some later (at `Bind`).
 
+pub(crate) mod occ;
 pub(crate) mod rules;
 
 /// The startup parameter that tells the upstream's event triggers a session has the rules on.
@@ -209,11 +210,63 @@ pub(crate) enum Plan {
     /// statement (its `RowDescription` may have come with an earlier `Describe`); otherwise
     /// the tag that follows a `job_id` `RowDescription` is the one replaced.
     Job { tag: &'static str, described: bool },
+    /// DDL: passed on, but PostgreSQL's answers to a concurrent change of the same object (a
+    /// duplicate in a catalog index, a type that already exists, a wait for the other change's
+    /// lock) become DSQL's `40001 … (OC001)`: the later DDL to commit loses.
+    Ddl,
+    /// A statement the relay runs at `COMMIT` to validate the transaction (a write that met a
+    /// row held by an open transaction, or a locking read): the answer is dropped, its tag or
+    /// error reported in the [`Reply`].
+    Replay,
+}
+
+/// A plan as queued: what is done with the answer, and what is done at its `ReadyForQuery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Planned {
+    pub(crate) plan: Plan,
+    /// The upstream side waits for this answer: the [`Responder`] sends a [`Reply`] at its
+    /// `ReadyForQuery` (writes, replays, the pieces of a request the relay sends one statement
+    /// at a time, a `COMMIT`).
+    pub(crate) report: bool,
+    /// The answer to one piece of a client request the relay split: its `ReadyForQuery` is
+    /// the client's only if an error ends the request there.
+    pub(crate) intermediate: bool,
+}
+
+impl Planned {
+    /// `plan`, reported when it is a write or a replay.
+    pub(crate) fn new(plan: Plan) -> Planned {
+        Planned {
+            plan,
+            report: matches!(plan, Plan::Write { .. } | Plan::Replay),
+            intermediate: false,
+        }
+    }
 }
 
 /// Requests the server-to-client side sends upstream (with their plans) when the answer to a
 /// [`Plan::Write`] is in; possibly none: either way the upstream side reads on.
 pub(crate) type Requests = Vec<(Vec<u8>, Plan)>;
+
+/// What the [`Responder`] tells the upstream side at the `ReadyForQuery` of a reported plan
+/// ([`Planned::report`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Reply {
+    /// What to send upstream next (the rollback of a write that lost, the end of an
+    /// autocommit write's transaction, ...).
+    pub(crate) requests: Requests,
+    /// The server's transaction status (`I`, `T`, `E`).
+    pub(crate) status: u8,
+    /// An error reached the client in this answer (or since the last reply).
+    pub(crate) failed: bool,
+    /// The guarded write met a row an open transaction holds: it was rolled back to its
+    /// savepoint and the client told its tag; it is replayed at `COMMIT`.
+    pub(crate) pending: bool,
+    /// A replay's command tag.
+    pub(crate) tag: Option<String>,
+    /// A replay's error: SQLSTATE.
+    pub(crate) error: Option<String>,
+}
 
 /// DSQL's limit on how long a transaction may stay open (`DSQL_SQL_RULES.md` §1, §8).
 pub(crate) const TRANSACTION_AGE_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
@@ -244,21 +297,31 @@ fn row_limit_exceeded() -> Refusal {
 }
 
 /// The relay's plans for the answers it awaits, in the order of the requests, shared by both
-/// directions of a session; and whether the session's transaction lost a conflict.
+/// directions of a session; whether the session's transaction lost a conflict; and the
+/// server's transaction status at the last `ReadyForQuery`.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Plans {
-    queue: Arc<Mutex<VecDeque<Plan>>>,
+    queue: Arc<Mutex<VecDeque<Planned>>>,
     doomed: Arc<AtomicBool>,
+    status: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl Plans {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Plan>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Planned>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues the plan of a request about to be sent upstream.
-    pub(crate) fn push(&self, plan: Plan) {
-        self.lock().push_back(plan);
+    pub(crate) fn push(&self, planned: Planned) {
+        self.lock().push_back(planned);
+    }
+
+    /// The server's transaction status when every answer is in (`None` while some are
+    /// awaited: then it says nothing of what the relay has sent since).
+    fn settled_status(&self) -> Option<u8> {
+        let queue = self.lock();
+        let status = self.status.load(Ordering::SeqCst);
+        (queue.is_empty() && status != 0).then_some(status)
     }
 }
 
@@ -337,20 +400,40 @@ fn schema_conflict() -> Refusal {
 #[derive(Debug, Default)]
 pub(crate) struct Outgoing {
     pub(crate) bytes: Vec<u8>,
-    pub(crate) plans: Vec<Plan>,
-    /// They end with a request that writes ([`Plan::Write`]): nothing more goes upstream
+    pub(crate) plans: Vec<Planned>,
+    /// They end with a reported request ([`Planned::report`]): nothing more goes upstream
     /// until the [`Responder`] has its answer.
     pub(crate) gate: bool,
-    /// The client sent a message over [`MESSAGE_LIMIT`]: DSQL closes the connection.
+    /// The client sent a message over [`MESSAGE_LIMIT`], or the relay lost track of the
+    /// session: it is closed.
     pub(crate) close: bool,
+    /// A `COMMIT` waits for this validation (see [`occ`]); the relay then calls
+    /// [`Dialect::after_validation`].
+    pub(crate) validate: Option<occ::Validation>,
 }
 
 impl Outgoing {
     /// Whole messages; `plan` when they end with a `Query` or `Sync`.
     fn push(&mut self, bytes: &[u8], plan: Option<Plan>) {
         self.bytes.extend_from_slice(bytes);
-        self.gate |= matches!(plan, Some(Plan::Write { .. }));
-        self.plans.extend(plan);
+        if let Some(plan) = plan {
+            self.push_planned(Planned::new(plan));
+        }
+    }
+
+    fn push_planned(&mut self, planned: Planned) {
+        self.gate |= planned.report;
+        self.plans.push(planned);
+    }
+
+    /// Marks the last plan as the answer to a piece of a split request that the relay waits
+    /// for (`intermediate`: not the last piece).
+    fn mark_piece(&mut self, intermediate: bool) {
+        if let Some(last) = self.plans.last_mut() {
+            last.report = true;
+            last.intermediate = intermediate;
+            self.gate = true;
+        }
     }
 
     /// Empties it for the next round.
@@ -359,6 +442,7 @@ impl Outgoing {
         self.plans.clear();
         self.gate = false;
         self.close = false;
+        self.validate = None;
     }
 }
 
@@ -376,6 +460,10 @@ struct Prepared {
     copy_in: bool,
     /// Asynchronous DDL run by its job's `SELECT`: the DDL's tag.
     job: Option<&'static str>,
+    /// Its text as it went upstream (for a replay at `COMMIT`).
+    text: Arc<str>,
+    /// For a locking read: the statement that validates it at `COMMIT`.
+    touch: Option<Arc<str>>,
 }
 
 fn other() -> Prepared {
@@ -387,6 +475,8 @@ fn other() -> Prepared {
         most_rows: None,
         copy_in: false,
         job: None,
+        text: "".into(),
+        touch: None,
     }
 }
 
@@ -405,11 +495,13 @@ fn parameter_types(rest: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-/// A portal: its statement, and the bytes of the values bound to it.
+/// A portal: its statement, the bytes of the values bound to it, and, for a write or a
+/// locking read, its `Bind` parameters (to replay it at `COMMIT`).
 #[derive(Debug, Clone)]
 struct Portal {
     statement: String,
     bytes: u64,
+    params: Option<Arc<[u8]>>,
 }
 
 /// The parameter values of a `Bind` body (`None` for NULL), after its portal and statement.
@@ -474,7 +566,11 @@ pub(crate) struct Dialect {
     portals: HashMap<String, Portal>,
     /// An extended-protocol batch being skipped to `Sync` after this refusal.
     skipping: Option<Refusal>,
-    /// The messages of the current extended-protocol batch not sent yet.
+    /// The refusal of the batch being skipped has gone upstream already (at a `Flush`).
+    refusal_sent: bool,
+    /// The client's extended-protocol messages since the last `Sync`, not decided yet.
+    raw: Vec<u8>,
+    /// The decided messages of the current extended-protocol batch not sent yet.
     held: Vec<u8>,
     /// What the current extended-protocol batch does.
     batch: Batch,
@@ -496,6 +592,43 @@ pub(crate) struct Dialect {
     block_used: HashMap<String, u64>,
     /// How long a transaction block may stay open.
     age_limit: std::time::Duration,
+    /// This session among the database's (dooms, commit tickets).
+    sessions: Option<Arc<occ::Sessions>>,
+    entry: Arc<occ::Entry>,
+    /// The open transaction block's number (0: none).
+    block: u64,
+    /// The block whose transaction was rolled back upstream after a committer doomed it.
+    released: u64,
+    /// What the open transaction replays at `COMMIT` (pending writes, locking reads).
+    replays: Vec<occ::Replay>,
+    /// The replay form of the guarded write whose answer is awaited.
+    last_write: Option<occ::Replay>,
+    /// Pieces of a client request the relay sends one at a time, not sent yet.
+    pieces: VecDeque<Piece>,
+    /// What the reported answer the relay waits for is.
+    awaiting: Awaiting,
+    /// A `COMMIT` waiting for its validation, and whether it is an intermediate piece.
+    commit: Option<(Piece, Option<bool>)>,
+    /// The `COMMIT` being sent has been validated.
+    validated: bool,
+}
+
+/// A piece of a client request: one statement of a multi-statement `Query` (the client's
+/// text), or the messages of an extended-protocol batch up to one `Execute`, with the `Sync`
+/// that ends it (the relay's, or the client's for the last piece).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Query(String),
+    Batch { messages: Vec<u8>, sync: Vec<u8> },
+}
+
+/// What the reported answer the relay waits for belongs to.
+#[derive(Debug, Default, Clone, Copy)]
+struct Awaiting {
+    write: bool,
+    commit: bool,
+    /// A piece of a split request: `Some(intermediate)`.
+    piece: Option<bool>,
 }
 
 /// The most query texts remembered per session.
@@ -527,12 +660,68 @@ struct Batch {
     copy_in: bool,
     /// The tag of the asynchronous DDL it executes.
     job: Option<&'static str>,
+    /// It executes DDL.
+    ddl: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct BatchWrite {
     in_block: bool,
     tag: Option<&'static str>,
+    /// The write as the relay would replay it at `COMMIT`.
+    replay: Option<occ::Replay>,
+}
+
+/// The frontend messages in `bytes` (whole ones), as (tag, body, whole message).
+fn messages(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8], &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let header = bytes.get(at..at + 5)?;
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let whole = bytes.get(at..at + 1 + len.max(4))?;
+        at += whole.len();
+        Some((whole[0], &whole[5..], whole))
+    })
+}
+
+/// An extended-protocol batch that runs `text` as a statement of the relay's own (so that
+/// neither the client's unnamed statement nor its named ones change) with the `Bind`
+/// parameters `params` (formats and values, as the client sent them), ending with `Sync`.
+fn statement_batch(text: &str, types: &[u32], params: &[u8]) -> Vec<u8> {
+    const NAME: &str = "dsql_emulator_replay";
+    let mut out = message(b'C', format!("S{NAME}\0").as_bytes());
+    let mut parse = format!("{NAME}\0{text}\0").into_bytes();
+    parse.extend_from_slice(&(types.len() as u16).to_be_bytes());
+    for oid in types {
+        parse.extend_from_slice(&oid.to_be_bytes());
+    }
+    super::wire::append_message(&mut out, b'P', &parse);
+    let mut bind = format!("\0{NAME}\0").into_bytes();
+    bind.extend_from_slice(params);
+    bind.extend_from_slice(&0u16.to_be_bytes());
+    super::wire::append_message(&mut out, b'B', &bind);
+    super::wire::append_message(&mut out, b'E', b"\0\0\0\0\0");
+    super::wire::append_message(&mut out, b'C', format!("S{NAME}\0").as_bytes());
+    super::wire::append_message(&mut out, b'S', b"");
+    out
+}
+
+/// The parameter part of a `Bind` body after its portal and statement names (formats and
+/// values, without the result formats).
+fn bind_parameters(rest: &[u8]) -> Option<&[u8]> {
+    let u16_at = |at: usize| -> Option<usize> {
+        let b = rest.get(at..at + 2)?;
+        Some(usize::from(u16::from_be_bytes([b[0], b[1]])))
+    };
+    let mut at = 2 + 2 * u16_at(0)?;
+    let count = u16_at(at)?;
+    at += 2;
+    for _ in 0..count {
+        let len = rest.get(at..at + 4)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        at += 4 + usize::try_from(len).unwrap_or(0);
+    }
+    rest.get(..at)
 }
 
 impl Dialect {
@@ -547,6 +736,14 @@ impl Dialect {
             age_limit,
             ..Dialect::default()
         }
+    }
+
+    /// The session is `entry` among the database's `sessions`: its transactions take part in
+    /// commit-time conflicts with theirs (see [`occ`]).
+    pub(crate) fn with_sessions(mut self, sessions: Arc<occ::Sessions>, entry: Arc<occ::Entry>) -> Self {
+        self.sessions = Some(sessions);
+        self.entry = entry;
+        self
     }
 
     /// `54000` if the open transaction block is older than the age limit.
@@ -570,11 +767,139 @@ impl Dialect {
     /// Ends a transaction block that cannot commit: `COMMIT` fails with `refusal` and the
     /// block is rolled back, so the session is outside any transaction, as on DSQL.
     fn fail_commit(&mut self, refusal: &Refusal, out: &mut Outgoing) {
-        out.push(&raise_query(refusal), Some(Plan::AllButReady));
-        out.push(&query("ROLLBACK"), Some(Plan::OnlyReady));
+        // Rolled back first: a validation that failed upstream left the block aborted.
+        out.push(&query("ROLLBACK"), Some(Plan::Swallow));
+        out.push(&raise_query(refusal), Some(Plan::Pass));
         self.plans.doomed.store(false, Ordering::SeqCst);
         self.set_transaction(Transaction::default());
         self.pending_ddl.clear();
+    }
+
+    /// Why the open block's `COMMIT` fails before anything is validated, if it does: its age,
+    /// a conflict it lost, a schema change that landed meanwhile, its size.
+    fn commit_refusal(&mut self) -> Option<Refusal> {
+        if let Some(refusal) = self.too_old() {
+            return Some(refusal);
+        }
+        if self.plans.doomed.load(Ordering::SeqCst) || self.entry.doomed(self.block) {
+            return Some(change_conflict());
+        }
+        if let Some(refusal) = self.commit_schema_check() {
+            return Some(refusal);
+        }
+        (self.tx_bytes > TX_SIZE_LIMIT).then(|| size_limit_exceeded(self.tx_bytes))
+    }
+
+    /// A `COMMIT` (`piece`, a piece of a split request when `intermediate` is `Some`) in a
+    /// transaction block: fails at once, or waits for its validation (`true`), or goes on as it
+    /// is (`false`: validated already, or nothing to commit).
+    fn commit_point(&mut self, piece: &Piece, intermediate: Option<bool>, out: &mut Outgoing) -> bool {
+        if std::mem::take(&mut self.validated)
+            || !self.in_block
+            || self.plans.settled_status() == Some(b'E')
+        {
+            // A failed block's COMMIT answers ROLLBACK, as PostgreSQL's does.
+            return false;
+        }
+        if let Some(refusal) = self.commit_refusal() {
+            self.fail_commit(&refusal, out);
+            if let Some(intermediate) = intermediate {
+                out.mark_piece(intermediate);
+                self.awaiting.piece = Some(intermediate);
+            }
+            return true;
+        }
+        out.validate = Some(occ::Validation {
+            replays: std::mem::take(&mut self.replays),
+            block: self.block,
+        });
+        self.commit = Some((piece.clone(), intermediate));
+        true
+    }
+
+    /// After the validation of the waiting `COMMIT`: it goes upstream, or fails with
+    /// `outcome`'s refusal.
+    pub(crate) fn after_validation(&mut self, outcome: Result<(), Refusal>, out: &mut Outgoing) {
+        let Some((piece, intermediate)) = self.commit.take() else {
+            return;
+        };
+        match outcome {
+            Err(refusal) => {
+                self.entry.committed();
+                self.fail_commit(&refusal, out);
+                if let Some(intermediate) = intermediate {
+                    out.mark_piece(intermediate);
+                    self.awaiting.piece = Some(intermediate);
+                }
+            }
+            Ok(()) => {
+                self.validated = true;
+                self.run_piece(piece, intermediate, out);
+                // The commit ticket is held until the COMMIT's answer is in.
+                out.mark_piece(intermediate.unwrap_or(false));
+                self.awaiting.commit = true;
+                self.awaiting.piece = intermediate;
+            }
+        }
+    }
+
+    /// The upstream side's answer to a reported request is in: what to do next.
+    pub(crate) fn on_reply(&mut self, reply: &Reply, out: &mut Outgoing) {
+        let awaited = std::mem::take(&mut self.awaiting);
+        if awaited.write {
+            match self.last_write.take() {
+                Some(replay) if reply.pending && self.in_block => self.replays.push(replay),
+                _ => {}
+            }
+        }
+        if awaited.commit {
+            self.entry.committed();
+        }
+        if awaited.piece == Some(true) {
+            if reply.failed {
+                // The request ends here, as PostgreSQL's would at its error.
+                self.pieces.clear();
+            } else {
+                self.next_piece(out);
+            }
+        }
+    }
+
+    /// A committer doomed this session's open transaction: roll it back upstream now (the
+    /// session is idle), so that its rows are free, and open a block again, so that the
+    /// client's later statements run in one until its `COMMIT` fails (`OC000`) or it rolls
+    /// back.
+    pub(crate) fn release(&mut self, out: &mut Outgoing) {
+        if self.in_block && self.entry.doomed(self.block) && self.released != self.block {
+            self.released = self.block;
+            self.replays.clear();
+            out.push(
+                &query("ROLLBACK; BEGIN ISOLATION LEVEL REPEATABLE READ"),
+                Some(Plan::Swallow),
+            );
+        }
+    }
+
+    /// Follows the server's transaction status when every answer is in: the relay's own
+    /// reading of the statements may have missed an error that ended or failed a block.
+    fn follow_server(&mut self) {
+        let Some(status) = self.plans.settled_status() else {
+            return;
+        };
+        if !self.raw.is_empty() || !self.held.is_empty() || !self.pieces.is_empty() {
+            return;
+        }
+        match (status, self.in_block) {
+            (b'I', true) => {
+                self.set_transaction(Transaction::default());
+                self.pending_ddl.clear();
+            }
+            (b'T' | b'E', false) => self.set_transaction(Transaction {
+                in_block: true,
+                ..Transaction::default()
+            }),
+            _ => {}
+        }
     }
 
     /// `OC001` for a statement naming `tables`, if another session changed one since this
@@ -629,15 +954,70 @@ impl Dialect {
     /// The messages of an extended-protocol batch are held until its `Sync` (or a `Flush`), so
     /// that what the relay adds for a write (a savepoint, or a `BEGIN`) goes before the whole
     /// batch: a simple `Query` in the middle would drop the batch's unnamed statement, and
-    /// would be ignored after an error in it.
+    /// would be ignored after an error in it. A batch or a multi-statement `Query` that opens,
+    /// ends or writes in a transaction block goes one statement at a time ([`Piece`]).
     pub(crate) fn on_message(&mut self, tag: u8, body: &[u8], whole: &[u8], out: &mut Outgoing) {
-        let skipping = self.skipping.is_some();
+        self.follow_server();
+        match tag {
+            b'P' | b'B' | b'E' | b'C' | b'D' => {
+                self.raw.extend_from_slice(whole);
+                if self.raw.len() > HELD_LIMIT {
+                    self.decide_raw(out);
+                    self.release_held(out);
+                }
+            }
+            b'S' => {
+                let raw = std::mem::take(&mut self.raw);
+                self.on_batch(raw, whole.to_vec(), out);
+            }
+            b'H' => {
+                self.decide_raw(out);
+                self.release_held(out);
+                if let Some(refusal) = &self.skipping
+                    && !self.refusal_sent
+                {
+                    // PostgreSQL sends an error at once; the client may wait for it.
+                    out.push(&raise_query(refusal), Some(Plan::AllButReady));
+                    self.refusal_sent = true;
+                }
+                out.push(whole, None);
+            }
+            b'Q' => {
+                self.decide_raw(out);
+                self.release_held(out);
+                self.on_query(body, whole, None, out);
+            }
+            // A FunctionCall is answered up to its own ReadyForQuery.
+            b'F' => {
+                self.decide_raw(out);
+                self.release_held(out);
+                out.push(whole, Some(Plan::Pass));
+            }
+            _ => {
+                self.decide_raw(out);
+                self.release_held(out);
+                out.push(whole, None);
+            }
+        }
+    }
+
+    /// Decides the extended-protocol messages received so far (a `Flush`, or too many held).
+    fn decide_raw(&mut self, out: &mut Outgoing) {
+        let raw = std::mem::take(&mut self.raw);
+        for (tag, body, whole) in messages(&raw) {
+            self.on_extended(tag, body, whole, out);
+        }
+    }
+
+    fn on_extended(&mut self, tag: u8, body: &[u8], whole: &[u8], out: &mut Outgoing) {
+        if self.skipping.is_some() {
+            return;
+        }
         match tag {
             b'P' => self.on_parse(body, whole, out),
-            b'B' if !skipping => self.on_bind(body, whole, out),
-            b'E' if !skipping => self.on_execute(body, whole, out),
-            b'S' => self.on_sync(whole, out),
-            b'C' if !skipping => {
+            b'B' => self.on_bind(body, whole, out),
+            b'E' => self.on_execute(body, whole, out),
+            b'C' => {
                 if let Some((&kind, name)) = body.split_first() {
                     let name = String::from_utf8_lossy(name.strip_suffix(&[0]).unwrap_or(name));
                     match kind {
@@ -651,19 +1031,118 @@ impl Dialect {
                 }
                 self.hold(whole, out);
             }
-            b'D' if !skipping => self.hold(whole, out),
-            b'B' | b'E' | b'C' | b'D' | b'H' if skipping => {}
-            b'H' => {
-                self.release(out);
-                out.push(whole, None);
+            _ => self.hold(whole, out),
+        }
+    }
+
+    /// The kinds of the statements a batch's `Execute`s run, with where each `Execute` ends.
+    fn executed_kinds(&mut self, raw: &[u8]) -> Vec<(usize, Kind, bool)> {
+        let mut parsed: HashMap<String, (Kind, bool)> = HashMap::new();
+        let mut portals: HashMap<String, String> = HashMap::new();
+        let mut executes = Vec::new();
+        let mut at = 0;
+        for (tag, body, whole) in messages(raw) {
+            at += whole.len();
+            let mut fields = body.split(|b| *b == 0);
+            let mut field = || String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+            match tag {
+                b'P' => {
+                    let (name, text) = (field(), field());
+                    let classified = self.classified(&text);
+                    let kind = match classified.statements.as_slice() {
+                        [one] => (one.kind, one.copy_in),
+                        _ => (Kind::Other, false),
+                    };
+                    parsed.insert(name, kind);
+                }
+                b'B' => {
+                    let (portal, statement) = (field(), field());
+                    portals.insert(portal, statement);
+                }
+                b'E' => {
+                    let portal = field();
+                    let statement = portals
+                        .get(&portal)
+                        .cloned()
+                        .unwrap_or_else(|| self.portals.get(&portal).map(|p| p.statement.clone()).unwrap_or_default());
+                    let (kind, copy_in) = parsed.get(&statement).copied().unwrap_or_else(|| {
+                        self.statements
+                            .get(&statement)
+                            .map_or((Kind::Other, false), |p| (p.kind, p.copy_in))
+                    });
+                    executes.push((at, kind, copy_in));
+                }
+                _ => {}
             }
-            b'Q' => {
-                self.release(out);
-                self.on_query(body, whole, out);
+        }
+        executes
+    }
+
+    /// The end of an extended-protocol batch (`raw` and the client's `Sync`): sent as it is,
+    /// or one `Execute` at a time when it opens, ends or writes in a transaction block.
+    fn on_batch(&mut self, raw: Vec<u8>, sync: Vec<u8>, out: &mut Outgoing) {
+        let executes = self.executed_kinds(&raw);
+        let transaction = executes
+            .iter()
+            .any(|(_, kind, _)| matches!(kind, Kind::Begin | Kind::Commit | Kind::Rollback));
+        let writes = executes.iter().any(|(_, kind, _)| *kind == Kind::Dml);
+        let copy = executes.iter().any(|(_, _, copy_in)| *copy_in);
+        if executes.len() < 2 || copy || !(transaction || (self.in_block && writes)) {
+            let piece = Piece::Batch { messages: raw, sync };
+            return self.start_piece(piece, None, out);
+        }
+        let mut start = 0;
+        let cuts: Vec<usize> = executes[..executes.len() - 1].iter().map(|e| e.0).collect();
+        for cut in cuts {
+            self.pieces.push_back(Piece::Batch {
+                messages: raw[start..cut].to_vec(),
+                sync: message(b'S', b""),
+            });
+            start = cut;
+        }
+        self.pieces.push_back(Piece::Batch {
+            messages: raw[start..].to_vec(),
+            sync,
+        });
+        self.next_piece(out);
+    }
+
+    /// Sends the next piece of a split request.
+    fn next_piece(&mut self, out: &mut Outgoing) {
+        if let Some(piece) = self.pieces.pop_front() {
+            let intermediate = !self.pieces.is_empty();
+            self.start_piece(piece, Some(intermediate), out);
+        }
+    }
+
+    /// A piece (or a whole request, `intermediate` `None`): a `COMMIT` in a block waits for
+    /// its validation; anything else goes.
+    fn start_piece(&mut self, piece: Piece, intermediate: Option<bool>, out: &mut Outgoing) {
+        let commits = match &piece {
+            Piece::Query(text) => matches!(self.classified(text).statements.as_slice(),
+                [one] if one.kind == Kind::Commit),
+            Piece::Batch { messages, .. } => matches!(self.executed_kinds(messages).as_slice(),
+                [(_, Kind::Commit, _)]),
+        };
+        if commits && self.commit_point(&piece, intermediate, out) {
+            return;
+        }
+        self.run_piece(piece, intermediate, out);
+    }
+
+    fn run_piece(&mut self, piece: Piece, intermediate: Option<bool>, out: &mut Outgoing) {
+        match piece {
+            Piece::Query(text) => {
+                let mut whole = text.into_bytes();
+                whole.push(0);
+                let whole = message(b'Q', &whole);
+                self.on_query(&whole[5..], &whole, intermediate, out);
             }
-            _ => {
-                self.release(out);
-                out.push(whole, None);
+            Piece::Batch { messages: raw, sync } => {
+                for (tag, body, whole) in messages(&raw) {
+                    self.on_extended(tag, body, whole, out);
+                }
+                self.on_sync(&sync, intermediate, out);
             }
         }
     }
@@ -672,12 +1151,12 @@ impl Dialect {
     fn hold(&mut self, whole: &[u8], out: &mut Outgoing) {
         self.held.extend_from_slice(whole);
         if self.held.len() > HELD_LIMIT {
-            self.release(out);
+            self.release_held(out);
         }
     }
 
     /// Sends the held messages of the batch on now; nothing can go before them any more.
-    fn release(&mut self, out: &mut Outgoing) {
+    fn release_held(&mut self, out: &mut Outgoing) {
         if !self.held.is_empty() {
             out.push(&self.held, None);
             self.held.clear();
@@ -686,12 +1165,16 @@ impl Dialect {
     }
 
     /// The end of an extended-protocol batch: what goes before it, and the plan of its answer.
-    fn on_sync(&mut self, whole: &[u8], out: &mut Outgoing) {
+    fn on_sync(&mut self, whole: &[u8], intermediate: Option<bool>, out: &mut Outgoing) {
         let batch = std::mem::take(&mut self.batch);
         let held = std::mem::take(&mut self.held);
         if let Some(refusal) = self.skipping.take() {
             out.push(&held, None);
-            out.push(&raise_query(&refusal), Some(Plan::Pass));
+            if std::mem::take(&mut self.refusal_sent) {
+                out.push(whole, Some(Plan::Pass));
+            } else {
+                out.push(&raise_query(&refusal), Some(Plan::Pass));
+            }
         } else {
             let oversize = (self.tx_bytes > TX_SIZE_LIMIT).then_some(self.tx_bytes);
             let write = |guard, autocommit: bool| Plan::Write {
@@ -699,6 +1182,7 @@ impl Dialect {
                 autocommit,
                 oversize: oversize.filter(|_| autocommit),
             };
+            let mut replay = None;
             let (prefix, plan) = match batch.write {
                 None => match batch.job {
                     Some(tag) => (
@@ -708,6 +1192,7 @@ impl Dialect {
                             described: batch.executes == 1,
                         },
                     ),
+                    None if batch.ddl => (None, Plan::Ddl),
                     None => (None, Plan::Pass),
                 },
                 // The relay would wait for the answer while the server waits for the data.
@@ -715,10 +1200,12 @@ impl Dialect {
                 // Too late, or it would drop the unnamed statement the batch binds.
                 Some(_) if batch.released || batch.reuses_unnamed => (None, write(None, false)),
                 // A write in a transaction goes after a savepoint, to be undone alone if it
-                // loses a conflict (one statement a batch: several writes cannot be told apart,
-                // and a batch that also opens the block would get the savepoint before it).
+                // loses a conflict (one statement a batch: several writes cannot be told apart).
                 Some(w) if w.in_block => match (batch.executes, w.tag) {
-                    (1, Some(tag)) => (Some(savepoint_query()), write(Some(tag), false)),
+                    (1, Some(tag)) => {
+                        replay = w.replay;
+                        (Some(savepoint_query()), write(Some(tag), false))
+                    }
                     _ => (None, write(None, false)),
                 },
                 // Nothing to undo for: within the row limit whatever it does, and small.
@@ -739,6 +1226,14 @@ impl Dialect {
             }
             out.push(&held, None);
             out.push(whole, Some(plan));
+            if matches!(plan, Plan::Write { .. }) {
+                self.awaiting.write = true;
+                self.last_write = replay;
+            }
+        }
+        if let Some(intermediate) = intermediate {
+            out.mark_piece(intermediate);
+            self.awaiting.piece = Some(intermediate);
         }
         self.end_of_implicit_transaction();
     }
@@ -764,55 +1259,73 @@ impl Dialect {
         classified
     }
 
-    fn on_query(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
+    /// Whether a multi-statement query goes one statement at a time: when it opens, ends or
+    /// writes in a transaction block (the relay validates a `COMMIT` and guards a write alone).
+    fn split(&self, text: &str, classified: &Classified) -> Option<Vec<String>> {
+        let statements = &classified.statements;
+        if statements.len() < 2 || statements.iter().any(|s| s.copy_in) {
+            return None;
+        }
+        let opens = statements[0].kind == Kind::Begin;
+        let transaction = statements
+            .iter()
+            .any(|s| matches!(s.kind, Kind::Begin | Kind::Commit | Kind::Rollback));
+        let writes = statements.iter().any(|s| s.kind == Kind::Dml);
+        if !((self.in_block || opens) && (transaction || writes)) {
+            return None;
+        }
+        let pieces = pg_query::split_with_scanner(text).ok()?;
+        (pieces.len() == statements.len()).then(|| pieces.into_iter().map(str::to_owned).collect())
+    }
+
+    fn on_query(&mut self, body: &[u8], whole: &[u8], intermediate: Option<bool>, out: &mut Outgoing) {
         let text = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
         let classified = self.classified(&text);
+        let refuse = |d: &mut Dialect, refusal: &Refusal, out: &mut Outgoing| {
+            d.end_of_implicit_transaction();
+            out.push(&raise_query(refusal), Some(Plan::Pass));
+            if let Some(intermediate) = intermediate {
+                out.mark_piece(intermediate);
+                d.awaiting.piece = Some(intermediate);
+            }
+        };
         if let Some(refusal) = classified.statements.iter().find_map(|s| s.refusal.clone()) {
-            self.end_of_implicit_transaction();
-            return out.push(&raise_query(&refusal), Some(Plan::Pass));
+            return refuse(self, &refusal, out);
         }
         let ends_block = matches!(classified.statements.as_slice(),
-            [statement] if statement.kind == Kind::End);
-        if let Some(refusal) = self.too_old() {
-            // Only ROLLBACK gets through; COMMIT fails and ends the block.
-            if ends_block && is_commit(&text) {
-                return self.fail_commit(&refusal, out);
-            }
-            if !ends_block {
-                return out.push(&raise_query(&refusal), Some(Plan::Pass));
+            [statement] if matches!(statement.kind, Kind::Commit | Kind::Rollback));
+        if intermediate.is_none() && ends_block && classified.statements[0].kind == Kind::Commit {
+            // A lone COMMIT is validated first.
+            let piece = Piece::Query(text.clone());
+            if self.commit_point(&piece, None, out) {
+                return;
             }
         }
-        if ends_block && self.in_block && is_commit(&text) {
-            // A transaction that lost a conflict fails at COMMIT, as on DSQL, and is over; so
-            // does one whose tables another session changed meanwhile.
-            if self.plans.doomed.load(Ordering::SeqCst) {
-                return self.fail_commit(
-                    &Refusal::new("40001", "change conflicts with another transaction (OC000)"),
-                    out,
-                );
-            }
-            if let Some(refusal) = self.commit_schema_check() {
-                return self.fail_commit(&refusal, out);
-            }
-            if self.tx_bytes > TX_SIZE_LIMIT {
-                return self.fail_commit(&size_limit_exceeded(self.tx_bytes), out);
-            }
+        if let Some(refusal) = self.too_old()
+            && !ends_block
+        {
+            // Only ROLLBACK and (above) COMMIT get through.
+            return refuse(self, &refusal, out);
         }
         if let Some(refusal) = self.schema_check(&classified.tables) {
-            self.end_of_implicit_transaction();
-            return out.push(&raise_query(&refusal), Some(Plan::Pass));
+            return refuse(self, &refusal, out);
         }
         // The whole query runs as one implicit transaction unless it opens or is in a block.
         let mut state = self.transaction();
         for statement in &classified.statements {
             if let Err(refusal) = state.apply(statement.kind) {
-                self.end_of_implicit_transaction();
-                return out.push(&raise_query(&refusal), Some(Plan::Pass));
+                return refuse(self, &refusal, out);
             }
+        }
+        if intermediate.is_none()
+            && let Some(pieces) = self.split(&text, &classified)
+        {
+            self.pieces.extend(pieces.into_iter().map(Piece::Query));
+            return self.next_piece(out);
         }
         let kinds: Vec<Kind> = classified.statements.iter().map(|s| s.kind).collect();
         let ends = !state.in_block;
-        if ends && kinds.contains(&Kind::End) && !is_commit(&text) && !kinds.contains(&Kind::Ddl) {
+        if ends && kinds.contains(&Kind::Rollback) && !kinds.contains(&Kind::Ddl) {
             // Rolled back: its DDL never happened.
             self.pending_ddl.clear();
         }
@@ -827,10 +1340,12 @@ impl Dialect {
             oversize: oversize.filter(|_| autocommit),
         };
         let copy_in = classified.statements.iter().any(|s| s.copy_in);
+        let mut replay = None;
         let (prefix, plan) = if !kinds.contains(&Kind::Dml) || copy_in {
             // (With `COPY … FROM STDIN` the relay would wait for the answer while the server
             // waits for the data.)
-            (None, Plan::Pass)
+            let ddl = kinds.contains(&Kind::Ddl);
+            (None, if ddl { Plan::Ddl } else { Plan::Pass })
         } else if self.in_block {
             // A write in a transaction goes after a savepoint, to be undone alone if it loses
             // a conflict.
@@ -840,10 +1355,16 @@ impl Dialect {
                         write_tag: Some(tag),
                         ..
                     },
-                ] => (Some(savepoint_query()), write(Some(*tag), false)),
+                ] => {
+                    replay = Some(occ::Replay {
+                        request: query(&classified.upstream_text),
+                        told: Some((*tag).to_owned()),
+                    });
+                    (Some(savepoint_query()), write(Some(*tag), false))
+                }
                 _ => (None, write(None, false)),
             }
-        } else if kinds.iter().any(|k| matches!(k, Kind::Begin | Kind::End)) {
+        } else if kinds.iter().any(|k| matches!(k, Kind::Begin | Kind::Commit | Kind::Rollback)) {
             (None, write(None, false))
         } else if oversize.is_none()
             && classified
@@ -859,6 +1380,17 @@ impl Dialect {
             // Its own transaction, to be undone if it writes too many rows.
             (Some(query("BEGIN")), write(None, true))
         };
+        if state.in_block && self.in_block {
+            // A locking read is validated at COMMIT like a write.
+            for statement in &classified.statements {
+                if let Some(touch) = &statement.touch {
+                    self.replays.push(occ::Replay {
+                        request: query(touch),
+                        told: None,
+                    });
+                }
+            }
+        }
         if state.in_block != self.in_block || !state.in_block {
             // A new transaction, or the end of one: nothing lost yet.
             self.plans.doomed.store(false, Ordering::SeqCst);
@@ -880,12 +1412,17 @@ impl Dialect {
         } else {
             out.push(&query(&classified.upstream_text), Some(plan));
         }
+        if matches!(plan, Plan::Write { .. }) {
+            self.awaiting.write = true;
+            self.last_write = replay;
+        }
+        if let Some(intermediate) = intermediate {
+            out.mark_piece(intermediate);
+            self.awaiting.piece = Some(intermediate);
+        }
     }
 
     fn on_parse(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
-        if self.skipping.is_some() {
-            return;
-        }
         let mut fields = body.splitn(3, |b| *b == 0);
         let (Some(name), Some(text), Some(rest)) = (fields.next(), fields.next(), fields.next())
         else {
@@ -911,6 +1448,8 @@ impl Dialect {
                     most_rows: one.most_rows,
                     copy_in: one.copy_in,
                     job: classified.job,
+                    text: classified.upstream_text.as_str().into(),
+                    touch: one.touch.as_deref().map(Into::into),
                 },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
@@ -951,9 +1490,22 @@ impl Dialect {
                 return;
             }
             let bytes = values.iter().flatten().map(|v| v.len() as u64).sum();
+            let replayable = self
+                .statements
+                .get(&statement)
+                .is_some_and(|p| p.kind == Kind::Dml || p.touch.is_some());
+            let params = if replayable {
+                bind_parameters(rest).map(Into::into)
+            } else {
+                None
+            };
             self.portals.insert(
                 String::from_utf8_lossy(portal).into_owned(),
-                Portal { statement, bytes },
+                Portal {
+                    statement,
+                    bytes,
+                    params,
+                },
             );
         }
         self.hold(whole, out);
@@ -961,13 +1513,15 @@ impl Dialect {
 
     fn on_execute(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
         let portal = body.split(|b| *b == 0).next().unwrap_or_default();
-        let portal = self.portals.get(String::from_utf8_lossy(portal).as_ref());
-        let bytes = portal.map_or(0, |p| p.bytes);
+        let portal = self.portals.get(String::from_utf8_lossy(portal).as_ref()).cloned();
+        let bytes = portal.as_ref().map_or(0, |p| p.bytes);
         let prepared = portal
+            .as_ref()
             .and_then(|portal| self.statements.get(&portal.statement))
             .cloned()
             .unwrap_or_else(other);
-        if let Some(refusal) = self.too_old().filter(|_| prepared.kind != Kind::End) {
+        let ends = matches!(prepared.kind, Kind::Commit | Kind::Rollback);
+        if let Some(refusal) = self.too_old().filter(|_| !ends) {
             self.skipping = Some(refusal);
             return;
         }
@@ -978,9 +1532,24 @@ impl Dialect {
         let mut state = self.transaction();
         match state.apply(prepared.kind) {
             Ok(()) => {
+                let replay = |text: &str| {
+                    portal.as_ref().and_then(|p| p.params.as_deref()).map(|params| occ::Replay {
+                        request: statement_batch(text, &prepared.parameter_types, params),
+                        told: prepared.write_tag.map(str::to_owned),
+                    })
+                };
+                if self.in_block
+                    && state.in_block
+                    && let Some(touch) = prepared.touch.as_deref()
+                    && let Some(mut touch) = replay(touch)
+                {
+                    touch.told = None;
+                    self.replays.push(touch);
+                }
                 if state.in_block != self.in_block {
                     self.plans.doomed.store(false, Ordering::SeqCst);
                 }
+                let was_in_block = self.in_block;
                 self.set_transaction(state);
                 self.note_catalog_change(&[prepared.kind], &prepared.tables, !state.in_block);
                 if prepared.kind == Kind::Dml {
@@ -990,6 +1559,7 @@ impl Dialect {
                 batch.executes += 1;
                 batch.copy_in |= prepared.copy_in;
                 batch.job = batch.job.or(prepared.job);
+                batch.ddl |= prepared.kind == Kind::Ddl;
                 if prepared.kind == Kind::Dml {
                     match prepared.most_rows {
                         Some(rows) => batch.bounded_rows += rows,
@@ -1001,9 +1571,12 @@ impl Dialect {
                         batch.write = Some(BatchWrite {
                             in_block: state.in_block,
                             tag: prepared.write_tag,
+                            replay: if was_in_block { replay(&prepared.text) } else { None },
                         });
                     }
-                    Kind::Begin | Kind::End => batch.transaction_statement = true,
+                    Kind::Begin | Kind::Commit | Kind::Rollback => {
+                        batch.transaction_statement = true
+                    }
                     _ => {}
                 }
                 self.hold(whole, out);
@@ -1025,6 +1598,15 @@ impl Dialect {
             self.tx_bytes = 0;
             self.block_used.clear();
             self.began = state.in_block.then(std::time::Instant::now);
+            self.replays.clear();
+            self.last_write = None;
+            if state.in_block {
+                self.block = self.sessions.as_ref().map_or(1, |s| s.next_block());
+                self.entry.begin(self.block);
+            } else {
+                self.block = 0;
+                self.entry.end();
+            }
         }
         self.in_block = state.in_block;
         self.ddl = state.ddl;
@@ -1039,16 +1621,6 @@ impl Dialect {
             self.tx_bytes = 0;
         }
     }
-}
-
-/// Whether a transaction-ending statement commits (`COMMIT`, `END`, `COMMIT WORK`).
-fn is_commit(text: &str) -> bool {
-    let word = text
-        .trim_start()
-        .split(|c: char| !c.is_ascii_alphabetic())
-        .next()
-        .unwrap_or_default();
-    word.eq_ignore_ascii_case("commit") || word.eq_ignore_ascii_case("end")
 }
 
 /// The transaction rules' state: in a block or not, and whether it has run DDL or DML.
@@ -1069,7 +1641,7 @@ impl Transaction {
                     ..Transaction::default()
                 }
             }
-            Kind::End => *self = Transaction::default(),
+            Kind::Commit | Kind::Rollback => *self = Transaction::default(),
             Kind::Ddl if self.ddl => {
                 return refuse("multiple ddl statements not supported in a transaction");
             }
@@ -1164,62 +1736,100 @@ const RAISE_CONTEXT: &[u8] = b"WPL/pgSQL function inline_code_block line 1 at RA
 
 /// The server-to-client side of a session with DSQL's rules: follows the framing of the
 /// server's messages and applies the plan of each answer (see [`Plan`]); takes the refusal
-/// blocks' `CONTEXT` out of errors; counts the rows each transaction writes; and, when the
-/// answer to a write is in, tells the upstream side what to send next (the rollback of a lost
-/// write, the end of an autocommit write's transaction, the row-limit refusal).
+/// blocks' `CONTEXT` out of errors; counts the rows each transaction writes; and, at the
+/// `ReadyForQuery` of a reported answer ([`Planned::report`]), tells the upstream side what it
+/// needs to go on ([`Reply`]: what to send next, the write that met a held row, a replay's
+/// outcome). An answer no plan accounts for closes the session with a `FATAL` that says so.
 #[derive(Debug)]
 pub(crate) struct Responder {
     plans: Plans,
-    /// Requests for the upstream side, which waits for them after each write.
-    upstream: tokio::sync::mpsc::UnboundedSender<Requests>,
+    /// Replies for the upstream side, which waits for them after each reported request.
+    upstream: tokio::sync::mpsc::Sender<Reply>,
     /// The framing of the server's messages.
     framer: super::wire::Framer,
     /// The current message, header included.
     current: Vec<u8>,
-    /// The current guarded write lost its conflict.
-    lost: bool,
+    /// The current guarded write met a conflict: `Some(true)` a row an open transaction
+    /// holds, `Some(false)` a row a transaction changed and committed since.
+    lost: Option<bool>,
     /// Rows written in the current transaction.
     rows: u64,
     /// The current write crossed the row limit.
     over: bool,
     /// The rows now coming are a job's (after its `RowDescription`).
     job_rows: bool,
+    /// An error reached the client since the last reply (or the last `ReadyForQuery` passed).
+    failed: bool,
+    /// What the next reply carries.
+    reply: Reply,
+    /// The session must close: the relay lost track of it.
+    closing: bool,
 }
 
 impl Responder {
-    pub(crate) fn new(
-        plans: Plans,
-        upstream: tokio::sync::mpsc::UnboundedSender<Requests>,
-    ) -> Self {
+    pub(crate) fn new(plans: Plans, upstream: tokio::sync::mpsc::Sender<Reply>) -> Self {
         Responder {
             plans,
             upstream,
             framer: super::wire::Framer::new(usize::MAX),
             current: Vec::new(),
-            lost: false,
+            lost: None,
             rows: 0,
             over: false,
             job_rows: false,
+            failed: false,
+            reply: Reply::default(),
+            closing: false,
         }
     }
 
-    /// Appends to `out` what the client should get for the next `data` from the server.
-    pub(crate) fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
+    /// Appends to `out` what the client should get for the next `data` from the server;
+    /// `false` when the session must close (a `FATAL` saying why is in `out`).
+    pub(crate) fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
         let mut framer = std::mem::replace(&mut self.framer, super::wire::Framer::new(0));
         framer.feed(data, |message| {
-            std::mem::swap(&mut self.current, message);
-            self.finish(out);
+            if !self.closing {
+                std::mem::swap(&mut self.current, message);
+                self.finish(out);
+            }
         });
         self.framer = framer;
+        !self.closing
+    }
+
+    /// The relay's plans and the server's answers disagree: nothing later can be trusted.
+    fn lose_track(&mut self, what: &str, out: &mut Vec<u8>) {
+        tracing::error!(what, "emulator: the relay lost track of a session; closing it");
+        out.extend_from_slice(&super::wire::fatal(
+            "XX000",
+            &format!(
+                "the DSQL emulator lost track of this session's protocol state ({what}); the \
+                 connection is closed"
+            ),
+            None,
+        ));
+        self.closing = true;
     }
 
     /// One whole server message in `self.current`.
     fn finish(&mut self, out: &mut Vec<u8>) {
         let tag = self.current[0];
-        let plan = self.plans.lock().front().copied().unwrap_or(Plan::Pass);
         let ready = tag == b'Z';
-        match plan {
+        let Some(planned) = self.plans.lock().front().copied() else {
+            if ready {
+                return self.lose_track("a ReadyForQuery no request accounts for", out);
+            }
+            // Notices and parameter changes between requests.
+            return self.pass(out);
+        };
+        match planned.plan {
             Plan::Pass => self.pass(out),
+            // The relay's own statement: an error other than an aborted block's means its
+            // picture of the session is wrong.
+            Plan::Swallow if tag == b'E' && field(&self.current[5..], b'C') != b"25P02" => {
+                let error = super::wire::error_message(&self.current[5..]);
+                return self.lose_track(&format!("the relay's own statement failed: {error}"), out);
+            }
             Plan::Swallow => {}
             Plan::AllButReady if !ready => self.pass(out),
             Plan::AllButReady => {}
@@ -1233,13 +1843,48 @@ impl Responder {
                 oversize,
             } => self.write(guard, autocommit, oversize, out),
             Plan::Job { tag, described } => self.job(tag, described, out),
+            Plan::Ddl if tag == b'E' && catalog_race(&self.current[5..]) => {
+                error_response(&schema_conflict(), out);
+                self.failed = true;
+            }
+            Plan::Ddl => self.pass(out),
+            Plan::Replay => match tag {
+                b'C' => {
+                    let body = &self.current[5..];
+                    let tag = body.strip_suffix(&[0]).unwrap_or(body);
+                    self.reply.tag = Some(String::from_utf8_lossy(tag).into_owned());
+                }
+                b'E' => {
+                    let code = field(&self.current[5..], b'C');
+                    self.reply.error = Some(String::from_utf8_lossy(code).into_owned());
+                }
+                _ => {}
+            },
         }
         if ready {
+            let status = self.current.get(5).copied().unwrap_or(b'I');
             // Outside any transaction now: the next one starts with no rows written.
-            if self.current.get(5) == Some(&b'I') {
+            if status == b'I' {
                 self.rows = 0;
             }
+            self.plans.status.store(status, Ordering::SeqCst);
             self.plans.lock().pop_front();
+            let passed = out.len() >= 6 && out[out.len() - 6] == b'Z';
+            if planned.intermediate && !self.failed && passed {
+                // Not the end of the client's request.
+                out.truncate(out.len() - 6);
+            }
+            if planned.report {
+                let mut reply = std::mem::take(&mut self.reply);
+                reply.status = status;
+                reply.failed = self.failed;
+                self.failed = false;
+                if self.upstream.try_send(reply).is_err() {
+                    self.lose_track("the upstream side does not take replies", out);
+                }
+            } else if passed {
+                self.failed = false;
+            }
         }
     }
 
@@ -1276,9 +1921,11 @@ impl Responder {
         out: &mut Vec<u8>,
     ) {
         match self.current[0] {
-            b'E' if guard.is_some() && native_conflict(&self.current[5..]) => self.lost = true,
+            b'E' if guard.is_some() && conflict(&self.current[5..]).is_some() => {
+                self.lost = conflict(&self.current[5..]);
+            }
             b'Z' => self.end_of_write(guard, autocommit, oversize, out),
-            _ if self.lost || self.over => {}
+            _ if self.lost.is_some() || self.over => {}
             b'C' => {
                 let rows = written_rows(&self.current[5..]);
                 if self.rows + rows > ROW_LIMIT {
@@ -1304,30 +1951,39 @@ impl Responder {
         out: &mut Vec<u8>,
     ) {
         let status = self.current.get(5).copied().unwrap_or(b'I');
-        let mut requests: Requests = Vec::new();
-        if let (true, Some(told)) = (self.lost, guard) {
-            // Undo the write alone, and tell the client it went through.
+        let requests = &mut self.reply.requests;
+        if let (Some(held), Some(told)) = (self.lost, guard) {
+            // Undo the write alone, and tell the client it went through: against a row that
+            // changed since, the transaction has lost already; against one an open
+            // transaction holds, it is replayed at COMMIT.
             requests.push((
                 query(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")),
                 Plan::Swallow,
             ));
-            self.plans.doomed.store(true, Ordering::SeqCst);
+            if held {
+                self.reply.pending = true;
+            } else {
+                self.plans.doomed.store(true, Ordering::SeqCst);
+            }
             let mut complete = told.as_bytes().to_vec();
             complete.push(0);
             super::wire::append_message(out, b'C', &complete);
             super::wire::append_message(out, b'Z', b"T");
         } else if self.over && autocommit {
             error_response(&row_limit_exceeded(), out);
+            self.failed = true;
             requests.push((query("ROLLBACK"), Plan::OnlyReady));
         } else if self.over && status == b'T' {
             // PostgreSQL fails the transaction block, as DSQL does.
             requests.push((raise_query(&row_limit_exceeded()), Plan::Pass));
         } else if self.over && status == b'E' {
             error_response(&row_limit_exceeded(), out);
+            self.failed = true;
             self.pass(out);
         } else if let (true, Some(bytes), b'T') = (autocommit, oversize, status) {
             // Checked at COMMIT, as DSQL does.
             error_response(&size_limit_exceeded(bytes), out);
+            self.failed = true;
             requests.push((query("ROLLBACK"), Plan::OnlyReady));
         } else if autocommit && status == b'T' {
             requests.push((query("COMMIT"), Plan::Finish));
@@ -1337,19 +1993,19 @@ impl Responder {
             // Over the limit in a block the query itself committed: too late (see the docs).
             self.pass(out);
         }
-        self.lost = false;
+        self.lost = None;
         self.over = false;
-        let _ = self.upstream.send(requests);
     }
 
     /// Passes the current message on, without the refusal blocks' `CONTEXT`; PostgreSQL's own
-    /// lock timeouts and serialization failures become DSQL's conflict.
+    /// lock timeouts, serialization failures and deadlocks become DSQL's conflict.
     fn pass(&mut self, out: &mut Vec<u8>) {
         let message = &self.current;
-        if message[0] == b'E' && native_conflict(&message[5..]) {
-            let body =
-                b"SERROR\0VERROR\0C40001\0Mchange conflicts with another transaction (OC000)\0\0";
-            super::wire::append_message(out, b'E', body);
+        if message[0] == b'E' {
+            self.failed = true;
+        }
+        if message[0] == b'E' && conflict(&message[5..]).is_some() {
+            error_response(&change_conflict(), out);
             return;
         }
         // The `CONTEXT` of the relay's refusal blocks and of the upstream's `sys` functions
@@ -1391,18 +2047,42 @@ fn written_rows(body: &[u8]) -> u64 {
     }
 }
 
-/// Whether an `ErrorResponse` body is PostgreSQL's own answer to a row another transaction
-/// holds (`55P03` lock timeout) or changed since the snapshot (`40001 could not serialize
-/// access …`), not a conflict the relay raised itself.
-fn native_conflict(body: &[u8]) -> bool {
-    let field = |name: u8| {
-        body.split(|b| *b == 0)
-            .find_map(|field| field.strip_prefix(&[name]))
-            .unwrap_or_default()
-    };
-    match field(b'C') {
-        b"55P03" => true,
-        b"40001" => field(b'M').starts_with(b"could not serialize access"),
+/// A field of an `ErrorResponse` body.
+fn field(body: &[u8], name: u8) -> &[u8] {
+    body.split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(&[name]))
+        .unwrap_or_default()
+}
+
+/// DSQL's data conflict.
+pub(crate) fn change_conflict() -> Refusal {
+    Refusal::new("40001", "change conflicts with another transaction (OC000)")
+}
+
+/// Whether an `ErrorResponse` body is PostgreSQL's own answer to a conflict over rows, not one
+/// the relay raised itself: `Some(true)` for a row another transaction holds (`55P03`, the
+/// lock timeout), `Some(false)` for one changed since the snapshot (`40001 could not
+/// serialize access …`) or a deadlock (`40P01`).
+fn conflict(body: &[u8]) -> Option<bool> {
+    match field(body, b'C') {
+        b"55P03" => Some(true),
+        b"40P01" => Some(false),
+        b"40001" if field(body, b'M').starts_with(b"could not serialize access") => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether a DDL's error is PostgreSQL's answer to a concurrent change of the same object:
+/// a duplicate in one of its catalog's unique indexes, a row type created meanwhile, or a
+/// wait for the other change's locks; on DSQL the later change to commit gets `OC001`.
+fn catalog_race(body: &[u8]) -> bool {
+    let message = field(body, b'M');
+    match field(body, b'C') {
+        b"23505" => message.windows(4).any(|w| w == b"\"pg_"),
+        b"42710" => message.starts_with(b"type \"") && message.ends_with(b"already exists"),
+        b"55P03" | b"40P01" => true,
+        b"40001" => message.starts_with(b"could not serialize access"),
+        b"XX000" => message.starts_with(b"tuple concurrently"),
         _ => false,
     }
 }

@@ -47,10 +47,12 @@ pub(crate) enum Kind {
     Ddl,
     /// Writes rows.
     Dml,
-    /// Opens a transaction block.
+    /// Opens a transaction block (`BEGIN`, `START TRANSACTION`).
     Begin,
-    /// Ends one (COMMIT, ROLLBACK).
-    End,
+    /// Commits it (`COMMIT`, `END`, `COMMIT WORK`, however commented): where DSQL validates.
+    Commit,
+    /// Rolls it back (`ROLLBACK`, `ABORT`).
+    Rollback,
     /// Anything else (reads, SET, SHOW, ...).
     Other,
 }
@@ -68,6 +70,23 @@ pub(crate) struct Statement {
     pub(crate) most_rows: Option<u64>,
     /// `COPY … FROM STDIN`: the server waits for the client's data in the middle of its answer.
     pub(crate) copy_in: bool,
+    /// For `SELECT … FOR UPDATE`: the statement that, at `COMMIT`, locks the same rows and
+    /// writes them (see [`locking_read`]); the client's statement goes upstream without its
+    /// locking clause, so that it never waits.
+    pub(crate) touch: Option<String>,
+}
+
+impl Statement {
+    fn other() -> Statement {
+        Statement {
+            kind: Kind::Other,
+            refusal: None,
+            write_tag: None,
+            most_rows: None,
+            copy_in: false,
+            touch: None,
+        }
+    }
 }
 
 /// A query text as DSQL reads it: its statements (none when PostgreSQL's parser does not accept
@@ -119,13 +138,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
         };
         if let Some(value) = value {
             return Classified {
-                statements: vec![Statement {
-                    kind: Kind::Other,
-                    refusal: None,
-                    write_tag: None,
-                    most_rows: None,
-                    copy_in: false,
-                }],
+                statements: vec![Statement::other()],
                 upstream_text: format!(
                     "SELECT '{value}'::text AS {}",
                     show.name.to_ascii_lowercase()
@@ -141,7 +154,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
         .then(|| pg_query::scan(&upstream_text).ok())
         .flatten();
     let mut job = None;
-    let statements = parsed
+    let statements: Vec<Statement> = parsed
         .protobuf
         .stmts
         .iter()
@@ -173,15 +186,16 @@ pub(crate) fn classify(sql: &str) -> Classified {
                         edits.push((start, end, select));
                         job = Some(tag);
                     }
+                    if statement.refusal.is_none()
+                        && let Some((stripped, touch)) = locking_read(node)
+                    {
+                        edits.retain(|edit| !(start..end).contains(&edit.0));
+                        edits.push((start, end, stripped));
+                        statement.touch = Some(touch);
+                    }
                     statement
                 }
-                None => Statement {
-                    kind: Kind::Other,
-                    refusal: None,
-                    write_tag: None,
-                    most_rows: None,
-                    copy_in: false,
-                },
+                None => Statement::other(),
             }
         })
         .collect();
@@ -191,6 +205,114 @@ pub(crate) fn classify(sql: &str) -> Classified {
         tables,
         job,
     }
+}
+
+/// For a `SELECT … FOR UPDATE` whose locked rows come from tables named in its `FROM`: the
+/// statement without its locking clause (what goes upstream: on DSQL a locking read never
+/// waits), and the statement that validates it at `COMMIT` as DSQL does, as if the rows had
+/// been written: it locks the same rows again (waiting for a holder the committer then
+/// dooms, or failing with PostgreSQL's serialization error when a transaction that committed
+/// since this one began changed them) and writes each unchanged
+/// (`sys.dsql_emulator_touch`), so that a later committer that read them `FOR UPDATE` on an
+/// older snapshot fails in turn. `None` (PostgreSQL's own locking then) for other shapes:
+/// set operations, locked subqueries or functions, other strengths.
+fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
+    let NodeEnum::SelectStmt(select) = node else {
+        return None;
+    };
+    if select.locking_clause.is_empty() || select.op != protobuf::SetOperation::SetopNone as i32
+    {
+        return None;
+    }
+    let mut locked_names = Vec::new();
+    for clause in &select.locking_clause {
+        let Some(NodeEnum::LockingClause(clause)) = &clause.node else {
+            return None;
+        };
+        if LockClauseStrength::try_from(clause.strength) != Ok(LockClauseStrength::LcsForupdate) {
+            return None;
+        }
+        for rel in &clause.locked_rels {
+            let Some(NodeEnum::RangeVar(rel)) = &rel.node else {
+                return None;
+            };
+            locked_names.push(rel.relname.clone());
+        }
+    }
+    // The tables of the FROM list, by the name the query gives them.
+    fn tables<'a>(node: &'a protobuf::Node, out: &mut Vec<(String, &'a protobuf::RangeVar)>) -> bool {
+        match &node.node {
+            Some(NodeEnum::RangeVar(rel)) => {
+                let name = rel
+                    .alias
+                    .as_ref()
+                    .map_or_else(|| rel.relname.clone(), |a| a.aliasname.clone());
+                out.push((name, rel));
+                true
+            }
+            Some(NodeEnum::JoinExpr(join)) => {
+                join.alias.is_none()
+                    && [&join.larg, &join.rarg]
+                        .into_iter()
+                        .all(|side| side.as_deref().is_some_and(|side| tables(side, out)))
+            }
+            _ => false,
+        }
+    }
+    let mut from = Vec::new();
+    if !select.from_clause.iter().all(|item| tables(item, &mut from)) || from.is_empty() {
+        return None;
+    }
+    let locked: Vec<&(String, &protobuf::RangeVar)> = if locked_names.is_empty() {
+        from.iter().collect()
+    } else {
+        locked_names
+            .iter()
+            .map(|name| from.iter().find(|(n, _)| n == name))
+            .collect::<Option<_>>()?
+    };
+    let mut stripped = select.clone();
+    stripped.locking_clause.clear();
+    let stripped = NodeEnum::SelectStmt(stripped)
+        .deparse(Default::default())
+        .ok()?;
+    let string = |s: &str| protobuf::Node {
+        node: Some(NodeEnum::String(protobuf::String { sval: s.to_owned() })),
+    };
+    let quote_ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let mut calls = Vec::new();
+    for (name, rel) in locked {
+        let mut rows = select.clone();
+        rows.target_list = vec![protobuf::Node {
+            node: Some(NodeEnum::ResTarget(Box::new(protobuf::ResTarget {
+                val: Some(Box::new(protobuf::Node {
+                    node: Some(NodeEnum::ColumnRef(protobuf::ColumnRef {
+                        fields: vec![string(name), string("ctid")],
+                        location: -1,
+                    })),
+                })),
+                ..Default::default()
+            }))),
+        }];
+        // Wait for a holder (whom the committer dooms): the client's NOWAIT or SKIP LOCKED
+        // was about its read, not its validation.
+        for clause in &mut rows.locking_clause {
+            if let Some(NodeEnum::LockingClause(clause)) = &mut clause.node {
+                clause.wait_policy = protobuf::LockWaitPolicy::LockWaitBlock as i32;
+            }
+        }
+        let rows = NodeEnum::SelectStmt(rows).deparse(Default::default()).ok()?;
+        let relation = if rel.schemaname.is_empty() {
+            quote_ident(&rel.relname)
+        } else {
+            format!("{}.{}", quote_ident(&rel.schemaname), quote_ident(&rel.relname))
+        };
+        calls.push(format!(
+            "sys.dsql_emulator_touch('{}', ARRAY({rows}))",
+            relation.replace('\'', "''")
+        ));
+    }
+    Some((stripped, format!("SELECT {}", calls.join(", "))))
 }
 
 /// For DSQL's asynchronous DDL (`CREATE INDEX ASYNC`, `ALTER TABLE ASYNC … VALIDATE`), which
@@ -423,6 +545,9 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
                 "line" | "lseg" | "box" | "path" | "polygon" | "circle" => {
                     Some(unsupported(format!("datatype {name} not supported")))
                 }
+                // `set_config` sets what `SET` does, under the same rules (a name only the
+                // server knows at run time goes through).
+                "set_config" => first.and_then(|name| parameter_refusal(&name.to_ascii_lowercase())),
                 "center" => Some(unsupported("datatype point not supported")),
                 "radius" => Some(unsupported("datatype circle not supported")),
                 _ => None,
@@ -508,6 +633,7 @@ fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
         write_tag,
         most_rows: most_rows(node),
         copy_in: matches!(node, NodeEnum::CopyStmt(c) if c.is_from && c.filename.is_empty()),
+        touch: None,
     }
 }
 
@@ -538,9 +664,8 @@ fn kind_of(node: &NodeEnum) -> Kind {
             Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart) => {
                 Kind::Begin
             }
-            Ok(TransactionStmtKind::TransStmtCommit | TransactionStmtKind::TransStmtRollback) => {
-                Kind::End
-            }
+            Ok(TransactionStmtKind::TransStmtCommit) => Kind::Commit,
+            Ok(TransactionStmtKind::TransStmtRollback) => Kind::Rollback,
             _ => Kind::Other,
         },
         N::InsertStmt(_) | N::UpdateStmt(_) | N::DeleteStmt(_) | N::MergeStmt(_) => Kind::Dml,
@@ -659,19 +784,27 @@ fn set(v: &protobuf::VariableSetStmt) -> Option<Refusal> {
         return None;
     }
     let name = v.name.to_ascii_lowercase();
-    let refused = |name: &str| {
-        Some(unsupported(format!(
-            "setting configuration parameter \"{name}\" not supported"
-        )))
-    };
     match name.as_str() {
         // SET TRANSACTION … and SET SESSION CHARACTERISTICS AS TRANSACTION …
-        "transaction" | "session characteristics" => refused("TRANSACTION"),
-        "default_transaction_isolation" | "transaction_isolation" => refused(&name),
-        _ if crate::emulator::session::parameter_allowed(&name) => None,
+        "transaction" | "session characteristics" => parameter_refused("TRANSACTION"),
+        _ => parameter_refusal(&name),
+    }
+}
+
+fn parameter_refused(name: &str) -> Option<Refusal> {
+    Some(unsupported(format!(
+        "setting configuration parameter \"{name}\" not supported"
+    )))
+}
+
+/// DSQL's answer to setting parameter `name` (lower case), by `SET` or `set_config`.
+fn parameter_refusal(name: &str) -> Option<Refusal> {
+    match name {
+        "default_transaction_isolation" | "transaction_isolation" => parameter_refused(name),
+        _ if crate::emulator::session::parameter_allowed(name) => None,
         // SET TIME ZONE / SET NAMES arrive under their parameter names.
         "client_encoding" => None,
-        _ => refused(&name),
+        _ => parameter_refused(name),
     }
 }
 
@@ -1023,7 +1156,7 @@ mod tests {
     fn kinds_drive_the_transaction_rules() {
         let c = classify("BEGIN; CREATE TABLE a (id int); INSERT INTO a VALUES (1); COMMIT");
         let kinds: Vec<Kind> = c.statements.iter().map(|s| s.kind).collect();
-        assert_eq!(kinds, [Kind::Begin, Kind::Ddl, Kind::Dml, Kind::End]);
+        assert_eq!(kinds, [Kind::Begin, Kind::Ddl, Kind::Dml, Kind::Commit]);
         assert_eq!(first("GRANT SELECT ON t TO r").kind, Kind::Ddl);
         assert_eq!(first("select 1").kind, Kind::Other);
     }

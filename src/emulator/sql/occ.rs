@@ -1,0 +1,283 @@
+//! Commit-time conflicts across the sessions of one database, as DSQL decides them: the first
+//! transaction to commit wins (`DSQL_SQL_RULES.md` §6).
+//!
+//! PostgreSQL decides the other way round: a write waits for the row lock an open transaction
+//! holds, so the first *writer* wins. The relay keeps PostgreSQL's row versions and locks as
+//! they are and changes who waits:
+//!
+//! - A write that meets a row an open transaction holds (a lock timeout) is undone alone (to
+//!   the savepoint the relay put before it), the client told its tag, and the write kept as
+//!   *pending* ([`Replay`]); so is a `SELECT … FOR UPDATE`, which goes upstream without its
+//!   locking clause (it never waits) and is replayed as a statement that locks and writes its
+//!   rows (`sys.dsql_emulator_touch`).
+//! - At `COMMIT`, whatever the protocol shape, the session takes a commit ticket and replays
+//!   its pending statements ([`validate`]) under a lock timeout long enough to wait. While a
+//!   replay waits, the emulator's monitor connection asks PostgreSQL who blocks it
+//!   (`pg_blocking_pids`), and each blocker that is an open transaction of one of the
+//!   emulator's sessions, not already committing ahead of this one, is *doomed*: its session
+//!   rolls its transaction back upstream as soon as it is idle (keeping a transaction block
+//!   open for the client, [`Dialect::release`](super::Dialect::release)), which frees the
+//!   rows, and its `COMMIT` will answer `40001 … (OC000)`. A replay that fails (the rows were
+//!   changed by a transaction that committed first: PostgreSQL's serialization failure) or
+//!   answers another tag than the client was told fails the `COMMIT` with `OC000`.
+//! - A transaction that committed first leaves its rows changed (a locking read's rows are
+//!   written unchanged), so a later committer's write or locking read of them fails at its
+//!   own `COMMIT`: nothing a client was told committed is lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use super::rules::Refusal;
+use super::{Plan, Planned, Plans, Reply};
+
+/// How long a replay at `COMMIT` waits for a row lock (the holder is doomed meanwhile; one
+/// that is not the emulator's, or commits ahead, keeps it).
+pub(crate) const REPLAY_LOCK_TIMEOUT: &str = "5s";
+
+/// The longest a replay's answer is awaited before the session is given up.
+const REPLAY_BOUND: Duration = Duration::from_secs(60);
+
+/// How often a waiting replay asks who blocks it.
+const POLL: Duration = Duration::from_millis(2);
+
+/// A statement replayed at `COMMIT`: the request (a `Query`, or an extended-protocol batch
+/// ending with `Sync`) and the command tag the client was told, when it was told one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Replay {
+    pub(crate) request: Vec<u8>,
+    pub(crate) told: Option<String>,
+}
+
+/// What a `COMMIT` must validate before it goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Validation {
+    pub(crate) replays: Vec<Replay>,
+    /// The transaction block being committed ([`Entry`]'s numbering).
+    pub(crate) block: u64,
+}
+
+/// One session, as the other sessions of its database see it.
+#[derive(Debug, Default)]
+pub(crate) struct Entry {
+    /// Its upstream backend's process id.
+    pid: AtomicI32,
+    /// Its open transaction block's number (0: none).
+    block: AtomicU64,
+    /// The block a committer doomed.
+    doomed: AtomicU64,
+    /// Its commit ticket while it validates and commits (0: none): a committer that took a
+    /// later ticket does not doom it.
+    committing: AtomicU64,
+    /// Told when a committer dooms it: it rolls back upstream when idle.
+    pub(crate) release: Notify,
+}
+
+impl Entry {
+    /// Records that the session opened transaction block `block`.
+    pub(crate) fn begin(&self, block: u64) {
+        self.block.store(block, Ordering::SeqCst);
+    }
+
+    /// Records that the session's block ended.
+    pub(crate) fn end(&self) {
+        self.block.store(0, Ordering::SeqCst);
+    }
+
+    /// Whether a committer doomed block `block`.
+    pub(crate) fn doomed(&self, block: u64) -> bool {
+        block != 0 && self.doomed.load(Ordering::SeqCst) == block
+    }
+
+    /// The session's `COMMIT` is done (committed or failed).
+    pub(crate) fn committed(&self) {
+        self.committing.store(0, Ordering::SeqCst);
+    }
+}
+
+/// The sessions of one database (shared by the two endpoints of a pair), and the monitor
+/// connection that asks PostgreSQL who blocks whom.
+#[derive(Debug)]
+pub(crate) struct Sessions {
+    entries: Mutex<HashMap<i32, Arc<Entry>>>,
+    tickets: AtomicU64,
+    blocks: AtomicU64,
+    /// How to reach the upstream as its superuser.
+    url: String,
+    monitor: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+/// A session's membership, removed from [`Sessions`] when dropped.
+pub(crate) struct Member {
+    sessions: Arc<Sessions>,
+    pub(crate) entry: Arc<Entry>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let pid = self.entry.pid.load(Ordering::SeqCst);
+        let mut entries = self.sessions.lock();
+        if entries
+            .get(&pid)
+            .is_some_and(|e| Arc::ptr_eq(e, &self.entry))
+        {
+            entries.remove(&pid);
+        }
+    }
+}
+
+impl Sessions {
+    /// The sessions of the database behind `url` (a superuser's connection string).
+    pub(crate) fn new(url: String) -> Sessions {
+        Sessions {
+            entries: Mutex::default(),
+            tickets: AtomicU64::new(0),
+            blocks: AtomicU64::new(0),
+            url,
+            monitor: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Arc<Entry>>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers the session whose upstream backend is `pid`.
+    pub(crate) fn join(self: &Arc<Self>, pid: i32) -> Member {
+        let entry = Arc::new(Entry::default());
+        entry.pid.store(pid, Ordering::SeqCst);
+        self.lock().insert(pid, entry.clone());
+        Member {
+            sessions: self.clone(),
+            entry,
+        }
+    }
+
+    /// A new transaction block's number (unique in the database).
+    pub(crate) fn next_block(&self) -> u64 {
+        self.blocks.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Dooms the open transaction of the session whose backend is `pid`, for the committer
+    /// holding `ticket`, unless it is committing ahead of it or has no open block.
+    fn doom(&self, pid: i32, ticket: u64) {
+        let Some(entry) = self.lock().get(&pid).cloned() else {
+            return;
+        };
+        let committing = entry.committing.load(Ordering::SeqCst);
+        if committing != 0 && committing < ticket {
+            return;
+        }
+        let block = entry.block.load(Ordering::SeqCst);
+        if block == 0 {
+            return;
+        }
+        entry.doomed.store(block, Ordering::SeqCst);
+        entry.release.notify_one();
+        tracing::debug!(pid, "emulator: a committer doomed an open transaction");
+    }
+
+    /// The backends that block `pid` now (none when the monitor cannot ask).
+    async fn blockers(&self, pid: i32) -> Vec<i32> {
+        let mut monitor = self.monitor.lock().await;
+        if monitor.is_none() {
+            let connect = tokio_postgres::connect(&self.url, tokio_postgres::NoTls);
+            match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok((client, connection))) => {
+                    tokio::spawn(connection);
+                    *monitor = Some(client);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "emulator: the conflict monitor cannot connect");
+                    return Vec::new();
+                }
+                Err(_) => {
+                    tracing::warn!("emulator: the conflict monitor cannot connect (timeout)");
+                    return Vec::new();
+                }
+            }
+        }
+        let Some(client) = monitor.as_ref() else {
+            return Vec::new();
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&pid];
+        let asked = client.query_one("SELECT pg_blocking_pids($1)", &params);
+        match tokio::time::timeout(Duration::from_secs(5), asked).await {
+            Ok(Ok(row)) => row.get(0),
+            _ => {
+                *monitor = None;
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Why a validation could not run to its end: the relay lost its upstream or its answers.
+#[derive(Debug)]
+pub(crate) struct Lost(pub(crate) &'static str);
+
+/// Validates a `COMMIT` (see the module docs): `Ok(Err(refusal))` when it must fail with
+/// `refusal` (`OC000`), `Err` when the session can go on no more.
+pub(crate) async fn validate<W: AsyncWrite + Unpin>(
+    validation: Validation,
+    sessions: &Sessions,
+    entry: &Entry,
+    plans: &Plans,
+    upstream: &mut W,
+    replies: &mut tokio::sync::mpsc::Receiver<Reply>,
+) -> Result<Result<(), Refusal>, Lost> {
+    let ticket = sessions.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+    entry.committing.store(ticket, Ordering::SeqCst);
+    let conflict = || Ok(Err(super::change_conflict()));
+    if entry.doomed(validation.block) {
+        return conflict();
+    }
+    if validation.replays.is_empty() {
+        return Ok(Ok(()));
+    }
+    let pid = entry.pid.load(Ordering::SeqCst);
+    let mut send = super::query(&format!(
+        "SET LOCAL lock_timeout = '{REPLAY_LOCK_TIMEOUT}'"
+    ));
+    plans.push(Planned::new(Plan::Swallow));
+    for replay in validation.replays {
+        plans.push(Planned::new(Plan::Replay));
+        send.extend_from_slice(&replay.request);
+        upstream
+            .write_all(&send)
+            .await
+            .map_err(|_| Lost("upstream closed"))?;
+        upstream.flush().await.map_err(|_| Lost("upstream closed"))?;
+        send.clear();
+        let answer = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    reply = replies.recv() => return reply,
+                    () = tokio::time::sleep(POLL) => {
+                        for blocker in sessions.blockers(pid).await {
+                            sessions.doom(blocker, ticket);
+                        }
+                    }
+                }
+            }
+        };
+        let reply = tokio::time::timeout(REPLAY_BOUND, answer)
+            .await
+            .map_err(|_| Lost("no answer to a replay"))?
+            .ok_or(Lost("the server side ended"))?;
+        let told_otherwise = replay.told.is_some() && reply.tag != replay.told;
+        if reply.error.is_some() || told_otherwise {
+            tracing::debug!(?reply, told = ?replay.told, "emulator: a replay at COMMIT failed");
+            return conflict();
+        }
+    }
+    if entry.doomed(validation.block) {
+        return conflict();
+    }
+    Ok(Ok(()))
+}
