@@ -60,10 +60,12 @@ impl Answer {
 
     /// The first error's SQLSTATE and message.
     pub fn error(&self) -> Option<(String, String)> {
-        self.messages
-            .iter()
-            .find(|m| m.tag == b'E')
-            .map(|m| (m.field(b'C').unwrap_or_default(), m.field(b'M').unwrap_or_default()))
+        self.messages.iter().find(|m| m.tag == b'E').map(|m| {
+            (
+                m.field(b'C').unwrap_or_default(),
+                m.field(b'M').unwrap_or_default(),
+            )
+        })
     }
 
     /// The transaction status of the closing `ReadyForQuery` (`I`, `T` or `E`).
@@ -112,10 +114,9 @@ impl Frontend {
             .await
             .unwrap();
         let mut roots = rustls::RootCertStore::empty();
-        let ca = rustls::pki_types::pem::PemObject::from_pem_slice(
-            emulator.ca_cert_pem().as_bytes(),
-        )
-        .unwrap();
+        let ca =
+            rustls::pki_types::pem::PemObject::from_pem_slice(emulator.ca_cert_pem().as_bytes())
+                .unwrap();
         roots.add(ca).unwrap();
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),

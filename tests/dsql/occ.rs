@@ -66,7 +66,11 @@ async fn begin_and_write(f: &mut Frontend, shape: Shape, value: i32) -> Answer {
             assert_eq!(prepared.error(), None, "{prepared:?}");
             let begin = f.simple("BEGIN").await;
             assert_eq!(begin.tags(), ["BEGIN"], "{begin:?}");
-            f.bind("w", &[&value]).execute().sync().flush_and_answer().await
+            f.bind("w", &[&value])
+                .execute()
+                .sync()
+                .flush_and_answer()
+                .await
         }
         Shape::JdbcBatchedBegin => {
             let answer = f
@@ -177,7 +181,9 @@ async fn the_first_committer_wins_whatever_the_driver_sends() {
                 }
                 let v = row_value().await;
                 if v != winner {
-                    failures.push(format!("{case}: the row holds {v}, the winner wrote {winner}"));
+                    failures.push(format!(
+                        "{case}: the row holds {v}, the winner wrote {winner}"
+                    ));
                 }
                 // Both sessions are out of their transactions and usable.
                 for f in [&mut a, &mut b] {

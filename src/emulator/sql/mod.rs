@@ -740,7 +740,11 @@ impl Dialect {
 
     /// The session is `entry` among the database's `sessions`: its transactions take part in
     /// commit-time conflicts with theirs (see [`occ`]).
-    pub(crate) fn with_sessions(mut self, sessions: Arc<occ::Sessions>, entry: Arc<occ::Entry>) -> Self {
+    pub(crate) fn with_sessions(
+        mut self,
+        sessions: Arc<occ::Sessions>,
+        entry: Arc<occ::Entry>,
+    ) -> Self {
         self.sessions = Some(sessions);
         self.entry = entry;
         self
@@ -793,7 +797,12 @@ impl Dialect {
     /// A `COMMIT` (`piece`, a piece of a split request when `intermediate` is `Some`) in a
     /// transaction block: fails at once, or waits for its validation (`true`), or goes on as it
     /// is (`false`: validated already, or nothing to commit).
-    fn commit_point(&mut self, piece: &Piece, intermediate: Option<bool>, out: &mut Outgoing) -> bool {
+    fn commit_point(
+        &mut self,
+        piece: &Piece,
+        intermediate: Option<bool>,
+        out: &mut Outgoing,
+    ) -> bool {
         if std::mem::take(&mut self.validated)
             || !self.in_block
             || self.plans.settled_status() == Some(b'E')
@@ -1044,7 +1053,8 @@ impl Dialect {
         for (tag, body, whole) in messages(raw) {
             at += whole.len();
             let mut fields = body.split(|b| *b == 0);
-            let mut field = || String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+            let mut field =
+                || String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
             match tag {
                 b'P' => {
                     let (name, text) = (field(), field());
@@ -1061,10 +1071,12 @@ impl Dialect {
                 }
                 b'E' => {
                     let portal = field();
-                    let statement = portals
-                        .get(&portal)
-                        .cloned()
-                        .unwrap_or_else(|| self.portals.get(&portal).map(|p| p.statement.clone()).unwrap_or_default());
+                    let statement = portals.get(&portal).cloned().unwrap_or_else(|| {
+                        self.portals
+                            .get(&portal)
+                            .map(|p| p.statement.clone())
+                            .unwrap_or_default()
+                    });
                     let (kind, copy_in) = parsed.get(&statement).copied().unwrap_or_else(|| {
                         self.statements
                             .get(&statement)
@@ -1088,7 +1100,10 @@ impl Dialect {
         let writes = executes.iter().any(|(_, kind, _)| *kind == Kind::Dml);
         let copy = executes.iter().any(|(_, _, copy_in)| *copy_in);
         if executes.len() < 2 || copy || !(transaction || (self.in_block && writes)) {
-            let piece = Piece::Batch { messages: raw, sync };
+            let piece = Piece::Batch {
+                messages: raw,
+                sync,
+            };
             return self.start_piece(piece, None, out);
         }
         let mut start = 0;
@@ -1121,8 +1136,10 @@ impl Dialect {
         let commits = match &piece {
             Piece::Query(text) => matches!(self.classified(text).statements.as_slice(),
                 [one] if one.kind == Kind::Commit),
-            Piece::Batch { messages, .. } => matches!(self.executed_kinds(messages).as_slice(),
-                [(_, Kind::Commit, _)]),
+            Piece::Batch { messages, .. } => matches!(
+                self.executed_kinds(messages).as_slice(),
+                [(_, Kind::Commit, _)]
+            ),
         };
         if commits && self.commit_point(&piece, intermediate, out) {
             return;
@@ -1138,7 +1155,10 @@ impl Dialect {
                 let whole = message(b'Q', &whole);
                 self.on_query(&whole[5..], &whole, intermediate, out);
             }
-            Piece::Batch { messages: raw, sync } => {
+            Piece::Batch {
+                messages: raw,
+                sync,
+            } => {
                 for (tag, body, whole) in messages(&raw) {
                     self.on_extended(tag, body, whole, out);
                 }
@@ -1278,7 +1298,13 @@ impl Dialect {
         (pieces.len() == statements.len()).then(|| pieces.into_iter().map(str::to_owned).collect())
     }
 
-    fn on_query(&mut self, body: &[u8], whole: &[u8], intermediate: Option<bool>, out: &mut Outgoing) {
+    fn on_query(
+        &mut self,
+        body: &[u8],
+        whole: &[u8],
+        intermediate: Option<bool>,
+        out: &mut Outgoing,
+    ) {
         let text = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
         let classified = self.classified(&text);
         let refuse = |d: &mut Dialect, refusal: &Refusal, out: &mut Outgoing| {
@@ -1364,7 +1390,10 @@ impl Dialect {
                 }
                 _ => (None, write(None, false)),
             }
-        } else if kinds.iter().any(|k| matches!(k, Kind::Begin | Kind::Commit | Kind::Rollback)) {
+        } else if kinds
+            .iter()
+            .any(|k| matches!(k, Kind::Begin | Kind::Commit | Kind::Rollback))
+        {
             (None, write(None, false))
         } else if oversize.is_none()
             && classified
@@ -1513,7 +1542,10 @@ impl Dialect {
 
     fn on_execute(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
         let portal = body.split(|b| *b == 0).next().unwrap_or_default();
-        let portal = self.portals.get(String::from_utf8_lossy(portal).as_ref()).cloned();
+        let portal = self
+            .portals
+            .get(String::from_utf8_lossy(portal).as_ref())
+            .cloned();
         let bytes = portal.as_ref().map_or(0, |p| p.bytes);
         let prepared = portal
             .as_ref()
@@ -1533,10 +1565,13 @@ impl Dialect {
         match state.apply(prepared.kind) {
             Ok(()) => {
                 let replay = |text: &str| {
-                    portal.as_ref().and_then(|p| p.params.as_deref()).map(|params| occ::Replay {
-                        request: statement_batch(text, &prepared.parameter_types, params),
-                        told: prepared.write_tag.map(str::to_owned),
-                    })
+                    portal
+                        .as_ref()
+                        .and_then(|p| p.params.as_deref())
+                        .map(|params| occ::Replay {
+                            request: statement_batch(text, &prepared.parameter_types, params),
+                            told: prepared.write_tag.map(str::to_owned),
+                        })
                 };
                 if self.in_block
                     && state.in_block
@@ -1571,7 +1606,11 @@ impl Dialect {
                         batch.write = Some(BatchWrite {
                             in_block: state.in_block,
                             tag: prepared.write_tag,
-                            replay: if was_in_block { replay(&prepared.text) } else { None },
+                            replay: if was_in_block {
+                                replay(&prepared.text)
+                            } else {
+                                None
+                            },
                         });
                     }
                     Kind::Begin | Kind::Commit | Kind::Rollback => {
@@ -1799,7 +1838,10 @@ impl Responder {
 
     /// The relay's plans and the server's answers disagree: nothing later can be trusted.
     fn lose_track(&mut self, what: &str, out: &mut Vec<u8>) {
-        tracing::error!(what, "emulator: the relay lost track of a session; closing it");
+        tracing::error!(
+            what,
+            "emulator: the relay lost track of a session; closing it"
+        );
         out.extend_from_slice(&super::wire::fatal(
             "XX000",
             &format!(
@@ -2103,7 +2145,8 @@ mod tests {
     fn send(d: &mut Dialect, whole: &[u8]) -> (String, Vec<Plan>) {
         let mut out = Outgoing::default();
         d.on_message(whole[0], &whole[5..], whole, &mut out);
-        (String::from_utf8_lossy(&out.bytes).into_owned(), out.plans)
+        let plans = out.plans.iter().map(|p| p.plan).collect();
+        (String::from_utf8_lossy(&out.bytes).into_owned(), plans)
     }
 
     #[test]
@@ -2161,11 +2204,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ROLLBACK"));
-        assert_eq!(plans, [Plan::AllButReady, Plan::OnlyReady]);
+        assert_eq!(plans, [Plan::Swallow, Plan::Pass]);
         assert!(!d.in_block);
-        // The next transaction starts clean.
+        // The next transaction starts clean; its COMMIT waits for its validation, then goes
+        // (and the relay waits for its answer, holding its commit ticket).
         send(&mut d, &q("BEGIN"));
-        assert_eq!(send(&mut d, &q("COMMIT")).1, [Plan::Pass]);
+        let mut out = Outgoing::default();
+        let commit = q("COMMIT");
+        d.on_message(b'Q', &commit[5..], &commit, &mut out);
+        assert!(out.bytes.is_empty());
+        assert_eq!(out.validate.as_ref().map(|v| v.replays.len()), Some(0));
+        out.clear();
+        d.after_validation(Ok(()), &mut out);
+        assert_eq!(out.bytes, commit);
+        assert!(out.gate && out.plans[0].report && out.plans[0].plan == Plan::Pass);
+        assert!(!d.in_block);
     }
 
     fn guard(tag: &'static str) -> Plan {
@@ -2304,7 +2357,8 @@ mod tests {
         let whole = sync();
         d.on_message(b'S', b"", &whole, &mut out);
         assert!(out.gate);
-        assert_eq!(out.plans, [Plan::Swallow, guard("UPDATE 1")]);
+        let plans: Vec<Plan> = out.plans.iter().map(|p| p.plan).collect();
+        assert_eq!(plans, [Plan::Swallow, guard("UPDATE 1")]);
     }
 
     fn error(code: &str, extra: &[u8]) -> Vec<u8> {
@@ -2314,14 +2368,12 @@ mod tests {
         message(b'E', &body)
     }
 
-    fn responder_for(
-        plans: &[Plan],
-    ) -> (Responder, tokio::sync::mpsc::UnboundedReceiver<Requests>) {
+    fn responder_for(plans: &[Plan]) -> (Responder, tokio::sync::mpsc::Receiver<Reply>) {
         let shared = Plans::default();
         for plan in plans {
-            shared.push(*plan);
+            shared.push(Planned::new(*plan));
         }
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
         (Responder::new(shared, tx), rx)
     }
 
@@ -2344,28 +2396,47 @@ mod tests {
 
     #[test]
     fn a_lost_write_is_told_its_tag_and_rolled_back_to_its_savepoint() {
-        // SAVEPOINT's answer (swallowed), then the write's: it timed out on a row lock.
-        let mut stream = message(b'C', b"SAVEPOINT\0");
-        stream.extend_from_slice(&message(b'Z', b"T"));
-        stream.extend_from_slice(&message(b'2', b""));
-        stream.extend_from_slice(&error("55P03", b""));
-        stream.extend_from_slice(&message(b'Z', b"E"));
-        let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
-        let mut out = Vec::new();
-        responder.feed(&stream, &mut out);
+        // SAVEPOINT's answer (swallowed), then the write's: it timed out on a row an open
+        // transaction holds, so it is pending (replayed at COMMIT), not lost.
+        let answer = |code: &str, message: &str| {
+            let mut stream = super::message(b'C', b"SAVEPOINT\0");
+            stream.extend_from_slice(&super::message(b'Z', b"T"));
+            stream.extend_from_slice(&super::message(b'2', b""));
+            let body = format!("SERROR\0C{code}\0M{message}\0\0");
+            stream.extend_from_slice(&super::message(b'E', body.as_bytes()));
+            stream.extend_from_slice(&super::message(b'Z', b"E"));
+            stream
+        };
         let mut expected = message(b'2', b"");
         expected.extend_from_slice(&message(b'C', b"UPDATE 1\0"));
         expected.extend_from_slice(&message(b'Z', b"T"));
+        let rollback = vec![(
+            query("ROLLBACK TO SAVEPOINT dsql_emulator_occ"),
+            Plan::Swallow,
+        )];
+        let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
+        let mut out = Vec::new();
+        responder.feed(
+            &answer("55P03", "canceling statement due to lock timeout"),
+            &mut out,
+        );
+        assert_eq!(out, expected);
+        assert!(!responder.plans.doomed.load(Ordering::SeqCst));
+        let reply = rx.try_recv().unwrap();
+        assert!(reply.pending && !reply.failed, "{reply:?}");
+        assert_eq!(reply.requests, rollback);
+        assert!(responder.plans.lock().is_empty());
+
+        // Against a row a transaction changed and committed since: lost for good.
+        let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
+        let mut out = Vec::new();
+        let serialization = "could not serialize access due to concurrent update";
+        responder.feed(&answer("40001", serialization), &mut out);
         assert_eq!(out, expected);
         assert!(responder.plans.doomed.load(Ordering::SeqCst));
-        assert_eq!(
-            rx.try_recv().unwrap(),
-            [(
-                query("ROLLBACK TO SAVEPOINT dsql_emulator_occ"),
-                Plan::Swallow
-            )]
-        );
-        assert!(responder.plans.lock().is_empty());
+        let reply = rx.try_recv().unwrap();
+        assert!(!reply.pending, "{reply:?}");
+        assert_eq!(reply.requests, rollback);
 
         // Another error is the client's own: passed on, nothing doomed.
         let (mut responder, mut rx) = responder_for(&[guard("UPDATE 1")]);
@@ -2375,29 +2446,60 @@ mod tests {
         responder.feed(&stream, &mut out);
         assert_eq!(out, stream);
         // Nothing to send, but the upstream side is told to read on.
-        assert_eq!(rx.try_recv().unwrap(), []);
+        let reply = rx.try_recv().unwrap();
+        assert!(reply.requests.is_empty() && reply.failed && reply.status == b'E');
         assert!(!responder.plans.doomed.load(Ordering::SeqCst));
 
-        // Elsewhere PostgreSQL's own lock timeout reaches the client as DSQL's conflict.
-        let (mut responder, _rx) = responder_for(&[Plan::Pass]);
-        let mut out = Vec::new();
-        responder.feed(&error("55P03", b""), &mut out);
-        assert!(
-            String::from_utf8_lossy(&out)
-                .contains("C40001\0Mchange conflicts with another transaction (OC000)"),
-            "{out:?}"
-        );
+        // Elsewhere PostgreSQL's own lock timeout and deadlock reach the client as DSQL's
+        // conflict.
+        for code in ["55P03", "40P01"] {
+            let (mut responder, _rx) = responder_for(&[Plan::Pass]);
+            let mut out = Vec::new();
+            responder.feed(&error(code, b""), &mut out);
+            assert!(
+                String::from_utf8_lossy(&out)
+                    .contains("C40001\0Mchange conflicts with another transaction (OC000)"),
+                "{out:?}"
+            );
+        }
 
-        // A doomed COMMIT: the error without its ReadyForQuery, then only the ROLLBACK's.
-        let (mut responder, _rx) = responder_for(&[Plan::AllButReady, Plan::OnlyReady]);
-        let mut stream = error("40001", RAISE_CONTEXT);
-        stream.extend_from_slice(&message(b'Z', b"E"));
-        stream.extend_from_slice(&message(b'C', b"ROLLBACK\0"));
+        // A doomed COMMIT: the ROLLBACK's answer dropped, then the error and its
+        // ReadyForQuery.
+        let (mut responder, _rx) = responder_for(&[Plan::Swallow, Plan::Pass]);
+        let mut stream = message(b'C', b"ROLLBACK\0");
+        stream.extend_from_slice(&message(b'Z', b"I"));
+        stream.extend_from_slice(&error("40001", RAISE_CONTEXT));
         stream.extend_from_slice(&message(b'Z', b"I"));
         let mut out = Vec::new();
         responder.feed(&stream, &mut out);
         let mut expected = error("40001", b"");
         expected.extend_from_slice(&message(b'Z', b"I"));
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn an_answer_no_plan_accounts_for_closes_the_session_with_a_fatal() {
+        // A ReadyForQuery with no request awaiting it: every later answer would go to the
+        // wrong request.
+        let (mut responder, _rx) = responder_for(&[]);
+        let mut out = Vec::new();
+        assert!(!responder.feed(&message(b'Z', b"I"), &mut out));
+        let text = String::from_utf8_lossy(&out);
+        assert!(out.starts_with(b"E") && text.contains("SFATAL"), "{text}");
+        assert!(text.contains("lost track of this session"), "{text}");
+        // The relay's own statement failing (not in an aborted block): its picture is wrong.
+        let (mut responder, _rx) = responder_for(&[Plan::Swallow]);
+        let mut out = Vec::new();
+        let mut stream = error("3B001", b"");
+        stream.extend_from_slice(&message(b'Z', b"E"));
+        assert!(!responder.feed(&stream, &mut out));
+        assert!(String::from_utf8_lossy(&out).contains("relay's own statement failed"));
+        // In an aborted block, its statements fail as the client's do: not a mismatch.
+        let (mut responder, _rx) = responder_for(&[Plan::Swallow]);
+        let mut out = Vec::new();
+        let mut stream = error("25P02", b"");
+        stream.extend_from_slice(&message(b'Z', b"E"));
+        assert!(responder.feed(&stream, &mut out));
+        assert!(out.is_empty());
     }
 }

@@ -240,9 +240,7 @@ pub(crate) async fn validate<W: AsyncWrite + Unpin>(
         return Ok(Ok(()));
     }
     let pid = entry.pid.load(Ordering::SeqCst);
-    let mut send = super::query(&format!(
-        "SET LOCAL lock_timeout = '{REPLAY_LOCK_TIMEOUT}'"
-    ));
+    let mut send = super::query(&format!("SET LOCAL lock_timeout = '{REPLAY_LOCK_TIMEOUT}'"));
     plans.push(Planned::new(Plan::Swallow));
     for replay in validation.replays {
         plans.push(Planned::new(Plan::Replay));
@@ -251,7 +249,10 @@ pub(crate) async fn validate<W: AsyncWrite + Unpin>(
             .write_all(&send)
             .await
             .map_err(|_| Lost("upstream closed"))?;
-        upstream.flush().await.map_err(|_| Lost("upstream closed"))?;
+        upstream
+            .flush()
+            .await
+            .map_err(|_| Lost("upstream closed"))?;
         send.clear();
         let answer = async {
             loop {

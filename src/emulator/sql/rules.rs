@@ -220,8 +220,7 @@ fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
     let NodeEnum::SelectStmt(select) = node else {
         return None;
     };
-    if select.locking_clause.is_empty() || select.op != protobuf::SetOperation::SetopNone as i32
-    {
+    if select.locking_clause.is_empty() || select.op != protobuf::SetOperation::SetopNone as i32 {
         return None;
     }
     let mut locked_names = Vec::new();
@@ -240,7 +239,10 @@ fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
         }
     }
     // The tables of the FROM list, by the name the query gives them.
-    fn tables<'a>(node: &'a protobuf::Node, out: &mut Vec<(String, &'a protobuf::RangeVar)>) -> bool {
+    fn tables<'a>(
+        node: &'a protobuf::Node,
+        out: &mut Vec<(String, &'a protobuf::RangeVar)>,
+    ) -> bool {
         match &node.node {
             Some(NodeEnum::RangeVar(rel)) => {
                 let name = rel
@@ -260,7 +262,12 @@ fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
         }
     }
     let mut from = Vec::new();
-    if !select.from_clause.iter().all(|item| tables(item, &mut from)) || from.is_empty() {
+    if !select
+        .from_clause
+        .iter()
+        .all(|item| tables(item, &mut from))
+        || from.is_empty()
+    {
         return None;
     }
     let locked: Vec<&(String, &protobuf::RangeVar)> = if locked_names.is_empty() {
@@ -301,11 +308,17 @@ fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
                 clause.wait_policy = protobuf::LockWaitPolicy::LockWaitBlock as i32;
             }
         }
-        let rows = NodeEnum::SelectStmt(rows).deparse(Default::default()).ok()?;
+        let rows = NodeEnum::SelectStmt(rows)
+            .deparse(Default::default())
+            .ok()?;
         let relation = if rel.schemaname.is_empty() {
             quote_ident(&rel.relname)
         } else {
-            format!("{}.{}", quote_ident(&rel.schemaname), quote_ident(&rel.relname))
+            format!(
+                "{}.{}",
+                quote_ident(&rel.schemaname),
+                quote_ident(&rel.relname)
+            )
         };
         calls.push(format!(
             "sys.dsql_emulator_touch('{}', ARRAY({rows}))",
@@ -547,7 +560,9 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
                 }
                 // `set_config` sets what `SET` does, under the same rules (a name only the
                 // server knows at run time goes through).
-                "set_config" => first.and_then(|name| parameter_refusal(&name.to_ascii_lowercase())),
+                "set_config" => {
+                    first.and_then(|name| parameter_refusal(&name.to_ascii_lowercase()))
+                }
                 "center" => Some(unsupported("datatype point not supported")),
                 "radius" => Some(unsupported("datatype circle not supported")),
                 _ => None,
