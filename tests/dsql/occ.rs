@@ -202,3 +202,193 @@ async fn the_first_committer_wins_whatever_the_driver_sends() {
         failures.join("\n")
     );
 }
+
+/// Write skew guarded by a locking read (§6): 16 tasks book one room, each checking for a
+/// booking after `SELECT … FOR UPDATE` of the room, then inserting one. On DSQL a row read
+/// `FOR UPDATE` is validated at COMMIT like a written row, so exactly one booking commits;
+/// the others fail with `OC000`. Twenty rounds, through the extended protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locking_read_guards_check_then_insert() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS occ_rooms",
+            "DROP TABLE IF EXISTS occ_bookings",
+            "CREATE TABLE occ_rooms (id int PRIMARY KEY, name text)",
+            "CREATE TABLE occ_bookings (id uuid PRIMARY KEY, room int NOT NULL, night int NOT NULL)",
+            "INSERT INTO occ_rooms VALUES (1, 'blue')",
+        ],
+    )
+    .await;
+    let connector = rules_connector().await;
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        clients.push(std::sync::Arc::new(connector.connect().await.unwrap()));
+    }
+    for night in 0..20 {
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients.len()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for client in &clients {
+            let (client, barrier) = (client.clone(), barrier.clone());
+            tasks.spawn(async move {
+                client.batch_execute("BEGIN").await.unwrap();
+                client
+                    .query_one("SELECT name FROM occ_rooms WHERE id = $1 FOR UPDATE", &[&1i32])
+                    .await
+                    .unwrap();
+                let taken: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM occ_bookings WHERE room = $1 AND night = $2",
+                        &[&1i32, &night],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                // Everyone has checked before anyone commits.
+                barrier.wait().await;
+                if taken == 0 {
+                    client
+                        .execute(
+                            "INSERT INTO occ_bookings VALUES ($1, $2, $3)",
+                            &[&uuid::Uuid::new_v4(), &1i32, &night],
+                        )
+                        .await
+                        .unwrap();
+                }
+                match client.batch_execute("COMMIT").await {
+                    Ok(()) => Ok(taken == 0),
+                    Err(e) => Err(e.as_db_error().map(|d| (d.code().code().to_owned(), d.message().to_owned()))),
+                }
+            });
+        }
+        let mut won = 0;
+        while let Some(outcome) = tasks.join_next().await {
+            match outcome.unwrap() {
+                Ok(booked) => won += usize::from(booked),
+                Err(error) => assert_eq!(
+                    error,
+                    Some(("40001".to_owned(), OC000.to_owned())),
+                    "a loser fails with OC000"
+                ),
+            }
+        }
+        let bookings: i64 = upstream()
+            .await
+            .query_one("SELECT count(*) FROM occ_bookings WHERE night = $1", &[&night])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!((won, bookings), (1, 1), "night {night}: exactly one booking commits");
+    }
+}
+
+/// A locking read conflicts with a write of its row, in either commit order (§6), and a read
+/// `FOR UPDATE` never waits for the row's writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locking_read_and_a_write_of_its_row_conflict_at_commit() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS occ_locked",
+            "CREATE TABLE occ_locked (id int PRIMARY KEY, v int NOT NULL)",
+            "INSERT INTO occ_locked VALUES (1, 0)",
+        ],
+    )
+    .await;
+    let emulator = rules_emulator();
+    for reader_first in [true, false] {
+        let mut reader = Frontend::connect(emulator).await;
+        let mut writer = Frontend::connect(emulator).await;
+        reader.simple("BEGIN").await;
+        writer.simple("BEGIN").await;
+        let written = writer.simple("UPDATE occ_locked SET v = v + 1 WHERE id = 1").await;
+        assert_eq!(written.tags(), ["UPDATE 1"]);
+        let read = reader
+            .extended("SELECT v FROM occ_locked WHERE id = $1 FOR UPDATE", &["1"])
+            .await;
+        assert_eq!(read.error(), None, "the locking read does not wait: {read:?}");
+        assert_eq!(read.tags(), ["SELECT 1"]);
+        let (first, second) = if reader_first {
+            (&mut reader, &mut writer)
+        } else {
+            (&mut writer, &mut reader)
+        };
+        let c1 = first.simple("COMMIT").await;
+        let c2 = second.simple("COMMIT").await;
+        assert_eq!(c1.error(), None, "reader first: {reader_first}: {c1:?}");
+        assert_eq!(
+            c2.error(),
+            Some(("40001".into(), OC000.into())),
+            "reader first: {reader_first}: {c2:?}"
+        );
+    }
+}
+
+/// Two services creating their schema at once: one CREATE TABLE succeeds, the other gets
+/// `OC001` or succeeds as `IF NOT EXISTS` says: never PostgreSQL's catalog errors (`42710`,
+/// `23505 … pg_type_typname_nsp_index`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_ddl_on_one_object_ends_in_oc001() {
+    let connector = rules_connector().await;
+    let a = connector.connect().await.unwrap();
+    let b = connector.connect().await.unwrap();
+    for round in 0..10 {
+        let table = format!("occ_ddl_race_{round}");
+        upstream()
+            .await
+            .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+            .await
+            .unwrap();
+        let ddl = format!("CREATE TABLE IF NOT EXISTS {table} (id uuid PRIMARY KEY, v text)");
+        let (ra, rb) = tokio::join!(a.batch_execute(&ddl), b.batch_execute(&ddl));
+        let mut succeeded = 0;
+        for result in [ra, rb] {
+            match result {
+                Ok(()) => succeeded += 1,
+                Err(e) => {
+                    let db = e.as_db_error().expect("a server error");
+                    assert_eq!(
+                        (db.code().code(), db.message()),
+                        ("40001", "schema has been updated by another transaction (OC001)"),
+                        "round {round}"
+                    );
+                }
+            }
+        }
+        assert!(succeeded >= 1, "round {round}: one CREATE TABLE succeeds");
+    }
+}
+
+/// State the relay cannot see in the statement text follows the server: an error inside a
+/// multi-statement transaction leaves the block failed (not autocommit), a FunctionCall gets
+/// its answer, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_transaction_state_follows_the_server() {
+    let mut f = Frontend::connect(rules_emulator()).await;
+    let failed = f.simple("BEGIN; SELECT 1/0; COMMIT").await;
+    assert_eq!(failed.error().map(|e| e.0), Some("22012".into()));
+    assert_eq!(failed.status(), b'E', "the block failed: {failed:?}");
+    let next = f.simple("SELECT 1").await;
+    assert_eq!(next.error().map(|e| e.0), Some("25P02".into()), "{next:?}");
+    let rollback = f.simple("ROLLBACK").await;
+    assert_eq!((rollback.tags(), rollback.status()), (vec!["ROLLBACK".into()], b'I'));
+    // A FunctionCall (libpq's PQfn, large objects): int4abs(-5), answered with its own
+    // ReadyForQuery, and the next query is answered as itself.
+    let oid: i32 = 1397; // int4abs
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend_from_slice(&1u16.to_be_bytes()); // one argument format: binary
+    body.extend_from_slice(&1u16.to_be_bytes());
+    body.extend_from_slice(&1u16.to_be_bytes()); // one argument
+    body.extend_from_slice(&4i32.to_be_bytes());
+    body.extend_from_slice(&(-5i32).to_be_bytes());
+    body.extend_from_slice(&1u16.to_be_bytes()); // binary result
+    let called = f.message(b'F', &body).flush_and_answer().await;
+    assert_eq!(called.shape(), "VZ", "{called:?}");
+    assert_eq!(called.messages[0].body[4..], 5i32.to_be_bytes());
+    let next = f.simple("SELECT 42").await;
+    assert_eq!(next.values(), [Some("42".to_owned())]);
+    // A transaction whose COMMIT travels with its statements still commits.
+    let whole = f.simple("BEGIN; SELECT 1; COMMIT").await;
+    assert_eq!(whole.tags(), ["BEGIN", "SELECT 1", "COMMIT"], "{whole:?}");
+    assert_eq!(whole.status(), b'I');
+}
