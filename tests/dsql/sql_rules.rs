@@ -1166,8 +1166,10 @@ async fn foreign_key_conflicts_follow_the_key() {
     assert_eq!(failed[0].0, "40001");
 }
 
-/// `retry_transaction` with 8 tasks incrementing one counter through a pool on the strict
-/// emulator: conflicts come at COMMIT, the helper retries, and the count ends exact.
+/// `retry_transaction` with 8 tasks × 25 increments of one counter through a pool on the
+/// strict emulator, once with simple queries and once through the extended protocol:
+/// conflicts come at COMMIT (the first committer wins), the helper retries, and the count
+/// ends exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
     let plain = upstream_with(&[
@@ -1181,46 +1183,52 @@ async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
         .pool_with(|b| b.max_size(8))
         .await
         .unwrap();
-    let conflicts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let policy = tokio_postgres_dsql::RetryPolicy::with_max_attempts(200).delays(
         std::time::Duration::from_millis(1),
         std::time::Duration::from_millis(40),
     );
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..8 {
-        let (pool, policy, conflicts) = (pool.clone(), policy.clone(), conflicts.clone());
-        tasks.spawn(async move {
-            for _ in 0..10 {
-                let mut conn = pool.get().await.unwrap();
-                let attempts = std::sync::atomic::AtomicU32::new(0);
-                let attempts = &attempts;
-                tokio_postgres_dsql::retry_transaction(&mut conn, &policy, |tx| async move {
-                    attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    tx.execute("UPDATE rules_counter SET n = n + 1 WHERE id = 1", &[])
-                        .await?;
-                    Ok::<_, Error>(())
-                })
-                .await
-                .unwrap();
-                conflicts.fetch_add(
-                    attempts.load(std::sync::atomic::Ordering::SeqCst) - 1,
-                    std::sync::atomic::Ordering::SeqCst,
-                );
-            }
-        });
+    for (round, extended) in [false, true].into_iter().enumerate() {
+        let conflicts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (pool, policy, conflicts) = (pool.clone(), policy.clone(), conflicts.clone());
+            tasks.spawn(async move {
+                for _ in 0..25 {
+                    let mut conn = pool.get().await.unwrap();
+                    let attempts = std::sync::atomic::AtomicU32::new(0);
+                    let attempts = &attempts;
+                    tokio_postgres_dsql::retry_transaction(&mut conn, &policy, |tx| async move {
+                        attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let update = "UPDATE rules_counter SET n = n + 1 WHERE id = 1";
+                        if extended {
+                            tx.execute(update, &[]).await?;
+                        } else {
+                            tx.batch_execute(update).await?;
+                        }
+                        Ok::<_, Error>(())
+                    })
+                    .await
+                    .unwrap();
+                    conflicts.fetch_add(
+                        attempts.load(std::sync::atomic::Ordering::SeqCst) - 1,
+                        std::sync::atomic::Ordering::SeqCst,
+                    );
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let n: i32 = plain
+            .query_one("SELECT n FROM rules_counter WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 200 * (round as i32 + 1), "extended: {extended}");
+        let conflicts = conflicts.load(std::sync::atomic::Ordering::SeqCst);
+        println!("200 increments (extended: {extended}), {conflicts} conflicts retried");
+        assert!(conflicts > 0, "8 writers of one row conflict");
     }
-    while let Some(done) = tasks.join_next().await {
-        done.unwrap();
-    }
-    let n: i32 = plain
-        .query_one("SELECT n FROM rules_counter WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 80);
-    let conflicts = conflicts.load(std::sync::atomic::Ordering::SeqCst);
-    println!("80 increments, {conflicts} conflicts retried");
-    assert!(conflicts > 0, "8 writers of one row conflict");
 }
 
 /// A committed catalog change makes another session's next statement on that object fail once
