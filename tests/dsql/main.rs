@@ -24,6 +24,8 @@ mod pet_clinic;
 #[cfg(feature = "emulator")]
 mod pool;
 #[cfg(feature = "emulator")]
+mod protocol;
+#[cfg(feature = "emulator")]
 mod psql;
 #[cfg(feature = "emulator")]
 mod refusals;

@@ -233,7 +233,10 @@ async fn a_locking_read_guards_check_then_insert() {
             tasks.spawn(async move {
                 client.batch_execute("BEGIN").await.unwrap();
                 client
-                    .query_one("SELECT name FROM occ_rooms WHERE id = $1 FOR UPDATE", &[&1i32])
+                    .query_one(
+                        "SELECT name FROM occ_rooms WHERE id = $1 FOR UPDATE",
+                        &[&1i32],
+                    )
                     .await
                     .unwrap();
                 let taken: i64 = client
@@ -257,7 +260,9 @@ async fn a_locking_read_guards_check_then_insert() {
                 }
                 match client.batch_execute("COMMIT").await {
                     Ok(()) => Ok(taken == 0),
-                    Err(e) => Err(e.as_db_error().map(|d| (d.code().code().to_owned(), d.message().to_owned()))),
+                    Err(e) => Err(e
+                        .as_db_error()
+                        .map(|d| (d.code().code().to_owned(), d.message().to_owned()))),
                 }
             });
         }
@@ -274,11 +279,18 @@ async fn a_locking_read_guards_check_then_insert() {
         }
         let bookings: i64 = upstream()
             .await
-            .query_one("SELECT count(*) FROM occ_bookings WHERE night = $1", &[&night])
+            .query_one(
+                "SELECT count(*) FROM occ_bookings WHERE night = $1",
+                &[&night],
+            )
             .await
             .unwrap()
             .get(0);
-        assert_eq!((won, bookings), (1, 1), "night {night}: exactly one booking commits");
+        assert_eq!(
+            (won, bookings),
+            (1, 1),
+            "night {night}: exactly one booking commits"
+        );
     }
 }
 
@@ -301,12 +313,18 @@ async fn a_locking_read_and_a_write_of_its_row_conflict_at_commit() {
         let mut writer = Frontend::connect(emulator).await;
         reader.simple("BEGIN").await;
         writer.simple("BEGIN").await;
-        let written = writer.simple("UPDATE occ_locked SET v = v + 1 WHERE id = 1").await;
+        let written = writer
+            .simple("UPDATE occ_locked SET v = v + 1 WHERE id = 1")
+            .await;
         assert_eq!(written.tags(), ["UPDATE 1"]);
         let read = reader
             .extended("SELECT v FROM occ_locked WHERE id = $1 FOR UPDATE", &["1"])
             .await;
-        assert_eq!(read.error(), None, "the locking read does not wait: {read:?}");
+        assert_eq!(
+            read.error(),
+            None,
+            "the locking read does not wait: {read:?}"
+        );
         assert_eq!(read.tags(), ["SELECT 1"]);
         let (first, second) = if reader_first {
             (&mut reader, &mut writer)
@@ -349,7 +367,10 @@ async fn concurrent_ddl_on_one_object_ends_in_oc001() {
                     let db = e.as_db_error().expect("a server error");
                     assert_eq!(
                         (db.code().code(), db.message()),
-                        ("40001", "schema has been updated by another transaction (OC001)"),
+                        (
+                            "40001",
+                            "schema has been updated by another transaction (OC001)"
+                        ),
                         "round {round}"
                     );
                 }
@@ -371,7 +392,10 @@ async fn hidden_transaction_state_follows_the_server() {
     let next = f.simple("SELECT 1").await;
     assert_eq!(next.error().map(|e| e.0), Some("25P02".into()), "{next:?}");
     let rollback = f.simple("ROLLBACK").await;
-    assert_eq!((rollback.tags(), rollback.status()), (vec!["ROLLBACK".into()], b'I'));
+    assert_eq!(
+        (rollback.tags(), rollback.status()),
+        (vec!["ROLLBACK".into()], b'I')
+    );
     // A FunctionCall (libpq's PQfn, large objects): int4abs(-5), answered with its own
     // ReadyForQuery, and the next query is answered as itself.
     let oid: i32 = 1397; // int4abs

@@ -218,6 +218,11 @@ pub(crate) enum Plan {
     /// row held by an open transaction, or a locking read): the answer is dropped, its tag or
     /// error reported in the [`Reply`].
     Replay,
+    /// The `Sync` a client sends after `CopyDone` or `CopyFail` of an extended-protocol
+    /// `COPY … FROM STDIN`: the server answers it only when the `COPY` never started (an error
+    /// at its `Execute`); otherwise its one `ReadyForQuery` ends the `COPY`'s batch, whose `Sync`
+    /// the server ignored in copy mode.
+    CopySync,
 }
 
 /// A plan as queued: what is done with the answer, and what is done at its `ReadyForQuery`.
@@ -231,6 +236,9 @@ pub(crate) struct Planned {
     /// The answer to one piece of a client request the relay split: its `ReadyForQuery` is
     /// the client's only if an error ends the request there.
     pub(crate) intermediate: bool,
+    /// The piece runs in a transaction block the relay opened: an error that ends the request
+    /// there tells the client it is outside any block (the relay rolls it back).
+    pub(crate) own_block: bool,
 }
 
 impl Planned {
@@ -240,6 +248,7 @@ impl Planned {
             plan,
             report: matches!(plan, Plan::Write { .. } | Plan::Replay),
             intermediate: false,
+            own_block: false,
         }
     }
 }
@@ -611,6 +620,11 @@ pub(crate) struct Dialect {
     commit: Option<(Piece, Option<bool>)>,
     /// The `COMMIT` being sent has been validated.
     validated: bool,
+    /// The last extended-protocol batch ran `COPY … FROM STDIN`.
+    copy_batch: bool,
+    /// Its `CopyDone` or `CopyFail` went through: the next `Sync` is the copy's
+    /// ([`Plan::CopySync`]).
+    copy_tail: bool,
 }
 
 /// A piece of a client request: one statement of a multi-statement `Query` (the client's
@@ -619,7 +633,16 @@ pub(crate) struct Dialect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
     Query(String),
-    Batch { messages: Vec<u8>, sync: Vec<u8> },
+    Batch {
+        messages: Vec<u8>,
+        sync: Vec<u8>,
+    },
+    /// A refused extended-protocol message, answered once the messages before it ran
+    /// (`own_block`: in a block the relay opened, rolled back after the refusal).
+    Refusal {
+        refusal: Refusal,
+        own_block: bool,
+    },
 }
 
 /// What the reported answer the relay waits for belongs to.
@@ -629,6 +652,8 @@ struct Awaiting {
     commit: bool,
     /// A piece of a split request: `Some(intermediate)`.
     piece: Option<bool>,
+    /// The piece runs in a block the relay opened.
+    own_block: bool,
 }
 
 /// The most query texts remembered per session.
@@ -868,6 +893,9 @@ impl Dialect {
             if reply.failed {
                 // The request ends here, as PostgreSQL's would at its error.
                 self.pieces.clear();
+                if awaited.own_block {
+                    out.push(&query("ROLLBACK"), Some(Plan::Swallow));
+                }
             } else {
                 self.next_piece(out);
             }
@@ -975,15 +1003,26 @@ impl Dialect {
                     self.release_held(out);
                 }
             }
+            b'S' if self.copy_tail && self.raw.is_empty() => {
+                self.copy_tail = false;
+                self.copy_batch = false;
+                out.push(whole, Some(Plan::CopySync));
+            }
             b'S' => {
                 let raw = std::mem::take(&mut self.raw);
                 self.on_batch(raw, whole.to_vec(), out);
+            }
+            // COPY data, then its end: the copy's Sync follows.
+            b'c' | b'f' => {
+                self.copy_tail = self.copy_batch;
+                out.push(whole, None);
             }
             b'H' => {
                 self.decide_raw(out);
                 self.release_held(out);
                 if let Some(refusal) = &self.skipping
                     && !self.refusal_sent
+                    && !self.batch.released
                 {
                     // PostgreSQL sends an error at once; the client may wait for it.
                     out.push(&raise_query(refusal), Some(Plan::AllButReady));
@@ -1140,6 +1179,7 @@ impl Dialect {
                 self.executed_kinds(messages).as_slice(),
                 [(_, Kind::Commit, _)]
             ),
+            Piece::Refusal { .. } => false,
         };
         if commits && self.commit_point(&piece, intermediate, out) {
             return;
@@ -1163,6 +1203,18 @@ impl Dialect {
                     self.on_extended(tag, body, whole, out);
                 }
                 self.on_sync(&sync, intermediate, out);
+            }
+            Piece::Refusal { refusal, own_block } => {
+                if own_block {
+                    out.push(&raise_query(&refusal), Some(Plan::AllButReady));
+                    out.push(&query("ROLLBACK"), Some(Plan::OnlyReady));
+                } else {
+                    out.push(&raise_query(&refusal), Some(Plan::Pass));
+                }
+                if let Some(intermediate) = intermediate {
+                    out.mark_piece(intermediate);
+                    self.awaiting.piece = Some(intermediate);
+                }
             }
         }
     }
@@ -1188,12 +1240,34 @@ impl Dialect {
     fn on_sync(&mut self, whole: &[u8], intermediate: Option<bool>, out: &mut Outgoing) {
         let batch = std::mem::take(&mut self.batch);
         let held = std::mem::take(&mut self.held);
+        self.copy_batch = batch.copy_in;
         if let Some(refusal) = self.skipping.take() {
-            out.push(&held, None);
             if std::mem::take(&mut self.refusal_sent) {
+                out.push(&held, None);
                 out.push(whole, Some(Plan::Pass));
-            } else {
+            } else if held.is_empty() && !batch.released {
                 out.push(&raise_query(&refusal), Some(Plan::Pass));
+            } else {
+                // The messages before the refused one run first, up to a Sync of the relay's
+                // (PostgreSQL runs them and stops at the first error); then the refusal. In
+                // autocommit they run in a block the relay opens and rolls back, as the
+                // batch's implicit transaction would be.
+                let own_block = !self.in_block && !batch.released;
+                if own_block {
+                    out.push(&query("BEGIN"), Some(Plan::Swallow));
+                }
+                out.push(&held, None);
+                out.push(&message(b'S', b""), Some(Plan::Pass));
+                out.mark_piece(true);
+                if let Some(last) = out.plans.last_mut() {
+                    last.own_block = own_block;
+                }
+                self.awaiting.piece = Some(true);
+                self.awaiting.own_block = own_block;
+                self.pieces
+                    .push_front(Piece::Refusal { refusal, own_block });
+                self.end_of_implicit_transaction();
+                return;
             }
         } else {
             let oversize = (self.tx_bytes > TX_SIZE_LIMIT).then_some(self.tx_bytes);
@@ -1803,6 +1877,8 @@ pub(crate) struct Responder {
     reply: Reply,
     /// The session must close: the relay lost track of it.
     closing: bool,
+    /// The current answer entered copy-in mode (`CopyInResponse`).
+    copying: bool,
 }
 
 impl Responder {
@@ -1819,6 +1895,7 @@ impl Responder {
             failed: false,
             reply: Reply::default(),
             closing: false,
+            copying: false,
         }
     }
 
@@ -1857,6 +1934,7 @@ impl Responder {
     fn finish(&mut self, out: &mut Vec<u8>) {
         let tag = self.current[0];
         let ready = tag == b'Z';
+        self.copying |= tag == b'G';
         let Some(planned) = self.plans.lock().front().copied() else {
             if ready {
                 return self.lose_track("a ReadyForQuery no request accounts for", out);
@@ -1865,7 +1943,7 @@ impl Responder {
             return self.pass(out);
         };
         match planned.plan {
-            Plan::Pass => self.pass(out),
+            Plan::Pass | Plan::CopySync => self.pass(out),
             // The relay's own statement: an error other than an aborted block's means its
             // picture of the session is wrong.
             Plan::Swallow if tag == b'E' && field(&self.current[5..], b'C') != b"25P02" => {
@@ -1910,11 +1988,25 @@ impl Responder {
                 self.rows = 0;
             }
             self.plans.status.store(status, Ordering::SeqCst);
-            self.plans.lock().pop_front();
+            {
+                let mut queue = self.plans.lock();
+                queue.pop_front();
+                // A COPY's batch ends with this ReadyForQuery: the Sync after its CopyDone
+                // has none of its own.
+                if std::mem::take(&mut self.copying)
+                    && queue.front().is_some_and(|p| p.plan == Plan::CopySync)
+                {
+                    queue.pop_front();
+                }
+            }
             let passed = out.len() >= 6 && out[out.len() - 6] == b'Z';
             if planned.intermediate && !self.failed && passed {
                 // Not the end of the client's request.
                 out.truncate(out.len() - 6);
+            } else if planned.intermediate && planned.own_block && passed {
+                // The relay rolls its own block back: the client is in none.
+                let last = out.len() - 1;
+                out[last] = b'I';
             }
             if planned.report {
                 let mut reply = std::mem::take(&mut self.reply);

@@ -1,0 +1,252 @@
+//! Protocol robustness of the rules relay, through the message sequences drivers send: COPY
+//! through the extended protocol (libpq, tokio-postgres `copy_in` and `BinaryCopyInWriter`),
+//! a refusal in the middle of a long batch (pgJDBC's `executeBatch`), a `Flush` that waits for
+//! an error before `Sync`, pipelined batches. Every answer must be the right one, and nothing
+//! may hang (each read is bounded).
+
+use crate::frontend::Frontend;
+use crate::sql_rules::{rules_connector, rules_emulator};
+use crate::support::{each, upstream};
+
+async fn count(table: &str) -> i64 {
+    upstream()
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Extended-protocol COPY sends a Sync the server ignores in copy mode and another after
+/// CopyDone: one ReadyForQuery for two Syncs. Text (libpq's shape, raw) and binary
+/// (tokio-postgres), then 100 more statements on the same connection, each answered as
+/// itself, writes in transaction blocks among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_copy_in_then_every_answer_is_the_right_one() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS proto_copy",
+            "CREATE TABLE proto_copy (id int PRIMARY KEY, v text)",
+        ],
+    )
+    .await;
+    // libpq's PQexecParams("COPY … FROM STDIN"), PQputCopyData, PQputCopyEnd.
+    let mut f = Frontend::connect(rules_emulator()).await;
+    f.parse("", "COPY proto_copy FROM STDIN")
+        .bind("", &[])
+        .describe_portal()
+        .execute()
+        .sync()
+        .send()
+        .await;
+    let mut started = Vec::new();
+    loop {
+        let m = f.read().await;
+        let copy_in = m.tag == b'G';
+        started.push(m);
+        if copy_in {
+            break;
+        }
+    }
+    f.message(b'd', b"1\tone\n2\ttwo\n")
+        .message(b'c', b"")
+        .sync()
+        .send()
+        .await;
+    let done = f.answer().await;
+    assert_eq!(done.tags(), ["COPY 2"], "{done:?}");
+    assert_eq!(done.status(), b'I');
+    for i in 0..50 {
+        let answer = f.extended("SELECT $1::int + 1", &[&i.to_string()]).await;
+        assert_eq!(answer.values(), [Some((i + 1).to_string())], "{answer:?}");
+        if i % 10 == 0 {
+            let begin = f.simple("BEGIN").await;
+            let write = f
+                .extended(
+                    "UPDATE proto_copy SET v = $1 WHERE id = 1",
+                    &[&i.to_string()],
+                )
+                .await;
+            let commit = f.simple("COMMIT").await;
+            assert_eq!(
+                (begin.tags(), write.tags(), commit.tags(), commit.status()),
+                (
+                    vec!["BEGIN".into()],
+                    vec!["UPDATE 1".into()],
+                    vec!["COMMIT".into()],
+                    b'I'
+                )
+            );
+        }
+    }
+    // A COPY that fails at its Execute: both Syncs are answered.
+    f.parse("", "COPY no_such_table FROM STDIN")
+        .bind("", &[])
+        .execute()
+        .sync()
+        .send()
+        .await;
+    let failed = f.answer().await;
+    assert_eq!(
+        failed.error().map(|e| e.0),
+        Some("42P01".into()),
+        "{failed:?}"
+    );
+    let tail = f.message(b'c', b"").sync().flush_and_answer().await;
+    assert_eq!(tail.shape(), "Z", "{tail:?}");
+    assert_eq!(f.simple("SELECT 7").await.values(), [Some("7".to_owned())]);
+
+    // tokio-postgres: binary COPY, then 50 statements.
+    let client = rules_connector().await.connect().await.unwrap();
+    let sink = client
+        .copy_in("COPY proto_copy (id, v) FROM STDIN (FORMAT binary)")
+        .await
+        .unwrap();
+    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+        sink,
+        &[
+            tokio_postgres::types::Type::INT4,
+            tokio_postgres::types::Type::TEXT,
+        ],
+    );
+    tokio::pin!(writer);
+    for id in 10..20i32 {
+        writer.as_mut().write(&[&id, &"b"]).await.unwrap();
+    }
+    assert_eq!(writer.finish().await.unwrap(), 10);
+    for i in 0..50i32 {
+        let row = tokio::time::timeout(
+            crate::frontend::ANSWER_BOUND,
+            client.query_one("SELECT $1::int * 2", &[&i]),
+        )
+        .await
+        .expect("no hang")
+        .unwrap();
+        assert_eq!(row.get::<_, i32>(0), i * 2);
+        if i % 10 == 0 {
+            client.batch_execute("BEGIN").await.unwrap();
+            let n = client
+                .execute(
+                    "UPDATE proto_copy SET v = 'x' WHERE id = $1",
+                    &[&(10 + i / 10)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+            client.batch_execute("COMMIT").await.unwrap();
+        }
+    }
+    assert_eq!(count("proto_copy").await, 12);
+}
+
+/// pgJDBC's `executeBatch`: 16 statements as Parse/Bind/Execute in one batch (50 messages),
+/// the eighth refused by DSQL: the first seven are answered, then the refusal, then one
+/// ReadyForQuery; in autocommit nothing of the batch is left (its implicit transaction), in
+/// a block the block is failed. And an upstream error before the refusal ends the batch there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_the_middle_of_a_batch_answers_and_does_not_hang() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS proto_batch",
+            "CREATE TABLE proto_batch (id int PRIMARY KEY)",
+        ],
+    )
+    .await;
+    let batch = |f: &mut Frontend, start: i32, duplicate_at: Option<usize>| {
+        for i in 0..16usize {
+            if i == 7 {
+                f.parse("", "TRUNCATE proto_batch");
+            } else {
+                f.parse("", "INSERT INTO proto_batch VALUES ($1)");
+            }
+            let id = match duplicate_at {
+                Some(at) if i == at => start.to_string(),
+                _ => (start + i as i32).to_string(),
+            };
+            if i == 7 {
+                f.bind("", &[]);
+            } else {
+                f.bind("", &[&id]);
+            }
+            f.execute();
+        }
+        f.describe_statement("").sync();
+    };
+    let truncate = (
+        "0A000".to_owned(),
+        "unsupported statement: Truncate".to_owned(),
+    );
+    let mut f = Frontend::connect(rules_emulator()).await;
+    // Autocommit.
+    batch(&mut f, 100, None);
+    let answer = f.flush_and_answer().await;
+    assert_eq!(answer.tags().len(), 7, "{answer:?}");
+    assert_eq!(answer.error(), Some(truncate.clone()));
+    assert_eq!(answer.status(), b'I', "{answer:?}");
+    assert_eq!(
+        count("proto_batch").await,
+        0,
+        "the batch's implicit transaction rolled back"
+    );
+    // An upstream error (a duplicate key at the fourth) ends it before the refusal.
+    batch(&mut f, 200, Some(3));
+    let answer = f.flush_and_answer().await;
+    assert_eq!(
+        answer.error().map(|e| e.0),
+        Some("23505".into()),
+        "{answer:?}"
+    );
+    assert_eq!(
+        (answer.tags().len(), answer.status()),
+        (3, b'I'),
+        "{answer:?}"
+    );
+    assert_eq!(count("proto_batch").await, 0);
+    // In a block.
+    assert_eq!(f.simple("BEGIN").await.status(), b'T');
+    batch(&mut f, 300, None);
+    let answer = f.flush_and_answer().await;
+    assert_eq!(answer.tags().len(), 7, "{answer:?}");
+    assert_eq!(answer.error(), Some(truncate));
+    assert_eq!(answer.status(), b'E', "{answer:?}");
+    let rollback = f.simple("ROLLBACK").await;
+    assert_eq!(
+        (rollback.tags(), rollback.status()),
+        (vec!["ROLLBACK".into()], b'I')
+    );
+    assert_eq!(count("proto_batch").await, 0);
+    // The session goes on.
+    assert_eq!(f.simple("SELECT 1").await.values(), [Some("1".to_owned())]);
+}
+
+/// A client that sends Parse/Describe/Flush and waits gets its error before any Sync (as
+/// PostgreSQL sends errors at once); its Sync then gets the ReadyForQuery. Pipelined batches
+/// (three Syncs in one write) get three answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_and_pipelined_batches() {
+    let mut f = Frontend::connect(rules_emulator()).await;
+    f.parse("p", "TRUNCATE anything")
+        .describe_statement("p")
+        .flush_message()
+        .send()
+        .await;
+    let error = f.read().await;
+    assert_eq!(error.tag, b'E', "{error:?}");
+    assert_eq!(error.field(b'C').as_deref(), Some("0A000"));
+    let ready = f.sync().flush_and_answer().await;
+    assert_eq!((ready.shape(), ready.status()), ("Z".to_owned(), b'I'));
+
+    for i in 0..3 {
+        f.parse("", "SELECT $1::int")
+            .bind("", &[&i.to_string()])
+            .execute()
+            .sync();
+    }
+    f.send().await;
+    for i in 0..3 {
+        let answer = f.answer().await;
+        assert_eq!(answer.values(), [Some(i.to_string())], "{answer:?}");
+    }
+}
