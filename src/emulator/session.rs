@@ -570,7 +570,19 @@ async fn drive<W: AsyncWrite + Unpin>(
         if !out.gate {
             return Ok(());
         }
-        let Some(reply) = inbox.recv().await else {
+        let reply = match member {
+            Some(member) if out.committer => {
+                match sql::occ::committed_reply(&shared.sessions, &member.entry, inbox).await {
+                    Ok(reply) => Some(reply),
+                    Err(sql::occ::Lost(why)) => {
+                        tracing::error!(why, "emulator: a DDL's answer did not come");
+                        None
+                    }
+                }
+            }
+            _ => inbox.recv().await,
+        };
+        let Some(reply) = reply else {
             out.close = true;
             return Ok(());
         };

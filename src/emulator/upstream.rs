@@ -421,6 +421,8 @@ fn spawn_server(
         // Autovacuum's truncation takes a table lock that would read as a conflict (the
         // relay's lock timeout); a throw-away cluster needs no vacuuming.
         .args(["-c", "autovacuum=off"])
+        // Two committers whose validations wait for each other (see `sql::occ`) learn it soon.
+        .args(["-c", "deadlock_timeout=100ms"])
         .args(["-c", "max_connections=300"])
         .args(["-c", "unix_socket_permissions=0700"])
         .current_dir(cluster_dir)

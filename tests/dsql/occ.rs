@@ -416,3 +416,154 @@ async fn hidden_transaction_state_follows_the_server() {
     assert_eq!(whole.tags(), ["BEGIN", "SELECT 1", "COMMIT"], "{whole:?}");
     assert_eq!(whole.status(), b'I');
 }
+
+/// Lock waits that are not a row conflict are not conflicts: a DDL waiting for the table lock
+/// of an open transaction that read the table goes through (on DSQL it never waits; that
+/// transaction then fails with `OC001`), and an `ANALYZE` waiting for another session's DDL
+/// waits for it, neither answered `OC000`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_and_analyze_wait_for_table_locks_instead_of_failing() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS occ_ddl_wait",
+            "CREATE TABLE occ_ddl_wait (id int PRIMARY KEY, v int)",
+            "INSERT INTO occ_ddl_wait VALUES (1, 1)",
+        ],
+    )
+    .await;
+    let connector = rules_connector().await;
+    let reader = connector.connect().await.unwrap();
+    let ddl = connector.connect().await.unwrap();
+    reader.batch_execute("BEGIN").await.unwrap();
+    reader
+        .query_one("SELECT v FROM occ_ddl_wait WHERE id = 1", &[])
+        .await
+        .unwrap();
+    // The reader holds its table lock; the DDL is not refused for it.
+    ddl.batch_execute("ALTER TABLE occ_ddl_wait ADD COLUMN w text")
+        .await
+        .expect("the DDL goes through");
+    let commit = reader.batch_execute("COMMIT").await.unwrap_err();
+    let db = commit.as_db_error().unwrap();
+    assert_eq!(
+        (db.code().code(), db.message()),
+        (
+            "40001",
+            "schema has been updated by another transaction (OC001)"
+        )
+    );
+    // The same through the extended protocol (pgJDBC's executeUpdate of DDL).
+    reader.batch_execute("BEGIN").await.unwrap();
+    reader
+        .query_one("SELECT v FROM occ_ddl_wait WHERE id = 1", &[])
+        .await
+        .unwrap();
+    ddl.execute("ALTER TABLE occ_ddl_wait ADD COLUMN x text", &[])
+        .await
+        .expect("the DDL goes through");
+    assert!(reader.batch_execute("COMMIT").await.is_err());
+
+    // ANALYZE waits for a DDL in progress in another session's block, then runs.
+    ddl.batch_execute("BEGIN").await.unwrap();
+    ddl.batch_execute("ALTER TABLE occ_ddl_wait ADD COLUMN y text")
+        .await
+        .unwrap();
+    let analyze = tokio::spawn({
+        let connector = connector.clone();
+        async move {
+            let client = connector.connect().await.unwrap();
+            client.batch_execute("ANALYZE occ_ddl_wait").await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    ddl.batch_execute("COMMIT").await.unwrap();
+    analyze
+        .await
+        .unwrap()
+        .expect("ANALYZE waits for the lock instead of failing");
+    // The other session's next statement on the table is told of the change, once (§6).
+    let told = reader
+        .batch_execute("SELECT v FROM occ_ddl_wait")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        told.code(),
+        Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+    );
+    // The session's lock timeout is back to the relay's: a write still never waits.
+    reader.batch_execute("BEGIN").await.unwrap();
+    ddl.batch_execute("BEGIN").await.unwrap();
+    reader
+        .batch_execute("UPDATE occ_ddl_wait SET v = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        ddl.batch_execute("UPDATE occ_ddl_wait SET v = 3 WHERE id = 1"),
+    )
+    .await
+    .expect("the second write answers at once")
+    .unwrap();
+    reader.batch_execute("COMMIT").await.unwrap();
+    assert!(ddl.batch_execute("COMMIT").await.is_err());
+}
+
+/// Two transactions that each hold a row the other wrote afterwards, committing at once: their
+/// validations may deadlock in PostgreSQL; exactly one commits, the other gets `OC000`, and the
+/// rows hold the winner's values. Ten rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crossed_writers_committing_at_once_end_with_one_winner() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS occ_crossed",
+            "CREATE TABLE occ_crossed (id int PRIMARY KEY, v int NOT NULL)",
+            "INSERT INTO occ_crossed VALUES (1, 0), (2, 0)",
+        ],
+    )
+    .await;
+    let connector = rules_connector().await;
+    let a = connector.connect().await.unwrap();
+    let b = connector.connect().await.unwrap();
+    for round in 1..=10 {
+        let (va, vb) = (round * 10 + 1, round * 10 + 2);
+        for (client, first, value) in [(&a, 1, va), (&b, 2, vb)] {
+            client.batch_execute("BEGIN").await.unwrap();
+            client
+                .execute(
+                    "UPDATE occ_crossed SET v = $1 WHERE id = $2",
+                    &[&value, &first],
+                )
+                .await
+                .unwrap();
+        }
+        for (client, second, value) in [(&a, 2, va), (&b, 1, vb)] {
+            let n = client
+                .execute(
+                    "UPDATE occ_crossed SET v = $1 WHERE id = $2",
+                    &[&value, &second],
+                )
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+        let (ca, cb) = tokio::join!(a.batch_execute("COMMIT"), b.batch_execute("COMMIT"));
+        let winner = match (&ca, &cb) {
+            (Ok(()), Err(_)) => va,
+            (Err(_), Ok(())) => vb,
+            _ => panic!("round {round}: exactly one commits: {ca:?} {cb:?}"),
+        };
+        for e in [ca.err(), cb.err()].into_iter().flatten() {
+            let db = e.as_db_error().unwrap();
+            assert_eq!((db.code().code(), db.message()), ("40001", OC000));
+        }
+        let rows = upstream()
+            .await
+            .query("SELECT v FROM occ_crossed ORDER BY id", &[])
+            .await
+            .unwrap();
+        let values: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(values, [winner, winner], "round {round}");
+    }
+}

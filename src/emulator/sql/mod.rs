@@ -170,6 +170,17 @@ const SAVEPOINT: &str = "dsql_emulator_occ";
 /// conflict (a startup parameter of every upstream session; `RESET ALL` keeps it).
 pub(crate) const LOCK_TIMEOUT: &str = "10ms";
 
+/// How long DDL and `ANALYZE` wait for the table locks they need (on DSQL nothing makes them
+/// fail for a lock; here a DDL dooms the open transactions that hold one, see [`occ`]).
+pub(crate) const WAIT_LOCK_TIMEOUT: &str = "30s";
+
+/// An extended-protocol batch that runs `text` as a statement of the relay's own, ending with
+/// `Sync` (neither the client's unnamed statement nor its named ones change); its answer is
+/// swallowed.
+fn hidden(text: &str) -> Vec<u8> {
+    statement_batch(text, &[], &[0, 0, 0, 0])
+}
+
 /// What the relay makes of the server's answer to one `Query` or `Sync` it sends upstream (one
 /// group of messages ending with `ReadyForQuery`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +430,9 @@ pub(crate) struct Outgoing {
     /// A `COMMIT` waits for this validation (see [`occ`]); the relay then calls
     /// [`Dialect::after_validation`].
     pub(crate) validate: Option<occ::Validation>,
+    /// The reported request commits on its own (DDL): while it waits for a lock, the open
+    /// transactions that hold it are doomed.
+    pub(crate) committer: bool,
 }
 
 impl Outgoing {
@@ -452,6 +466,7 @@ impl Outgoing {
         self.gate = false;
         self.close = false;
         self.validate = None;
+        self.committer = false;
     }
 }
 
@@ -473,6 +488,8 @@ struct Prepared {
     text: Arc<str>,
     /// For a locking read: the statement that validates it at `COMMIT`.
     touch: Option<Arc<str>>,
+    /// It waits for table locks (DDL, `ANALYZE`).
+    waits: bool,
 }
 
 fn other() -> Prepared {
@@ -486,6 +503,7 @@ fn other() -> Prepared {
         job: None,
         text: "".into(),
         touch: None,
+        waits: false,
     }
 }
 
@@ -654,6 +672,9 @@ struct Awaiting {
     piece: Option<bool>,
     /// The piece runs in a block the relay opened.
     own_block: bool,
+    /// A statement that waited for table locks under [`WAIT_LOCK_TIMEOUT`]: the session's
+    /// lock timeout goes back to [`LOCK_TIMEOUT`].
+    waits: bool,
 }
 
 /// The most query texts remembered per session.
@@ -687,6 +708,8 @@ struct Batch {
     job: Option<&'static str>,
     /// It executes DDL.
     ddl: bool,
+    /// It executes a statement that waits for table locks.
+    waits: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -810,11 +833,12 @@ impl Dialect {
         if let Some(refusal) = self.too_old() {
             return Some(refusal);
         }
-        if self.plans.doomed.load(Ordering::SeqCst) || self.entry.doomed(self.block) {
-            return Some(change_conflict());
-        }
+        // A schema change that doomed it is told as the schema change.
         if let Some(refusal) = self.commit_schema_check() {
             return Some(refusal);
+        }
+        if self.plans.doomed.load(Ordering::SeqCst) || self.entry.doomed(self.block) {
+            return Some(change_conflict());
         }
         (self.tx_bytes > TX_SIZE_LIMIT).then(|| size_limit_exceeded(self.tx_bytes))
     }
@@ -888,6 +912,12 @@ impl Dialect {
         }
         if awaited.commit {
             self.entry.committed();
+        }
+        if awaited.waits {
+            out.push(
+                &hidden(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'")),
+                Some(Plan::Swallow),
+            );
         }
         if awaited.piece == Some(true) {
             if reply.failed {
@@ -1318,8 +1348,15 @@ impl Dialect {
             if let Some(prefix) = prefix {
                 out.push(&prefix, Some(Plan::Swallow));
             }
+            let waits = batch.waits && batch.executes == 1 && !batch.released;
+            if waits {
+                self.wait_for_locks(out);
+            }
             out.push(&held, None);
             out.push(whole, Some(plan));
+            if waits {
+                self.waited(batch.ddl, out);
+            }
             if matches!(plan, Plan::Write { .. }) {
                 self.awaiting.write = true;
                 self.last_write = replay;
@@ -1503,6 +1540,10 @@ impl Dialect {
         if let Some(prefix) = prefix {
             out.push(&prefix, Some(Plan::Swallow));
         }
+        let waits = matches!(classified.statements.as_slice(), [one] if one.waits);
+        if waits {
+            self.wait_for_locks(out);
+        }
         let plan = match classified.job {
             Some(tag) => Plan::Job {
                 tag,
@@ -1515,6 +1556,9 @@ impl Dialect {
         } else {
             out.push(&query(&classified.upstream_text), Some(plan));
         }
+        if waits {
+            self.waited(kinds.contains(&Kind::Ddl), out);
+        }
         if matches!(plan, Plan::Write { .. }) {
             self.awaiting.write = true;
             self.last_write = replay;
@@ -1523,6 +1567,24 @@ impl Dialect {
             out.mark_piece(intermediate);
             self.awaiting.piece = Some(intermediate);
         }
+    }
+
+    /// Before a statement that waits for table locks (DDL, `ANALYZE`): a lock timeout long
+    /// enough to wait, set back when its answer is in ([`Self::waited`], [`Self::on_reply`]).
+    fn wait_for_locks(&mut self, out: &mut Outgoing) {
+        out.push(
+            &hidden(&format!("SET lock_timeout = '{WAIT_LOCK_TIMEOUT}'")),
+            Some(Plan::Swallow),
+        );
+    }
+
+    /// After the statement [`Self::wait_for_locks`] prepared for: the relay waits for its
+    /// answer (a DDL dooming the open transactions whose locks it waits for), then sets the
+    /// lock timeout back.
+    fn waited(&mut self, ddl: bool, out: &mut Outgoing) {
+        out.mark_piece(false);
+        self.awaiting.waits = true;
+        out.committer = ddl;
     }
 
     fn on_parse(&mut self, body: &[u8], whole: &[u8], out: &mut Outgoing) {
@@ -1553,6 +1615,7 @@ impl Dialect {
                     job: classified.job,
                     text: classified.upstream_text.as_str().into(),
                     touch: one.touch.as_deref().map(Into::into),
+                    waits: one.waits,
                 },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
@@ -1669,6 +1732,7 @@ impl Dialect {
                 batch.copy_in |= prepared.copy_in;
                 batch.job = batch.job.or(prepared.job);
                 batch.ddl |= prepared.kind == Kind::Ddl;
+                batch.waits |= prepared.waits;
                 if prepared.kind == Kind::Dml {
                     match prepared.most_rows {
                         Some(rows) => batch.bounded_rows += rows,
@@ -2388,12 +2452,16 @@ mod tests {
         send(&mut d, &bind("s1"));
         send(&mut d, &execute());
         let (_, plans) = send(&mut d, &sync());
+        // (After the lock timeout a DDL waits under.)
         assert_eq!(
             plans,
-            [Plan::Job {
-                tag: "CREATE INDEX",
-                described: true
-            }]
+            [
+                Plan::Swallow,
+                Plan::Job {
+                    tag: "CREATE INDEX",
+                    described: true
+                }
+            ]
         );
     }
 

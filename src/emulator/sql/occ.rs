@@ -157,6 +157,13 @@ impl Sessions {
         }
     }
 
+    /// A commit ticket for `entry`'s session, which holds it until [`Entry::committed`].
+    fn commit_ticket(&self, entry: &Entry) -> u64 {
+        let ticket = self.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+        entry.committing.store(ticket, Ordering::SeqCst);
+        ticket
+    }
+
     /// A new transaction block's number (unique in the database).
     pub(crate) fn next_block(&self) -> u64 {
         self.blocks.fetch_add(1, Ordering::SeqCst) + 1
@@ -230,8 +237,7 @@ pub(crate) async fn validate<W: AsyncWrite + Unpin>(
     upstream: &mut W,
     replies: &mut tokio::sync::mpsc::Receiver<Reply>,
 ) -> Result<Result<(), Refusal>, Lost> {
-    let ticket = sessions.tickets.fetch_add(1, Ordering::SeqCst) + 1;
-    entry.committing.store(ticket, Ordering::SeqCst);
+    let ticket = sessions.commit_ticket(entry);
     let conflict = || Ok(Err(super::change_conflict()));
     if entry.doomed(validation.block) {
         return conflict();
@@ -254,31 +260,53 @@ pub(crate) async fn validate<W: AsyncWrite + Unpin>(
             .await
             .map_err(|_| Lost("upstream closed"))?;
         send.clear();
-        let answer = async {
-            loop {
-                tokio::select! {
-                    biased;
-                    reply = replies.recv() => return reply,
-                    () = tokio::time::sleep(POLL) => {
-                        for blocker in sessions.blockers(pid).await {
-                            sessions.doom(blocker, ticket);
-                        }
-                    }
-                }
-            }
-        };
-        let reply = tokio::time::timeout(REPLAY_BOUND, answer)
-            .await
-            .map_err(|_| Lost("no answer to a replay"))?
-            .ok_or(Lost("the server side ended"))?;
+        let reply = reply_dooming(sessions, pid, ticket, replies).await?;
         let told_otherwise = replay.told.is_some() && reply.tag != replay.told;
         if reply.error.is_some() || told_otherwise {
             tracing::debug!(?reply, told = ?replay.told, "emulator: a replay at COMMIT failed");
             return conflict();
         }
     }
-    if entry.doomed(validation.block) {
-        return conflict();
-    }
     Ok(Ok(()))
+}
+
+/// The reply to a request that commits on its own (DDL), dooming the open transactions whose
+/// locks it waits for; the session's commit ticket is given back then.
+pub(crate) async fn committed_reply(
+    sessions: &Sessions,
+    entry: &Entry,
+    replies: &mut tokio::sync::mpsc::Receiver<Reply>,
+) -> Result<Reply, Lost> {
+    let ticket = sessions.commit_ticket(entry);
+    let pid = entry.pid.load(Ordering::SeqCst);
+    let reply = reply_dooming(sessions, pid, ticket, replies).await;
+    entry.committed();
+    reply
+}
+
+/// Waits for the next reply while dooming, every [`POLL`], the open transactions that block
+/// backend `pid` (for the committer holding `ticket`); bounded by [`REPLAY_BOUND`].
+async fn reply_dooming(
+    sessions: &Sessions,
+    pid: i32,
+    ticket: u64,
+    replies: &mut tokio::sync::mpsc::Receiver<Reply>,
+) -> Result<Reply, Lost> {
+    let answer = async {
+        loop {
+            tokio::select! {
+                biased;
+                reply = replies.recv() => return reply,
+                () = tokio::time::sleep(POLL) => {
+                    for blocker in sessions.blockers(pid).await {
+                        sessions.doom(blocker, ticket);
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(REPLAY_BOUND, answer)
+        .await
+        .map_err(|_| Lost("no answer while waiting for a lock"))?
+        .ok_or(Lost("the server side ended"))
 }

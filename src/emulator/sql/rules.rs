@@ -70,6 +70,9 @@ pub(crate) struct Statement {
     pub(crate) most_rows: Option<u64>,
     /// `COPY … FROM STDIN`: the server waits for the client's data in the middle of its answer.
     pub(crate) copy_in: bool,
+    /// It waits for the table locks it needs, as on DSQL nothing fails it for them (DDL,
+    /// `ANALYZE`): PostgreSQL's lock waits are not conflicts for it.
+    pub(crate) waits: bool,
     /// For `SELECT … FOR UPDATE`: the statement that, at `COMMIT`, locks the same rows and
     /// writes them (see [`locking_read`]); the client's statement goes upstream without its
     /// locking clause, so that it never waits.
@@ -84,6 +87,7 @@ impl Statement {
             write_tag: None,
             most_rows: None,
             copy_in: false,
+            waits: false,
             touch: None,
         }
     }
@@ -648,6 +652,7 @@ fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
         write_tag,
         most_rows: most_rows(node),
         copy_in: matches!(node, NodeEnum::CopyStmt(c) if c.is_from && c.filename.is_empty()),
+        waits: kind == Kind::Ddl || matches!(node, NodeEnum::VacuumStmt(v) if !v.is_vacuumcmd),
         touch: None,
     }
 }
