@@ -272,13 +272,4 @@ impl Frontend {
             .flush_and_answer()
             .await
     }
-
-    /// Whether the server closed the connection (reads to the end, within the bound).
-    pub async fn closed(&mut self) -> bool {
-        let mut rest = Vec::new();
-        matches!(
-            tokio::time::timeout(ANSWER_BOUND, self.stream.read_to_end(&mut rest)).await,
-            Ok(Ok(_)) | Ok(Err(_))
-        )
-    }
 }

@@ -113,7 +113,9 @@ async fn commit(f: &mut Frontend, shape: Shape, round: usize) -> Answer {
             f.bind("c", &[]).execute().sync().flush_and_answer().await
         }
         Shape::CommitInMultiStatement => f.simple("SELECT 1; COMMIT").await,
-        Shape::CommentedCommit if round % 2 == 0 => f.simple("/* app:checkout */ COMMIT").await,
+        Shape::CommentedCommit if round.is_multiple_of(2) => {
+            f.simple("/* app:checkout */ COMMIT").await
+        }
         Shape::CommentedCommit => f.simple("-- app\nEND").await,
     }
 }
