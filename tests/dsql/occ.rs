@@ -569,3 +569,115 @@ async fn crossed_writers_committing_at_once_end_with_one_winner() {
         assert_eq!(values, [winner, winner], "round {round}");
     }
 }
+
+/// An autocommit write is a transaction that commits at once: meeting a row an open
+/// transaction holds, it commits first (the open one fails at its COMMIT with `OC000`),
+/// whether it is an unbounded UPDATE (simple or extended, unnamed statement), or a bounded
+/// upsert through a named prepared statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autocommit_write_commits_first_against_an_open_transaction() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS occ_autocommit",
+            "CREATE TABLE occ_autocommit (id int PRIMARY KEY, v int NOT NULL)",
+            "INSERT INTO occ_autocommit VALUES (1, 0)",
+        ],
+    )
+    .await;
+    let emulator = rules_emulator();
+    let client = rules_connector().await.connect().await.unwrap();
+    let upsert =
+        "INSERT INTO occ_autocommit VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET v = excluded.v";
+    for (round, shape) in ["simple", "unnamed", "named upsert", "parsed in the batch"]
+        .into_iter()
+        .enumerate()
+    {
+        let value = round as i32 + 100;
+        let mut open = Frontend::connect(emulator).await;
+        open.simple("BEGIN").await;
+        let held = open
+            .simple("UPDATE occ_autocommit SET v = -1 WHERE id = 1")
+            .await;
+        assert_eq!(held.tags(), ["UPDATE 1"]);
+        let mut f = Frontend::connect(emulator).await;
+        let answer = match shape {
+            "simple" => {
+                f.simple(&format!(
+                    "UPDATE occ_autocommit SET v = {value} WHERE id = 1"
+                ))
+                .await
+            }
+            "unnamed" => {
+                f.extended(
+                    "UPDATE occ_autocommit SET v = $1 WHERE id = 1",
+                    &[&value.to_string()],
+                )
+                .await
+            }
+            "parsed in the batch" => {
+                let answer = f
+                    .parse("up", upsert)
+                    .bind("up", &[&value.to_string()])
+                    .execute()
+                    .sync()
+                    .flush_and_answer()
+                    .await;
+                assert_eq!(answer.shape(), "12CZ", "{answer:?}");
+                assert_eq!(answer.tags(), ["INSERT 0 1"]);
+                // The statement exists once, parsed again by the relay's second run.
+                let again = f
+                    .bind("up", &[&value.to_string()])
+                    .execute()
+                    .sync()
+                    .flush_and_answer()
+                    .await;
+                assert_eq!(again.tags(), ["INSERT 0 1"], "{again:?}");
+                answer
+            }
+            _ => {
+                let n = client
+                    .execute(
+                        "INSERT INTO occ_autocommit VALUES (1, $1) \
+                         ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+                        &[&value],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(n, 1);
+                f.simple("SELECT 1").await
+            }
+        };
+        assert_eq!(answer.error(), None, "{shape}: {answer:?}");
+        if shape == "simple" || shape == "unnamed" {
+            assert_eq!(answer.tags(), ["UPDATE 1"], "{shape}: {answer:?}");
+            assert_eq!(answer.status(), b'I');
+        }
+        let commit = open.simple("COMMIT").await;
+        assert_eq!(
+            commit.error(),
+            Some(("40001".into(), OC000.into())),
+            "{shape}: {commit:?}"
+        );
+        let v: i32 = upstream()
+            .await
+            .query_one("SELECT v FROM occ_autocommit WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, value, "{shape}");
+        // Both sessions go on; the prepared statement works again.
+        assert_eq!(
+            open.simple("SELECT 2").await.values(),
+            [Some("2".to_owned())]
+        );
+        client
+            .execute(
+                "INSERT INTO occ_autocommit VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+                &[&value],
+            )
+            .await
+            .unwrap();
+    }
+}

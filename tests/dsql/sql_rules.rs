@@ -1085,21 +1085,20 @@ async fn two_writers_of_one_row_never_wait_and_one_commit_fails() {
     s0.batch_execute("COMMIT").await.unwrap();
     s1.batch_execute("COMMIT").await.unwrap();
 
-    // An autocommit write meeting a held row does not wait either: it gets the conflict at the
-    // statement (PostgreSQL's lock timeout never reaches the client as such).
+    // An autocommit write meeting a held row commits at once: it is a transaction of its own
+    // that commits first, so the open one fails at its COMMIT.
     s0.batch_execute("BEGIN").await.unwrap();
     s0.batch_execute("UPDATE rules_occ SET v = 11 WHERE id = 1")
         .await
         .unwrap();
-    let err = tokio::time::timeout(
+    tokio::time::timeout(
         at_once,
         s1.batch_execute("UPDATE rules_occ SET v = 12 WHERE id = 1"),
     )
     .await
     .expect("answers without waiting")
-    .unwrap_err();
-    assert_eq!(code_of(&err), occ);
-    s0.batch_execute("COMMIT").await.unwrap();
+    .unwrap();
+    assert_eq!(code_of(&s0.batch_execute("COMMIT").await.unwrap_err()), occ);
 
     // A write after the other transaction committed the row, on an older snapshot, loses too.
     s0.batch_execute("BEGIN").await.unwrap();

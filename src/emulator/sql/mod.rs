@@ -250,6 +250,11 @@ pub(crate) struct Planned {
     /// The piece runs in a transaction block the relay opened: an error that ends the request
     /// there tells the client it is outside any block (the relay rolls it back).
     pub(crate) own_block: bool,
+    /// An autocommit write on its first try: if it meets a row an open transaction holds, its
+    /// answer is dropped and the relay runs it again as a committer (see [`occ`]).
+    pub(crate) retry: bool,
+    /// A write run again: the `CloseComplete`s of the relay's `Close`s are dropped.
+    pub(crate) drop_close: bool,
 }
 
 impl Planned {
@@ -260,6 +265,8 @@ impl Planned {
             report: matches!(plan, Plan::Write { .. } | Plan::Replay),
             intermediate: false,
             own_block: false,
+            retry: false,
+            drop_close: false,
         }
     }
 }
@@ -643,6 +650,19 @@ pub(crate) struct Dialect {
     /// Its `CopyDone` or `CopyFail` went through: the next `Sync` is the copy's
     /// ([`Plan::CopySync`]).
     copy_tail: bool,
+    /// The autocommit write whose answer is awaited, to run again as a committer if it meets
+    /// a row an open transaction holds.
+    retry: Option<Retry>,
+}
+
+/// An autocommit write as the relay runs it again ([`Planned::retry`]): what went before it
+/// (the relay's `BEGIN`), the request (with a `Close` before each named `Parse`, so that it can
+/// be parsed again), and its plan.
+#[derive(Debug, Clone)]
+struct Retry {
+    prefix: Option<Vec<u8>>,
+    request: Vec<u8>,
+    plan: Plan,
 }
 
 /// A piece of a client request: one statement of a multi-statement `Query` (the client's
@@ -675,6 +695,8 @@ struct Awaiting {
     /// A statement that waited for table locks under [`WAIT_LOCK_TIMEOUT`]: the session's
     /// lock timeout goes back to [`LOCK_TIMEOUT`].
     waits: bool,
+    /// An autocommit write on its first try ([`Dialect::retry`]).
+    retry: bool,
 }
 
 /// The most query texts remembered per session.
@@ -912,6 +934,12 @@ impl Dialect {
         }
         if awaited.commit {
             self.entry.committed();
+        }
+        if awaited.retry {
+            match self.retry.take() {
+                Some(retry) if reply.pending => self.run_again(retry, out),
+                _ => {}
+            }
         }
         if awaited.waits {
             out.push(
@@ -1307,6 +1335,7 @@ impl Dialect {
                 oversize: oversize.filter(|_| autocommit),
             };
             let mut replay = None;
+            let writes = batch.write.is_some();
             let (prefix, plan) = match batch.write {
                 None => match batch.job {
                     Some(tag) => (
@@ -1356,6 +1385,36 @@ impl Dialect {
             out.push(whole, Some(plan));
             if waits {
                 self.waited(batch.ddl, out);
+            }
+            let autocommit_write = matches!(
+                plan,
+                Plan::Pass
+                    | Plan::Write {
+                        autocommit: true,
+                        ..
+                    }
+            );
+            if autocommit_write
+                && !self.in_block
+                && writes
+                && batch.executes == 1
+                && !(batch.copy_in || batch.released || batch.transaction_statement)
+                && intermediate.is_none()
+            {
+                let mut request = Vec::new();
+                for (tag, body, _) in messages(&held) {
+                    let name = body.split(|b| *b == 0).next().unwrap_or_default();
+                    if tag == b'P' && !name.is_empty() {
+                        let mut close = vec![b'S'];
+                        close.extend_from_slice(name);
+                        close.push(0);
+                        super::wire::append_message(&mut request, b'C', &close);
+                    }
+                }
+                request.extend_from_slice(&held);
+                request.extend_from_slice(whole);
+                let prefix = matches!(plan, Plan::Write { .. }).then(|| query("BEGIN"));
+                self.retry_on_held_row(prefix, request, plan, out);
             }
             if matches!(plan, Plan::Write { .. }) {
                 self.awaiting.write = true;
@@ -1551,10 +1610,28 @@ impl Dialect {
             },
             None => plan,
         };
-        if classified.upstream_text == text {
-            out.push(whole, Some(plan));
+        let request = if classified.upstream_text == text {
+            whole.to_vec()
         } else {
-            out.push(&query(&classified.upstream_text), Some(plan));
+            query(&classified.upstream_text)
+        };
+        out.push(&request, Some(plan));
+        let autocommit_write = matches!(
+            plan,
+            Plan::Pass
+                | Plan::Write {
+                    autocommit: true,
+                    ..
+                }
+        );
+        if autocommit_write
+            && !state.in_block
+            && kinds == [Kind::Dml]
+            && intermediate.is_none()
+            && !copy_in
+        {
+            let prefix = matches!(plan, Plan::Write { .. }).then(|| query("BEGIN"));
+            self.retry_on_held_row(prefix, request, plan, out);
         }
         if waits {
             self.waited(kinds.contains(&Kind::Ddl), out);
@@ -1567,6 +1644,48 @@ impl Dialect {
             out.mark_piece(intermediate);
             self.awaiting.piece = Some(intermediate);
         }
+    }
+
+    /// The answer to the autocommit write just pushed (`request` after `prefix`, with `plan`)
+    /// is held until it is known whether it met a row an open transaction holds: then it runs
+    /// again, as the transaction that commits first ([`Self::run_again`]).
+    fn retry_on_held_row(
+        &mut self,
+        prefix: Option<Vec<u8>>,
+        request: Vec<u8>,
+        plan: Plan,
+        out: &mut Outgoing,
+    ) {
+        if let Some(last) = out.plans.last_mut() {
+            last.retry = true;
+            last.report = true;
+            out.gate = true;
+        }
+        self.awaiting.retry = true;
+        self.retry = Some(Retry {
+            prefix,
+            request,
+            plan,
+        });
+    }
+
+    /// Runs an autocommit write again after it met a row an open transaction holds: it
+    /// commits on its own, so it is the first committer: it waits for the row (the relay dooms
+    /// the holder meanwhile, see [`occ`]), then the lock timeout is set back.
+    fn run_again(&mut self, retry: Retry, out: &mut Outgoing) {
+        self.wait_for_locks(out);
+        if let Some(prefix) = &retry.prefix {
+            out.push(prefix, Some(Plan::Swallow));
+        }
+        out.bytes.extend_from_slice(&retry.request);
+        out.push_planned(Planned {
+            report: true,
+            drop_close: true,
+            ..Planned::new(retry.plan)
+        });
+        out.committer = true;
+        self.awaiting.waits = true;
+        self.awaiting.write = matches!(retry.plan, Plan::Write { .. });
     }
 
     /// Before a statement that waits for table locks (DDL, `ANALYZE`): a lock timeout long
@@ -1943,6 +2062,11 @@ pub(crate) struct Responder {
     closing: bool,
     /// The current answer entered copy-in mode (`CopyInResponse`).
     copying: bool,
+    /// The answer of an autocommit write on its first try, held until it is known whether
+    /// it met a held row ([`Planned::retry`]).
+    retry_buf: Vec<u8>,
+    /// It did.
+    retry_lost: bool,
 }
 
 impl Responder {
@@ -1960,6 +2084,8 @@ impl Responder {
             reply: Reply::default(),
             closing: false,
             copying: false,
+            retry_buf: Vec::new(),
+            retry_lost: false,
         }
     }
 
@@ -2006,6 +2132,36 @@ impl Responder {
             // Notices and parameter changes between requests.
             return self.pass(out);
         };
+        if planned.drop_close && tag == b'3' {
+            return;
+        }
+        if planned.retry {
+            if tag == b'E' && conflict(&self.current[5..]) == Some(true) {
+                self.retry_lost = true;
+            }
+            let mut held = std::mem::take(&mut self.retry_buf);
+            self.apply(planned, &mut held);
+            if !ready {
+                self.retry_buf = held;
+            } else if std::mem::take(&mut self.retry_lost) {
+                // Run again (the upstream side is told): the client sees only that answer.
+                self.reply.pending = true;
+                self.failed = false;
+            } else {
+                out.extend_from_slice(&held);
+            }
+        } else {
+            self.apply(planned, out);
+        }
+        if ready {
+            self.ready(planned, out);
+        }
+    }
+
+    /// What `planned` makes of the current message.
+    fn apply(&mut self, planned: Planned, out: &mut Vec<u8>) {
+        let tag = self.current[0];
+        let ready = tag == b'Z';
         match planned.plan {
             Plan::Pass | Plan::CopySync => self.pass(out),
             // The relay's own statement: an error other than an aborted block's means its
@@ -2045,7 +2201,11 @@ impl Responder {
                 _ => {}
             },
         }
-        if ready {
+    }
+
+    /// The `ReadyForQuery` that ends the answer `planned` is for.
+    fn ready(&mut self, planned: Planned, out: &mut Vec<u8>) {
+        {
             let status = self.current.get(5).copied().unwrap_or(b'I');
             // Outside any transaction now: the next one starts with no rows written.
             if status == b'I' {
@@ -2150,7 +2310,12 @@ impl Responder {
     ) {
         let status = self.current.get(5).copied().unwrap_or(b'I');
         let requests = &mut self.reply.requests;
-        if let (Some(held), Some(told)) = (self.lost, guard) {
+        if self.retry_lost {
+            // Run again: the relay's transaction ends unseen.
+            if autocommit {
+                requests.push((query("ROLLBACK"), Plan::Swallow));
+            }
+        } else if let (Some(held), Some(told)) = (self.lost, guard) {
             // Undo the write alone, and tell the client it went through: against a row that
             // changed since, the transaction has lost already; against one an open
             // transaction holds, it is replayed at COMMIT.
