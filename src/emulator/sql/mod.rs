@@ -2168,7 +2168,7 @@ impl Responder {
             // picture of the session is wrong.
             Plan::Swallow if tag == b'E' && field(&self.current[5..], b'C') != b"25P02" => {
                 let error = super::wire::error_message(&self.current[5..]);
-                return self.lose_track(&format!("the relay's own statement failed: {error}"), out);
+                self.lose_track(&format!("the relay's own statement failed: {error}"), out);
             }
             Plan::Swallow => {}
             Plan::AllButReady if !ready => self.pass(out),
