@@ -28,13 +28,18 @@ where
     emulator_end
 }
 
+/// The most chunks one direction of the delay line holds.
+const CHUNKS_IN_FLIGHT: usize = 64;
+
 /// Copies `from` to `to`, each chunk released `latency` after it was read.
 async fn pump<R, W>(mut from: R, mut to: W, latency: Latency)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (chunks, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    // Bounded: a peer that reads slowly holds the reader back (at most this many chunks of
+    // 16 KiB wait in the line).
+    let (chunks, mut due) = mpsc::channel::<(Instant, Vec<u8>)>(CHUNKS_IN_FLIGHT);
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -44,6 +49,7 @@ where
                     let delay = Duration::from_nanos(latency.load(Ordering::Relaxed));
                     if chunks
                         .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .await
                         .is_err()
                     {
                         return;

@@ -609,7 +609,7 @@ pub(crate) struct Dialect {
     /// What the current extended-protocol batch does.
     batch: Batch,
     /// Query texts already read (a service sends the same few again and again).
-    cache: HashMap<String, Classified>,
+    cache: HashMap<String, Arc<Classified>>,
     catalog: Arc<Catalog>,
     /// This session's id in the catalog.
     session: u64,
@@ -1437,11 +1437,11 @@ impl Dialect {
         self.tx_bytes += bytes;
     }
 
-    fn classified(&mut self, text: &str) -> Classified {
+    fn classified(&mut self, text: &str) -> Arc<Classified> {
         if let Some(hit) = self.cache.get(text) {
             return hit.clone();
         }
-        let classified = rules::classify(text);
+        let classified = Arc::new(rules::classify(text));
         if self.cache.len() >= CACHE_LIMIT {
             self.cache.clear();
         }
