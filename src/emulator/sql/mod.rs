@@ -2,17 +2,25 @@
 //!
 //! ## Approach
 //!
-//! The relay reads the client's PostgreSQL v3 messages (not bytes). Each `Query` and each
-//! `Parse` is read with PostgreSQL's own parser (`pg_query`) and checked against DSQL's rules
-//! (`rules.rs`: statements and types DSQL refuses, sequence and identity caches, index and
-//! `ALTER TABLE` forms, isolation levels, `SET`, savepoints, SQL-level `PREPARE`); `Execute`
-//! and every statement of a `Query` are checked against the transaction rules (one DDL per
-//! transaction, no DDL with DML) using the transaction state the session's statements imply.
+//! The relay reads the client's PostgreSQL v3 messages (not bytes) and follows the server:
+//! the transaction state it works with is corrected from each `ReadyForQuery`'s status once
+//! every answer is in, and each plan it makes for an answer is checked against that answer (a
+//! `ReadyForQuery` no request accounts for, or a statement of the relay's own that fails, closes
+//! the session with a `FATAL` that says so, [`Responder`]). Each `Query` and each `Parse` is
+//! read with PostgreSQL's own parser (`pg_query`) and checked against DSQL's rules (`rules.rs`:
+//! statements and types DSQL refuses, sequence and identity caches, index and `ALTER TABLE`
+//! forms, isolation levels, `SET` and `set_config`, savepoints, SQL-level `PREPARE`);
+//! `Execute` and every statement of a `Query` are checked against the transaction rules (one
+//! DDL per transaction, no DDL with DML). Statements are classified from the parse tree:
+//! `BEGIN`, `COMMIT` (`END`, commented) and `ROLLBACK` are distinct kinds wherever they stand.
 //! DSQL's `CREATE INDEX ASYNC` and `ALTER TABLE ASYNC … VALIDATE` are recognised with
 //! PostgreSQL's scanner and sent on without `ASYNC`. The messages of an extended-protocol
 //! batch are held until its `Sync` (or a `Flush`), so that whatever the relay puts before a
 //! write (a savepoint, a `BEGIN`) goes before the whole batch: a simple `Query` in the middle
-//! of a batch would drop its unnamed statement, and be ignored after an error in it.
+//! of a batch would drop its unnamed statement, and be ignored after an error in it. A batch
+//! or a multi-statement `Query` that opens, ends or writes in a transaction block goes one
+//! statement at a time ([`Piece`]): each piece's `ReadyForQuery` is dropped unless an error
+//! ends the request there, so the client sees one answer, as it would from PostgreSQL.
 //!
 //! A refusal is answered **by PostgreSQL**, which keeps the protocol and the transaction in
 //! step: the refused `Query` is replaced by a `DO` block that raises DSQL's SQLSTATE and
@@ -25,32 +33,30 @@
 //!
 //! ## Commit-time optimistic concurrency
 //!
-//! DSQL never makes a writer wait: both writers of a row get their `UPDATE 1` at once, and the
-//! second fails at `COMMIT` with `40001 change conflicts with another transaction (OC000)`.
-//! PostgreSQL behind the relay would make the second writer wait on the row lock, then (at
-//! REPEATABLE READ) fail its statement. So:
+//! DSQL never makes a writer wait, and the first transaction to commit wins: both writers of
+//! a row get their `UPDATE 1` at once, and the later to commit fails at `COMMIT` with
+//! `40001 change conflicts with another transaction (OC000)`. How the relay gets that out of
+//! PostgreSQL, which makes the second writer wait on the row lock, is in [`occ`]: a write in
+//! a block goes after a savepoint with a 10 ms lock timeout ([`LOCK_TIMEOUT`]); one that meets
+//! a row an open transaction holds is undone to its savepoint, told its tag and kept pending;
+//! one that meets a row changed since its snapshot has lost ([`Plan::Write`]'s `guard`). Every
+//! `COMMIT` in a block, whatever its shape, first passes [`Dialect::commit_point`]: the checks
+//! that need no server (a lost conflict, `OC001`, size, age), then [`occ::validate`] (replays,
+//! dooming the blockers), then the `COMMIT` goes and the relay waits for its answer. A failed
+//! `COMMIT` is a `ROLLBACK` followed by the `DO` refusal. An autocommit write that meets a held
+//! row runs again as the first committer ([`Planned::retry`]). `SELECT … FOR UPDATE` goes
+//! without its locking clause and is validated at `COMMIT` by a statement that locks its rows
+//! and writes them unchanged (`rules::locking_read`). DDL and `ANALYZE` wait for table locks
+//! ([`WAIT_LOCK_TIMEOUT`]), a DDL dooming the open transactions it waits for; a DDL's answer
+//! that shows a concurrent change of the same object becomes `OC001` ([`Plan::Ddl`]).
+//! Elsewhere PostgreSQL's own lock timeouts, serialization failures and deadlocks reach the
+//! client as DSQL's `OC000`.
 //!
-//! - Upstream sessions start with `lock_timeout` = [`LOCK_TIMEOUT`]. Inside a transaction
-//!   block, each `INSERT`/`UPDATE`/`DELETE` without `RETURNING` goes upstream right after an
-//!   injected `SAVEPOINT` (pipelined: no extra round trip), whose answer is dropped
-//!   ([`Plan::Swallow`]); the write's answer is watched (`guard` of [`Plan::Write`]). A
-//!   `55P03` lock timeout or PostgreSQL's `40001 could not serialize access` on it means a concurrent
-//!   writer holds or changed a row: the [`Responder`] drops the error, asks the upstream side
-//!   for `ROLLBACK TO SAVEPOINT`, marks the transaction doomed, and tells the client the
-//!   statement's tag. A doomed transaction's `COMMIT` becomes the `DO` refusal with
-//!   `40001 … (OC000)` followed by a `ROLLBACK` ([`Plan::AllButReady`], [`Plan::OnlyReady`]),
-//!   so the client sees the error and a session outside any transaction, as on DSQL.
-//! - Everywhere else PostgreSQL's own `55P03` and `could not serialize access` reach the
-//!   client as DSQL's `OC000` (a write with `RETURNING`, `SELECT … FOR UPDATE`, autocommit):
-//!   at the statement, which the retry helpers handle as well.
-//! - Foreign-key checks take key-share locks on parent rows, so deleting a parent while its
-//!   child is inserted conflicts, and referential actions too; non-key updates and disjoint
-//!   rows never wait, so never conflict.
-//! - `OC001`: [`Catalog`] records each committed catalog change (DDL, `GRANT`, `REVOKE`;
-//!   outside a block when sent, inside one at its `COMMIT`) with the relations it names
-//!   (`pg_query`'s table list, without schema); a session that had used one of them gets the
-//!   `DO` refusal `40001 schema has been updated by another transaction (OC001)` on its next
-//!   statement naming it, once.
+//! `OC001`: [`Catalog`] records each committed catalog change (DDL, `GRANT`, `REVOKE`; outside
+//! a block when sent, inside one at its `COMMIT`) with the relations it names (`pg_query`'s
+//! table list, without schema); a session that had used one of them gets the `DO` refusal
+//! `40001 schema has been updated by another transaction (OC001)` on its next statement naming
+//! it, once, or at `COMMIT` when the change landed while its transaction was open.
 //!
 //! ## Transaction limits
 //!
@@ -60,8 +66,9 @@
 //!   relay opens (a pipelined `BEGIN`) and ends once its answer is in: `COMMIT`, or
 //!   `ROLLBACK` when it crossed the limit; not one whose text bounds its rows within the limit
 //!   (`INSERT … VALUES`), nor a request with `COPY … FROM STDIN`, whose answer waits for the
-//!   client's data (the relay must not wait for it). Inside a block the statement that crosses it is
-//!   answered `54000 transaction row limit exceeded` by a `DO` refusal, which aborts the block.
+//!   client's data (the relay must not wait for it). Inside a block the statement that crosses
+//!   it is answered `54000 transaction row limit exceeded` by a `DO` refusal, which aborts the
+//!   block.
 //! - Age (300 s, [`TRANSACTION_AGE_LIMIT`], or the builder's): the first statement after it
 //!   gets `54000 transaction age limit of 300s exceeded` with DSQL's DETAIL and aborts the
 //!   block; a `COMMIT` then fails and ends it.
@@ -71,11 +78,17 @@
 //!
 //! ## Known deviations
 //!
-//! - The loser of a conflict is the second *writer*, not always the second to commit; a lost
-//!   write's tag says one row; a doomed transaction does not read its own lost write; a write
-//!   that waits on something other than a row (a table lock held by DDL) counts as a
-//!   conflict. A DDL that PostgreSQL then refuses still counts as a schema change. Relation
-//!   names are compared without their schema.
+//! - Conflicts (see [`occ`] for how they are decided): a pending write's change is not
+//!   visible to its own transaction before `COMMIT`; a doomed transaction's later statements
+//!   run on a fresh snapshot without its earlier writes (its `COMMIT` fails either way); a
+//!   pending write is told a one-row tag and its `COMMIT` fails if the replay answers another;
+//!   a write with `RETURNING`, a locking read over a subquery or a set operation, and several
+//!   writes in one autocommit request that meet a held row get `OC000` at the statement;
+//!   `FOR KEY SHARE` keeps PostgreSQL's locking; only transactions of the emulator's own
+//!   sessions are doomed; a read that waits for a running DDL's lock gets `OC000` after
+//!   10 ms. A DDL that PostgreSQL then refuses still counts as a schema change, and a DDL in a
+//!   block that dooms others and then rolls back doomed them for nothing. Relation names are
+//!   compared without their schema.
 //! - Catalog-dependent rules (24 indexes a table, 10 schemas, no primary-key column drop) are
 //!   checked by event triggers in the upstream (`bootstrap.sql`), after PostgreSQL has run the
 //!   statement, which then fails and is undone; they act in sessions the relay opened with the
@@ -86,16 +99,15 @@
 //! - Sizes: a value over 1 MiB is found among a write's bound values and the string constants
 //!   of its text; the 10 MiB of a transaction are the bytes of its writes' texts and bound
 //!   values (data PostgreSQL makes itself and index entries are not counted).
-//! - A DDL on a table that another session's open transaction has used meets PostgreSQL's
-//!   lock, times out and reports `OC000`; on DSQL it goes through and the other transaction
-//!   fails with `OC001` (a change that takes no such lock, `GRANT`, does that here too).
 //! - Row limit: rows of a write's `RETURNING` reach the client before the `54000`; a query
 //!   text that opens and commits its own block (`BEGIN; INSERT …; COMMIT` in one `Query`) is
 //!   counted but not stopped; writes inside a `WITH`, and `COPY`, are not counted. An
 //!   autocommit write whose text does not bound its rows costs one more round trip to
-//!   PostgreSQL (its `COMMIT`), and pipelined requests behind a write wait for its answer. A batch that binds the unnamed statement of
-//!   an earlier batch, or was flushed before its `Sync`, gets no savepoint and, in
-//!   autocommit, no row limit.
+//!   PostgreSQL (its `COMMIT`), and pipelined requests behind a write wait for its answer. A
+//!   batch that binds the unnamed statement of an earlier batch, or was flushed before its
+//!   `Sync`, gets no savepoint and, in autocommit, no row limit.
+//! - Memory: each server message is held whole while the relay reads it (a very large row
+//!   sits in memory until it is passed on).
 //! - The transaction rules follow the statements the relay has seen, as it reads them: a
 //!   client pipelining statements across a failed one may see a rule applied to a statement
 //!   PostgreSQL then skips.
