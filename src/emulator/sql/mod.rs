@@ -927,6 +927,7 @@ impl Dialect {
             Ok(()) => {
                 self.validated = true;
                 self.run_piece(piece, intermediate, out);
+                self.validated = false;
                 // The commit ticket is held until the COMMIT's answer is in.
                 out.mark_piece(intermediate.unwrap_or(false));
                 self.awaiting.commit = true;
@@ -941,6 +942,11 @@ impl Dialect {
         if awaited.write {
             match self.last_write.take() {
                 Some(replay) if reply.pending && self.in_block => self.replays.push(replay),
+                // A pending write the relay cannot replay must not vanish: its transaction
+                // cannot commit.
+                _ if reply.pending && self.in_block => {
+                    self.plans.doomed.store(true, Ordering::SeqCst)
+                }
                 _ => {}
             }
         }
@@ -2552,6 +2558,39 @@ mod tests {
         assert_eq!(out.bytes, commit);
         assert!(out.gate && out.plans[0].report && out.plans[0].plan == Plan::Pass);
         assert!(!d.in_block);
+    }
+
+    #[test]
+    fn every_commit_in_a_block_is_validated_whatever_its_shape() {
+        let mut d = dialect();
+        for round in 0..3 {
+            send(&mut d, &q("BEGIN"));
+            let mut out = Outgoing::default();
+            for m in [parse("", "COMMIT"), bind(""), execute(), sync()] {
+                d.on_message(m[0], &m[5..], &m, &mut out);
+            }
+            assert!(
+                out.validate.is_some(),
+                "round {round}: extended COMMIT validated"
+            );
+            out.clear();
+            d.after_validation(Ok(()), &mut out);
+            assert!(out.bytes.ends_with(&sync()) && out.gate);
+            assert!(!d.in_block);
+            send(&mut d, &q("BEGIN"));
+            let mut out = Outgoing::default();
+            let commit = q("/* tag */ END");
+            d.on_message(b'Q', &commit[5..], &commit, &mut out);
+            assert!(
+                out.validate.is_some(),
+                "round {round}: commented END validated"
+            );
+            out.clear();
+            d.after_validation(Ok(()), &mut out);
+        }
+        // Outside a block a COMMIT has nothing to validate.
+        let (text, plans) = send(&mut d, &q("COMMIT"));
+        assert!(text.contains("COMMIT") && plans == [Plan::Pass]);
     }
 
     fn guard(tag: &'static str) -> Plan {
