@@ -97,6 +97,26 @@ impl Answer {
     }
 }
 
+/// A rustls client configuration that trusts `emulator`'s CA, offering ALPN `postgresql` when
+/// `alpn` (direct TLS).
+pub fn client_tls(emulator: &DsqlEmulator, alpn: bool) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::pem::PemObject::from_pem_slice(emulator.ca_cert_pem().as_bytes())
+        .unwrap();
+    roots.add(ca).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    if alpn {
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
+    config
+}
+
 /// A raw session with an emulator.
 pub struct Frontend {
     stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
@@ -113,19 +133,7 @@ impl Frontend {
             .token()
             .await
             .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        let ca =
-            rustls::pki_types::pem::PemObject::from_pem_slice(emulator.ca_cert_pem().as_bytes())
-                .unwrap();
-        roots.add(ca).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        let config = client_tls(emulator, true);
         let tcp = tokio::net::TcpStream::connect(emulator.address())
             .await
             .unwrap();

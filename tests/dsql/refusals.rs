@@ -345,20 +345,8 @@ async fn plaintext_is_refused() {
 /// the server sends after the handshake (for these refusals, an ErrorResponse).
 async fn raw_tls_first_message(sni: bool, alpn: bool) -> (u8, String) {
     let e = emulator();
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = rustls::pki_types::pem::PemObject::from_pem_slice(e.ca_cert_pem().as_bytes()).unwrap();
-    roots.add(ca).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut config = crate::frontend::client_tls(e, alpn);
     config.enable_sni = sni;
-    if alpn {
-        config.alpn_protocols = vec![b"postgresql".to_vec()];
-    }
     let tcp = tokio::net::TcpStream::connect(e.address()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(e.endpoint().to_owned()).unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
