@@ -413,7 +413,10 @@ where
                 out.clear();
                 let used = decide(dialect, &pending, &mut out);
                 pending.drain(..used);
-                let more = !out.bytes.is_empty() || !out.plans.is_empty() || out.close;
+                let more = !out.bytes.is_empty()
+                    || !out.plans.is_empty()
+                    || out.close
+                    || out.validate.is_some();
                 drive(
                     dialect,
                     &mut out,
@@ -626,7 +629,8 @@ fn decide(dialect: &mut sql::Dialect, pending: &[u8], out: &mut sql::Outgoing) -
         }
         dialect.on_message(tag, &pending[at + 5..end], &pending[at..end], out);
         at = end;
-        if out.gate {
+        // What follows waits for the answer, or for the COMMIT's validation.
+        if out.gate || out.validate.is_some() {
             break;
         }
     }

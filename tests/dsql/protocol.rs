@@ -249,4 +249,50 @@ async fn flush_and_pipelined_batches() {
         let answer = f.answer().await;
         assert_eq!(answer.values(), [Some(i.to_string())], "{answer:?}");
     }
+
+    // A COMMIT pipelined with what follows it: validated first, answered in order.
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS proto_pipelined",
+            "CREATE TABLE proto_pipelined (id int PRIMARY KEY, v int)",
+            "INSERT INTO proto_pipelined VALUES (1, 0)",
+        ],
+    )
+    .await;
+    f.simple("BEGIN").await;
+    f.simple("UPDATE proto_pipelined SET v = 1 WHERE id = 1")
+        .await;
+    f.query("COMMIT").query("SELECT 5").send().await;
+    let commit = f.answer().await;
+    let next = f.answer().await;
+    assert_eq!(
+        (commit.tags(), commit.status()),
+        (vec!["COMMIT".into()], b'I')
+    );
+    assert_eq!(next.values(), [Some("5".to_owned())], "{next:?}");
+    f.simple("BEGIN").await;
+    f.parse("", "UPDATE proto_pipelined SET v = 2 WHERE id = 1")
+        .bind("", &[])
+        .execute()
+        .sync()
+        .parse("", "COMMIT")
+        .bind("", &[])
+        .execute()
+        .sync()
+        .parse("", "SELECT 6")
+        .bind("", &[])
+        .execute()
+        .sync()
+        .send()
+        .await;
+    let write = f.answer().await;
+    let commit = f.answer().await;
+    let next = f.answer().await;
+    assert_eq!(write.tags(), ["UPDATE 1"]);
+    assert_eq!(
+        (commit.tags(), commit.status()),
+        (vec!["COMMIT".into()], b'I')
+    );
+    assert_eq!(next.values(), [Some("6".to_owned())], "{next:?}");
 }
