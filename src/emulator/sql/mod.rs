@@ -294,8 +294,6 @@ pub(crate) struct Reply {
     /// What to send upstream next (the rollback of a write that lost, the end of an
     /// autocommit write's transaction, ...).
     pub(crate) requests: Requests,
-    /// The server's transaction status (`I`, `T`, `E`).
-    pub(crate) status: u8,
     /// An error reached the client in this answer (or since the last reply).
     pub(crate) failed: bool,
     /// The guarded write met a row an open transaction holds: it was rolled back to its
@@ -2252,7 +2250,6 @@ impl Responder {
             }
             if planned.report {
                 let mut reply = std::mem::take(&mut self.reply);
-                reply.status = status;
                 reply.failed = self.failed;
                 self.failed = false;
                 if self.upstream.try_send(reply).is_err() {
@@ -2823,7 +2820,8 @@ mod tests {
         assert_eq!(out, stream);
         // Nothing to send, but the upstream side is told to read on.
         let reply = rx.try_recv().unwrap();
-        assert!(reply.requests.is_empty() && reply.failed && reply.status == b'E');
+        assert!(reply.requests.is_empty() && reply.failed);
+        assert_eq!(responder.plans.settled_status(), Some(b'E'));
         assert!(!responder.plans.doomed.load(Ordering::SeqCst));
 
         // Elsewhere PostgreSQL's own lock timeout and deadlock reach the client as DSQL's
