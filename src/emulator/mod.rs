@@ -35,12 +35,14 @@
 //!
 //! Accepted sessions are relayed to PostgreSQL under the same role name. By default the emulator
 //! runs a private throw-away cluster (superuser `admin`, trust authentication on a private Unix
-//! socket, `default_transaction_isolation = 'repeatable read'`), found in `PG_BIN`, on `PATH` or
+//! socket, `default_transaction_isolation = 'repeatable read'`, autovacuum off, a 100 ms
+//! `deadlock_timeout`), found in `PG_BIN`, on `PATH` or
 //! in the newest `/usr/lib/postgresql/*/bin`; as root it runs it as `postgres` (or `nobody`).
 //! Or it relays to an existing server ([`DsqlEmulatorBuilder::upstream_url`] or
 //! `DSQL_EMULATOR_UPSTREAM`), which must trust the emulator's connections and have an `admin`
 //! role; with the SQL rules on (the default) `admin` must be a superuser, since the emulator
-//! creates DSQL's `sys.jobs` and `sys.wait_for_job` and a few event triggers there at start.
+//! creates DSQL's `sys.jobs` and `sys.wait_for_job` and a few event triggers there at start, and
+//! watches who blocks whom there (`pg_blocking_pids`) to decide conflicts at `COMMIT`.
 //!
 //! Custom roles are created as on DSQL, as `admin` through the emulator:
 //! `CREATE ROLE app WITH LOGIN;` then `CREATE SCHEMA myschema; GRANT USAGE, CREATE ON SCHEMA
@@ -390,8 +392,9 @@ impl DsqlEmulatorBuilder {
     /// and types DSQL refuses get its SQLSTATE and message; one DDL per transaction, no DDL
     /// with DML, only REPEATABLE READ, no savepoints, `SET` of allowed parameters only,
     /// `CREATE INDEX ASYNC` with its job; the row, age, size, index and schema limits; writers
-    /// never wait on each other and conflicts fail at `COMMIT` (`OC000`), schema changes give
-    /// other sessions `OC001`. Default on; `false` leaves a
+    /// never wait on each other and the first transaction to commit wins, whatever the
+    /// protocol (the other's `COMMIT` fails with `OC000`; rows read `FOR UPDATE` count as
+    /// written), schema changes give other sessions `OC001`. Default on; `false` leaves a
     /// plain PostgreSQL behind DSQL's connection rules (the README lists what is and is not
     /// emulated).
     pub fn sql_rules(mut self, on: bool) -> Self {
