@@ -1402,16 +1402,7 @@ impl Dialect {
             if waits {
                 self.waited(batch.ddl, out);
             }
-            let autocommit_write = matches!(
-                plan,
-                Plan::Pass
-                    | Plan::Write {
-                        autocommit: true,
-                        ..
-                    }
-            );
-            if autocommit_write
-                && !self.in_block
+            if !self.in_block
                 && writes
                 && batch.executes == 1
                 && !(batch.copy_in || batch.released || batch.transaction_statement)
@@ -1429,8 +1420,7 @@ impl Dialect {
                 }
                 request.extend_from_slice(&held);
                 request.extend_from_slice(whole);
-                let prefix = matches!(plan, Plan::Write { .. }).then(|| query("BEGIN"));
-                self.retry_on_held_row(prefix, request, plan, out);
+                self.retry_on_held_row(request, plan, out);
             }
             if matches!(plan, Plan::Write { .. }) {
                 self.awaiting.write = true;
@@ -1632,22 +1622,8 @@ impl Dialect {
             query(&classified.upstream_text)
         };
         out.push(&request, Some(plan));
-        let autocommit_write = matches!(
-            plan,
-            Plan::Pass
-                | Plan::Write {
-                    autocommit: true,
-                    ..
-                }
-        );
-        if autocommit_write
-            && !state.in_block
-            && kinds == [Kind::Dml]
-            && intermediate.is_none()
-            && !copy_in
-        {
-            let prefix = matches!(plan, Plan::Write { .. }).then(|| query("BEGIN"));
-            self.retry_on_held_row(prefix, request, plan, out);
+        if !state.in_block && kinds == [Kind::Dml] && intermediate.is_none() && !copy_in {
+            self.retry_on_held_row(request, plan, out);
         }
         if waits {
             self.waited(kinds.contains(&Kind::Ddl), out);
@@ -1662,16 +1638,18 @@ impl Dialect {
         }
     }
 
-    /// The answer to the autocommit write just pushed (`request` after `prefix`, with `plan`)
-    /// is held until it is known whether it met a row an open transaction holds: then it runs
-    /// again, as the transaction that commits first ([`Self::run_again`]).
-    fn retry_on_held_row(
-        &mut self,
-        prefix: Option<Vec<u8>>,
-        request: Vec<u8>,
-        plan: Plan,
-        out: &mut Outgoing,
-    ) {
+    /// The answer to the autocommit write just pushed (`request`, with `plan`: as it is, or in
+    /// a transaction the relay opened) is held until it is known whether it met a row an open
+    /// transaction holds: then it runs again, as the transaction that commits first
+    /// ([`Self::run_again`]).
+    fn retry_on_held_row(&mut self, request: Vec<u8>, plan: Plan, out: &mut Outgoing) {
+        let prefix = match plan {
+            Plan::Pass => None,
+            Plan::Write {
+                autocommit: true, ..
+            } => Some(query("BEGIN")),
+            _ => return,
+        };
         if let Some(last) = out.plans.last_mut() {
             last.retry = true;
             last.report = true;
