@@ -893,10 +893,7 @@ impl Dialect {
         }
         if let Some(refusal) = self.commit_refusal() {
             self.fail_commit(&refusal, out);
-            if let Some(intermediate) = intermediate {
-                out.mark_piece(intermediate);
-                self.awaiting.piece = Some(intermediate);
-            }
+            self.end_piece(intermediate, out);
             return true;
         }
         out.validate = Some(occ::Validation {
@@ -917,10 +914,7 @@ impl Dialect {
             Err(refusal) => {
                 self.entry.committed();
                 self.fail_commit(&refusal, out);
-                if let Some(intermediate) = intermediate {
-                    out.mark_piece(intermediate);
-                    self.awaiting.piece = Some(intermediate);
-                }
+                self.end_piece(intermediate, out);
             }
             Ok(()) => {
                 self.validated = true;
@@ -1285,10 +1279,7 @@ impl Dialect {
                 } else {
                     out.push(&raise_query(&refusal), Some(Plan::Pass));
                 }
-                if let Some(intermediate) = intermediate {
-                    out.mark_piece(intermediate);
-                    self.awaiting.piece = Some(intermediate);
-                }
+                self.end_piece(intermediate, out);
             }
         }
     }
@@ -1422,15 +1413,9 @@ impl Dialect {
                 request.extend_from_slice(whole);
                 self.retry_on_held_row(request, plan, out);
             }
-            if matches!(plan, Plan::Write { .. }) {
-                self.awaiting.write = true;
-                self.last_write = replay;
-            }
+            self.await_write(plan, replay);
         }
-        if let Some(intermediate) = intermediate {
-            out.mark_piece(intermediate);
-            self.awaiting.piece = Some(intermediate);
-        }
+        self.end_piece(intermediate, out);
         self.end_of_implicit_transaction();
     }
 
@@ -1486,10 +1471,7 @@ impl Dialect {
         let refuse = |d: &mut Dialect, refusal: &Refusal, out: &mut Outgoing| {
             d.end_of_implicit_transaction();
             out.push(&raise_query(refusal), Some(Plan::Pass));
-            if let Some(intermediate) = intermediate {
-                out.mark_piece(intermediate);
-                d.awaiting.piece = Some(intermediate);
-            }
+            d.end_piece(intermediate, out);
         };
         if let Some(refusal) = classified.statements.iter().find_map(|s| s.refusal.clone()) {
             return refuse(self, &refusal, out);
@@ -1628,14 +1610,8 @@ impl Dialect {
         if waits {
             self.waited(kinds.contains(&Kind::Ddl), out);
         }
-        if matches!(plan, Plan::Write { .. }) {
-            self.awaiting.write = true;
-            self.last_write = replay;
-        }
-        if let Some(intermediate) = intermediate {
-            out.mark_piece(intermediate);
-            self.awaiting.piece = Some(intermediate);
-        }
+        self.await_write(plan, replay);
+        self.end_piece(intermediate, out);
     }
 
     /// The answer to the autocommit write just pushed (`request`, with `plan`: as it is, or in
@@ -1680,6 +1656,23 @@ impl Dialect {
         out.committer = true;
         self.awaiting.waits = true;
         self.awaiting.write = matches!(retry.plan, Plan::Write { .. });
+    }
+
+    /// The end of a piece of a split request (`intermediate`: not the last), if this is one:
+    /// the relay waits for its answer.
+    fn end_piece(&mut self, intermediate: Option<bool>, out: &mut Outgoing) {
+        if let Some(intermediate) = intermediate {
+            out.mark_piece(intermediate);
+            self.awaiting.piece = Some(intermediate);
+        }
+    }
+
+    /// After a request with `plan`: a write's answer is awaited, with its replay form.
+    fn await_write(&mut self, plan: Plan, replay: Option<occ::Replay>) {
+        if matches!(plan, Plan::Write { .. }) {
+            self.awaiting.write = true;
+            self.last_write = replay;
+        }
     }
 
     /// Before a statement that waits for table locks (DDL, `ANALYZE`): a lock timeout long
