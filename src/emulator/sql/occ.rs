@@ -263,7 +263,13 @@ pub(crate) async fn validate<W: AsyncWrite + Unpin>(
         let reply = reply_dooming(sessions, pid, ticket, replies).await?;
         let told_otherwise = replay.told.is_some() && reply.tag != replay.told;
         if reply.error.is_some() || told_otherwise {
-            tracing::debug!(?reply, told = ?replay.told, "emulator: a replay at COMMIT failed");
+            // (Tags and SQLSTATEs only: the replayed request carries the client's values.)
+            tracing::debug!(
+                tag = ?reply.tag,
+                error = ?reply.error,
+                told = ?replay.told,
+                "emulator: a replay at COMMIT failed"
+            );
             return conflict();
         }
     }
