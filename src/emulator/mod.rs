@@ -29,7 +29,8 @@
 //!   [`wake_up_after`](DsqlEmulator::wake_up_after) (a cluster scaled to zero: `unable to
 //!   accept connection, waking up cluster, please retry later`),
 //!   [`cut_next_commit`](DsqlEmulator::cut_next_commit) (a connection lost with `COMMIT` in
-//!   flight),
+//!   flight), [`fail_next_commit`](DsqlEmulator::fail_next_commit) (a `FATAL` answer to
+//!   `COMMIT`),
 //!   [`set_latency`](DsqlEmulator::set_latency) (one-way network delay),
 //!   [`restart_upstream`](DsqlEmulator::restart_upstream).
 //!
@@ -164,7 +165,8 @@ pub struct EmulatorStats {
     pub closed_at_max_age: u64,
     /// Connections closed by [`DsqlEmulator::drop_all_connections`].
     pub dropped: u64,
-    /// Connections closed at a `COMMIT` by [`DsqlEmulator::cut_next_commit`].
+    /// Connections closed at a `COMMIT` by [`DsqlEmulator::cut_next_commit`] or
+    /// [`DsqlEmulator::fail_next_commit`].
     pub cut_at_commit: u64,
     /// Connections that started with direct TLS.
     pub direct_tls: u64,
@@ -193,7 +195,11 @@ pub(crate) struct Shared {
     latency: latency::Latency,
     max_age: AtomicU64,
     refusing: AtomicBool,
+    /// The share of new TCP connections closed at once, in millionths (`drop_new_connections`).
+    dropping_new: AtomicU64,
     cut_next_commit: AtomicBool,
+    /// The answer `fail_next_commit` armed: a FATAL `ErrorResponse` for the next `COMMIT`.
+    fail_next_commit: Mutex<Option<Vec<u8>>>,
     /// DSQL's SQL rules are applied (see `sql`).
     sql_rules: bool,
     /// How long a transaction block may stay open (with the SQL rules).
@@ -538,7 +544,9 @@ impl DsqlEmulatorBuilder {
             latency: Arc::new(AtomicU64::new(0)),
             max_age: AtomicU64::new(max_age.as_nanos() as u64),
             refusing: AtomicBool::new(false),
+            dropping_new: AtomicU64::new(0),
             cut_next_commit: AtomicBool::new(false),
+            fail_next_commit: Mutex::new(None),
             sql_rules,
             transaction_age_limit,
             catalog: self.catalog.unwrap_or_default(),
@@ -793,6 +801,21 @@ impl DsqlEmulator {
         self.shared.cut_next_commit.store(true, Ordering::SeqCst);
     }
 
+    /// The next `COMMIT` that succeeds, on any connection, is answered with `FATAL <code>
+    /// <message>` instead of its `CommandComplete`, and the connection is closed: the
+    /// transaction **committed**, and the client is told it failed, as when a server fails or
+    /// shuts down while acknowledging a commit (`57P01 terminating connection due to
+    /// administrator command`, `XX000 server unavailable`, a class `08` error). Only a client
+    /// that takes such an answer as an unknown outcome stays correct. Counted in
+    /// [`EmulatorStats::cut_at_commit`]. One-shot.
+    pub fn fail_next_commit(&self, code: &str, message: &str) {
+        *self
+            .shared
+            .fail_next_commit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(wire::fatal(code, message, None));
+    }
+
     /// While `true`, the endpoint is black-holed, as behind a network partition: new TCP
     /// connections are accepted and never answered, and open connections stall (nothing they
     /// send or are sent goes through) until it is `false` again, when they resume. Clients see
@@ -839,6 +862,20 @@ impl DsqlEmulator {
     /// [`Rejection::Refused`]); established ones continue.
     pub fn refuse_new_connections(&self, refuse: bool) {
         self.shared.refusing.store(refuse, Ordering::SeqCst);
+    }
+
+    /// From now on, each new TCP connection is closed at once with probability `share` (0 to
+    /// 1; counted as [`Rejection::Refused`]), as over a lossy link or a failing load balancer;
+    /// established ones continue. `0.0` turns it off.
+    pub fn drop_new_connections(&self, share: f64) {
+        let share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.shared
+            .dropping_new
+            .store((share * 1_000_000.0) as u64, Ordering::SeqCst);
     }
 
     /// Adds `latency` to each direction between clients and the emulator, like a network: a

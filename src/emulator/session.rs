@@ -464,6 +464,7 @@ where
         }
     };
     let to_client = async {
+        let mut commit_replies = wire::CommitReplySpotter::default();
         let mut network = shared.network.subscribe();
         let mut buf = vec![0u8; 16 * 1024];
         let mut rewriter = shared
@@ -484,6 +485,24 @@ where
                     &out
                 }
             };
+            let fatal = match commit_replies.feed(data) {
+                Some(at) => shared
+                    .fail_next_commit
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .map(|fatal| (at, fatal)),
+                None => None,
+            };
+            if let Some((at, fatal)) = fatal {
+                // `fail_next_commit`: the transaction committed; the client is told FATAL.
+                shared.count(|stats| stats.cut_at_commit += 1);
+                pass_black_hole(&mut network).await;
+                client_write.write_all(&data[..at]).await?;
+                client_write.write_all(&fatal).await?;
+                client_write.flush().await?;
+                return Ok(());
+            }
             pass_black_hole(&mut network).await;
             client_write.write_all(data).await?;
             // A TLS stream may keep the last records of a write in its buffer when the socket

@@ -170,7 +170,17 @@ impl Framer {
 
     /// Feeds the next bytes; `message` gets each message completed in them (header and kept
     /// body, as a buffer it may take: the framer starts the next message in whatever is left).
-    pub(crate) fn feed(&mut self, mut data: &[u8], mut message: impl FnMut(&mut Vec<u8>)) {
+    pub(crate) fn feed(&mut self, data: &[u8], mut message: impl FnMut(&mut Vec<u8>)) {
+        self.feed_ends(data, |current, _| message(current));
+    }
+
+    /// [`feed`](Self::feed), telling `message` also where in `data` each message ends.
+    pub(crate) fn feed_ends(
+        &mut self,
+        mut data: &[u8],
+        mut message: impl FnMut(&mut Vec<u8>, usize),
+    ) {
+        let total = data.len();
         while !data.is_empty() {
             if self.current.len() < 5 {
                 let take = (5 - self.current.len()).min(data.len());
@@ -193,7 +203,7 @@ impl Framer {
                 data = &data[take..];
             }
             if self.left == 0 {
-                message(&mut self.current);
+                message(&mut self.current, total - data.len());
                 self.current.clear();
             }
         }
@@ -230,6 +240,32 @@ impl CommitSpotter {
     }
 }
 
+/// Follows the framing of the server's messages and finds the `CommandComplete` of a
+/// `COMMIT` (for `fail_next_commit`).
+#[derive(Debug)]
+pub(crate) struct CommitReplySpotter(Framer);
+
+impl Default for CommitReplySpotter {
+    fn default() -> Self {
+        CommitReplySpotter(Framer::new(7))
+    }
+}
+
+impl CommitReplySpotter {
+    /// Feeds the next bytes; the offset in `data` where the first `COMMIT` tag completed in
+    /// them starts (0 if it started in an earlier piece).
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Option<usize> {
+        let mut found = None;
+        self.0.feed_ends(data, |message, end| {
+            if found.is_none() && message[0] == b'C' && message[5..].starts_with(b"COMMIT\0") {
+                let len = u32::from_be_bytes([message[1], message[2], message[3], message[4]]);
+                found = Some(end.saturating_sub(1 + len as usize));
+            }
+        });
+        found
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +299,31 @@ mod tests {
             u32::from_be_bytes(message[1..5].try_into().unwrap()) as usize,
             message.len() - 1
         );
+    }
+
+    #[test]
+    fn the_commit_tag_is_found_where_it_starts() {
+        let mut bytes = Vec::new();
+        append_message(&mut bytes, b'C', b"SELECT 1\0");
+        append_message(&mut bytes, b'Z', b"T");
+        let start = bytes.len();
+        append_message(&mut bytes, b'C', b"COMMIT\0");
+        append_message(&mut bytes, b'Z', b"I");
+        assert_eq!(CommitReplySpotter::default().feed(&bytes), Some(start));
+        for cut in 1..bytes.len() {
+            let mut spotter = CommitReplySpotter::default();
+            let first = spotter.feed(&bytes[..cut]);
+            let second = spotter.feed(&bytes[cut..]);
+            match (first, second) {
+                (Some(at), None) => assert_eq!(at, start, "cut at {cut}"),
+                (None, Some(at)) => assert_eq!(at, start.saturating_sub(cut), "cut at {cut}"),
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+        let mut other = Vec::new();
+        append_message(&mut other, b'C', b"COMMITTED\0");
+        append_message(&mut other, b'D', b"COMMIT\0");
+        assert_eq!(CommitReplySpotter::default().feed(&other), None);
     }
 
     #[test]

@@ -10,6 +10,8 @@ mod connect;
 #[cfg(feature = "emulator")]
 mod deadpool;
 #[cfg(feature = "emulator")]
+mod fleet;
+#[cfg(feature = "emulator")]
 mod frontend;
 #[cfg(feature = "emulator")]
 mod hygiene;
