@@ -27,7 +27,8 @@ use time::{Date, Month};
 use tokio_postgres::{Row, Transaction};
 use tokio_postgres_dsql::emulator::DsqlEmulator;
 use tokio_postgres_dsql::{
-    DsqlConfig, DsqlConnectionManager, DsqlConnector, DsqlPool, RetryPolicy, transaction_with_retry,
+    DsqlConfig, DsqlConnectionManager, DsqlConnector, DsqlPool, RetryPolicy,
+    retry_postgres_transaction_on,
 };
 use uuid::Uuid;
 
@@ -268,7 +269,7 @@ async fn run_clinic(pool: &Pool, summary: &mut Vec<String>) -> Result<(), BoxErr
     // 1. Owners.
     let john = Owner::new("John Doe", "Anytown", None);
     let mary = Owner::new("Mary Major", "Anytown", Some("555-555-0123"));
-    transaction_with_retry(&mut pool.get().await?, &policy, async |tx| {
+    retry_postgres_transaction_on(&mut pool.get().await?, &policy, async |tx| {
         insert_owner(tx, &john).await?;
         insert_owner(tx, &mary).await
     })
@@ -278,7 +279,7 @@ async fn run_clinic(pool: &Pool, summary: &mut Vec<String>) -> Result<(), BoxErr
     // 2. Pets, both John's.
     let pet1 = Pet::new("Pet1", date(2006, Month::October, 25), &john);
     let pet2 = Pet::new("Pet2", date(2021, Month::July, 23), &john);
-    transaction_with_retry(&mut pool.get().await?, &policy, async |tx| {
+    retry_postgres_transaction_on(&mut pool.get().await?, &policy, async |tx| {
         insert_pet(tx, &pet1).await?;
         insert_pet(tx, &pet2).await
     })
@@ -287,7 +288,7 @@ async fn run_clinic(pool: &Pool, summary: &mut Vec<String>) -> Result<(), BoxErr
 
     // 3. Read Pet1 and its owner back.
     let (found_pet, found_owner) =
-        transaction_with_retry(&mut pool.get().await?, &policy, async |tx| {
+        retry_postgres_transaction_on(&mut pool.get().await?, &policy, async |tx| {
             let pet = pet_by_name(tx, "Pet1").await?;
             let owner = match pet.as_ref().and_then(|p| p.owner_id) {
                 Some(id) => owner_by_id(tx, id).await?,
@@ -321,7 +322,7 @@ async fn run_clinic(pool: &Pool, summary: &mut Vec<String>) -> Result<(), BoxErr
         name: "Carlos Salazar".into(),
         specialties: vec![specialties[2].clone(), specialties[1].clone()],
     };
-    transaction_with_retry(&mut pool.get().await?, &policy, async |tx| {
+    retry_postgres_transaction_on(&mut pool.get().await?, &policy, async |tx| {
         for specialty in &specialties {
             tx.execute(
                 "INSERT INTO specialty (name) VALUES ($1)",
@@ -337,7 +338,7 @@ async fn run_clinic(pool: &Pool, summary: &mut Vec<String>) -> Result<(), BoxErr
         .push("inserted specialties Exotic, Dogs, Cats and vets Akua Mansa, Carlos Salazar".into());
 
     // 5. Each vet with its specialties.
-    let vets = transaction_with_retry(&mut pool.get().await?, &policy, async |tx| {
+    let vets = retry_postgres_transaction_on(&mut pool.get().await?, &policy, async |tx| {
         vets_with_specialties(tx).await
     })
     .await?;
@@ -385,7 +386,7 @@ async fn run_retry_demo(pool: &Pool, summary: &mut Vec<String>) -> Result<(), Bo
         "CREATE TABLE IF NOT EXISTS abc (id uuid PRIMARY KEY)",
         "DROP TABLE IF EXISTS abc",
     ] {
-        transaction_with_retry(&mut pool.get().await?, &policy, async |tx| {
+        retry_postgres_transaction_on(&mut pool.get().await?, &policy, async |tx| {
             tx.batch_execute(statement).await
         })
         .await?;

@@ -1,5 +1,5 @@
 //! The pet clinic as a small HTTP service with axum: the shape of a service built on this
-//! crate. A `DsqlPool` in the router state, every write under `retry_transaction`, errors mapped
+//! crate. A `DsqlPool` in the router state, every write under `retry_transaction_on`, errors mapped
 //! to HTTP codes, `tracing` logs, Prometheus metrics at `/metrics`, graceful shutdown.
 //!
 //! ```sh
@@ -39,7 +39,7 @@ use tokio_postgres_dsql::emulator::DsqlEmulator;
 use tokio_postgres_dsql::tokio_postgres::Row;
 use tokio_postgres_dsql::{
     AsOccConflict, DsqlConfig, DsqlConnector, DsqlPool, Error, OccConflict, RetryPolicy,
-    retry_transaction, statement_with_retry,
+    retry_statement_on, retry_transaction_on,
 };
 use uuid::Uuid;
 
@@ -103,7 +103,7 @@ impl IntoResponse for AppError {
 /// The HTTP status for a database-side failure.
 fn status_for(error: &Error) -> StatusCode {
     if error.occ_conflict().is_some() {
-        // `retry_transaction` returns a conflict only when its attempts ran out.
+        // `retry_transaction_on` returns a conflict only when its attempts ran out.
         return StatusCode::CONFLICT;
     }
     match error {
@@ -190,7 +190,7 @@ async fn create_owner(
     }
     let mut conn = state.pool.get().await?;
     let new = &new;
-    let owner = retry_transaction(&mut conn, &state.policy, |tx| async move {
+    let owner = retry_transaction_on(&mut conn, &state.policy, |tx| async move {
         let row = tx
             .query_one(
                 &format!(
@@ -247,7 +247,7 @@ async fn add_pet(
     let Json(new) = body?;
     let mut conn = state.pool.get().await?;
     let new = &new;
-    let pet = retry_transaction(&mut conn, &state.policy, |tx| async move {
+    let pet = retry_transaction_on(&mut conn, &state.policy, |tx| async move {
         // No foreign keys (as in AWS's sample): the service checks the owner itself.
         if tx
             .query_opt("SELECT 1 FROM owner WHERE id = $1", &[&owner_id])
@@ -275,14 +275,14 @@ async fn add_pet(
 }
 
 /// One more visit on the owner's row: every concurrent call writes the same row, so they
-/// conflict, and `retry_transaction` re-runs the losers until each has counted once.
+/// conflict, and `retry_transaction_on` re-runs the losers until each has counted once.
 async fn add_visit(
     State(state): State<AppState>,
     Path(owner_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, AppError> {
     let owner_id = parse_id(&owner_id)?;
     let mut conn = state.pool.get().await?;
-    let visits = retry_transaction(&mut conn, &state.policy, |tx| async move {
+    let visits = retry_transaction_on(&mut conn, &state.policy, |tx| async move {
         let row = tx
             .query_opt(
                 "UPDATE owner SET visits = visits + 1 WHERE id = $1 RETURNING visits",
@@ -350,13 +350,13 @@ async fn create_schema(pool: &DsqlPool) -> Result<(), Error> {
         "CREATE TABLE IF NOT EXISTS vet_specialty (id uuid PRIMARY KEY, vet_id uuid NOT NULL, \
          specialty_id uuid NOT NULL)",
     ] {
-        statement_with_retry(&mut conn, &policy, ddl).await?;
+        retry_statement_on(&mut conn, &policy, ddl).await?;
     }
     let vets = [
         ("Akua Mansa", &["Exotic"][..]),
         ("Carlos Salazar", &["Cats", "Dogs"][..]),
     ];
-    retry_transaction(&mut conn, &policy, |tx| async move {
+    retry_transaction_on(&mut conn, &policy, |tx| async move {
         if tx
             .query_opt("SELECT 1 FROM vet LIMIT 1", &[])
             .await?
@@ -444,7 +444,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let state = AppState {
         pool,
         // A hot row takes many rounds under load: retry longer than the default.
-        policy: RetryPolicy::with_max_attempts(50)
+        policy: RetryPolicy::default()
+            .with_max_attempts(50)
             .delays(Duration::from_millis(5), Duration::from_millis(200)),
         prometheus,
     };

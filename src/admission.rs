@@ -58,9 +58,34 @@ pub(crate) const BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// zero and `min(cap, base * 2^(refusals-1))`, so clients refused together do not come back
 /// together.
 pub(crate) fn backoff(refusals: u32) -> Duration {
-    let ceiling = BACKOFF_BASE
+    jittered(BACKOFF_BASE, BACKOFF_CAP, refusals)
+}
+
+/// The first delay's upper bound and the largest delay after each kind of refusal. A cluster
+/// waking up takes seconds (DSQL_FACTS: "a minute or more"); `rate exceeded` means the whole
+/// cluster's budget (100 a second) is spent, so a fleet must spread over seconds, not retry
+/// within one; `too many open connections` frees only as other clients close theirs.
+pub(crate) fn backoff_bounds(reason: UnavailableReason) -> (Duration, Duration) {
+    match reason {
+        UnavailableReason::WakingUp => (Duration::from_secs(1), Duration::from_secs(10)),
+        UnavailableReason::RateExceeded => (Duration::from_millis(250), Duration::from_secs(5)),
+        UnavailableReason::TooManyConnections => {
+            (Duration::from_millis(500), Duration::from_secs(10))
+        }
+    }
+}
+
+/// The delay after the `refusals`-th refusal for `reason` (full jitter under
+/// [`backoff_bounds`]).
+pub(crate) fn backoff_after(reason: UnavailableReason, refusals: u32) -> Duration {
+    let (base, cap) = backoff_bounds(reason);
+    jittered(base, cap, refusals)
+}
+
+fn jittered(base: Duration, cap: Duration, refusals: u32) -> Duration {
+    let ceiling = base
         .saturating_mul(1u32 << refusals.saturating_sub(1).min(20))
-        .min(BACKOFF_CAP);
+        .min(cap);
     ceiling.mul_f64(fastrand::f64())
 }
 
@@ -129,8 +154,9 @@ impl TokenBucket {
 
     /// Reserves the next token and says how long to wait for it (the client side: callers
     /// queue in arrival order). `None`, with nothing reserved, if the token would come after
-    /// `latest`.
-    pub(crate) fn reserve(&self, now: Instant, latest: Instant) -> Option<Duration> {
+    /// `latest`. The token goes back to the bucket if the reservation is dropped before
+    /// [`Reservation::keep`] (a connect cancelled while it waits).
+    pub(crate) fn reserve(&self, now: Instant, latest: Instant) -> Option<Reservation<'_>> {
         let mut state = self.lock();
         state.refill(now);
         let wait = if state.tokens >= 1.0 {
@@ -138,11 +164,50 @@ impl TokenBucket {
         } else {
             Duration::from_secs_f64((1.0 - state.tokens) / state.rate)
         };
-        if now + wait > latest {
+        if now.checked_add(wait).is_none_or(|at| at > latest) {
             return None;
         }
         state.tokens -= 1.0;
-        Some(wait)
+        Some(Reservation {
+            bucket: self,
+            wait,
+            kept: false,
+        })
+    }
+
+    /// Returns a token a reservation did not use.
+    fn give_back(&self) {
+        let mut state = self.lock();
+        state.tokens = (state.tokens + 1.0).min(state.burst);
+    }
+}
+
+/// A token promised by [`TokenBucket::reserve`]: returned to the bucket when dropped unless
+/// kept.
+#[derive(Debug)]
+pub(crate) struct Reservation<'a> {
+    bucket: &'a TokenBucket,
+    wait: Duration,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    /// How long to wait for the token.
+    pub(crate) fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// The token is used (its wait is over and the attempt goes out).
+    pub(crate) fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.bucket.give_back();
+        }
     }
 }
 
@@ -241,15 +306,63 @@ mod tests {
         let bucket = TokenBucket::new(4.0, 1);
         let t0 = Instant::now();
         let far = t0 + Duration::from_secs(60);
-        let waits: Vec<Duration> = (0..5).map(|_| bucket.reserve(t0, far).unwrap()).collect();
+        let waits: Vec<Duration> = (0..5)
+            .map(|_| {
+                let reservation = bucket.reserve(t0, far).unwrap();
+                let wait = reservation.wait();
+                reservation.keep();
+                wait
+            })
+            .collect();
         let millis: Vec<u128> = waits.iter().map(|w| w.as_millis()).collect();
         assert_eq!(millis, vec![0, 250, 500, 750, 1000]);
         // The sixth would wait 1.25 s: refused with a 1 s limit, and nothing is reserved.
-        assert_eq!(bucket.reserve(t0, t0 + Duration::from_secs(1)), None);
+        assert!(bucket.reserve(t0, t0 + Duration::from_secs(1)).is_none());
         assert_eq!(
-            bucket.reserve(t0, far).unwrap().as_millis(),
+            bucket.reserve(t0, far).unwrap().wait().as_millis(),
             1250,
             "the refused reservation took no token"
+        );
+    }
+
+    #[test]
+    fn a_dropped_reservation_gives_its_token_back() {
+        let bucket = TokenBucket::new(4.0, 1);
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(60);
+        bucket.reserve(t0, far).unwrap().keep();
+        let cancelled = [
+            bucket.reserve(t0, far).unwrap(),
+            bucket.reserve(t0, far).unwrap(),
+        ];
+        assert_eq!(cancelled[1].wait().as_millis(), 500);
+        drop(cancelled);
+        assert_eq!(bucket.reserve(t0, far).unwrap().wait().as_millis(), 250);
+        // Never past the burst.
+        let bucket = TokenBucket::new(4.0, 1);
+        drop(bucket.reserve(t0, far));
+        drop(bucket.reserve(t0, far));
+        bucket.reserve(t0, far).unwrap().keep();
+        assert_eq!(bucket.reserve(t0, far).unwrap().wait().as_millis(), 250);
+    }
+
+    #[test]
+    fn each_refusal_backs_off_within_its_own_bounds() {
+        for reason in [
+            UnavailableReason::WakingUp,
+            UnavailableReason::RateExceeded,
+            UnavailableReason::TooManyConnections,
+        ] {
+            let (base, cap) = backoff_bounds(reason);
+            assert!(base >= Duration::from_millis(250) && cap >= Duration::from_secs(5));
+            for refusals in 1..30 {
+                assert!(backoff_after(reason, refusals) <= cap);
+            }
+            assert!(backoff_after(reason, 1) <= base);
+        }
+        assert_eq!(
+            backoff_bounds(UnavailableReason::WakingUp),
+            (Duration::from_secs(1), Duration::from_secs(10))
         );
     }
 

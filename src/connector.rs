@@ -16,6 +16,7 @@ use crate::error::{AccessDeniedReason, UnavailableReason};
 use crate::session::SessionWatch;
 use crate::tls::DsqlTls;
 use crate::token::cache::TokenCache;
+use crate::token::credentials::CachedCredentials;
 use crate::token::{Action, AuthToken, TokenSigner};
 use crate::{Error, tls};
 
@@ -68,6 +69,9 @@ pub struct DsqlConnector {
 
 struct Inner {
     config: DsqlConfig,
+    /// The identity cache in front of the default credentials chain (none for a provider of
+    /// the user's own: caching it is the user's choice).
+    credentials_cache: Option<Arc<CachedCredentials>>,
     /// One per configured endpoint, the preferred first.
     targets: Vec<Arc<Target>>,
     tls: DsqlTls,
@@ -91,17 +95,62 @@ pub(crate) struct Target {
     /// `host:port`, plus the dialled address when it differs; for error messages and logs.
     pub(crate) described: String,
     health: Health,
+    /// The last permanent refusal and when it came (see [`REFUSAL_MEMORY`]).
+    refused: std::sync::Mutex<Option<(Instant, Error)>>,
 }
 
-/// What the connector knows of an endpoint's health (kept only with several endpoints).
+impl Target {
+    /// The permanent refusal this endpoint gave less than [`REFUSAL_MEMORY`] ago, if any.
+    fn remembered_refusal(&self) -> Option<Error> {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        match &*refused {
+            Some((at, error)) if at.elapsed() < REFUSAL_MEMORY => error.shared_refusal(),
+            _ => None,
+        }
+    }
+
+    fn remember_refusal(&self, error: &Error) {
+        if let Some(copy) = error.shared_refusal() {
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), copy));
+        }
+    }
+}
+
+/// What the connector knows of an endpoint's health (kept only with several endpoints); the
+/// rules are [`FailoverPolicy`](crate::FailoverPolicy)'s.
 #[derive(Default)]
 struct Health {
+    /// Read without a lock on every pick and checkout.
     down: AtomicBool,
     /// When it was last marked up or down, in nanoseconds since the connector's epoch.
     changed_at: AtomicU64,
+    /// When a failure was last reported, in nanoseconds since the epoch plus one (0: never).
+    failed_at: AtomicU64,
     /// A background probe is running.
     probing: AtomicBool,
+    state: std::sync::Mutex<HealthState>,
 }
+
+#[derive(Default)]
+struct HealthState {
+    /// Failures in a row (no success between) since `first_failure`.
+    failures: u32,
+    first_failure: Option<Instant>,
+    /// While down: since when, for how long at least, and probe successes in a row.
+    down_since: Option<Instant>,
+    down_for: Duration,
+    successes: u32,
+    /// When it last came up.
+    up_since: Option<Instant>,
+}
+
+/// A permanent refusal is answered from memory for this long: every connect and checkout in
+/// that time gets it at once, without a login of its own (a fixed IAM policy or role is seen
+/// within this much).
+pub(crate) const REFUSAL_MEMORY: Duration = Duration::from_secs(5);
+/// A wait for the client-side rate limit must leave at least this much of the connect
+/// deadline (or `connect_timeout`, if shorter) to the attempt it is for.
+const MIN_ATTEMPT: Duration = Duration::from_millis(500);
 
 /// A connection just opened, with what the pool keeps of it.
 pub(crate) struct Connected {
@@ -144,9 +193,13 @@ impl DsqlConnector {
     /// here with an error that says what to set. Nothing is sent to any endpoint.
     pub async fn new(config: DsqlConfig) -> Result<Self, Error> {
         let first_region = crate::config::resolve_region(&config, &config.endpoints[0]).await?;
-        let provider = match &config.credentials_provider {
-            Some(provider) => provider.clone(),
-            None => default_credentials(&first_region, config.profile.as_deref()).await,
+        let (provider, credentials_cache) = match &config.credentials_provider {
+            Some(provider) => (provider.clone(), None),
+            None => {
+                let chain = default_credentials(&first_region, config.profile.as_deref()).await;
+                let cache = CachedCredentials::new(chain);
+                (cache.provider(), Some(cache))
+            }
         };
         let tls = DsqlTls::new(tls::client_config(
             &config.endpoints[0].host_in(&first_region),
@@ -180,6 +233,7 @@ impl DsqlConnector {
                 tokens,
                 described,
                 health: Health::default(),
+                refused: std::sync::Mutex::new(None),
             }));
         }
         let limiter = config
@@ -189,6 +243,7 @@ impl DsqlConnector {
         let connector = DsqlConnector {
             inner: Arc::new(Inner {
                 config,
+                credentials_cache,
                 targets,
                 tls,
                 limiter,
@@ -217,7 +272,7 @@ impl DsqlConnector {
     ///   [`Error::ConnectTimeout`], not retried (with several endpoints: the next endpoint is
     ///   tried, see the type's docs). TLS failures: [`Error::Tls`].
     pub async fn connect(&self) -> Result<tokio_postgres::Client, Error> {
-        let deadline = Instant::now() + self.inner.config.connect.deadline;
+        let deadline = after(self.inner.config.connect.deadline);
         let connected = self.connect_within(deadline, Retry::Refusals).await?;
         Ok(connected.client)
     }
@@ -277,6 +332,7 @@ impl DsqlConnector {
         attempts: &mut u32,
         last: &mut Arc<Target>,
     ) -> Result<Connected, Error> {
+        let several = self.inner.targets.len() > 1;
         let mut backoffs = 0;
         let mut resigned = false;
         // Endpoints that failed at the network during this connect.
@@ -286,39 +342,43 @@ impl DsqlConnector {
         loop {
             let target = self.pick(&failed_here).clone();
             *last = target.clone();
+            if let Some(refusal) = target.remembered_refusal() {
+                return Err(refusal);
+            }
             self.wait_for_rate_limit(deadline, &target).await?;
             *attempts += 1;
             let error = match self.attempt(&target, deadline).await {
                 Ok((client, session)) => {
-                    self.mark_up(&target, "a connect succeeded");
+                    self.record_success(&target, "a connect succeeded");
                     return Ok(Connected {
                         client,
                         session,
                         target,
                     });
                 }
-                Err(AttemptError::Refused(source)) => {
-                    self.connect_error(&target, source, *attempts)
+                Err(AttemptError::Refused(source, token)) => {
+                    let error = self.connect_error(&target, source, *attempts);
+                    if matches!(error, Error::AccessDenied { .. }) {
+                        // The credentials may have been rotated or revoked, or the token is
+                        // stale: forget it, unless it was replaced already.
+                        if target.tokens.invalidate_refused(&token)
+                            && let Some(cache) = &self.inner.credentials_cache
+                        {
+                            cache.forget();
+                        }
+                    }
+                    error
                 }
                 Err(AttemptError::TimedOut(error)) => error,
-                // The deadline cut the attempt short. After a refusal that was being retried,
-                // that refusal says more than the timeout, and the endpoint answered before;
-                // otherwise the endpoint stayed silent for what was left of the deadline.
+                // The deadline cut the attempt short: the deadline's doing, not the endpoint's
+                // (nothing is recorded against it). After a refusal that was being retried,
+                // that refusal says more than the timeout.
                 Err(AttemptError::DeadlinePassed(error)) => {
-                    return Err(match last_refusal {
-                        Some(refusal) => refusal,
-                        None => {
-                            self.mark_down(&target, &error);
-                            error
-                        }
-                    });
+                    return Err(last_refusal.unwrap_or(error));
                 }
             };
             let retry_after_backoff = match &error {
                 Error::AccessDenied { reason, .. } => {
-                    // The credentials may have been rotated or revoked, or the token is stale:
-                    // ask the provider again next time.
-                    target.tokens.invalidate();
                     if *reason == AccessDeniedReason::SignatureExpired && !resigned {
                         resigned = true;
                         tracing::info!(
@@ -327,14 +387,21 @@ impl DsqlConnector {
                         );
                         continue;
                     }
+                    target.remember_refusal(&error);
+                    false
+                }
+                Error::UnknownRole { .. } => {
+                    target.remember_refusal(&error);
                     false
                 }
                 Error::Unavailable { .. } => true,
                 other if means_endpoint_down(other) => {
-                    if self.mark_down(&target, other) {
+                    self.record_failure(&target, other);
+                    if several {
                         failed_here[target.index] = true;
                         if failed_here.iter().any(|failed| !failed) {
-                            // Fail over at once: no backoff before another endpoint.
+                            // This connect tries the next endpoint at once, whether or not
+                            // this endpoint is marked down for the others yet.
                             continue;
                         }
                     }
@@ -346,16 +413,22 @@ impl DsqlConnector {
                 return Err(error);
             }
             backoffs += 1;
-            let delay = admission::backoff(backoffs);
-            if Instant::now() + delay >= deadline {
+            let delay = match &error {
+                Error::Unavailable { reason, .. } => admission::backoff_after(*reason, backoffs),
+                _ => admission::backoff(backoffs),
+            };
+            if Instant::now()
+                .checked_add(delay)
+                .is_none_or(|at| at >= deadline)
+            {
                 if let Error::Unavailable {
                     reason: UnavailableReason::WakingUp,
                     ..
                 } = &error
                 {
-                    // Still waking up after the whole connect deadline: down, for practical
-                    // purposes, until a probe gets in.
-                    self.mark_down(&target, &error);
+                    // Still waking up after the whole connect deadline: one failure of the
+                    // endpoint, for practical purposes.
+                    self.record_failure(&target, &error);
                 }
                 return Err(error);
             }
@@ -381,7 +454,17 @@ impl DsqlConnector {
         deadline: Instant,
     ) -> Result<(tokio_postgres::Client, Arc<SessionWatch>), AttemptError> {
         let settings = &self.inner.config.connect;
-        let token = target.tokens.get().await.map_err(AttemptError::TimedOut)?;
+        let token = match tokio::time::timeout_at(deadline, target.tokens.get()).await {
+            Ok(token) => token.map_err(AttemptError::TimedOut)?,
+            Err(_) => {
+                return Err(AttemptError::DeadlinePassed(Error::ConnectTimeout {
+                    endpoint: target.described.clone(),
+                    timeout: settings.deadline,
+                    during: "the connect deadline (connect_deadline) ran out while a token was \
+                             signed (credentials_timeout bounds the credentials call)",
+                }));
+            }
+        };
         let mut postgres = target.postgres.clone();
         postgres.password(token.as_str());
         let left = deadline.saturating_duration_since(Instant::now());
@@ -397,7 +480,7 @@ impl DsqlConnector {
                 });
                 Ok((client, watch))
             }
-            Ok(Err(source)) => Err(AttemptError::Refused(source)),
+            Ok(Err(source)) => Err(AttemptError::Refused(source, token)),
             Err(_) if bound < settings.timeout => {
                 Err(AttemptError::DeadlinePassed(Error::ConnectTimeout {
                     endpoint: target.described.clone(),
@@ -433,57 +516,142 @@ impl DsqlConnector {
             .unwrap_or(&targets[0])
     }
 
-    /// Marks `target` down after `error` (only with several endpoints; returns whether it is
-    /// down now), logs it, and starts its background probe.
-    fn mark_down(&self, target: &Arc<Target>, error: &Error) -> bool {
+    /// Records a failure of `target` at the network (a connect, a probe, or a transaction
+    /// helper's lost connection or attempt timeout) and marks it down when the policy says so
+    /// (only with several endpoints). Returns whether it is down now.
+    pub(crate) fn record_failure(
+        &self,
+        target: &Arc<Target>,
+        error: &dyn std::fmt::Display,
+    ) -> bool {
         if self.inner.targets.len() < 2 {
             return false;
         }
-        if !target.health.down.swap(true, Ordering::AcqRel) {
-            target
-                .health
-                .changed_at
-                .store(self.since_epoch(), Ordering::Release);
-            let next = self.serving();
-            tracing::warn!(
-                endpoint = %target.described,
-                region = %target.region,
-                serving = %next.described,
-                %error,
-                "DSQL endpoint marked down; new connections go to the next endpoint"
-            );
-            crate::telemetry::endpoint_marked(&target.endpoint, false);
+        let policy = &self.inner.config.failover;
+        let now = Instant::now();
+        target
+            .health
+            .failed_at
+            .store(self.since_epoch() + 1, Ordering::Release);
+        let mut state = target
+            .health
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if target.health.down.load(Ordering::Acquire) {
+            state.successes = 0;
+            return true;
         }
+        let window_over = state
+            .first_failure
+            .is_none_or(|first| now.saturating_duration_since(first) > policy.failure_window);
+        if window_over {
+            state.first_failure = Some(now);
+            state.failures = 0;
+        }
+        state.failures += 1;
+        if state.failures < policy.down_after_failures {
+            tracing::debug!(
+                endpoint = %target.described,
+                failures = state.failures,
+                %error,
+                "DSQL endpoint failed; not marked down yet"
+            );
+            return false;
+        }
+        // Flap damping: down again soon after coming up doubles the minimum down time.
+        let flapping = state
+            .up_since
+            .is_some_and(|up| now.saturating_duration_since(up) < policy.max_down);
+        state.down_for = if flapping {
+            state
+                .down_for
+                .saturating_mul(2)
+                .clamp(policy.min_down, policy.max_down)
+        } else {
+            policy.min_down
+        };
+        state.down_since = Some(now);
+        state.successes = 0;
+        state.failures = 0;
+        state.first_failure = None;
+        let down_for = state.down_for;
+        target.health.down.store(true, Ordering::Release);
+        drop(state);
+        target
+            .health
+            .changed_at
+            .store(self.since_epoch(), Ordering::Release);
+        let next = self.serving();
+        tracing::warn!(
+            endpoint = %target.described,
+            region = %target.region,
+            serving = %next.described,
+            failures = policy.down_after_failures,
+            down_for_ms = down_for.as_millis() as u64,
+            %error,
+            "DSQL endpoint marked down; new connections go to the next endpoint"
+        );
+        crate::telemetry::endpoint_marked(&target.endpoint, false);
         if !target.health.probing.swap(true, Ordering::AcqRel) {
             self.spawn_probe(target.clone());
         }
         true
     }
 
-    /// Marks `target` up if it was down (failback), and logs it.
-    fn mark_up(&self, target: &Target, how: &'static str) {
-        if target.health.down.swap(false, Ordering::AcqRel) {
-            target
-                .health
-                .changed_at
-                .store(self.since_epoch(), Ordering::Release);
-            tracing::info!(
-                endpoint = %target.described,
-                region = %target.region,
-                how,
-                "DSQL endpoint is up again; new connections return to it"
-            );
-            crate::telemetry::endpoint_marked(&target.endpoint, true);
+    /// Records a success on `target`: clears its failures, and while it is down counts toward
+    /// marking it up (failback) once its minimum down time has passed.
+    fn record_success(&self, target: &Target, how: &'static str) {
+        if self.inner.targets.len() < 2 {
+            return;
         }
+        let policy = &self.inner.config.failover;
+        let now = Instant::now();
+        let mut state = target
+            .health
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        state.failures = 0;
+        state.first_failure = None;
+        if !target.health.down.load(Ordering::Acquire) {
+            return;
+        }
+        state.successes += 1;
+        let served = state
+            .down_since
+            .is_none_or(|since| now.saturating_duration_since(since) >= state.down_for);
+        if state.successes < policy.up_after_successes || !served {
+            return;
+        }
+        state.up_since = Some(now);
+        state.down_since = None;
+        state.successes = 0;
+        target.health.down.store(false, Ordering::Release);
+        drop(state);
+        target
+            .health
+            .changed_at
+            .store(self.since_epoch(), Ordering::Release);
+        tracing::info!(
+            endpoint = %target.described,
+            region = %target.region,
+            how,
+            successes = policy.up_after_successes,
+            failback_window_ms = policy.failback_window.as_millis() as u64,
+            "DSQL endpoint is up again; new connections return to it"
+        );
+        crate::telemetry::endpoint_marked(&target.endpoint, true);
     }
 
     fn since_epoch(&self) -> u64 {
         self.inner.epoch.elapsed().as_nanos() as u64
     }
 
-    /// Probes `target` until it takes a connection: one attempt (bounded by `connect_timeout`)
-    /// after each jittered `failback_probe_interval`. Holds no strong reference between
-    /// attempts, so it ends when the last clone of the connector is dropped.
+    /// Probes `target` while it is down: one attempt (bounded by `connect_timeout`) after each
+    /// jittered `failback_probe_interval`, each success counting toward marking it up. Holds
+    /// no strong reference between attempts, so it ends when the last clone of the connector
+    /// is dropped.
     fn spawn_probe(&self, target: Arc<Target>) {
         let connector = Arc::downgrade(&self.inner);
         let interval = self.inner.config.failback_probe_interval;
@@ -495,27 +663,32 @@ impl DsqlConnector {
                 };
                 let connector = DsqlConnector { inner };
                 if target.health.down.load(Ordering::Acquire) {
-                    let deadline = Instant::now() + connector.inner.config.connect.timeout;
+                    let deadline = after(connector.inner.config.connect.timeout);
                     match connector.attempt(&target, deadline).await {
                         Ok((client, _)) => {
                             drop(client);
-                            connector.mark_up(&target, "the background probe connected");
+                            connector.record_success(&target, "background probes connected");
                         }
                         Err(error) => {
                             let error = match error {
-                                AttemptError::Refused(source) => {
+                                AttemptError::Refused(source, _) => {
                                     connector.connect_error(&target, source, 1)
                                 }
                                 AttemptError::TimedOut(error)
                                 | AttemptError::DeadlinePassed(error) => error,
                             };
+                            if means_endpoint_down(&error) {
+                                connector.record_failure(&target, &error);
+                            }
                             tracing::debug!(
                                 endpoint = %target.described,
                                 %error,
                                 "DSQL endpoint still down"
                             );
-                            continue;
                         }
+                    }
+                    if target.health.down.load(Ordering::Acquire) {
+                        continue;
                     }
                 }
                 // Up: stop, unless it went down again meanwhile with no other probe started.
@@ -547,19 +720,30 @@ impl DsqlConnector {
         &self.serving().endpoint
     }
 
-    /// For a pool's checkout: why a connection to `target` should be replaced, if it should:
-    /// its endpoint is marked down, or (failback) an endpoint preferred to it has been up for
-    /// longer than `failback_after`, the connection's own share of a probe interval.
-    pub(crate) fn should_leave(
+    /// For a pool's checkout: what to do with a connection to `target`, last used at
+    /// `last_used` (see [`Checkout`]). `failback_after` is the connection's own share of the
+    /// failback window.
+    pub(crate) fn checkout_rule(
         &self,
         target: &Target,
+        last_used: Instant,
         failback_after: Duration,
-    ) -> Option<&'static str> {
+    ) -> Checkout {
         if self.inner.targets.len() < 2 {
-            return None;
+            return Checkout::Keep;
         }
+        let used = last_used
+            .saturating_duration_since(self.inner.epoch)
+            .as_nanos() as u64;
         if target.health.down.load(Ordering::Acquire) {
-            return Some("endpoint_down");
+            // A connection not used since its endpoint last failed is not trusted; one used
+            // since is checked with a ping, and kept if it answers.
+            let failed_at = target.health.failed_at.load(Ordering::Acquire);
+            return if failed_at > 0 && used < failed_at - 1 {
+                Checkout::Leave("endpoint_down")
+            } else {
+                Checkout::Check
+            };
         }
         let now = self.since_epoch();
         let back = self.inner.targets[..target.index].iter().any(|better| {
@@ -567,8 +751,19 @@ impl DsqlConnector {
                 && now.saturating_sub(better.health.changed_at.load(Ordering::Acquire))
                     >= failback_after.as_nanos() as u64
         });
-        back.then_some("failback")
+        if back {
+            Checkout::Leave("failback")
+        } else {
+            Checkout::Keep
+        }
     }
+
+    /// For the transaction helpers: a connection to `target` was lost, or an attempt on it
+    /// timed out, before `COMMIT`; counts as a failure of its endpoint.
+    pub(crate) fn report_lost(&self, target: &Arc<Target>, why: &'static str) {
+        self.record_failure(target, &why);
+    }
+
     /// Waits for the client-side rate limit, if one is set, or fails if the wait would pass the
     /// deadline.
     async fn wait_for_rate_limit(&self, deadline: Instant, target: &Target) -> Result<(), Error> {
@@ -576,17 +771,22 @@ impl DsqlConnector {
             return Ok(());
         };
         let now = Instant::now();
-        match limiter.reserve(now, deadline) {
-            Some(wait) if wait.is_zero() => Ok(()),
-            Some(wait) => {
-                tokio::time::sleep(wait).await;
+        // The attempt after the wait needs time of its own.
+        let room = MIN_ATTEMPT.min(self.inner.config.connect.timeout);
+        let latest = deadline.checked_sub(room).unwrap_or(now);
+        match limiter.reserve(now, latest) {
+            Some(reservation) => {
+                // Cancelled during the sleep, the reservation gives its token back.
+                tokio::time::sleep(reservation.wait()).await;
+                reservation.keep();
                 Ok(())
             }
             None => Err(Error::ConnectTimeout {
                 endpoint: target.described.clone(),
                 timeout: self.inner.config.connect.deadline,
-                during: "the wait for the client-side connect rate limit would pass the \
-                         connect deadline (connect_rate_limit, connect_deadline)",
+                during: "the wait for the client-side connect rate limit would leave too little \
+                         of the connect deadline for an attempt (connect_rate_limit, \
+                         connect_deadline)",
             }),
         }
     }
@@ -642,7 +842,7 @@ impl DsqlConnector {
         let target = &self.inner.targets[0];
         let error = self.connect_error(target, source, 1);
         if matches!(error, Error::AccessDenied { .. }) {
-            target.tokens.invalidate();
+            target.tokens.invalidate_current();
         }
         error
     }
@@ -663,7 +863,7 @@ impl DsqlConnector {
                         endpoint,
                         reason,
                         hint,
-                        source,
+                        source: Arc::new(source),
                     };
                 }
                 Some(Refusal::Unavailable(reason)) => {
@@ -680,7 +880,7 @@ impl DsqlConnector {
                 return Error::UnknownRole {
                     endpoint,
                     role: self.inner.config.user.clone(),
-                    source,
+                    source: Arc::new(source),
                 };
             }
         }
@@ -703,10 +903,29 @@ pub(crate) enum Retry {
     Transient,
 }
 
+/// What a pool's checkout does with a connection, by its endpoint's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checkout {
+    /// Hand it out (after the usual checks).
+    Keep,
+    /// Its endpoint is marked down, but it was used since the endpoint last failed: ping it.
+    Check,
+    /// Replace it, for this reason (a metric label).
+    Leave(&'static str),
+}
+
+/// `now + duration`, or a time far enough away when that does not fit the clock.
+pub(crate) fn after(duration: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+}
+
 /// How one connect attempt failed.
 enum AttemptError {
-    /// The server or the network refused it: classified by [`DsqlConnector::connect_error`].
-    Refused(tokio_postgres::Error),
+    /// The server or the network refused it, with this token: classified by
+    /// [`DsqlConnector::connect_error`].
+    Refused(tokio_postgres::Error, AuthToken),
     /// It ran out of `connect_timeout` (or no token could be had): already this crate's error.
     TimedOut(Error),
     /// The connect deadline ran out during it.
@@ -809,7 +1028,7 @@ fn is_tls_failure(error: &tokio_postgres::Error) -> bool {
 }
 
 /// `aws-config`'s default credentials chain: environment, profile (SSO, assume-role, process),
-/// web identity, ECS, EC2 instance metadata.
+/// web identity, ECS, EC2 instance metadata (wrapped in [`CachedCredentials`] by the caller).
 async fn default_credentials(region: &str, profile: Option<&str>) -> SharedCredentialsProvider {
     let mut builder = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
         .region(aws_config::Region::new(region.to_owned()));

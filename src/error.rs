@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Errors returned by this crate.
@@ -75,9 +76,10 @@ pub enum Error {
         /// The server's HINT, e.g. `Wrong user to action mapping. user: admin, action:
         /// DbConnect` (empty if the server sent none).
         hint: String,
-        /// The server's error.
+        /// The server's error, shared: one refusal is handed to every checkout waiting for
+        /// it (see [`db_error`](Error::db_error) for the server's fields).
         #[source]
-        source: tokio_postgres::Error,
+        source: Arc<tokio_postgres::Error>,
     },
 
     /// DSQL could not take the connection now (rate exceeded, too many open connections, or a
@@ -126,9 +128,9 @@ pub enum Error {
         endpoint: String,
         /// The role that was asked for.
         role: String,
-        /// The server's error.
+        /// The server's error, shared like [`Error::AccessDenied`]'s.
         #[source]
-        source: tokio_postgres::Error,
+        source: Arc<tokio_postgres::Error>,
     },
 
     /// The connection could not be opened, or the server refused the session for another
@@ -144,7 +146,7 @@ pub enum Error {
     },
 
     /// A query failed: the database's error (or a lost connection) while running SQL, for
-    /// example inside a [`retry_transaction`](crate::retry_transaction) body. `Display` shows
+    /// example inside a [`retry_transaction_on`](crate::retry_transaction_on) body. `Display` shows
     /// the server's severity, code and message; the `tokio_postgres::Error` is the source.
     #[error("query failed{}", server_detail(source))]
     #[non_exhaustive]
@@ -244,10 +246,9 @@ impl Error {
     /// The server's SQLSTATE code, when the server answered with an error.
     pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
         match self {
-            Error::AccessDenied { source, .. }
-            | Error::Unavailable { source, .. }
+            Error::AccessDenied { source, .. } | Error::UnknownRole { source, .. } => source.code(),
+            Error::Unavailable { source, .. }
             | Error::Connect { source, .. }
-            | Error::UnknownRole { source, .. }
             | Error::TransactionRolledBack { source, .. }
             | Error::Query { source, .. }
             | Error::Tls { source, .. } => source.code(),
@@ -257,6 +258,53 @@ impl Error {
 }
 
 impl Error {
+    /// The server's error (severity, SQLSTATE, message, hint, ...), when the server answered
+    /// with one.
+    pub fn db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        match self {
+            Error::AccessDenied { source, .. } | Error::UnknownRole { source, .. } => {
+                source.as_db_error()
+            }
+            Error::Unavailable { source, .. }
+            | Error::Connect { source, .. }
+            | Error::TransactionRolledBack { source, .. }
+            | Error::Query { source, .. }
+            | Error::Tls { source, .. } => source.as_db_error(),
+            Error::CommitOutcomeUnknown {
+                source: Some(source),
+            } => source.as_db_error(),
+            _ => None,
+        }
+    }
+
+    /// A copy of a permanent refusal (access denied, an unknown role), to hand to every
+    /// connect and checkout that would meet it; `None` for any other error.
+    pub(crate) fn shared_refusal(&self) -> Option<Error> {
+        match self {
+            Error::AccessDenied {
+                endpoint,
+                reason,
+                hint,
+                source,
+            } => Some(Error::AccessDenied {
+                endpoint: endpoint.clone(),
+                reason: *reason,
+                hint: hint.clone(),
+                source: source.clone(),
+            }),
+            Error::UnknownRole {
+                endpoint,
+                role,
+                source,
+            } => Some(Error::UnknownRole {
+                endpoint: endpoint.clone(),
+                role: role.clone(),
+                source: source.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// The server's HINT for [`Error::AccessDenied`]: DSQL's reason for the refusal.
     pub fn hint(&self) -> Option<&str> {
         match self {

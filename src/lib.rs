@@ -14,9 +14,9 @@
 //!   transient ones retried with backoff inside a connect deadline.
 //! - [`DsqlConnector::pool`]: a [`DsqlPool`] (`bb8`) whose connections are recycled before
 //!   DSQL's one-hour cut, with jitter, and whose checkouts return the connect error itself.
-//! - [`retry_transaction`]: re-runs a whole transaction on an optimistic-concurrency conflict
+//! - [`retry_transaction_on`]: re-runs a whole transaction on an optimistic-concurrency conflict
 //!   (`40001`, `OC000`/`OC001`), with backoff and jitter; its future is `Send`, for spawned
-//!   tasks and handlers ([`transaction_with_retry`] is the async-closure form).
+//!   tasks and handlers ([`retry_postgres_transaction_on`] is the async-closure form).
 //! - `emulator::DsqlEmulator` (feature `emulator`): a local DSQL endpoint in front of a real
 //!   PostgreSQL that verifies tokens like the service, for offline tests.
 //!
@@ -66,7 +66,8 @@ pub mod token;
 mod test_support;
 
 pub use config::{
-    DsqlConfig, DsqlConfigBuilder, Endpoint, Peer, RootCerts, SslMode, SslNegotiation,
+    DsqlConfig, DsqlConfigBuilder, Endpoint, FailoverPolicy, Peer, RootCerts, SslMode,
+    SslNegotiation,
 };
 pub use connector::{DsqlConnector, EndpointHealth};
 pub use error::{AccessDeniedReason, Error, UnavailableReason};
@@ -74,8 +75,8 @@ pub use pool::{DsqlConnection, DsqlConnectionManager, DsqlPool, DsqlPooledConnec
 #[cfg(feature = "deadpool")]
 pub use pool::{DsqlDeadpool, DsqlDeadpoolManager};
 pub use retry::{
-    AsClient, AsOccConflict, OccConflict, PooledTx, RetryError, RetryPolicy, Tx, retry_transaction,
-    statement_with_retry, transaction_with_retry,
+    AsClient, AsOccConflict, OccConflict, PooledTx, RetryError, RetryPolicy, Tx,
+    retry_postgres_transaction_on, retry_statement_on, retry_transaction_on,
 };
 
 // The crates whose types appear in this crate's API, so that a service can name them without

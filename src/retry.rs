@@ -3,17 +3,17 @@
 //!
 //! Two helpers run a transaction body again on a conflict, with backoff:
 //!
-//! - [`retry_transaction`]: the body is a closure returning a future, `|tx| async move { … }`,
+//! - [`retry_transaction_on`]: the body is a closure returning a future, `|tx| async move { … }`,
 //!   that gets a [`Tx`] handle. It works everywhere, including inside `tokio::spawn`, axum
 //!   handlers and `&self` methods, and needs no `Box::pin` and no type annotation when the call
 //!   is the function's tail expression. **Use it in services.**
-//! - [`transaction_with_retry`]: the body is an async closure, `async |tx| { … }`, that gets a
+//! - [`retry_postgres_transaction_on`]: the body is an async closure, `async |tx| { … }`, that gets a
 //!   `&mut tokio_postgres::Transaction`. Fine in `main`, tests and scripts; but a future that
 //!   calls it with a closure capturing any reference is not `Send` to today's compiler
 //!   (`implementation of Send is not general enough`), so it cannot go into `tokio::spawn`.
 //!
 //! ```no_run
-//! use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction};
+//! use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction_on};
 //!
 //! struct Accounts {
 //!     pool: DsqlPool,
@@ -23,7 +23,7 @@
 //!     /// Moves `amount` between two accounts; a conflict re-runs the whole transaction.
 //!     async fn transfer(&self, from: i64, to: i64, amount: i64) -> Result<i64, Error> {
 //!         let mut conn = self.pool.get().await?;
-//!         retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+//!         retry_transaction_on(&mut conn, &RetryPolicy::default(), |tx| async move {
 //!             tx.execute("UPDATE account SET balance = balance - $1 WHERE id = $2", &[&amount, &from])
 //!                 .await?;
 //!             tx.execute("UPDATE account SET balance = balance + $1 WHERE id = $2", &[&amount, &to])
@@ -45,10 +45,10 @@
 //!
 //! | body | inside `tokio::spawn` / an axum handler |
 //! |---|---|
-//! | `retry_transaction(…, \|tx\| async move { … })` capturing `&self`, `&str`, `&AtomicU32`, copies | compiles |
+//! | `retry_transaction_on(…, \|tx\| async move { … })` capturing `&self`, `&str`, `&AtomicU32`, copies | compiles |
 //! | the same capturing an owned `String` or `Vec` | does not: `async move` moves it out of an `FnMut` closure. Fix: `let name = name.as_str();` (or `&vec`) before the closure, and capture the reference |
-//! | `transaction_with_retry(…, async \|tx\| { … })` capturing only owned values (`async move \|tx\|`) | compiles |
-//! | `transaction_with_retry(…, async \|tx\| { … })` capturing any reference (`&self`, a `&str`) | does not: `implementation of Send is not general enough`; the compiler cannot prove the async closure's future `Send` for every lifetime. Fix: use `retry_transaction` |
+//! | `retry_postgres_transaction_on(…, async \|tx\| { … })` capturing only owned values (`async move \|tx\|`) | compiles |
+//! | `retry_postgres_transaction_on(…, async \|tx\| { … })` capturing any reference (`&self`, a `&str`) | does not: `implementation of Send is not general enough`; the compiler cannot prove the async closure's future `Send` for every lifetime. Fix: use `retry_transaction_on` |
 //!
 //! State that must survive across attempts goes through references (`&AtomicU32`, a
 //! `&Mutex<…>`): `async move` copies a captured `u32`, so `count += 1` inside the body would
@@ -57,12 +57,12 @@
 //! The rows above, as doctests. Each pair differs only in the point the row is about.
 //!
 //! ```no_run
-//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction};
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction_on};
 //! struct Owners { pool: DsqlPool, sql: &'static str }
 //! impl Owners {
 //!     async fn touch(&self, id: i64) -> Result<(), Error> {
 //!         let mut conn = self.pool.get().await?;
-//!         retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+//!         retry_transaction_on(&mut conn, &RetryPolicy::default(), |tx| async move {
 //!             tx.execute(self.sql, &[&id]).await?;
 //!             Ok(())
 //!         })
@@ -75,12 +75,12 @@
 //! ```
 //!
 //! ```compile_fail
-//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, transaction_with_retry};
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_postgres_transaction_on};
 //! struct Owners { pool: DsqlPool, sql: &'static str }
 //! impl Owners {
 //!     async fn touch(&self, id: i64) -> Result<(), Error> {
 //!         let mut conn = self.pool.get().await?;
-//!         transaction_with_retry(&mut conn, &RetryPolicy::default(), async |tx| {
+//!         retry_postgres_transaction_on(&mut conn, &RetryPolicy::default(), async |tx| {
 //!             tx.execute(self.sql, &[&id]).await?;
 //!             Ok(())
 //!         })
@@ -95,11 +95,11 @@
 //! ```
 //!
 //! ```no_run
-//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction};
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction_on};
 //! async fn rename(pool: &DsqlPool, id: i64, name: String) -> Result<(), Error> {
 //!     let mut conn = pool.get().await?;
 //!     let name = name.as_str();
-//!     retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+//!     retry_transaction_on(&mut conn, &RetryPolicy::default(), |tx| async move {
 //!         tx.execute("UPDATE owner SET name = $1 WHERE id = $2", &[&name, &id]).await?;
 //!         Ok(())
 //!     })
@@ -108,11 +108,11 @@
 //! ```
 //!
 //! ```compile_fail
-//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction};
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_transaction_on};
 //! async fn rename(pool: &DsqlPool, id: i64, name: String) -> Result<(), Error> {
 //!     let mut conn = pool.get().await?;
 //!     // error: cannot move out of `name`, a captured variable in an `FnMut` closure
-//!     retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+//!     retry_transaction_on(&mut conn, &RetryPolicy::default(), |tx| async move {
 //!         tx.execute("UPDATE owner SET name = $1 WHERE id = $2", &[&name, &id]).await?;
 //!         Ok(())
 //!     })
@@ -121,12 +121,12 @@
 //! ```
 //!
 //! ```no_run
-//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, transaction_with_retry};
+//! # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_postgres_transaction_on};
 //! // The async-closure form in a spawned task, when the closure owns what it captures.
 //! fn spawn(pool: DsqlPool, sql: String) {
 //!     tokio::spawn(async move {
 //!         let mut conn = pool.get().await?;
-//!         transaction_with_retry(&mut conn, &RetryPolicy::default(), async move |tx| {
+//!         retry_postgres_transaction_on(&mut conn, &RetryPolicy::default(), async move |tx| {
 //!             tx.execute(&sql, &[]).await?;
 //!             Ok::<_, Error>(())
 //!         })
@@ -137,7 +137,7 @@
 //! ```
 //!
 //! With your own error type `E`, the body's `?` needs `From<tokio_postgres::Error>` for `E`,
-//! `retry_transaction` needs `From<`[`Error`]`>` (for a rolled-back or unknown-outcome
+//! `retry_transaction_on` needs `From<`[`Error`]`>` (for a rolled-back or unknown-outcome
 //! `COMMIT`), and the helper needs to know which errors are conflicts: implement
 //! [`AsOccConflict`] by looking for the database error inside (see its docs for a worked
 //! example). This crate's [`Error`] and, with the `anyhow` feature, `anyhow::Error` have all of
@@ -205,12 +205,12 @@ fn conflict_of(db: &DbError) -> Option<OccConflict> {
 
 /// Errors that can say whether they are an optimistic-concurrency conflict. Implement it for
 /// your own error type (usually by delegating to the `tokio_postgres::Error` it wraps) to use
-/// that type in [`retry_transaction`] and [`transaction_with_retry`] bodies.
+/// that type in [`retry_transaction_on`] and [`retry_postgres_transaction_on`] bodies.
 ///
 /// A service's error type, with `?` on a pool checkout, inside the body and on the result:
 ///
 /// ```no_run
-/// use tokio_postgres_dsql::{AsOccConflict, DsqlPool, OccConflict, RetryPolicy, retry_transaction};
+/// use tokio_postgres_dsql::{AsOccConflict, DsqlPool, OccConflict, RetryPolicy, retry_transaction_on};
 ///
 /// #[derive(Debug)]
 /// enum AppError {
@@ -242,7 +242,7 @@ fn conflict_of(db: &DbError) -> Option<OccConflict> {
 ///
 /// async fn withdraw(pool: &DsqlPool, id: i64, amount: i64) -> Result<i64, AppError> {
 ///     let mut conn = pool.get().await?; // a checkout error converts through `Error`
-///     retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+///     retry_transaction_on(&mut conn, &RetryPolicy::default(), |tx| async move {
 ///         let row = tx.query_one("SELECT balance FROM account WHERE id = $1", &[&id]).await?;
 ///         let balance: i64 = row.get(0);
 ///         if balance < amount {
@@ -326,7 +326,7 @@ fn db_error_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a D
     None
 }
 
-/// How [`retry_transaction`] and [`transaction_with_retry`] retry.
+/// How [`retry_transaction_on`] and [`retry_postgres_transaction_on`] retry.
 ///
 /// Delays grow exponentially from `base_delay`, capped at `max_delay`; with `jitter` on, each
 /// delay is drawn uniformly from its upper half ("equal jitter"), so colliding transactions
@@ -346,12 +346,17 @@ pub struct RetryPolicy {
     /// attempt is not cut short; no retry starts whose delay would end past it). Default none:
     /// only `max_attempts` bounds the retries.
     pub deadline: Option<Duration>,
-    /// Bound on one attempt, `BEGIN` to the end of `COMMIT`, for
-    /// [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction) only (the other
-    /// helpers hold one connection and cannot replace it: wrap them in `tokio::time::timeout`).
-    /// An attempt past it is abandoned and its connection dropped: before `COMMIT` was sent,
-    /// the attempt is retried on another connection (nothing was committed); with `COMMIT` in
-    /// flight, it returns [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown).
+    /// Bound on one attempt, `BEGIN` to the end of `COMMIT`. An attempt past it is abandoned:
+    /// with `COMMIT` in flight, the helpers return
+    /// [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown) (`RetryError::OutcomeUnknown`
+    /// for [`retry_postgres_transaction_on`]); before `COMMIT`,
+    /// [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction) drops the
+    /// connection, reports its endpoint's failure (see
+    /// [`FailoverPolicy`](crate::FailoverPolicy)) and retries on another connection (nothing
+    /// was committed), while the helpers bound to one connection ([`retry_transaction_on`],
+    /// [`retry_postgres_transaction_on`], [`retry_statement_on`]) return
+    /// [`Error::AttemptTimeout`](crate::Error::AttemptTimeout): the connection itself may be
+    /// what stalled, and they cannot replace it.
     /// DSQL ignores `statement_timeout`, and a silent network (a Region cut off) otherwise
     /// holds a statement until the TCP user timeout; set this a little above your slowest
     /// transaction. Default none.
@@ -372,12 +377,12 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The default policy with `max_attempts` attempts (at least 1).
-    pub fn with_max_attempts(max_attempts: u32) -> Self {
-        RetryPolicy {
-            max_attempts: max_attempts.max(1),
-            ..RetryPolicy::default()
-        }
+    /// Sets the number of attempts, the first included (at least 1):
+    /// `RetryPolicy::default().with_max_attempts(10)`.
+    #[must_use]
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
     }
 
     /// Sets the delays.
@@ -424,7 +429,7 @@ impl RetryPolicy {
     }
 }
 
-/// Why [`transaction_with_retry`] gave up.
+/// Why [`retry_postgres_transaction_on`] gave up.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum RetryError<E> {
@@ -437,6 +442,12 @@ pub enum RetryError<E> {
     /// The connection was lost with `COMMIT` in flight: the transaction may or may not have
     /// been committed. Not retried (see the README's idempotency-key pattern).
     OutcomeUnknown(E),
+    /// An attempt ran past [`RetryPolicy::attempt_timeout`] and was abandoned (its `ROLLBACK`
+    /// queued on the connection); not retried. The error says which:
+    /// [`Error::AttemptTimeout`](crate::Error::AttemptTimeout) before `COMMIT` (nothing was
+    /// committed), [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown) with
+    /// `COMMIT` in flight.
+    TimedOut(crate::Error),
     /// Every attempt hit an optimistic-concurrency conflict.
     Exhausted {
         /// How many attempts were made.
@@ -448,14 +459,16 @@ pub enum RetryError<E> {
     },
 }
 
-impl<E> RetryError<E> {
-    /// The underlying error (the last conflict when retries were exhausted).
+impl<E: From<crate::Error>> RetryError<E> {
+    /// The underlying error (the last conflict when retries were exhausted; a
+    /// [`TimedOut`](RetryError::TimedOut) attempt's error converted to `E`).
     pub fn into_inner(self) -> E {
         match self {
             RetryError::Failed(error)
             | RetryError::RolledBack(error)
             | RetryError::OutcomeUnknown(error)
             | RetryError::Exhausted { last: error, .. } => error,
+            RetryError::TimedOut(error) => error.into(),
         }
     }
 }
@@ -477,6 +490,7 @@ impl<E: fmt::Display + AsOccConflict> fmt::Display for RetryError<E> {
                  been committed ({})",
                 describe(error)
             ),
+            RetryError::TimedOut(error) => write!(f, "{error}"),
             RetryError::Exhausted {
                 attempts,
                 conflict,
@@ -511,6 +525,7 @@ impl<E: std::error::Error + AsOccConflict + 'static> std::error::Error for Retry
             | RetryError::RolledBack(error)
             | RetryError::OutcomeUnknown(error)
             | RetryError::Exhausted { last: error, .. } => Some(error),
+            RetryError::TimedOut(error) => Some(error),
         }
     }
 }
@@ -551,7 +566,7 @@ where
 /// `client` is a plain [`Client`] or a pooled connection (see [`AsClient`]). `body` is an async closure that may be called several times; its
 /// error type is yours, as long as it converts from `tokio_postgres::Error` and says whether it
 /// is a conflict ([`AsOccConflict`]). Each retry is logged with `tracing` at `debug`.
-pub async fn transaction_with_retry<C, T, E, F>(
+pub async fn retry_postgres_transaction_on<C, T, E, F>(
     client: &mut C,
     policy: &RetryPolicy,
     mut body: F,
@@ -564,10 +579,13 @@ where
     let client = client.as_client();
     let mut attempts = Attempts::new(policy);
     loop {
-        let error = match run_once(client, &mut body)
-            .instrument(attempts.span())
-            .await
-        {
+        let committing = std::sync::atomic::AtomicBool::new(false);
+        let attempt = run_once(client, &mut body, &committing).instrument(attempts.span());
+        let outcome = match bounded(policy, attempt, &committing).await {
+            Ok(outcome) => outcome,
+            Err(timed_out) => return Err(RetryError::TimedOut(timed_out)),
+        };
+        let error = match outcome {
             Ok(value) => return Ok(value),
             Err(AttemptError::Failed(error)) => error,
             Err(AttemptError::RolledBack(error)) => return Err(RetryError::RolledBack(error)),
@@ -683,27 +701,50 @@ impl<'p> Attempts<'p> {
 }
 
 /// Runs one statement in its own transaction (no `BEGIN`: the statement's implicit one), again
-/// on an optimistic-concurrency conflict, with `policy`'s backoff. Made for DDL, which DSQL
-/// wants alone in its transaction (`CREATE TABLE`, `CREATE INDEX ASYNC`, `ALTER TABLE`, a
-/// `GRANT`); call it on a connection outside any transaction. Any other error is returned at
-/// once as [`Error::Query`](crate::Error::Query); when the attempts run out, the last conflict.
-pub async fn statement_with_retry<C>(
+/// on an optimistic-concurrency conflict, with `policy`'s backoff, and returns the rows it
+/// answered. Made for DDL, which DSQL wants alone in its transaction (`CREATE TABLE`, `ALTER
+/// TABLE`, a `GRANT`) and for `CREATE INDEX ASYNC`, whose one row carries the `job_id` to
+/// wait for (`SELECT sys.wait_for_job($1)`); call it on a connection outside any transaction.
+/// The statement goes as a simple query (no parameters), so values come back as text. Any
+/// other error is returned at once as [`Error::Query`](crate::Error::Query); when the attempts
+/// run out, the last conflict. [`RetryPolicy::attempt_timeout`] bounds each attempt (past it,
+/// [`Error::AttemptTimeout`](crate::Error::AttemptTimeout), not retried: the statement's
+/// outcome is unknown).
+///
+/// ```no_run
+/// # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy, retry_statement_on};
+/// # async fn f(pool: &DsqlPool) -> Result<(), Error> {
+/// let mut conn = pool.get().await?;
+/// let policy = RetryPolicy::default();
+/// let rows = retry_statement_on(&mut conn, &policy, "CREATE INDEX ASYNC ON pet (owner_id)")
+///     .await?;
+/// let job_id = rows[0].get("job_id").unwrap_or_default().to_owned();
+/// conn.execute("SELECT sys.wait_for_job($1)", &[&job_id]).await?;
+/// # Ok(()) }
+/// ```
+pub async fn retry_statement_on<C>(
     client: &mut C,
     policy: &RetryPolicy,
     statement: &str,
-) -> Result<(), crate::Error>
+) -> Result<Vec<tokio_postgres::SimpleQueryRow>, crate::Error>
 where
     C: AsClient + ?Sized,
 {
     let client = client.as_client();
     let mut attempts = Attempts::new(policy);
+    let never = std::sync::atomic::AtomicBool::new(false);
     loop {
-        let error = match client
-            .batch_execute(statement)
-            .instrument(attempts.span())
-            .await
-        {
-            Ok(()) => return Ok(()),
+        let attempt = client.simple_query(statement).instrument(attempts.span());
+        let error = match bounded(policy, attempt, &never).await? {
+            Ok(messages) => {
+                return Ok(messages
+                    .into_iter()
+                    .filter_map(|message| match message {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+                        _ => None,
+                    })
+                    .collect());
+            }
             Err(error) => error,
         };
         let Some(conflict) = occ_conflict(&error) else {
@@ -716,7 +757,7 @@ where
     }
 }
 
-/// A transaction inside [`retry_transaction`]'s body. It derefs to the
+/// A transaction inside [`retry_transaction_on`]'s body. It derefs to the
 /// [`Client`], so every query method is there (`tx.execute(…)`,
 /// `tx.query_one(…)`, and `&*tx` where a `GenericClient` is wanted). It is `Copy` and lives for
 /// the whole call, which is what lets the body be a plain `|tx| async move { … }` closure whose
@@ -784,7 +825,7 @@ impl Drop for OpenTransaction<'_> {
 /// lost with `COMMIT` in flight, it returns
 /// [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown) and does not re-run the
 /// body (see the README's idempotency-key pattern). Neither is retried.
-pub async fn retry_transaction<'c, C, T, E, F, Fut>(
+pub async fn retry_transaction_on<'c, C, T, E, F, Fut>(
     client: &'c mut C,
     policy: &RetryPolicy,
     mut body: F,
@@ -798,12 +839,12 @@ where
     let client: &'c Client = client.as_client();
     let mut attempts = Attempts::new(policy);
     loop {
-        let error = match attempt_once(client, &mut body)
-            .instrument(attempts.span())
-            .await
-        {
-            Ok(value) => return Ok(value),
-            Err(error) => error,
+        let committing = std::sync::atomic::AtomicBool::new(false);
+        let attempt = attempt_once(client, &mut body, &committing).instrument(attempts.span());
+        let error = match bounded(policy, attempt, &committing).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => error,
+            Err(timed_out) => return Err(timed_out.into()),
         };
         let Some(conflict) = error.occ_conflict() else {
             return Err(error);
@@ -815,9 +856,13 @@ where
     }
 }
 
-/// One attempt of [`retry_transaction`]: `BEGIN`, the body, then `COMMIT` (checked) or
+/// One attempt of [`retry_transaction_on`]: `BEGIN`, the body, then `COMMIT` (checked) or
 /// `ROLLBACK`.
-async fn attempt_once<'c, T, E, F, Fut>(client: &'c Client, body: &mut F) -> Result<T, E>
+async fn attempt_once<'c, T, E, F, Fut>(
+    client: &'c Client,
+    body: &mut F,
+    committing: &std::sync::atomic::AtomicBool,
+) -> Result<T, E>
 where
     F: FnMut(Tx<'c>) -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -826,11 +871,32 @@ where
     let mut transaction = OpenTransaction { client, open: true };
     client.batch_execute("BEGIN").await?;
     let result = body(Tx { client }).await;
-    let committing = std::sync::atomic::AtomicBool::new(false);
-    end_attempt(client, &mut transaction, result, &committing).await
+    end_attempt(client, &mut transaction, result, committing).await
 }
 
-/// Ends an attempt of [`retry_transaction`] or [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction):
+/// Runs one attempt on a connection the helper cannot replace, bounded by the policy's
+/// `attempt_timeout`: past it, the attempt is abandoned (its transaction's `ROLLBACK` is queued
+/// on the connection) and the error says whether `COMMIT` was in flight. Not retried: the
+/// connection itself may be what stalled.
+async fn bounded<R>(
+    policy: &RetryPolicy,
+    attempt: impl Future<Output = R>,
+    committing: &std::sync::atomic::AtomicBool,
+) -> Result<R, crate::Error> {
+    let Some(timeout) = policy.attempt_timeout else {
+        return Ok(attempt.await);
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => Ok(result),
+        Err(_) if committing.load(std::sync::atomic::Ordering::SeqCst) => {
+            crate::telemetry::transaction_outcome_unknown();
+            Err(crate::Error::CommitOutcomeUnknown { source: None })
+        }
+        Err(_) => Err(crate::Error::AttemptTimeout { timeout }),
+    }
+}
+
+/// Ends an attempt of [`retry_transaction_on`] or [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction):
 /// the body's `Ok` is committed (checked), its `Err` rolled back.
 async fn end_attempt<T, E>(
     client: &Client,
@@ -871,7 +937,7 @@ where
     }
 }
 
-/// How one attempt of [`transaction_with_retry`] ended, when not with a value.
+/// How one attempt of [`retry_postgres_transaction_on`] ended, when not with a value.
 enum AttemptError<E> {
     /// The body's error, or a definite failure of `BEGIN` or `COMMIT` (a conflict, ...).
     Failed(E),
@@ -881,7 +947,11 @@ enum AttemptError<E> {
     OutcomeUnknown(E),
 }
 
-async fn run_once<T, E, F>(client: &mut Client, body: &mut F) -> Result<T, AttemptError<E>>
+async fn run_once<T, E, F>(
+    client: &mut Client,
+    body: &mut F,
+    committing: &std::sync::atomic::AtomicBool,
+) -> Result<T, AttemptError<E>>
 where
     F: AsyncFnMut(&mut Transaction<'_>) -> Result<T, E>,
     E: From<tokio_postgres::Error>,
@@ -892,6 +962,7 @@ where
         .map_err(|e| AttemptError::Failed(e.into()))?;
     match body(&mut transaction).await {
         Ok(value) => {
+            committing.store(true, std::sync::atomic::Ordering::SeqCst);
             let outcome = commit_checked(transaction.client()).await;
             // The transaction is over either way; skip the `ROLLBACK` its `Drop` would send.
             // (It holds only references: forgetting it leaks nothing.)
@@ -933,19 +1004,40 @@ async fn commit_checked(client: &Client) -> Result<(), CommitFailure> {
         client.batch_execute("COMMIT")
     );
     match (probe, commit) {
-        (_, Err(e)) if e.as_db_error().is_some() => Err(CommitFailure::Failed(e)),
+        (_, Err(e)) if e.as_db_error().is_some_and(|db| !outcome_unknown(db)) => {
+            Err(CommitFailure::Failed(e))
+        }
         (_, Err(e)) => Err(CommitFailure::OutcomeUnknown(e)),
         (Err(e), Ok(())) if e.as_db_error().is_some() => Err(CommitFailure::RolledBack(e)),
         _ => Ok(()),
     }
 }
 
+/// Whether a server error answering `COMMIT` leaves its outcome unknown: the session or the
+/// server is going away (severity `FATAL` or `PANIC`), the connection failed (class `08`),
+/// the server is shutting down or restarting (class `57P`), or it failed internally (class
+/// `XX`, DSQL's `XX000 server unavailable`). The commit may have been made durable before
+/// the answer was lost. A conflict (`40001`), a constraint or any other `ERROR` is definite:
+/// nothing was written.
+pub(crate) fn outcome_unknown(db: &DbError) -> bool {
+    let code = db.code().code();
+    matches!(
+        db.parsed_severity(),
+        Some(tokio_postgres::error::Severity::Fatal | tokio_postgres::error::Severity::Panic)
+    ) || matches!(db.severity(), "FATAL" | "PANIC")
+        || code.starts_with("08")
+        || code.starts_with("57P")
+        || code.starts_with("XX")
+}
+
 /// A transaction inside [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction)'s body: like [`Tx`], it derefs to the
 /// [`Client`], and the helper sends `BEGIN`, `COMMIT` and `ROLLBACK`. It owns (a share of) the
 /// pooled connection, so the body's future borrows nothing and is `Send` and `'static`
-/// whenever what it captures is. Cloning it is cheap; the connection goes back to the pool
-/// when the attempt is over and the last clone is dropped.
-#[derive(Clone)]
+/// whenever what it captures is. It is not `Clone`, and it belongs to its attempt: the
+/// connection goes back to the pool as soon as the attempt is over (before any backoff). A
+/// `PooledTx` moved somewhere that outlives the body (a spawned task) keeps the connection out
+/// of the pool until it is dropped, and its statements run outside the transaction; the
+/// helper logs a warning when that happens.
 pub struct PooledTx {
     conn: Arc<crate::DsqlPooledConnection<'static>>,
 }
@@ -980,7 +1072,7 @@ impl PooledTx {
 
 impl crate::DsqlPool {
     /// Runs `body` in a transaction on a connection from the pool and commits it, like
-    /// [`retry_transaction`], re-running the whole transaction on an optimistic-concurrency
+    /// [`retry_transaction_on`], re-running the whole transaction on an optimistic-concurrency
     /// conflict, **and** on a connection lost before `COMMIT` was sent (its endpoint failed, it
     /// was cut), on a fresh checkout: with a multi-Region configuration, on the peer once the
     /// failed endpoint is marked down. Each attempt may be bounded by
@@ -1021,8 +1113,8 @@ impl crate::DsqlPool {
     {
         let mut attempts = Attempts::new(policy);
         loop {
-            let mut conn = self.get_owned().await?;
-            let endpoint = conn.endpoint().to_owned();
+            let conn = self.get_owned().await?;
+            let target = conn.target().clone();
             let committing = std::sync::atomic::AtomicBool::new(false);
             let shared = Arc::new(conn);
             let attempt =
@@ -1033,21 +1125,35 @@ impl crate::DsqlPool {
                     .map_err(|_| timeout),
                 None => Ok(attempt.await),
             };
-            let error = match outcome {
+            let committing = committing.load(std::sync::atomic::Ordering::SeqCst);
+            // The attempt is over: the connection goes back to the pool now (before any
+            // backoff), unless the body moved its `PooledTx` somewhere that outlives it.
+            let mut conn = match Arc::try_unwrap(shared) {
+                Ok(conn) => Some(conn),
+                Err(_) => {
+                    tracing::warn!(
+                        endpoint = %target.endpoint,
+                        "a PooledTx outlived its transaction attempt (moved into a task?); its \
+                         statements run outside the transaction, and its connection returns \
+                         to the pool only when it is dropped"
+                    );
+                    None
+                }
+            };
+            let why = match outcome {
                 Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) => error,
                 Err(timeout) => {
-                    // The attempt's future, and with it the body's clones of the connection,
-                    // are gone: drop the connection rather than give a stalled one back.
-                    if let Ok(inner) = Arc::try_unwrap(shared) {
-                        conn = inner;
+                    // A stalled connection is dropped, never given back.
+                    if let Some(conn) = &mut conn {
                         conn.discard();
                     }
-                    if committing.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(conn);
+                    if committing {
                         crate::telemetry::transaction_outcome_unknown();
                         return Err(crate::Error::CommitOutcomeUnknown { source: None }.into());
                     }
-                    match attempts.after_lost_connection(&endpoint, "attempt_timeout") {
+                    self.connector().report_lost(&target, "attempt_timeout");
+                    match attempts.after_lost_connection(&target.endpoint, "attempt_timeout") {
                         Some(delay) => {
                             tokio::time::sleep(delay).await;
                             continue;
@@ -1055,25 +1161,30 @@ impl crate::DsqlPool {
                         None => return Err(crate::Error::AttemptTimeout { timeout }.into()),
                     }
                 }
-            };
-            if let Some(conflict) = error.occ_conflict() {
-                match attempts.after_conflict(conflict) {
-                    Some(delay) => {
-                        tokio::time::sleep(delay).await;
-                        continue;
+                Ok(Err(error)) => {
+                    if let Some(conflict) = error.occ_conflict() {
+                        drop(conn);
+                        match attempts.after_conflict(conflict) {
+                            Some(delay) => {
+                                tokio::time::sleep(delay).await;
+                                continue;
+                            }
+                            None => return Err(error),
+                        }
                     }
-                    None => return Err(error),
+                    let lost = conn.as_ref().is_some_and(|conn| conn.is_closed()) && !committing;
+                    drop(conn);
+                    if !lost {
+                        return Err(error);
+                    }
+                    self.connector().report_lost(&target, "connection_lost");
+                    match attempts.after_lost_connection(&target.endpoint, "connection_lost") {
+                        Some(delay) => delay,
+                        None => return Err(error),
+                    }
                 }
-            }
-            let lost = shared.is_closed() && !committing.load(std::sync::atomic::Ordering::SeqCst);
-            if !lost {
-                return Err(error);
-            }
-            drop(shared);
-            match attempts.after_lost_connection(&endpoint, "connection_lost") {
-                Some(delay) => tokio::time::sleep(delay).await,
-                None => return Err(error),
-            }
+            };
+            tokio::time::sleep(why).await;
         }
     }
 }
@@ -1128,7 +1239,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_deadline_stops_retries_that_would_end_past_it() {
-        let policy = RetryPolicy::with_max_attempts(100)
+        let policy = RetryPolicy::default()
+            .with_max_attempts(100)
             .delays(Duration::from_millis(10), Duration::from_millis(10))
             .jitter(false)
             .with_deadline(Duration::from_millis(35));
@@ -1143,7 +1255,7 @@ mod tests {
         assert_eq!(attempts.after_conflict(OccConflict::Data), None); // 30 + 10 >= 35
         assert_eq!(attempts.made(), 3);
         // Without a deadline only the attempt count stops it.
-        let policy = RetryPolicy::with_max_attempts(2);
+        let policy = RetryPolicy::default().with_max_attempts(2);
         let mut attempts = Attempts::new(&policy);
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert!(attempts.after_conflict(OccConflict::Schema).is_some());
@@ -1158,7 +1270,7 @@ mod tests {
         assert_eq!(policy.max_delay, Duration::from_secs(1));
         assert!(policy.jitter);
         assert_eq!(policy.deadline, None);
-        assert_eq!(RetryPolicy::with_max_attempts(0).max_attempts, 1);
+        assert_eq!(RetryPolicy::default().with_max_attempts(0).max_attempts, 1);
     }
 
     #[test]

@@ -22,6 +22,10 @@ impl ManualClock {
     pub(crate) fn advance(&self, by: Duration) {
         *self.0.lock().unwrap() += by;
     }
+
+    pub(crate) fn set(&self, epoch_secs: u64) {
+        *self.0.lock().unwrap() = SystemTime::UNIX_EPOCH + Duration::from_secs(epoch_secs);
+    }
 }
 
 impl TimeSource for ManualClock {

@@ -125,16 +125,25 @@ impl DsqlConfigBuilder {
 
     /// The bound on one connect attempt, from the TCP connect to the end of authentication
     /// (libpq's meaning of `connect_timeout`). Default [`DEFAULT_CONNECT_TIMEOUT`] (10 s).
+    ///
+    /// Set alone (without [`connect_deadline`](Self::connect_deadline)), it bounds the whole
+    /// connect to one attempt per endpoint: the deadline becomes this times the number of
+    /// endpoints, as libpq means `connect_timeout`. At most an hour.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect.timeout = timeout;
+        self.connect.timeout_set = true;
         self
     }
 
     /// The bound on a whole [`connect`](crate::DsqlConnector::connect): every attempt, the
     /// backoff after DSQL's transient refusals, and waits for the client-side rate limit.
     /// Default [`DEFAULT_CONNECT_DEADLINE`] (30 s).
+    ///
+    /// Without it, and with [`connect_timeout`](Self::connect_timeout) set, the deadline is
+    /// `connect_timeout` times the number of endpoints. At most an hour.
     pub fn connect_deadline(mut self, deadline: Duration) -> Self {
         self.connect.deadline = deadline;
+        self.connect.deadline_set = true;
         self
     }
 
@@ -247,6 +256,13 @@ impl DsqlConfigBuilder {
         self
     }
 
+    /// With several endpoints: when one is taken for down and up again, and how fast pools
+    /// move back to it. Default [`FailoverPolicy::default`] (see its docs for the rules).
+    pub fn failover(mut self, policy: FailoverPolicy) -> Self {
+        self.failover = policy;
+        self
+    }
+
     /// Checks the configuration. The error names the first field at fault.
     pub fn build(mut self) -> Result<DsqlConfig, Error> {
         let lists = std::mem::take(&mut self.lists);
@@ -254,7 +270,7 @@ impl DsqlConfigBuilder {
         this.build_checked()
     }
 
-    fn build_checked(self) -> Result<DsqlConfig, Error> {
+    fn build_checked(mut self) -> Result<DsqlConfig, Error> {
         let host = self.host.ok_or_else(|| {
             Error::config(
                 "host",
@@ -303,12 +319,13 @@ impl DsqlConfigBuilder {
         let failback_probe_interval = self
             .failback_probe_interval
             .unwrap_or(DEFAULT_FAILBACK_PROBE_INTERVAL);
-        if failback_probe_interval.is_zero() {
+        if failback_probe_interval.is_zero() || failback_probe_interval > MAX_DURATION {
             return Err(Error::config(
                 "failback_probe_interval",
-                "must be more than 0",
+                "must be more than 0 and at most 3600 s",
             ));
         }
+        self.failover.check()?;
 
         let user = self.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
         check_text("user", &user, false)?;
@@ -369,6 +386,14 @@ impl DsqlConfigBuilder {
             check_text("options", value, true)?;
         }
         self.connect.check()?;
+        if self.connect.timeout_set && !self.connect.deadline_set {
+            // libpq's meaning: one bounded attempt per host.
+            self.connect.deadline = self
+                .connect
+                .timeout
+                .saturating_mul(endpoints.len() as u32)
+                .min(MAX_DURATION);
+        }
 
         Ok(DsqlConfig {
             endpoints,
@@ -388,6 +413,7 @@ impl DsqlConfigBuilder {
             options: self.options,
             time_source: self.time_source,
             failback_probe_interval,
+            failover: self.failover,
         })
     }
 }
@@ -468,6 +494,24 @@ impl ConnectSettings {
             if value.is_zero() {
                 return Err(Error::config(field, "must be more than 0"));
             }
+            if value > MAX_DURATION {
+                return Err(Error::config(
+                    field,
+                    format!(
+                        "{} s is too long: at most {} s",
+                        value.as_secs(),
+                        MAX_DURATION.as_secs()
+                    ),
+                ));
+            }
+        }
+        if let Some(timeout) = self.tcp_user_timeout
+            && timeout > MAX_DURATION
+        {
+            return Err(Error::config(
+                "tcp_user_timeout",
+                "is too long: at most 3600 s",
+            ));
         }
         if self.keepalives_retries == 0 {
             return Err(Error::config("keepalives_retries", "must be at least 1"));

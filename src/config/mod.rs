@@ -10,7 +10,7 @@
 //! | database | [`database`](DsqlConfigBuilder::database) | `dbname` | `PGDATABASE` | `postgres` |
 //! | region | [`region`](DsqlConfigBuilder::region) | `region` | `AWS_REGION`, `AWS_DEFAULT_REGION` | from the endpoint, else environment, else profile |
 //! | address to dial | [`hostaddr`](DsqlConfigBuilder::hostaddr) | `hostaddr` | `PGHOSTADDR` | resolve the endpoint |
-//! | token life | [`token_duration`](DsqlConfigBuilder::token_duration) | `token_duration_secs` | | 900 s (at most 604 800 s) |
+//! | token life | [`token_duration`](DsqlConfigBuilder::token_duration) | `token_duration_secs` (or the AWS connectors' `tokenDurationSecs`) | | 900 s (at most 604 800 s) |
 //! | AWS profile | [`profile`](DsqlConfigBuilder::profile) | `profile` | `AWS_PROFILE` | the default chain |
 //! | credentials | [`credentials_provider`](DsqlConfigBuilder::credentials_provider) | | | `aws-config`'s default chain |
 //! | CA certificates | [`ssl_root_cert`](DsqlConfigBuilder::ssl_root_cert) | `sslrootcert` | `PGSSLROOTCERT` | webpki roots (`system`: the OS store) |
@@ -30,6 +30,12 @@
 //! | keepalive probes | [`keepalives_retries`](DsqlConfigBuilder::keepalives_retries) | `keepalives_count` | | 3 |
 //! | unacknowledged-data limit | [`tcp_user_timeout`](DsqlConfigBuilder::tcp_user_timeout) | `tcp_user_timeout` (ms) | | 30 s |
 //! | failback probe interval | [`failback_probe_interval`](DsqlConfigBuilder::failback_probe_interval) | | | 2 s |
+//! | endpoint down / up rules | [`failover`](DsqlConfigBuilder::failover) | | | [`FailoverPolicy::default`] |
+//!
+//! Every duration is at most an hour ([`MAX_DURATION`]; the token life at most a week), so no
+//! setting can overflow a clock. When `connect_timeout` (or `PGCONNECT_TIMEOUT`) is set and
+//! `connect_deadline` is not, the deadline is `connect_timeout` times the number of endpoints:
+//! one bounded attempt per host, as libpq means `connect_timeout`.
 //!
 //! ## Several endpoints (multi-Region clusters)
 //!
@@ -68,6 +74,7 @@ use aws_smithy_async::time::{SharedTimeSource, TimeSource};
 
 use crate::Error;
 use crate::token::{DEFAULT_TOKEN_DURATION, MAX_TOKEN_DURATION};
+pub use failover::*;
 
 /// DSQL's port.
 pub const DEFAULT_PORT: u16 = 5432;
@@ -146,6 +153,7 @@ pub struct DsqlConfig {
     pub(crate) options: Vec<(String, String)>,
     pub(crate) time_source: Option<SharedTimeSource>,
     pub(crate) failback_probe_interval: Duration,
+    pub(crate) failover: FailoverPolicy,
 }
 
 /// One endpoint of a [`DsqlConfig`], checked: its host name (a bare cluster id expanded when its
@@ -239,6 +247,8 @@ impl From<String> for Peer {
 /// Default interval between probes of an endpoint marked down, before jitter (each wait is
 /// drawn uniformly from half to one and a half times it).
 pub const DEFAULT_FAILBACK_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// The longest duration any setting takes (the token life aside): an hour.
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 
 /// Default bound on one connect attempt (TCP, TLS, startup, authentication). An attempt is
 /// three round trips plus a token check (p99 120 ms in-Region); 10 s leaves room for a slow
@@ -265,6 +275,9 @@ pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct ConnectSettings {
     pub(crate) timeout: Duration,
     pub(crate) deadline: Duration,
+    /// `timeout` / `deadline` were set (not defaults): see `build`.
+    pub(crate) timeout_set: bool,
+    pub(crate) deadline_set: bool,
     /// New connections a second, and the burst.
     pub(crate) rate_limit: Option<(f64, u32)>,
     pub(crate) credentials_timeout: Duration,
@@ -280,6 +293,8 @@ impl Default for ConnectSettings {
         ConnectSettings {
             timeout: DEFAULT_CONNECT_TIMEOUT,
             deadline: DEFAULT_CONNECT_DEADLINE,
+            timeout_set: false,
+            deadline_set: false,
             rate_limit: None,
             credentials_timeout: DEFAULT_CREDENTIALS_TIMEOUT,
             keepalives: true,
@@ -342,6 +357,7 @@ pub struct DsqlConfigBuilder {
     time_source: Option<SharedTimeSource>,
     peers: Vec<Peer>,
     failback_probe_interval: Option<Duration>,
+    failover: FailoverPolicy,
     /// Endpoint settings from a connection string or the environment, possibly lists.
     lists: parse::EndpointLists,
     /// Region used only when neither the host nor `region` gives one (from the environment).
@@ -400,6 +416,7 @@ impl DsqlConfig {
             time_source: self.time_source,
             peers,
             failback_probe_interval: Some(self.failback_probe_interval),
+            failover: self.failover,
             lists: Default::default(),
             fallback_region: None,
         }
@@ -424,6 +441,11 @@ impl DsqlConfig {
     /// How often an endpoint marked down is probed, before jitter.
     pub fn failback_probe_interval(&self) -> Duration {
         self.failback_probe_interval
+    }
+
+    /// When an endpoint is taken for down and up again (several endpoints only).
+    pub fn failover(&self) -> &FailoverPolicy {
+        &self.failover
     }
 
     /// The database role.
@@ -527,6 +549,7 @@ impl DsqlConfig {
 
 mod builder;
 mod endpoint;
+mod failover;
 mod parse;
 #[cfg(test)]
 mod tests;

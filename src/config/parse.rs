@@ -62,6 +62,20 @@ impl EndpointLists {
             }
             Ok(Some(values[if values.len() == 1 { 0 } else { i }].clone()))
         }
+        if let Some((values, field)) = &self.hostaddr
+            && count > 1
+            && values.len() != count
+        {
+            // libpq's rule: one address for each host (one for all would dial one host's
+            // address with every other host's name and token).
+            return Err(Error::config(
+                *field,
+                format!(
+                    "has {} value(s) for {count} hosts: give one address for each host, in the                      same order",
+                    values.len()
+                ),
+            ));
+        }
         let mut peers = Vec::new();
         for i in 0..count {
             let port = nth(&self.port, count, i)?;
@@ -123,7 +137,8 @@ impl DsqlConfigBuilder {
                 self
             }
             "profile" => self.profile(value),
-            "token_duration_secs" => {
+            // `tokenDurationSecs`: the AWS DSQL connectors' (JDBC, Node.js) spelling.
+            "token_duration_secs" | "tokenDurationSecs" => {
                 let secs: u64 = value
                     .parse()
                     .map_err(|_| bad("not a whole number of seconds"))?;
@@ -307,7 +322,7 @@ impl FromStr for DsqlConfig {
 
 /// The keys connection strings may use, as `'static` names for errors.
 fn known_key(key: &str) -> Option<&'static str> {
-    const KEYS: [&str; 22] = [
+    const KEYS: [&str; 23] = [
         "host",
         "hostaddr",
         "port",
@@ -316,6 +331,7 @@ fn known_key(key: &str) -> Option<&'static str> {
         "region",
         "profile",
         "token_duration_secs",
+        "tokenDurationSecs",
         "sslrootcert",
         "sslnegotiation",
         "sslmode",
@@ -335,7 +351,7 @@ fn known_key(key: &str) -> Option<&'static str> {
 }
 
 const KNOWN_KEYS: &str = "host, hostaddr, port, user, dbname, region, profile, \
-    token_duration_secs, sslrootcert, sslmode, sslnegotiation, application_name, options, \
+    token_duration_secs (or tokenDurationSecs), sslrootcert, sslmode, sslnegotiation, application_name, options, \
     connect_timeout, connect_deadline, keepalives, keepalives_idle, keepalives_interval, \
     keepalives_count, tcp_user_timeout";
 

@@ -627,13 +627,13 @@ fn several_endpoints_in_every_form() {
             ep(PEER, 25432, Some("::1"), "us-east-2"),
         ]
     );
-    let config = parse(&format!("host={HOST},{PEER} hostaddr=10.0.0.1 port=6000")).unwrap();
-    assert_eq!(
-        endpoints(&config),
-        vec![
-            ep(HOST, 6000, Some("10.0.0.1"), "us-east-1"),
-            ep(PEER, 6000, Some("10.0.0.1"), "us-east-2"),
-        ]
+    // One address for several hosts is refused, as libpq refuses it: it would dial one host's
+    // address with every host's name and token.
+    let err = parse(&format!("host={HOST},{PEER} hostaddr=10.0.0.1 port=6000")).unwrap_err();
+    assert_eq!(err.field(), Some("hostaddr"), "{err}");
+    assert!(
+        err.to_string().contains("one address for each host"),
+        "{err}"
     );
     let config = env(&[
         ("CLUSTER_ENDPOINT", &format!("{HOST},{PEER}")),

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use tracing::Instrument;
 
-use crate::connector::{Retry, Target};
+use crate::connector::{Checkout, Retry, Target};
 use crate::session::{SessionWatch, TransactionStatus};
 use crate::{DsqlConnector, Error};
 
@@ -61,7 +61,7 @@ pub struct DsqlConnection {
     /// The endpoint it is connected to.
     target: Arc<Target>,
     /// After a failback, how long an endpoint preferred to this connection's must have been up
-    /// before the connection is replaced at checkout (its share of the spread).
+    /// before the connection is replaced at checkout (its share of the failback window).
     failback_after: Duration,
 }
 
@@ -110,6 +110,11 @@ impl DsqlConnection {
     /// helper gave up on it mid-way).
     pub(crate) fn discard(&mut self) {
         self.checking = true;
+    }
+
+    /// Its endpoint, as the connector knows it.
+    pub(crate) fn target(&self) -> &Arc<Target> {
+        &self.target
     }
 
     /// Takes the client out of the pool's wrapper.
@@ -180,6 +185,8 @@ struct ConnectFailures {
     /// `DsqlPool::get` calls waiting now.
     waiting: AtomicUsize,
     errors: Mutex<VecDeque<(Instant, Error)>>,
+    /// The last permanent refusal (handed to every waiter).
+    refusal: Mutex<Option<(Instant, Error)>>,
     notify: tokio::sync::Notify,
 }
 
@@ -196,6 +203,12 @@ impl ConnectFailures {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return Err(error);
         }
+        if error.shared_refusal().is_some() {
+            // A permanent refusal is every waiter's answer, not one waiter's.
+            *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), error));
+            self.notify.notify_waiters();
+            return Ok(());
+        }
         let mut errors = self.lock();
         if errors.len() >= Self::KEEP {
             errors.pop_front();
@@ -206,8 +219,14 @@ impl ConnectFailures {
         Ok(())
     }
 
-    /// The oldest error that happened at or after `since`; older ones are dropped.
+    /// The oldest error that happened at or after `since`; older ones are dropped. A permanent
+    /// refusal at or after `since` is shared: every waiter gets a copy.
     fn take_since(&self, since: Instant) -> Option<Error> {
+        if let Some((at, refusal)) = &*self.refusal.lock().unwrap_or_else(|p| p.into_inner())
+            && *at >= since
+        {
+            return refusal.shared_refusal();
+        }
         let mut errors = self.lock();
         while let Some((at, error)) = errors.pop_front() {
             if at >= since {
@@ -289,7 +308,9 @@ impl DsqlConnectionManager {
         } else {
             self.jitter.mul_f64(fastrand::f64())
         };
-        opened_at + (self.max_lifetime - jitter)
+        opened_at
+            .checked_add(self.max_lifetime - jitter)
+            .unwrap_or(opened_at)
     }
 }
 
@@ -342,7 +363,7 @@ impl DsqlConnectionManager {
     /// and gives it its recycle deadline. Shared by the bb8 and deadpool managers.
     pub(crate) async fn open(&self) -> Result<DsqlConnection, Error> {
         let opened_at = Instant::now();
-        let deadline = opened_at + self.connector.config().connect_deadline();
+        let deadline = crate::connector::after(self.connector.config().connect_deadline());
         let connected = self
             .connector
             .connect_within(deadline, Retry::Transient)
@@ -350,7 +371,7 @@ impl DsqlConnectionManager {
             .inspect_err(|error| {
                 tracing::warn!(%error, "the pool could not open a DSQL connection");
             })?;
-        let spread = self.connector.config().failback_probe_interval();
+        let spread = self.connector.config().failover().failback_window;
         Ok(DsqlConnection {
             client: connected.client,
             session: connected.session,
@@ -404,18 +425,24 @@ impl DsqlConnectionManager {
         if conn.client.is_closed() {
             return Err(("closed", "the connection is closed"));
         }
-        if let Some(label) = self
+        let rule = self
             .connector
-            .should_leave(&conn.target, conn.failback_after)
-        {
-            return Err((
-                label,
-                if label == "failback" {
-                    "an endpoint preferred to this connection's is up again (failback)"
-                } else {
-                    "the connection's endpoint is marked down"
-                },
-            ));
+            .checkout_rule(&conn.target, conn.last_used, conn.failback_after);
+        match rule {
+            Checkout::Leave("failback") => {
+                return Err((
+                    "failback",
+                    "an endpoint preferred to this connection's is up again (failback)",
+                ));
+            }
+            Checkout::Leave(label) => {
+                return Err((
+                    label,
+                    "the connection's endpoint is marked down and it was not used since the \
+                     endpoint last failed",
+                ));
+            }
+            Checkout::Keep | Checkout::Check => {}
         }
         if now >= conn.recycle_at {
             return Err((
@@ -428,7 +455,8 @@ impl DsqlConnectionManager {
             TransactionStatus::InTransaction | TransactionStatus::Failed
         );
         let settings_changed = conn.session.settings_changed();
-        let idle = now.duration_since(conn.last_used) > self.ping_after_idle;
+        let idle =
+            now.duration_since(conn.last_used) > self.ping_after_idle || rule == Checkout::Check;
         if !(in_transaction || settings_changed || idle) {
             // The common path: no I/O.
             return Ok(now);
@@ -593,6 +621,7 @@ pub type DsqlPooledConnection<'a> = bb8::PooledConnection<'a, DsqlConnectionMana
 #[derive(Clone)]
 pub struct DsqlPool {
     pool: bb8::Pool<DsqlConnectionManager>,
+    connector: DsqlConnector,
     failures: Arc<ConnectFailures>,
     counts: Arc<PoolCounts>,
     endpoint: Arc<str>,
@@ -626,6 +655,7 @@ impl DsqlPool {
     pub fn new(pool: bb8::Pool<DsqlConnectionManager>, manager: &DsqlConnectionManager) -> Self {
         DsqlPool {
             pool,
+            connector: manager.connector.clone(),
             failures: manager.failures.clone(),
             counts: manager.counts.clone(),
             endpoint: manager.endpoint.clone(),
@@ -645,6 +675,11 @@ impl DsqlPool {
     /// The `bb8` pool.
     pub fn inner(&self) -> &bb8::Pool<DsqlConnectionManager> {
         &self.pool
+    }
+
+    /// The connector the pool opens its connections with.
+    pub fn connector(&self) -> &DsqlConnector {
+        &self.connector
     }
 
     async fn checkout<C>(

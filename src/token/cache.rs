@@ -44,6 +44,8 @@ const MAX_SAFETY_MARGIN: Duration = Duration::from_secs(30);
 const FIRST_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest wait between calls to a failing provider.
 const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(30);
+/// Refused tokens are forgotten at most this often (each time costs a credentials call).
+pub(crate) const MIN_INVALIDATION_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Cached {
     token: AuthToken,
@@ -77,8 +79,9 @@ impl Drop for Unfinished<'_> {
 struct Failure {
     reason: String,
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
-    /// No provider call before this.
-    retry_at: SystemTime,
+    /// No provider call before this (the monotonic clock: a wall clock stepped back must not
+    /// freeze the backoff).
+    retry_at: tokio::time::Instant,
     /// The value of the completion counter this failure was published with.
     round: u64,
 }
@@ -119,6 +122,8 @@ struct State {
     generation: u64,
     failure: Option<Failure>,
     failures_in_a_row: u32,
+    /// When `invalidate_refused` last forgot a token.
+    invalidated_at: Option<tokio::time::Instant>,
 }
 
 pub(crate) struct TokenCache {
@@ -206,18 +211,19 @@ impl TokenCache {
                     && now < cached.usable_until
                 {
                     if now >= cached.refresh_at {
-                        self.start_resign(&mut state, now);
+                        self.start_resign(&mut state);
                     }
                     return Ok(cached.token.clone());
                 }
                 if let Some(failure) = &state.failure
-                    && (failure.round > waiting_since || now < failure.retry_at)
+                    && (failure.round > waiting_since
+                        || tokio::time::Instant::now() < failure.retry_at)
                 {
                     // The re-sign this caller waited for failed, or the provider is in its
                     // backoff: no call now.
                     return Err(failure.to_error());
                 }
-                self.start_resign(&mut state, now);
+                self.start_resign(&mut state);
             }
             if finished.changed().await.is_err() {
                 // Cannot happen while `self` is alive (it owns the sender).
@@ -230,12 +236,12 @@ impl TokenCache {
     }
 
     /// Starts a background re-sign unless one is in flight or the provider is backing off.
-    fn start_resign(self: &Arc<Self>, state: &mut State, now: SystemTime) {
+    fn start_resign(self: &Arc<Self>, state: &mut State) {
         if state.refreshing
             || state
                 .failure
                 .as_ref()
-                .is_some_and(|failure| now < failure.retry_at)
+                .is_some_and(|failure| tokio::time::Instant::now() < failure.retry_at)
         {
             return;
         }
@@ -247,10 +253,44 @@ impl TokenCache {
     }
 
     /// Forgets the current token: the next [`get`](Self::get) asks for credentials and re-signs.
+    #[cfg(test)]
     pub(crate) fn invalidate(&self) {
         let mut state = self.lock();
         state.generation += 1;
         self.current.store(None);
+    }
+
+    /// After the server refused an unknown token (a connect made outside the connector):
+    /// forgets the current one, at most once per [`MIN_INVALIDATION_INTERVAL`].
+    pub(crate) fn invalidate_current(&self) -> bool {
+        match self.current.load().as_ref() {
+            Some(cached) => self.invalidate_refused(&cached.token.clone()),
+            None => false,
+        }
+    }
+
+    /// After the server refused `refused`: forgets it if it is still the current token, at
+    /// most once per [`MIN_INVALIDATION_INTERVAL`], and says whether it did. Refusals of a
+    /// token already replaced (a burst of connects that all used it) change nothing, so they
+    /// neither wipe the fresh token nor cancel the re-sign in flight: one refusal costs at
+    /// most one credentials call.
+    pub(crate) fn invalidate_refused(&self, refused: &AuthToken) -> bool {
+        let mut state = self.lock();
+        let holds = self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|cached| cached.token.as_str() == refused.as_str());
+        let recent = state
+            .invalidated_at
+            .is_some_and(|at| at.elapsed() < MIN_INVALIDATION_INTERVAL);
+        if !holds || recent {
+            return false;
+        }
+        state.invalidated_at = Some(tokio::time::Instant::now());
+        state.generation += 1;
+        self.current.store(None);
+        true
     }
 
     /// Asks the provider for credentials, signs a new token and publishes the outcome.
@@ -301,7 +341,7 @@ impl TokenCache {
                 state.failure = Some(Failure {
                     reason,
                     source,
-                    retry_at: self.now() + backoff,
+                    retry_at: tokio::time::Instant::now() + backoff,
                     round: *self.finished.borrow() + 1,
                 });
             }
@@ -450,7 +490,7 @@ mod tests {
         assert_eq!(second.expires_at(), clock.now() + Duration::from_secs(900));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn never_hands_out_a_token_inside_the_safety_margin() {
         let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
         let (cache, clock) = setup(900, &provider);
@@ -463,6 +503,7 @@ mod tests {
         settle(&cache).await;
         assert_eq!(provider.calls(), 2);
         clock.advance(Duration::from_secs(1)); // 870 s: 30 s left; the 1 s backoff is over
+        tokio::time::advance(Duration::from_secs(1)).await;
         let err = cache.get().await.unwrap_err();
         assert!(matches!(err, Error::Credentials { .. }), "{err}");
         assert_eq!(provider.calls(), 3);
@@ -471,6 +512,7 @@ mod tests {
         assert!(cache.get().await.is_err());
         assert_eq!(provider.calls(), 3);
         clock.advance(Duration::from_secs(2));
+        tokio::time::advance(Duration::from_secs(2)).await;
         let fresh = cache.get().await.unwrap();
         assert_eq!(fresh.expires_at(), clock.now() + Duration::from_secs(900));
     }
@@ -645,7 +687,7 @@ mod tests {
         assert_eq!(provider.calls(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failing_provider_is_called_once_per_backoff_period() {
         let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
         provider.fail.store(true, Ordering::SeqCst);
@@ -654,22 +696,46 @@ mod tests {
             assert!(cache.get().await.is_err());
         }
         assert_eq!(provider.calls(), 1, "100 gets, one call");
+        // The backoff runs on the monotonic clock: a wall clock stepped back does not freeze
+        // it.
+        clock.set(T0 - 3600);
         // Backoffs of 1 s, 2 s, 4 s, ...: one more call at each.
-        clock.advance(Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
         for _ in 0..100 {
             assert!(cache.get().await.is_err());
         }
         assert_eq!(provider.calls(), 2);
-        clock.advance(Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
         assert!(cache.get().await.is_err());
         assert_eq!(provider.calls(), 2, "still inside the 2 s backoff");
-        clock.advance(Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
         assert!(cache.get().await.is_err());
         assert_eq!(provider.calls(), 3);
         provider.fail.store(false, Ordering::SeqCst);
-        clock.advance(Duration::from_secs(4));
+        tokio::time::advance(Duration::from_secs(4)).await;
         cache.get().await.unwrap();
         assert_eq!(provider.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_refused_token_is_forgotten_at_most_once_a_second() {
+        let provider = CountingProvider::new(Credentials::from_keys("AK1", "s1", None));
+        let (cache, clock) = setup(900, &provider);
+        let first = cache.get().await.unwrap();
+        assert!(cache.invalidate_refused(&first));
+        clock.advance(Duration::from_secs(1));
+        let second = cache.get().await.unwrap();
+        assert_ne!(first, second);
+        // Late refusals of the first token leave the second alone.
+        for _ in 0..15 {
+            assert!(!cache.invalidate_refused(&first));
+        }
+        assert_eq!(cache.get().await.unwrap(), second);
+        // The second refused within a second of the last invalidation: kept.
+        assert!(!cache.invalidate_refused(&second));
+        tokio::time::advance(MIN_INVALIDATION_INTERVAL).await;
+        assert!(cache.invalidate_refused(&second));
+        assert_eq!(provider.calls(), 2);
     }
 
     #[derive(Debug)]

@@ -10,6 +10,7 @@
 //! through [`DsqlConnector::token`](crate::DsqlConnector::token).
 
 pub(crate) mod cache;
+pub(crate) mod credentials;
 mod date;
 
 use std::fmt;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_postgres_dsql::emulator::{DsqlEmulator, Rejection};
 use tokio_postgres_dsql::{
-    DsqlConfigBuilder, DsqlConnector, DsqlDeadpool, Error, RetryPolicy, retry_transaction,
+    DsqlConfigBuilder, DsqlConnector, DsqlDeadpool, Error, RetryPolicy, retry_transaction_on,
 };
 
 use crate::support::{Relay, own_emulator, stranger};
@@ -145,7 +145,7 @@ async fn a_refusal_comes_back_from_get_at_once_and_a_silent_peer_is_bounded() {
     relay.set_forwarding(true);
     let mut conn = pool.get().await.expect("the slot was freed");
     // The transaction helpers take a deadpool connection as they are.
-    let one: i32 = retry_transaction(&mut conn, &RetryPolicy::default(), |tx| async move {
+    let one: i32 = retry_transaction_on(&mut conn, &RetryPolicy::default(), |tx| async move {
         Ok::<_, Error>(tx.query_one("SELECT 1", &[]).await?.get(0))
     })
     .await

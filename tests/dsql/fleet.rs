@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres_dsql::emulator::{DsqlEmulator, Rejection};
 use tokio_postgres_dsql::{
     AsOccConflict, DsqlConfig, DsqlConfigBuilder, DsqlConnectionManager, DsqlConnector, DsqlPool,
-    Error, OccConflict, RetryError, RetryPolicy, retry_transaction, transaction_with_retry,
+    Error, OccConflict, RetryError, RetryPolicy, retry_postgres_transaction_on,
+    retry_transaction_on,
 };
 
 use crate::support::{HandClock, SwitchableProvider, own_emulator, stranger};
@@ -204,7 +205,8 @@ async fn the_conflict_backoff_gives_the_connection_back_to_the_pool() {
         .await
         .unwrap();
     let first_failed = Arc::new(tokio::sync::Notify::new());
-    let policy = RetryPolicy::with_max_attempts(2)
+    let policy = RetryPolicy::default()
+        .with_max_attempts(2)
         .delays(Duration::from_secs(3), Duration::from_secs(3))
         .jitter(false);
     let transaction = {
@@ -255,7 +257,8 @@ async fn transaction_timeouts_on_a_silent_region_fail_over_to_the_peer() {
     }
     assert_eq!(pool.state().idle_connections, 6);
     east1.set_black_hole(true);
-    let policy = RetryPolicy::with_max_attempts(5)
+    let policy = RetryPolicy::default()
+        .with_max_attempts(5)
         .delays(Duration::from_millis(5), Duration::from_millis(5))
         .with_attempt_timeout(Duration::from_millis(300));
     let endpoint = pool
@@ -309,7 +312,7 @@ async fn a_fatal_at_commit_is_an_unknown_outcome_and_never_run_twice() {
         let runs = AtomicU32::new(0);
         let runs = &runs;
         let result: Result<(), Error> =
-            retry_transaction(&mut client, &RetryPolicy::default(), |tx| async move {
+            retry_transaction_on(&mut client, &RetryPolicy::default(), |tx| async move {
                 runs.fetch_add(1, Ordering::SeqCst);
                 tx.execute("INSERT INTO fatal_commit VALUES (1, 'plain')", &[])
                     .await?;
@@ -326,7 +329,7 @@ async fn a_fatal_at_commit_is_an_unknown_outcome_and_never_run_twice() {
         e.fail_next_commit(code, message);
         let mut client = connector.connect().await.unwrap();
         let result: Result<(), RetryError<Error>> =
-            transaction_with_retry(&mut client, &RetryPolicy::default(), async |tx| {
+            retry_postgres_transaction_on(&mut client, &RetryPolicy::default(), async |tx| {
                 tx.execute("INSERT INTO fatal_commit VALUES (1, 'async')", &[])
                     .await?;
                 Ok(())

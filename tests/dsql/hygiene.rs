@@ -9,7 +9,7 @@ use tokio_postgres_dsql::emulator::DsqlEmulator;
 use tokio_postgres_dsql::tokio_postgres::SimpleQueryMessage;
 use tokio_postgres_dsql::{
     DsqlConnectionManager, DsqlConnector, DsqlPool, Error, RetryError, RetryPolicy,
-    retry_transaction, transaction_with_retry,
+    retry_postgres_transaction_on, retry_transaction_on,
 };
 
 use crate::support::{Relay, own_emulator};
@@ -157,7 +157,7 @@ async fn a_body_that_swallows_an_error_gets_an_error_not_ok() {
     let e = own_emulator(|b| b).await;
     let connector = probe_table(&e, "hygiene_swallow").await;
     let mut client = connector.connect().await.unwrap();
-    let err = transaction_with_retry(&mut client, &RetryPolicy::default(), async |tx| {
+    let err = retry_postgres_transaction_on(&mut client, &RetryPolicy::default(), async |tx| {
         tx.execute("INSERT INTO hygiene_swallow VALUES (1)", &[])
             .await?;
         let _ = tx.execute("SELECT 1/0", &[]).await; // swallowed
@@ -168,7 +168,7 @@ async fn a_body_that_swallows_an_error_gets_an_error_not_ok() {
     assert!(matches!(err, RetryError::RolledBack(_)), "{err}");
     assert!(err.to_string().contains("25P02"), "{err}");
 
-    let err = retry_transaction(&mut client, &RetryPolicy::default(), |tx| async move {
+    let err = retry_transaction_on(&mut client, &RetryPolicy::default(), |tx| async move {
         tx.execute("INSERT INTO hygiene_swallow VALUES (2)", &[])
             .await?;
         let _ = tx.execute("SELECT 1/0", &[]).await;
@@ -182,7 +182,7 @@ async fn a_body_that_swallows_an_error_gets_an_error_not_ok() {
     );
     assert_eq!(count(&connector, "hygiene_swallow").await, "0");
     // And a body that does not swallow anything still commits.
-    retry_transaction(&mut client, &RetryPolicy::default(), |tx| async move {
+    retry_transaction_on(&mut client, &RetryPolicy::default(), |tx| async move {
         tx.execute("INSERT INTO hygiene_swallow VALUES (3)", &[])
             .await?;
         Ok::<_, Error>(())
@@ -201,7 +201,7 @@ async fn a_commit_cut_short_is_of_unknown_outcome_and_not_retried() {
     let attempts = AtomicU32::new(0);
     let attempts = &attempts;
     e.cut_next_commit();
-    let err = retry_transaction(&mut client, &RetryPolicy::default(), |tx| async move {
+    let err = retry_transaction_on(&mut client, &RetryPolicy::default(), |tx| async move {
         attempts.fetch_add(1, Ordering::SeqCst);
         tx.execute("INSERT INTO hygiene_cut VALUES (1)", &[])
             .await?;
@@ -221,7 +221,7 @@ async fn a_commit_cut_short_is_of_unknown_outcome_and_not_retried() {
     let mut client = connector.connect().await.unwrap();
     e.cut_next_commit();
     let mut calls = 0;
-    let err = transaction_with_retry(&mut client, &RetryPolicy::default(), async |tx| {
+    let err = retry_postgres_transaction_on(&mut client, &RetryPolicy::default(), async |tx| {
         calls += 1;
         tx.execute("INSERT INTO hygiene_cut VALUES (2)", &[])
             .await?;

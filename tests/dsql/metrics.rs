@@ -11,7 +11,7 @@ use std::time::Duration;
 use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tokio_postgres_dsql::{
-    DsqlConnectionManager, DsqlConnector, DsqlPool, Error, RetryPolicy, retry_transaction,
+    DsqlConnectionManager, DsqlConnector, DsqlPool, Error, RetryPolicy, retry_transaction_on,
 };
 
 use crate::support::{Relay, conflicting_table, own_emulator, stranger};
@@ -276,18 +276,22 @@ async fn every_metric_moves_with_its_event() {
     conflicting_table(&client, "metrics_probe", 3, "OC000", true).await;
     let insert = async |client: &mut tokio_postgres_dsql::tokio_postgres::Client,
                         policy: &RetryPolicy| {
-        retry_transaction(client, policy, |tx| async move {
+        retry_transaction_on(client, policy, |tx| async move {
             tx.execute("INSERT INTO metrics_probe VALUES (1)", &[])
                 .await?;
             Ok::<_, Error>(())
         })
         .await
     };
-    let fast = RetryPolicy::with_max_attempts(5).delays(Duration::ZERO, Duration::ZERO);
+    let fast = RetryPolicy::default()
+        .with_max_attempts(5)
+        .delays(Duration::ZERO, Duration::ZERO);
     // Conflicts 1 and 2 are retried, conflict 3 exhausts a one-attempt policy.
     insert(
         &mut client,
-        &RetryPolicy::with_max_attempts(3).delays(Duration::ZERO, Duration::ZERO),
+        &RetryPolicy::default()
+            .with_max_attempts(3)
+            .delays(Duration::ZERO, Duration::ZERO),
     )
     .await
     .unwrap_err();

@@ -316,7 +316,8 @@ async fn under_load_the_pool_fails_over_and_back_and_loses_nothing() {
         .pool_with(|b| b.max_size(8).connection_timeout(Duration::from_secs(5)))
         .await
         .unwrap();
-    let policy = RetryPolicy::with_max_attempts(20)
+    let policy = RetryPolicy::default()
+        .with_max_attempts(20)
         .delays(Duration::from_millis(5), Duration::from_millis(100))
         .with_attempt_timeout(Duration::from_millis(300));
     let t0 = tokio::time::Instant::now();

@@ -5,13 +5,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio_postgres_dsql::{
-    OccConflict, RetryError, RetryPolicy, retry_transaction, transaction_with_retry,
+    OccConflict, RetryError, RetryPolicy, retry_postgres_transaction_on, retry_transaction_on,
 };
 
 use crate::support::connector;
 
 fn patient() -> RetryPolicy {
-    RetryPolicy::with_max_attempts(200).delays(Duration::from_millis(1), Duration::from_millis(40))
+    RetryPolicy::default()
+        .with_max_attempts(200)
+        .delays(Duration::from_millis(1), Duration::from_millis(40))
 }
 
 #[tokio::test]
@@ -45,7 +47,7 @@ async fn concurrent_increments_on_a_pool_end_exact() {
                     let mut conn = pool.get().await.unwrap();
                     let attempts = attempts.clone();
                     // `async move`: a spawned task's closure owns what it captures.
-                    transaction_with_retry(&mut conn, &patient(), async move |tx| {
+                    retry_postgres_transaction_on(&mut conn, &patient(), async move |tx| {
                         attempts.fetch_add(1, Ordering::SeqCst);
                         // Read, then write what was read: concurrent writers conflict.
                         let n: i32 = tx
@@ -117,7 +119,7 @@ async fn a_plain_client_retries_a_conflict_at_commit() {
     let rival = Rival(connector.connect().await.unwrap());
     let mut calls = 0;
     let mut answered = Vec::new();
-    transaction_with_retry(&mut client, &patient(), async |tx| {
+    retry_postgres_transaction_on(&mut client, &patient(), async |tx| {
         calls += 1;
         // The first two attempts meet a rival that commits first.
         if calls <= 2 {
@@ -149,7 +151,7 @@ async fn a_plain_client_retries_a_conflict_at_commit() {
 async fn a_non_retryable_error_is_returned_at_once() {
     let mut client = connector("admin", |b| b).await.connect().await.unwrap();
     let mut calls = 0;
-    let err = transaction_with_retry(&mut client, &patient(), async |tx| {
+    let err = retry_postgres_transaction_on(&mut client, &patient(), async |tx| {
         calls += 1;
         tx.query_one("SELECT 1 / 0", &[]).await?;
         Ok::<_, tokio_postgres::Error>(())
@@ -196,10 +198,11 @@ impl std::fmt::Display for AppError {
 #[tokio::test]
 async fn exhausted_retries_name_the_attempts_and_the_last_conflict() {
     let mut client = connector("admin", |b| b).await.connect().await.unwrap();
-    let policy = RetryPolicy::with_max_attempts(3)
+    let policy = RetryPolicy::default()
+        .with_max_attempts(3)
         .delays(Duration::from_millis(1), Duration::from_millis(5));
     let mut calls = 0;
-    let err = transaction_with_retry(&mut client, &policy, async |tx| {
+    let err = retry_postgres_transaction_on(&mut client, &policy, async |tx| {
         calls += 1;
         tx.batch_execute(
             "DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001', \
@@ -258,7 +261,7 @@ async fn a_cancelled_transaction_is_rolled_back_before_the_connection_is_reused(
     .await;
     let cancelled = tokio::time::timeout(
         Duration::from_millis(300),
-        retry_transaction(&mut client, &RetryPolicy::default(), |tx| async move {
+        retry_transaction_on(&mut client, &RetryPolicy::default(), |tx| async move {
             tx.execute("INSERT INTO service_cancel VALUES (1)", &[])
                 .await?;
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -302,7 +305,7 @@ async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
     let calls = AtomicU32::new(0);
     let calls = &calls;
     let updated: anyhow::Result<u64> =
-        retry_transaction(&mut client, &patient(), |tx| async move {
+        retry_transaction_on(&mut client, &patient(), |tx| async move {
             let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
             if call <= 2 {
                 rival.writes_first("retry_real_anyhow").await?;
@@ -330,9 +333,11 @@ async fn retry_transaction_retries_a_commit_conflict_with_anyhow_errors() {
     assert_eq!(n, 201, "the failed attempts were rolled back");
 
     // Out of attempts: the last conflict comes back, and says what the server said.
-    let err = retry_transaction(
+    let err = retry_transaction_on(
         &mut client,
-        &RetryPolicy::with_max_attempts(2).delays(Duration::ZERO, Duration::ZERO),
+        &RetryPolicy::default()
+            .with_max_attempts(2)
+            .delays(Duration::ZERO, Duration::ZERO),
         |tx| async move {
             rival.writes_first("retry_real_anyhow").await?;
             tx.execute("UPDATE retry_real_anyhow SET n = n + 1 WHERE id = 1", &[])
@@ -377,7 +382,7 @@ async fn statement_with_retry_reruns_a_conflicting_statement_alone() {
         Some("schema has been updated by another transaction (OC001)")
     );
     change("b").await;
-    tokio_postgres_dsql::statement_with_retry(&mut client, &patient(), insert)
+    tokio_postgres_dsql::retry_statement_on(&mut client, &patient(), insert)
         .await
         .unwrap();
     let rows: i64 = client
@@ -387,7 +392,7 @@ async fn statement_with_retry_reruns_a_conflicting_statement_alone() {
         .get(0);
     assert_eq!(rows, 2);
     // Other errors come back at once, with the server's words.
-    let err = tokio_postgres_dsql::statement_with_retry(
+    let err = tokio_postgres_dsql::retry_statement_on(
         &mut client,
         &patient(),
         "CREATE TABLE statement_probe (id int)",

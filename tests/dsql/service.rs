@@ -1,5 +1,5 @@
 //! The crate as a service uses it, written from the README and rustdoc only: a repository type
-//! over the pool whose `&self` methods run transfers under `retry_transaction`, called from
+//! over the pool whose `&self` methods run transfers under `retry_transaction_on`, called from
 //! `tokio::spawn` and through an axum-style handler signature, with the service's own error
 //! type (`thiserror`), `anyhow`, and this crate's `Error`, and no `Box::pin`, no `Ok::<_, E>`
 //! and no hand-written `From`. Only names re-exported by this crate are used.
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio_postgres_dsql::{
-    AsOccConflict, DsqlPool, Error, OccConflict, RetryPolicy, retry_transaction,
+    AsOccConflict, DsqlPool, Error, OccConflict, RetryPolicy, retry_transaction_on,
 };
 
 use crate::support::connector;
@@ -49,7 +49,7 @@ impl Bank {
         let mut conn = self.pool.get().await?;
         let sql = format!("INSERT INTO {} (id, balance) VALUES ($1, $2)", self.table);
         let sql = sql.as_str();
-        retry_transaction(&mut conn, &self.policy, |tx| async move {
+        retry_transaction_on(&mut conn, &self.policy, |tx| async move {
             tx.execute(sql, &[&id, &balance]).await?;
             Ok(())
         })
@@ -59,7 +59,7 @@ impl Bank {
     /// Reads both balances, then writes both: concurrent transfers conflict and are retried.
     async fn transfer(&self, from: i64, to: i64, amount: i64) -> Result<i64, BankError> {
         let mut conn = self.pool.get().await?;
-        retry_transaction(&mut conn, &self.policy, |tx| async move {
+        retry_transaction_on(&mut conn, &self.policy, |tx| async move {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             let select = format!("SELECT balance FROM {} WHERE id = $1", self.table);
             let update = format!("UPDATE {} SET balance = $1 WHERE id = $2", self.table);
@@ -77,7 +77,7 @@ impl Bank {
 
     async fn balance(&self, id: i64) -> anyhow::Result<i64> {
         let mut conn = self.pool.get().await?;
-        retry_transaction(&mut conn, &self.policy, |tx| async move {
+        retry_transaction_on(&mut conn, &self.policy, |tx| async move {
             let sql = format!("SELECT balance FROM {} WHERE id = $1", self.table);
             Ok(tx.query_one(&sql, &[&id]).await?.get(0))
         })
@@ -115,7 +115,8 @@ async fn bank(table: &'static str) -> Arc<Bank> {
     .await;
     Arc::new(Bank {
         pool: connector.pool_with(|b| b.max_size(8)).await.unwrap(),
-        policy: RetryPolicy::with_max_attempts(200)
+        policy: RetryPolicy::default()
+            .with_max_attempts(200)
             .delays(Duration::from_millis(1), Duration::from_millis(40)),
         attempts: AtomicU32::new(0),
         table,

@@ -890,7 +890,7 @@ async fn the_transaction_rules_step_by_step() {
 
     // The crate's own helpers report the refusal as a query error, not retried.
     let mut conn = session;
-    let result: Result<(), Error> = tokio_postgres_dsql::retry_transaction(
+    let result: Result<(), Error> = tokio_postgres_dsql::retry_transaction_on(
         &mut conn,
         &tokio_postgres_dsql::RetryPolicy::default(),
         |tx| async move {
@@ -1165,7 +1165,7 @@ async fn foreign_key_conflicts_follow_the_key() {
     assert_eq!(failed[0].0, "40001");
 }
 
-/// `retry_transaction` with 8 tasks × 25 increments of one counter through a pool on the
+/// `retry_transaction_on` with 8 tasks × 25 increments of one counter through a pool on the
 /// strict emulator, once with simple queries and once through the extended protocol:
 /// conflicts come at COMMIT (the first committer wins), the helper retries, and the count
 /// ends exact.
@@ -1182,10 +1182,12 @@ async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
         .pool_with(|b| b.max_size(8))
         .await
         .unwrap();
-    let policy = tokio_postgres_dsql::RetryPolicy::with_max_attempts(200).delays(
-        std::time::Duration::from_millis(1),
-        std::time::Duration::from_millis(40),
-    );
+    let policy = tokio_postgres_dsql::RetryPolicy::default()
+        .with_max_attempts(200)
+        .delays(
+            std::time::Duration::from_millis(1),
+            std::time::Duration::from_millis(40),
+        );
     for (round, extended) in [false, true].into_iter().enumerate() {
         let conflicts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let mut tasks = tokio::task::JoinSet::new();
@@ -1196,16 +1198,20 @@ async fn eight_tasks_on_one_counter_end_exact_with_conflicts_at_commit() {
                     let mut conn = pool.get().await.unwrap();
                     let attempts = std::sync::atomic::AtomicU32::new(0);
                     let attempts = &attempts;
-                    tokio_postgres_dsql::retry_transaction(&mut conn, &policy, |tx| async move {
-                        attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let update = "UPDATE rules_counter SET n = n + 1 WHERE id = 1";
-                        if extended {
-                            tx.execute(update, &[]).await?;
-                        } else {
-                            tx.batch_execute(update).await?;
-                        }
-                        Ok::<_, Error>(())
-                    })
+                    tokio_postgres_dsql::retry_transaction_on(
+                        &mut conn,
+                        &policy,
+                        |tx| async move {
+                            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let update = "UPDATE rules_counter SET n = n + 1 WHERE id = 1";
+                            if extended {
+                                tx.execute(update, &[]).await?;
+                            } else {
+                                tx.batch_execute(update).await?;
+                            }
+                            Ok::<_, Error>(())
+                        },
+                    )
                     .await
                     .unwrap();
                     conflicts.fetch_add(
@@ -1282,7 +1288,7 @@ async fn a_schema_change_fails_the_other_sessions_next_statement_once() {
         .await
         .unwrap();
 
-    // In a transaction, retry_transaction sees the conflict and runs it again.
+    // In a transaction, retry_transaction_on sees the conflict and runs it again.
     writer
         .batch_execute("ALTER TABLE rules_schema ADD COLUMN note2 text")
         .await
@@ -1290,7 +1296,7 @@ async fn a_schema_change_fails_the_other_sessions_next_statement_once() {
     let mut reader = reader;
     let attempts = std::sync::atomic::AtomicU32::new(0);
     let attempts = &attempts;
-    let n: i64 = tokio_postgres_dsql::retry_transaction(
+    let n: i64 = tokio_postgres_dsql::retry_transaction_on(
         &mut reader,
         &tokio_postgres_dsql::RetryPolicy::default(),
         |tx| async move {
