@@ -95,25 +95,40 @@ pub(crate) struct Target {
     /// `host:port`, plus the dialled address when it differs; for error messages and logs.
     pub(crate) described: String,
     health: Health,
-    /// The last permanent refusal and when it came (see [`REFUSAL_MEMORY`]).
-    refused: std::sync::Mutex<Option<(Instant, Error)>>,
+    /// The last permanent refusal, when it came, and the access key of the refused token
+    /// (see [`REFUSAL_MEMORY`]).
+    refused: std::sync::Mutex<Option<(Instant, Error, String)>>,
 }
 
 impl Target {
-    /// The permanent refusal this endpoint gave less than [`REFUSAL_MEMORY`] ago, if any.
-    fn remembered_refusal(&self) -> Option<Error> {
+    /// The permanent refusal this endpoint gave less than [`REFUSAL_MEMORY`] ago to a token
+    /// signed with the same access key as `token`, if any (credentials rotated since are tried).
+    fn remembered_refusal(&self, token: &AuthToken) -> Option<Error> {
         let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         match &*refused {
-            Some((at, error)) if at.elapsed() < REFUSAL_MEMORY => error.shared_refusal(),
+            Some((at, error, key))
+                if at.elapsed() < REFUSAL_MEMORY && key == access_key_of(token) =>
+            {
+                error.shared_refusal()
+            }
             _ => None,
         }
     }
 
-    fn remember_refusal(&self, error: &Error) {
+    fn remember_refusal(&self, error: &Error, token: &AuthToken) {
         if let Some(copy) = error.shared_refusal() {
-            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), copy));
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((Instant::now(), copy, access_key_of(token).to_owned()));
         }
     }
+}
+
+/// The access key id a token was signed with (its `X-Amz-Credential`, up to the scope).
+fn access_key_of(token: &AuthToken) -> &str {
+    let text = token.as_str();
+    text.split_once("X-Amz-Credential=")
+        .map(|(_, rest)| rest.split(['%', '&']).next().unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// What the connector knows of an endpoint's health (kept only with several endpoints); the
@@ -342,12 +357,18 @@ impl DsqlConnector {
         loop {
             let target = self.pick(&failed_here).clone();
             *last = target.clone();
-            if let Some(refusal) = target.remembered_refusal() {
-                return Err(refusal);
-            }
-            self.wait_for_rate_limit(deadline, &target).await?;
-            *attempts += 1;
-            let error = match self.attempt(&target, deadline).await {
+            let outcome = match self.token_within(&target, deadline).await {
+                Err(error) => Err(error),
+                Ok(token) => {
+                    if let Some(refusal) = target.remembered_refusal(&token) {
+                        return Err(refusal);
+                    }
+                    self.wait_for_rate_limit(deadline, &target).await?;
+                    *attempts += 1;
+                    self.attempt(&target, token, deadline).await
+                }
+            };
+            let error = match outcome {
                 Ok((client, session)) => {
                     self.record_success(&target, "a connect succeeded");
                     return Ok(Connected {
@@ -358,6 +379,16 @@ impl DsqlConnector {
                 }
                 Err(AttemptError::Refused(source, token)) => {
                     let error = self.connect_error(&target, source, *attempts);
+                    if !matches!(
+                        &error,
+                        Error::AccessDenied {
+                            reason: AccessDeniedReason::SignatureExpired,
+                            ..
+                        }
+                    ) || resigned
+                    {
+                        target.remember_refusal(&error, &token);
+                    }
                     if matches!(error, Error::AccessDenied { .. }) {
                         // The credentials may have been rotated or revoked, or the token is
                         // stale: forget it, unless it was replaced already.
@@ -387,13 +418,9 @@ impl DsqlConnector {
                         );
                         continue;
                     }
-                    target.remember_refusal(&error);
                     false
                 }
-                Error::UnknownRole { .. } => {
-                    target.remember_refusal(&error);
-                    false
-                }
+                Error::UnknownRole { .. } => false,
                 Error::Unavailable { .. } => true,
                 other if means_endpoint_down(other) => {
                     self.record_failure(&target, other);
@@ -446,25 +473,33 @@ impl DsqlConnector {
         }
     }
 
-    /// One connect attempt to `target`, bounded by `connect_timeout` and `deadline`; spawns the
-    /// connection task when it succeeds.
-    async fn attempt(
+    /// The token for an attempt on `target`, within `deadline` (a slow re-sign is bounded by
+    /// `credentials_timeout`; one that outlasts the deadline is the deadline's doing).
+    async fn token_within(
         &self,
         target: &Target,
         deadline: Instant,
+    ) -> Result<AuthToken, AttemptError> {
+        match tokio::time::timeout_at(deadline, target.tokens.get()).await {
+            Ok(token) => token.map_err(AttemptError::TimedOut),
+            Err(_) => Err(AttemptError::DeadlinePassed(Error::ConnectTimeout {
+                endpoint: target.described.clone(),
+                timeout: self.inner.config.connect.deadline,
+                during: "the connect deadline (connect_deadline) ran out while a token was \
+                         signed (credentials_timeout bounds the credentials call)",
+            })),
+        }
+    }
+
+    /// One connect attempt to `target` with `token`, bounded by `connect_timeout` and
+    /// `deadline`; spawns the connection task when it succeeds.
+    async fn attempt(
+        &self,
+        target: &Target,
+        token: AuthToken,
+        deadline: Instant,
     ) -> Result<(tokio_postgres::Client, Arc<SessionWatch>), AttemptError> {
         let settings = &self.inner.config.connect;
-        let token = match tokio::time::timeout_at(deadline, target.tokens.get()).await {
-            Ok(token) => token.map_err(AttemptError::TimedOut)?,
-            Err(_) => {
-                return Err(AttemptError::DeadlinePassed(Error::ConnectTimeout {
-                    endpoint: target.described.clone(),
-                    timeout: settings.deadline,
-                    during: "the connect deadline (connect_deadline) ran out while a token was \
-                             signed (credentials_timeout bounds the credentials call)",
-                }));
-            }
-        };
         let mut postgres = target.postgres.clone();
         postgres.password(token.as_str());
         let left = deadline.saturating_duration_since(Instant::now());
@@ -481,7 +516,10 @@ impl DsqlConnector {
                 Ok((client, watch))
             }
             Ok(Err(source)) => Err(AttemptError::Refused(source, token)),
-            Err(_) if bound < settings.timeout => {
+            // An attempt the deadline left (nearly) all of `connect_timeout` ran out on the
+            // endpoint's silence, not on the deadline (a deadline derived from
+            // `connect_timeout` alone is exactly one attempt per endpoint).
+            Err(_) if bound < settings.timeout.mul_f64(0.9) => {
                 Err(AttemptError::DeadlinePassed(Error::ConnectTimeout {
                     endpoint: target.described.clone(),
                     timeout: bound,
@@ -490,7 +528,7 @@ impl DsqlConnector {
             }
             Err(_) => Err(AttemptError::TimedOut(Error::ConnectTimeout {
                 endpoint: target.described.clone(),
-                timeout: bound,
+                timeout: settings.timeout,
                 during: "one attempt: TCP, TLS, startup and authentication (connect_timeout)",
             })),
         }
@@ -664,7 +702,11 @@ impl DsqlConnector {
                 let connector = DsqlConnector { inner };
                 if target.health.down.load(Ordering::Acquire) {
                     let deadline = after(connector.inner.config.connect.timeout);
-                    match connector.attempt(&target, deadline).await {
+                    let attempt = async {
+                        let token = connector.token_within(&target, deadline).await?;
+                        connector.attempt(&target, token, deadline).await
+                    };
+                    match attempt.await {
                         Ok((client, _)) => {
                             drop(client);
                             connector.record_success(&target, "background probes connected");

@@ -423,7 +423,9 @@ fn spawn_server(
         .args(["-c", "autovacuum=off"])
         // Two committers whose validations wait for each other (see `sql::occ`) learn it soon.
         .args(["-c", "deadlock_timeout=100ms"])
-        .args(["-c", "max_connections=300"])
+        // Room for a fleet simulation's thousand connections (each relayed session is a
+        // backend) besides tests running in parallel; a backend costs memory only when used.
+        .args(["-c", "max_connections=1500"])
         .args(["-c", "unix_socket_permissions=0700"])
         .current_dir(cluster_dir)
         .stdin(Stdio::null())

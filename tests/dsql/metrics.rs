@@ -323,6 +323,13 @@ async fn failover_and_failback_are_counted_per_endpoint() {
         .config_with_peer(&east2, "admin")
         .connect_timeout(Duration::from_millis(500))
         .failback_probe_interval(Duration::from_millis(100))
+        // One failure down, one probe up: each transition is counted once.
+        .failover(
+            tokio_postgres_dsql::FailoverPolicy::default()
+                .down_after(1, Duration::from_secs(10))
+                .down_for(Duration::ZERO, Duration::ZERO)
+                .up_after(1),
+        )
         .build()
         .unwrap();
     let connector = DsqlConnector::new(config).await.unwrap();

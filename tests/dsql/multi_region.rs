@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_postgres_dsql::emulator::DsqlEmulator;
 use tokio_postgres_dsql::{
-    AccessDeniedReason, DsqlConfigBuilder, DsqlConnector, Error, RetryPolicy,
+    AccessDeniedReason, DsqlConfigBuilder, DsqlConnector, Error, FailoverPolicy, RetryPolicy,
 };
 
 async fn admin(emulator: &DsqlEmulator, timeout: Duration) -> DsqlConnector {
@@ -102,6 +102,17 @@ async fn a_peered_pair_shares_one_database_and_each_faults_alone() {
         .unwrap();
 }
 
+/// A failover policy that flips at once (one failure down, one probe up, failback within
+/// 200 ms), for tests of what happens at each transition; the defaults' hysteresis is
+/// `fleet.rs`'s subject.
+fn quick() -> FailoverPolicy {
+    FailoverPolicy::default()
+        .down_after(1, Duration::from_secs(10))
+        .down_for(Duration::ZERO, Duration::ZERO)
+        .up_after(1)
+        .failback_window(Duration::from_millis(200))
+}
+
 /// A connector over both endpoints of `pair`, the first preferred.
 async fn over_pair(
     (first, second): (&DsqlEmulator, &DsqlEmulator),
@@ -119,6 +130,7 @@ async fn the_peer_serves_while_the_preferred_endpoint_is_down_and_sees_no_login_
     let connector = over_pair((&east1, &east2), |b| {
         b.connect_timeout(Duration::from_millis(500))
             .failback_probe_interval(Duration::from_millis(200))
+            .failover(quick())
     })
     .await;
     assert_eq!(connector.endpoint(), east1.endpoint());
@@ -208,7 +220,7 @@ async fn the_peer_serves_while_the_preferred_endpoint_is_down_and_sees_no_login_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_preferred_endpoint_costs_one_timeout_then_is_skipped() {
+async fn a_silent_preferred_endpoint_costs_three_timeouts_then_is_skipped() {
     let (east1, east2) = DsqlEmulator::start_pair().await.unwrap();
     east1.set_black_hole(true);
     let connector = over_pair((&east1, &east2), |b| {
@@ -216,14 +228,19 @@ async fn a_silent_preferred_endpoint_costs_one_timeout_then_is_skipped() {
             .failback_probe_interval(Duration::from_secs(3600))
     })
     .await;
-    connector.connect().await.unwrap();
-    assert_eq!(east1.stats().connections, 1, "one attempt timed out");
+    // Each connect that meets the silence tries the peer at once; the endpoint is marked down
+    // for everyone at the third failure in a row (the default policy).
+    for n in 1..=3 {
+        connector.connect().await.unwrap();
+        assert_eq!(east1.stats().connections, n, "one attempt timed out");
+        assert_eq!(connector.endpoint_health()[0].up, n < 3);
+    }
     for _ in 0..5 {
         connector.connect().await.unwrap();
     }
     // Marked down: later connects go straight to the peer (the probe is an hour away).
-    assert_eq!(east1.stats().connections, 1);
-    assert_eq!(east2.stats().accepted, 6);
+    assert_eq!(east1.stats().connections, 3);
+    assert_eq!(east2.stats().accepted, 8);
     // Access denied on the peer does not mark it down: it would fail the same way anywhere.
     east2.revoke_access(east2.credentials().access_key_id(), true);
     let err = connector.connect().await.unwrap_err();
@@ -301,7 +318,13 @@ struct Outcome {
 async fn under_load_the_pool_fails_over_and_back_and_loses_nothing() {
     let (east1, east2) = DsqlEmulator::start_pair().await.unwrap();
     let connector = over_pair((&east1, &east2), |b| {
-        b.connect_timeout(Duration::from_millis(300))
+        b.connect_timeout(Duration::from_millis(300)).failover(
+            FailoverPolicy::default()
+                .down_after(2, Duration::from_secs(10))
+                .down_for(Duration::from_millis(500), Duration::from_secs(5))
+                .up_after(2)
+                .failback_window(Duration::from_secs(1)),
+        )
     })
     .await;
     crate::support::each(
@@ -489,6 +512,7 @@ async fn an_endpoint_still_waking_up_at_the_deadline_is_marked_down() {
     let connector = over_pair((&east1, &east2), |b| {
         b.connect_deadline(Duration::from_secs(1))
             .failback_probe_interval(Duration::from_secs(3600))
+            .failover(quick())
     })
     .await;
     east1.wake_up_after(Duration::from_secs(60));

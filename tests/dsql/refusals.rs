@@ -35,10 +35,8 @@ fn assert_access_denied(
     }
     assert_eq!(err.hint().map(|h| h.starts_with(hint)), Some(true));
     assert_eq!(err.code().map(|c| c.code()), Some("08006"));
-    let db = std::error::Error::source(err)
-        .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
-        .and_then(|e| e.as_db_error())
-        .expect("the server's error is the source");
+    let db = err.db_error().expect("the server's error is the source");
+    assert!(std::error::Error::source(err).is_some());
     assert_eq!(db.message(), "unable to accept connection, access denied");
     assert_eq!(db.severity(), "FATAL");
     let shown = err.to_string();
@@ -159,9 +157,15 @@ async fn an_identity_without_the_iam_permission_is_not_authorized() {
         1,
         "not retried"
     );
-    // The refused token was dropped: the next connect asks the provider again.
+    // Granted again: for a few seconds the refusal is answered from memory, without a login
+    // (a fleet under a permanent denial must not spend the cluster's connect budget on it)...
     let calls = provider.calls();
     e.revoke_access(e.credentials().access_key_id(), false);
+    let again = connector.connect().await.unwrap_err();
+    assert!(matches!(again, Error::AccessDenied { .. }), "{again:?}");
+    assert_eq!(e.stats().rejected(Rejection::NotAuthorized), 1, "no login");
+    // ... then the refused token is gone: the next connect asks the provider again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     connector.connect().await.unwrap();
     assert_eq!(provider.calls(), calls + 1);
 }
