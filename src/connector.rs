@@ -768,6 +768,7 @@ impl DsqlConnector {
     pub(crate) fn checkout_rule(
         &self,
         target: &Target,
+        opened_at: Instant,
         last_used: Instant,
         failback_after: Duration,
     ) -> Checkout {
@@ -787,17 +788,37 @@ impl DsqlConnector {
                 Checkout::Check
             };
         }
+        // Due once the better endpoint has been up, and this connection open, for its share
+        // of the window (a connection opened here after the failback began waits its share
+        // too, so a connect that failed over again does not churn).
         let now = self.since_epoch();
+        let opened = opened_at
+            .saturating_duration_since(self.inner.epoch)
+            .as_nanos() as u64;
         let back = self.inner.targets[..target.index].iter().any(|better| {
+            let since = better.health.changed_at.load(Ordering::Acquire).max(opened);
             !better.health.down.load(Ordering::Acquire)
-                && now.saturating_sub(better.health.changed_at.load(Ordering::Acquire))
-                    >= failback_after.as_nanos() as u64
+                && now.saturating_sub(since) >= failback_after.as_nanos() as u64
         });
         if back {
             Checkout::Leave("failback")
         } else {
             Checkout::Keep
         }
+    }
+
+    /// Whether pools may be moving back to an endpoint now: one other than the last is up and
+    /// came up less than a failback window (plus a little) ago.
+    pub(crate) fn failback_in_progress(&self) -> bool {
+        let targets = &self.inner.targets;
+        let window = self.inner.config.failover.failback_window + Duration::from_secs(5);
+        let now = self.since_epoch();
+        targets[..targets.len().saturating_sub(1)].iter().any(|t| {
+            let changed = t.health.changed_at.load(Ordering::Acquire);
+            changed > 0
+                && !t.health.down.load(Ordering::Acquire)
+                && now.saturating_sub(changed) < window.as_nanos() as u64
+        })
     }
 
     /// For the transaction helpers: a connection to `target` was lost, or an attempt on it

@@ -157,12 +157,16 @@ impl DerefMut for DsqlConnection {
 ///   configuration's `search_path`) or with `SET LOCAL`. A connection idle for longer than
 ///   [`ping_after_idle`](Self::ping_after_idle) is pinged. Each of these checks is bounded by
 ///   [`ping_timeout`](Self::ping_timeout); a connection that fails or times out is dropped.
-/// - With several endpoints ([`DsqlConnector`]'s "Several endpoints"), `is_valid` also
-///   refuses, without I/O, a connection whose endpoint is marked down (new connections open
-///   on the next endpoint), and after a failback one on a less preferred endpoint once the
-///   preferred one has been up for the connection's own share of a
-///   [`failback_probe_interval`](crate::DsqlConfigBuilder::failback_probe_interval), so pools
-///   move back gradually instead of reconnecting all at once.
+/// - With several endpoints ([`DsqlConnector`]'s "Several endpoints"), a connection whose
+///   endpoint is marked down is kept if it works: one not used since the endpoint last failed
+///   is replaced without I/O (new connections open on the next endpoint), one used since is
+///   pinged and kept if it answers. After a failback, a connection on a less preferred
+///   endpoint is replaced once the preferred one has been up (and the connection open) for the
+///   connection's own share, drawn uniformly, of the
+///   [`failback_window`](crate::FailoverPolicy::failback_window), so a fleet moves back at
+///   `connections / window` a second instead of all at once. A [`DsqlPool`] sweeps its idle
+///   connections through that rule about once a second while a failback is in progress (bb8's
+///   LIFO would otherwise never hand the idle ones out).
 /// - `has_broken` (on return) records the time of last use and catches closed and expired
 ///   connections, and one whose check was cut short (bb8 dropped the checkout mid-ping): it is
 ///   dropped, never queued again.
@@ -427,7 +431,7 @@ impl DsqlConnectionManager {
         }
         let rule = self
             .connector
-            .checkout_rule(&conn.target, conn.last_used, conn.failback_after);
+            .checkout_rule(&conn.target, conn.opened_at, conn.last_used, conn.failback_after);
         match rule {
             Checkout::Leave("failback") => {
                 return Err((
@@ -622,6 +626,8 @@ pub type DsqlPooledConnection<'a> = bb8::PooledConnection<'a, DsqlConnectionMana
 pub struct DsqlPool {
     pool: bb8::Pool<DsqlConnectionManager>,
     connector: DsqlConnector,
+    /// The failback sweeper runs while a clone holds this.
+    _alive: Arc<()>,
     failures: Arc<ConnectFailures>,
     counts: Arc<PoolCounts>,
     endpoint: Arc<str>,
@@ -652,13 +658,27 @@ impl From<DsqlPool> for bb8::Pool<DsqlConnectionManager> {
 impl DsqlPool {
     /// Wraps a pool built with [`DsqlConnector::pool_builder`] and `manager` (the manager it was
     /// built with, or a clone of it: the two share where connect errors go).
+    ///
+    /// With several endpoints, and called inside a tokio runtime, it also starts the pool's
+    /// failback sweeper (see [`DsqlConnectionManager`]), which ends with the last clone.
     pub fn new(pool: bb8::Pool<DsqlConnectionManager>, manager: &DsqlConnectionManager) -> Self {
+        let alive = Arc::new(());
+        if manager.connector.config().endpoints().len() > 1
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(sweep_failback(
+                pool.clone(),
+                manager.connector.clone(),
+                Arc::downgrade(&alive),
+            ));
+        }
         DsqlPool {
             pool,
             connector: manager.connector.clone(),
             failures: manager.failures.clone(),
             counts: manager.counts.clone(),
             endpoint: manager.endpoint.clone(),
+            _alive: alive,
         }
     }
 
@@ -721,6 +741,37 @@ impl DsqlPool {
                 () = failed => {}
             }
         }
+    }
+}
+
+/// A pool's failback sweeper: while pools move back to a recovered endpoint, idle connections
+/// are never checked out (LIFO hands out the warm ones), so every second (jittered) it checks
+/// out the idle ones briefly; the checkout rule replaces each whose share of the failback window
+/// has passed, and the pool's `min_idle` opens the replacements on the recovered endpoint.
+/// Ends when `alive` is gone (the last `DsqlPool` clone dropped).
+async fn sweep_failback(
+    pool: bb8::Pool<DsqlConnectionManager>,
+    connector: DsqlConnector,
+    alive: std::sync::Weak<()>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500 + fastrand::u64(0..1000))).await;
+        if alive.upgrade().is_none() {
+            return;
+        }
+        if !connector.failback_in_progress() {
+            continue;
+        }
+        let idle = pool.state().idle_connections;
+        let mut held = Vec::with_capacity(idle as usize);
+        for _ in 0..idle {
+            // Only idle connections: a checkout that would wait for a connect is not wanted.
+            match tokio::time::timeout(Duration::from_millis(5), pool.get()).await {
+                Ok(Ok(conn)) => held.push(conn),
+                _ => break,
+            }
+        }
+        drop(held);
     }
 }
 
