@@ -1,6 +1,11 @@
 //! The pet clinic as a small HTTP service with axum: the shape of a service built on this
-//! crate. A `DsqlPool` in the router state, every write under `retry_transaction_on`, errors mapped
-//! to HTTP codes, `tracing` logs, Prometheus metrics at `/metrics`, graceful shutdown.
+//! crate, meant to be copied. A `DsqlPool` in the router state; every write under
+//! `DsqlPool::retry_transaction`, which takes a connection per attempt and gives it back
+//! between retries (a hot row's backoff holds no connection) and moves to the peer endpoint of
+//! a multi-Region cluster when one stops answering; errors mapped to HTTP codes with bodies
+//! that carry no internal detail (endpoints, IAM ARNs and server messages go to the log);
+//! liveness and readiness apart; `tracing` logs, Prometheus metrics at `/metrics`, graceful
+//! shutdown.
 //!
 //! ```sh
 //! cargo run --example service            # on the embedded DSQL emulator
@@ -18,11 +23,15 @@
 //! | `POST /owners/{id}/pets` | `{"name", "birth_date": "YYYY-MM-DD"}` → 201 and the pet |
 //! | `POST /owners/{id}/visits` | counts a visit on the owner's row (a hot row: concurrent calls conflict and are retried) |
 //! | `GET /vets` | the vets with their specialties |
-//! | `GET /healthz` | 200 when the pool can serve a query, else 503 |
+//! | `GET /livez` | 200 while the process serves HTTP (liveness: no database call, so an outage of DSQL does not get the pod restarted) |
+//! | `GET /readyz` (also `/healthz`) | 200 when a pooled connection answers a query within 2 s, else 503 (readiness: take the pod out of the load balancer) |
 //! | `GET /metrics` | Prometheus text |
 //!
 //! Errors are JSON `{"error": "…"}`: 400 for bad input, 404 for unknown ids, 409 when the
-//! conflict retries are exhausted, 503 when DSQL cannot be reached or refuses connections.
+//! conflict retries are exhausted, 503 with `Retry-After` when DSQL is unavailable for now
+//! (admission refusals, timeouts, an outage), 500 for what retrying will not fix (access
+//! denied, an unknown role, TLS: a deployment to fix) and for a commit whose outcome is
+//! unknown (the body says so: check before retrying).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -91,35 +100,74 @@ impl IntoResponse for AppError {
         let (status, message) = match self {
             AppError::BadRequest(message) => (StatusCode::BAD_REQUEST, message),
             AppError::NotFound(message) => (StatusCode::NOT_FOUND, message),
-            AppError::Dsql(error) => (status_for(&error), error.to_string()),
+            AppError::Dsql(error) => {
+                let (status, message) = status_for(&error);
+                if status.is_server_error() || status == StatusCode::CONFLICT {
+                    // The detail (endpoint, IAM ARN, server message) is for the operator.
+                    tracing::warn!(%status, %error, "request failed");
+                }
+                (status, message)
+            }
         };
-        if status.is_server_error() {
-            tracing::warn!(%status, %message, "request failed");
+        let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
-        (status, Json(serde_json::json!({ "error": message }))).into_response()
+        response
     }
 }
 
-/// The HTTP status for a database-side failure.
-fn status_for(error: &Error) -> StatusCode {
+/// The HTTP status for a database-side failure, and what the client is told: never the
+/// error's own text, which names endpoints, IAM ARNs and server internals.
+fn status_for(error: &Error) -> (StatusCode, String) {
     if error.occ_conflict().is_some() {
-        // `retry_transaction_on` returns a conflict only when its attempts ran out.
-        return StatusCode::CONFLICT;
+        // The retry helpers return a conflict only when their attempts ran out.
+        return (
+            StatusCode::CONFLICT,
+            "the row is busy (write conflicts); try again".into(),
+        );
     }
+    let unavailable = || {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database is unavailable for now; try again".to_owned(),
+        )
+    };
+    let internal = || {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error (logged)".to_owned(),
+        )
+    };
     match error {
-        Error::Unavailable { .. }
-        | Error::PoolTimeout
-        | Error::ConnectTimeout { .. }
-        | Error::AccessDenied { .. }
+        Error::CommitOutcomeUnknown { .. } => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the outcome of this request is unknown (the connection was lost while \
+             committing); check before repeating it"
+                .into(),
+        ),
+        // A deployment to fix (IAM policy, role, certificates, configuration): retrying the
+        // request will not help, and a 503 would make clients and load balancers wait for it.
+        Error::AccessDenied { .. }
+        | Error::UnknownRole { .. }
         | Error::Tls { .. }
-        | Error::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        Error::Query { .. } => match error.code().map(|c| c.code()) {
-            // Bad input the database caught: invalid text representation, datetime format,
-            // value out of range.
-            Some(code) if code.starts_with("22") => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        | Error::TlsConfig { .. }
+        | Error::Config { .. }
+        | Error::Credentials { .. } => internal(),
+        other if other.is_transient() => unavailable(),
+        Error::Query { source, .. } if source.as_db_error().is_none() => unavailable(),
+        Error::Query { .. } => match error.db_error() {
+            // Bad input the database caught (invalid text representation, datetime format,
+            // value out of range): its message is about the client's own value.
+            Some(db) if db.code().code().starts_with("22") => (
+                StatusCode::BAD_REQUEST,
+                format!("invalid value: {}", db.message()),
+            ),
+            _ => internal(),
         },
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => internal(),
     }
 }
 
@@ -188,21 +236,22 @@ async fn create_owner(
     if new.name.trim().is_empty() {
         return Err(AppError::BadRequest("`name` must not be empty".into()));
     }
-    let mut conn = state.pool.get().await?;
     let new = &new;
-    let owner = retry_transaction_on(&mut conn, &state.policy, |tx| async move {
-        let row = tx
-            .query_one(
-                &format!(
-                    "INSERT INTO owner (id, name, city, telephone, visits) \
+    let owner = state
+        .pool
+        .retry_transaction(&state.policy, |tx| async move {
+            let row = tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO owner (id, name, city, telephone, visits) \
                      VALUES ($1, $2, $3, $4, 0) RETURNING {OWNER_COLUMNS}"
-                ),
-                &[&Uuid::new_v4(), &new.name, &new.city, &new.telephone],
-            )
-            .await?;
-        Ok::<_, AppError>(Owner::from_row(&row))
-    })
-    .await?;
+                    ),
+                    &[&Uuid::new_v4(), &new.name, &new.city, &new.telephone],
+                )
+                .await?;
+            Ok::<_, AppError>(Owner::from_row(&row))
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(owner)))
 }
 
@@ -245,54 +294,57 @@ async fn add_pet(
 ) -> Result<(StatusCode, Json<Pet>), AppError> {
     let owner_id = parse_id(&owner_id)?;
     let Json(new) = body?;
-    let mut conn = state.pool.get().await?;
     let new = &new;
-    let pet = retry_transaction_on(&mut conn, &state.policy, |tx| async move {
-        // No foreign keys (as in AWS's sample): the service checks the owner itself.
-        if tx
-            .query_opt("SELECT 1 FROM owner WHERE id = $1", &[&owner_id])
-            .await?
-            .is_none()
-        {
-            return Err(AppError::NotFound(format!("no owner {owner_id}")));
-        }
-        let row = tx
-            .query_one(
-                "INSERT INTO pet (id, name, birth_date, owner_id) \
+    let pet = state
+        .pool
+        .retry_transaction(&state.policy, |tx| async move {
+            // No foreign keys (as in AWS's sample): the service checks the owner itself.
+            if tx
+                .query_opt("SELECT 1 FROM owner WHERE id = $1", &[&owner_id])
+                .await?
+                .is_none()
+            {
+                return Err(AppError::NotFound(format!("no owner {owner_id}")));
+            }
+            let row = tx
+                .query_one(
+                    "INSERT INTO pet (id, name, birth_date, owner_id) \
                  VALUES ($1, $2, $3::text::date, $4) \
                  RETURNING id, name, birth_date::text AS birth_date",
-                &[&Uuid::new_v4(), &new.name, &new.birth_date, &owner_id],
-            )
-            .await?;
-        Ok(Pet {
-            id: row.get("id"),
-            name: row.get("name"),
-            birth_date: row.get("birth_date"),
+                    &[&Uuid::new_v4(), &new.name, &new.birth_date, &owner_id],
+                )
+                .await?;
+            Ok(Pet {
+                id: row.get("id"),
+                name: row.get("name"),
+                birth_date: row.get("birth_date"),
+            })
         })
-    })
-    .await?;
+        .await?;
     Ok((StatusCode::CREATED, Json(pet)))
 }
 
 /// One more visit on the owner's row: every concurrent call writes the same row, so they
-/// conflict, and `retry_transaction_on` re-runs the losers until each has counted once.
+/// conflict, and `DsqlPool::retry_transaction` re-runs the losers until each has counted once,
+/// giving the connection back to the pool during each backoff.
 async fn add_visit(
     State(state): State<AppState>,
     Path(owner_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, AppError> {
     let owner_id = parse_id(&owner_id)?;
-    let mut conn = state.pool.get().await?;
-    let visits = retry_transaction_on(&mut conn, &state.policy, |tx| async move {
-        let row = tx
-            .query_opt(
-                "UPDATE owner SET visits = visits + 1 WHERE id = $1 RETURNING visits",
-                &[&owner_id],
-            )
-            .await?
-            .ok_or_else(|| AppError::NotFound(format!("no owner {owner_id}")))?;
-        Ok::<i64, AppError>(row.get(0))
-    })
-    .await?;
+    let visits = state
+        .pool
+        .retry_transaction(&state.policy, |tx| async move {
+            let row = tx
+                .query_opt(
+                    "UPDATE owner SET visits = visits + 1 WHERE id = $1 RETURNING visits",
+                    &[&owner_id],
+                )
+                .await?
+                .ok_or_else(|| AppError::NotFound(format!("no owner {owner_id}")))?;
+            Ok::<i64, AppError>(row.get(0))
+        })
+        .await?;
     Ok(Json(serde_json::json!({ "visits": visits })))
 }
 
@@ -324,9 +376,22 @@ async fn list_vets(State(state): State<AppState>) -> Result<Json<Vec<Vet>>, AppE
     Ok(Json(vets))
 }
 
-async fn healthz(State(state): State<AppState>) -> Result<&'static str, AppError> {
-    state.pool.get().await?.simple_query("SELECT 1").await?;
-    Ok("ok")
+/// Liveness: the process answers. No database call: an outage of DSQL must not get every pod
+/// restarted (which would only add connects to the outage).
+async fn livez() -> &'static str {
+    "ok"
+}
+
+/// Readiness: a pooled connection answers within 2 s.
+async fn readyz(State(state): State<AppState>) -> Result<&'static str, AppError> {
+    let check = async {
+        state.pool.get().await?.simple_query("SELECT 1").await?;
+        Ok::<_, AppError>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(result) => result.map(|()| "ok"),
+        Err(_) => Err(AppError::Dsql(Error::PoolTimeout)),
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -443,10 +508,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let state = AppState {
         pool,
-        // A hot row takes many rounds under load: retry longer than the default.
+        // A hot row takes many rounds under load: retry longer than the default (each backoff
+        // without a connection); a request never waits on one attempt for more than 5 s.
         policy: RetryPolicy::default()
             .with_max_attempts(50)
-            .delays(Duration::from_millis(5), Duration::from_millis(200)),
+            .delays(Duration::from_millis(5), Duration::from_millis(200))
+            .with_attempt_timeout(Duration::from_secs(5))
+            .with_deadline(Duration::from_secs(20)),
         prometheus,
     };
     let app = axum::Router::new()
@@ -455,7 +523,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/owners/{id}/pets", post(add_pet))
         .route("/owners/{id}/visits", post(add_visit))
         .route("/vets", get(list_vets))
-        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
 

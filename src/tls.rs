@@ -5,8 +5,10 @@
 //!   operating system's store.
 //! - SNI is always the DSQL host name, also when dialling `hostaddr`: DSQL routes by SNI.
 //! - ALPN `postgresql` is always offered; it is what makes direct TLS (no SSLRequest) work.
-//! - Verification is skipped only in [`SslMode::Require`], which the
-//!   configuration allows only for PrivateLink VPC endpoints. Signatures are still checked.
+//! - [`SslMode::Require`], which the configuration allows only for PrivateLink VPC endpoints,
+//!   skips only the name check: the chain must still lead to a trusted root (the token is a
+//!   bearer credential valid for up to a week; an untrusted peer must not get it). Stricter
+//!   than libpq's `require`, which checks nothing.
 //! - The crypto provider is the process default if the application installed one
 //!   ([`CryptoProvider::install_default`]); otherwise the one this crate's `aws-lc-rs` or `ring`
 //!   feature selects, used for this config only and never installed globally.
@@ -86,10 +88,20 @@ pub(crate) fn client_config(
                 root_store(roots).map_err(|(reason, source)| setup_error(reason, source))?,
             )
             .with_no_client_auth(),
-        SslMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider)))
-            .with_no_client_auth(),
+        SslMode::Require => {
+            let roots =
+                root_store(roots).map_err(|(reason, source)| setup_error(reason, source))?;
+            let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| setup_error("no usable root certificate".into(), Some(Box::new(e))))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly(chain)))
+                .with_no_client_auth()
+        }
     };
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Arc::new(config))
@@ -135,20 +147,31 @@ fn root_store(roots: &RootCerts) -> Result<RootCertStore, SetupFailure> {
     Ok(store)
 }
 
-/// Accepts any certificate chain (the PrivateLink case), still verifying handshake signatures.
+/// The PrivateLink case: the certificate chain must lead to a trusted root and be valid now,
+/// but it may name another host (the cluster's endpoint, not the VPC endpoint dialled).
+/// Handshake signatures are verified as usual.
 #[derive(Debug)]
-struct NoCertificateCheck(Arc<CryptoProvider>);
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
 
-impl ServerCertVerifier for NoCertificateCheck {
+impl ServerCertVerifier for ChainOnly {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -157,12 +180,7 @@ impl ServerCertVerifier for NoCertificateCheck {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.0.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -171,16 +189,11 @@ impl ServerCertVerifier for NoCertificateCheck {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.0.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.0.supported_verify_schemes()
     }
 }
 
@@ -353,6 +366,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for DsqlT
 
 #[cfg(test)]
 mod tests {
+    #[cfg(feature = "emulator")]
+    #[test]
+    fn require_checks_the_chain_and_skips_only_the_name() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let authority = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let cert = params.self_signed(&key).unwrap();
+            (Issuer::new(params, key), cert)
+        };
+        let (issuer, ca) = authority("the cluster's CA");
+        let (_, stranger) = authority("someone else's CA");
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["abc.dsql.us-east-1.on.aws".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let provider = crypto_provider().unwrap();
+        let verifier = |root: &rcgen::Certificate| {
+            let mut roots = RootCertStore::empty();
+            roots.add(root.der().clone()).unwrap();
+            ChainOnly(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .unwrap(),
+            )
+        };
+        let vpce =
+            ServerName::try_from("vpce-0123-abcd.dsql-fnh4.us-east-1.vpce.amazonaws.com").unwrap();
+        let check = |verifier: &ChainOnly| {
+            verifier.verify_server_cert(leaf.der(), &[], &vpce, &[], UnixTime::now())
+        };
+        // A trusted chain for another name: accepted (the PrivateLink case).
+        assert!(check(&verifier(&ca)).is_ok());
+        // A chain no trusted root vouches for: refused, whatever the name.
+        let err = check(&verifier(&stranger)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            ),
+            "{err:?}"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -363,7 +363,7 @@ impl DsqlConfigBuilder {
         if self.ssl_mode == SslMode::Require && self.amzn_cluster_id.is_none() {
             return Err(Error::config(
                 "sslmode",
-                "`require` skips certificate verification and is only for PrivateLink VPC \
+                "`require` skips the certificate's name check and is only for PrivateLink VPC \
                  endpoints; set amzn_cluster_id too, or use verify-full",
             ));
         }

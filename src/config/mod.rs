@@ -109,9 +109,11 @@ pub enum SslMode {
     /// `verify-full`). The default.
     #[default]
     VerifyFull,
-    /// Encrypt but do not check the certificate (libpq's `require`). Only for reaching a cluster
-    /// through a PrivateLink VPC endpoint by its DNS name or IP, where the certificate cannot
-    /// match; it therefore requires [`DsqlConfigBuilder::amzn_cluster_id`].
+    /// Encrypt and check the certificate's chain, but not its name. Only for reaching a cluster
+    /// through a PrivateLink VPC endpoint by its DNS name or IP, where the certificate's name
+    /// cannot match; it therefore requires [`DsqlConfigBuilder::amzn_cluster_id`]. Stricter
+    /// than libpq's `require` (which checks nothing): the auth token is a bearer credential,
+    /// valid for up to a week, and must not go to a peer no trusted CA vouches for.
     Require,
 }
 

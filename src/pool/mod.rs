@@ -429,9 +429,12 @@ impl DsqlConnectionManager {
         if conn.client.is_closed() {
             return Err(("closed", "the connection is closed"));
         }
-        let rule = self
-            .connector
-            .checkout_rule(&conn.target, conn.opened_at, conn.last_used, conn.failback_after);
+        let rule = self.connector.checkout_rule(
+            &conn.target,
+            conn.opened_at,
+            conn.last_used,
+            conn.failback_after,
+        );
         match rule {
             Checkout::Leave("failback") => {
                 return Err((

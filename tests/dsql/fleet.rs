@@ -132,6 +132,8 @@ async fn fifty_waiting_checkouts_all_get_a_permanent_refusal_at_once() {
             .iter()
             .find(|e| !matches!(e, Error::AccessDenied { .. }))
     );
+    // The pool's other connects (at most its size) may still be in flight: let them end.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let logins = e.stats().rejected(Rejection::TokenUnknownKey);
     assert!(logins <= 10, "{logins} logins for one refusal");
     // Remembered: the next checkout and the next connect are answered without a login.
@@ -422,4 +424,13 @@ async fn a_connect_timeout_alone_bounds_the_whole_connect_to_one_attempt_per_hos
     assert!(matches!(err, Error::ConnectTimeout { .. }), "{err:?}");
     assert_eq!(e.stats().connections, 1, "one attempt");
     e.set_black_hole(false);
+}
+
+// 11. The AWS connectors' spelling of the token life is accepted in connection strings.
+#[test]
+fn the_aws_connectors_token_duration_spelling_is_accepted() {
+    let config = "postgres://admin@abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws/postgres?tokenDurationSecs=60"
+        .parse::<DsqlConfig>()
+        .unwrap();
+    assert_eq!(config.token_duration(), Duration::from_secs(60));
 }
