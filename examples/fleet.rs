@@ -13,8 +13,10 @@
 //! fleet four times the burst, as 4 000 connections are against DSQL's 1 000],
 //! `--no-client-limit` (no per-pod `connect_rate_limit`; by default each pod gets
 //! `rate / pools` a second with a burst of `burst / pools`, the README's sizing rule),
-//! `--failback-window SECS` [20], `--think MS` between a worker's transactions [200],
+//! `--failback-window SECS` [20], `--think MS` between a worker's transactions [500],
+//! `--connect-timeout SECS` per attempt [1],
 //! `--scenario outage|lossy|both` [both], `--json` (one JSON object per scenario on stdout).
+//! `FLEET_LOG=1` logs the connectors' warnings (endpoints marked down, ...) on stderr.
 //!
 //! What it reports, per scenario: peak new connections a second per endpoint (logins the
 //! emulator accepted, over any one-second window) and `53400 rate exceeded` refusals; how many
@@ -31,7 +33,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_postgres_dsql::emulator::{DsqlEmulator, Rejection};
-use tokio_postgres_dsql::{DsqlConnector, DsqlPool, Error, FailoverPolicy, RetryPolicy};
+use tokio_postgres_dsql::{
+    DsqlConnectionManager, DsqlConnector, DsqlPool, Error, FailoverPolicy, RetryPolicy,
+};
 
 /// The command line.
 #[derive(Debug, Clone)]
@@ -43,6 +47,7 @@ struct Args {
     client_limit: bool,
     failback_window: Duration,
     think: Duration,
+    connect_timeout: Duration,
     scenarios: Vec<Scenario>,
     json: bool,
 }
@@ -73,7 +78,8 @@ impl Args {
             burst: 250,
             client_limit: true,
             failback_window: Duration::from_secs(20),
-            think: Duration::from_millis(200),
+            think: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(1),
             scenarios: vec![Scenario::Outage, Scenario::Lossy],
             json: false,
         };
@@ -96,6 +102,10 @@ impl Args {
                 "--failback-window" => {
                     let secs = number("--failback-window", value("--failback-window")?)?;
                     args.failback_window = Duration::from_secs_f64(secs.min(3600.0));
+                }
+                "--connect-timeout" => {
+                    let secs = number("--connect-timeout", value("--connect-timeout")?)?;
+                    args.connect_timeout = Duration::from_secs_f64(secs.min(60.0));
                 }
                 "--think" => {
                     let ms = number("--think", value("--think")?)?;
@@ -157,6 +167,13 @@ struct Change {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("FLEET_LOG").is_some() {
+        // The connectors' warnings (endpoints marked down, failed connects) on stderr.
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(tracing::Level::WARN)
+            .init();
+    }
     let args = match Args::parse() {
         Ok(args) => args,
         Err(message) => {
@@ -171,7 +188,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // scenario on.
         e.set_connection_rate_limit(100_000.0, 100_000)?;
     }
-    let setup = DsqlConnector::new(east1.config_for("admin").build()?).await?;
+    let setup = DsqlConnector::new(
+        east1
+            .config_for("admin")
+            .connect_deadline(Duration::from_secs(120))
+            .build()?,
+    )
+    .await?;
     let client = setup.connect().await?;
     client
         .batch_execute("DROP TABLE IF EXISTS fleet_ledger")
@@ -187,22 +210,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..args.pools {
         let mut config = east1
             .config_with_peer(&east2, "admin")
-            .connect_timeout(Duration::from_secs(1))
-            .failback_probe_interval(Duration::from_secs(1))
+            .connect_timeout(args.connect_timeout)
+            .connect_deadline(Duration::from_secs(30))
             .failover(FailoverPolicy::default().failback_window(args.failback_window));
         if args.client_limit {
             let share = (args.burst as usize / args.pools).max(1) as u32;
             config = config.connect_rate_limit(args.rate / args.pools as f64, share);
         }
         let connector = DsqlConnector::new(config.build()?).await?;
-        let per_pool = args.per_pool;
+        // Built without waiting for its connections: the pods fill at once, each at its
+        // client-side rate.
+        let manager = DsqlConnectionManager::new(connector.clone());
         let pool = connector
-            .pool_with(|b| {
-                b.max_size(per_pool)
-                    .min_idle(Some(per_pool))
-                    .connection_timeout(Duration::from_secs(10))
-            })
-            .await?;
+            .pool_builder()
+            .max_size(args.per_pool)
+            .min_idle(Some(args.per_pool))
+            .connection_timeout(Duration::from_secs(10))
+            .build_unchecked(manager.clone());
+        let pool = DsqlPool::new(pool, &manager);
         pods.push(Pod { connector, pool });
     }
     let fleet = (args.pools * args.per_pool as usize) as u64;
@@ -345,16 +370,22 @@ async fn run(
                         emulators[1].open_connections(),
                     ],
                 });
-                let mut changes = changes.lock().unwrap();
-                for (index, pod) in pods.iter().enumerate() {
-                    for (side, health) in pod.connector.endpoint_health().iter().enumerate() {
-                        if health.up != last_up[index][side] {
-                            last_up[index][side] = health.up;
-                            changes[index][side].push(Change { at, up: health.up });
+                {
+                    let mut changes = changes.lock().unwrap();
+                    for (index, pod) in pods.iter().enumerate() {
+                        for (side, health) in pod.connector.endpoint_health().iter().enumerate() {
+                            if health.up != last_up[index][side] {
+                                last_up[index][side] = health.up;
+                                // The connector's own time of the change, not the poll's.
+                                let at = health
+                                    .changed_at
+                                    .map(|at| at.saturating_duration_since(t0.into_std()))
+                                    .unwrap_or_else(|| t0.elapsed());
+                                changes[index][side].push(Change { at, up: health.up });
+                            }
                         }
                     }
                 }
-                drop(changes);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -371,7 +402,7 @@ async fn run(
             preferred.drop_new_connections(0.5);
         }
         let recovered = t0.elapsed();
-        let fleet = pods.len() * pods[0].pool.state().connections.max(1) as usize;
+        let fleet = pods.len() * args.per_pool as usize;
         // Done when every pod sees the preferred endpoint up and the peer holds under 5 % of the
         // connections (bounded: a lossy endpoint may never get there).
         let bound = match scenario {
@@ -478,8 +509,8 @@ fn report(
             .take_while(|s| s.at <= sample.at + Duration::from_secs(1))
             .last()
             .unwrap_or(sample);
-        for side in 0..2 {
-            peak[side] = peak[side].max(later.accepted[side] - sample.accepted[side]);
+        for (side, peak) in peak.iter_mut().enumerate() {
+            *peak = (*peak).max(later.accepted[side] - sample.accepted[side]);
         }
     }
     let (first, last) = (samples.first(), samples.last());

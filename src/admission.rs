@@ -89,6 +89,100 @@ fn jittered(base: Duration, cap: Duration, refusals: u32) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
+/// The connect rate a connector falls back to for an endpoint once it refuses with `53400` or
+/// `53300`: two a second, twice a fleet's share of DSQL's 100 a second for a hundred instances
+/// (one halving away from it).
+pub(crate) const THROTTLE_START: f64 = 2.0;
+/// The slowest throttled rate.
+pub(crate) const THROTTLE_MIN: f64 = 0.1;
+/// Each successful connect while throttled adds this much a second (additive increase).
+pub(crate) const THROTTLE_STEP: f64 = 0.5;
+/// The throttle lifts once its rate reaches this.
+pub(crate) const THROTTLE_CEILING: f64 = 50.0;
+/// The rate is halved at most this often (one wave of refusals is one signal).
+pub(crate) const THROTTLE_DECREASE_EVERY: Duration = Duration::from_secs(1);
+
+/// An adaptive connect rate for one endpoint (AIMD, as TCP paces itself): off until the cluster
+/// refuses for its admission limits, then [`THROTTLE_START`] a second, halved on each further
+/// wave of refusals, raised by [`THROTTLE_STEP`] with each connect that gets in, and lifted at
+/// [`THROTTLE_CEILING`]. A fleet whose instances each do this converges on the cluster's
+/// budget without knowing its own size; `connect_rate_limit` still caps it from above.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    bucket: TokenBucket,
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    rate: Option<f64>,
+    decreased_at: Option<Instant>,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            bucket: TokenBucket::new(THROTTLE_START, 1),
+            state: Mutex::new(ThrottleState::default()),
+        }
+    }
+}
+
+impl Throttle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ThrottleState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The bucket to reserve from while throttled; `None` when not throttled.
+    pub(crate) fn bucket(&self) -> Option<&TokenBucket> {
+        self.lock().rate.map(|_| &self.bucket)
+    }
+
+    /// The current throttled rate, if any.
+    #[cfg(test)]
+    pub(crate) fn rate(&self) -> Option<f64> {
+        self.lock().rate
+    }
+
+    /// The cluster refused for its admission limits: start, or halve, the throttle. Returns
+    /// the new rate when it changed.
+    pub(crate) fn refused(&self, now: Instant) -> Option<f64> {
+        let mut state = self.lock();
+        if state
+            .decreased_at
+            .is_some_and(|at| now.saturating_duration_since(at) < THROTTLE_DECREASE_EVERY)
+        {
+            return None;
+        }
+        let rate = match state.rate {
+            None => THROTTLE_START,
+            Some(rate) => (rate / 2.0).max(THROTTLE_MIN),
+        };
+        state.rate = Some(rate);
+        state.decreased_at = Some(now);
+        self.bucket.set(rate, 1);
+        self.bucket.drain();
+        Some(rate)
+    }
+
+    /// A connect got in: raise the throttle; returns `true` when that lifted it.
+    pub(crate) fn admitted(&self) -> bool {
+        let mut state = self.lock();
+        let Some(rate) = state.rate else {
+            return false;
+        };
+        let rate = rate + THROTTLE_STEP;
+        if rate >= THROTTLE_CEILING {
+            state.rate = None;
+            state.decreased_at = None;
+            return true;
+        }
+        state.rate = Some(rate);
+        self.bucket.set(rate, 1);
+        false
+    }
+}
+
 /// A token bucket: `rate` tokens a second, at most `burst` stored.
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
@@ -130,7 +224,6 @@ impl TokenBucket {
     }
 
     /// Changes the rate and burst, keeping the tokens there are (at most the new burst).
-    #[cfg(any(test, feature = "emulator"))]
     pub(crate) fn set(&self, rate: f64, burst: u32) {
         let mut state = self.lock();
         state.refill(Instant::now());
@@ -173,6 +266,14 @@ impl TokenBucket {
             wait,
             kept: false,
         })
+    }
+
+    /// Empties the bucket (keeping reservations already promised): the next token comes after
+    /// a full interval at the current rate.
+    pub(crate) fn drain(&self) {
+        let mut state = self.lock();
+        state.refill(Instant::now());
+        state.tokens = state.tokens.min(0.0);
     }
 
     /// Returns a token a reservation did not use.
@@ -344,6 +445,42 @@ mod tests {
         drop(bucket.reserve(t0, far));
         bucket.reserve(t0, far).unwrap().keep();
         assert_eq!(bucket.reserve(t0, far).unwrap().wait().as_millis(), 250);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_throttle_halves_once_a_wave_and_climbs_back_with_each_admission() {
+        let throttle = Throttle::default();
+        assert!(throttle.bucket().is_none());
+        let t0 = Instant::now();
+        assert_eq!(throttle.refused(t0), Some(THROTTLE_START));
+        // A wave of refusals within a second is one signal.
+        assert_eq!(throttle.refused(t0 + Duration::from_millis(500)), None);
+        assert_eq!(throttle.refused(t0 + Duration::from_secs(1)), Some(1.0));
+        for _ in 0..4 {
+            assert!(!throttle.admitted());
+        }
+        assert_eq!(throttle.rate(), Some(3.0));
+        // Drained on a refusal: the next slot is a full interval away.
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(throttle.refused(later), Some(1.5));
+        let far = later + Duration::from_secs(60);
+        let slot = throttle
+            .bucket()
+            .unwrap()
+            .reserve(Instant::now(), far)
+            .unwrap();
+        assert!(
+            slot.wait() >= Duration::from_millis(600),
+            "{:?}",
+            slot.wait()
+        );
+        // Never below the floor; lifted at the ceiling.
+        for n in 0..20 {
+            throttle.refused(later + Duration::from_secs(2 + n));
+        }
+        assert_eq!(throttle.rate(), Some(THROTTLE_MIN));
+        while !throttle.admitted() {}
+        assert!(throttle.bucket().is_none());
     }
 
     #[test]

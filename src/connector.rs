@@ -10,7 +10,7 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::admission::{self, Refusal, TokenBucket};
+use crate::admission::{self, Refusal, Throttle, TokenBucket};
 use crate::config::{DsqlConfig, SslNegotiation};
 use crate::error::{AccessDeniedReason, UnavailableReason};
 use crate::session::SessionWatch;
@@ -75,8 +75,6 @@ struct Inner {
     /// One per configured endpoint, the preferred first.
     targets: Vec<Arc<Target>>,
     tls: DsqlTls,
-    /// The client-side connect-rate limit, shared by clones and pools.
-    limiter: Option<TokenBucket>,
     /// The origin of the health timestamps.
     epoch: Instant,
 }
@@ -98,6 +96,11 @@ pub(crate) struct Target {
     /// The last permanent refusal, when it came, and the access key of the refused token
     /// (see [`REFUSAL_MEMORY`]).
     refused: std::sync::Mutex<Option<(Instant, Error, String)>>,
+    /// The client-side connect-rate limit for this endpoint, shared by clones and pools: each
+    /// peered cluster of a multi-Region pair admits its own 100 a second.
+    limiter: Option<TokenBucket>,
+    /// The adaptive connect rate after this endpoint's admission refusals.
+    throttle: Throttle,
 }
 
 impl Target {
@@ -148,8 +151,9 @@ struct Health {
 
 #[derive(Default)]
 struct HealthState {
-    /// Failures in a row (no success between) since `first_failure`.
+    /// Failures and successes since `first_failure` (the window).
     failures: u32,
+    successes_in_window: u32,
     first_failure: Option<Instant>,
     /// While down: since when, for how long at least, and probe successes in a row.
     down_since: Option<Instant>,
@@ -200,6 +204,8 @@ pub struct EndpointHealth {
     pub region: String,
     /// `false` while it is marked down (always `true` with a single endpoint).
     pub up: bool,
+    /// When it was last marked down or up; `None` if it never was.
+    pub changed_at: Option<std::time::Instant>,
 }
 
 impl DsqlConnector {
@@ -249,19 +255,19 @@ impl DsqlConnector {
                 described,
                 health: Health::default(),
                 refused: std::sync::Mutex::new(None),
+                limiter: config
+                    .connect
+                    .rate_limit
+                    .map(|(per_second, burst)| TokenBucket::new(per_second, burst)),
+                throttle: Throttle::default(),
             }));
         }
-        let limiter = config
-            .connect
-            .rate_limit
-            .map(|(per_second, burst)| TokenBucket::new(per_second, burst));
         let connector = DsqlConnector {
             inner: Arc::new(Inner {
                 config,
                 credentials_cache,
                 targets,
                 tls,
-                limiter,
                 epoch: Instant::now(),
             }),
         };
@@ -363,7 +369,10 @@ impl DsqlConnector {
                     if let Some(refusal) = target.remembered_refusal(&token) {
                         return Err(refusal);
                     }
-                    self.wait_for_rate_limit(deadline, &target).await?;
+                    if let Err(timeout) = self.wait_for_rate_limit(deadline, &target).await {
+                        // A refusal being retried says more than the limiter's timeout.
+                        return Err(last_refusal.unwrap_or(timeout));
+                    }
                     *attempts += 1;
                     self.attempt(&target, token, deadline).await
                 }
@@ -371,6 +380,12 @@ impl DsqlConnector {
             let error = match outcome {
                 Ok((client, session)) => {
                     self.record_success(&target, "a connect succeeded");
+                    if target.throttle.admitted() {
+                        tracing::info!(
+                            endpoint = %target.described,
+                            "DSQL admits connections again; the connect throttle is lifted"
+                        );
+                    }
                     return Ok(Connected {
                         client,
                         session,
@@ -421,7 +436,22 @@ impl DsqlConnector {
                     false
                 }
                 Error::UnknownRole { .. } => false,
-                Error::Unavailable { .. } => true,
+                Error::Unavailable { reason, .. } => {
+                    if matches!(
+                        reason,
+                        UnavailableReason::RateExceeded | UnavailableReason::TooManyConnections
+                    ) && let Some(rate) = target.throttle.refused(Instant::now())
+                    {
+                        tracing::info!(
+                            endpoint = %target.described,
+                            %reason,
+                            per_second = rate,
+                            "DSQL refused for its admission limits; new connections to this \
+                             endpoint are throttled"
+                        );
+                    }
+                    true
+                }
                 other if means_endpoint_down(other) => {
                     self.record_failure(&target, other);
                     if several {
@@ -586,12 +616,17 @@ impl DsqlConnector {
         if window_over {
             state.first_failure = Some(now);
             state.failures = 0;
+            state.successes_in_window = 0;
         }
         state.failures += 1;
-        if state.failures < policy.down_after_failures {
+        // Down after enough failures in the window, when they are at least half of what was
+        // tried: a blip among many successes is not an outage, a lossy link is.
+        if state.failures < policy.down_after_failures || state.failures < state.successes_in_window
+        {
             tracing::debug!(
                 endpoint = %target.described,
                 failures = state.failures,
+                successes = state.successes_in_window,
                 %error,
                 "DSQL endpoint failed; not marked down yet"
             );
@@ -612,6 +647,7 @@ impl DsqlConnector {
         state.down_since = Some(now);
         state.successes = 0;
         state.failures = 0;
+        state.successes_in_window = 0;
         state.first_failure = None;
         let down_for = state.down_for;
         target.health.down.store(true, Ordering::Release);
@@ -650,9 +686,17 @@ impl DsqlConnector {
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        state.failures = 0;
-        state.first_failure = None;
         if !target.health.down.load(Ordering::Acquire) {
+            if state
+                .first_failure
+                .is_some_and(|first| now.saturating_duration_since(first) <= policy.failure_window)
+            {
+                state.successes_in_window += 1;
+            } else {
+                state.failures = 0;
+                state.successes_in_window = 0;
+                state.first_failure = None;
+            }
             return;
         }
         state.successes += 1;
@@ -695,12 +739,39 @@ impl DsqlConnector {
         let interval = self.inner.config.failback_probe_interval;
         tokio::spawn(async move {
             loop {
+                // No probe before the minimum down time has passed: it could not mark the
+                // endpoint up, and every probe is a login against the cluster's budget.
+                let served_at = {
+                    let state = target
+                        .health
+                        .state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    state
+                        .down_since
+                        .and_then(|since| since.checked_add(state.down_for))
+                };
+                if let Some(at) = served_at {
+                    tokio::time::sleep_until(at).await;
+                }
                 tokio::time::sleep(interval.mul_f64(0.5 + fastrand::f64())).await;
                 let Some(inner) = connector.upgrade() else {
                     return;
                 };
                 let connector = DsqlConnector { inner };
                 if target.health.down.load(Ordering::Acquire) {
+                    // A probe is a login like any other: it takes a slot of the endpoint's
+                    // client-side rate limit, and waits at most one interval for it.
+                    if let Some(limiter) = &target.limiter {
+                        let now = Instant::now();
+                        match limiter.reserve(now, now + interval) {
+                            Some(slot) => {
+                                tokio::time::sleep(slot.wait()).await;
+                                slot.keep();
+                            }
+                            None => continue,
+                        }
+                    }
                     let deadline = after(connector.inner.config.connect.timeout);
                     let attempt = async {
                         let token = connector.token_within(&target, deadline).await?;
@@ -749,12 +820,22 @@ impl DsqlConnector {
         self.inner
             .targets
             .iter()
-            .map(|t| EndpointHealth {
-                endpoint: t.endpoint.clone(),
-                region: t.region.clone(),
-                up: !t.health.down.load(Ordering::Acquire),
+            .map(|t| {
+                let changed = t.health.changed_at.load(Ordering::Acquire);
+                EndpointHealth {
+                    endpoint: t.endpoint.clone(),
+                    region: t.region.clone(),
+                    up: !t.health.down.load(Ordering::Acquire),
+                    changed_at: (changed > 0)
+                        .then(|| self.inner.epoch.into_std() + Duration::from_nanos(changed)),
+                }
             })
             .collect()
+    }
+
+    /// The index of the endpoint new connections go to now (0: the preferred one).
+    pub(crate) fn serving_index(&self) -> usize {
+        self.serving().index
     }
 
     /// The endpoint new connections go to now: the first one not marked down.
@@ -821,6 +902,27 @@ impl DsqlConnector {
         })
     }
 
+    /// For the transaction helpers: a transaction committed on `target`. While it is up, this
+    /// counts among the successes its failures are weighed against (a few timeouts among many
+    /// commits are not an outage); it never marks a down endpoint up (probes do).
+    pub(crate) fn report_ok(&self, target: &Target) {
+        if self.inner.targets.len() < 2 || target.health.down.load(Ordering::Acquire) {
+            return;
+        }
+        let window = self.inner.config.failover.failure_window;
+        let mut state = target
+            .health
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if state
+            .first_failure
+            .is_some_and(|first| first.elapsed() <= window)
+        {
+            state.successes_in_window = state.successes_in_window.saturating_add(1);
+        }
+    }
+
     /// For the transaction helpers: a connection to `target` was lost, or an attempt on it
     /// timed out, before `COMMIT`; counts as a failure of its endpoint.
     pub(crate) fn report_lost(&self, target: &Arc<Target>, why: &'static str) {
@@ -830,28 +932,34 @@ impl DsqlConnector {
     /// Waits for the client-side rate limit, if one is set, or fails if the wait would pass the
     /// deadline.
     async fn wait_for_rate_limit(&self, deadline: Instant, target: &Target) -> Result<(), Error> {
-        let Some(limiter) = &self.inner.limiter else {
-            return Ok(());
-        };
         let now = Instant::now();
         // The attempt after the wait needs time of its own.
         let room = MIN_ATTEMPT.min(self.inner.config.connect.timeout);
         let latest = deadline.checked_sub(room).unwrap_or(now);
-        match limiter.reserve(now, latest) {
-            Some(reservation) => {
-                // Cancelled during the sleep, the reservation gives its token back.
-                tokio::time::sleep(reservation.wait()).await;
-                reservation.keep();
-                Ok(())
+        // The configured limit, then the adaptive throttle while the endpoint refuses for its
+        // admission limits. Cancelled during a sleep, a reservation gives its token back.
+        for bucket in [target.limiter.as_ref(), target.throttle.bucket()]
+            .into_iter()
+            .flatten()
+        {
+            match bucket.reserve(Instant::now(), latest) {
+                Some(reservation) => {
+                    tokio::time::sleep(reservation.wait()).await;
+                    reservation.keep();
+                }
+                None => {
+                    return Err(Error::ConnectTimeout {
+                        endpoint: target.described.clone(),
+                        timeout: self.inner.config.connect.deadline,
+                        during: "the wait for the client-side connect rate limit would leave \
+                                 too little of the connect deadline for an attempt \
+                                 (connect_rate_limit or the throttle after rate exceeded, \
+                                 connect_deadline)",
+                    });
+                }
             }
-            None => Err(Error::ConnectTimeout {
-                endpoint: target.described.clone(),
-                timeout: self.inner.config.connect.deadline,
-                during: "the wait for the client-side connect rate limit would leave too little \
-                         of the connect deadline for an attempt (connect_rate_limit, \
-                         connect_deadline)",
-            }),
         }
+        Ok(())
     }
 
     /// The current auth token for the preferred endpoint: one token serves all connections

@@ -1,15 +1,28 @@
 //! Optimistic-concurrency retry: DSQL reports write conflicts as SQLSTATE `40001` (`OC000` data,
 //! `OC001` schema), usually at `COMMIT`. The fix is to run the whole transaction again.
 //!
-//! Two helpers run a transaction body again on a conflict, with backoff:
+//! # Which helper
+//!
+//! | helper | connection | body | use it for |
+//! |---|---|---|---|
+//! | [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction) | a fresh checkout per attempt, given back during each backoff | `\|tx\| async move { … }` with a [`PooledTx`] | **services**: retries on a conflict *and* on a connection lost before `COMMIT` (on the peer endpoint when one stops answering); honours every [`RetryPolicy`] field |
+//! | [`retry_transaction_on`] | the one you pass, held throughout | `\|tx\| async move { … }` with a [`Tx`] | a connection you already hold (a session setting, a test); `Send`, works in `tokio::spawn` |
+//! | [`retry_postgres_transaction_on`] | the one you pass | `async \|tx\| { … }` with a `&mut tokio_postgres::Transaction` | code written against `tokio_postgres::Transaction` (`main`, scripts, tests); not `Send` when the closure captures a reference |
+//! | [`retry_statement_on`] | the one you pass | one SQL statement, its own transaction | DDL, `CREATE INDEX ASYNC` (returns its rows: the `job_id`) |
+//!
+//! All of them retry conflicts only (with the policy's backoff), never a `COMMIT` whose outcome
+//! is unknown, and bound each attempt by [`RetryPolicy::attempt_timeout`]; only the pool's can
+//! replace a connection, so only it retries a lost connection or a timed-out attempt.
+//!
+//! The two closure forms of the connection-bound helper:
 //!
 //! - [`retry_transaction_on`]: the body is a closure returning a future, `|tx| async move { … }`,
 //!   that gets a [`Tx`] handle. It works everywhere, including inside `tokio::spawn`, axum
 //!   handlers and `&self` methods, and needs no `Box::pin` and no type annotation when the call
-//!   is the function's tail expression. **Use it in services.**
-//! - [`retry_postgres_transaction_on`]: the body is an async closure, `async |tx| { … }`, that gets a
-//!   `&mut tokio_postgres::Transaction`. Fine in `main`, tests and scripts; but a future that
-//!   calls it with a closure capturing any reference is not `Send` to today's compiler
+//!   is the function's tail expression.
+//! - [`retry_postgres_transaction_on`]: the body is an async closure, `async |tx| { … }`, that
+//!   gets a `&mut tokio_postgres::Transaction`. Fine in `main`, tests and scripts; but a future
+//!   that calls it with a closure capturing any reference is not `Send` to today's compiler
 //!   (`implementation of Send is not general enough`), so it cannot go into `tokio::spawn`.
 //!
 //! ```no_run
@@ -1141,7 +1154,10 @@ impl crate::DsqlPool {
                 }
             };
             let why = match outcome {
-                Ok(Ok(value)) => return Ok(value),
+                Ok(Ok(value)) => {
+                    self.connector().report_ok(&target);
+                    return Ok(value);
+                }
                 Err(timeout) => {
                     // A stalled connection is dropped, never given back.
                     if let Some(conn) = &mut conn {

@@ -154,7 +154,11 @@ impl DsqlConfigBuilder {
     /// DSQL admits 100 new connections a second per cluster, with bursts of 1 000. With `n`
     /// service instances, `per_second = 100 / n` (minus headroom for other clients) keeps the
     /// fleet under the cluster's rate; `burst` is what one instance may open at once, e.g. its
-    /// pool size. Default: no limit.
+    /// pool size. With several endpoints each has a bucket of its own (each peered cluster of
+    /// a multi-Region pair has its own budget), so a connect failing over to the peer does
+    /// not wait behind connects queued for the failed endpoint. Waits are cancel-safe: a
+    /// connect dropped while it waits gives its slot back. Background failback probes take
+    /// slots too (a probe is a login). Default: no limit.
     pub fn connect_rate_limit(mut self, per_second: f64, burst: u32) -> Self {
         self.connect.rate_limit = Some((per_second, burst));
         self

@@ -11,7 +11,9 @@ use std::time::Duration;
 ///   (TCP refused or reset, TLS, an attempt that ran its whole `connect_timeout`, a server
 ///   closing during startup; lost connections and attempt timeouts reported by
 ///   [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction)) within
-///   [`failure_window`](Self::failure_window) with no success in between. Never because a
+///   [`failure_window`](Self::failure_window) of the first, when they are at least as many as
+///   the successes in that window: a blip among many successes is not an outage, a link that
+///   loses half its connects is. Never because a
 ///   connect deadline or a wait for the client-side rate limit cut an attempt short, and never
 ///   for a refusal the peer would give too (access denied, an unknown role, `rate exceeded`,
 ///   `too many open connections`). One failed connect still tries the peer at once for itself.
@@ -28,7 +30,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FailoverPolicy {
-    /// Failures that mark an endpoint down. Default 3.
+    /// Failures that mark an endpoint down (with at most as many successes among them).
+    /// Default 3.
     pub down_after_failures: u32,
     /// The window they must fall in. Default 10 s.
     pub failure_window: Duration,

@@ -41,8 +41,8 @@
 //!
 //! A multi-Region cluster is two peered clusters, each with its own endpoint, cluster id and
 //! Region. A configuration may name both, the first preferred, in libpq's multi-host forms:
-//! `host=<a>,<b>` (with `hostaddr`, `port` and `region` as lists of the same length, or one
-//! value for all), `postgres://admin@<a>,<b>/postgres` (each host may carry its `:port`),
+//! `host=<a>,<b>` (with `port` and `region` as lists of the same length or one value for all,
+//! and `hostaddr` with one address per host), `postgres://admin@<a>,<b>/postgres` (each host may carry its `:port`),
 //! `CLUSTER_ENDPOINT=<a>,<b>` with `PGHOSTADDR` and `PGPORT` lists in the same order, or
 //! [`DsqlConfigBuilder::peer`]. Each endpoint's Region comes from its host name or is given;
 //! with several endpoints, a bare cluster id needs its Region given (the environment's Region

@@ -376,6 +376,7 @@ impl DsqlConnectionManager {
                 tracing::warn!(%error, "the pool could not open a DSQL connection");
             })?;
         let spread = self.connector.config().failover().failback_window;
+        let away = connected.target.index > 0;
         Ok(DsqlConnection {
             client: connected.client,
             session: connected.session,
@@ -386,7 +387,7 @@ impl DsqlConnectionManager {
             last_used: Instant::now(),
             checking: false,
             discarded: false,
-            member: PoolMember::new(self.counts.clone()),
+            member: PoolMember::new(self.counts.clone(), away),
         })
     }
 
@@ -524,6 +525,8 @@ impl DsqlConnectionManager {
 struct PoolCounts {
     open: std::sync::atomic::AtomicI64,
     in_use: std::sync::atomic::AtomicI64,
+    /// Open connections to an endpoint other than the preferred one (the failback sweeper's).
+    away: std::sync::atomic::AtomicI64,
     metrics: crate::telemetry::PoolMetrics,
 }
 
@@ -532,6 +535,7 @@ impl PoolCounts {
         PoolCounts {
             open: Default::default(),
             in_use: Default::default(),
+            away: Default::default(),
             metrics: crate::telemetry::PoolMetrics::new(endpoint),
         }
     }
@@ -548,15 +552,21 @@ impl PoolCounts {
 struct PoolMember {
     counts: Arc<PoolCounts>,
     in_use: bool,
+    /// Connected to an endpoint other than the preferred one.
+    away: bool,
 }
 
 impl PoolMember {
-    fn new(counts: Arc<PoolCounts>) -> Self {
+    fn new(counts: Arc<PoolCounts>, away: bool) -> Self {
         counts.open.fetch_add(1, Ordering::Relaxed);
+        if away {
+            counts.away.fetch_add(1, Ordering::Relaxed);
+        }
         counts.publish();
         PoolMember {
             counts,
             in_use: false,
+            away,
         }
     }
 
@@ -574,6 +584,9 @@ impl PoolMember {
 impl Drop for PoolMember {
     fn drop(&mut self) {
         self.counts.open.fetch_sub(1, Ordering::Relaxed);
+        if self.away {
+            self.counts.away.fetch_sub(1, Ordering::Relaxed);
+        }
         if self.in_use {
             self.counts.in_use.fetch_sub(1, Ordering::Relaxed);
         }
@@ -672,6 +685,7 @@ impl DsqlPool {
             runtime.spawn(sweep_failback(
                 pool.clone(),
                 manager.connector.clone(),
+                manager.counts.clone(),
                 Arc::downgrade(&alive),
             ));
         }
@@ -747,14 +761,16 @@ impl DsqlPool {
     }
 }
 
-/// A pool's failback sweeper: while pools move back to a recovered endpoint, idle connections
-/// are never checked out (LIFO hands out the warm ones), so every second (jittered) it checks
-/// out the idle ones briefly; the checkout rule replaces each whose share of the failback window
+/// A pool's failback sweeper: while pools move back to a recovered endpoint (or hold
+/// connections on the peer while the preferred one serves), idle connections are never checked
+/// out (LIFO hands out the warm ones), so every second (jittered) it checks out the idle ones
+/// briefly; the checkout rule replaces each whose share of the failback window
 /// has passed, and the pool's `min_idle` opens the replacements on the recovered endpoint.
 /// Ends when `alive` is gone (the last `DsqlPool` clone dropped).
 async fn sweep_failback(
     pool: bb8::Pool<DsqlConnectionManager>,
     connector: DsqlConnector,
+    counts: Arc<PoolCounts>,
     alive: std::sync::Weak<()>,
 ) {
     loop {
@@ -762,7 +778,10 @@ async fn sweep_failback(
         if alive.upgrade().is_none() {
             return;
         }
-        if !connector.failback_in_progress() {
+        // Connections away from the preferred endpoint while it serves (a connect failed over
+        // without the endpoint being marked down), or a failback under way.
+        let away = counts.away.load(Ordering::Relaxed) > 0 && connector.serving_index() == 0;
+        if !away && !connector.failback_in_progress() {
             continue;
         }
         let idle = pool.state().idle_connections;

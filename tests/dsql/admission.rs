@@ -50,7 +50,8 @@ fn assert_unavailable(err: &Error, reason: UnavailableReason, code: &str, messag
 async fn rate_exceeded_is_a_typed_error_once_the_deadline_runs_out() {
     // One connection now, the next in 1 000 s.
     let e = own_emulator(|b| b.connection_rate_limit(0.001, 1)).await;
-    let connector = connector_for(&e, |b| b.connect_deadline(Duration::from_secs(1))).await;
+    // Long enough for a retry after the throttle's first interval (1 s).
+    let connector = connector_for(&e, |b| b.connect_deadline(Duration::from_secs(3))).await;
     connector.connect().await.unwrap();
     let err = connector.connect().await.unwrap_err();
     assert_unavailable(

@@ -434,3 +434,96 @@ fn the_aws_connectors_token_duration_spelling_is_accepted() {
         .unwrap();
     assert_eq!(config.token_duration(), Duration::from_secs(60));
 }
+
+/// The fleet simulation (`examples/fleet.rs`), as a user runs it: 100 pools (one connector
+/// each) over an emulated pair with an admission burst a quarter of the fleet's connections, a
+/// one-second outage of the preferred endpoint and its recovery, then the same with half of
+/// the new connections to it dropped. DSQL's contract at fleet size: no refusal storm, no
+/// flapping, failures only among the commits in flight at the cut, nothing committed twice.
+/// Three connections a pool and a 3 s connect timeout keep a debug build beside the rest of
+/// the suite on two cores; the README's figures are the release build's, 10 a pool.
+#[test]
+fn a_fleet_of_a_hundred_pools_fails_over_and_back_within_the_clusters_budget() {
+    let output = std::process::Command::new(crate::support::example_binary("fleet"))
+        .args([
+            "--pools",
+            "100",
+            "--per-pool",
+            "3",
+            "--burst",
+            "75",
+            "--think",
+            "1000",
+        ])
+        .args([
+            "--connect-timeout",
+            "3",
+            "--failback-window",
+            "10",
+            "--json",
+        ])
+        .env_remove("CLUSTER_ENDPOINT")
+        .output()
+        .expect("the simulation runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reports: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON report per line"))
+        .collect();
+    assert_eq!(reports.len(), 2, "{stdout}");
+    for report in &reports {
+        eprintln!("{report}");
+        let scenario = report["scenario"].as_str().unwrap();
+        let [preferred, peer] = [&report["endpoints"][0], &report["endpoints"][1]];
+        let tx = &report["transactions"];
+        let n = |v: &serde_json::Value| v.as_u64().unwrap();
+        // No 53400 storm: the fleet stays inside each endpoint's budget.
+        assert_eq!(n(&preferred["rate_exceeded_refusals"]), 0, "{scenario}");
+        assert_eq!(n(&peer["rate_exceeded_refusals"]), 0, "{scenario}");
+        // Each pod marks the preferred endpoint down at most once and up at most once, never
+        // for less than the minimum down time (5 s; the monitor polls every 50 ms); the peer,
+        // which never failed, is never marked down.
+        assert!(n(&preferred["pods_that_marked_it_down"]) > 0, "{scenario}");
+        assert!(n(&preferred["downs_per_pod_max"]) <= 1, "{scenario}");
+        assert!(n(&preferred["ups_per_pod_max"]) <= 1, "{scenario}");
+        assert!(
+            preferred["shortest_down_s"].as_f64().unwrap() >= 4.9,
+            "{scenario}"
+        );
+        assert_eq!(n(&peer["downs_total"]), 0, "{scenario}");
+        // Every pod failed over or rode it out, and the failback drained the peer.
+        assert!(report["failback_drained_s"].is_number(), "{scenario}");
+        // Business transactions: only commits in flight at the cut may fail, each reported
+        // as an unknown outcome; nothing reported committed is missing, nothing committed
+        // twice.
+        let failed: u64 = tx["failed"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(kind, count)| {
+                assert_eq!(kind, "outcome_unknown", "{scenario}: {tx}");
+                n(count)
+            })
+            .sum();
+        assert!(failed <= n(&tx["in_flight_at_cut"]), "{scenario}: {tx}");
+        assert_eq!(n(&tx["failed_later"]), 0, "{scenario}: {tx}");
+        assert_eq!(n(&tx["committed_twice"]), 0, "{scenario}: {tx}");
+        assert_eq!(
+            n(&tx["reported_committed_but_missing"]),
+            0,
+            "{scenario}: {tx}"
+        );
+        assert_eq!(
+            n(&tx["reported_failed_but_committed"]),
+            0,
+            "{scenario}: {tx}"
+        );
+        assert!(n(&tx["committed"]) > 1000, "{scenario}: {tx}");
+        assert_eq!(report["settled"], true, "{scenario}");
+    }
+}
