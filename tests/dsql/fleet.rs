@@ -247,15 +247,17 @@ async fn transaction_timeouts_on_a_silent_region_fail_over_to_the_peer() {
             .failback_probe_interval(Duration::from_secs(3600))
     })
     .await;
+    // Six idle connections to the preferred endpoint, and no background refill (whose connect
+    // would meet the silence on its own).
     let pool = connector
-        .pool_with(|b| b.max_size(6).min_idle(Some(6)))
+        .pool_with(|b| b.max_size(6).min_idle(None))
         .await
         .unwrap();
-    for _ in 0..200 {
-        if pool.state().idle_connections == 6 {
-            break;
+    {
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(pool.get().await.unwrap());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(pool.state().idle_connections, 6);
     east1.set_black_hole(true);
