@@ -571,10 +571,12 @@ fn report(
         .collect();
     // Failback: the peer under 5 % of the fleet's connections again.
     let fleet = (args.pools * args.per_pool as usize).max(1);
+    // From the last time the peer held 5 % or more of them: it stayed under from then on.
     let drained = samples
         .iter()
+        .rposition(|s| s.open[1] * 20 >= fleet)
+        .and_then(|last| samples.get(last + 1))
         .filter(|s| s.at >= times.recovered)
-        .find(|s| s.open[1] * 20 < fleet && s.at > times.recovered + Duration::from_secs(1))
         .map(|s| secs(s.at - times.recovered));
     // Transactions.
     let committed = outcomes.iter().filter(|o| o.result.is_ok()).count();

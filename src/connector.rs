@@ -151,6 +151,8 @@ struct Health {
 
 #[derive(Default)]
 struct HealthState {
+    /// When the last failure was counted.
+    counted_at: Option<Instant>,
     /// Failures and successes since `first_failure` (the window).
     failures: u32,
     successes_in_window: u32,
@@ -363,6 +365,7 @@ impl DsqlConnector {
         loop {
             let target = self.pick(&failed_here).clone();
             *last = target.clone();
+            let attempt_started = Instant::now();
             let outcome = match self.token_within(&target, deadline).await {
                 Err(error) => Err(error),
                 Ok(token) => {
@@ -453,7 +456,7 @@ impl DsqlConnector {
                     true
                 }
                 other if means_endpoint_down(other) => {
-                    self.record_failure(&target, other);
+                    self.record_failure(&target, other, attempt_started);
                     if several {
                         failed_here[target.index] = true;
                         if failed_here.iter().any(|failed| !failed) {
@@ -485,7 +488,7 @@ impl DsqlConnector {
                 {
                     // Still waking up after the whole connect deadline: one failure of the
                     // endpoint, for practical purposes.
-                    self.record_failure(&target, &error);
+                    self.record_failure(&target, &error, attempt_started);
                 }
                 return Err(error);
             }
@@ -591,6 +594,7 @@ impl DsqlConnector {
         &self,
         target: &Arc<Target>,
         error: &dyn std::fmt::Display,
+        started: Instant,
     ) -> bool {
         if self.inner.targets.len() < 2 {
             return false;
@@ -610,6 +614,13 @@ impl DsqlConnector {
             state.successes = 0;
             return true;
         }
+        // Attempts that were in flight together when one failure was counted (a pool's ten
+        // connects hanging on one stall) are one failure, not ten: only an attempt started
+        // after the last counted failure is new evidence.
+        if state.counted_at.is_some_and(|at| started < at) {
+            return false;
+        }
+        state.counted_at = Some(now);
         let window_over = state
             .first_failure
             .is_none_or(|first| now.saturating_duration_since(first) > policy.failure_window);
@@ -773,6 +784,7 @@ impl DsqlConnector {
                         }
                     }
                     let deadline = after(connector.inner.config.connect.timeout);
+                    let probe_started = Instant::now();
                     let attempt = async {
                         let token = connector.token_within(&target, deadline).await?;
                         connector.attempt(&target, token, deadline).await
@@ -791,7 +803,7 @@ impl DsqlConnector {
                                 | AttemptError::DeadlinePassed(error) => error,
                             };
                             if means_endpoint_down(&error) {
-                                connector.record_failure(&target, &error);
+                                connector.record_failure(&target, &error, probe_started);
                             }
                             tracing::debug!(
                                 endpoint = %target.described,
@@ -925,8 +937,8 @@ impl DsqlConnector {
 
     /// For the transaction helpers: a connection to `target` was lost, or an attempt on it
     /// timed out, before `COMMIT`; counts as a failure of its endpoint.
-    pub(crate) fn report_lost(&self, target: &Arc<Target>, why: &'static str) {
-        self.record_failure(target, &why);
+    pub(crate) fn report_lost(&self, target: &Arc<Target>, why: &'static str, started: Instant) {
+        self.record_failure(target, &why, started);
     }
 
     /// Waits for the client-side rate limit, if one is set, or fails if the wait would pass the

@@ -1127,6 +1127,7 @@ impl crate::DsqlPool {
         let mut attempts = Attempts::new(policy);
         loop {
             let conn = self.get_owned().await?;
+            let attempt_started = tokio::time::Instant::now();
             let target = conn.target().clone();
             let committing = std::sync::atomic::AtomicBool::new(false);
             let shared = Arc::new(conn);
@@ -1168,7 +1169,8 @@ impl crate::DsqlPool {
                         crate::telemetry::transaction_outcome_unknown();
                         return Err(crate::Error::CommitOutcomeUnknown { source: None }.into());
                     }
-                    self.connector().report_lost(&target, "attempt_timeout");
+                    self.connector()
+                        .report_lost(&target, "attempt_timeout", attempt_started);
                     match attempts.after_lost_connection(&target.endpoint, "attempt_timeout") {
                         Some(delay) => {
                             tokio::time::sleep(delay).await;
@@ -1193,7 +1195,8 @@ impl crate::DsqlPool {
                     if !lost {
                         return Err(error);
                     }
-                    self.connector().report_lost(&target, "connection_lost");
+                    self.connector()
+                        .report_lost(&target, "connection_lost", attempt_started);
                     match attempts.after_lost_connection(&target.endpoint, "connection_lost") {
                         Some(delay) => delay,
                         None => return Err(error),

@@ -13,7 +13,9 @@ use std::time::Duration;
 ///   [`DsqlPool::retry_transaction`](crate::DsqlPool::retry_transaction)) within
 ///   [`failure_window`](Self::failure_window) of the first, when they are at least as many as
 ///   the successes in that window: a blip among many successes is not an outage, a link that
-///   loses half its connects is. Never because a
+///   loses half its connects is. Attempts in flight together count once (only an attempt
+///   started after the last counted failure is new evidence), so one stall that fails a pool's
+///   ten connects at once is one failure. Never because a
 ///   connect deadline or a wait for the client-side rate limit cut an attempt short, and never
 ///   for a refusal the peer would give too (access denied, an unknown role, `rate exceeded`,
 ///   `too many open connections`). One failed connect still tries the peer at once for itself.
