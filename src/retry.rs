@@ -658,7 +658,7 @@ impl<'p> Attempts<'p> {
         let out_of_time = self
             .policy
             .deadline
-            .is_some_and(|deadline| self.started.elapsed() + delay >= deadline);
+            .is_some_and(|deadline| self.started.elapsed().saturating_add(delay) >= deadline);
         if self.attempt >= self.policy.max_attempts.max(1) || out_of_time {
             log(self.attempt, Err(out_of_time));
             crate::telemetry::transaction_retries_exhausted();
@@ -1279,6 +1279,18 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert!(attempts.after_conflict(OccConflict::Schema).is_some());
         assert_eq!(attempts.after_conflict(OccConflict::Schema), None);
+    }
+
+    #[test]
+    fn the_longest_delays_and_deadlines_do_not_overflow() {
+        let policy = RetryPolicy::default()
+            .delays(Duration::MAX, Duration::MAX)
+            .jitter(false)
+            .with_deadline(Duration::MAX);
+        assert_eq!(policy.delay_after(u32::MAX), Duration::MAX);
+        let mut attempts = Attempts::new(&policy);
+        // The delay would end past any deadline: exhausted, not a panic.
+        assert_eq!(attempts.after_conflict(OccConflict::Data), None);
     }
 
     #[test]

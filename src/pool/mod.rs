@@ -788,7 +788,8 @@ async fn sweep_failback(
         let mut held = Vec::with_capacity(idle as usize);
         for _ in 0..idle {
             // Only idle connections: a checkout that would wait for a connect is not wanted.
-            match tokio::time::timeout(Duration::from_millis(5), pool.get()).await {
+            // 50 ms lets an in-Region idle ping finish (one cut short discards its connection).
+            match tokio::time::timeout(Duration::from_millis(50), pool.get()).await {
                 Ok(Ok(conn)) => held.push(conn),
                 _ => break,
             }
