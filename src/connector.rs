@@ -149,6 +149,12 @@ struct Health {
     state: std::sync::Mutex<HealthState>,
 }
 
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 #[derive(Default)]
 struct HealthState {
     /// When the last failure was counted.
@@ -605,11 +611,7 @@ impl DsqlConnector {
             .health
             .failed_at
             .store(self.since_epoch() + 1, Ordering::Release);
-        let mut state = target
-            .health
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut state = target.health.lock();
         if target.health.down.load(Ordering::Acquire) {
             state.successes = 0;
             return true;
@@ -692,11 +694,7 @@ impl DsqlConnector {
         }
         let policy = &self.inner.config.failover;
         let now = Instant::now();
-        let mut state = target
-            .health
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut state = target.health.lock();
         if !target.health.down.load(Ordering::Acquire) {
             if state
                 .first_failure
@@ -753,11 +751,7 @@ impl DsqlConnector {
                 // No probe before the minimum down time has passed: it could not mark the
                 // endpoint up, and every probe is a login against the cluster's budget.
                 let served_at = {
-                    let state = target
-                        .health
-                        .state
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
+                    let state = target.health.lock();
                     state
                         .down_since
                         .and_then(|since| since.checked_add(state.down_for))
@@ -922,11 +916,7 @@ impl DsqlConnector {
             return;
         }
         let window = self.inner.config.failover.failure_window;
-        let mut state = target
-            .health
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut state = target.health.lock();
         if state
             .first_failure
             .is_some_and(|first| first.elapsed() <= window)
