@@ -233,7 +233,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if one is there now (the server side: refuse when empty).
-    #[cfg(any(test, feature = "emulator"))]
+    #[cfg(test)]
     pub(crate) fn try_take(&self, now: Instant) -> bool {
         let mut state = self.lock();
         state.refill(now);

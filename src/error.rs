@@ -214,17 +214,10 @@ pub enum Error {
     )]
     PoolTimeout,
 
-    /// The local emulator could not start (feature `emulator`).
+    /// The local emulator could not start or do what it was asked (feature `emulator`).
     #[cfg(feature = "emulator")]
-    #[error("DSQL emulator: {reason}")]
-    #[non_exhaustive]
-    Emulator {
-        /// What failed, and what to install or set.
-        reason: String,
-        /// The underlying error, if any.
-        #[source]
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
-    },
+    #[error(transparent)]
+    Emulator(#[from] crate::emulator::EmulatorError),
 }
 
 impl Error {

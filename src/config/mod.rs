@@ -550,6 +550,8 @@ impl DsqlConfig {
 }
 
 mod builder;
+#[cfg(feature = "emulator")]
+mod emulator;
 mod endpoint;
 mod failover;
 mod parse;
@@ -558,5 +560,3 @@ mod tests;
 
 pub(crate) use endpoint::{is_cluster_id, region_from_host, resolve_region};
 use endpoint::{region_variable, validate_host, validate_region};
-#[cfg(any(test, feature = "emulator"))]
-pub(crate) use parse::parse_options;

@@ -7,8 +7,8 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rustls::ServerConfig;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::Error;
-use crate::tls::ALPN_POSTGRESQL;
+use super::EmulatorError;
+use super::util::ALPN_POSTGRESQL;
 
 /// A certificate authority: one per emulator, or one shared by a peered pair (as one Amazon
 /// root serves both endpoints of a multi-Region cluster).
@@ -18,7 +18,7 @@ pub(crate) struct Authority {
 }
 
 impl Authority {
-    pub(crate) fn generate() -> Result<Arc<Authority>, Error> {
+    pub(crate) fn generate() -> Result<Arc<Authority>, EmulatorError> {
         let ca_key = KeyPair::generate().map_err(failed("CA key"))?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(failed("CA"))?;
         ca_params
@@ -41,15 +41,15 @@ pub(crate) struct Certificates {
     pub(crate) server_config: Arc<ServerConfig>,
 }
 
-fn failed(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
-    move |e| Error::Emulator {
-        reason: format!("could not generate the {what}"),
-        source: Some(Box::new(e)),
-    }
+fn failed(what: &str) -> impl FnOnce(rcgen::Error) -> EmulatorError + '_ {
+    move |e| EmulatorError::caused(format!("could not generate the {what}"), e)
 }
 
 impl Certificates {
-    pub(crate) fn generate(endpoint: &str, authority: &Authority) -> Result<Certificates, Error> {
+    pub(crate) fn generate(
+        endpoint: &str,
+        authority: &Authority,
+    ) -> Result<Certificates, EmulatorError> {
         let issuer = &authority.issuer;
         let ca_cert = &authority.cert;
 
@@ -63,9 +63,10 @@ impl Certificates {
             .signed_by(&server_key, issuer)
             .map_err(failed("server certificate"))?;
 
-        let provider = crate::tls::crypto_provider().ok_or_else(|| Error::Emulator {
-            reason: "no rustls crypto provider (enable the `aws-lc-rs` or `ring` feature)".into(),
-            source: None,
+        let provider = super::util::crypto_provider().ok_or_else(|| {
+            EmulatorError::failed(
+                "no rustls crypto provider (enable the `aws-lc-rs` or `ring` feature)",
+            )
         })?;
         let mut server_config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -75,9 +76,8 @@ impl Certificates {
                     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
                 )
             })
-            .map_err(|e| Error::Emulator {
-                reason: "could not build the TLS server configuration".into(),
-                source: Some(Box::new(e)),
+            .map_err(|e| {
+                EmulatorError::caused("could not build the TLS server configuration", e)
             })?;
         server_config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
         Ok(Certificates {

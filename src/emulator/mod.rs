@@ -60,29 +60,39 @@
 //! # Ok(()) }
 //! ```
 
-mod auth;
+pub(crate) mod auth;
+#[cfg(test)]
+mod boundary_tests;
+mod builder;
 mod certs;
+mod error;
 mod latency;
+mod postgres;
 mod session;
 mod sql;
+mod startup;
 mod upstream;
+mod util;
 mod wire;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_credential_types::Credentials;
-use aws_smithy_async::time::{SharedTimeSource, SystemTimeSource, TimeSource};
+use aws_smithy_async::time::SharedTimeSource;
 use tokio::time::Instant;
 
-use crate::admission::TokenBucket;
-
-use crate::config::{DsqlConfigBuilder, region_from_host};
-use crate::{DsqlConfig, Error};
+pub use builder::{
+    DSQL_CONNECTION_BURST, DSQL_CONNECTION_RATE, DSQL_MAX_OPEN_CONNECTIONS, DsqlEmulatorBuilder,
+};
+use builder::{WorkDir, check_rate, random_cluster_id};
+pub use error::EmulatorError;
+pub use postgres::{SharedPostgres, SharedPostgresBuilder};
+use util::Bucket;
 
 /// Why the emulator refused a connection. Counted in [`EmulatorStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -217,7 +227,7 @@ pub(crate) struct Shared {
     /// Sessions past admission (authenticating or relayed): what the open-connection cap counts.
     admitted: AtomicUsize,
     max_open: AtomicUsize,
-    new_connections: TokenBucket,
+    new_connections: Bucket,
     /// While `Some` and in the future, connections are told the cluster is waking up.
     waking_until: Mutex<Option<Instant>>,
     stats: Mutex<EmulatorStats>,
@@ -282,351 +292,6 @@ impl Drop for Admitted<'_> {
     }
 }
 
-/// DSQL's new-connection rate: 100 a second per cluster.
-pub const DSQL_CONNECTION_RATE: f64 = 100.0;
-/// DSQL's new-connection burst.
-pub const DSQL_CONNECTION_BURST: u32 = 1_000;
-/// DSQL's cap on open connections per cluster.
-pub const DSQL_MAX_OPEN_CONNECTIONS: usize = 10_000;
-
-/// Configures and starts a [`DsqlEmulator`].
-#[derive(Default)]
-#[must_use]
-pub struct DsqlEmulatorBuilder {
-    endpoint: Option<String>,
-    region: Option<String>,
-    credentials: Vec<Credentials>,
-    max_connection_age: Option<Duration>,
-    time_source: Option<SharedTimeSource>,
-    upstream_url: Option<String>,
-    pg_bin: Option<PathBuf>,
-    port: u16,
-    connection_rate: Option<(f64, u32)>,
-    max_open_connections: Option<usize>,
-    /// The CA to sign the endpoint's certificate with (a pair shares one).
-    authority: Option<Arc<certs::Authority>>,
-    /// The committed schema changes to share (a pair's endpoints see each other's, for OC001).
-    catalog: Option<Arc<sql::Catalog>>,
-    sessions: Option<Arc<sql::occ::Sessions>>,
-    sql_rules: Option<bool>,
-    transaction_age_limit: Option<Duration>,
-}
-
-impl std::fmt::Debug for DsqlEmulatorBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DsqlEmulatorBuilder")
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("credentials", &self.credentials.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl DsqlEmulatorBuilder {
-    /// The endpoint name (SNI, certificate, token host). Default: a random 26-character cluster
-    /// id + `.dsql.us-east-1.on.aws`.
-    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
-        self.endpoint = Some(endpoint.into());
-        self
-    }
-
-    /// The region tokens must be scoped to. Default: parsed from the endpoint name; required
-    /// when the name does not contain one.
-    pub fn region(mut self, region: impl Into<String>) -> Self {
-        self.region = Some(region.into());
-        self
-    }
-
-    /// Accepts tokens signed with these credentials (call repeatedly for several access keys;
-    /// session tokens must match). Default: one generated key pair, see
-    /// [`DsqlEmulator::credentials`].
-    pub fn credentials(mut self, credentials: Credentials) -> Self {
-        self.credentials.push(credentials);
-        self
-    }
-
-    /// Connections are closed once this old. Default 60 minutes, as DSQL; at least 1 s.
-    pub fn max_connection_age(mut self, age: Duration) -> Self {
-        self.max_connection_age = Some(age);
-        self
-    }
-
-    /// The clock tokens are checked against. Default: the system clock.
-    pub fn time_source(mut self, time_source: impl TimeSource + 'static) -> Self {
-        self.time_source = Some(SharedTimeSource::new(time_source));
-        self
-    }
-
-    /// Relay to this existing PostgreSQL (`postgres://host:port` or `host=/socket/dir port=…`)
-    /// instead of starting one. It must trust the emulator's connections and have an `admin`
-    /// role. Default: `DSQL_EMULATOR_UPSTREAM`, else a private cluster.
-    pub fn upstream_url(mut self, url: impl Into<String>) -> Self {
-        self.upstream_url = Some(url.into());
-        self
-    }
-
-    /// The directory with `initdb` and `postgres`. Default: `PG_BIN`, `PATH`, then the newest
-    /// `/usr/lib/postgresql/*/bin`.
-    pub fn pg_bin(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.pg_bin = Some(dir.into());
-        self
-    }
-
-    /// The TCP port on 127.0.0.1. Default 0: a free port.
-    pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
-        self
-    }
-
-    /// The new-connection token bucket: `per_second` new connections a second, bursts of up to
-    /// `burst`; connections beyond it get `53400 Unable to accept connection, rate exceeded.`
-    /// Default DSQL's: [`DSQL_CONNECTION_RATE`] (100/s), [`DSQL_CONNECTION_BURST`] (1 000).
-    pub fn connection_rate_limit(mut self, per_second: f64, burst: u32) -> Self {
-        self.connection_rate = Some((per_second, burst));
-        self
-    }
-
-    /// The cap on open connections; connections beyond it get `53300 Unable to accept
-    /// connection, too many open connections.` Default DSQL's:
-    /// [`DSQL_MAX_OPEN_CONNECTIONS`] (10 000).
-    pub fn max_open_connections(mut self, max: usize) -> Self {
-        self.max_open_connections = Some(max);
-        self
-    }
-
-    /// Whether SQL is answered as DSQL answers it (see the README's rule table): statements
-    /// and types DSQL refuses get its SQLSTATE and message; one DDL per transaction, no DDL
-    /// with DML, only REPEATABLE READ, no savepoints, `SET` of allowed parameters only,
-    /// `CREATE INDEX ASYNC` with its job; the row, age, size, index and schema limits; writers
-    /// never wait on each other and the first transaction to commit wins, whatever the
-    /// protocol (the other's `COMMIT` fails with `OC000`; rows read `FOR UPDATE` count as
-    /// written), schema changes give other sessions `OC001`. Default on; `false` leaves a
-    /// plain PostgreSQL behind DSQL's connection rules (the README lists what is and is not
-    /// emulated).
-    pub fn sql_rules(mut self, on: bool) -> Self {
-        self.sql_rules = Some(on);
-        self
-    }
-
-    /// How long a transaction block may stay open with the SQL rules on: after it, its next
-    /// statement fails with `54000 transaction age limit of <n>s exceeded` (a `COMMIT` then
-    /// ends it). DSQL's limit, and the default, is 300 s; tests may want a shorter one.
-    pub fn transaction_age_limit(mut self, limit: Duration) -> Self {
-        self.transaction_age_limit = Some(limit);
-        self
-    }
-
-    /// Starts the emulator (and its PostgreSQL) without blocking the async runtime.
-    pub async fn start(self) -> Result<DsqlEmulator, Error> {
-        tokio::task::spawn_blocking(move || self.start_blocking())
-            .await
-            .map_err(|e| Error::Emulator {
-                reason: "the start-up task failed".into(),
-                source: Some(Box::new(e)),
-            })?
-    }
-
-    /// Starts the emulator, blocking the current thread for the few seconds PostgreSQL needs.
-    /// The emulator runs on its own threads, so it outlives the runtime that started it.
-    pub fn start_blocking(self) -> Result<DsqlEmulator, Error> {
-        let endpoint = self
-            .endpoint
-            .unwrap_or_else(|| format!("{}.dsql.us-east-1.on.aws", random_cluster_id()))
-            .to_ascii_lowercase();
-        let region = match (self.region, region_from_host(&endpoint)) {
-            (Some(region), _) => region,
-            (None, Some(region)) => region.to_owned(),
-            (None, None) => {
-                return Err(Error::config(
-                    "region",
-                    format!("the emulator endpoint `{endpoint}` names no region; set one"),
-                ));
-            }
-        };
-        let cluster_id = endpoint.split('.').next().unwrap_or_default().to_owned();
-        let max_age = self
-            .max_connection_age
-            .unwrap_or(crate::config::SERVER_MAX_CONNECTION_AGE);
-        if max_age < Duration::from_secs(1) {
-            return Err(Error::config("max_connection_age", "must be at least 1 s"));
-        }
-        let transaction_age_limit = self
-            .transaction_age_limit
-            .unwrap_or(sql::TRANSACTION_AGE_LIMIT);
-        if transaction_age_limit < Duration::from_secs(1) {
-            return Err(Error::config(
-                "transaction_age_limit",
-                "must be at least 1 s",
-            ));
-        }
-        let (rate, burst) = self
-            .connection_rate
-            .unwrap_or((DSQL_CONNECTION_RATE, DSQL_CONNECTION_BURST));
-        check_rate(rate, burst)?;
-        let credentials = if self.credentials.is_empty() {
-            vec![generated_credentials()]
-        } else {
-            self.credentials
-        };
-
-        let work_dir = WorkDir::create()?;
-        let authority = match self.authority {
-            Some(authority) => authority,
-            None => certs::Authority::generate()?,
-        };
-        let certs = certs::Certificates::generate(&endpoint, &authority)?;
-        let ca_path = work_dir.path.join("ca.pem");
-        std::fs::write(&ca_path, &certs.ca_pem).map_err(|e| Error::Emulator {
-            reason: format!("cannot write {}", ca_path.display()),
-            source: Some(Box::new(e)),
-        })?;
-
-        let upstream_url = self.upstream_url.or_else(|| {
-            std::env::var("DSQL_EMULATOR_UPSTREAM")
-                .ok()
-                .filter(|u| !u.is_empty())
-        });
-        let (target, cluster) = match upstream_url {
-            Some(url) => (upstream::Target::from_url(&url)?, None),
-            None => {
-                let cluster =
-                    upstream::LocalCluster::start(&work_dir.path, self.pg_bin.as_deref())?;
-                (cluster.target(), Some(cluster))
-            }
-        };
-
-        let sql_rules = self.sql_rules.unwrap_or(true);
-        if sql_rules {
-            sql::prepare_upstream(target.url("admin"))?;
-        }
-
-        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, self.port))
-            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-            .map_err(|e| Error::Emulator {
-                reason: format!("cannot listen on 127.0.0.1:{}", self.port),
-                source: Some(Box::new(e)),
-            })?;
-        let address = listener.local_addr().map_err(|e| Error::Emulator {
-            reason: "cannot read the listening address".into(),
-            source: Some(Box::new(e)),
-        })?;
-        // Last fallible step: a runtime must not be dropped from inside another one.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("dsql-emulator")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Emulator {
-                reason: "cannot start the emulator's runtime".into(),
-                source: Some(Box::new(e)),
-            })?;
-
-        let time_source = self.time_source.clone();
-        // The database's sessions (shared by a pair's endpoints), watched through the upstream's
-        // superuser.
-        let sessions = self
-            .sessions
-            .unwrap_or_else(|| Arc::new(sql::occ::Sessions::new(target.url("admin"))));
-        let shared = Arc::new(Shared {
-            verifier: auth::Verifier {
-                endpoint: endpoint.clone(),
-                region,
-                credentials,
-                clock: self
-                    .time_source
-                    .unwrap_or_else(|| SharedTimeSource::new(SystemTimeSource::new())),
-                max_skew: Duration::from_secs(300),
-                revoked: Default::default(),
-            },
-            cluster_id,
-            tls_config: certs.server_config,
-            upstream: target,
-            latency: Arc::new(AtomicU64::new(0)),
-            max_age: AtomicU64::new(max_age.as_nanos() as u64),
-            refusing: AtomicBool::new(false),
-            dropping_new: AtomicU64::new(0),
-            cut_next_commit: AtomicBool::new(false),
-            fail_next_commit: Mutex::new(None),
-            sql_rules,
-            transaction_age_limit,
-            catalog: self.catalog.unwrap_or_default(),
-            sessions,
-            network: tokio::sync::watch::Sender::new(Network::Up),
-            listening: AtomicBool::new(true),
-            drops: tokio::sync::watch::Sender::new(0),
-            open: AtomicUsize::new(0),
-            admitted: AtomicUsize::new(0),
-            max_open: AtomicUsize::new(
-                self.max_open_connections
-                    .unwrap_or(DSQL_MAX_OPEN_CONNECTIONS),
-            ),
-            new_connections: TokenBucket::new(rate, burst),
-            waking_until: Mutex::new(None),
-            stats: Mutex::new(EmulatorStats::default()),
-        });
-        runtime.spawn({
-            let shared = shared.clone();
-            async move {
-                let mut listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => Some(listener),
-                    Err(error) => {
-                        tracing::error!(%error, "emulator cannot use its listening socket");
-                        return;
-                    }
-                };
-                let mut network = shared.network.subscribe();
-                loop {
-                    if *network.borrow_and_update() == Network::Down {
-                        // Nothing listens: connections are refused.
-                        listener = None;
-                        shared.listening.store(false, Ordering::SeqCst);
-                        let _ = network.wait_for(|n| *n != Network::Down).await;
-                        continue;
-                    }
-                    let Some(current) = &listener else {
-                        match tokio::net::TcpListener::bind(address).await {
-                            Ok(bound) => {
-                                listener = Some(bound);
-                                shared.listening.store(true, Ordering::SeqCst);
-                            }
-                            Err(error) => {
-                                tracing::warn!(%error, %address, "emulator cannot listen again");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        }
-                        continue;
-                    };
-                    tokio::select! {
-                        accepted = current.accept() => match accepted {
-                            Ok((socket, _)) => {
-                                shared.count(|stats| stats.connections += 1);
-                                tokio::spawn(session::serve(socket, shared.clone()));
-                            }
-                            Err(error) => {
-                                tracing::warn!(%error, "emulator accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        },
-                        _ = network.changed() => {}
-                    }
-                }
-            }
-        });
-        tracing::info!(%endpoint, %address, "DSQL emulator listening");
-        Ok(DsqlEmulator {
-            address,
-            ca_pem: certs.ca_pem,
-            authority,
-            ca_path,
-            time_source,
-            shared,
-            runtime: Some(runtime),
-            cluster: Arc::new(Mutex::new(cluster)),
-            _work_dir: work_dir,
-        })
-    }
-}
-
 /// A running DSQL emulator. Dropping it stops it and its private PostgreSQL.
 pub struct DsqlEmulator {
     address: SocketAddr,
@@ -638,6 +303,8 @@ pub struct DsqlEmulator {
     runtime: Option<tokio::runtime::Runtime>,
     // Field order matters on drop: the cluster stops before its directory is removed.
     cluster: Arc<Mutex<Option<upstream::LocalCluster>>>,
+    /// The endpoint's database on a shared server, dropped after the endpoint stops.
+    _database: Option<postgres::Database>,
     _work_dir: WorkDir,
 }
 
@@ -666,7 +333,7 @@ impl DsqlEmulator {
     }
 
     /// Starts an emulator with the defaults.
-    pub async fn start() -> Result<DsqlEmulator, Error> {
+    pub async fn start() -> Result<DsqlEmulator, EmulatorError> {
         Self::builder().start().await
     }
 
@@ -678,7 +345,7 @@ impl DsqlEmulator {
     /// [`config_with_peer`](Self::config_with_peer) configures a client for both. Faults are per endpoint ([`set_down`](Self::set_down),
     /// [`set_black_hole`](Self::set_black_hole), ...). The second relays to the first's
     /// PostgreSQL: keep the first alive as long as the second.
-    pub async fn start_pair() -> Result<(DsqlEmulator, DsqlEmulator), Error> {
+    pub async fn start_pair() -> Result<(DsqlEmulator, DsqlEmulator), EmulatorError> {
         let first = Self::builder()
             .endpoint(format!("{}.dsql.us-east-1.on.aws", random_cluster_id()))
             .start()
@@ -693,20 +360,6 @@ impl DsqlEmulator {
         second.sessions = Some(first.shared.sessions.clone());
         let second = second.start().await?;
         Ok((first, second))
-    }
-
-    /// A configuration builder preset to reach this endpoint (preferred) and `peer` as one
-    /// multi-Region cluster, as `user`: both endpoints with `hostaddr` 127.0.0.1 and their
-    /// ports, the pair's CA, the accepted credentials. For a pair from
-    /// [`start_pair`](Self::start_pair) (the two share one CA, as one Amazon root serves both
-    /// endpoints of a real cluster). Add settings, then `build()`.
-    pub fn config_with_peer(&self, peer: &DsqlEmulator, user: &str) -> DsqlConfigBuilder {
-        self.config_for(user).peer(
-            crate::config::Peer::new(peer.endpoint())
-                .region(peer.region())
-                .hostaddr(Ipv4Addr::LOCALHOST.into())
-                .port(peer.port()),
-        )
     }
 
     /// Whether DSQL's SQL rules are applied ([`DsqlEmulatorBuilder::sql_rules`]).
@@ -749,22 +402,10 @@ impl DsqlEmulator {
         &self.shared.verifier.credentials[0]
     }
 
-    /// A configuration builder preset to reach this emulator as `user`: host, `hostaddr`
-    /// 127.0.0.1, port, region, the CA, the accepted credentials, and the emulator's clock if
-    /// one was set. Add settings, then `build()`.
-    pub fn config_for(&self, user: &str) -> DsqlConfigBuilder {
-        let builder = DsqlConfig::builder()
-            .host(self.endpoint())
-            .region(self.region())
-            .hostaddr(Ipv4Addr::LOCALHOST.into())
-            .port(self.port())
-            .user(user)
-            .ssl_root_cert(&self.ca_path)
-            .credentials_provider(self.credentials().clone());
-        match &self.time_source {
-            Some(clock) => builder.time_source(clock.clone()),
-            None => builder,
-        }
+    /// The clock tokens are checked against, when one was set
+    /// ([`DsqlEmulatorBuilder::time_source`]); `None`: the system clock.
+    pub fn time_source(&self) -> Option<&SharedTimeSource> {
+        self.time_source.as_ref()
     }
 
     /// A `tokio-postgres` connection string straight to the upstream PostgreSQL as `user`,
@@ -890,24 +531,19 @@ impl DsqlEmulator {
     /// Restarts the private PostgreSQL (a fast shutdown, then a start on the same data): every
     /// relayed session ends, as in a server failover. Returns once it accepts connections again.
     /// Not available with an external upstream.
-    pub async fn restart_upstream(&self) -> Result<(), Error> {
+    pub async fn restart_upstream(&self) -> Result<(), EmulatorError> {
         let cluster = self.cluster.clone();
         tokio::task::spawn_blocking(move || {
             match cluster.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                 Some(cluster) => cluster.restart(),
-                None => Err(Error::Emulator {
-                    reason: "restart_upstream needs the emulator's private PostgreSQL, not an \
-                             external upstream"
-                        .into(),
-                    source: None,
-                }),
+                None => Err(EmulatorError::failed(
+                    "restart_upstream needs the emulator's private PostgreSQL, not an \
+                     external or shared upstream",
+                )),
             }
         })
         .await
-        .map_err(|e| Error::Emulator {
-            reason: "the restart task failed".into(),
-            source: Some(Box::new(e)),
-        })?
+        .map_err(|e| EmulatorError::caused("the restart task failed", e))?
     }
 
     /// From now on, for `duration`, every new connection is refused as a cluster scaled to zero
@@ -943,7 +579,11 @@ impl DsqlEmulator {
     /// Changes the new-connection rate limit (see
     /// [`DsqlEmulatorBuilder::connection_rate_limit`]). Tokens already stored are kept, up to
     /// the new burst.
-    pub fn set_connection_rate_limit(&self, per_second: f64, burst: u32) -> Result<(), Error> {
+    pub fn set_connection_rate_limit(
+        &self,
+        per_second: f64,
+        burst: u32,
+    ) -> Result<(), EmulatorError> {
         check_rate(per_second, burst)?;
         self.shared.new_connections.set(per_second, burst);
         Ok(())
@@ -962,66 +602,4 @@ impl DsqlEmulator {
             Ordering::SeqCst,
         );
     }
-}
-
-/// The emulator's temporary directory (CA file, private cluster), removed on drop.
-struct WorkDir {
-    path: PathBuf,
-}
-
-impl WorkDir {
-    fn create() -> Result<WorkDir, Error> {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "dsql-emulator-{}-{}-{:08x}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst),
-            fastrand::u32(..)
-        ));
-        std::fs::create_dir(&path).map_err(|e| Error::Emulator {
-            reason: format!("cannot create {}", path.display()),
-            source: Some(Box::new(e)),
-        })?;
-        Ok(WorkDir { path })
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-fn check_rate(per_second: f64, burst: u32) -> Result<(), Error> {
-    if !(per_second.is_finite() && per_second > 0.0) || burst == 0 {
-        return Err(Error::config(
-            "connection_rate_limit",
-            "the rate must be more than 0 a second and the burst at least 1",
-        ));
-    }
-    Ok(())
-}
-
-fn random_cluster_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..26)
-        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
-        .collect()
-}
-
-fn generated_credentials() -> Credentials {
-    const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/+";
-    let pick = |set: &[u8], n: usize| -> String {
-        (0..n)
-            .map(|_| set[fastrand::usize(..set.len())] as char)
-            .collect()
-    };
-    Credentials::new(
-        format!("AKIA{}", pick(UPPER, 16)),
-        pick(SECRET, 40),
-        None,
-        None,
-        "dsql-emulator",
-    )
 }

@@ -12,121 +12,12 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use super::auth::{ACCESS_DENIED_CODE, ACCESS_DENIED_MESSAGE};
 use super::latency::delay_line;
+use super::startup::check_startup;
 use super::wire::{self, send_fatal, send_fatal_with_hint};
 use super::{Network, Rejection, Shared, sql};
 
 /// The longest password message accepted (tokens with session tokens are a few KiB).
 const MAX_PASSWORD_LEN: u32 = 16 * 1024;
-
-/// Startup parameters DSQL accepts (besides `user`, `database` and `options`).
-pub(crate) fn parameter_allowed(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    matches!(
-        name.as_str(),
-        "application_name"
-            | "client_encoding"
-            | "datestyle"
-            | "extra_float_digits"
-            | "intervalstyle"
-            | "timezone"
-            | "search_path"
-            | "dsql.enable_batched_nestloop"
-            | "disable_sync_create_index"
-    ) || name.starts_with("enable_")
-}
-
-/// The checked startup: who, and what to send upstream.
-#[derive(Debug, PartialEq)]
-pub(crate) struct Startup {
-    pub(crate) user: String,
-    pub(crate) upstream_parameters: Vec<(String, String)>,
-}
-
-/// A startup refused: SQLSTATE and message.
-#[derive(Debug, PartialEq)]
-pub(crate) struct StartupRefusal {
-    pub(crate) reason: Rejection,
-    pub(crate) code: &'static str,
-    pub(crate) message: String,
-}
-
-/// Applies DSQL's startup rules to the client's parameters.
-pub(crate) fn check_startup(
-    parameters: Vec<(String, String)>,
-    cluster_id: &str,
-) -> Result<Startup, StartupRefusal> {
-    let unsupported = |name: &str| StartupRefusal {
-        reason: Rejection::UnsupportedParameter,
-        code: "0A000",
-        message: format!("setting configuration parameter \"{name}\" not supported"),
-    };
-    let mut user = None;
-    let mut database = None;
-    let mut settings: Vec<(String, String)> = Vec::new();
-    for (name, value) in parameters {
-        match name.as_str() {
-            "user" => user = Some(value),
-            "database" => database = Some(value),
-            "options" => {
-                let parsed =
-                    crate::config::parse_options(&value).map_err(|why| StartupRefusal {
-                        reason: Rejection::UnsupportedParameter,
-                        code: "08P01",
-                        message: format!("invalid command-line argument in options: {why}"),
-                    })?;
-                for (name, value) in parsed {
-                    let name = name.replace('-', "_");
-                    if name.eq_ignore_ascii_case("amzn_cluster_id") {
-                        if value != cluster_id {
-                            return Err(StartupRefusal {
-                                reason: Rejection::WrongClusterId,
-                                code: "08004",
-                                message: format!(
-                                    "unable to accept connection, cluster id {value} not found"
-                                ),
-                            });
-                        }
-                        continue;
-                    }
-                    if !parameter_allowed(&name) {
-                        return Err(unsupported(&name));
-                    }
-                    settings.push((name, value));
-                }
-            }
-            _ if parameter_allowed(&name) => settings.push((name, value)),
-            _ => return Err(unsupported(&name)),
-        }
-    }
-    let user = user.filter(|u| !u.is_empty()).ok_or(StartupRefusal {
-        reason: Rejection::Protocol,
-        code: "28000",
-        message: "no PostgreSQL user name specified in startup packet".into(),
-    })?;
-    let mut upstream_parameters = vec![
-        ("user".to_owned(), user.clone()),
-        (
-            "database".to_owned(),
-            database.unwrap_or_else(|| "postgres".into()),
-        ),
-    ];
-    // Settings PostgreSQL itself does not know stay here.
-    let options: Vec<(&str, &str)> = settings
-        .iter()
-        .filter(|(name, _)| !name.eq_ignore_ascii_case("disable_sync_create_index"))
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    if !options.is_empty() {
-        upstream_parameters.push((
-            "options".to_owned(),
-            crate::connector::startup_options_string(&options),
-        ));
-    }
-    Ok(Startup {
-        user,
-        upstream_parameters,
-    })
-}
 
 /// Serves one accepted TCP connection.
 pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
@@ -204,7 +95,7 @@ async fn negotiate(
     let sni = hello.server_name().map(str::to_owned);
     let offers_postgresql_alpn = hello
         .alpn()
-        .is_some_and(|mut protocols| protocols.any(|p| p == crate::tls::ALPN_POSTGRESQL));
+        .is_some_and(|mut protocols| protocols.any(|p| p == super::util::ALPN_POSTGRESQL));
     let mut tls = start.into_stream(shared.tls_config.clone()).await?;
 
     let refusal = match &sni {
@@ -289,6 +180,12 @@ async fn negotiate(
         }
     };
     let mut upstream_parameters = startup.upstream_parameters.clone();
+    // DSQL's one database is `postgres`: an endpoint may keep it in a database of its own.
+    for (name, value) in &mut upstream_parameters {
+        if name == "database" && value == "postgres" {
+            value.clone_from(&shared.upstream.database);
+        }
+    }
     if shared.sql_rules {
         // A write that meets a row another transaction holds does not wait (see `sql`).
         upstream_parameters.push(("lock_timeout".into(), sql::LOCK_TIMEOUT.into()));
@@ -659,87 +556,4 @@ fn decide(dialect: &mut sql::Dialect, pending: &[u8], out: &mut sql::Outgoing) -
 /// Waits while the endpoint is black-holed.
 async fn pass_black_hole(network: &mut tokio::sync::watch::Receiver<Network>) {
     let _ = network.wait_for(|n| *n != Network::BlackHole).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ID: &str = "abcdefghijklmnopqrstuvwxyz";
-
-    fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn allowed_startup_is_forwarded() {
-        let startup = check_startup(
-            params(&[
-                ("user", "app"),
-                ("database", "postgres"),
-                ("client_encoding", "UTF8"),
-                ("application_name", "x"),
-                (
-                    "options",
-                    "-c search_path=my\\ schema -c amzn-cluster-id=abcdefghijklmnopqrstuvwxyz \
-                     -c disable_sync_create_index=on --enable_seqscan=off",
-                ),
-            ]),
-            ID,
-        )
-        .unwrap();
-        assert_eq!(startup.user, "app");
-        assert_eq!(
-            startup.upstream_parameters,
-            params(&[
-                ("user", "app"),
-                ("database", "postgres"),
-                (
-                    "options",
-                    "-c client_encoding=UTF8 -c application_name=x -c search_path=my\\ schema \
-                     -c enable_seqscan=off"
-                ),
-            ])
-        );
-    }
-
-    #[test]
-    fn unsupported_parameters_are_refused_with_dsql_text() {
-        for (name, value) in [
-            ("statement_timeout", "5s"),
-            ("client_min_messages", "debug"),
-        ] {
-            let refusal = check_startup(params(&[("user", "app"), (name, value)]), ID).unwrap_err();
-            assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
-            assert_eq!(
-                refusal.message,
-                format!("setting configuration parameter \"{name}\" not supported")
-            );
-            let in_options = format!("-c {name}={value}");
-            let refusal = check_startup(params(&[("user", "app"), ("options", &in_options)]), ID)
-                .unwrap_err();
-            assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
-        }
-        let refusal =
-            check_startup(params(&[("user", "app"), ("replication", "true")]), ID).unwrap_err();
-        assert_eq!(refusal.reason, Rejection::UnsupportedParameter);
-    }
-
-    #[test]
-    fn cluster_id_must_match_and_user_is_required() {
-        let refusal = check_startup(
-            params(&[
-                ("user", "app"),
-                ("options", "-c amzn-cluster-id=zzzzzzzzzzzzzzzzzzzzzzzzzz"),
-            ]),
-            ID,
-        )
-        .unwrap_err();
-        assert_eq!(refusal.reason, Rejection::WrongClusterId);
-        let refusal = check_startup(params(&[("database", "postgres")]), ID).unwrap_err();
-        assert_eq!(refusal.reason, Rejection::Protocol);
-    }
 }

@@ -19,53 +19,68 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::Error;
+use super::EmulatorError;
 
-fn emulator_error(reason: impl Into<String>) -> Error {
-    Error::Emulator {
-        reason: reason.into(),
-        source: None,
-    }
+fn emulator_error(reason: impl Into<String>) -> EmulatorError {
+    EmulatorError::failed(reason)
 }
 
-fn io_error(reason: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+fn io_error(reason: impl Into<String>) -> impl FnOnce(io::Error) -> EmulatorError {
     let reason = reason.into();
-    move |e| Error::Emulator {
-        reason,
-        source: Some(Box::new(e)),
-    }
+    move |e| EmulatorError::caused(reason, e)
 }
 
-/// Where sessions are relayed to.
-#[derive(Debug, Clone)]
-pub(crate) enum Target {
+/// Where an upstream server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Address {
     Unix(PathBuf),
     Tcp(String, u16),
 }
 
+/// Where sessions are relayed to: a server, and the database a client's `postgres` maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) address: Address,
+    pub(crate) database: String,
+}
+
 impl Target {
-    /// Parses `postgres://host:port` or a `host=/socket/dir port=…` string (via tokio-postgres).
-    pub(crate) fn from_url(url: &str) -> Result<Target, Error> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| Error::Emulator {
-            reason: "the upstream URL (DSQL_EMULATOR_UPSTREAM or upstream_url) is not a valid \
-                     PostgreSQL connection string"
-                .into(),
-            source: Some(Box::new(e)),
+    /// Parses `postgres://host:port[/db]` or a `host=/socket/dir port=… [dbname=…]` string (via
+    /// tokio-postgres); the database defaults to `postgres`.
+    pub(crate) fn from_url(url: &str) -> Result<Target, EmulatorError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            EmulatorError::caused(
+                "the upstream URL (DSQL_EMULATOR_UPSTREAM or upstream_url) is not a valid \
+                 PostgreSQL connection string",
+                e,
+            )
         })?;
         let port = config.get_ports().first().copied().unwrap_or(5432);
-        match config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(host)) => Ok(Target::Tcp(host.clone(), port)),
+        let address = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => Address::Tcp(host.clone(), port),
             Some(tokio_postgres::config::Host::Unix(dir)) => {
-                Ok(Target::Unix(dir.join(format!(".s.PGSQL.{port}"))))
+                Address::Unix(dir.join(format!(".s.PGSQL.{port}")))
             }
-            None => Err(emulator_error("the upstream URL names no host")),
+            None => return Err(emulator_error("the upstream URL names no host")),
+        };
+        Ok(Target {
+            address,
+            database: config.get_dbname().unwrap_or("postgres").to_owned(),
+        })
+    }
+
+    /// The same server, another database.
+    pub(crate) fn with_database(&self, database: &str) -> Target {
+        Target {
+            address: self.address.clone(),
+            database: database.to_owned(),
         }
     }
 
     pub(crate) async fn connect(&self) -> io::Result<UpstreamStream> {
-        Ok(match self {
-            Target::Unix(path) => UpstreamStream::Unix(UnixStream::connect(path).await?),
-            Target::Tcp(host, port) => {
+        Ok(match &self.address {
+            Address::Unix(path) => UpstreamStream::Unix(UnixStream::connect(path).await?),
+            Address::Tcp(host, port) => {
                 let stream = TcpStream::connect((host.as_str(), *port)).await?;
                 stream.set_nodelay(true)?;
                 UpstreamStream::Tcp(stream)
@@ -73,10 +88,11 @@ impl Target {
         })
     }
 
-    /// A `tokio-postgres` connection string for the upstream's superuser (for tests and tools).
+    /// A `tokio-postgres` connection string to this database as `user` (for tests and tools).
     pub(crate) fn url(&self, user: &str) -> String {
-        match self {
-            Target::Unix(path) => {
+        let database = &self.database;
+        match &self.address {
+            Address::Unix(path) => {
                 let dir = path.parent().unwrap_or(Path::new("/"));
                 let port = path
                     .file_name()
@@ -84,15 +100,50 @@ impl Target {
                     .and_then(|n| n.rsplit('.').next())
                     .unwrap_or("5432");
                 format!(
-                    "host={} port={port} user={user} dbname=postgres",
+                    "host={} port={port} user={user} dbname={database}",
                     dir.display()
                 )
             }
-            Target::Tcp(host, port) => {
-                format!("host={host} port={port} user={user} dbname=postgres")
+            Address::Tcp(host, port) => {
+                format!("host={host} port={port} user={user} dbname={database}")
             }
         }
     }
+}
+
+/// Why [`execute`] failed, and the cause.
+pub(crate) type Failure = (String, Option<Box<dyn std::error::Error + Send + Sync>>);
+
+/// Runs `sql` (a simple query, one or more statements) on the server at `url`, within
+/// `timeout`. Blocking; runs on a thread of its own, so it may be called from inside an async
+/// runtime.
+pub(crate) fn execute(url: String, sql: &str, timeout: Duration) -> Result<(), Failure> {
+    let sql = sql.to_owned();
+    std::thread::spawn(move || -> Result<(), Failure> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ("no runtime".to_owned(), Some(Box::new(e) as _)))?;
+        let run = async {
+            let (client, connection) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| ("cannot connect".to_owned(), Some(Box::new(e) as _)))?;
+            let connection = tokio::spawn(connection);
+            let outcome = client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| ("a statement failed".to_owned(), Some(Box::new(e) as _)));
+            drop(client);
+            let _ = connection.await;
+            outcome
+        };
+        runtime
+            .block_on(async { tokio::time::timeout(timeout, run).await })
+            .map_err(|_| (format!("no answer within {} s", timeout.as_secs()), None))?
+    })
+    .join()
+    .map_err(|_| ("the thread panicked".to_owned(), None))?
 }
 
 /// A connection to the upstream server.
@@ -169,7 +220,10 @@ impl std::fmt::Debug for LocalCluster {
 impl LocalCluster {
     /// initdb + postgres in `work_dir/pg`, as an unprivileged user when running as root.
     /// Blocking (a few seconds).
-    pub(crate) fn start(work_dir: &Path, pg_bin: Option<&Path>) -> Result<LocalCluster, Error> {
+    pub(crate) fn start(
+        work_dir: &Path,
+        pg_bin: Option<&Path>,
+    ) -> Result<LocalCluster, EmulatorError> {
         let bin = find_binaries(pg_bin)?;
         let owner = if effective_uid_is_root() {
             Some(unprivileged_user()?)
@@ -251,7 +305,7 @@ impl LocalCluster {
 
     /// Stops the server (every session ends) and starts it again on the same data and socket.
     /// Blocking.
-    pub(crate) fn restart(&mut self) -> Result<(), Error> {
+    pub(crate) fn restart(&mut self) -> Result<(), EmulatorError> {
         self.stop();
         let _ = self.watchdog.kill();
         let _ = self.watchdog.wait();
@@ -271,11 +325,14 @@ impl LocalCluster {
     }
 
     pub(crate) fn target(&self) -> Target {
-        Target::Unix(self.socket.clone())
+        Target {
+            address: Address::Unix(self.socket.clone()),
+            database: "postgres".into(),
+        }
     }
 
     /// Polls the socket with a real startup message until the server accepts `admin`.
-    fn wait_until_ready(&mut self) -> Result<(), Error> {
+    fn wait_until_ready(&mut self) -> Result<(), EmulatorError> {
         let log_path = &self.log_path;
         let deadline = Instant::now() + Duration::from_secs(60);
         let startup = super::wire::startup_message(&[
@@ -397,7 +454,7 @@ fn spawn_server(
     data_dir: &Path,
     log_path: &Path,
     port: u16,
-) -> Result<(Child, Child, ChildStdin), Error> {
+) -> Result<(Child, Child, ChildStdin), EmulatorError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -477,7 +534,7 @@ fn spawn_watchdog(server_pid: u32, work_dir: &Path) -> io::Result<(Child, ChildS
 }
 
 /// `PG_BIN` (or the builder's path), then `PATH`, then the newest `/usr/lib/postgresql/*/bin`.
-fn find_binaries(configured: Option<&Path>) -> Result<PathBuf, Error> {
+fn find_binaries(configured: Option<&Path>) -> Result<PathBuf, EmulatorError> {
     let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
     if let Some(dir) = configured
         .map(Path::to_path_buf)
@@ -530,7 +587,7 @@ fn effective_uid_is_root() -> bool {
 }
 
 /// `postgres`, else `nobody`, from `/etc/passwd`: (name, uid, gid).
-fn unprivileged_user() -> Result<(String, u32, u32), Error> {
+fn unprivileged_user() -> Result<(String, u32, u32), EmulatorError> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     for wanted in ["postgres", "nobody"] {
         for line in passwd.lines() {
@@ -561,19 +618,20 @@ mod tests {
 
     #[test]
     fn upstream_urls() {
-        match Target::from_url("postgres://db.internal:6543/postgres").unwrap() {
-            Target::Tcp(host, port) => assert_eq!((host.as_str(), port), ("db.internal", 6543)),
-            other => panic!("{other:?}"),
-        }
-        match Target::from_url("host=/run/pg port=5433").unwrap() {
-            Target::Unix(path) => assert_eq!(path, Path::new("/run/pg/.s.PGSQL.5433")),
-            other => panic!("{other:?}"),
-        }
+        let tcp = Target::from_url("postgres://db.internal:6543/other").unwrap();
+        assert_eq!(tcp.address, Address::Tcp("db.internal".into(), 6543));
+        assert_eq!(tcp.database, "other");
+        let unix = Target::from_url("host=/run/pg port=5433").unwrap();
+        assert_eq!(unix.address, Address::Unix("/run/pg/.s.PGSQL.5433".into()));
+        assert_eq!(unix.database, "postgres");
         assert!(Target::from_url("not a url ===").is_err());
-        let unix = Target::Unix("/run/pg/.s.PGSQL.5433".into());
         assert_eq!(
             unix.url("admin"),
             "host=/run/pg port=5433 user=admin dbname=postgres"
+        );
+        assert_eq!(
+            unix.with_database("dsql_x").url("app"),
+            "host=/run/pg port=5433 user=app dbname=dsql_x"
         );
     }
 

@@ -12,6 +12,8 @@
 pub(crate) mod cache;
 pub(crate) mod credentials;
 mod date;
+#[cfg(all(test, feature = "emulator"))]
+mod emulator_agreement;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};

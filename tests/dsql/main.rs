@@ -6,6 +6,8 @@ mod token_agreement;
 #[cfg(feature = "emulator")]
 mod admission;
 #[cfg(feature = "emulator")]
+mod conformance;
+#[cfg(feature = "emulator")]
 mod connect;
 #[cfg(feature = "emulator")]
 mod deadpool;
@@ -34,9 +36,13 @@ mod refusals;
 #[cfg(feature = "emulator")]
 mod retry;
 #[cfg(feature = "emulator")]
+mod server_binary;
+#[cfg(feature = "emulator")]
 mod service;
 #[cfg(feature = "emulator")]
 mod service_example;
+#[cfg(feature = "emulator")]
+mod shared_postgres;
 #[cfg(feature = "emulator")]
 mod sql_rules;
 #[cfg(feature = "emulator")]

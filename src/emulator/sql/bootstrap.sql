@@ -136,6 +136,9 @@ BEGIN
                     FROM pg_index i, unnest(i.indkey) AS k(attnum)
                    WHERE i.indisprimary), ''),
         true);
+    PERFORM set_config('dsql_emulator.primary_key_constraints',
+        coalesce((SELECT string_agg(oid::text, ' ') FROM pg_constraint WHERE contype = 'p'), ''),
+        true);
 END $$;
 
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_sql_drop() RETURNS event_trigger
@@ -152,6 +155,16 @@ BEGIN
                current_setting('dsql_emulator.primary_keys', true), ' ')) THEN
             RAISE EXCEPTION USING ERRCODE = '0A000',
                 MESSAGE = format('cannot drop primary key column %s', dropped.address_names[3]);
+        END IF;
+    END LOOP;
+    -- DSQL_SQL_RULES §9: a table keeps its primary key.
+    FOR dropped IN SELECT * FROM pg_event_trigger_dropped_objects()
+                    WHERE object_type = 'table constraint' AND original LOOP
+        IF dropped.objid::text = ANY (string_to_array(
+               current_setting('dsql_emulator.primary_key_constraints', true), ' ')) THEN
+            RAISE EXCEPTION USING ERRCODE = '0A000',
+                MESSAGE = format('cannot drop primary key constraint %s',
+                                 dropped.address_names[3]);
         END IF;
     END LOOP;
 END $$;

@@ -4,10 +4,7 @@
 //! what the relay sends on instead (without `ASYNC`, with DSQL's version, with a job's row).
 
 use pg_query::NodeEnum;
-use pg_query::protobuf::{
-    self, AlterTableType, ConstrType, LockClauseStrength, ObjectType, SortByDir,
-    TransactionStmtKind, VariableSetKind,
-};
+use pg_query::protobuf::{self, AlterTableType, LockClauseStrength, TransactionStmtKind};
 
 /// DSQL's answer to a statement it does not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +171,17 @@ pub(crate) fn classify(sql: &str) -> Classified {
             match node {
                 Some(node) => {
                     let mut statement = statement(node, is_async, tablesample);
+                    // `USING <method>` leaves no trace in the parse tree (the default is
+                    // spelled out): DSQL refuses any explicit one (DSQL_SQL_RULES §9).
+                    if matches!(node, NodeEnum::IndexStmt(_))
+                        && statement.refusal.is_none()
+                        && has_keyword(&upstream_text[start..end], "using")
+                    {
+                        statement.refusal = Some(unsupported(
+                            "specifying an index access method (USING) not supported for \
+                             CREATE INDEX",
+                        ));
+                    }
                     // A write stores its values: no string in it may be over DSQL's largest.
                     if statement.kind == Kind::Dml
                         && statement.refusal.is_none()
@@ -389,10 +397,15 @@ fn edited(sql: &str, mut edits: Vec<(usize, usize, String)>) -> String {
     out
 }
 
-/// What `version()` and `current_setting('server_version'[_num])` answer on DSQL (§7), as
-/// scalar subqueries that keep the column name PostgreSQL would give the call.
+/// What `version()`, `current_setting('server_version'[_num])` and `current_database()` answer
+/// on DSQL (§7), as scalar subqueries that keep the column name PostgreSQL would give the call.
 fn environment_value(call: &protobuf::FuncCall) -> Option<String> {
-    let value = match function_name(call)?.as_str() {
+    let name = function_name(call)?;
+    // DSQL's one database is `postgres`, whichever database an endpoint keeps its data in.
+    if name == "current_database" && call.args.is_empty() {
+        return Some("(SELECT 'postgres'::name AS current_database)".to_owned());
+    }
+    let value = match name.as_str() {
         "version" if call.args.is_empty() => super::DSQL_VERSION,
         "current_setting" => match call.args.first().and_then(string_of) {
             Some(name) if name.eq_ignore_ascii_case("server_version") => super::DSQL_SERVER_VERSION,
@@ -627,9 +640,14 @@ fn strip_async(sql: &str) -> (String, Vec<usize>) {
 
 /// Whether the text uses `TABLESAMPLE` (as a keyword, not in a string).
 fn has_tablesample(sql: &str) -> bool {
+    has_keyword(sql, "tablesample")
+}
+
+/// Whether the text uses `keyword` as a keyword (not in a string, a comment or a quoted name).
+fn has_keyword(sql: &str, keyword: &str) -> bool {
     pg_query::scan(sql).is_ok_and(|scanned| {
         scanned.tokens.iter().any(|t| {
-            sql[t.start as usize..t.end as usize].eq_ignore_ascii_case("tablesample")
+            sql[t.start as usize..t.end as usize].eq_ignore_ascii_case(keyword)
                 && t.token != protobuf::Token::Ident as i32
         })
     })
@@ -715,549 +733,8 @@ fn kind_of(node: &NodeEnum) -> Kind {
     }
 }
 
-fn refusal_of(node: &NodeEnum, is_async: bool, tablesample: bool) -> Option<Refusal> {
-    use NodeEnum as N;
-    let statement = |name: &str| Some(unsupported(format!("unsupported statement: {name}")));
-    match node {
-        N::TruncateStmt(_) => statement("Truncate"),
-        N::CreateExtensionStmt(_) => statement("CreateExtension"),
-        N::CreatedbStmt(_) => statement("Createdb"),
-        N::CreateTableAsStmt(_) => statement("CreateTableAs"),
-        N::CreateTableSpaceStmt(_) => statement("CreateTableSpace"),
-        N::CreateForeignTableStmt(_) => statement("CreateForeignTable"),
-        N::ListenStmt(_) => statement("Listen"),
-        N::NotifyStmt(_) => statement("Notify"),
-        N::UnlistenStmt(_) => statement("Unlisten"),
-        N::AlterSystemStmt(_) => statement("AlterSystem"),
-        N::CompositeTypeStmt(_) => statement("CompositeType"),
-        N::CreateRangeStmt(_) => statement("CreateRange"),
-        N::PrepareStmt(_) => statement("Prepare"),
-        N::CreateTrigStmt(_) => Some(unsupported("CREATE TRIGGER not supported")),
-        N::VacuumStmt(v) if v.is_vacuumcmd => Some(unsupported("unsupported VACUUM statement")),
-        N::MergeStmt(_) => Some(unsupported("unsupported statement type: MERGE")),
-        N::CreateEnumStmt(_) => Some(unsupported("CREATE TYPE not supported")),
-        N::AlterEnumStmt(_) => Some(unsupported("ALTER TYPE not supported")),
-        N::RenameStmt(r) if r.rename_type == ObjectType::ObjectType as i32 => {
-            Some(unsupported("unsupported object in RENAME statement"))
-        }
-        N::DropStmt(d) if d.remove_type == ObjectType::ObjectType as i32 => {
-            Some(unsupported("unsupported object in DROP statement"))
-        }
-        N::CreateFunctionStmt(f) => function(f),
-        N::CreateStmt(c) => create_table(c),
-        N::CreateSeqStmt(s) => cache_refusal(&s.options, "CREATE SEQUENCE"),
-        N::IndexStmt(i) => index(i, is_async),
-        N::AlterTableStmt(a) => a.cmds.iter().find_map(|cmd| match &cmd.node {
-            Some(N::AlterTableCmd(cmd)) => alter_table(cmd, is_async),
-            _ => None,
-        }),
-        N::TransactionStmt(t) => transaction(t),
-        N::VariableSetStmt(v) => set(v),
-        // `SELECT … INTO` is `CREATE TABLE AS` once analysed.
-        N::SelectStmt(s) if s.into_clause.is_some() => statement("CreateTableAs"),
-        N::SelectStmt(s) => select(s, tablesample),
-        N::InsertStmt(_) | N::UpdateStmt(_) | N::DeleteStmt(_) if tablesample => {
-            Some(unsupported("TABLESAMPLE clause not supported"))
-        }
-        _ => None,
-    }
-}
-
-fn transaction(t: &protobuf::TransactionStmt) -> Option<Refusal> {
-    match TransactionStmtKind::try_from(t.kind).ok()? {
-        TransactionStmtKind::TransStmtSavepoint => {
-            Some(unsupported("unsupported transaction statement: SAVEPOINT"))
-        }
-        TransactionStmtKind::TransStmtRollbackTo => Some(unsupported(
-            "unsupported transaction statement: ROLLBACK TO",
-        )),
-        TransactionStmtKind::TransStmtRelease => {
-            Some(unsupported("unsupported transaction statement: RELEASE"))
-        }
-        TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart => {
-            isolation(&t.options)
-        }
-        _ => None,
-    }
-}
-
-/// `ISOLATION LEVEL` among transaction options: only REPEATABLE READ.
-fn isolation(options: &[protobuf::Node]) -> Option<Refusal> {
-    options.iter().find_map(|option| {
-        let def = def_elem(option)?;
-        if def.defname != "transaction_isolation" {
-            return None;
-        }
-        let level = def.arg.as_deref().and_then(string_of)?;
-        (!level.eq_ignore_ascii_case("repeatable read")).then(|| {
-            unsupported(format!(
-                "Unsupported isolation level: {}",
-                level.to_ascii_uppercase()
-            ))
-        })
-    })
-}
-
-fn set(v: &protobuf::VariableSetStmt) -> Option<Refusal> {
-    let kind = VariableSetKind::try_from(v.kind).ok()?;
-    if kind == VariableSetKind::VarResetAll {
-        return None;
-    }
-    let name = v.name.to_ascii_lowercase();
-    match name.as_str() {
-        // SET TRANSACTION … and SET SESSION CHARACTERISTICS AS TRANSACTION …
-        "transaction" | "session characteristics" => parameter_refused("TRANSACTION"),
-        _ => parameter_refusal(&name),
-    }
-}
-
-fn parameter_refused(name: &str) -> Option<Refusal> {
-    Some(unsupported(format!(
-        "setting configuration parameter \"{name}\" not supported"
-    )))
-}
-
-/// DSQL's answer to setting parameter `name` (lower case), by `SET` or `set_config`.
-fn parameter_refusal(name: &str) -> Option<Refusal> {
-    match name {
-        "default_transaction_isolation" | "transaction_isolation" => parameter_refused(name),
-        _ if crate::emulator::session::parameter_allowed(name) => None,
-        // SET TIME ZONE / SET NAMES arrive under their parameter names.
-        "client_encoding" => None,
-        _ => parameter_refused(name),
-    }
-}
-
-fn select(s: &protobuf::SelectStmt, tablesample: bool) -> Option<Refusal> {
-    if tablesample {
-        return Some(unsupported("TABLESAMPLE clause not supported"));
-    }
-    let locking = s.locking_clause.iter().any(|clause| match &clause.node {
-        Some(NodeEnum::LockingClause(l)) => !matches!(
-            LockClauseStrength::try_from(l.strength),
-            Ok(LockClauseStrength::LcsForupdate | LockClauseStrength::LcsForkeyshare)
-        ),
-        _ => false,
-    });
-    locking.then(|| {
-        unsupported("locking clauses other than FOR UPDATE/FOR KEY SHARE are not supported")
-    })
-}
-
-fn function(f: &protobuf::CreateFunctionStmt) -> Option<Refusal> {
-    if f.is_procedure {
-        return Some(unsupported("PROCEDURE is not supported"));
-    }
-    let language = f
-        .options
-        .iter()
-        .filter_map(def_elem)
-        .find(|d| d.defname == "language")
-        .and_then(|d| d.arg.as_deref().and_then(string_of));
-    match language {
-        Some(language) if !language.eq_ignore_ascii_case("sql") => Some(unsupported(format!(
-            "CREATE FUNCTION with language {language} not supported"
-        ))),
-        _ => None,
-    }
-}
-
-fn create_table(c: &protobuf::CreateStmt) -> Option<Refusal> {
-    if let Some(relation) = &c.relation {
-        match relation.relpersistence.as_str() {
-            "t" => {
-                return Some(unsupported(
-                    "TEMPORARY or TEMP table not supported for CREATE TABLE",
-                ));
-            }
-            "u" => {
-                return Some(unsupported("UNLOGGED table not supported for CREATE TABLE"));
-            }
-            _ => {}
-        }
-    }
-    c.table_elts.iter().find_map(|element| match &element.node {
-        Some(NodeEnum::ColumnDef(column)) => column_type(column).or_else(|| identity(column)),
-        _ => None,
-    })
-}
-
-fn alter_table(cmd: &protobuf::AlterTableCmd, is_async: bool) -> Option<Refusal> {
-    let subtype = AlterTableType::try_from(cmd.subtype).ok()?;
-    match subtype {
-        AlterTableType::AtAddColumn => {
-            let Some(NodeEnum::ColumnDef(column)) =
-                cmd.def.as_deref().and_then(|d| d.node.as_ref())
-            else {
-                return None;
-            };
-            column_type(column).or_else(|| {
-                let constrained = column.constraints.iter().any(|c| {
-                    !matches!(&c.node, Some(NodeEnum::Constraint(c))
-                        if c.contype == ConstrType::ConstrNull as i32)
-                });
-                constrained
-                    .then(|| unsupported("ALTER TABLE ADD COLUMN with constraint not supported"))
-            })
-        }
-        AlterTableType::AtAddConstraint => {
-            let Some(NodeEnum::Constraint(c)) = cmd.def.as_deref().and_then(|d| d.node.as_ref())
-            else {
-                return None;
-            };
-            let contype = ConstrType::try_from(c.contype).ok()?;
-            let accepted = match contype {
-                ConstrType::ConstrCheck | ConstrType::ConstrForeign => c.skip_validation,
-                // `UNIQUE USING INDEX` is accepted; a new key is not.
-                ConstrType::ConstrUnique | ConstrType::ConstrPrimary => !c.indexname.is_empty(),
-                _ => true,
-            };
-            (!accepted).then(|| unsupported("unsupported ALTER TABLE ADD CONSTRAINT statement"))
-        }
-        AlterTableType::AtValidateConstraint if !is_async => Some(unsupported(
-            "unsupported ALTER TABLE VALIDATE CONSTRAINT statement",
-        )),
-        AlterTableType::AtAlterColumnType => Some(unsupported(
-            "unsupported ALTER TABLE ALTER COLUMN ... SET DATA TYPE statement",
-        )),
-        AlterTableType::AtSetStatistics => Some(unsupported(
-            "unsupported ALTER TABLE ALTER COLUMN ... SET STATISTICS statement",
-        )),
-        _ => None,
-    }
-}
-
-fn index(i: &protobuf::IndexStmt, is_async: bool) -> Option<Refusal> {
-    if i.concurrent {
-        return Some(unsupported("CONCURRENTLY not supported for CREATE INDEX"));
-    }
-    if !is_async {
-        return Some(unsupported(
-            "unsupported mode. please use CREATE INDEX ASYNC.",
-        ));
-    }
-    if i.index_params.len() > 8 {
-        return Some(refuse(
-            "54011",
-            "more than 8 column keys in an index are not supported",
-        ));
-    }
-    i.index_params.iter().find_map(|param| match &param.node {
-        Some(NodeEnum::IndexElem(e)) if e.ordering != SortByDir::SortbyDefault as i32 => Some(
-            unsupported("specifying sort order not supported for index keys"),
-        ),
-        Some(NodeEnum::IndexElem(e)) if !e.opclass.is_empty() => {
-            Some(unsupported("opclass not supported for index keys"))
-        }
-        _ => None,
-    })
-}
-
-/// An identity column needs an explicit CACHE of 1 or at least 65 536, and type bigint.
-fn identity(column: &protobuf::ColumnDef) -> Option<Refusal> {
-    column.constraints.iter().find_map(|c| match &c.node {
-        Some(NodeEnum::Constraint(c)) if c.contype == ConstrType::ConstrIdentity as i32 => {
-            let name = column.type_name.as_ref().map(type_display)?;
-            if name != "bigint" {
-                return Some(unsupported(format!(
-                    "datatype {name} not supported, identity column type must be bigint"
-                )));
-            }
-            cache_refusal(&c.options, "identity column")
-        }
-        _ => None,
-    })
-}
-
-/// `CACHE` must be given, and be 1 or at least 65 536.
-fn cache_refusal(options: &[protobuf::Node], what: &str) -> Option<Refusal> {
-    let cache = options
-        .iter()
-        .filter_map(def_elem)
-        .find(|d| d.defname == "cache")
-        .and_then(|d| d.arg.as_deref().and_then(integer_of));
-    match cache {
-        Some(1) => None,
-        Some(n) if n >= 65_536 => None,
-        _ => Some(unsupported(format!(
-            "{what} is not supported without an explicit cache size. please define CACHE \
-             greater than or equal to 65536 or equal to 1"
-        ))),
-    }
-}
-
-/// The column's type, refused if DSQL has no such column type.
-fn column_type(column: &protobuf::ColumnDef) -> Option<Refusal> {
-    let type_name = column.type_name.as_ref()?;
-    let base = type_base(type_name)?;
-    if matches!(
-        base.as_str(),
-        "serial" | "serial4" | "bigserial" | "serial8" | "smallserial" | "serial2"
-    ) {
-        return Some(refuse("42704", format!("type \"{base}\" does not exist")));
-    }
-    let supported = matches!(
-        base.as_str(),
-        "int2"
-            | "int4"
-            | "int8"
-            | "float4"
-            | "float8"
-            | "numeric"
-            | "bpchar"
-            | "varchar"
-            | "text"
-            | "date"
-            | "time"
-            | "timetz"
-            | "timestamp"
-            | "timestamptz"
-            | "interval"
-            | "bool"
-            | "bytea"
-            | "uuid"
-            | "json"
-            | "jsonb"
-    );
-    let builtin_refused = matches!(
-        base.as_str(),
-        "money"
-            | "xml"
-            | "inet"
-            | "cidr"
-            | "macaddr"
-            | "macaddr8"
-            | "point"
-            | "line"
-            | "lseg"
-            | "box"
-            | "path"
-            | "polygon"
-            | "circle"
-            | "tsvector"
-            | "tsquery"
-            | "int4range"
-            | "int8range"
-            | "numrange"
-            | "tsrange"
-            | "tstzrange"
-            | "daterange"
-            | "bit"
-            | "varbit"
-            | "pg_lsn"
-    );
-    // The declared size of a character type.
-    let limit = match base.as_str() {
-        "varchar" => Some(65_535),
-        "bpchar" => Some(4_096),
-        _ => None,
-    };
-    let size = type_name.typmods.first().and_then(integer_of);
-    if let (Some(limit), Some(size)) = (limit, size)
-        && size > limit
-    {
-        return Some(refuse(
-            "54000",
-            format!("Datatype limit greater than {limit} bytes not supported for {base}"),
-        ));
-    }
-    let array = !type_name.array_bounds.is_empty();
-    if builtin_refused || (array && supported) {
-        return Some(unsupported(format!(
-            "datatype {} not supported",
-            type_display(type_name)
-        )));
-    }
-    None
-}
-
-/// The type's own name, lower case, without `pg_catalog.`.
-fn type_base(type_name: &protobuf::TypeName) -> Option<String> {
-    builtin_name(&type_name.names)
-}
-
-/// The type as PostgreSQL displays it (`integer`, `bit varying`, `integer[]`).
-fn type_display(type_name: &protobuf::TypeName) -> String {
-    let base = type_base(type_name).unwrap_or_default();
-    let shown = match base.as_str() {
-        "int2" => "smallint",
-        "int4" => "integer",
-        "int8" => "bigint",
-        "float4" => "real",
-        "float8" => "double precision",
-        "bool" => "boolean",
-        "varchar" => "character varying",
-        "bpchar" => "character",
-        "varbit" => "bit varying",
-        "timestamptz" => "timestamp with time zone",
-        "timetz" => "time with time zone",
-        other => other,
-    };
-    if type_name.array_bounds.is_empty() {
-        shown.to_owned()
-    } else {
-        format!("{shown}[]")
-    }
-}
-
-fn def_elem(node: &protobuf::Node) -> Option<&protobuf::DefElem> {
-    match &node.node {
-        Some(NodeEnum::DefElem(d)) => Some(d),
-        _ => None,
-    }
-}
-
-fn string_of(node: &protobuf::Node) -> Option<&str> {
-    match &node.node {
-        Some(NodeEnum::String(s)) => Some(&s.sval),
-        Some(NodeEnum::AConst(c)) => match &c.val {
-            Some(protobuf::a_const::Val::Sval(s)) => Some(&s.sval),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn integer_of(node: &protobuf::Node) -> Option<i64> {
-    match &node.node {
-        Some(NodeEnum::Integer(i)) => Some(i64::from(i.ival)),
-        Some(NodeEnum::Float(f)) => f.fval.parse().ok(),
-        Some(NodeEnum::AConst(c)) => match &c.val {
-            Some(protobuf::a_const::Val::Ival(i)) => Some(i64::from(i.ival)),
-            Some(protobuf::a_const::Val::Fval(f)) => f.fval.parse().ok(),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
+mod refusals;
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
 
-    fn first(sql: &str) -> Statement {
-        classify(sql).statements.remove(0)
-    }
-
-    fn refused(sql: &str) -> (String, String) {
-        let r = first(sql)
-            .refusal
-            .unwrap_or_else(|| panic!("{sql}: not refused"));
-        (r.code.to_owned(), r.message)
-    }
-
-    #[test]
-    fn async_is_taken_out_only_where_dsql_puts_it() {
-        let c = classify("create unique index async if not exists i on t (v)");
-        // Run in the statement that records the job and answers its row.
-        assert_eq!(
-            c.upstream_text,
-            "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$create unique index  if not \
-             exists i on t (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i') AS job_id"
-        );
-        assert_eq!(c.job, Some("CREATE INDEX"));
-        assert_eq!(c.statements[0].refusal, None);
-        let c = classify("SELECT 'CREATE INDEX ASYNC' AS async");
-        assert_eq!(c.upstream_text, "SELECT 'CREATE INDEX ASYNC' AS async");
-        assert_eq!(
-            refused("CREATE INDEX i ON t (v)").1,
-            "unsupported mode. please use CREATE INDEX ASYNC."
-        );
-        let c = classify("ALTER TABLE ASYNC t VALIDATE CONSTRAINT c");
-        assert_eq!(c.statements[0].refusal, None);
-        assert!(
-            first("ALTER TABLE t VALIDATE CONSTRAINT c")
-                .refusal
-                .is_some()
-        );
-    }
-
-    #[test]
-    fn kinds_drive_the_transaction_rules() {
-        let c = classify("BEGIN; CREATE TABLE a (id int); INSERT INTO a VALUES (1); COMMIT");
-        let kinds: Vec<Kind> = c.statements.iter().map(|s| s.kind).collect();
-        assert_eq!(kinds, [Kind::Begin, Kind::Ddl, Kind::Dml, Kind::Commit]);
-        assert_eq!(first("GRANT SELECT ON t TO r").kind, Kind::Ddl);
-        assert_eq!(first("select 1").kind, Kind::Other);
-    }
-
-    #[test]
-    fn a_text_the_parser_refuses_is_left_to_postgresql_without_async() {
-        let c = classify("CREATE INDEX ASYNC public.i ON t (v)");
-        assert!(c.statements.is_empty());
-        assert_eq!(c.upstream_text, "CREATE INDEX  public.i ON t (v)");
-    }
-
-    #[test]
-    fn types_and_identity() {
-        assert_eq!(
-            refused("CREATE TABLE t (id serial PRIMARY KEY)"),
-            ("42704".into(), "type \"serial\" does not exist".into())
-        );
-        assert_eq!(
-            refused("create table t (v bit varying(8))").1,
-            "datatype bit varying not supported"
-        );
-        assert_eq!(
-            refused("CREATE TABLE t (v int[])").1,
-            "datatype integer[] not supported"
-        );
-        assert_eq!(
-            refused("CREATE TABLE t (v money)").1,
-            "datatype money not supported"
-        );
-        assert!(
-            first("CREATE TABLE t (a numeric(18,6), b varchar(20), c timestamptz, d jsonb)")
-                .refusal
-                .is_none()
-        );
-        assert_eq!(
-            refused("CREATE TABLE t (id integer GENERATED BY DEFAULT AS IDENTITY (CACHE 1))").1,
-            "datatype integer not supported, identity column type must be bigint"
-        );
-        assert!(
-            refused("CREATE TABLE t (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)")
-                .1
-                .starts_with("identity column is not supported without an explicit cache size")
-        );
-        assert!(
-            first("CREATE TABLE t (id bigint GENERATED ALWAYS AS IDENTITY (CACHE 65536))")
-                .refusal
-                .is_none()
-        );
-        assert!(
-            refused("CREATE SEQUENCE s")
-                .1
-                .starts_with("CREATE SEQUENCE is not supported")
-        );
-        assert!(first("CREATE SEQUENCE s CACHE 1").refusal.is_none());
-    }
-
-    #[test]
-    fn set_and_transactions() {
-        assert_eq!(
-            refused("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").1,
-            "setting configuration parameter \"TRANSACTION\" not supported"
-        );
-        assert_eq!(
-            refused("BEGIN ISOLATION LEVEL SERIALIZABLE").1,
-            "Unsupported isolation level: SERIALIZABLE"
-        );
-        assert!(
-            first("BEGIN ISOLATION LEVEL REPEATABLE READ")
-                .refusal
-                .is_none()
-        );
-        assert_eq!(
-            refused("set statement_timeout = 5").1,
-            "setting configuration parameter \"statement_timeout\" not supported"
-        );
-        assert!(first("SET search_path = myschema").refusal.is_none());
-        assert!(first("SET TIME ZONE 'UTC'").refusal.is_none());
-        assert!(first("RESET ALL").refusal.is_none());
-        assert_eq!(
-            refused("ROLLBACK TO SAVEPOINT sp").1,
-            "unsupported transaction statement: ROLLBACK TO"
-        );
-    }
-}
+use refusals::*;

@@ -1,0 +1,471 @@
+//! `dsql-emulator`: a local Aurora DSQL endpoint for any language's tests (feature `emulator`).
+//!
+//! ```sh
+//! cargo install tokio-postgres-dsql --features emulator
+//! dsql-emulator --port 55432 --env-file /tmp/dsql.env &   # ready once the file exists
+//! . /tmp/dsql.env && PGPASSWORD="$(dsql-emulator token)" psql -c 'SELECT 1'
+//! ```
+//!
+//! Run `dsql-emulator --help` for the options. Clients sign tokens with the credentials it
+//! accepts (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` from the environment or the flags, else
+//! a generated pair it prints), connect to its port with the endpoint name as TLS server name
+//! (`PGHOST` + `PGHOSTADDR` for libpq) and trust its CA (`PGSSLROOTCERT`). It stops cleanly on
+//! SIGTERM or SIGINT, with nothing left running.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use tokio_postgres_dsql::emulator::{DsqlEmulator, DsqlEmulatorBuilder};
+use tokio_postgres_dsql::{Action, TokenSigner};
+
+/// The endpoint when none is given: fixed, so CI configuration can name it.
+const DEFAULT_CLUSTER_ID: &str = "dsqlemulator00000000000000";
+const DEFAULT_REGION: &str = "us-east-1";
+
+const USAGE: &str = "\
+dsql-emulator: a local Aurora DSQL endpoint (TLS, IAM tokens, DSQL's SQL rules) in front of a
+private PostgreSQL.
+
+USAGE:
+    dsql-emulator [OPTIONS]            run until SIGTERM or SIGINT
+    dsql-emulator token [--user U]     print a token for the endpoint in the environment
+                                       (CLUSTER_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, ...)
+
+OPTIONS:
+    --listen <ip>                address to listen on [default: 127.0.0.1]
+    --port <n>                   TCP port, 0 for a free one [default: 5432]
+    --endpoint <host>            endpoint name (SNI, certificate, token host)
+                                 [default: <cluster-id>.dsql.<region>.on.aws]
+    --cluster-id <id>            26 lowercase letters and digits [default: dsqlemulator00000000000000]
+    --region <region>            [default: us-east-1, or the endpoint's]
+    --access-key-id <key>        accepted credentials [default: $AWS_ACCESS_KEY_ID, else generated]
+    --secret-access-key <secret> [default: $AWS_SECRET_ACCESS_KEY]
+    --session-token <token>      [default: $AWS_SESSION_TOKEN]
+    --pg-bin <dir>               PostgreSQL server binaries [default: $PG_BIN, PATH,
+                                 /usr/lib/postgresql/*/bin]
+    --upstream <url>             relay to this PostgreSQL instead of starting one
+    --pair                       also start the peered endpoint of a multi-Region cluster
+                                 (us-east-2 unless --peer-region), on --peer-port [default: free]
+    --peer-port <n>
+    --peer-region <region>
+    --rate-limit <per-second>[/<burst>]  new connections [default: 100/1000, as DSQL]
+    --max-connections <n>        open connections [default: 10000, as DSQL]
+    --max-age <seconds>          connection age limit [default: 3600, as DSQL]
+    --transaction-age-limit <seconds>    [default: 300, as DSQL]
+    --no-sql-rules               relay SQL unchanged (DSQL's connection rules still apply)
+    --env-file <path>            write the `export` lines there (once ready) instead of stdout
+    -h, --help
+
+On start it prints `export` lines (CLUSTER_ENDPOINT, AWS_REGION, PGHOST, PGHOSTADDR, PGPORT,
+PGSSLMODE, PGSSLROOTCERT, ...) and then `# dsql-emulator ready ...`. A secret access key is
+printed only when it was generated here.";
+
+#[derive(Debug, Default)]
+struct Options {
+    listen: Option<IpAddr>,
+    port: Option<u16>,
+    endpoint: Option<String>,
+    cluster_id: Option<String>,
+    region: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    session_token: Option<String>,
+    pg_bin: Option<PathBuf>,
+    upstream: Option<String>,
+    pair: bool,
+    peer_port: Option<u16>,
+    peer_region: Option<String>,
+    rate_limit: Option<(f64, u32)>,
+    max_connections: Option<usize>,
+    max_age: Option<u64>,
+    transaction_age_limit: Option<u64>,
+    no_sql_rules: bool,
+    env_file: Option<PathBuf>,
+}
+
+/// An error for the user: what is wrong, naming the flag.
+struct Usage(String);
+
+fn parse(args: &[String]) -> Result<Options, Usage> {
+    let mut options = Options::default();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = |what: &str| -> Result<String, Usage> {
+            inline
+                .clone()
+                .or_else(|| args.next().cloned())
+                .ok_or_else(|| Usage(format!("{flag} needs {what}")))
+        };
+        fn number<T: std::str::FromStr>(flag: &str, text: String) -> Result<T, Usage> {
+            text.parse()
+                .map_err(|_| Usage(format!("{flag}: `{text}` is not a valid number")))
+        }
+        match flag {
+            "-h" | "--help" => return Err(Usage(String::new())),
+            "--listen" => {
+                let text = value("an IP address")?;
+                options.listen = Some(
+                    text.parse()
+                        .map_err(|_| Usage(format!("--listen: `{text}` is not an IP address")))?,
+                );
+            }
+            "--port" => options.port = Some(number(flag, value("a port")?)?),
+            "--endpoint" => options.endpoint = Some(value("a host name")?),
+            "--cluster-id" => options.cluster_id = Some(value("a cluster id")?),
+            "--region" => options.region = Some(value("a region")?),
+            "--access-key-id" => options.access_key_id = Some(value("a key id")?),
+            "--secret-access-key" => options.secret_access_key = Some(value("a secret")?),
+            "--session-token" => options.session_token = Some(value("a token")?),
+            "--pg-bin" => options.pg_bin = Some(value("a directory")?.into()),
+            "--upstream" => options.upstream = Some(value("a connection string")?),
+            "--pair" => options.pair = true,
+            "--peer-port" => options.peer_port = Some(number(flag, value("a port")?)?),
+            "--peer-region" => options.peer_region = Some(value("a region")?),
+            "--rate-limit" => {
+                let text = value("<per-second>[/<burst>]")?;
+                let (rate, burst) = match text.split_once('/') {
+                    Some((rate, burst)) => (rate.to_owned(), Some(burst.to_owned())),
+                    None => (text.clone(), None),
+                };
+                let rate: f64 = number(flag, rate)?;
+                let burst: u32 = match burst {
+                    Some(burst) => number(flag, burst)?,
+                    None => (rate.ceil() as u32).max(1),
+                };
+                options.rate_limit = Some((rate, burst));
+            }
+            "--max-connections" => {
+                options.max_connections = Some(number(flag, value("a number")?)?)
+            }
+            "--max-age" => options.max_age = Some(number(flag, value("seconds")?)?),
+            "--transaction-age-limit" => {
+                options.transaction_age_limit = Some(number(flag, value("seconds")?)?)
+            }
+            "--no-sql-rules" => options.no_sql_rules = true,
+            "--env-file" => options.env_file = Some(value("a path")?.into()),
+            other => {
+                return Err(Usage(format!(
+                    "unknown option `{other}` (dsql-emulator --help lists them)"
+                )));
+            }
+        }
+    }
+    if options.endpoint.is_some() && options.cluster_id.is_some() {
+        return Err(Usage(
+            "--endpoint and --cluster-id name the same thing; give one".into(),
+        ));
+    }
+    if let Some(id) = &options.cluster_id {
+        let valid = id.len() == 26
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !valid {
+            return Err(Usage(format!(
+                "--cluster-id: `{id}` is not 26 lowercase letters and digits"
+            )));
+        }
+    }
+    Ok(options)
+}
+
+/// The accepted credentials: flags, else the environment; `None`: generate a pair.
+fn credentials(options: &Options) -> Result<Option<Credentials>, Usage> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let key = options
+        .access_key_id
+        .clone()
+        .or_else(|| env("AWS_ACCESS_KEY_ID"));
+    let secret = options
+        .secret_access_key
+        .clone()
+        .or_else(|| env("AWS_SECRET_ACCESS_KEY"));
+    let session = options
+        .session_token
+        .clone()
+        .or_else(|| env("AWS_SESSION_TOKEN"));
+    match (key, secret) {
+        (Some(key), Some(secret)) => Ok(Some(Credentials::new(
+            key,
+            secret,
+            session,
+            None,
+            "dsql-emulator",
+        ))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(Usage(
+            "an access key id without a secret access key (--secret-access-key or \
+             AWS_SECRET_ACCESS_KEY)"
+                .into(),
+        )),
+        (None, Some(_)) => Err(Usage(
+            "a secret access key without an access key id (--access-key-id or \
+             AWS_ACCESS_KEY_ID)"
+                .into(),
+        )),
+    }
+}
+
+fn builder(options: &Options, credentials: Option<&Credentials>) -> DsqlEmulatorBuilder {
+    let region = options.region.clone();
+    let endpoint = options.endpoint.clone().unwrap_or_else(|| {
+        format!(
+            "{}.dsql.{}.on.aws",
+            options.cluster_id.as_deref().unwrap_or(DEFAULT_CLUSTER_ID),
+            region.as_deref().unwrap_or(DEFAULT_REGION)
+        )
+    });
+    let mut builder = DsqlEmulator::builder()
+        .endpoint(endpoint)
+        .port(options.port.unwrap_or(5432))
+        .sql_rules(!options.no_sql_rules);
+    if let Some(region) = region {
+        builder = builder.region(region);
+    }
+    if let Some(credentials) = credentials {
+        builder = builder.credentials(credentials.clone());
+    }
+    if let Some(listen) = options.listen {
+        builder = builder.listen_address(listen);
+    }
+    if let Some(dir) = &options.pg_bin {
+        builder = builder.pg_bin(dir);
+    }
+    if let Some(url) = &options.upstream {
+        builder = builder.upstream_url(url);
+    }
+    if let Some((rate, burst)) = options.rate_limit {
+        builder = builder.connection_rate_limit(rate, burst);
+    }
+    if let Some(max) = options.max_connections {
+        builder = builder.max_open_connections(max);
+    }
+    if let Some(age) = options.max_age {
+        builder = builder.max_connection_age(Duration::from_secs(age));
+    }
+    if let Some(limit) = options.transaction_age_limit {
+        builder = builder.transaction_age_limit(Duration::from_secs(limit));
+    }
+    builder
+}
+
+fn exports(
+    emulator: &DsqlEmulator,
+    peer: Option<&DsqlEmulator>,
+    generated: bool,
+) -> Vec<(&'static str, String)> {
+    let credentials = emulator.credentials();
+    let host = match emulator.address().ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        ip => ip.to_string(),
+    };
+    let mut lines = vec![
+        ("CLUSTER_ENDPOINT", emulator.endpoint().to_owned()),
+        ("CLUSTER_USER", "admin".to_owned()),
+        ("AWS_REGION", emulator.region().to_owned()),
+        ("AWS_ACCESS_KEY_ID", credentials.access_key_id().to_owned()),
+    ];
+    if generated {
+        lines.push((
+            "AWS_SECRET_ACCESS_KEY",
+            credentials.secret_access_key().to_owned(),
+        ));
+    }
+    lines.extend([
+        ("PGHOST", emulator.endpoint().to_owned()),
+        ("PGHOSTADDR", host.clone()),
+        ("PGPORT", emulator.port().to_string()),
+        ("PGUSER", "admin".to_owned()),
+        ("PGDATABASE", "postgres".to_owned()),
+        ("PGSSLMODE", "verify-full".to_owned()),
+        (
+            "PGSSLROOTCERT",
+            emulator.ca_cert_path().display().to_string(),
+        ),
+        (
+            "NODE_EXTRA_CA_CERTS",
+            emulator.ca_cert_path().display().to_string(),
+        ),
+    ]);
+    if let Some(peer) = peer {
+        lines.extend([
+            ("DSQL_PEER_ENDPOINT", peer.endpoint().to_owned()),
+            ("DSQL_PEER_REGION", peer.region().to_owned()),
+            ("DSQL_PEER_PORT", peer.port().to_string()),
+        ]);
+    }
+    lines
+}
+
+/// Single quotes for a POSIX shell.
+fn quoted(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+fn write_env_file(path: &PathBuf, text: &str) -> std::io::Result<()> {
+    // Written whole, then renamed: a reader that sees the file sees all of it.
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, path)
+}
+
+/// `dsql-emulator token`: a token for the endpoint the environment names (what the export
+/// lines set), from the credentials there.
+fn token(args: &[String]) -> Result<(), Usage> {
+    let mut user = std::env::var("CLUSTER_USER").unwrap_or_else(|_| "admin".into());
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--user" => {
+                user = args
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| Usage("--user needs a role name".into()))?
+            }
+            other => return Err(Usage(format!("token: unknown option `{other}`"))),
+        }
+    }
+    let var = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                Usage(format!(
+                    "token: {name} is not set (source the export lines)"
+                ))
+            })
+    };
+    let endpoint = var("CLUSTER_ENDPOINT")?;
+    let region = var("AWS_REGION")?;
+    let credentials = Credentials::new(
+        var("AWS_ACCESS_KEY_ID")?,
+        var("AWS_SECRET_ACCESS_KEY")?,
+        std::env::var("AWS_SESSION_TOKEN")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        None,
+        "environment",
+    );
+    let action = if user == "admin" {
+        Action::DbConnectAdmin
+    } else {
+        Action::DbConnect
+    };
+    let token = TokenSigner::new(endpoint, region).sign(
+        &credentials,
+        action,
+        Duration::from_secs(900),
+        SystemTime::now(),
+    );
+    println!("{}", token.as_str());
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("token") {
+        return token(&args[1..]).map_err(|Usage(why)| why);
+    }
+    let options = match parse(args) {
+        Ok(options) => options,
+        Err(Usage(why)) if why.is_empty() => {
+            println!("{USAGE}");
+            return Ok(());
+        }
+        Err(Usage(why)) => return Err(why),
+    };
+    let credentials = credentials(&options).map_err(|Usage(why)| why)?;
+    let emulator = builder(&options, credentials.as_ref())
+        .start_blocking()
+        .map_err(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            if options.port.is_none() && text.contains("cannot listen") {
+                text.push_str(" (is another server on 5432? pick one with --port, 0 for any)");
+            }
+            text
+        })?;
+    let peer = if options.pair {
+        let region = options
+            .peer_region
+            .clone()
+            .unwrap_or_else(|| "us-east-2".to_owned());
+        let cluster: String = (0..26).map(|_| fastrand::lowercase()).collect();
+        let mut peer = DsqlEmulator::builder()
+            .endpoint(format!("{cluster}.dsql.{region}.on.aws"))
+            .port(options.peer_port.unwrap_or(0))
+            .credentials(emulator.credentials().clone())
+            .upstream_url(emulator.upstream_url("admin"))
+            .sql_rules(!options.no_sql_rules);
+        if let Some(listen) = options.listen {
+            peer = peer.listen_address(listen);
+        }
+        Some(peer.start_blocking().map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let text: String = exports(&emulator, peer.as_ref(), credentials.is_none())
+        .into_iter()
+        .map(|(name, value)| format!("export {name}={}\n", quoted(&value)))
+        .collect();
+    let ready = format!(
+        "# dsql-emulator ready: {} on {} (SQL rules {}); SIGTERM or Ctrl-C stops it",
+        emulator.endpoint(),
+        emulator.address(),
+        if emulator.sql_rules() { "on" } else { "off" }
+    );
+    match &options.env_file {
+        Some(path) => {
+            write_env_file(path, &text)
+                .map_err(|e| format!("--env-file {}: {e}", path.display()))?;
+            println!("{ready}");
+        }
+        None => println!("{text}{ready}"),
+    }
+    let _ = std::io::stdout().flush();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        Ok::<(), String>(())
+    })?;
+    // The peer relays to the first's PostgreSQL: it goes first.
+    drop(peer);
+    drop(emulator);
+    if let Some(path) = &options.env_file {
+        let _ = std::fs::remove_file(path);
+    }
+    eprintln!("dsql-emulator stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("dsql-emulator: {why}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! Configuring and starting an endpoint: [`DsqlEmulatorBuilder`].
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_credential_types::Credentials;
+use aws_smithy_async::time::{SharedTimeSource, SystemTimeSource, TimeSource};
+
+use super::util::{self, Bucket};
+use super::{DsqlEmulator, EmulatorError, EmulatorStats, Network, Shared};
+use super::{auth, certs, postgres, session, sql, upstream};
+
+/// DSQL's new-connection rate: 100 a second per cluster.
+pub const DSQL_CONNECTION_RATE: f64 = 100.0;
+/// DSQL's new-connection burst.
+pub const DSQL_CONNECTION_BURST: u32 = 1_000;
+/// DSQL's cap on open connections per cluster.
+pub const DSQL_MAX_OPEN_CONNECTIONS: usize = 10_000;
+
+/// Configures and starts a [`DsqlEmulator`].
+#[derive(Default)]
+#[must_use]
+pub struct DsqlEmulatorBuilder {
+    endpoint: Option<String>,
+    region: Option<String>,
+    credentials: Vec<Credentials>,
+    max_connection_age: Option<Duration>,
+    time_source: Option<SharedTimeSource>,
+    upstream_url: Option<String>,
+    pg_bin: Option<PathBuf>,
+    port: u16,
+    connection_rate: Option<(f64, u32)>,
+    max_open_connections: Option<usize>,
+    /// The CA to sign the endpoint's certificate with (a pair shares one).
+    pub(super) authority: Option<Arc<certs::Authority>>,
+    /// The committed schema changes to share (a pair's endpoints see each other's, for OC001).
+    pub(super) catalog: Option<Arc<sql::Catalog>>,
+    pub(super) sessions: Option<Arc<sql::occ::Sessions>>,
+    sql_rules: Option<bool>,
+    transaction_age_limit: Option<Duration>,
+    listen: Option<std::net::IpAddr>,
+    /// The shared server to take a database of (`SharedPostgres::endpoint`).
+    postgres: Option<Arc<postgres::Inner>>,
+}
+
+impl std::fmt::Debug for DsqlEmulatorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DsqlEmulatorBuilder")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("credentials", &self.credentials.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DsqlEmulatorBuilder {
+    /// The endpoint name (SNI, certificate, token host). Default: a random 26-character cluster
+    /// id + `.dsql.us-east-1.on.aws`.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// The region tokens must be scoped to. Default: parsed from the endpoint name; required
+    /// when the name does not contain one.
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Accepts tokens signed with these credentials (call repeatedly for several access keys;
+    /// session tokens must match). Default: one generated key pair, see
+    /// [`DsqlEmulator::credentials`].
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials.push(credentials);
+        self
+    }
+
+    /// Connections are closed once this old. Default 60 minutes, as DSQL; at least 1 s.
+    pub fn max_connection_age(mut self, age: Duration) -> Self {
+        self.max_connection_age = Some(age);
+        self
+    }
+
+    /// The clock tokens are checked against. Default: the system clock.
+    pub fn time_source(mut self, time_source: impl TimeSource + 'static) -> Self {
+        self.time_source = Some(SharedTimeSource::new(time_source));
+        self
+    }
+
+    /// Relay to this existing PostgreSQL (`postgres://host:port` or `host=/socket/dir port=…`)
+    /// instead of starting one. It must trust the emulator's connections and have an `admin`
+    /// role. Default: `DSQL_EMULATOR_UPSTREAM`, else a private cluster.
+    pub fn upstream_url(mut self, url: impl Into<String>) -> Self {
+        self.upstream_url = Some(url.into());
+        self
+    }
+
+    /// The directory with `initdb` and `postgres`. Default: `PG_BIN`, `PATH`, then the newest
+    /// `/usr/lib/postgresql/*/bin`.
+    pub fn pg_bin(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.pg_bin = Some(dir.into());
+        self
+    }
+
+    /// The TCP port. Default 0: a free port.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// The address to listen on. Default 127.0.0.1; `0.0.0.0` serves other machines or
+    /// containers (clients still connect under the endpoint name, for SNI and the token).
+    pub fn listen_address(mut self, address: std::net::IpAddr) -> Self {
+        self.listen = Some(address);
+        self
+    }
+
+    /// The new-connection token bucket: `per_second` new connections a second, bursts of up to
+    /// `burst`; connections beyond it get `53400 Unable to accept connection, rate exceeded.`
+    /// Default DSQL's: [`DSQL_CONNECTION_RATE`] (100/s), [`DSQL_CONNECTION_BURST`] (1 000).
+    pub fn connection_rate_limit(mut self, per_second: f64, burst: u32) -> Self {
+        self.connection_rate = Some((per_second, burst));
+        self
+    }
+
+    /// The cap on open connections; connections beyond it get `53300 Unable to accept
+    /// connection, too many open connections.` Default DSQL's:
+    /// [`DSQL_MAX_OPEN_CONNECTIONS`] (10 000).
+    pub fn max_open_connections(mut self, max: usize) -> Self {
+        self.max_open_connections = Some(max);
+        self
+    }
+
+    /// Whether SQL is answered as DSQL answers it (see the README's rule table): statements
+    /// and types DSQL refuses get its SQLSTATE and message; one DDL per transaction, no DDL
+    /// with DML, only REPEATABLE READ, no savepoints, `SET` of allowed parameters only,
+    /// `CREATE INDEX ASYNC` with its job; the row, age, size, index and schema limits; writers
+    /// never wait on each other and the first transaction to commit wins, whatever the
+    /// protocol (the other's `COMMIT` fails with `OC000`; rows read `FOR UPDATE` count as
+    /// written), schema changes give other sessions `OC001`. Default on; `false` leaves a
+    /// plain PostgreSQL behind DSQL's connection rules (the README lists what is and is not
+    /// emulated).
+    pub fn sql_rules(mut self, on: bool) -> Self {
+        self.sql_rules = Some(on);
+        self
+    }
+
+    /// How long a transaction block may stay open with the SQL rules on: after it, its next
+    /// statement fails with `54000 transaction age limit of <n>s exceeded` (a `COMMIT` then
+    /// ends it). DSQL's limit, and the default, is 300 s; tests may want a shorter one.
+    pub fn transaction_age_limit(mut self, limit: Duration) -> Self {
+        self.transaction_age_limit = Some(limit);
+        self
+    }
+
+    /// Serves this endpoint from `postgres`, in a database of its own copied from its template
+    /// (fast: no `initdb`), instead of a private server; [`upstream_url`](Self::upstream_url)
+    /// and [`pg_bin`](Self::pg_bin) are then not used. The endpoint is signed by the shared
+    /// server's CA. See [`SharedPostgres`](super::SharedPostgres).
+    pub fn postgres(mut self, postgres: &super::SharedPostgres) -> Self {
+        self.postgres = Some(postgres.inner().clone());
+        self
+    }
+
+    /// Starts the emulator (and its PostgreSQL) without blocking the async runtime.
+    pub async fn start(self) -> Result<DsqlEmulator, EmulatorError> {
+        tokio::task::spawn_blocking(move || self.start_blocking())
+            .await
+            .map_err(|e| EmulatorError::caused("the start-up task failed", e))?
+    }
+
+    /// Starts the emulator, blocking the current thread for the few seconds PostgreSQL needs.
+    /// The emulator runs on its own threads, so it outlives the runtime that started it.
+    pub fn start_blocking(self) -> Result<DsqlEmulator, EmulatorError> {
+        let endpoint = self
+            .endpoint
+            .unwrap_or_else(|| format!("{}.dsql.us-east-1.on.aws", random_cluster_id()))
+            .to_ascii_lowercase();
+        let region = match (self.region, util::region_of(&endpoint)) {
+            (Some(region), _) => region,
+            (None, Some(region)) => region.to_owned(),
+            (None, None) => {
+                return Err(EmulatorError::config(
+                    "region",
+                    format!("the emulator endpoint `{endpoint}` names no region; set one"),
+                ));
+            }
+        };
+        let cluster_id = endpoint.split('.').next().unwrap_or_default().to_owned();
+        let max_age = self.max_connection_age.unwrap_or(util::MAX_CONNECTION_AGE);
+        if max_age < Duration::from_secs(1) {
+            return Err(EmulatorError::config(
+                "max_connection_age",
+                "must be at least 1 s",
+            ));
+        }
+        let transaction_age_limit = self
+            .transaction_age_limit
+            .unwrap_or(sql::TRANSACTION_AGE_LIMIT);
+        if transaction_age_limit < Duration::from_secs(1) {
+            return Err(EmulatorError::config(
+                "transaction_age_limit",
+                "must be at least 1 s",
+            ));
+        }
+        let (rate, burst) = self
+            .connection_rate
+            .unwrap_or((DSQL_CONNECTION_RATE, DSQL_CONNECTION_BURST));
+        check_rate(rate, burst)?;
+        let credentials = if self.credentials.is_empty() {
+            vec![generated_credentials()]
+        } else {
+            self.credentials
+        };
+
+        let work_dir = WorkDir::create()?;
+        let authority = match (self.authority, &self.postgres) {
+            (Some(authority), _) => authority,
+            (None, Some(postgres)) => postgres.authority.clone(),
+            (None, None) => certs::Authority::generate()?,
+        };
+        let certs = certs::Certificates::generate(&endpoint, &authority)?;
+        let ca_path = work_dir.path.join("ca.pem");
+        std::fs::write(&ca_path, &certs.ca_pem)
+            .map_err(|e| EmulatorError::caused(format!("cannot write {}", ca_path.display()), e))?;
+
+        let upstream_url = self.upstream_url.or_else(|| {
+            std::env::var("DSQL_EMULATOR_UPSTREAM")
+                .ok()
+                .filter(|u| !u.is_empty())
+        });
+        let database = match &self.postgres {
+            Some(postgres) => Some(postgres.create_database(&cluster_id)?),
+            None => None,
+        };
+        let (target, cluster) = match (database.as_ref(), upstream_url) {
+            (Some(database), _) => (database.target.clone(), None),
+            (None, Some(url)) => (upstream::Target::from_url(&url)?, None),
+            (None, None) => {
+                let cluster =
+                    upstream::LocalCluster::start(&work_dir.path, self.pg_bin.as_deref())?;
+                (cluster.target(), Some(cluster))
+            }
+        };
+
+        let sql_rules = self.sql_rules.unwrap_or(true);
+        // A shared server's databases come from a prepared template.
+        if sql_rules && database.is_none() {
+            sql::prepare_upstream(target.url("admin"))?;
+        }
+
+        let listen = self.listen.unwrap_or(Ipv4Addr::LOCALHOST.into());
+        let listener = std::net::TcpListener::bind((listen, self.port))
+            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+            .map_err(|e| {
+                EmulatorError::caused(format!("cannot listen on {listen}:{}", self.port), e)
+            })?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| EmulatorError::caused("cannot read the listening address", e))?;
+        // Last fallible step: a runtime must not be dropped from inside another one.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dsql-emulator")
+            .enable_all()
+            .build()
+            .map_err(|e| EmulatorError::caused("cannot start the emulator's runtime", e))?;
+
+        let time_source = self.time_source.clone();
+        // The database's sessions (shared by a pair's endpoints), watched through the upstream's
+        // superuser.
+        let sessions = self
+            .sessions
+            .unwrap_or_else(|| Arc::new(sql::occ::Sessions::new(target.url("admin"))));
+        let shared = Arc::new(Shared {
+            verifier: auth::Verifier {
+                endpoint: endpoint.clone(),
+                region,
+                credentials,
+                clock: self
+                    .time_source
+                    .unwrap_or_else(|| SharedTimeSource::new(SystemTimeSource::new())),
+                max_skew: Duration::from_secs(300),
+                revoked: Default::default(),
+            },
+            cluster_id,
+            tls_config: certs.server_config,
+            upstream: target,
+            latency: Arc::new(AtomicU64::new(0)),
+            max_age: AtomicU64::new(max_age.as_nanos() as u64),
+            refusing: AtomicBool::new(false),
+            dropping_new: AtomicU64::new(0),
+            cut_next_commit: AtomicBool::new(false),
+            fail_next_commit: Mutex::new(None),
+            sql_rules,
+            transaction_age_limit,
+            catalog: self.catalog.unwrap_or_default(),
+            sessions,
+            network: tokio::sync::watch::Sender::new(Network::Up),
+            listening: AtomicBool::new(true),
+            drops: tokio::sync::watch::Sender::new(0),
+            open: AtomicUsize::new(0),
+            admitted: AtomicUsize::new(0),
+            max_open: AtomicUsize::new(
+                self.max_open_connections
+                    .unwrap_or(DSQL_MAX_OPEN_CONNECTIONS),
+            ),
+            new_connections: Bucket::new(rate, burst),
+            waking_until: Mutex::new(None),
+            stats: Mutex::new(EmulatorStats::default()),
+        });
+        runtime.spawn({
+            let shared = shared.clone();
+            async move {
+                let mut listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => Some(listener),
+                    Err(error) => {
+                        tracing::error!(%error, "emulator cannot use its listening socket");
+                        return;
+                    }
+                };
+                let mut network = shared.network.subscribe();
+                loop {
+                    if *network.borrow_and_update() == Network::Down {
+                        // Nothing listens: connections are refused.
+                        listener = None;
+                        shared.listening.store(false, Ordering::SeqCst);
+                        let _ = network.wait_for(|n| *n != Network::Down).await;
+                        continue;
+                    }
+                    let Some(current) = &listener else {
+                        match tokio::net::TcpListener::bind(address).await {
+                            Ok(bound) => {
+                                listener = Some(bound);
+                                shared.listening.store(true, Ordering::SeqCst);
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, %address, "emulator cannot listen again");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                        continue;
+                    };
+                    tokio::select! {
+                        accepted = current.accept() => match accepted {
+                            Ok((socket, _)) => {
+                                shared.count(|stats| stats.connections += 1);
+                                tokio::spawn(session::serve(socket, shared.clone()));
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "emulator accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        },
+                        _ = network.changed() => {}
+                    }
+                }
+            }
+        });
+        tracing::info!(%endpoint, %address, "DSQL emulator listening");
+        Ok(DsqlEmulator {
+            address,
+            ca_pem: certs.ca_pem,
+            authority,
+            ca_path,
+            time_source,
+            shared,
+            runtime: Some(runtime),
+            cluster: Arc::new(Mutex::new(cluster)),
+            _database: database,
+            _work_dir: work_dir,
+        })
+    }
+}
+
+/// The emulator's temporary directory (CA file, private cluster), removed on drop.
+pub(super) struct WorkDir {
+    pub(super) path: PathBuf,
+}
+
+impl WorkDir {
+    /// A new directory under `DSQL_EMULATOR_WORK_DIR`, else `/dev/shm` where it is a
+    /// writable directory with at least 2 GiB free (a memory file system: a PostgreSQL there
+    /// starts and copies databases several times faster than on disk; containers often give
+    /// it only 64 MiB), else the system's temporary directory.
+    pub(super) fn create() -> Result<WorkDir, EmulatorError> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "dsql-emulator-{}-{}-{:08x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            fastrand::u32(..)
+        );
+        let configured = std::env::var_os("DSQL_EMULATOR_WORK_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from);
+        let bases = match configured {
+            Some(base) => vec![base],
+            None if roomy_shm() => vec![PathBuf::from("/dev/shm"), std::env::temp_dir()],
+            None => vec![std::env::temp_dir()],
+        };
+        let mut last = None;
+        for base in &bases {
+            let path = base.join(&name);
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(WorkDir { path }),
+                Err(e) => last = Some((path, e)),
+            }
+        }
+        let (path, e) = last.expect("at least one base directory");
+        Err(EmulatorError::caused(
+            format!("cannot create {}", path.display()),
+            e,
+        ))
+    }
+}
+
+/// Whether `/dev/shm` has room for a few servers (2 GiB free).
+fn roomy_shm() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::fs::statvfs("/dev/shm")
+            .is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) >= 2 << 30)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+pub(super) fn check_rate(per_second: f64, burst: u32) -> Result<(), EmulatorError> {
+    if !(per_second.is_finite() && per_second > 0.0) || burst == 0 {
+        return Err(EmulatorError::config(
+            "connection_rate_limit",
+            "the rate must be more than 0 a second and the burst at least 1",
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn random_cluster_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..26)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
+}
+
+pub(super) fn generated_credentials() -> Credentials {
+    const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    const SECRET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/+";
+    let pick = |set: &[u8], n: usize| -> String {
+        (0..n)
+            .map(|_| set[fastrand::usize(..set.len())] as char)
+            .collect()
+    };
+    Credentials::new(
+        format!("AKIA{}", pick(UPPER, 16)),
+        pick(SECRET, 40),
+        None,
+        None,
+        "dsql-emulator",
+    )
+}

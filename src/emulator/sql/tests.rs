@@ -1,0 +1,411 @@
+use super::*;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+fn q(text: &str) -> Vec<u8> {
+    query(text)
+}
+
+fn dialect() -> Dialect {
+    Dialect::new(Plans::default(), Arc::default(), TRANSACTION_AGE_LIMIT)
+}
+
+/// Runs one whole client message through `d`: what goes upstream, as text, and the plans.
+fn send(d: &mut Dialect, whole: &[u8]) -> (String, Vec<Plan>) {
+    let mut out = Outgoing::default();
+    d.on_message(whole[0], &whole[5..], whole, &mut out);
+    let plans = out.plans.iter().map(|p| p.plan).collect();
+    (String::from_utf8_lossy(&out.bytes).into_owned(), plans)
+}
+
+#[test]
+fn one_ddl_per_transaction_and_no_ddl_with_dml() {
+    let mut d = dialect();
+    assert_eq!(send(&mut d, &q("BEGIN")).1, [Plan::Pass]);
+    let (text, _) = send(&mut d, &q("CREATE TABLE a (id int)"));
+    assert!(text.contains("CREATE TABLE a"));
+    let (text, _) = send(&mut d, &q("CREATE TABLE b (id int)"));
+    assert!(
+        text.contains("multiple ddl statements not supported"),
+        "{text}"
+    );
+    send(&mut d, &q("ROLLBACK"));
+    // Autocommit: each query is its own transaction; a write that could cross the row
+    // limit runs in one the relay opens, one whose text bounds its rows does not.
+    send(&mut d, &q("CREATE TABLE a (id int)"));
+    let (text, plans) = send(&mut d, &q("INSERT INTO a SELECT generate_series(1, 9)"));
+    assert!(
+        text.contains("BEGIN") && text.contains("INSERT INTO a"),
+        "{text}"
+    );
+    assert_eq!(plans, [Plan::Swallow, autocommit()]);
+    let (text, plans) = send(&mut d, &q("INSERT INTO a VALUES (1), (2)"));
+    assert!(!text.contains("BEGIN"), "{text}");
+    assert_eq!(plans, [Plan::Pass]);
+    // A batch is one transaction.
+    let (text, _) = send(
+        &mut d,
+        &q("CREATE TABLE c (id int); INSERT INTO c VALUES (1)"),
+    );
+    assert!(text.contains("ddl and dml are not supported"), "{text}");
+    let (text, _) = send(
+        &mut d,
+        &q("DROP TABLE IF EXISTS c; CREATE TABLE c (id int)"),
+    );
+    assert!(text.contains("multiple ddl"), "{text}");
+}
+
+#[test]
+fn a_write_in_a_transaction_goes_after_a_savepoint_and_a_doomed_commit_fails() {
+    let mut d = dialect();
+    send(&mut d, &q("BEGIN"));
+    let (text, plans) = send(&mut d, &q("UPDATE t SET v = 1 WHERE id = 1"));
+    assert!(text.starts_with("Q"), "{text}");
+    assert!(text.contains("SAVEPOINT dsql_emulator_occ") && text.contains("UPDATE t"));
+    assert_eq!(plans, [Plan::Swallow, guard("UPDATE 1")]);
+    // Reads are not guarded.
+    assert_eq!(send(&mut d, &q("SELECT 1")).1, [Plan::Pass]);
+    // The responder found the write lost: COMMIT raises OC000 and ends the transaction.
+    d.plans.doomed.store(true, Ordering::SeqCst);
+    let (text, plans) = send(&mut d, &q("COMMIT"));
+    assert!(
+        text.contains("ERRCODE = '40001'") && text.contains("(OC000)"),
+        "{text}"
+    );
+    assert!(text.contains("ROLLBACK"));
+    assert_eq!(plans, [Plan::Swallow, Plan::Pass]);
+    assert!(!d.in_block);
+    // The next transaction starts clean; its COMMIT waits for its validation, then goes
+    // (and the relay waits for its answer, holding its commit ticket).
+    send(&mut d, &q("BEGIN"));
+    let mut out = Outgoing::default();
+    let commit = q("COMMIT");
+    d.on_message(b'Q', &commit[5..], &commit, &mut out);
+    assert!(out.bytes.is_empty());
+    assert_eq!(out.validate.as_ref().map(|v| v.replays.len()), Some(0));
+    out.clear();
+    d.after_validation(Ok(()), &mut out);
+    assert_eq!(out.bytes, commit);
+    assert!(out.gate && out.plans[0].report && out.plans[0].plan == Plan::Pass);
+    assert!(!d.in_block);
+}
+
+#[test]
+fn every_commit_in_a_block_is_validated_whatever_its_shape() {
+    let mut d = dialect();
+    for round in 0..3 {
+        send(&mut d, &q("BEGIN"));
+        let mut out = Outgoing::default();
+        for m in [parse("", "COMMIT"), bind(""), execute(), sync()] {
+            d.on_message(m[0], &m[5..], &m, &mut out);
+        }
+        assert!(
+            out.validate.is_some(),
+            "round {round}: extended COMMIT validated"
+        );
+        out.clear();
+        d.after_validation(Ok(()), &mut out);
+        assert!(out.bytes.ends_with(&sync()) && out.gate);
+        assert!(!d.in_block);
+        send(&mut d, &q("BEGIN"));
+        let mut out = Outgoing::default();
+        let commit = q("/* tag */ END");
+        d.on_message(b'Q', &commit[5..], &commit, &mut out);
+        assert!(
+            out.validate.is_some(),
+            "round {round}: commented END validated"
+        );
+        out.clear();
+        d.after_validation(Ok(()), &mut out);
+    }
+    // Outside a block a COMMIT has nothing to validate.
+    let (text, plans) = send(&mut d, &q("COMMIT"));
+    assert!(text.contains("COMMIT") && plans == [Plan::Pass]);
+}
+
+fn guard(tag: &'static str) -> Plan {
+    Plan::Write {
+        guard: Some(tag),
+        autocommit: false,
+        oversize: None,
+    }
+}
+
+fn autocommit() -> Plan {
+    Plan::Write {
+        guard: None,
+        autocommit: true,
+        oversize: None,
+    }
+}
+
+fn parse(name: &str, text: &str) -> Vec<u8> {
+    let mut body = format!("{name}\0{text}\0").into_bytes();
+    body.extend_from_slice(&[0, 0]);
+    message(b'P', &body)
+}
+
+fn bind(statement: &str) -> Vec<u8> {
+    message(b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes())
+}
+
+fn execute() -> Vec<u8> {
+    message(b'E', b"\0\0\0\0\0")
+}
+
+fn sync() -> Vec<u8> {
+    message(b'S', b"")
+}
+
+#[test]
+fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
+    let mut d = dialect();
+    assert_eq!(send(&mut d, &parse("s1", "TRUNCATE t")).0, "");
+    assert_eq!(send(&mut d, &message(b'D', b"Ss1\0")).0, "");
+    let (text, plans) = send(&mut d, &sync());
+    assert!(text.contains("ERRCODE = '0A000', MESSAGE = 'unsupported statement: Truncate'"));
+    assert_eq!(plans, [Plan::Pass]);
+    // The next batch runs normally, held to its Sync.
+    let select = parse("s1", "SELECT 1");
+    assert_eq!(send(&mut d, &select).0, "");
+    send(&mut d, &bind("s1"));
+    send(&mut d, &execute());
+    let (text, plans) = send(&mut d, &sync());
+    let mut expected = select.clone();
+    expected.extend_from_slice(&bind("s1"));
+    expected.extend_from_slice(&execute());
+    expected.extend_from_slice(&sync());
+    assert_eq!(text.as_bytes(), expected.as_slice());
+    assert_eq!(plans, [Plan::Pass]);
+    // A Flush sends what is held on at once.
+    send(&mut d, &parse("s2", "SELECT 2"));
+    let (text, _) = send(&mut d, &message(b'H', b""));
+    assert!(text.contains("SELECT 2"), "{text}");
+    send(&mut d, &sync());
+    // ASYNC DDL goes as the SELECT that runs it and answers its job, with its own tag.
+    send(&mut d, &parse("s1", "CREATE INDEX ASYNC i ON t (v)"));
+    let (text, _) = send(&mut d, &sync());
+    let expected = parse(
+        "s1",
+        "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$CREATE INDEX  i ON t \
+         (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i') AS job_id",
+    );
+    // (Compared as text: its length is not UTF-8.)
+    assert!(
+        text.starts_with(&*String::from_utf8_lossy(&expected)),
+        "{text}"
+    );
+    send(&mut d, &bind("s1"));
+    send(&mut d, &execute());
+    let (_, plans) = send(&mut d, &sync());
+    // (After the lock timeout a DDL waits under.)
+    assert_eq!(
+        plans,
+        [
+            Plan::Swallow,
+            Plan::Job {
+                tag: "CREATE INDEX",
+                described: true
+            }
+        ]
+    );
+}
+
+#[test]
+fn what_the_relay_adds_for_a_write_goes_before_the_whole_batch() {
+    let mut d = dialect();
+    // Autocommit: the batch (unnamed statement and all) runs in a transaction of its own.
+    send(&mut d, &parse("", "UPDATE t SET v = $1"));
+    send(&mut d, &bind(""));
+    send(&mut d, &execute());
+    let (text, plans) = send(&mut d, &sync());
+    let begin = query("BEGIN");
+    assert!(text.as_bytes().starts_with(&begin), "{text}");
+    assert!(text.as_bytes()[begin.len()..].starts_with(&parse("", "UPDATE t SET v = $1")));
+    assert_eq!(plans, [Plan::Swallow, autocommit()]);
+    // Unless its text bounds its rows within the limit.
+    send(&mut d, &parse("", "INSERT INTO t VALUES ($1)"));
+    send(&mut d, &bind(""));
+    send(&mut d, &execute());
+    let (text, plans) = send(&mut d, &sync());
+    assert!(
+        text.as_bytes()
+            .starts_with(&parse("", "INSERT INTO t VALUES ($1)"))
+    );
+    assert_eq!(plans, [Plan::Pass]);
+    // In a transaction the savepoint goes before the Parse.
+    send(&mut d, &q("BEGIN"));
+    send(&mut d, &parse("", "DELETE FROM t WHERE id = $1"));
+    send(&mut d, &bind(""));
+    send(&mut d, &execute());
+    let (text, plans) = send(&mut d, &sync());
+    assert!(text.as_bytes().starts_with(&savepoint_query()), "{text}");
+    assert_eq!(plans, [Plan::Swallow, guard("DELETE 1")]);
+    // Binding the unnamed statement of an earlier batch: nothing can go before it.
+    send(&mut d, &bind(""));
+    send(&mut d, &execute());
+    let (text, plans) = send(&mut d, &sync());
+    assert!(text.as_bytes().starts_with(&bind("")), "{text}");
+    assert_eq!(
+        plans,
+        [Plan::Write {
+            guard: None,
+            autocommit: false,
+            oversize: None,
+        }]
+    );
+    // A named statement bound in a later batch gets its savepoint.
+    send(&mut d, &parse("w", "UPDATE t SET v = 1"));
+    send(&mut d, &sync());
+    send(&mut d, &bind("w"));
+    send(&mut d, &execute());
+    let mut out = Outgoing::default();
+    let whole = sync();
+    d.on_message(b'S', b"", &whole, &mut out);
+    assert!(out.gate);
+    let plans: Vec<Plan> = out.plans.iter().map(|p| p.plan).collect();
+    assert_eq!(plans, [Plan::Swallow, guard("UPDATE 1")]);
+}
+
+fn error(code: &str, extra: &[u8]) -> Vec<u8> {
+    let mut body = format!("SERROR\0C{code}\0Mnope\0").into_bytes();
+    body.extend_from_slice(extra);
+    body.push(0);
+    message(b'E', &body)
+}
+
+fn responder_for(plans: &[Plan]) -> (Responder, tokio::sync::mpsc::Receiver<Reply>) {
+    let shared = Plans::default();
+    for plan in plans {
+        shared.push(Planned::new(*plan));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    (Responder::new(shared, tx), rx)
+}
+
+#[test]
+fn the_refusal_context_is_taken_out_across_any_split() {
+    let mut stream = message(b'C', b"SELECT 1\0");
+    stream.extend_from_slice(&error("0A000", RAISE_CONTEXT));
+    stream.extend_from_slice(&message(b'Z', b"I"));
+    let mut expected = message(b'C', b"SELECT 1\0");
+    expected.extend_from_slice(&error("0A000", b""));
+    expected.extend_from_slice(&message(b'Z', b"I"));
+    for split in 0..stream.len() {
+        let (mut responder, _rx) = responder_for(&[Plan::Pass]);
+        let mut out = Vec::new();
+        responder.feed(&stream[..split], &mut out);
+        responder.feed(&stream[split..], &mut out);
+        assert_eq!(out, expected, "split at {split}");
+    }
+}
+
+#[test]
+fn a_lost_write_is_told_its_tag_and_rolled_back_to_its_savepoint() {
+    // SAVEPOINT's answer (swallowed), then the write's: it timed out on a row an open
+    // transaction holds, so it is pending (replayed at COMMIT), not lost.
+    let answer = |code: &str, message: &str| {
+        let mut stream = super::message(b'C', b"SAVEPOINT\0");
+        stream.extend_from_slice(&super::message(b'Z', b"T"));
+        stream.extend_from_slice(&super::message(b'2', b""));
+        let body = format!("SERROR\0C{code}\0M{message}\0\0");
+        stream.extend_from_slice(&super::message(b'E', body.as_bytes()));
+        stream.extend_from_slice(&super::message(b'Z', b"E"));
+        stream
+    };
+    let mut expected = message(b'2', b"");
+    expected.extend_from_slice(&message(b'C', b"UPDATE 1\0"));
+    expected.extend_from_slice(&message(b'Z', b"T"));
+    let rollback = vec![(
+        query("ROLLBACK TO SAVEPOINT dsql_emulator_occ"),
+        Plan::Swallow,
+    )];
+    let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
+    let mut out = Vec::new();
+    responder.feed(
+        &answer("55P03", "canceling statement due to lock timeout"),
+        &mut out,
+    );
+    assert_eq!(out, expected);
+    assert!(!responder.plans.doomed.load(Ordering::SeqCst));
+    let reply = rx.try_recv().unwrap();
+    assert!(reply.pending && !reply.failed, "{reply:?}");
+    assert_eq!(reply.requests, rollback);
+    assert!(responder.plans.lock().is_empty());
+
+    // Against a row a transaction changed and committed since: lost for good.
+    let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
+    let mut out = Vec::new();
+    let serialization = "could not serialize access due to concurrent update";
+    responder.feed(&answer("40001", serialization), &mut out);
+    assert_eq!(out, expected);
+    assert!(responder.plans.doomed.load(Ordering::SeqCst));
+    let reply = rx.try_recv().unwrap();
+    assert!(!reply.pending, "{reply:?}");
+    assert_eq!(reply.requests, rollback);
+
+    // Another error is the client's own: passed on, nothing doomed.
+    let (mut responder, mut rx) = responder_for(&[guard("UPDATE 1")]);
+    let mut stream = error("23505", b"");
+    stream.extend_from_slice(&message(b'Z', b"E"));
+    let mut out = Vec::new();
+    responder.feed(&stream, &mut out);
+    assert_eq!(out, stream);
+    // Nothing to send, but the upstream side is told to read on.
+    let reply = rx.try_recv().unwrap();
+    assert!(reply.requests.is_empty() && reply.failed);
+    assert_eq!(responder.plans.settled_status(), Some(b'E'));
+    assert!(!responder.plans.doomed.load(Ordering::SeqCst));
+
+    // Elsewhere PostgreSQL's own lock timeout and deadlock reach the client as DSQL's
+    // conflict.
+    for code in ["55P03", "40P01"] {
+        let (mut responder, _rx) = responder_for(&[Plan::Pass]);
+        let mut out = Vec::new();
+        responder.feed(&error(code, b""), &mut out);
+        assert!(
+            String::from_utf8_lossy(&out)
+                .contains("C40001\0Mchange conflicts with another transaction (OC000)"),
+            "{out:?}"
+        );
+    }
+
+    // A doomed COMMIT: the ROLLBACK's answer dropped, then the error and its
+    // ReadyForQuery.
+    let (mut responder, _rx) = responder_for(&[Plan::Swallow, Plan::Pass]);
+    let mut stream = message(b'C', b"ROLLBACK\0");
+    stream.extend_from_slice(&message(b'Z', b"I"));
+    stream.extend_from_slice(&error("40001", RAISE_CONTEXT));
+    stream.extend_from_slice(&message(b'Z', b"I"));
+    let mut out = Vec::new();
+    responder.feed(&stream, &mut out);
+    let mut expected = error("40001", b"");
+    expected.extend_from_slice(&message(b'Z', b"I"));
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn an_answer_no_plan_accounts_for_closes_the_session_with_a_fatal() {
+    // A ReadyForQuery with no request awaiting it: every later answer would go to the
+    // wrong request.
+    let (mut responder, _rx) = responder_for(&[]);
+    let mut out = Vec::new();
+    assert!(!responder.feed(&message(b'Z', b"I"), &mut out));
+    let text = String::from_utf8_lossy(&out);
+    assert!(out.starts_with(b"E") && text.contains("SFATAL"), "{text}");
+    assert!(text.contains("lost track of this session"), "{text}");
+    // The relay's own statement failing (not in an aborted block): its picture is wrong.
+    let (mut responder, _rx) = responder_for(&[Plan::Swallow]);
+    let mut out = Vec::new();
+    let mut stream = error("3B001", b"");
+    stream.extend_from_slice(&message(b'Z', b"E"));
+    assert!(!responder.feed(&stream, &mut out));
+    assert!(String::from_utf8_lossy(&out).contains("relay's own statement failed"));
+    // In an aborted block, its statements fail as the client's do: not a mismatch.
+    let (mut responder, _rx) = responder_for(&[Plan::Swallow]);
+    let mut out = Vec::new();
+    let mut stream = error("25P02", b"");
+    stream.extend_from_slice(&message(b'Z', b"E"));
+    assert!(responder.feed(&stream, &mut out));
+    assert!(out.is_empty());
+}
