@@ -47,13 +47,25 @@ pub(crate) struct Verifier {
     /// Access keys whose IAM identity lost `dsql:DbConnect*` (see
     /// [`DsqlEmulator::revoke_access`](super::DsqlEmulator::revoke_access)).
     pub(crate) revoked: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The IAM identity (ARN) behind an access key, where the emulator was told it: refusals
+    /// name it, and a custom role must be `AWS IAM GRANT`ed to it.
+    pub(crate) identities: std::collections::BTreeMap<String, String>,
 }
 
 impl Verifier {
     /// Verifies `token` for a session as `user`. The checks run in the service's order:
     /// structure, host, action, scope, expiry range, time, key, credentials' expiry (at the
     /// time of the connect, not of signing), signature.
-    pub(crate) fn verify(&self, user: &str, token: &str) -> Result<(), Refusal> {
+    /// The ARN of `access_key`'s identity: the one configured, else an emulated IAM user.
+    pub(crate) fn identity(&self, access_key: &str) -> String {
+        self.identities
+            .get(access_key)
+            .cloned()
+            .unwrap_or_else(|| format!("arn:aws:iam::{EMULATED_ACCOUNT}:user/{access_key}"))
+    }
+
+    /// Checks `token` for `user`; `Ok` holds the access key it was signed with.
+    pub(crate) fn verify(&self, user: &str, token: &str) -> Result<String, Refusal> {
         let malformed =
             |what: &str| refuse(Rejection::TokenMalformed, format!("Invalid token: {what}"));
         let (host, query) = token
@@ -226,15 +238,16 @@ impl Verifier {
             return Err(refuse(
                 Rejection::NotAuthorized,
                 format!(
-                    "User: arn:aws:iam::{EMULATED_ACCOUNT}:user/{access_key} is not authorized \
+                    "User: {} is not authorized \
                      to perform: dsql:{action} on resource: \
                      arn:aws:dsql:{}:{EMULATED_ACCOUNT}:cluster/{cluster_id} because no \
                      identity-based policy allows the dsql:{action} action",
+                    self.identity(access_key),
                     self.region
                 ),
             ));
         }
-        Ok(())
+        Ok(access_key.to_owned())
     }
 }
 

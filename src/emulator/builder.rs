@@ -42,6 +42,7 @@ pub struct DsqlEmulatorBuilder {
     sql_rules: Option<bool>,
     transaction_age_limit: Option<Duration>,
     listen: Option<std::net::IpAddr>,
+    identities: std::collections::BTreeMap<String, String>,
     /// The shared server to take a database of (`SharedPostgres::endpoint`).
     postgres: Option<Arc<postgres::Inner>>,
 }
@@ -76,6 +77,20 @@ impl DsqlEmulatorBuilder {
     /// [`DsqlEmulator::credentials`].
     pub fn credentials(mut self, credentials: Credentials) -> Self {
         self.credentials.push(credentials);
+        self
+    }
+
+    /// The IAM identity behind `access_key_id` (`arn:aws:iam::<account>:role/<name>` or
+    /// `…:user/<name>`), as IAM knows it: refusals name it, and a custom role (any but
+    /// `admin`) connecting with that key must have been granted to it, as on DSQL, with
+    /// `AWS IAM GRANT <role> TO '<arn>'` (else `08006 … access denied`, HINT `User: <arn> is
+    /// not authorized to access this resource`). Keys without one connect as any role.
+    pub fn iam_identity(
+        mut self,
+        access_key_id: impl Into<String>,
+        arn: impl Into<String>,
+    ) -> Self {
+        self.identities.insert(access_key_id.into(), arn.into());
         self
     }
 
@@ -286,6 +301,7 @@ impl DsqlEmulatorBuilder {
                     .unwrap_or_else(|| SharedTimeSource::new(SystemTimeSource::new())),
                 max_skew: Duration::from_secs(300),
                 revoked: Default::default(),
+                identities: self.identities,
             },
             cluster_id,
             tls_config: certs.server_config,

@@ -158,7 +158,11 @@ async fn negotiate(
         send_fatal(&mut tls, "08P01", "expected a password message").await;
         return Ok(());
     };
-    if let Err(refusal) = shared.verifier.verify(&startup.user, token) {
+    let refusal = match shared.verifier.verify(&startup.user, token) {
+        Ok(access_key) => granted(shared, &startup.user, &access_key).await.err(),
+        Err(refusal) => Some(refusal),
+    };
+    if let Some(refusal) = refusal {
         shared.count_rejection(refusal.reason);
         send_fatal_with_hint(
             &mut tls,
@@ -261,6 +265,50 @@ async fn negotiate(
     tls.write_all(&startup_reply).await?;
     shared.count_accepted();
     relay(tls, upstream, backend, accepted_at, shared).await
+}
+
+/// Whether `user` may connect as the IAM identity of `access_key`: `admin` always (IAM's policy
+/// decides, [`super::auth`]); a custom role only if it was `AWS IAM GRANT`ed to that identity,
+/// when the emulator knows the identity's ARN (`DsqlEmulatorBuilder::iam_identity`).
+async fn granted(
+    shared: &Shared,
+    user: &str,
+    access_key: &str,
+) -> Result<(), super::auth::Refusal> {
+    let Some(arn) = shared.verifier.identities.get(access_key) else {
+        return Ok(());
+    };
+    if user == "admin" {
+        return Ok(());
+    }
+    let denied = || super::auth::Refusal {
+        reason: Rejection::NotAuthorized,
+        hint: format!("User: {arn} is not authorized to access this resource"),
+    };
+    let (client, connection) =
+        tokio_postgres::connect(&shared.upstream.url("admin"), tokio_postgres::NoTls)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "emulator cannot read its IAM role mappings");
+                denied()
+            })?;
+    let connection = tokio::spawn(connection);
+    let mapped = client
+        .query_opt(
+            "SELECT 1 FROM sys.iam_pg_role_mappings WHERE pg_role_name = $1 AND arn = $2",
+            &[&user, arn],
+        )
+        .await;
+    drop(client);
+    let _ = connection.await;
+    match mapped {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(denied()),
+        Err(error) => {
+            tracing::warn!(%error, "emulator cannot read its IAM role mappings");
+            Err(denied())
+        }
+    }
 }
 
 /// Copies bytes both ways until either side closes, the connection reaches its maximum age,

@@ -30,6 +30,7 @@ fn verifier(now: u64) -> Verifier {
         clock: SharedTimeSource::new(StaticTimeSource::new(at(now))),
         max_skew: Duration::from_secs(300),
         revoked: Default::default(),
+        identities: Default::default(),
     }
 }
 
@@ -41,7 +42,7 @@ fn token(key: &str, secret: &str, session: Option<&str>, action: Action, expires
         .to_owned()
 }
 
-fn reason(result: Result<(), Refusal>) -> Rejection {
+fn reason(result: Result<String, Refusal>) -> Rejection {
     result.unwrap_err().reason
 }
 

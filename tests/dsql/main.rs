@@ -18,6 +18,8 @@ mod frontend;
 #[cfg(feature = "emulator")]
 mod hygiene;
 #[cfg(feature = "emulator")]
+mod iam_roles;
+#[cfg(feature = "emulator")]
 mod metrics;
 #[cfg(feature = "emulator")]
 mod multi_region;

@@ -95,6 +95,51 @@ BEGIN
     END IF;
 END $$;
 
+-- DSQL's IAM role mappings: `AWS IAM GRANT <role> TO '<arn>'` and `AWS IAM REVOKE <role> FROM
+-- '<arn>'`, which the relay runs as `CALL sys.dsql_emulator_iam(…)`, as admin only; the view
+-- lists them with DSQL's columns.
+CREATE SEQUENCE IF NOT EXISTS sys.dsql_emulator_iam_oid START 26000;
+CREATE TABLE IF NOT EXISTS sys.dsql_emulator_iam (
+    iam_oid oid NOT NULL DEFAULT nextval('sys.dsql_emulator_iam_oid')::oid,
+    arn text NOT NULL,
+    pg_role_oid oid NOT NULL,
+    grantor_pg_role_oid oid NOT NULL,
+    PRIMARY KEY (pg_role_oid, arn)
+);
+CREATE OR REPLACE VIEW sys.iam_pg_role_mappings AS
+    SELECT m.iam_oid, m.arn, m.pg_role_oid, r.rolname AS pg_role_name,
+           m.grantor_pg_role_oid, g.rolname AS grantor_pg_role_name
+      FROM sys.dsql_emulator_iam m
+      JOIN pg_roles r ON r.oid = m.pg_role_oid
+      LEFT JOIN pg_roles g ON g.oid = m.grantor_pg_role_oid;
+GRANT SELECT ON sys.iam_pg_role_mappings TO PUBLIC;
+
+CREATE OR REPLACE PROCEDURE sys.dsql_emulator_iam(is_grant boolean, role text, arn text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    target oid;
+BEGIN
+    IF session_user <> 'admin' THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = format('permission denied to %s IAM role mappings',
+                             CASE WHEN is_grant THEN 'grant' ELSE 'revoke' END);
+    END IF;
+    SELECT oid INTO target FROM pg_roles WHERE rolname = role;
+    IF target IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42704', MESSAGE = format('role "%s" does not exist', role);
+    END IF;
+    IF arn !~ '^arn:aws[a-z-]*:(iam|sts)::[0-9]{12}:[a-z-]+/.+$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = format('invalid IAM ARN: %s', arn);
+    END IF;
+    IF is_grant THEN
+        INSERT INTO sys.dsql_emulator_iam (arn, pg_role_oid, grantor_pg_role_oid)
+        VALUES (arn, target, (SELECT oid FROM pg_roles WHERE rolname = session_user))
+        ON CONFLICT DO NOTHING;
+    ELSE
+        DELETE FROM sys.dsql_emulator_iam m WHERE m.pg_role_oid = target AND m.arn = $3;
+    END IF;
+END $$;
+
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_ddl_end() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 DECLARE

@@ -107,6 +107,16 @@ pub(crate) struct Classified {
 
 /// Reads `sql`.
 pub(crate) fn classify(sql: &str) -> Classified {
+    // DSQL's own admin statements, which PostgreSQL's grammar does not know.
+    if let Some(call) = aws_iam(sql) {
+        let mut classified = classify(&call);
+        for statement in &mut classified.statements {
+            // A catalog change, as GRANT is (one per transaction, not with DML).
+            statement.kind = Kind::Ddl;
+            statement.waits = false;
+        }
+        return classified;
+    }
     let (upstream_text, async_at) = strip_async(sql);
     let Ok(parsed) = pg_query::parse(&upstream_text, pg_query::ParserOptions::DEFAULT) else {
         return Classified {
@@ -636,6 +646,50 @@ fn strip_async(sql: &str) -> (String, Vec<usize>) {
     }
     out.push_str(&sql[last..]);
     (out, at)
+}
+
+/// `AWS IAM GRANT <role> TO '<arn>'` or `AWS IAM REVOKE <role> FROM '<arn>'` (alone, with an
+/// optional `;`), as the `CALL` the upstream runs it with (`bootstrap.sql`).
+fn aws_iam(sql: &str) -> Option<String> {
+    let scanned = pg_query::scan(sql).ok()?;
+    let words: Vec<&str> = scanned
+        .tokens
+        .iter()
+        .filter(|t| {
+            t.token != protobuf::Token::SqlComment as i32
+                && t.token != protobuf::Token::CComment as i32
+        })
+        .map(|t| &sql[t.start as usize..t.end as usize])
+        .collect();
+    let words = match words.as_slice() {
+        [rest @ .., ";"] => rest,
+        all => all,
+    };
+    let [aws, iam, verb, role, preposition, arn] = words else {
+        return None;
+    };
+    if !aws.eq_ignore_ascii_case("aws") || !iam.eq_ignore_ascii_case("iam") {
+        return None;
+    }
+    let grant = match (
+        verb.to_ascii_lowercase().as_str(),
+        preposition.to_ascii_lowercase().as_str(),
+    ) {
+        ("grant", "to") => true,
+        ("revoke", "from") => false,
+        _ => return None,
+    };
+    let role = match role.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => role.to_ascii_lowercase(),
+    };
+    let arn = arn.strip_prefix('\'')?.strip_suffix('\'')?;
+    let literal = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    Some(format!(
+        "CALL sys.dsql_emulator_iam({grant}, {}, {})",
+        literal(&role),
+        literal(&arn.replace("''", "'"))
+    ))
 }
 
 /// Whether the text uses `TABLESAMPLE` (as a keyword, not in a string).
