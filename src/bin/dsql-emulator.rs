@@ -45,6 +45,8 @@ OPTIONS:
     --access-key-id <key>        accepted credentials [default: $AWS_ACCESS_KEY_ID, else generated]
     --secret-access-key <secret> [default: $AWS_SECRET_ACCESS_KEY]
     --session-token <token>      [default: $AWS_SESSION_TOKEN]
+    --iam-identity <key>=<arn>   the IAM identity behind an access key: custom roles connecting
+                                 with it must be mapped with AWS IAM GRANT (repeatable)
     --pg-bin <dir>               PostgreSQL server binaries [default: $PG_BIN, PATH,
                                  /usr/lib/postgresql/*/bin]
     --upstream <url>             relay to this PostgreSQL instead of starting one
@@ -74,6 +76,7 @@ struct Options {
     access_key_id: Option<String>,
     secret_access_key: Option<String>,
     session_token: Option<String>,
+    identities: Vec<(String, String)>,
     pg_bin: Option<PathBuf>,
     upstream: Option<String>,
     pair: bool,
@@ -124,6 +127,18 @@ fn parse(args: &[String]) -> Result<Options, Usage> {
             "--access-key-id" => options.access_key_id = Some(value("a key id")?),
             "--secret-access-key" => options.secret_access_key = Some(value("a secret")?),
             "--session-token" => options.session_token = Some(value("a token")?),
+            "--iam-identity" => {
+                let text = value("<key>=<arn>")?;
+                let (key, arn) = text
+                    .split_once('=')
+                    .filter(|(key, arn)| !key.is_empty() && arn.starts_with("arn:"))
+                    .ok_or_else(|| {
+                        Usage(format!(
+                            "--iam-identity: `{text}` is not <access key>=<arn>"
+                        ))
+                    })?;
+                options.identities.push((key.to_owned(), arn.to_owned()));
+            }
             "--pg-bin" => options.pg_bin = Some(value("a directory")?.into()),
             "--upstream" => options.upstream = Some(value("a connection string")?),
             "--pair" => options.pair = true,
@@ -235,6 +250,9 @@ fn builder(options: &Options, credentials: Option<&Credentials>) -> DsqlEmulator
     }
     if let Some(listen) = options.listen {
         builder = builder.listen_address(listen);
+    }
+    for (key, arn) in &options.identities {
+        builder = builder.iam_identity(key, arn);
     }
     if let Some(dir) = &options.pg_bin {
         builder = builder.pg_bin(dir);

@@ -47,7 +47,19 @@
 //!
 //! Custom roles are created as on DSQL, as `admin` through the emulator:
 //! `CREATE ROLE app WITH LOGIN;` then `CREATE SCHEMA myschema; GRANT USAGE, CREATE ON SCHEMA
-//! myschema TO app;`, and the role connects with `search_path = myschema`.
+//! myschema TO app;`, and the role connects with `search_path = myschema`. `AWS IAM GRANT app
+//! TO '<arn>'` / `AWS IAM REVOKE …` and `sys.iam_pg_role_mappings` work as on DSQL; told the
+//! ARN behind an access key ([`DsqlEmulatorBuilder::iam_identity`]), the emulator refuses a
+//! custom role that was not granted to it.
+//!
+//! For many tests, [`SharedPostgres`] runs one PostgreSQL and gives each test an endpoint of
+//! its own (its own database, counters, faults and limits) in tens of milliseconds. For other
+//! languages, the `dsql-emulator` binary (this feature's `[[bin]]`) serves the same endpoint
+//! from a shell or a CI job.
+//!
+//! This module shares no code with the connector it checks (it has its own error type,
+//! [`EmulatorError`], and its own small helpers); the bridge from an emulator to a connector
+//! configuration ([`DsqlEmulator::config_for`]) lives on the connector's side.
 //!
 //! ```no_run
 //! use tokio_postgres_dsql::DsqlConnector;

@@ -20,6 +20,8 @@ mod hygiene;
 #[cfg(feature = "emulator")]
 mod iam_roles;
 #[cfg(feature = "emulator")]
+mod live;
+#[cfg(feature = "emulator")]
 mod metrics;
 #[cfg(feature = "emulator")]
 mod multi_region;

@@ -68,7 +68,14 @@ async fn fifty_endpoints_over_one_postgres_each_with_its_own_data() {
             .await
             .unwrap()
             .get(0);
-        assert!(database.starts_with("dsql_"), "{database}");
+        assert_eq!(
+            database, "postgres",
+            "DSQL's one database, whatever holds the data"
+        );
+        assert!(
+            endpoint.upstream_url("admin").contains("dbname=dsql_"),
+            "a database of its own upstream"
+        );
     }
     // Distinct names, ports and token hosts.
     let mut names: Vec<&str> = endpoints.iter().map(|e| e.endpoint()).collect();
@@ -148,12 +155,14 @@ async fn parallel_endpoints_see_neither_each_others_faults_nor_counters_nor_ddl(
 async fn an_endpoints_database_goes_with_it() {
     let postgres = SharedPostgres::global().expect("the shared PostgreSQL starts");
     let endpoint = postgres.endpoint().start().await.unwrap();
-    let database: String = admin(&endpoint)
-        .await
-        .query_one("SELECT current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    admin(&endpoint).await;
+    let upstream = endpoint.upstream_url("admin");
+    let database = upstream
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .expect("the endpoint's database")
+        .to_owned();
+    assert!(database.starts_with("dsql_"), "{database}");
     drop(endpoint);
     let (upstream, connection) = tokio_postgres_dsql::tokio_postgres::connect(
         &postgres.upstream_url("admin"),
