@@ -389,12 +389,13 @@ impl DsqlEmulator {
         &self.shared.verifier.region
     }
 
-    /// The TCP port on 127.0.0.1.
+    /// The TCP port it listens on.
     pub fn port(&self) -> u16 {
         self.address.port()
     }
 
-    /// The listening address (127.0.0.1 and [`port`](Self::port)).
+    /// The listening address: 127.0.0.1 (or [`DsqlEmulatorBuilder::listen_address`]) and
+    /// [`port`](Self::port).
     pub fn address(&self) -> SocketAddr {
         self.address
     }

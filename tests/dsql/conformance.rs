@@ -12,7 +12,7 @@ use tokio_postgres_dsql::emulator::{DsqlEmulator, SharedPostgres};
 #[path = "../conformance/runner.rs"]
 mod runner;
 
-use crate::support::example_binary;
+use crate::support::{connect_to, example_binary, psql_on};
 
 async fn endpoint() -> DsqlEmulator {
     SharedPostgres::global()
@@ -24,12 +24,7 @@ async fn endpoint() -> DsqlEmulator {
 }
 
 async fn admin(emulator: &DsqlEmulator) -> Client {
-    DsqlConnector::new(emulator.config_for("admin").build().unwrap())
-        .await
-        .unwrap()
-        .connect()
-        .await
-        .expect("admin connects")
+    connect_to(emulator, "admin").await.expect("admin connects")
 }
 
 #[test]
@@ -114,17 +109,7 @@ async fn the_emulator_gives_the_corpus_answers_through_psql() {
             let _ = sessions[0].batch_execute(undo).await;
         }
         let sql = case.sql.as_deref().unwrap();
-        let output = Command::new("psql")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PGHOST", emulator.endpoint())
-            .env("PGHOSTADDR", "127.0.0.1")
-            .env("PGPORT", emulator.port().to_string())
-            .env("PGUSER", "admin")
-            .env("PGDATABASE", "postgres")
-            .env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", emulator.ca_cert_path())
-            .env("PGPASSWORD", token.as_str())
+        let output = psql_on(&emulator, "admin", &token)
             .args(["-X", "-q", "-t", "-A", "-v", "VERBOSITY=verbose", "-c", sql])
             .output()
             .unwrap();

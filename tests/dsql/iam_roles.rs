@@ -9,6 +9,8 @@ use tokio_postgres::Client;
 use tokio_postgres_dsql::emulator::{DsqlEmulator, Rejection, SharedPostgres};
 use tokio_postgres_dsql::{DsqlConnector, Error};
 
+use crate::support::{connect_to, psql_on};
+
 const KEY: &str = "AKIAIAMROLETESTKEY00";
 const SECRET: &str = "iam/role+test=secret";
 const ARN: &str = "arn:aws:iam::123456789012:role/app-runtime";
@@ -25,11 +27,7 @@ async fn endpoint(enforcing: bool) -> DsqlEmulator {
 }
 
 async fn connect(emulator: &DsqlEmulator, user: &str) -> Result<Client, Error> {
-    DsqlConnector::new(emulator.config_for(user).build().unwrap())
-        .await
-        .unwrap()
-        .connect()
-        .await
+    connect_to(emulator, user).await
 }
 
 /// A role name of this test's own: roles are shared by every endpoint of one server.
@@ -201,17 +199,7 @@ async fn aws_iam_grant_through_psql() {
         .await
         .unwrap();
     let psql = |sql: &str| {
-        Command::new("psql")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PGHOST", emulator.endpoint())
-            .env("PGHOSTADDR", "127.0.0.1")
-            .env("PGPORT", emulator.port().to_string())
-            .env("PGUSER", "admin")
-            .env("PGDATABASE", "postgres")
-            .env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", emulator.ca_cert_path())
-            .env("PGPASSWORD", token.as_str())
+        psql_on(&emulator, "admin", &token)
             .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .unwrap()

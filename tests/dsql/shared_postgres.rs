@@ -8,10 +8,7 @@ use tokio_postgres_dsql::tokio_postgres::Client;
 use tokio_postgres_dsql::{DsqlConnector, Error};
 
 async fn admin(emulator: &DsqlEmulator) -> Client {
-    DsqlConnector::new(emulator.config_for("admin").build().unwrap())
-        .await
-        .unwrap()
-        .connect()
+    crate::support::connect_to(emulator, "admin")
         .await
         .expect("admin connects")
 }

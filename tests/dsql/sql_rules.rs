@@ -73,19 +73,7 @@ fn answer(result: Result<(), tokio_postgres::Error>) -> Option<(String, String)>
 
 /// `psql` for the rules emulator as `admin` with `token`, over verify-full TLS.
 fn psql_to_rules(token: &tokio_postgres_dsql::AuthToken) -> Command {
-    let emulator = rules_emulator();
-    let mut psql = Command::new("psql");
-    psql.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PGHOST", emulator.endpoint())
-        .env("PGHOSTADDR", "127.0.0.1")
-        .env("PGPORT", emulator.port().to_string())
-        .env("PGUSER", "admin")
-        .env("PGDATABASE", "postgres")
-        .env("PGSSLMODE", "verify-full")
-        .env("PGSSLROOTCERT", emulator.ca_cert_path())
-        .env("PGPASSWORD", token.as_str());
-    psql
+    crate::support::psql_on(rules_emulator(), "admin", token)
 }
 
 /// `(code, message)` of an error from this crate's helpers or a plain statement.

@@ -62,6 +62,39 @@ pub async fn own_emulator(
     .expect("the emulator starts")
 }
 
+/// A client for `user` on `emulator`.
+pub async fn connect_to(
+    emulator: &DsqlEmulator,
+    user: &str,
+) -> Result<tokio_postgres_dsql::tokio_postgres::Client, tokio_postgres_dsql::Error> {
+    DsqlConnector::new(emulator.config_for(user).build().expect("valid config"))
+        .await
+        .expect("connector")
+        .connect()
+        .await
+}
+
+/// `psql` for `emulator` as `user` with `token` as the password, over verify-full TLS, with
+/// nothing from the caller's environment but `PATH`.
+pub fn psql_on(
+    emulator: &DsqlEmulator,
+    user: &str,
+    token: &tokio_postgres_dsql::AuthToken,
+) -> std::process::Command {
+    let mut psql = std::process::Command::new("psql");
+    psql.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PGHOST", emulator.endpoint())
+        .env("PGHOSTADDR", "127.0.0.1")
+        .env("PGPORT", emulator.port().to_string())
+        .env("PGUSER", user)
+        .env("PGDATABASE", "postgres")
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", emulator.ca_cert_path())
+        .env("PGPASSWORD", token.as_str());
+    psql
+}
+
 /// A connector for `user` on the shared emulator, with `tune` applied to its configuration.
 pub async fn connector(
     user: &str,
