@@ -55,6 +55,8 @@ mod connector;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 mod error;
+#[cfg(feature = "migrate")]
+pub mod migrate;
 pub mod pool;
 pub mod retry;
 mod session;

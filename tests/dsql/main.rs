@@ -23,6 +23,8 @@ mod iam_roles;
 mod live;
 #[cfg(feature = "emulator")]
 mod metrics;
+#[cfg(all(feature = "emulator", feature = "migrate"))]
+mod migrate;
 #[cfg(feature = "emulator")]
 mod multi_region;
 #[cfg(feature = "emulator")]

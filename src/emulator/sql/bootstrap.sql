@@ -59,10 +59,30 @@ END $$;
 -- `SELECT sys.dsql_emulator_ddl_job(…) AS job_id`, one statement for either protocol.
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_ddl_job(ddl text, kind text, relation text, name text)
 RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    id text := sys.dsql_emulator_job_id();
+    detail text;
 BEGIN
-    EXECUTE ddl;
-    RETURN sys.dsql_emulator_job(sys.dsql_emulator_job_id(), kind, relation::regclass, name);
+    BEGIN
+        EXECUTE ddl;
+    EXCEPTION WHEN unique_violation THEN
+        -- DSQL answers first and builds later: duplicate keys fail the job, not the statement.
+        GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+        PERFORM sys.dsql_emulator_failed_job(id, kind, relation::regclass, name,
+                                             SQLERRM || ': ' || coalesce(detail, ''));
+        RETURN id;
+    END;
+    RETURN sys.dsql_emulator_job(id, kind, relation::regclass, name);
 END $$;
+
+-- Records job `id` as failed with `details`.
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_failed_job(id text, kind text, relation regclass,
+                                                        name text, details text)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    INSERT INTO sys.jobs
+    VALUES (id, 'failed', details, kind, 'pg_class'::regclass, relation, name, now(),
+            clock_timestamp())
+$$;
 
 -- Validates a `SELECT … FOR UPDATE` at COMMIT as DSQL does, as if its rows had been written:
 -- the relay runs `SELECT sys.dsql_emulator_touch('<table>', ARRAY(SELECT t.ctid … FOR UPDATE))`,

@@ -1,0 +1,370 @@
+//! The migration runner (`migrate`) on emulator endpoints of their own: order, one statement a
+//! transaction, re-runs, concurrent runners, an interrupted run resumed, edited files, refusals
+//! found before anything runs, and a failed index job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_postgres_dsql::DsqlConnector;
+use tokio_postgres_dsql::emulator::{DsqlEmulator, SharedPostgres};
+use tokio_postgres_dsql::migrate::{MigrateError, MigrationState, Migrations, Migrator};
+
+use crate::support::connect_to;
+
+async fn endpoint() -> DsqlEmulator {
+    SharedPostgres::global()
+        .expect("the shared PostgreSQL starts")
+        .endpoint()
+        .start()
+        .await
+        .expect("an endpoint starts")
+}
+
+async fn connector(emulator: &DsqlEmulator) -> DsqlConnector {
+    DsqlConnector::new(emulator.config_for("admin").build().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn admin(emulator: &DsqlEmulator) -> Client {
+    connect_to(emulator, "admin").await.expect("admin connects")
+}
+
+const TABLES: &str = "\
+-- Owners and their pets; relations without foreign keys, as in the pet clinic.
+CREATE TABLE owner (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name varchar(30) NOT NULL,
+    city varchar(80) NOT NULL
+);
+CREATE TABLE pet (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), name varchar(30), owner_id uuid);
+CREATE TABLE audit (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), step text NOT NULL);
+";
+const INDEX: &str = "CREATE INDEX ASYNC pet_owner ON pet (owner_id);\n";
+const BACKFILL: &str = "\
+INSERT INTO owner (name, city) VALUES ('John Doe', 'Anytown');
+INSERT INTO audit (step) VALUES ('backfill');
+UPDATE owner SET city = 'Othertown' WHERE name = 'John Doe';
+";
+
+fn three_files() -> Migrations {
+    Migrations::embedded(&[
+        ("0003_backfill.sql", BACKFILL),
+        ("0001_tables.sql", TABLES),
+        ("0002_index.sql", INDEX),
+    ])
+    .unwrap()
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_files_apply_in_order_one_statement_a_transaction_and_rerun_applies_nothing() {
+    let emulator = endpoint().await;
+    let connector = connector(&emulator).await;
+    let migrator = Migrator::new(three_files());
+
+    let plan = migrator.plan(&connector).await.unwrap();
+    assert_eq!(
+        plan.iter()
+            .map(|p| (p.version, p.statements_to_run))
+            .collect::<Vec<_>>(),
+        [(1, 3), (2, 1), (3, 3)]
+    );
+    // Three DDL in one file: run together they would be refused (one DDL per transaction).
+    let report = migrator
+        .run(&connector)
+        .await
+        .expect("the migrations apply");
+    assert_eq!(report.applied, [1, 2, 3]);
+    assert_eq!(report.statements_applied, 7);
+
+    let client = admin(&emulator).await;
+    let history = client
+        .query(
+            "SELECT version, statements_applied, statements_total, applied_at IS NOT NULL \
+             FROM dsql_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let history: Vec<(i64, i32, i32, bool)> = history
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(history, [(1, 3, 3, true), (2, 1, 1, true), (3, 3, 3, true)]);
+    // The index's job was waited for and completed.
+    let job: String = client
+        .query_one(
+            "SELECT status FROM sys.jobs WHERE object_name = 'pet_owner'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(job, "completed");
+    let city: String = client
+        .query_one("SELECT city FROM owner WHERE name = 'John Doe'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(city, "Othertown");
+
+    let again = migrator.run(&connector).await.unwrap();
+    assert!(
+        again.applied.is_empty() && again.statements_applied == 0,
+        "{again:?}"
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM audit").await, 1);
+    let status = migrator.status(&connector).await.unwrap();
+    assert!(status.up_to_date(), "{status:?}");
+    assert!(migrator.plan(&connector).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_runners_apply_each_migration_exactly_once() {
+    let emulator = endpoint().await;
+    let migrations = Migrations::embedded(&[
+        ("0001_tables.sql", TABLES),
+        ("0002_first.sql", "INSERT INTO audit (step) VALUES ('first');"),
+        ("0003_index.sql", INDEX),
+        (
+            "0004_second.sql",
+            "INSERT INTO audit (step) VALUES ('second');\nINSERT INTO audit (step) VALUES ('third');",
+        ),
+    ])
+    .unwrap();
+    let migrator = Arc::new(Migrator::new(migrations));
+    let mut runners = Vec::new();
+    for _ in 0..8 {
+        // Separate connectors, as separate service instances.
+        let connector = connector(&emulator).await;
+        let migrator = migrator.clone();
+        runners.push(tokio::spawn(async move { migrator.run(&connector).await }));
+    }
+    let mut statements = 0;
+    let mut waited = 0;
+    for runner in runners {
+        let report = runner.await.unwrap().expect("every runner succeeds");
+        statements += report.statements_applied;
+        waited += usize::from(report.waited_for_lease);
+    }
+    assert_eq!(
+        statements, 7,
+        "each statement applied once across the fleet"
+    );
+    assert!(waited >= 1, "the others waited for the lease");
+    let client = admin(&emulator).await;
+    let steps: Vec<(String, i64)> = client
+        .query(
+            "SELECT step, count(*) FROM audit GROUP BY step ORDER BY step",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("first".into(), 1),
+            ("second".into(), 1),
+            ("third".into(), 1)
+        ]
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM dsql_migrations_lock").await,
+        0,
+        "the lease is given back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cut_mid_file_resumes_without_rerunning_applied_statements() {
+    let emulator = endpoint().await;
+    let migrations = Migrations::embedded(&[
+        ("0001_tables.sql", TABLES),
+        (
+            "0002_steps.sql",
+            "INSERT INTO audit (step) VALUES ('a');\nSELECT pg_sleep(2);\nINSERT INTO audit (step) VALUES ('b');",
+        ),
+    ])
+    .unwrap();
+    // A short lease: the cut runner cannot give it back, and the next must not wait long.
+    let migrator = Arc::new(Migrator::new(migrations).lease(Duration::from_secs(2)));
+    let first = {
+        let (migrator, connector) = (migrator.clone(), connector(&emulator).await);
+        tokio::spawn(async move { migrator.run(&connector).await })
+    };
+    let watcher = admin(&emulator).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = watcher
+            .query("SELECT 1 FROM audit WHERE step = 'a'", &[])
+            .await
+            .map(|rows| !rows.is_empty())
+            .unwrap_or(false);
+        if seen {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statement 1 never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // During the pg_sleep: the connection goes, as a deploy's pod would.
+    emulator.drop_all_connections();
+    let cut = first.await.unwrap();
+    assert!(cut.is_err(), "{cut:?}");
+
+    let status = migrator.status(&connector(&emulator).await).await.unwrap();
+    assert_eq!(
+        status.migrations[1].state,
+        MigrationState::Partial {
+            applied: 1,
+            total: 3
+        }
+    );
+    let resumed = migrator.run(&connector(&emulator).await).await.unwrap();
+    assert_eq!(resumed.applied, [2]);
+    assert_eq!(
+        resumed.statements_applied, 2,
+        "the pg_sleep and 'b', not 'a' again"
+    );
+    assert!(
+        resumed.waited_for_lease,
+        "the cut runner's lease had to expire"
+    );
+    let client = admin(&emulator).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM audit WHERE step = 'a'").await,
+        1
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM audit WHERE step = 'b'").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applied_file_that_changed_is_refused() {
+    let emulator = endpoint().await;
+    let connector = connector(&emulator).await;
+    Migrator::new(three_files()).run(&connector).await.unwrap();
+    let edited = Migrations::embedded(&[
+        ("0001_tables.sql", TABLES),
+        (
+            "0002_index.sql",
+            "CREATE INDEX ASYNC pet_name ON pet (name);\n",
+        ),
+        ("0003_backfill.sql", BACKFILL),
+    ])
+    .unwrap();
+    let err = Migrator::new(edited).run(&connector).await.unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::Changed { file, version: 2, .. } if file == "0002_index.sql"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("0002_index.sql (version 2) was applied"),
+        "{err}"
+    );
+    let status = Migrator::new(
+        Migrations::embedded(&[("0002_index.sql", "CREATE INDEX ASYNC x ON pet (name);")]).unwrap(),
+    )
+    .status(&connector)
+    .await
+    .unwrap();
+    assert_eq!(status.migrations[0].state, MigrationState::Changed);
+    assert_eq!(status.unknown.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_statements_stop_everything_before_it_runs() {
+    let emulator = endpoint().await;
+    let connector = connector(&emulator).await;
+    for (file, sql, line) in [
+        (
+            "0002_serial.sql",
+            "CREATE TABLE b (\n  id serial PRIMARY KEY\n);",
+            2,
+        ),
+        (
+            "0002_index.sql",
+            "-- an index\n\nCREATE INDEX b_name ON owner (name);",
+            3,
+        ),
+    ] {
+        let migrations = Migrations::embedded(&[("0001_tables.sql", TABLES), (file, sql)]).unwrap();
+        let err = Migrator::new(migrations).run(&connector).await.unwrap_err();
+        match &err {
+            MigrateError::Refused {
+                file: at, line: l, ..
+            } => assert_eq!((at.as_str(), *l), (file, line), "{err}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            err.to_string().starts_with(&format!("{file}:{line}: ")),
+            "{err}"
+        );
+    }
+    // Nothing ran: not even the history table, nor the first file's tables.
+    let client = admin(&emulator).await;
+    let tables = count(
+        &client,
+        "SELECT count(*) FROM pg_tables WHERE tablename IN ('owner', 'dsql_migrations')",
+    )
+    .await;
+    assert_eq!(tables, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_index_job_surfaces_its_job_id() {
+    let emulator = endpoint().await;
+    let connector = connector(&emulator).await;
+    let migrations = Migrations::embedded(&[
+        ("0001_tables.sql", TABLES),
+        (
+            "0002_owners.sql",
+            "INSERT INTO owner (name, city) VALUES ('Ann', 'A'), ('Ann', 'B');",
+        ),
+        (
+            "0003_unique.sql",
+            "CREATE UNIQUE INDEX ASYNC owner_name ON owner (name);",
+        ),
+    ])
+    .unwrap();
+    let err = Migrator::new(migrations).run(&connector).await.unwrap_err();
+    let MigrateError::Job {
+        file,
+        job_id,
+        status,
+        details,
+        ..
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(
+        (file.as_str(), status.as_str()),
+        ("0003_unique.sql", "failed")
+    );
+    assert!(
+        details.contains("owner_name") && details.contains("duplicated"),
+        "{details}"
+    );
+    assert!(err.to_string().contains(job_id.as_str()), "{err}");
+    let recorded: String = admin(&emulator)
+        .await
+        .query_one("SELECT status FROM sys.jobs WHERE job_id = $1", &[job_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, "failed");
+}
