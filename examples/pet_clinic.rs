@@ -17,8 +17,9 @@
 //! `myschema`, which an admin creates and grants (see the README).
 //!
 //! The shape is the sample's: UUID keys made by the client, relations without foreign-key
-//! constraints, DDL as plain SQL with one statement per transaction (DSQL's rule), and every
-//! DML transaction under optimistic-concurrency retry.
+//! constraints, DDL as plain SQL files run by the migration runner (one statement per
+//! transaction, DSQL's rule; `examples/migrations/pet_clinic/`), and every DML transaction
+//! under optimistic-concurrency retry.
 
 use std::error::Error as StdError;
 use std::process::ExitCode;
@@ -26,6 +27,7 @@ use std::process::ExitCode;
 use time::{Date, Month};
 use tokio_postgres::{Row, Transaction};
 use tokio_postgres_dsql::emulator::DsqlEmulator;
+use tokio_postgres_dsql::migrate::Migrator;
 use tokio_postgres_dsql::{
     DsqlConfig, DsqlConnectionManager, DsqlConnector, DsqlPool, RetryPolicy,
     retry_postgres_transaction_on,
@@ -107,39 +109,36 @@ impl Pet {
 
 // ---- Schema -----------------------------------------------------------------------------------
 
-/// One DDL statement per transaction (each runs on its own in autocommit), dropped first.
-const SCHEMA: &[&str] = &[
+/// The sample's reset: it starts from nothing each time (the history too, so the migrations
+/// run again). A service would not do this; its schema only moves forward.
+const RESET: &[&str] = &[
     "DROP TABLE IF EXISTS owner",
     "DROP TABLE IF EXISTS pet",
     "DROP TABLE IF EXISTS specialty",
     "DROP TABLE IF EXISTS vet",
     "DROP TABLE IF EXISTS vet_specialties",
-    "CREATE TABLE owner (
-        id uuid PRIMARY KEY,
-        name varchar(30) NOT NULL,
-        city varchar(80) NOT NULL,
-        telephone varchar(20) NULL)",
-    "CREATE TABLE pet (
-        id uuid PRIMARY KEY,
-        name varchar(30) NOT NULL,
-        birth_date date NOT NULL,
-        owner_id uuid NULL)",
-    "CREATE TABLE specialty (
-        name varchar(80) PRIMARY KEY)",
-    "CREATE TABLE vet (
-        id uuid PRIMARY KEY,
-        name varchar(30) NOT NULL)",
-    "CREATE TABLE vet_specialties (
-        id uuid PRIMARY KEY,
-        vet_id uuid NULL,
-        specialty_id varchar(80) NULL)",
+    "DROP TABLE IF EXISTS dsql_migrations",
+    "DROP TABLE IF EXISTS dsql_migrations_lock",
 ];
 
-async fn create_schema(pool: &Pool) -> Result<(), BoxError> {
-    let conn = pool.get().await?;
-    for statement in SCHEMA {
-        conn.batch_execute(statement).await?;
+/// Resets, then creates the schema through the migration runner (`examples/migrations/
+/// pet_clinic/`: each statement in its own transaction, the index build waited for).
+async fn create_schema(pool: &Pool, connector: &DsqlConnector) -> Result<(), BoxError> {
+    {
+        let conn = pool.get().await?;
+        for statement in RESET {
+            conn.batch_execute(statement).await?;
+        }
     }
+    let migrations = tokio_postgres_dsql::migrations!(
+        "examples/migrations/pet_clinic/0001_create_tables.sql",
+        "examples/migrations/pet_clinic/0002_pet_owner_index.sql",
+    )?;
+    let report = Migrator::new(migrations).run(connector).await?;
+    println!(
+        "Schema: migrations {:?} applied ({} statements, one transaction each)",
+        report.applied, report.statements_applied
+    );
     Ok(())
 }
 
@@ -445,7 +444,7 @@ async fn main_inner(summary: &mut Vec<String>) -> Result<(), BoxError> {
 
     let connector = DsqlConnector::new(config).await?;
     let pool = connector.pool_with(|builder| builder.max_size(4)).await?;
-    create_schema(&pool).await?;
+    create_schema(&pool, &connector).await?;
     summary.push("created tables owner, pet, specialty, vet, vet_specialties".into());
     run_clinic(&pool, summary).await?;
     run_retry_demo(&pool, summary).await?;

@@ -8,8 +8,8 @@
 //! let connector = DsqlConnector::new(DsqlConfig::from_env()?).await?;
 //! // Files embedded at compile time, relative to the crate's Cargo.toml.
 //! let migrations = tokio_postgres_dsql::migrations!(
-//!     "migrations/0001_create_owners.sql",
-//!     "migrations/0002_owner_name_index.sql",
+//!     "examples/migrations/pet_clinic/0001_create_tables.sql",
+//!     "examples/migrations/pet_clinic/0002_pet_owner_index.sql",
 //! )?;
 //! let report = Migrator::new(migrations).run(&connector).await?;
 //! println!("applied {} statements", report.statements_applied);

@@ -368,3 +368,41 @@ async fn a_failed_index_job_surfaces_its_job_id() {
         .get(0);
     assert_eq!(recorded, "failed");
 }
+
+#[test]
+fn the_migrate_example_applies_the_pet_clinic_and_names_a_refused_line() {
+    let binary = crate::support::example_binary("migrate");
+    let up = std::process::Command::new(&binary)
+        .arg("up")
+        .env_remove("CLUSTER_ENDPOINT")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        up.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(stdout.contains("applied [1, 2]: 6 statements"), "{stdout}");
+
+    let dir = std::env::temp_dir().join(format!("dsql-migrate-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("0001_a.sql"),
+        "CREATE TABLE a (id uuid PRIMARY KEY);\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("0002_b.sql"), "\nCREATE INDEX a_id ON a (id);\n").unwrap();
+    let refused = std::process::Command::new(&binary)
+        .args(["up", "--dir"])
+        .arg(&dir)
+        .env_remove("CLUSTER_ENDPOINT")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("0002_b.sql:2: "), "{stderr}");
+    // Refused before it started anything: no emulator was needed to say so.
+    assert!(!String::from_utf8_lossy(&refused.stdout).contains("emulator"));
+}
