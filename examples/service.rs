@@ -45,10 +45,11 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use tokio_postgres_dsql::emulator::DsqlEmulator;
+use tokio_postgres_dsql::migrate::Migrator;
 use tokio_postgres_dsql::tokio_postgres::Row;
 use tokio_postgres_dsql::{
     AsOccConflict, DsqlConfig, DsqlConnector, DsqlPool, Error, OccConflict, RetryPolicy,
-    retry_statement_on, retry_transaction_on,
+    retry_transaction_on,
 };
 use uuid::Uuid;
 
@@ -401,22 +402,20 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// The tables, one DDL statement per transaction as DSQL wants, and the vets (once).
-async fn create_schema(pool: &DsqlPool) -> Result<(), Error> {
+/// The schema through the migration runner (`examples/migrations/service/`: each statement in
+/// its own transaction, under a lease, so that replicas starting at once apply it once), then
+/// the vets (once).
+async fn create_schema(pool: &DsqlPool) -> Result<(), Box<dyn std::error::Error>> {
+    let migrations = tokio_postgres_dsql::migrations!(
+        "examples/migrations/service/0001_create_tables.sql",
+        "examples/migrations/service/0002_pet_owner_index.sql",
+    )?;
+    let report = Migrator::new(migrations).run(pool.connector()).await?;
+    if !report.applied.is_empty() {
+        tracing::info!(applied = ?report.applied, "schema migrations applied");
+    }
     let policy = RetryPolicy::default();
     let mut conn = pool.get().await?;
-    for ddl in [
-        "CREATE TABLE IF NOT EXISTS owner (id uuid PRIMARY KEY, name text NOT NULL, \
-         city text NOT NULL, telephone text, visits bigint NOT NULL DEFAULT 0)",
-        "CREATE TABLE IF NOT EXISTS pet (id uuid PRIMARY KEY, name text NOT NULL, \
-         birth_date date NOT NULL, owner_id uuid NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS vet (id uuid PRIMARY KEY, name text NOT NULL UNIQUE)",
-        "CREATE TABLE IF NOT EXISTS specialty (id uuid PRIMARY KEY, name text NOT NULL UNIQUE)",
-        "CREATE TABLE IF NOT EXISTS vet_specialty (id uuid PRIMARY KEY, vet_id uuid NOT NULL, \
-         specialty_id uuid NOT NULL)",
-    ] {
-        retry_statement_on(&mut conn, &policy, ddl).await?;
-    }
     let vets = [
         ("Akua Mansa", &["Exotic"][..]),
         ("Carlos Salazar", &["Cats", "Dogs"][..]),
@@ -456,7 +455,8 @@ async fn create_schema(pool: &DsqlPool) -> Result<(), Error> {
         }
         Ok::<_, Error>(())
     })
-    .await
+    .await?;
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM.
