@@ -25,25 +25,8 @@ fn words(text: &str) -> Vec<(String, usize)> {
     let word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
     while i < bytes.len() {
         match bytes[i] {
-            b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => {
-                let mut depth = 1;
-                i += 2;
-                while i < bytes.len() && depth > 0 {
-                    if bytes[i..].starts_with(b"/*") {
-                        depth += 1;
-                        i += 2;
-                    } else if bytes[i..].starts_with(b"*/") {
-                        depth -= 1;
-                        i += 2;
-                    } else {
-                        i += 1;
-                    }
-                }
+            b'-' | b'/' if super::split::comment_end(bytes, i).is_some() => {
+                i = super::split::comment_end(bytes, i).unwrap_or(bytes.len());
             }
             quote @ (b'\'' | b'"') => {
                 i += 1;
@@ -180,12 +163,19 @@ pub fn check_statement(text: &str, line: usize) -> Vec<Finding> {
                 i,
                 "CREATE SEQUENCE needs an explicit CACHE on DSQL (1, or 65536 and more)".into(),
             ),
-            "identity" if (creates || *first == "alter") && !w[i..].contains(&"cache") => find(
-                i,
-                "identity columns need an explicit CACHE on DSQL: GENERATED … AS IDENTITY \
-                 (CACHE 1)"
-                    .into(),
-            ),
+            "identity"
+                if (creates || *first == "alter")
+                    && i > 0
+                    && w[i - 1] == "as"
+                    && !w[i..].contains(&"cache") =>
+            {
+                find(
+                    i,
+                    "identity columns need an explicit CACHE on DSQL: GENERATED … AS IDENTITY \
+                     (CACHE 1)"
+                        .into(),
+                )
+            }
             // CREATE SCHEMA s CREATE TABLE …: several DDL in one statement.
             "create" if creates && i > 0 && w[1] == "schema" => find(
                 i,
@@ -271,6 +261,7 @@ mod tests {
             "COMMENT ON TABLE owner IS 'begin truncate serial'",
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
             "UPDATE owner SET name = \"serial\".x FROM \"serial\"",
+            "ALTER TABLE owner REPLICA IDENTITY FULL",
         ] {
             assert_eq!(reasons(ok), [], "{ok}");
         }

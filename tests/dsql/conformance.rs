@@ -7,7 +7,7 @@ use std::process::Command;
 
 use tokio_postgres::Client;
 use tokio_postgres_dsql::DsqlConnector;
-use tokio_postgres_dsql::emulator::{DsqlEmulator, SharedPostgres};
+use tokio_postgres_dsql::emulator::DsqlEmulator;
 
 #[path = "../conformance/runner.rs"]
 mod runner;
@@ -15,12 +15,7 @@ mod runner;
 use crate::support::{connect_to, example_binary, psql_on};
 
 async fn endpoint() -> DsqlEmulator {
-    SharedPostgres::global()
-        .expect("the shared PostgreSQL starts")
-        .endpoint()
-        .start()
-        .await
-        .expect("an endpoint starts")
+    crate::support::own_endpoint().await
 }
 
 async fn admin(emulator: &DsqlEmulator) -> Client {

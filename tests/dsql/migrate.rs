@@ -7,18 +7,13 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 use tokio_postgres_dsql::DsqlConnector;
-use tokio_postgres_dsql::emulator::{DsqlEmulator, SharedPostgres};
+use tokio_postgres_dsql::emulator::DsqlEmulator;
 use tokio_postgres_dsql::migrate::{MigrateError, MigrationState, Migrations, Migrator};
 
 use crate::support::connect_to;
 
 async fn endpoint() -> DsqlEmulator {
-    SharedPostgres::global()
-        .expect("the shared PostgreSQL starts")
-        .endpoint()
-        .start()
-        .await
-        .expect("an endpoint starts")
+    crate::support::own_endpoint().await
 }
 
 async fn connector(emulator: &DsqlEmulator) -> DsqlConnector {

@@ -62,6 +62,17 @@ pub async fn own_emulator(
     .expect("the emulator starts")
 }
 
+/// An emulator endpoint of the test's own over the process's shared PostgreSQL (its own
+/// database, counters and faults).
+pub async fn own_endpoint() -> DsqlEmulator {
+    tokio_postgres_dsql::emulator::SharedPostgres::global()
+        .expect("the shared PostgreSQL starts")
+        .endpoint()
+        .start()
+        .await
+        .expect("an endpoint starts")
+}
+
 /// A client for `user` on `emulator`.
 pub async fn connect_to(
     emulator: &DsqlEmulator,
