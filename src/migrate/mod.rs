@@ -220,7 +220,9 @@ impl Migrator {
     }
 
     /// How long the lease is held without renewal (renewed between statements and while an
-    /// index builds): a runner that dies frees it after this. Default 30 s; at least 1 s.
+    /// index builds): a runner that dies frees it after this. Make it longer than the longest
+    /// single statement (a large backfill): a statement is not interrupted to renew it.
+    /// Default 30 s; at least 1 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_secs(1));
         self
