@@ -16,6 +16,9 @@ use super::startup::check_startup;
 use super::wire::{self, send_fatal, send_fatal_with_hint};
 use super::{Network, Rejection, Shared, sql};
 
+/// How long reading the IAM role mappings at connect may take.
+const IAM_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The longest password message accepted (tokens with session tokens are a few KiB).
 const MAX_PASSWORD_LEN: u32 = 16 * 1024;
 
@@ -285,27 +288,30 @@ async fn granted(
         reason: Rejection::NotAuthorized,
         hint: format!("User: {arn} is not authorized to access this resource"),
     };
-    let (client, connection) =
-        tokio_postgres::connect(&shared.upstream.url("admin"), tokio_postgres::NoTls)
-            .await
-            .map_err(|error| {
-                tracing::warn!(%error, "emulator cannot read its IAM role mappings");
-                denied()
-            })?;
-    let connection = tokio::spawn(connection);
-    let mapped = client
-        .query_opt(
-            "SELECT 1 FROM sys.iam_pg_role_mappings WHERE pg_role_name = $1 AND arn = $2",
-            &[&user, arn],
-        )
-        .await;
-    drop(client);
-    let _ = connection.await;
-    match mapped {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(denied()),
-        Err(error) => {
+    let lookup = async {
+        let (client, connection) =
+            tokio_postgres::connect(&shared.upstream.url("admin"), tokio_postgres::NoTls).await?;
+        let connection = tokio::spawn(connection);
+        let mapped = client
+            .query_opt(
+                "SELECT 1 FROM sys.iam_pg_role_mappings WHERE pg_role_name = $1 AND arn = $2",
+                &[&user, arn],
+            )
+            .await;
+        drop(client);
+        let _ = connection.await;
+        mapped.map(|row| row.is_some())
+    };
+    // Bounded: a client waits for this answer.
+    match tokio::time::timeout(IAM_LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(denied()),
+        Ok(Err(error)) => {
             tracing::warn!(%error, "emulator cannot read its IAM role mappings");
+            Err(denied())
+        }
+        Err(_) => {
+            tracing::warn!("emulator: reading its IAM role mappings timed out");
             Err(denied())
         }
     }
