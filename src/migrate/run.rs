@@ -583,7 +583,10 @@ impl Migrator {
             // `sys.wait_for_job` returns when the job ends; bounded by the lease's renewal.
             let wait = tokio::time::timeout(
                 self.lease / 3,
-                client.batch_execute(&format!("CALL sys.wait_for_job('{job}')")),
+                client.batch_execute(&format!(
+                    "CALL sys.wait_for_job('{}')",
+                    job.replace('\'', "''")
+                )),
             )
             .await;
             if let Ok(Err(e)) = wait {
