@@ -591,10 +591,12 @@ fn report(
         .iter()
         .filter(|o| o.started <= times.cut && o.finished >= times.cut)
         .count();
-    let failed_in_flight = failed
-        .iter()
-        .filter(|o| o.started <= times.cut + Duration::from_secs(1) && o.finished >= times.cut)
-        .count();
+    // The cut reaches every session within moments, not at one instant: a transaction begun
+    // just after `times.cut` on a connection about to go is cut too. Within a second of it.
+    let around_the_cut =
+        |o: &&Outcome| o.started <= times.cut + Duration::from_secs(1) && o.finished >= times.cut;
+    let in_flight_around_the_cut = outcomes.iter().filter(around_the_cut).count();
+    let failed_in_flight = failed.iter().copied().filter(around_the_cut).count();
     let unknown_committed = failed
         .iter()
         .filter(|o| o.result == Err("outcome_unknown") && applied.contains_key(&o.id))
@@ -626,6 +628,7 @@ fn report(
             "committed": committed,
             "failed": failures,
             "in_flight_at_cut": in_flight_at_cut,
+            "in_flight_around_the_cut": in_flight_around_the_cut,
             "failed_around_the_cut": failed_in_flight,
             "failed_later": failed.len() - failed_in_flight,
             "unknown_outcome_that_committed": unknown_committed,
