@@ -243,23 +243,17 @@ impl DsqlEmulatorBuilder {
         std::fs::write(&ca_path, &certs.ca_pem)
             .map_err(|e| EmulatorError::caused(format!("cannot write {}", ca_path.display()), e))?;
 
-        let upstream_url = self.upstream_url.or_else(|| {
-            std::env::var("DSQL_EMULATOR_UPSTREAM")
-                .ok()
-                .filter(|u| !u.is_empty())
-        });
         let database = match &self.postgres {
             Some(postgres) => Some(postgres.create_database(&cluster_id)?),
             None => None,
         };
-        let (target, cluster) = match (database.as_ref(), upstream_url) {
-            (Some(database), _) => (database.target.clone(), None),
-            (None, Some(url)) => (upstream::Target::from_url(&url)?, None),
-            (None, None) => {
-                let cluster =
-                    upstream::LocalCluster::start(&work_dir.path, self.pg_bin.as_deref())?;
-                (cluster.target(), Some(cluster))
-            }
+        let (target, cluster) = match &database {
+            Some(database) => (database.target.clone(), None),
+            None => upstream::target_or_cluster(
+                self.upstream_url,
+                &work_dir.path,
+                self.pg_bin.as_deref(),
+            )?,
         };
 
         let sql_rules = self.sql_rules.unwrap_or(true);

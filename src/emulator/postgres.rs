@@ -103,22 +103,10 @@ impl SharedPostgresBuilder {
     /// second).
     pub fn start_blocking(self) -> Result<SharedPostgres, EmulatorError> {
         let work_dir = WorkDir::create()?;
-        let upstream_url = self.upstream_url.or_else(|| {
-            std::env::var("DSQL_EMULATOR_UPSTREAM")
-                .ok()
-                .filter(|u| !u.is_empty())
-        });
-        let (target, cluster) = match upstream_url {
-            Some(url) => (
-                upstream::Target::from_url(&url)?.with_database("postgres"),
-                None,
-            ),
-            None => {
-                let cluster =
-                    upstream::LocalCluster::start(&work_dir.path, self.pg_bin.as_deref())?;
-                (cluster.target(), Some(cluster))
-            }
-        };
+        let (target, cluster) =
+            upstream::target_or_cluster(self.upstream_url, &work_dir.path, self.pg_bin.as_deref())?;
+        // Endpoints get databases of their own beside `postgres`.
+        let target = target.with_database("postgres");
         let admin = |target: &upstream::Target, sql: &str, what: &str| {
             upstream::execute(target.url("admin"), sql, DATABASE_TIMEOUT).map_err(
                 |(reason, source)| EmulatorError::Failed {

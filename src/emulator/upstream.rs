@@ -111,6 +111,27 @@ impl Target {
     }
 }
 
+/// The server to relay to: `url`, else `DSQL_EMULATOR_UPSTREAM`, else a private cluster
+/// started in `work_dir` (returned too: it stops when dropped).
+pub(crate) fn target_or_cluster(
+    url: Option<String>,
+    work_dir: &Path,
+    pg_bin: Option<&Path>,
+) -> Result<(Target, Option<LocalCluster>), EmulatorError> {
+    let url = url.or_else(|| {
+        std::env::var("DSQL_EMULATOR_UPSTREAM")
+            .ok()
+            .filter(|u| !u.is_empty())
+    });
+    match url {
+        Some(url) => Ok((Target::from_url(&url)?, None)),
+        None => {
+            let cluster = LocalCluster::start(work_dir, pg_bin)?;
+            Ok((cluster.target(), Some(cluster)))
+        }
+    }
+}
+
 /// Why [`execute`] failed, and the cause.
 pub(crate) type Failure = (String, Option<Box<dyn std::error::Error + Send + Sync>>);
 
