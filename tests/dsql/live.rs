@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use aws_credential_types::Credentials;
 use tokio_postgres_dsql::emulator::{DsqlEmulator, SharedPostgres};
 use tokio_postgres_dsql::{DsqlConfig, DsqlConfigBuilder, DsqlConnector, Error, RetryPolicy};
 
@@ -228,21 +227,7 @@ async fn check_refusals(target: &Target) {
         target.name
     );
     // A token from an access key no one knows.
-    let stranger = DsqlConnector::new(
-        target
-            .config("admin")
-            .credentials_provider(match target.emulator {
-                Some(_) => stranger(),
-                None => Credentials::new("AKIAUNKNOWNKEYEXAMPL", "whatever", None, None, "t"),
-            })
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap()
-    .connect()
-    .await
-    .unwrap_err();
+    let stranger = refused(target.config("admin").credentials_provider(stranger())).await;
     let Error::AccessDenied { .. } = &stranger else {
         panic!("{}: {stranger:?}", target.name);
     };
@@ -250,18 +235,7 @@ async fn check_refusals(target: &Target) {
     assert_eq!(db.code().code(), "08006");
     assert_eq!(db.message(), "unable to accept connection, access denied");
     // A startup parameter DSQL does not take.
-    let parameter = DsqlConnector::new(
-        target
-            .config("admin")
-            .option("statement_timeout", "5s")
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap()
-    .connect()
-    .await
-    .unwrap_err();
+    let parameter = refused(target.config("admin").option("statement_timeout", "5s")).await;
     assert!(
         parameter
             .to_string()
@@ -269,4 +243,14 @@ async fn check_refusals(target: &Target) {
         "{}: {parameter}",
         target.name
     );
+}
+
+/// The error connecting with `config` gives (it must fail).
+async fn refused(config: DsqlConfigBuilder) -> Error {
+    DsqlConnector::new(config.build().expect("a valid configuration"))
+        .await
+        .expect("a connector")
+        .connect()
+        .await
+        .expect_err("the connection is refused")
 }
