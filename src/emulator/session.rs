@@ -560,13 +560,16 @@ async fn drive<W: AsyncWrite + Unpin>(
             return Ok(());
         };
         out.clear();
+        // The follow-up requests (not reported: the dialect decides what comes next) are
+        // queued before the dialect decides, so that it never reads the server's status as
+        // settled while a follow-up of the relay's is still to answer (a guarded write's
+        // `ROLLBACK TO SAVEPOINT` after its `ReadyForQuery` said `E`).
         for (request, plan) in &reply.requests {
             out.bytes.extend_from_slice(request);
-            out.plans.push(sql::Planned::new(*plan));
-        }
-        // (Follow-up requests are not reported: the dialect decides what comes next.)
-        for planned in &mut out.plans {
-            planned.report = false;
+            plans.push(sql::Planned {
+                report: false,
+                ..sql::Planned::new(*plan)
+            });
         }
         dialect.on_reply(&reply, out);
     }

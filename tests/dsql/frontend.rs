@@ -244,6 +244,36 @@ impl Frontend {
             .expect("the connection stays open")
     }
 
+    /// Reads one backend message within `bound`: `Err` says why none came (a hang, or the
+    /// connection closed), for callers that report instead of panicking.
+    pub async fn try_read(&mut self, bound: Duration) -> Result<Message, String> {
+        let read = async {
+            let tag = self.stream.read_u8().await?;
+            let len = self.stream.read_u32().await?;
+            let mut body = vec![0; len.saturating_sub(4) as usize];
+            self.stream.read_exact(&mut body).await?;
+            Ok::<_, std::io::Error>(Message { tag, body })
+        };
+        match tokio::time::timeout(bound, read).await {
+            Ok(Ok(message)) => Ok(message),
+            Ok(Err(error)) => Err(format!("the connection closed: {error}")),
+            Err(_) => Err(format!("no answer within {bound:?} (a hang)")),
+        }
+    }
+
+    /// Reads up to and including the next `ReadyForQuery`, within `bound` a message.
+    pub async fn try_answer(&mut self, bound: Duration) -> Result<Answer, String> {
+        let mut messages = Vec::new();
+        loop {
+            let message = self.try_read(bound).await?;
+            let ready = message.tag == b'Z';
+            messages.push(message);
+            if ready {
+                return Ok(Answer { messages });
+            }
+        }
+    }
+
     /// Reads up to and including the next `ReadyForQuery`.
     pub async fn answer(&mut self) -> Answer {
         let mut messages = Vec::new();

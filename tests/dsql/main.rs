@@ -6,6 +6,8 @@ mod token_agreement;
 #[cfg(feature = "emulator")]
 mod admission;
 #[cfg(feature = "emulator")]
+mod commit_point;
+#[cfg(feature = "emulator")]
 mod conformance;
 #[cfg(feature = "emulator")]
 mod connect;
@@ -15,6 +17,8 @@ mod deadpool;
 mod fleet;
 #[cfg(feature = "emulator")]
 mod frontend;
+#[cfg(feature = "emulator")]
+mod history;
 #[cfg(feature = "emulator")]
 mod hygiene;
 #[cfg(feature = "emulator")]

@@ -159,8 +159,6 @@ pub(crate) struct Dialect {
     pub(super) entry: Arc<occ::Entry>,
     /// The open transaction block's number (0: none).
     pub(super) block: u64,
-    /// The block whose transaction was rolled back upstream after a committer doomed it.
-    pub(super) released: u64,
     /// What the open transaction replays at `COMMIT` (pending writes, locking reads).
     pub(super) replays: Vec<occ::Replay>,
     /// The replay form of the guarded write whose answer is awaited.
@@ -181,6 +179,15 @@ pub(crate) struct Dialect {
     /// The autocommit write whose answer is awaited, to run again as a committer if it meets
     /// a row an open transaction holds.
     pub(super) retry: Option<Retry>,
+    /// `raw` holds a `COMMIT`'s `Execute`, which a `Flush` or the hold limit does not release:
+    /// the batch waits for its `Sync` ([`Dialect::decide_raw`]).
+    pub(super) commit_held: bool,
+    /// Messages are being decided before their `Sync` (a `Flush`, the hold limit): they go
+    /// upstream without anything the relay would put before the batch.
+    pub(super) early: bool,
+    /// The rest of a batch whose released part is being ended by a `Sync` of the relay's, and
+    /// the client's `Sync` ([`Dialect::on_batch`]).
+    pub(super) resume: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// An autocommit write as the relay runs it again ([`Planned::retry`]): what went before it
@@ -225,6 +232,8 @@ pub(super) struct Awaiting {
     pub(super) waits: bool,
     /// An autocommit write on its first try ([`Dialect::retry`]).
     pub(super) retry: bool,
+    /// The relay's `Sync` that ends the released part of a batch ([`Dialect::resume`]).
+    pub(super) resume: bool,
 }
 
 /// The most query texts remembered per session.
@@ -232,6 +241,10 @@ pub(super) const CACHE_LIMIT: usize = 256;
 
 /// The most bytes of an extended-protocol batch held back before they go upstream anyway.
 pub(super) const HELD_LIMIT: usize = 1 << 20;
+
+/// The most bytes held after a `COMMIT`'s `Execute` waiting for its `Sync` (which nothing can
+/// release early): past it the session is closed.
+pub(super) const COMMIT_HELD_LIMIT: usize = 64 << 20;
 
 /// What an extended-protocol batch (messages up to a `Sync`) does, as far as the relay has read.
 #[derive(Debug, Default)]
@@ -348,6 +361,12 @@ impl Dialect {
         self
     }
 
+    /// The open transaction has a write pending for its `COMMIT`: its later writes go after
+    /// it ([`Plan::Write`]'s `defer`), or, when the relay cannot undo them alone, are refused.
+    pub(super) fn pending_writes(&self) -> bool {
+        self.in_block && self.replays.iter().any(|r| r.told.is_some())
+    }
+
     /// `54000` if the open transaction block is older than the age limit.
     pub(super) fn too_old(&self) -> Option<Refusal> {
         let age = self.began?.elapsed();
@@ -402,11 +421,14 @@ impl Dialect {
         intermediate: Option<bool>,
         out: &mut Outgoing,
     ) -> bool {
-        if std::mem::take(&mut self.validated)
-            || !self.in_block
-            || self.plans.settled_status() == Some(b'E')
-        {
-            // A failed block's COMMIT answers ROLLBACK, as PostgreSQL's does.
+        if std::mem::take(&mut self.validated) || !self.in_block {
+            return false;
+        }
+        if self.replays.is_empty() && self.plans.settled_status() == Some(b'E') {
+            // A failed block's COMMIT answers ROLLBACK, as PostgreSQL's does. (With replays
+            // owed it is validated all the same: a replay that finds the block failed lets the
+            // COMMIT answer ROLLBACK, [`occ::validate`]; a status read too early cannot let a
+            // COMMIT past its replays.)
             return false;
         }
         if let Some(refusal) = self.commit_refusal() {
@@ -451,7 +473,14 @@ impl Dialect {
         let awaited = std::mem::take(&mut self.awaiting);
         if awaited.write {
             match self.last_write.take() {
-                Some(replay) if reply.pending && self.in_block => self.replays.push(replay),
+                Some(mut replay) if reply.pending && self.in_block => {
+                    // A deferred write that went through is replayed against the tag it
+                    // answered.
+                    if let Some(tag) = &reply.tag {
+                        replay.told = Some(tag.clone());
+                    }
+                    self.replays.push(replay);
+                }
                 // A pending write the relay cannot replay must not vanish: its transaction
                 // cannot commit.
                 _ if reply.pending && self.in_block => {
@@ -475,6 +504,19 @@ impl Dialect {
                 Some(Plan::Swallow),
             );
         }
+        if awaited.resume
+            && let Some((raw, sync)) = self.resume.take()
+        {
+            self.batch = Batch::default();
+            if reply.failed {
+                // The released part failed: PostgreSQL would skip the rest to the client's
+                // Sync, which gets the ReadyForQuery.
+                out.push(&sync, Some(Plan::Pass));
+                self.end_of_implicit_transaction();
+            } else {
+                self.on_batch(raw, sync, out);
+            }
+        }
         if awaited.piece == Some(true) {
             if reply.failed {
                 // The request ends here, as PostgreSQL's would at its error.
@@ -493,12 +535,13 @@ impl Dialect {
     /// client's later statements run in one until its `COMMIT` fails (`OC000`) or it rolls
     /// back.
     pub(crate) fn release(&mut self, out: &mut Outgoing) {
-        if self.in_block && self.entry.doomed(self.block) && self.released != self.block {
-            self.released = self.block;
+        // Again after each doom: a doomed transaction the client goes on with takes row
+        // locks again, which a later committer may wait for.
+        if self.in_block && self.entry.doomed(self.block) {
             self.replays.clear();
             out.push(
                 &query("ROLLBACK; BEGIN ISOLATION LEVEL REPEATABLE READ"),
-                Some(Plan::Swallow),
+                Some(Plan::Release),
             );
         }
     }
@@ -509,7 +552,13 @@ impl Dialect {
         let Some(status) = self.plans.settled_status() else {
             return;
         };
-        if !self.raw.is_empty() || !self.held.is_empty() || !self.pieces.is_empty() {
+        // (Part of a batch that went upstream before its Sync has no ReadyForQuery yet: the
+        // last one says nothing of it.)
+        if !self.raw.is_empty()
+            || !self.held.is_empty()
+            || !self.pieces.is_empty()
+            || self.batch.released
+        {
             return;
         }
         match (status, self.in_block) {

@@ -18,9 +18,15 @@ impl Dialect {
         match tag {
             b'P' | b'B' | b'E' | b'C' | b'D' => {
                 self.raw.extend_from_slice(whole);
-                if self.raw.len() > HELD_LIMIT {
+                if self.raw.len() > HELD_LIMIT && !self.commit_held {
                     self.decide_raw(out);
                     self.release_held(out);
+                } else if self.raw.len() > COMMIT_HELD_LIMIT {
+                    tracing::warn!(
+                        "emulator: a client sent more than {COMMIT_HELD_LIMIT} bytes after a \
+                         COMMIT's Execute without a Sync; closing the session"
+                    );
+                    out.close = true;
                 }
             }
             b'S' if self.copy_tail && self.raw.is_empty() => {
@@ -30,6 +36,7 @@ impl Dialect {
             }
             b'S' => {
                 let raw = std::mem::take(&mut self.raw);
+                self.commit_held = false;
                 self.on_batch(raw, whole.to_vec(), out);
             }
             // COPY data, then its end: the copy's Sync follows.
@@ -53,15 +60,23 @@ impl Dialect {
             b'Q' => {
                 self.decide_raw(out);
                 self.release_held(out);
+                if self.commit_held {
+                    return self.unsupported_after_commit("a Query", out);
+                }
                 self.on_query(body, whole, None, out);
             }
             // A FunctionCall is answered up to its own ReadyForQuery.
             b'F' => {
                 self.decide_raw(out);
                 self.release_held(out);
+                if self.commit_held {
+                    return self.unsupported_after_commit("a FunctionCall", out);
+                }
                 out.push(whole, Some(Plan::Pass));
             }
             _ => {
+                // (Terminate drops a COMMIT whose answer the client will never read: nothing
+                // is acknowledged.)
                 self.decide_raw(out);
                 self.release_held(out);
                 out.push(whole, None);
@@ -69,12 +84,42 @@ impl Dialect {
         }
     }
 
-    /// Decides the extended-protocol messages received so far (a `Flush`, or too many held).
+    /// A client followed a `COMMIT`'s `Execute` with a message that needs the answers before
+    /// it without a `Sync`: the relay cannot validate that `COMMIT` and keep the order, so it
+    /// closes the session (loudly) rather than let the `COMMIT` skip its validation.
+    fn unsupported_after_commit(&mut self, what: &str, out: &mut Outgoing) {
+        tracing::error!(
+            what,
+            "emulator: a COMMIT's Execute was followed by this before any Sync; the relay \
+             validates a COMMIT at its Sync and closes the session instead of letting it pass \
+             unvalidated"
+        );
+        out.close = true;
+    }
+
+    /// Decides the extended-protocol messages received so far (a `Flush`, or too many held),
+    /// unless they execute a statement that commits: then the whole batch waits for its
+    /// `Sync`, where every `COMMIT` is decided ([`Dialect::commit_point`]), with what goes
+    /// before it (a write's savepoint) and the validation between whole batches.
     pub(super) fn decide_raw(&mut self, out: &mut Outgoing) {
         let raw = std::mem::take(&mut self.raw);
+        if self.commit_held || self.commits(&raw) {
+            self.raw = raw;
+            self.commit_held = true;
+            return;
+        }
+        self.early = true;
         for (tag, body, whole) in messages(&raw) {
             self.on_extended(tag, body, whole, out);
         }
+        self.early = false;
+    }
+
+    /// Whether `raw` executes a statement that commits.
+    pub(super) fn commits(&mut self, raw: &[u8]) -> bool {
+        self.executed_kinds(raw)
+            .iter()
+            .any(|(_, kind, _)| *kind == Kind::Commit)
     }
 
     pub(super) fn on_extended(&mut self, tag: u8, body: &[u8], whole: &[u8], out: &mut Outgoing) {
@@ -152,6 +197,20 @@ impl Dialect {
     /// The end of an extended-protocol batch (`raw` and the client's `Sync`): sent as it is,
     /// or one `Execute` at a time when it opens, ends or writes in a transaction block.
     pub(super) fn on_batch(&mut self, raw: Vec<u8>, sync: Vec<u8>, out: &mut Outgoing) {
+        if self.skipping.is_none() && self.batch.released && self.commits(&raw) {
+            // Part of the batch went upstream at an earlier Flush and its COMMIT waited here: a
+            // Sync of the relay's ends that part first (its ReadyForQuery hidden), so that the
+            // COMMIT's validation runs between whole batches; after an error in that part,
+            // the rest is skipped as PostgreSQL would ([`Dialect::on_reply`]).
+            out.push(&message(b'S', b""), None);
+            out.push_planned(Planned {
+                report: true,
+                ..Planned::new(Plan::AllButReady)
+            });
+            self.awaiting.resume = true;
+            self.resume = Some((raw, sync));
+            return;
+        }
         let executes = self.executed_kinds(&raw);
         let transaction = executes
             .iter()
@@ -302,6 +361,7 @@ impl Dialect {
                 guard,
                 autocommit,
                 oversize: oversize.filter(|_| autocommit),
+                defer: false,
             };
             let mut replay = None;
             let writes = batch.write.is_some();
@@ -326,7 +386,13 @@ impl Dialect {
                 Some(w) if w.in_block => match (batch.executes, w.tag) {
                     (1, Some(tag)) => {
                         replay = w.replay;
-                        (Some(savepoint_query()), write(Some(tag), false))
+                        let guarded = Plan::Write {
+                            guard: Some(tag),
+                            autocommit: false,
+                            oversize: None,
+                            defer: self.pending_writes(),
+                        };
+                        (Some(savepoint_query()), guarded)
                     }
                     _ => (None, write(None, false)),
                 },
@@ -495,6 +561,18 @@ impl Dialect {
         let mut state = self.transaction();
         match state.apply(prepared.kind) {
             Ok(()) => {
+                if prepared.kind == Kind::Dml
+                    && self.pending_writes()
+                    && (prepared.write_tag.is_none()
+                        || prepared.copy_in
+                        || self.early
+                        || self.batch.released
+                        || self.batch.reuses_unnamed)
+                {
+                    // A write the relay cannot undo alone goes before the pending one it
+                    // follows: the transaction cannot commit (see `occ`).
+                    self.plans.doomed.store(true, Ordering::SeqCst);
+                }
                 let replay = |text: &str| {
                     portal
                         .as_ref()

@@ -46,10 +46,16 @@ pub(crate) enum Plan {
     ///
     /// `oversize`: the bytes of an autocommit write over DSQL's 10 MiB transaction size: it
     /// fails at its `COMMIT`.
+    ///
+    /// `defer`: a guarded write after a pending one in the same transaction: whatever its
+    /// outcome it is undone to its savepoint and replayed at `COMMIT` after the pending ones,
+    /// so that the transaction's writes apply in statement order (see [`occ`]); the client is
+    /// told the tag it answered.
     Write {
         guard: Option<&'static str>,
         autocommit: bool,
         oversize: Option<u64>,
+        defer: bool,
     },
     /// The answer but its `ReadyForQuery`.
     AllButReady,
@@ -69,8 +75,13 @@ pub(crate) enum Plan {
     Ddl,
     /// A statement the relay runs at `COMMIT` to validate the transaction (a write that met a
     /// row held by an open transaction, or a locking read): the answer is dropped, its tag or
-    /// error reported in the [`Reply`].
-    Replay,
+    /// error reported in the [`Reply`]. `owed`: it is a pending write, which the
+    /// [`Responder`] counts as replayed when it answers a tag.
+    Replay { owed: bool },
+    /// The rollback (and new block) of a transaction a committer doomed
+    /// ([`Dialect::release`]): swallowed; the [`Responder`] notes that nothing of that block
+    /// may be acknowledged as committed.
+    Release,
     /// The `Sync` a client sends after `CopyDone` or `CopyFail` of an extended-protocol
     /// `COPY … FROM STDIN`: the server answers it only when the `COPY` never started (an error
     /// at its `Execute`); otherwise its one `ReadyForQuery` ends the `COPY`'s batch, whose `Sync`
@@ -104,7 +115,7 @@ impl Planned {
     pub(crate) fn new(plan: Plan) -> Planned {
         Planned {
             plan,
-            report: matches!(plan, Plan::Write { .. } | Plan::Replay),
+            report: matches!(plan, Plan::Write { .. } | Plan::Replay { .. }),
             intermediate: false,
             own_block: false,
             retry: false,

@@ -40,7 +40,24 @@ pub(crate) struct Responder {
     pub(super) retry_buf: Vec<u8>,
     /// It did.
     pub(super) retry_lost: bool,
+    /// The command tag the current write answered.
+    pub(super) write_tag: Option<String>,
+    /// The commit ledger, kept from the answers alone: pending writes of the open transaction
+    /// not replayed yet. A `COMMIT` is never acknowledged while it is not zero (see
+    /// [`Responder::finish`]).
+    pub(super) owed: u32,
+    /// The open transaction lost a conflict (a write met a row changed since its snapshot, or
+    /// a committer doomed it): no `COMMIT` of it may be acknowledged.
+    pub(super) lost_block: bool,
 }
+
+/// What the client is told instead of a `COMMIT` the relay would have acknowledged although
+/// its transaction's pending writes were not replayed: the answer-side invariant of
+/// [`Responder::finish`]. It is an emulator defect, said loudly, never a silent loss.
+pub(crate) const UNVALIDATED_COMMIT: &str = "the DSQL emulator refused to acknowledge a COMMIT \
+     whose transaction still owed pending writes or had lost a conflict (an emulator defect: \
+     the transaction's other writes may have committed; please report it with the statements \
+     sent)";
 
 impl Responder {
     pub(crate) fn new(plans: Plans, upstream: tokio::sync::mpsc::Sender<Reply>) -> Self {
@@ -59,6 +76,9 @@ impl Responder {
             copying: false,
             retry_buf: Vec::new(),
             retry_lost: false,
+            write_tag: None,
+            owed: 0,
+            lost_block: false,
         }
     }
 
@@ -94,7 +114,25 @@ impl Responder {
     }
 
     /// One whole server message in `self.current`.
+    ///
+    /// The answer-side invariant: a `COMMIT` command tag is never passed on for a transaction
+    /// whose pending writes were not all replayed in it, or that lost a conflict; it becomes
+    /// an `XX000` error ([`UNVALIDATED_COMMIT`]), logged, whatever path let it through.
     pub(super) fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.current[0] == b'C'
+            && self.current[5..] == *b"COMMIT\0"
+            && (self.owed > 0 || self.lost_block)
+        {
+            tracing::error!(
+                owed = self.owed,
+                lost = self.lost_block,
+                "emulator: a COMMIT reached PostgreSQL without its validation; the client is \
+                 told XX000 instead of COMMIT"
+            );
+            let mut error = Vec::new();
+            error_response(&Refusal::new("XX000", UNVALIDATED_COMMIT), &mut error);
+            self.current = error;
+        }
         let tag = self.current[0];
         let ready = tag == b'Z';
         self.copying |= tag == b'G';
@@ -143,7 +181,7 @@ impl Responder {
                 let error = crate::emulator::wire::error_message(&self.current[5..]);
                 self.lose_track(&format!("the relay's own statement failed: {error}"), out);
             }
-            Plan::Swallow => {}
+            Plan::Swallow | Plan::Release => {}
             Plan::AllButReady if !ready => self.pass(out),
             Plan::AllButReady => {}
             Plan::OnlyReady if ready => self.pass(out),
@@ -154,18 +192,22 @@ impl Responder {
                 guard,
                 autocommit,
                 oversize,
-            } => self.write(guard, autocommit, oversize, out),
+                defer,
+            } => self.write(guard, autocommit, oversize, defer, out),
             Plan::Job { tag, described } => self.job(tag, described, out),
             Plan::Ddl if tag == b'E' && catalog_race(&self.current[5..]) => {
                 error_response(&schema_conflict(), out);
                 self.failed = true;
             }
             Plan::Ddl => self.pass(out),
-            Plan::Replay => match tag {
+            Plan::Replay { owed } => match tag {
                 b'C' => {
                     let body = &self.current[5..];
                     let tag = body.strip_suffix(&[0]).unwrap_or(body);
                     self.reply.tag = Some(String::from_utf8_lossy(tag).into_owned());
+                    if owed {
+                        self.owed = self.owed.saturating_sub(1);
+                    }
                 }
                 b'E' => {
                     let code = field(&self.current[5..], b'C');
@@ -180,9 +222,15 @@ impl Responder {
     pub(super) fn ready(&mut self, planned: Planned, out: &mut Vec<u8>) {
         {
             let status = self.current.get(5).copied().unwrap_or(b'I');
-            // Outside any transaction now: the next one starts with no rows written.
+            // Outside any transaction now: the next one starts with no rows written and
+            // nothing owed.
             if status == b'I' {
                 self.rows = 0;
+                self.owed = 0;
+                self.lost_block = false;
+            }
+            if planned.plan == Plan::Release {
+                self.lost_block = true;
             }
             self.plans.status.store(status, Ordering::SeqCst);
             {
@@ -248,15 +296,19 @@ impl Responder {
         guard: Option<&'static str>,
         autocommit: bool,
         oversize: Option<u64>,
+        defer: bool,
         out: &mut Vec<u8>,
     ) {
         match self.current[0] {
             b'E' if guard.is_some() && conflict(&self.current[5..]).is_some() => {
                 self.lost = conflict(&self.current[5..]);
             }
-            b'Z' => self.end_of_write(guard, autocommit, oversize, out),
+            b'Z' => self.end_of_write(guard, autocommit, oversize, defer, out),
             _ if self.lost.is_some() || self.over => {}
             b'C' => {
+                let body = &self.current[5..];
+                let tag = body.strip_suffix(&[0]).unwrap_or(body);
+                self.write_tag = Some(String::from_utf8_lossy(tag).into_owned());
                 let rows = written_rows(&self.current[5..]);
                 if self.rows + rows > ROW_LIMIT {
                     // The statement that crosses the limit fails, and so does its transaction.
@@ -278,10 +330,18 @@ impl Responder {
         guard: Option<&'static str>,
         autocommit: bool,
         oversize: Option<u64>,
+        defer: bool,
         out: &mut Vec<u8>,
     ) {
         let status = self.current.get(5).copied().unwrap_or(b'I');
+        let written = self.write_tag.take();
         let requests = &mut self.reply.requests;
+        // Undone to its savepoint, which goes too (nested savepoints would pile up).
+        let undo = || {
+            query(&format!(
+                "ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE SAVEPOINT {SAVEPOINT}"
+            ))
+        };
         if self.retry_lost {
             // Run again: the relay's transaction ends unseen.
             if autocommit {
@@ -291,14 +351,13 @@ impl Responder {
             // Undo the write alone, and tell the client it went through: against a row that
             // changed since, the transaction has lost already; against one an open
             // transaction holds, it is replayed at COMMIT.
-            requests.push((
-                query(&format!("ROLLBACK TO SAVEPOINT {SAVEPOINT}")),
-                Plan::Swallow,
-            ));
+            requests.push((undo(), Plan::Swallow));
             if held {
                 self.reply.pending = true;
+                self.owed += 1;
             } else {
                 self.plans.doomed.store(true, Ordering::SeqCst);
+                self.lost_block = true;
             }
             let mut complete = told.as_bytes().to_vec();
             complete.push(0);
@@ -324,6 +383,21 @@ impl Responder {
             requests.push((query("COMMIT"), Plan::Finish));
         } else if autocommit {
             requests.push((query("ROLLBACK"), Plan::OnlyReady));
+        } else if guard.is_some() && defer && status == b'T' {
+            // It went through after a pending write: undone, and replayed after it at COMMIT
+            // against the tag it answered (the client has that tag already).
+            requests.push((undo(), Plan::Swallow));
+            self.reply.pending = true;
+            self.reply.tag = written;
+            self.owed += 1;
+            self.pass(out);
+        } else if guard.is_some() && status == b'T' {
+            // It went through: its savepoint goes.
+            requests.push((
+                query(&format!("RELEASE SAVEPOINT {SAVEPOINT}")),
+                Plan::Swallow,
+            ));
+            self.pass(out);
         } else {
             // Over the limit in a block the query itself committed: too late (see the docs).
             self.pass(out);

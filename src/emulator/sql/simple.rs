@@ -108,6 +108,7 @@ impl Dialect {
             guard,
             autocommit,
             oversize: oversize.filter(|_| autocommit),
+            defer: false,
         };
         let copy_in = classified.statements.iter().any(|s| s.copy_in);
         let mut replay = None;
@@ -130,9 +131,22 @@ impl Dialect {
                         request: query(&classified.upstream_text),
                         told: Some((*tag).to_owned()),
                     });
-                    (Some(savepoint_query()), write(Some(*tag), false))
+                    let guarded = Plan::Write {
+                        guard: Some(*tag),
+                        autocommit: false,
+                        oversize: None,
+                        defer: self.pending_writes(),
+                    };
+                    (Some(savepoint_query()), guarded)
                 }
-                _ => (None, write(None, false)),
+                _ => {
+                    if self.pending_writes() {
+                        // A write the relay cannot undo alone goes before the pending one it
+                        // follows: the transaction cannot commit (see `occ`).
+                        self.plans.doomed.store(true, Ordering::SeqCst);
+                    }
+                    (None, write(None, false))
+                }
             }
         } else if kinds
             .iter()

@@ -128,6 +128,7 @@ fn guard(tag: &'static str) -> Plan {
         guard: Some(tag),
         autocommit: false,
         oversize: None,
+        defer: false,
     }
 }
 
@@ -136,6 +137,7 @@ fn autocommit() -> Plan {
         guard: None,
         autocommit: true,
         oversize: None,
+        defer: false,
     }
 }
 
@@ -252,6 +254,7 @@ fn what_the_relay_adds_for_a_write_goes_before_the_whole_batch() {
             guard: None,
             autocommit: false,
             oversize: None,
+            defer: false,
         }]
     );
     // A named statement bound in a later batch gets its savepoint.
@@ -317,7 +320,7 @@ fn a_lost_write_is_told_its_tag_and_rolled_back_to_its_savepoint() {
     expected.extend_from_slice(&message(b'C', b"UPDATE 1\0"));
     expected.extend_from_slice(&message(b'Z', b"T"));
     let rollback = vec![(
-        query("ROLLBACK TO SAVEPOINT dsql_emulator_occ"),
+        query("ROLLBACK TO SAVEPOINT dsql_emulator_occ; RELEASE SAVEPOINT dsql_emulator_occ"),
         Plan::Swallow,
     )];
     let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
@@ -408,4 +411,81 @@ fn an_answer_no_plan_accounts_for_closes_the_session_with_a_fatal() {
     stream.extend_from_slice(&message(b'Z', b"E"));
     assert!(responder.feed(&stream, &mut out));
     assert!(out.is_empty());
+}
+
+/// The answer-side invariant, provoked on purpose: a `COMMIT` tag from the server for a
+/// transaction that still owes a pending write (or lost a conflict) never reaches the client;
+/// it becomes `XX000`, whatever plan it came under. Once the pending write is replayed, the
+/// same `COMMIT` passes.
+#[test]
+fn a_commit_that_skipped_its_replays_is_never_acknowledged() {
+    let pending = |responder: &mut Responder| {
+        // SAVEPOINT's answer, then the guarded write meets a held row: pending.
+        let mut stream = super::message(b'C', b"SAVEPOINT\0");
+        stream.extend_from_slice(&super::message(b'Z', b"T"));
+        stream.extend_from_slice(&error("55P03", b""));
+        stream.extend_from_slice(&super::message(b'Z', b"E"));
+        let mut out = Vec::new();
+        assert!(responder.feed(&stream, &mut out));
+        // The relay's ROLLBACK TO SAVEPOINT.
+        let mut out = Vec::new();
+        let mut stream = super::message(b'C', b"ROLLBACK\0");
+        stream.extend_from_slice(&super::message(b'C', b"RELEASE\0"));
+        stream.extend_from_slice(&super::message(b'Z', b"T"));
+        assert!(responder.feed(&stream, &mut out));
+        assert!(out.is_empty(), "{out:?}");
+    };
+    let commit = || {
+        let mut stream = super::message(b'C', b"COMMIT\0");
+        stream.extend_from_slice(&super::message(b'Z', b"I"));
+        stream
+    };
+    // A COMMIT let through without its replay (as a bypass would): refused loudly.
+    let (mut responder, _rx) =
+        responder_for(&[Plan::Swallow, guard("UPDATE 1"), Plan::Swallow, Plan::Pass]);
+    pending(&mut responder);
+    let mut out = Vec::new();
+    assert!(responder.feed(&commit(), &mut out));
+    let text = String::from_utf8_lossy(&out);
+    assert!(out.starts_with(b"E"), "{text}");
+    assert!(text.contains("CXX000") && text.contains("refused to acknowledge a COMMIT"));
+    assert!(!text.contains("CCOMMIT"), "{text}");
+    assert!(out.ends_with(&super::message(b'Z', b"I")), "{text}");
+    // The next transaction owes nothing: its COMMIT passes.
+    let (mut responder, _rx) = responder_for(&[Plan::Pass]);
+    let mut out = Vec::new();
+    assert!(responder.feed(&commit(), &mut out));
+    assert_eq!(out, commit());
+
+    // Validated: the replay answered its tag, then the COMMIT passes.
+    let (mut responder, _rx) = responder_for(&[
+        Plan::Swallow,
+        guard("UPDATE 1"),
+        Plan::Swallow,
+        Plan::Swallow,
+        Plan::Replay { owed: true },
+        Plan::Pass,
+    ]);
+    pending(&mut responder);
+    let mut stream = super::message(b'C', b"SET\0");
+    stream.extend_from_slice(&super::message(b'Z', b"T"));
+    stream.extend_from_slice(&super::message(b'C', b"UPDATE 1\0"));
+    stream.extend_from_slice(&super::message(b'Z', b"T"));
+    let mut out = Vec::new();
+    assert!(responder.feed(&stream, &mut out));
+    assert!(out.is_empty());
+    let mut out = Vec::new();
+    assert!(responder.feed(&commit(), &mut out));
+    assert_eq!(out, commit());
+
+    // A transaction a committer doomed (its rollback upstream): no COMMIT of it passes.
+    let (mut responder, _rx) = responder_for(&[Plan::Release, Plan::Pass]);
+    let mut stream = super::message(b'C', b"ROLLBACK\0");
+    stream.extend_from_slice(&super::message(b'C', b"BEGIN\0"));
+    stream.extend_from_slice(&super::message(b'Z', b"T"));
+    let mut out = Vec::new();
+    assert!(responder.feed(&stream, &mut out));
+    let mut out = Vec::new();
+    assert!(responder.feed(&commit(), &mut out));
+    assert!(String::from_utf8_lossy(&out).contains("CXX000"));
 }
