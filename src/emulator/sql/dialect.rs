@@ -169,7 +169,8 @@ pub(crate) struct Dialect {
     pub(super) awaiting: Awaiting,
     /// A `COMMIT` waiting for its validation, and whether it is an intermediate piece.
     pub(super) commit: Option<(Piece, Option<bool>)>,
-    /// The `COMMIT` being sent has been validated.
+    /// The license of the one `COMMIT` about to go upstream: only [`Dialect::commit_point`]
+    /// grants it, and the statement that commits takes it ([`Dialect::take_license`]).
     pub(super) validated: bool,
     /// The last extended-protocol batch ran `COPY … FROM STDIN`.
     pub(super) copy_batch: bool,
@@ -235,6 +236,12 @@ pub(super) struct Awaiting {
     /// The relay's `Sync` that ends the released part of a batch ([`Dialect::resume`]).
     pub(super) resume: bool,
 }
+
+/// What a `COMMIT` that reached the sending side without its validation is answered (an
+/// emulator defect: the decide-side twin of [`UNVALIDATED_COMMIT`]).
+pub(crate) const UNLICENSED_COMMIT: &str = "the DSQL emulator refused to send a COMMIT that \
+     did not pass its validation (an emulator defect: nothing was committed; please report it \
+     with the statements sent)";
 
 /// The most query texts remembered per session.
 pub(super) const CACHE_LIMIT: usize = 256;
@@ -421,7 +428,9 @@ impl Dialect {
         intermediate: Option<bool>,
         out: &mut Outgoing,
     ) -> bool {
-        if std::mem::take(&mut self.validated) || !self.in_block {
+        if self.validated || !self.in_block {
+            // Validated already (the license stands), or nothing to commit.
+            self.validated = true;
             return false;
         }
         if self.replays.is_empty() && self.plans.settled_status() == Some(b'E') {
@@ -429,6 +438,7 @@ impl Dialect {
             // owed it is validated all the same: a replay that finds the block failed lets the
             // COMMIT answer ROLLBACK, [`occ::validate`]; a status read too early cannot let a
             // COMMIT past its replays.)
+            self.validated = true;
             return false;
         }
         if let Some(refusal) = self.commit_refusal() {
@@ -442,6 +452,22 @@ impl Dialect {
         });
         self.commit = Some((piece.clone(), intermediate));
         true
+    }
+
+    /// Takes the license of a statement that commits (`kind`) about to go upstream: `None`
+    /// when it may go (licensed by [`Dialect::commit_point`], or not a `COMMIT` in a block),
+    /// otherwise the refusal that stands in for it. A `COMMIT` no path validated would lose
+    /// the transaction's pending writes: it is refused loudly (`XX000`, logged), never sent.
+    pub(super) fn take_license(&mut self, kind: Kind) -> Option<Refusal> {
+        let licensed = std::mem::take(&mut self.validated);
+        if kind != Kind::Commit || licensed || !self.in_block {
+            return None;
+        }
+        tracing::error!(
+            "emulator: a COMMIT reached the relay's sending side without passing its commit \
+             point; refused instead of sent"
+        );
+        Some(Refusal::new("XX000", UNLICENSED_COMMIT))
     }
 
     /// After the validation of the waiting `COMMIT`: it goes upstream, or fails with

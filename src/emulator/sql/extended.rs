@@ -269,6 +269,8 @@ impl Dialect {
             return;
         }
         self.run_piece(piece, intermediate, out);
+        // A license the piece did not use does not outlive it.
+        self.validated = false;
     }
 
     pub(super) fn run_piece(
@@ -550,6 +552,10 @@ impl Dialect {
             .cloned()
             .unwrap_or_else(other);
         let ends = matches!(prepared.kind, Kind::Commit | Kind::Rollback);
+        if let Some(refusal) = self.take_license(prepared.kind) {
+            self.skipping = Some(refusal);
+            return;
+        }
         if let Some(refusal) = self.too_old().filter(|_| !ends) {
             self.skipping = Some(refusal);
             return;

@@ -90,8 +90,17 @@ impl Dialect {
         if intermediate.is_none()
             && let Some(pieces) = self.split(&text, &classified)
         {
+            self.validated = false;
             self.pieces.extend(pieces.into_iter().map(Piece::Query));
             return self.next_piece(out);
+        }
+        // The one place a Query that commits goes on: with the license of its commit point.
+        let commits = classified
+            .statements
+            .iter()
+            .find(|s| s.kind == Kind::Commit);
+        if let Some(refusal) = self.take_license(commits.map_or(Kind::Other, |s| s.kind)) {
+            return refuse(self, &refusal, out);
         }
         let kinds: Vec<Kind> = classified.statements.iter().map(|s| s.kind).collect();
         let ends = !state.in_block;

@@ -159,6 +159,10 @@ fn sync() -> Vec<u8> {
     message(b'S', b"")
 }
 
+fn flush() -> Vec<u8> {
+    message(b'H', b"")
+}
+
 #[test]
 fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
     let mut d = dialect();
@@ -488,4 +492,43 @@ fn a_commit_that_skipped_its_replays_is_never_acknowledged() {
     let mut out = Vec::new();
     assert!(responder.feed(&commit(), &mut out));
     assert!(String::from_utf8_lossy(&out).contains("CXX000"));
+}
+
+/// The decide-side twin, provoked on purpose: a `COMMIT` in a block that reaches the sending
+/// side without passing its commit point (here its messages are fed past `on_message`) is
+/// refused with `XX000`, not sent; through the commit point it is licensed and goes.
+#[test]
+fn a_commit_that_skipped_its_commit_point_is_never_sent() {
+    let mut d = dialect();
+    send(&mut d, &q("BEGIN"));
+    let mut out = Outgoing::default();
+    for whole in [parse("", "COMMIT"), bind(""), execute()] {
+        d.on_extended(whole[0], &whole[5..], &whole, &mut out);
+    }
+    let refusal = d.skipping.clone().expect("refused");
+    assert_eq!(refusal.code, "XX000");
+    assert!(refusal.message.contains("did not pass its validation"));
+    let mut out = Outgoing::default();
+    let m = sync();
+    d.on_message(m[0], &m[5..], &m, &mut out);
+    // What went before the refused Execute runs; the Execute never goes; the refusal answers.
+    assert!(!messages(&out.bytes).any(|(tag, _, _)| tag == b'E'));
+    assert!(
+        matches!(d.pieces.front(), Some(Piece::Refusal { refusal, .. }) if refusal.code == "XX000")
+    );
+    // The same COMMIT through on_message: held for its validation, then licensed and sent.
+    send(&mut d, &q("ROLLBACK"));
+    send(&mut d, &q("BEGIN"));
+    let mut out = Outgoing::default();
+    for m in [parse("", "COMMIT"), bind(""), execute(), flush(), sync()] {
+        d.on_message(m[0], &m[5..], &m, &mut out);
+    }
+    // (The Flush released nothing: the batch executes a COMMIT.)
+    assert!(!String::from_utf8_lossy(&out.bytes).contains("COMMIT"));
+    assert!(out.validate.is_some());
+    out.clear();
+    d.after_validation(Ok(()), &mut out);
+    let text = String::from_utf8_lossy(&out.bytes);
+    assert!(text.contains("COMMIT") && !text.contains("XX000"), "{text}");
+    assert!(!d.validated, "the license is used once");
 }
