@@ -19,6 +19,36 @@ use super::{Network, Rejection, Shared, sql};
 /// How long reading the IAM role mappings at connect may take.
 const IAM_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long each step of a client's negotiation may wait for the client (its first byte, its
+/// startup packets, the TLS handshake, its password): a client that stalls there holds an
+/// admission slot, so it is let go, as DSQL closes a connection that does not go on.
+pub(crate) const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `step`, bounded by [`NEGOTIATION_TIMEOUT`] (a timeout is an I/O error that ends the
+/// session).
+async fn bounded<T>(
+    what: &'static str,
+    step: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(NEGOTIATION_TIMEOUT, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client did not send its {what} within {NEGOTIATION_TIMEOUT:?}"),
+            ))
+        })
+}
+
+/// Why a granted check did not let a session in.
+enum NotGranted {
+    /// DSQL's access refusal, with its HINT.
+    Refused(super::auth::Refusal),
+    /// The mapping could not be read: DSQL answers a transient `XX000 server unavailable`,
+    /// not a permanent "not authorized".
+    Unavailable,
+}
+
 /// The longest password message accepted (tokens with session tokens are a few KiB).
 const MAX_PASSWORD_LEN: u32 = 16 * 1024;
 
@@ -39,7 +69,7 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
     }
     let _ = socket.set_nodelay(true);
     let mut first = [0u8; 1];
-    match socket.peek(&mut first).await {
+    match bounded("first byte", socket.peek(&mut first)).await {
         Ok(1) => {}
         _ => return,
     }
@@ -60,7 +90,7 @@ async fn negotiate(
         shared.count(|stats| stats.direct_tls += 1);
     } else {
         loop {
-            let packet = wire::read_startup_packet(&mut stream).await?;
+            let packet = bounded("startup packet", wire::read_startup_packet(&mut stream)).await?;
             match packet.code {
                 wire::SSL_REQUEST => {
                     shared.count(|stats| stats.ssl_requests += 1);
@@ -93,13 +123,21 @@ async fn negotiate(
         }
     }
 
-    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    let start = bounded(
+        "TLS ClientHello",
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream),
+    )
+    .await?;
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
     let offers_postgresql_alpn = hello
         .alpn()
         .is_some_and(|mut protocols| protocols.any(|p| p == super::util::ALPN_POSTGRESQL));
-    let mut tls = start.into_stream(shared.tls_config.clone()).await?;
+    let mut tls = bounded(
+        "TLS handshake",
+        start.into_stream(shared.tls_config.clone()),
+    )
+    .await?;
 
     let refusal = match &sni {
         None => Some((
@@ -123,7 +161,7 @@ async fn negotiate(
         return Ok(());
     }
 
-    let packet = wire::read_startup_packet(&mut tls).await?;
+    let packet = bounded("startup packet", wire::read_startup_packet(&mut tls)).await?;
     let parameters = (packet.code == wire::PROTOCOL_3_0)
         .then(|| wire::startup_parameters(&packet.body))
         .flatten();
@@ -151,7 +189,7 @@ async fn negotiate(
 
     tls.write_all(&wire::cleartext_password_request()).await?;
     tls.flush().await?;
-    let (tag, body) = wire::read_message(&mut tls, MAX_PASSWORD_LEN).await?;
+    let (tag, body) = bounded("password", wire::read_message(&mut tls, MAX_PASSWORD_LEN)).await?;
     let token = (tag == b'p')
         .then(|| body.strip_suffix(&[0]))
         .flatten()
@@ -162,7 +200,15 @@ async fn negotiate(
         return Ok(());
     };
     let refusal = match shared.verifier.verify(&startup.user, token) {
-        Ok(access_key) => granted(shared, &startup.user, &access_key).await.err(),
+        Ok(access_key) => match granted(shared, &startup.user, &access_key).await {
+            Ok(()) => None,
+            Err(NotGranted::Refused(refusal)) => Some(refusal),
+            Err(NotGranted::Unavailable) => {
+                shared.count_rejection(Rejection::Upstream);
+                send_fatal(&mut tls, "XX000", "server unavailable").await;
+                return Ok(());
+            }
+        },
         Err(refusal) => Some(refusal),
     };
     if let Some(refusal) = refusal {
@@ -273,20 +319,18 @@ async fn negotiate(
 /// Whether `user` may connect as the IAM identity of `access_key`: `admin` always (IAM's policy
 /// decides, [`super::auth`]); a custom role only if it was `AWS IAM GRANT`ed to that identity,
 /// when the emulator knows the identity's ARN (`DsqlEmulatorBuilder::iam_identity`).
-async fn granted(
-    shared: &Shared,
-    user: &str,
-    access_key: &str,
-) -> Result<(), super::auth::Refusal> {
+async fn granted(shared: &Shared, user: &str, access_key: &str) -> Result<(), NotGranted> {
     let Some(arn) = shared.verifier.identities.get(access_key) else {
         return Ok(());
     };
     if user == "admin" {
         return Ok(());
     }
-    let denied = || super::auth::Refusal {
-        reason: Rejection::NotAuthorized,
-        hint: format!("User: {arn} is not authorized to access this resource"),
+    let denied = || {
+        NotGranted::Refused(super::auth::Refusal {
+            reason: Rejection::NotAuthorized,
+            hint: format!("User: {arn} is not authorized to access this resource"),
+        })
     };
     let lookup = async {
         let (client, connection) =
@@ -306,13 +350,14 @@ async fn granted(
     match tokio::time::timeout(IAM_LOOKUP_TIMEOUT, lookup).await {
         Ok(Ok(true)) => Ok(()),
         Ok(Ok(false)) => Err(denied()),
+        // Not knowing is not a refusal: the client may retry.
         Ok(Err(error)) => {
             tracing::warn!(%error, "emulator cannot read its IAM role mappings");
-            Err(denied())
+            Err(NotGranted::Unavailable)
         }
         Err(_) => {
             tracing::warn!("emulator: reading its IAM role mappings timed out");
-            Err(denied())
+            Err(NotGranted::Unavailable)
         }
     }
 }

@@ -308,3 +308,45 @@ async fn bad_credentials_fail_a_checkout_with_the_refusal_itself_at_once() {
     let err = pool.get().await.unwrap_err();
     assert!(matches!(err, Error::UnknownRole { .. }), "{err:?}");
 }
+
+/// A client that stalls in its negotiation (here: after its startup message, at the password
+/// the emulator asked for) holds an admission slot only for a bounded time: the emulator lets
+/// it go (the connection ends), and the slot serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalled_in_its_negotiation_is_let_go_and_frees_its_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emulator = own_emulator(|b| b.max_open_connections(1)).await;
+    let config = std::sync::Arc::new(crate::frontend::client_tls(&emulator, true));
+    let tcp = tokio::net::TcpStream::connect(emulator.address())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(emulator.endpoint().to_owned()).unwrap();
+    let mut stalled = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let body = b"\x00\x03\x00\x00user\x00admin\x00database\x00postgres\x00\x00";
+    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(body);
+    stalled.write_all(&startup).await.unwrap();
+    assert_eq!(
+        stalled.read_u8().await.unwrap(),
+        b'R',
+        "asked for the password"
+    );
+    // Holding the only slot: another client is refused meanwhile.
+    let connector =
+        connector_for(&emulator, |b| b.connect_timeout(Duration::from_millis(300))).await;
+    assert!(connector.connect().await.is_err());
+    // The stalled client is let go within the negotiation bound (10 s; 30 s is a hang).
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the stalled negotiation was never ended");
+    // Its slot is free again.
+    let client = connector_for(&emulator, |b| b)
+        .await
+        .connect()
+        .await
+        .expect("the slot is free");
+    client.simple_query("SELECT 1").await.unwrap();
+}

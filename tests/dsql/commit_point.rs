@@ -6,6 +6,7 @@
 //! ([`crate::frontend`]) on an endpoint of the test's own.
 
 use crate::frontend::{Answer, Frontend};
+use crate::history;
 use tokio_postgres_dsql::emulator::DsqlEmulator;
 
 const OC000: &str = "change conflicts with another transaction (OC000)";
@@ -200,4 +201,25 @@ async fn a_pending_write_keeps_its_place_before_later_writes() {
             "extended: {extended}: the writes apply in statement order"
         );
     }
+}
+
+/// The seeds `cargo test` runs: 5 × 4 sessions × 60 transactions, across every shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_histories_lose_no_acknowledged_write() {
+    let mut failures = Vec::new();
+    for seed in [1, 2, 3, 4, 5] {
+        let endpoint = crate::support::own_endpoint().await;
+        let report = history::run(&endpoint, &history::Config::new(seed, 4, 60)).await;
+        eprintln!("{report}");
+        for shape in history::SHAPES {
+            assert!(
+                report.by_shape.contains_key(&shape),
+                "{shape:?} unused: {report}"
+            );
+        }
+        if !report.ok() {
+            failures.push(report.to_string());
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

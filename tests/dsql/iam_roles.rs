@@ -275,3 +275,58 @@ async fn a_custom_role_connects_only_once_granted_to_the_keys_identity() {
         .unwrap();
     assert!(connect(&emulator, &app).await.is_err());
 }
+
+/// A mapping the emulator cannot read (here: its table renamed away in the endpoint's own
+/// database) is not a refusal: the connect gets DSQL's transient `XX000 server unavailable`
+/// (retryable), not a permanent "not authorized"; once it can read again, a granted role
+/// connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_mapping_is_unavailable_not_a_refusal() {
+    let emulator = endpoint(true).await;
+    let admin = connect(&emulator, "admin").await.unwrap();
+    let app = role("iam_unavail");
+    for statement in [
+        format!("CREATE ROLE {app} WITH LOGIN"),
+        format!("AWS IAM GRANT {app} TO '{ARN}'"),
+    ] {
+        admin.batch_execute(&statement).await.unwrap();
+    }
+    let (upstream, connection) =
+        tokio_postgres::connect(&emulator.upstream_url("admin"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let relation: String = upstream
+        .query_one(
+            "SELECT CASE relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END FROM pg_class \
+             WHERE oid = 'sys.iam_pg_role_mappings'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    upstream
+        .batch_execute(&format!(
+            "ALTER {relation} sys.iam_pg_role_mappings RENAME TO iam_pg_role_mappings_away"
+        ))
+        .await
+        .unwrap();
+    let unavailable = connect(&emulator, &app).await.unwrap_err();
+    let restore = upstream
+        .batch_execute(&format!(
+            "ALTER {relation} sys.iam_pg_role_mappings_away RENAME TO iam_pg_role_mappings"
+        ))
+        .await;
+    let db = unavailable.db_error().expect("a server answer");
+    assert_eq!(
+        (db.code().code(), db.message()),
+        ("XX000", "server unavailable"),
+        "{unavailable:?}"
+    );
+    assert!(unavailable.is_transient(), "{unavailable:?}");
+    assert_eq!(emulator.stats().rejected(Rejection::NotAuthorized), 0);
+    restore.unwrap();
+    connect(&emulator, &app)
+        .await
+        .expect("the mapping reads again: the granted role connects");
+}

@@ -532,3 +532,48 @@ fn a_commit_that_skipped_its_commit_point_is_never_sent() {
     assert!(text.contains("COMMIT") && !text.contains("XX000"), "{text}");
     assert!(!d.validated, "the license is used once");
 }
+
+/// A guarded write that went through lets its savepoint go (a block of many writes would
+/// otherwise nest one savepoint a write); one after a pending write is undone and replayed at
+/// COMMIT against the tag it answered (statement order).
+#[test]
+fn a_guarded_write_releases_its_savepoint_and_a_deferred_one_is_replayed() {
+    let went_through = || {
+        let mut stream = super::message(b'C', b"SAVEPOINT\0");
+        stream.extend_from_slice(&super::message(b'Z', b"T"));
+        stream.extend_from_slice(&super::message(b'C', b"UPDATE 2\0"));
+        stream.extend_from_slice(&super::message(b'Z', b"T"));
+        stream
+    };
+    let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
+    let mut out = Vec::new();
+    responder.feed(&went_through(), &mut out);
+    let reply = rx.try_recv().unwrap();
+    assert!(!reply.pending, "{reply:?}");
+    assert_eq!(
+        reply.requests,
+        [(query("RELEASE SAVEPOINT dsql_emulator_occ"), Plan::Swallow)]
+    );
+    let deferred = Plan::Write {
+        guard: Some("UPDATE 1"),
+        autocommit: false,
+        oversize: None,
+        defer: true,
+    };
+    let (mut responder, mut rx) = responder_for(&[Plan::Swallow, deferred]);
+    let mut out = Vec::new();
+    responder.feed(&went_through(), &mut out);
+    // The client has its real answer.
+    assert!(String::from_utf8_lossy(&out).contains("UPDATE 2"));
+    let reply = rx.try_recv().unwrap();
+    assert!(reply.pending, "{reply:?}");
+    assert_eq!(reply.tag.as_deref(), Some("UPDATE 2"));
+    assert_eq!(
+        reply.requests,
+        [(
+            query("ROLLBACK TO SAVEPOINT dsql_emulator_occ; RELEASE SAVEPOINT dsql_emulator_occ"),
+            Plan::Swallow
+        )]
+    );
+    assert_eq!(responder.owed, 1);
+}

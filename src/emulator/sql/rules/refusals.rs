@@ -79,6 +79,18 @@ pub(super) fn transaction(t: &protobuf::TransactionStmt) -> Option<Refusal> {
         TransactionStmtKind::TransStmtRelease => {
             Some(unsupported("unsupported transaction statement: RELEASE"))
         }
+        // No two-phase commit on DSQL (`DSQL_FACTS.md` §5; the wording is inferred from the
+        // savepoint refusals): a prepared transaction would also commit past the relay's
+        // commit point.
+        TransactionStmtKind::TransStmtPrepare => Some(unsupported(
+            "unsupported transaction statement: PREPARE TRANSACTION",
+        )),
+        TransactionStmtKind::TransStmtCommitPrepared => Some(unsupported(
+            "unsupported transaction statement: COMMIT PREPARED",
+        )),
+        TransactionStmtKind::TransStmtRollbackPrepared => Some(unsupported(
+            "unsupported transaction statement: ROLLBACK PREPARED",
+        )),
         TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart => {
             isolation(&t.options)
         }

@@ -124,4 +124,17 @@ fn set_and_transactions() {
         refused("ROLLBACK TO SAVEPOINT sp").1,
         "unsupported transaction statement: ROLLBACK TO"
     );
+    for (text, what) in [
+        ("PREPARE TRANSACTION 'x'", "PREPARE TRANSACTION"),
+        ("COMMIT PREPARED 'x'", "COMMIT PREPARED"),
+        ("ROLLBACK PREPARED 'x'", "ROLLBACK PREPARED"),
+    ] {
+        assert_eq!(
+            refused(text),
+            (
+                "0A000".to_owned(),
+                format!("unsupported transaction statement: {what}")
+            )
+        );
+    }
 }
