@@ -11,6 +11,8 @@
 //! autocommit write: a one-row `INSERT … VALUES` (its text bounds its rows, so the rules relay
 //! sends it as it is), and an `UPDATE`, which the rules relay runs in a transaction of its own
 //! to enforce DSQL's row limit (one more round trip to PostgreSQL, for its `COMMIT`).
+//! `relay_transaction_update`: `BEGIN`, the `UPDATE`, `COMMIT` (three queries): the guarded
+//! write (a savepoint before it, released after it) and the `COMMIT` through its commit point.
 
 mod support;
 
@@ -39,14 +41,16 @@ impl Checkout for Ours {
     }
 }
 
-/// Checkout + an autocommit write (where `Ours` reads).
+/// Checkout + writes, one simple query each (where `Ours` reads).
 #[derive(Clone)]
-struct OursWrite(DsqlPool, &'static str);
+struct OursWrite(DsqlPool, &'static [&'static str]);
 
 impl Checkout for OursWrite {
     async fn run(&self) {
         let conn = self.0.get().await.unwrap();
-        conn.simple_query(self.1).await.unwrap();
+        for statement in self.1 {
+            conn.simple_query(statement).await.unwrap();
+        }
     }
 }
 
@@ -175,11 +179,16 @@ fn pools(c: &mut Criterion) {
             conn.batch_execute(statement).await.unwrap();
         }
     });
-    let writes = [("insert", INSERT), ("update", UPDATE)].map(|(name, sql)| {
+    let writes: [(&str, &'static [&'static str]); 3] = [
+        ("autocommit_insert", &[INSERT]),
+        ("autocommit_update", &[UPDATE]),
+        ("transaction_update", &["BEGIN", UPDATE, "COMMIT"]),
+    ];
+    let writes = writes.map(|(name, statements)| {
         (
             name,
-            OursWrite(ours.0.clone(), sql),
-            OursWrite(ours_bytes.0.clone(), sql),
+            OursWrite(ours.0.clone(), statements),
+            OursWrite(ours_bytes.0.clone(), statements),
         )
     });
 
@@ -231,7 +240,7 @@ fn pools(c: &mut Criterion) {
     });
     group.finish();
     for (name, rules, bytes) in &writes {
-        let mut group = c.benchmark_group(format!("relay_autocommit_{name}"));
+        let mut group = c.benchmark_group(format!("relay_{name}"));
         group.bench_function("byte relay", |b| {
             b.to_async(&rt)
                 .iter_custom(|iters| drive(bytes.clone(), 1, iters))
@@ -253,11 +262,10 @@ fn pools(c: &mut Criterion) {
         for (name, rules, bytes) in &writes {
             let ratio = rt.block_on(alternating_ratio(bytes, rules, 1, ROUNDS));
             println!(
-                "relay_autocommit_{name}: the message-aware relay (SQL rules) costs {:+.1} % per \
-                 checkout + autocommit {} against the byte relay (median of {ROUNDS} \
-                 alternating ~100 ms rounds)",
+                "relay_{name}: the message-aware relay (SQL rules) costs {:+.1} % per checkout + \
+                 {} against the byte relay (median of {ROUNDS} alternating ~100 ms rounds)",
                 (ratio - 1.0) * 100.0,
-                name.to_ascii_uppercase(),
+                rules.1.join("; "),
             );
         }
     }

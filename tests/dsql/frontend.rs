@@ -222,6 +222,19 @@ impl Frontend {
         self.message(b'H', b"")
     }
 
+    /// Sends what is queued; `Err` says why it could not (the emulator closed the session).
+    pub async fn try_send(&mut self) -> Result<(), String> {
+        let out = std::mem::take(&mut self.out);
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("the connection closed: {e}"))?;
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| format!("the connection closed: {e}"))
+    }
+
     /// Sends what is queued.
     pub async fn send(&mut self) {
         let out = std::mem::take(&mut self.out);

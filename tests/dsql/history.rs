@@ -14,9 +14,10 @@
 //!   autocommit increment. A seeded scheduler picks which session takes its next step, so a
 //!   session leaves its transaction open while others run; one step in ten runs two sessions'
 //!   steps at once (crossed commits).
-//! - **Invariants**: every counter ends equal to the increments of the transactions that were
-//!   told `COMMIT` (no lost, no phantom increment); the log holds exactly the ids of the
-//!   acknowledged transactions; every failure is `40001` (at a statement or at `COMMIT`) and
+//! - **Invariants**: every counter holds, by name (each write appends its transaction's id to
+//!   the row's `ops`), exactly the increments of the transactions that were told `COMMIT`,
+//!   and its value is their number (no lost, no phantom, no overwritten increment); the log
+//!   holds exactly the ids of the acknowledged transactions; every failure is `40001` (at a statement or at `COMMIT`) and
 //!   leaves nothing behind; every answer comes within [`STEP_BOUND`] (no hang); every session
 //!   ends usable (`SELECT 1`). A committed transaction's reads must be repeatable and show its
 //!   own writes; a read that misses the transaction's own pending write is DSQL-legal only
@@ -167,9 +168,11 @@ pub struct Report {
     /// Increments the counters hold that no acknowledged transaction made.
     pub phantom: u64,
     /// Reads in committed transactions that did not show the transaction's own earlier
-    /// writes (the documented deviation: a pending write is not visible to its transaction).
+    /// writes (the documented deviation: a pending write, and the writes after it, are not
+    /// visible to the transaction).
     pub own_write_misses: usize,
-    /// Reads in committed transactions.
+    /// Reads in committed transactions whose value the checker can predict (the counter was
+    /// read before the transaction wrote it): the base of `own_write_misses`.
     pub checked_reads: usize,
     /// By shape: (transactions, committed, conflicts).
     pub by_shape: BTreeMap<Shape, (usize, usize, usize)>,
@@ -259,7 +262,8 @@ pub async fn run(emulator: &DsqlEmulator, config: &Config) -> Report {
     for statement in [
         "DROP TABLE IF EXISTS history_counter",
         "DROP TABLE IF EXISTS history_log",
-        "CREATE TABLE history_counter (k int PRIMARY KEY, v bigint NOT NULL)",
+        "CREATE TABLE history_counter (k int PRIMARY KEY, v bigint NOT NULL, \
+         ops text NOT NULL DEFAULT '')",
         "CREATE TABLE history_log (id text PRIMARY KEY)",
     ] {
         let answer = admin.simple(statement).await;
@@ -365,7 +369,10 @@ fn generate(rng: &mut fastrand::Rng, config: &Config, id: String) -> Plan {
             ops.push(Op::Increment(k));
         }
         if rng.u32(..3) == 0 {
-            ops.push(Op::Read(counter(rng)));
+            // Half the reads are of the counter just written: they show whether the
+            // transaction sees its own writes.
+            let read = if rng.bool() { k } else { counter(rng) };
+            ops.push(Op::Read(read));
         }
     }
     Plan {
@@ -376,12 +383,15 @@ fn generate(rng: &mut fastrand::Rng, config: &Config, id: String) -> Plan {
     }
 }
 
-/// The text of an operation's write (`value`: a read-modify-write's new value).
-fn write_text(k: u32, value: Option<i64>) -> String {
-    match value {
-        Some(value) => format!("UPDATE history_counter SET v = {value} WHERE k = {k}"),
-        None => format!("UPDATE history_counter SET v = v + 1 WHERE k = {k}"),
-    }
+/// The text of transaction `id`'s write of counter `k` (`value`: a read-modify-write's new
+/// value): it also appends `id` to the counter's `ops`, so that every increment is accounted
+/// for by name (a lost one and a phantom one cannot cancel out).
+fn write_text(id: &str, k: u32, value: Option<i64>) -> String {
+    let set = match value {
+        Some(value) => value.to_string(),
+        None => "v + 1".to_owned(),
+    };
+    format!("UPDATE history_counter SET v = {set}, ops = ops || ' {id}' WHERE k = {k}")
 }
 
 fn read_text(k: u32) -> String {
@@ -397,7 +407,7 @@ fn whole_texts(plan: &Plan) -> Vec<String> {
     let mut texts = vec!["BEGIN".to_owned()];
     for op in &plan.ops {
         texts.push(match *op {
-            Op::Increment(k) | Op::ReadModifyWrite(k) => write_text(k, None),
+            Op::Increment(k) | Op::ReadModifyWrite(k) => write_text(&plan.id, k, None),
             Op::Read(k) => read_text(k),
         });
     }
@@ -450,7 +460,13 @@ async fn exchange(
     report: &mut Report,
     what: &str,
 ) -> Option<Answer> {
-    session.frontend.send().await;
+    if let Err(why) = session.frontend.try_send().await {
+        report
+            .violations
+            .push(format!("session {}: {what}: {why}", session.index));
+        session.broken = true;
+        return None;
+    }
     let answer = if flushed {
         let mut messages = Vec::new();
         loop {
@@ -525,11 +541,11 @@ async fn stepwise(
         ("BEGIN".to_owned(), None)
     } else if at <= ops {
         match running.plan.ops[at - 1] {
-            Op::Increment(k) => (write_text(k, None), None),
+            Op::Increment(k) => (write_text(&running.plan.id, k, None), None),
             Op::Read(k) => (read_text(k), Some(k)),
             Op::ReadModifyWrite(k) => match running.read_value.take() {
                 None => (read_text(k), Some(k)),
-                Some(value) => (write_text(k, Some(value + 1)), None),
+                Some(value) => (write_text(&running.plan.id, k, Some(value + 1)), None),
             },
         }
     } else if at == ops + 1 {
@@ -672,7 +688,7 @@ async fn stepwise_batched_begin(
     report: &mut Report,
 ) -> Result<Option<Running>, (Plan, Outcome)> {
     let text = match running.plan.ops[0] {
-        Op::Increment(k) => write_text(k, None),
+        Op::Increment(k) => write_text(&running.plan.id, k, None),
         Op::Read(k) | Op::ReadModifyWrite(k) => read_text(k),
     };
     let f = &mut session.frontend;
@@ -751,7 +767,17 @@ async fn finish_first(
 /// increments is the documented deviation.
 fn judge_reads(running: &Running, report: &mut Report) {
     for &(k, value, base, own) in &running.reads {
-        // A read-modify-write writes base + 1 whatever the counter held: its own increment.
+        if own == 0 {
+            // Nothing of its own to miss: a repeated read (checked as equal below) or the
+            // first one.
+            if value != base {
+                report.violations.push(format!(
+                    "{}: counter {k} read {value}, then {base} before: not repeatable",
+                    running.plan.id
+                ));
+            }
+            continue;
+        }
         report.checked_reads += 1;
         if value == base + own {
             continue;
@@ -795,7 +821,7 @@ async fn whole(session: &mut Session, plan: Plan, report: &mut Report) -> Vec<(P
             let Op::Increment(k) = plans[0].ops[0] else {
                 unreachable!()
             };
-            let text = write_text(k, None);
+            let text = write_text(&plans[0].id, k, None);
             if plans[0].id.len() % 2 == 0 {
                 f.query(&text);
             } else {
@@ -922,7 +948,6 @@ async fn judge(
     outcomes: &[(Plan, Outcome)],
     report: &mut Report,
 ) {
-    let mut expected: BTreeMap<u32, u64> = (0..config.counters).map(|k| (k, 0)).collect();
     let mut logged_expected = BTreeSet::new();
     for (plan, outcome) in outcomes {
         report.transactions += 1;
@@ -932,9 +957,6 @@ async fn judge(
             Outcome::Committed => {
                 report.committed += 1;
                 entry.1 += 1;
-                for (k, n) in plan.increments() {
-                    *expected.entry(k).or_default() += n;
-                }
                 if plan.shape != Shape::Autocommit {
                     logged_expected.insert(plan.id.clone());
                 }
@@ -946,35 +968,72 @@ async fn judge(
             Outcome::RolledBack => report.rolled_back += 1,
         }
     }
+    // Each counter: the increments it holds, by name, against the acknowledged ones.
+    let mut expected_ids: BTreeMap<u32, BTreeMap<String, u64>> = BTreeMap::new();
+    for (plan, outcome) in outcomes {
+        if *outcome == Outcome::Committed {
+            for (k, n) in plan.increments() {
+                *expected_ids
+                    .entry(k)
+                    .or_default()
+                    .entry(plan.id.clone())
+                    .or_default() += n;
+            }
+        }
+    }
     let counters = admin
-        .simple("SELECT k, v FROM history_counter ORDER BY k")
+        .simple("SELECT k, v, ops FROM history_counter ORDER BY k")
         .await;
-    let values: Vec<(u32, u64)> = counters
-        .messages
-        .iter()
-        .filter(|m| m.tag == b'D')
-        .map(|m| {
-            let fields = data_fields(m);
-            (
-                fields[0].parse().unwrap_or(u32::MAX),
-                fields[1].parse().unwrap_or(u64::MAX),
-            )
-        })
-        .collect();
-    for (k, v) in values {
-        let want = expected.get(&k).copied().unwrap_or(0);
-        if v < want {
-            report.lost += want - v;
+    for message in counters.messages.iter().filter(|m| m.tag == b'D') {
+        let fields = data_fields(message);
+        let k: u32 = fields[0].parse().unwrap_or(u32::MAX);
+        let v: u64 = fields[1].parse().unwrap_or(u64::MAX);
+        let mut held: BTreeMap<String, u64> = BTreeMap::new();
+        for id in fields[2].split_whitespace() {
+            *held.entry(id.to_owned()).or_default() += 1;
+        }
+        let want = expected_ids.remove(&k).unwrap_or_default();
+        let (mut lost, mut phantom) = (Vec::new(), Vec::new());
+        for (id, n) in &want {
+            let got = held.get(id).copied().unwrap_or(0);
+            if got < *n {
+                lost.push(format!("{id}×{}", n - got));
+                report.lost += n - got;
+            }
+        }
+        for (id, n) in &held {
+            let wanted = want.get(id).copied().unwrap_or(0);
+            if *n > wanted {
+                phantom.push(format!("{id}×{}", n - wanted));
+                report.phantom += n - wanted;
+            }
+        }
+        if !lost.is_empty() {
             report.violations.push(format!(
-                "counter {k} holds {v}: {} acknowledged increments lost",
-                want - v
+                "counter {k}: acknowledged increments missing: {}",
+                lost.join(" ")
             ));
-        } else if v > want {
-            report.phantom += v - want;
+        }
+        if !phantom.is_empty() {
             report.violations.push(format!(
-                "counter {k} holds {v}: {} increments no acknowledged transaction made",
-                v - want
+                "counter {k}: increments no acknowledged transaction made: {}",
+                phantom.join(" ")
             ));
+        }
+        // Every named increment added one: fewer means one overwrote another (a lost update
+        // by a stale read-modify-write).
+        let named: u64 = held.values().sum();
+        if v < named {
+            report.lost += named - v;
+            report.violations.push(format!(
+                "counter {k} holds {v} after {named} increments: {} overwritten",
+                named - v
+            ));
+        } else if v > named {
+            report.phantom += v - named;
+            report
+                .violations
+                .push(format!("counter {k} holds {v} after {named} increments"));
         }
     }
     let log = admin.simple("SELECT id FROM history_log").await;

@@ -189,6 +189,9 @@ pub(crate) struct Dialect {
     /// The rest of a batch whose released part is being ended by a `Sync` of the relay's, and
     /// the client's `Sync` ([`Dialect::on_batch`]).
     pub(super) resume: Option<(Vec<u8>, Vec<u8>)>,
+    /// The statement that commits about to go upstream took its license: its request's plan
+    /// says so, for the [`Responder`]'s check.
+    pub(super) licensed_commit: bool,
 }
 
 /// An autocommit write as the relay runs it again ([`Planned::retry`]): what went before it
@@ -302,9 +305,10 @@ pub(super) fn messages(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8], &[u8])>
     })
 }
 
-/// An extended-protocol batch that runs `text` as a statement of the relay's own (so that
-/// neither the client's unnamed statement nor its named ones change) with the `Bind`
-/// parameters `params` (formats and values, as the client sent them), ending with `Sync`.
+/// An extended-protocol batch that runs `text` as a statement of the relay's own, through a
+/// portal of its own (so that neither the client's unnamed statement and portal nor its named
+/// ones change) with the `Bind` parameters `params` (formats and values, as the client sent
+/// them), ending with `Sync`.
 pub(super) fn statement_batch(text: &str, types: &[u32], params: &[u8]) -> Vec<u8> {
     const NAME: &str = "dsql_emulator_replay";
     let mut out = message(b'C', format!("S{NAME}\0").as_bytes());
@@ -314,11 +318,14 @@ pub(super) fn statement_batch(text: &str, types: &[u32], params: &[u8]) -> Vec<u
         parse.extend_from_slice(&oid.to_be_bytes());
     }
     crate::emulator::wire::append_message(&mut out, b'P', &parse);
-    let mut bind = format!("\0{NAME}\0").into_bytes();
+    let mut bind = format!("{NAME}\0{NAME}\0").into_bytes();
     bind.extend_from_slice(params);
     bind.extend_from_slice(&0u16.to_be_bytes());
     crate::emulator::wire::append_message(&mut out, b'B', &bind);
-    crate::emulator::wire::append_message(&mut out, b'E', b"\0\0\0\0\0");
+    let mut execute = format!("{NAME}\0").into_bytes();
+    execute.extend_from_slice(&0u32.to_be_bytes());
+    crate::emulator::wire::append_message(&mut out, b'E', &execute);
+    crate::emulator::wire::append_message(&mut out, b'C', format!("P{NAME}\0").as_bytes());
     crate::emulator::wire::append_message(&mut out, b'C', format!("S{NAME}\0").as_bytes());
     crate::emulator::wire::append_message(&mut out, b'S', b"");
     out
@@ -369,7 +376,7 @@ impl Dialect {
     }
 
     /// The open transaction has a write pending for its `COMMIT`: its later writes go after
-    /// it ([`Plan::Write`]'s `defer`), or, when the relay cannot undo them alone, are refused.
+    /// it ([`Plan::Write`]'s `defer`), or, when the relay cannot undo them alone, doom it.
     pub(super) fn pending_writes(&self) -> bool {
         self.in_block && self.replays.iter().any(|r| r.told.is_some())
     }
@@ -460,6 +467,9 @@ impl Dialect {
     /// the transaction's pending writes: it is refused loudly (`XX000`, logged), never sent.
     pub(super) fn take_license(&mut self, kind: Kind) -> Option<Refusal> {
         let licensed = std::mem::take(&mut self.validated);
+        if kind == Kind::Commit && licensed {
+            self.licensed_commit = true;
+        }
         if kind != Kind::Commit || licensed || !self.in_block {
             return None;
         }
@@ -565,9 +575,16 @@ impl Dialect {
         // locks again, which a later committer may wait for.
         if self.in_block && self.entry.doomed(self.block) {
             self.replays.clear();
+            // The session may be in the middle of an extended batch (part of it went upstream
+            // at a Flush, its answers maybe still on their way, PostgreSQL maybe skipping to
+            // its Sync after an error): a Sync of the relay's ends that part first (what
+            // answers it passes, its ReadyForQuery dropped); then the rollback and the new
+            // block, as statements of the relay's own (the client's unnamed statement stays).
+            out.push(&message(b'S', b""), Some(Plan::AllButReady));
+            out.push(&hidden("ROLLBACK"), Some(Plan::Release));
             out.push(
-                &query("ROLLBACK; BEGIN ISOLATION LEVEL REPEATABLE READ"),
-                Some(Plan::Release),
+                &hidden("BEGIN ISOLATION LEVEL REPEATABLE READ"),
+                Some(Plan::Swallow),
             );
         }
     }

@@ -197,7 +197,7 @@ impl Dialect {
     /// The end of an extended-protocol batch (`raw` and the client's `Sync`): sent as it is,
     /// or one `Execute` at a time when it opens, ends or writes in a transaction block.
     pub(super) fn on_batch(&mut self, raw: Vec<u8>, sync: Vec<u8>, out: &mut Outgoing) {
-        if self.skipping.is_none() && self.batch.released && self.commits(&raw) {
+        if self.skipping.is_none() && self.in_block && self.batch.released && self.commits(&raw) {
             // Part of the batch went upstream at an earlier Flush and its COMMIT waited here: a
             // Sync of the relay's ends that part first (its ReadyForQuery hidden), so that the
             // COMMIT's validation runs between whole batches; after an error in that part,
@@ -265,7 +265,8 @@ impl Dialect {
             ),
             Piece::Refusal { .. } => false,
         };
-        if commits && self.commit_point(&piece, intermediate, out) {
+        // (A batch being skipped to its Sync after a refusal executes nothing.)
+        if commits && self.skipping.is_none() && self.commit_point(&piece, intermediate, out) {
             return;
         }
         self.run_piece(piece, intermediate, out);
@@ -420,6 +421,7 @@ impl Dialect {
             }
             out.push(&held, None);
             out.push(whole, Some(plan));
+            self.mark_licensed(out);
             if waits {
                 self.waited(batch.ddl, out);
             }
@@ -460,6 +462,11 @@ impl Dialect {
         }
         let name = String::from_utf8_lossy(name).into_owned();
         let text = String::from_utf8_lossy(text).into_owned();
+        if !name.is_empty() && self.statements.contains_key(&name) {
+            // PostgreSQL refuses a second statement of that name (42P05) and keeps the first:
+            // so does the relay's map.
+            return self.hold(whole, out);
+        }
         let classified = self.classified(&text);
         let prepared = match classified.statements.as_slice() {
             [one] => match &one.refusal {
@@ -567,13 +574,12 @@ impl Dialect {
         let mut state = self.transaction();
         match state.apply(prepared.kind) {
             Ok(()) => {
-                if prepared.kind == Kind::Dml
-                    && self.pending_writes()
-                    && (prepared.write_tag.is_none()
-                        || prepared.copy_in
-                        || self.early
-                        || self.batch.released
-                        || self.batch.reuses_unnamed)
+                let unguarded = prepared.write_tag.is_none()
+                    || self.early
+                    || self.batch.released
+                    || self.batch.reuses_unnamed;
+                if self.pending_writes()
+                    && ((prepared.kind == Kind::Dml && unguarded) || prepared.copy_in)
                 {
                     // A write the relay cannot undo alone goes before the pending one it
                     // follows: the transaction cannot commit (see `occ`).

@@ -17,7 +17,8 @@
 //!   emulator's sessions, not already committing ahead of this one, is *doomed*: its session
 //!   rolls its transaction back upstream as soon as it is idle (keeping a transaction block
 //!   open for the client, [`Dialect::release`](super::Dialect::release)), which frees the
-//!   rows, and its `COMMIT` will answer `40001 … (OC000)`. A replay that fails (the rows were
+//!   rows, and its `COMMIT` will answer `40001 … (OC000)`. It is rolled back again at each
+//!   later doom: a client that goes on in its doomed transaction takes row locks again. A replay that fails (the rows were
 //!   changed by a transaction that committed first: PostgreSQL's serialization failure) or
 //!   answers another tag than the client was told fails the `COMMIT` with `OC000`.
 //! - A transaction that committed first leaves its rows changed (a locking read's rows are

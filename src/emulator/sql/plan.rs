@@ -78,9 +78,8 @@ pub(crate) enum Plan {
     /// error reported in the [`Reply`]. `owed`: it is a pending write, which the
     /// [`Responder`] counts as replayed when it answers a tag.
     Replay { owed: bool },
-    /// The rollback (and new block) of a transaction a committer doomed
-    /// ([`Dialect::release`]): swallowed; the [`Responder`] notes that nothing of that block
-    /// may be acknowledged as committed.
+    /// The rollback of a transaction a committer doomed ([`Dialect::release`]): swallowed;
+    /// the [`Responder`] notes that nothing of that block may be acknowledged as committed.
     Release,
     /// The `Sync` a client sends after `CopyDone` or `CopyFail` of an extended-protocol
     /// `COPY … FROM STDIN`: the server answers it only when the `COPY` never started (an error
@@ -108,6 +107,9 @@ pub(crate) struct Planned {
     pub(crate) retry: bool,
     /// A write run again: the `CloseComplete`s of the relay's `Close`s are dropped.
     pub(crate) drop_close: bool,
+    /// The request carries a `COMMIT` that passed the commit point: the only request whose
+    /// `COMMIT` tag may end a transaction block ([`Responder::finish`]).
+    pub(crate) commit: bool,
 }
 
 impl Planned {
@@ -120,6 +122,7 @@ impl Planned {
             own_block: false,
             retry: false,
             drop_close: false,
+            commit: false,
         }
     }
 }

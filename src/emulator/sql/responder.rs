@@ -49,6 +49,9 @@ pub(crate) struct Responder {
     /// The open transaction lost a conflict (a write met a row changed since its snapshot, or
     /// a committer doomed it): no `COMMIT` of it may be acknowledged.
     pub(super) lost_block: bool,
+    /// The answers so far show the session in a transaction block (the last `ReadyForQuery`,
+    /// and the `BEGIN`, `COMMIT` and `ROLLBACK` tags since).
+    pub(super) answer_in_block: bool,
 }
 
 /// What the client is told instead of a `COMMIT` the relay would have acknowledged although
@@ -79,6 +82,7 @@ impl Responder {
             write_tag: None,
             owed: 0,
             lost_block: false,
+            answer_in_block: false,
         }
     }
 
@@ -116,27 +120,19 @@ impl Responder {
     /// One whole server message in `self.current`.
     ///
     /// The answer-side invariant: a `COMMIT` command tag is never passed on for a transaction
-    /// whose pending writes were not all replayed in it, or that lost a conflict; it becomes
-    /// an `XX000` error ([`UNVALIDATED_COMMIT`]), logged, whatever path let it through.
+    /// whose pending writes were not all replayed in it, that lost a conflict, or whose
+    /// `COMMIT` did not pass the commit point (its request's plan says so,
+    /// [`Planned::commit`]); it becomes an `XX000` error ([`UNVALIDATED_COMMIT`]), logged,
+    /// whatever path let it through.
     pub(super) fn finish(&mut self, out: &mut Vec<u8>) {
-        if self.current[0] == b'C'
-            && self.current[5..] == *b"COMMIT\0"
-            && (self.owed > 0 || self.lost_block)
-        {
-            tracing::error!(
-                owed = self.owed,
-                lost = self.lost_block,
-                "emulator: a COMMIT reached PostgreSQL without its validation; the client is \
-                 told XX000 instead of COMMIT"
-            );
-            let mut error = Vec::new();
-            error_response(&Refusal::new("XX000", UNVALIDATED_COMMIT), &mut error);
-            self.current = error;
+        let front = self.plans.lock().front().copied();
+        if self.current[0] == b'C' {
+            self.check_commit(front);
         }
         let tag = self.current[0];
         let ready = tag == b'Z';
         self.copying |= tag == b'G';
-        let Some(planned) = self.plans.lock().front().copied() else {
+        let Some(planned) = front else {
             if ready {
                 return self.lose_track("a ReadyForQuery no request accounts for", out);
             }
@@ -166,6 +162,37 @@ impl Responder {
         }
         if ready {
             self.ready(planned, out);
+        }
+    }
+
+    /// The commit ledger's check of a `CommandComplete` (see [`Responder::finish`]), and the
+    /// transaction block as the answers show it.
+    fn check_commit(&mut self, planned: Option<Planned>) {
+        let body = &self.current[5..];
+        let tag = body.strip_suffix(&[0]).unwrap_or(body);
+        match tag {
+            b"BEGIN" | b"START TRANSACTION" => self.answer_in_block = true,
+            b"ROLLBACK" => self.answer_in_block = false,
+            b"COMMIT" => {
+                // The relay's own COMMIT of an autocommit write's transaction, and a COMMIT
+                // that passed the commit point, may end a block; nothing else may.
+                let licensed = planned.is_some_and(|p| p.commit || p.plan == Plan::Finish);
+                let unlicensed = self.answer_in_block && !licensed;
+                if self.owed > 0 || self.lost_block || unlicensed {
+                    tracing::error!(
+                        owed = self.owed,
+                        lost = self.lost_block,
+                        unlicensed,
+                        "emulator: a COMMIT reached PostgreSQL without its validation; the \
+                         client is told XX000 instead of COMMIT"
+                    );
+                    let mut error = Vec::new();
+                    error_response(&Refusal::new("XX000", UNVALIDATED_COMMIT), &mut error);
+                    self.current = error;
+                }
+                self.answer_in_block = false;
+            }
+            _ => {}
         }
     }
 
@@ -229,6 +256,7 @@ impl Responder {
                 self.owed = 0;
                 self.lost_block = false;
             }
+            self.answer_in_block = status != b'I';
             if planned.plan == Plan::Release {
                 self.lost_block = true;
             }

@@ -33,7 +33,9 @@ impl Dialect {
         if statements.len() < 2 || statements.iter().any(|s| s.copy_in) {
             return None;
         }
-        let opens = statements[0].kind == Kind::Begin;
+        // (A block opened anywhere in the text: its writes and its COMMIT are the relay's to
+        // guard and validate.)
+        let opens = statements.iter().any(|s| s.kind == Kind::Begin);
         let transaction = statements
             .iter()
             .any(|s| matches!(s.kind, Kind::Begin | Kind::Commit | Kind::Rollback));
@@ -120,6 +122,11 @@ impl Dialect {
             defer: false,
         };
         let copy_in = classified.statements.iter().any(|s| s.copy_in);
+        if copy_in && self.pending_writes() {
+            // COPY cannot be undone alone: it goes before the pending write it follows, so the
+            // transaction cannot commit (see `occ`).
+            self.plans.doomed.store(true, Ordering::SeqCst);
+        }
         let mut replay = None;
         let (prefix, plan) = if !kinds.contains(&Kind::Dml) || copy_in {
             // (With `COPY … FROM STDIN` the relay would wait for the answer while the server
@@ -213,6 +220,7 @@ impl Dialect {
             query(&classified.upstream_text)
         };
         out.push(&request, Some(plan));
+        self.mark_licensed(out);
         if !state.in_block && kinds == [Kind::Dml] && intermediate.is_none() && !copy_in {
             self.retry_on_held_row(request, plan, out);
         }
@@ -273,6 +281,16 @@ impl Dialect {
         if let Some(intermediate) = intermediate {
             out.mark_piece(intermediate);
             self.awaiting.piece = Some(intermediate);
+        }
+    }
+
+    /// Marks the plan just pushed as the answer to a licensed `COMMIT`, if the request's
+    /// statement took the license ([`Dialect::take_license`]).
+    pub(super) fn mark_licensed(&mut self, out: &mut Outgoing) {
+        if std::mem::take(&mut self.licensed_commit)
+            && let Some(last) = out.plans.last_mut()
+        {
+            last.commit = true;
         }
     }
 

@@ -188,11 +188,13 @@ fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
     let (text, _) = send(&mut d, &message(b'H', b""));
     assert!(text.contains("SELECT 2"), "{text}");
     send(&mut d, &sync());
-    // ASYNC DDL goes as the SELECT that runs it and answers its job, with its own tag.
-    send(&mut d, &parse("s1", "CREATE INDEX ASYNC i ON t (v)"));
+    // ASYNC DDL goes as the SELECT that runs it and answers its job, with its own tag. (A
+    // name of its own: PostgreSQL refuses a second statement named s1, and so does the
+    // relay's map.)
+    send(&mut d, &parse("s3", "CREATE INDEX ASYNC i ON t (v)"));
     let (text, _) = send(&mut d, &sync());
     let expected = parse(
-        "s1",
+        "s3",
         "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$CREATE INDEX  i ON t \
          (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i') AS job_id",
     );
@@ -201,7 +203,7 @@ fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
         text.starts_with(&*String::from_utf8_lossy(&expected)),
         "{text}"
     );
-    send(&mut d, &bind("s1"));
+    send(&mut d, &bind("s3"));
     send(&mut d, &execute());
     let (_, plans) = send(&mut d, &sync());
     // (After the lock timeout a DDL waits under.)
@@ -279,6 +281,15 @@ fn error(code: &str, extra: &[u8]) -> Vec<u8> {
     body.extend_from_slice(extra);
     body.push(0);
     message(b'E', &body)
+}
+
+fn responder_with(plans: &[Planned]) -> (Responder, tokio::sync::mpsc::Receiver<Reply>) {
+    let shared = Plans::default();
+    for planned in plans {
+        shared.push(*planned);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    (Responder::new(shared, tx), rx)
 }
 
 fn responder_for(plans: &[Plan]) -> (Responder, tokio::sync::mpsc::Receiver<Reply>) {
@@ -461,14 +472,18 @@ fn a_commit_that_skipped_its_replays_is_never_acknowledged() {
     assert!(responder.feed(&commit(), &mut out));
     assert_eq!(out, commit());
 
-    // Validated: the replay answered its tag, then the COMMIT passes.
-    let (mut responder, _rx) = responder_for(&[
-        Plan::Swallow,
-        guard("UPDATE 1"),
-        Plan::Swallow,
-        Plan::Swallow,
-        Plan::Replay { owed: true },
-        Plan::Pass,
+    // Validated: the replay answered its tag, then the COMMIT (its request licensed by the
+    // commit point) passes.
+    let (mut responder, _rx) = responder_with(&[
+        Planned::new(Plan::Swallow),
+        Planned::new(guard("UPDATE 1")),
+        Planned::new(Plan::Swallow),
+        Planned::new(Plan::Swallow),
+        Planned::new(Plan::Replay { owed: true }),
+        Planned {
+            commit: true,
+            ..Planned::new(Plan::Pass)
+        },
     ]);
     pending(&mut responder);
     let mut stream = super::message(b'C', b"SET\0");
@@ -482,13 +497,46 @@ fn a_commit_that_skipped_its_replays_is_never_acknowledged() {
     assert!(responder.feed(&commit(), &mut out));
     assert_eq!(out, commit());
 
-    // A transaction a committer doomed (its rollback upstream): no COMMIT of it passes.
-    let (mut responder, _rx) = responder_for(&[Plan::Release, Plan::Pass]);
-    let mut stream = super::message(b'C', b"ROLLBACK\0");
+    // In a block, a COMMIT whose request did not pass the commit point is refused even with
+    // nothing owed; outside one (a no-op COMMIT) it passes.
+    let begun = || {
+        let mut stream = super::message(b'C', b"BEGIN\0");
+        stream.extend_from_slice(&super::message(b'Z', b"T"));
+        stream
+    };
+    let (mut responder, _rx) = responder_for(&[Plan::Pass, Plan::Pass]);
+    let mut out = Vec::new();
+    assert!(responder.feed(&begun(), &mut out));
+    let mut out = Vec::new();
+    assert!(responder.feed(&commit(), &mut out));
+    assert!(String::from_utf8_lossy(&out).contains("CXX000"));
+    let (mut responder, _rx) = responder_for(&[Plan::Pass]);
+    let mut out = Vec::new();
+    assert!(responder.feed(&commit(), &mut out));
+    assert_eq!(out, commit());
+
+    // A transaction a committer doomed (the relay's Sync, its rollback, a new block): no
+    // COMMIT of it passes, licensed or not.
+    let (mut responder, _rx) = responder_with(&[
+        Planned::new(Plan::Pass),
+        Planned::new(Plan::AllButReady),
+        Planned::new(Plan::Release),
+        Planned::new(Plan::Swallow),
+        Planned {
+            commit: true,
+            ..Planned::new(Plan::Pass)
+        },
+    ]);
+    let mut out = Vec::new();
+    assert!(responder.feed(&begun(), &mut out));
+    let mut stream = super::message(b'Z', b"T");
+    stream.extend_from_slice(&super::message(b'C', b"ROLLBACK\0"));
+    stream.extend_from_slice(&super::message(b'Z', b"I"));
     stream.extend_from_slice(&super::message(b'C', b"BEGIN\0"));
     stream.extend_from_slice(&super::message(b'Z', b"T"));
     let mut out = Vec::new();
     assert!(responder.feed(&stream, &mut out));
+    assert!(out.is_empty(), "{out:?}");
     let mut out = Vec::new();
     assert!(responder.feed(&commit(), &mut out));
     assert!(String::from_utf8_lossy(&out).contains("CXX000"));

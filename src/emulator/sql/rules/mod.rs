@@ -4,7 +4,7 @@
 //! what the relay sends on instead (without `ASYNC`, with DSQL's version, with a job's row).
 
 use pg_query::NodeEnum;
-use pg_query::protobuf::{self, AlterTableType, LockClauseStrength, TransactionStmtKind};
+use pg_query::protobuf::{self, AlterTableType, LockClauseStrength};
 
 /// DSQL's answer to a statement it does not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -749,46 +749,10 @@ fn most_rows(node: &NodeEnum) -> Option<u64> {
     }
 }
 
-fn kind_of(node: &NodeEnum) -> Kind {
-    use NodeEnum as N;
-    match node {
-        N::TransactionStmt(t) => match TransactionStmtKind::try_from(t.kind) {
-            Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart) => {
-                Kind::Begin
-            }
-            Ok(TransactionStmtKind::TransStmtCommit) => Kind::Commit,
-            Ok(TransactionStmtKind::TransStmtRollback) => Kind::Rollback,
-            _ => Kind::Other,
-        },
-        N::InsertStmt(_) | N::UpdateStmt(_) | N::DeleteStmt(_) | N::MergeStmt(_) => Kind::Dml,
-        N::SelectStmt(_)
-        | N::VariableSetStmt(_)
-        | N::VariableShowStmt(_)
-        | N::ExplainStmt(_)
-        | N::CallStmt(_)
-        | N::DoStmt(_)
-        | N::PrepareStmt(_)
-        | N::ExecuteStmt(_)
-        | N::DeallocateStmt(_)
-        | N::CopyStmt(_)
-        | N::VacuumStmt(_)
-        | N::ListenStmt(_)
-        | N::NotifyStmt(_)
-        | N::UnlistenStmt(_)
-        | N::LockStmt(_)
-        | N::ConstraintsSetStmt(_)
-        | N::DiscardStmt(_)
-        | N::CheckPointStmt(_)
-        | N::DeclareCursorStmt(_)
-        | N::FetchStmt(_)
-        | N::ClosePortalStmt(_) => Kind::Other,
-        // Every other statement changes the catalog.
-        _ => Kind::Ddl,
-    }
-}
-
+mod kind;
 mod refusals;
 #[cfg(test)]
 mod tests;
 
+use kind::kind_of;
 use refusals::*;

@@ -79,6 +79,19 @@ pub(super) fn transaction(t: &protobuf::TransactionStmt) -> Option<Refusal> {
         TransactionStmtKind::TransStmtRelease => {
             Some(unsupported("unsupported transaction statement: RELEASE"))
         }
+        // `AND CHAIN` keeps a block open across the end of another: not recorded on DSQL;
+        // refused here (inferred) rather than let a block end outside the commit point's view.
+        TransactionStmtKind::TransStmtCommit | TransactionStmtKind::TransStmtRollback
+            if t.chain =>
+        {
+            Some(unsupported(
+                if t.kind == TransactionStmtKind::TransStmtCommit as i32 {
+                    "unsupported transaction statement: COMMIT AND CHAIN"
+                } else {
+                    "unsupported transaction statement: ROLLBACK AND CHAIN"
+                },
+            ))
+        }
         // No two-phase commit on DSQL (`DSQL_FACTS.md` §5; the wording is inferred from the
         // savepoint refusals): a prepared transaction would also commit past the relay's
         // commit point.

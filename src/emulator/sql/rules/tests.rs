@@ -43,6 +43,14 @@ fn kinds_drive_the_transaction_rules() {
     let kinds: Vec<Kind> = c.statements.iter().map(|s| s.kind).collect();
     assert_eq!(kinds, [Kind::Begin, Kind::Ddl, Kind::Dml, Kind::Commit]);
     assert_eq!(first("GRANT SELECT ON t TO r").kind, Kind::Ddl);
+    assert_eq!(
+        first("WITH u AS (UPDATE t SET v = v + 1 RETURNING 1) SELECT count(*) FROM u").kind,
+        Kind::Dml
+    );
+    assert_eq!(
+        first("WITH r AS (SELECT 1) SELECT * FROM r").kind,
+        Kind::Other
+    );
     assert_eq!(first("select 1").kind, Kind::Other);
 }
 
@@ -128,6 +136,9 @@ fn set_and_transactions() {
         ("PREPARE TRANSACTION 'x'", "PREPARE TRANSACTION"),
         ("COMMIT PREPARED 'x'", "COMMIT PREPARED"),
         ("ROLLBACK PREPARED 'x'", "ROLLBACK PREPARED"),
+        ("COMMIT AND CHAIN", "COMMIT AND CHAIN"),
+        ("end and chain", "COMMIT AND CHAIN"),
+        ("ROLLBACK AND CHAIN", "ROLLBACK AND CHAIN"),
     ] {
         assert_eq!(
             refused(text),
