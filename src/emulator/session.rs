@@ -20,8 +20,9 @@ use super::{Network, Rejection, Shared, sql};
 const IAM_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long each step of a client's negotiation may wait for the client (its first byte, its
-/// startup packets, the TLS handshake, its password): a client that stalls there holds an
-/// admission slot, so it is let go, as DSQL closes a connection that does not go on.
+/// startup packets, the TLS handshake, its password): a client that stalls there holds a
+/// connection, and at its password an admission slot, so it is let go, as DSQL closes a
+/// connection that does not go on.
 pub(crate) const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `step`, bounded by [`NEGOTIATION_TIMEOUT`] (a timeout is an I/O error that ends the
@@ -89,12 +90,15 @@ async fn negotiate(
     if direct {
         shared.count(|stats| stats.direct_tls += 1);
     } else {
-        loop {
+        // (An SSLRequest may follow a GSSENCRequest; not a third request.)
+        let mut requested_tls = false;
+        for _ in 0..3 {
             let packet = bounded("startup packet", wire::read_startup_packet(&mut stream)).await?;
             match packet.code {
                 wire::SSL_REQUEST => {
                     shared.count(|stats| stats.ssl_requests += 1);
                     stream.write_all(b"S").await?;
+                    requested_tls = true;
                     break;
                 }
                 wire::GSSENC_REQUEST => stream.write_all(b"N").await?,
@@ -120,6 +124,10 @@ async fn negotiate(
                     return Ok(());
                 }
             }
+        }
+        if !requested_tls {
+            shared.count_rejection(Rejection::Protocol);
+            return Ok(());
         }
     }
 

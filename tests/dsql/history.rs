@@ -338,7 +338,7 @@ pub async fn run(emulator: &DsqlEmulator, config: &Config) -> Report {
                 .push(format!("session {}: SELECT 1: {why}", session.index)),
         }
     }
-    judge(&mut admin, config, &outcomes, &mut report).await;
+    judge(&mut admin, &outcomes, &mut report).await;
     report
 }
 
@@ -596,15 +596,13 @@ async fn stepwise(
     let Some(mut answer) = exchange(session, flushed, report, &what).await else {
         return Ok(None);
     };
-    if flushed && answer.messages.last().is_some_and(|m| m.tag != b'Z') {
-        if answer.messages.last().is_some_and(|m| m.tag == b'E') {
-            // The pipeline is aborted to its Sync.
-            session.frontend.sync();
-            let Some(rest) = exchange(session, false, report, &what).await else {
-                return Ok(None);
-            };
-            answer.messages.extend(rest.messages);
-        }
+    if flushed && answer.messages.last().is_some_and(|m| m.tag == b'E') {
+        // The pipeline is aborted to its Sync.
+        session.frontend.sync();
+        let Some(rest) = exchange(session, false, report, &what).await else {
+            return Ok(None);
+        };
+        answer.messages.extend(rest.messages);
     }
     match error_of(&answer.messages) {
         Some(Ok(())) => {
@@ -883,11 +881,10 @@ async fn whole(session: &mut Session, plan: Plan, report: &mut Report) -> Vec<(P
         for want in &expected {
             match tags.next() {
                 Some(m) if m.tag == b'E' => {
-                    match error_of(std::slice::from_ref(m)) {
-                        Some(Err(error)) => report
+                    if let Some(Err(error)) = error_of(std::slice::from_ref(m)) {
+                        report
                             .violations
-                            .push(format!("{what}: not a conflict: {error}")),
-                        _ => {}
+                            .push(format!("{what}: not a conflict: {error}"));
                     }
                     failed = true;
                     outcome = Some(Outcome::Conflict);
@@ -942,12 +939,7 @@ fn tags_of(plan: &Plan, texts: &[String]) -> Vec<String> {
 }
 
 /// The invariants over the whole history: counters, the log, the outcomes.
-async fn judge(
-    admin: &mut Frontend,
-    config: &Config,
-    outcomes: &[(Plan, Outcome)],
-    report: &mut Report,
-) {
+async fn judge(admin: &mut Frontend, outcomes: &[(Plan, Outcome)], report: &mut Report) {
     let mut logged_expected = BTreeSet::new();
     for (plan, outcome) in outcomes {
         report.transactions += 1;

@@ -67,9 +67,10 @@
 //! ([`Plan::Write`]'s `defer`): `SET v = 5` (pending) then `SET v = v + 10` commit 15, as on
 //! DSQL. The alternative, trying the pending writes before the next write goes through, would
 //! have to wait for the holder or fail the transaction then, where DSQL neither waits nor
-//! fails before `COMMIT`. A later write the relay cannot undo alone (`RETURNING`, a batch
-//! flushed before its `Sync`, `COPY`) goes as it is and dooms the transaction: its `COMMIT`
-//! fails with `OC000`. An autocommit write that meets a held
+//! fails before `COMMIT`. A later write the relay cannot undo alone (`RETURNING`, a writable
+//! `WITH`, a batch flushed before its `Sync`, `COPY`) goes as it is and dooms the transaction:
+//! its `COMMIT` fails with `OC000`. (A write the relay cannot see, inside a SQL function a
+//! `SELECT` calls, is neither guarded nor deferred.) An autocommit write that meets a held
 //! row runs again as the first committer ([`Planned::retry`]). `SELECT … FOR UPDATE` goes
 //! without its locking clause and is validated at `COMMIT` by a statement that locks its rows
 //! and writes them unchanged (`rules::locking_read`). DDL and `ANALYZE` wait for table locks
@@ -106,10 +107,12 @@
 //!
 //! - Conflicts (see [`occ`] for how they are decided): a pending write's change is not
 //!   visible to its own transaction before `COMMIT`, nor are the transaction's later writes
-//!   (deferred behind it; the history checker, `tests/dsql/history.rs`, counts such reads
-//!   apart: 1.4 % of the reads it checks); a `COMMIT` flushed before its `Sync` is answered at
-//!   the `Sync`; a write flushed before its `Sync` gets no savepoint (one that meets a held
-//!   row fails with `OC000` at the statement); a doomed transaction's later statements
+//!   (deferred behind it: a deferred write is told what it answered without them, and a
+//!   replay that answers otherwise fails the `COMMIT` with `OC000`; the history checker,
+//!   `tests/dsql/history.rs`, counts reads that miss an own write apart); an extended batch
+//!   that executes a `COMMIT` is answered from its `Sync` on (a `Flush` releases nothing of
+//!   it); a write flushed before its `Sync` gets no savepoint (one that meets a held row fails
+//!   with `OC000` at the statement); a doomed transaction's later statements
 //!   run on a fresh snapshot without its earlier writes (its `COMMIT` fails either way); a
 //!   pending write is told a one-row tag and its `COMMIT` fails if the replay answers another;
 //!   a write with `RETURNING`, a locking read over a subquery or a set operation, and several
