@@ -237,24 +237,15 @@ impl Frontend {
 
     /// Sends what is queued.
     pub async fn send(&mut self) {
-        let out = std::mem::take(&mut self.out);
-        self.stream.write_all(&out).await.unwrap();
-        self.stream.flush().await.unwrap();
+        self.try_send().await.unwrap();
     }
 
     /// Reads one backend message, within [`ANSWER_BOUND`].
     pub async fn read(&mut self) -> Message {
-        let read = async {
-            let tag = self.stream.read_u8().await?;
-            let len = self.stream.read_u32().await?;
-            let mut body = vec![0; len.saturating_sub(4) as usize];
-            self.stream.read_exact(&mut body).await?;
-            Ok::<_, std::io::Error>(Message { tag, body })
-        };
-        tokio::time::timeout(ANSWER_BOUND, read)
-            .await
-            .expect("the emulator answers (no hang)")
-            .expect("the connection stays open")
+        match self.try_read(ANSWER_BOUND).await {
+            Ok(message) => message,
+            Err(why) => panic!("the emulator answers: {why}"),
+        }
     }
 
     /// Reads one backend message within `bound`: `Err` says why none came (a hang, or the

@@ -526,6 +526,46 @@ async fn roll_back(session: &mut Session, status: u8, report: &mut Report) {
     }
 }
 
+/// Whether `answer` failed: then the transaction ended (rolled back if the session is still
+/// in a block), and an error other than a conflict is a violation.
+async fn failed(session: &mut Session, answer: &Answer, report: &mut Report, what: &str) -> bool {
+    let Some(error) = error_of(&answer.messages) else {
+        return false;
+    };
+    if let Err(error) = error {
+        report
+            .violations
+            .push(format!("{what}: not a conflict: {error}"));
+    }
+    // (No ReadyForQuery yet: an error flushed before its Sync, the block failed.)
+    let status = match answer.status() {
+        0 => b'E',
+        status => status,
+    };
+    roll_back(session, status, report).await;
+    true
+}
+
+/// The value a read answered, recorded with what the transaction had seen of its counter.
+fn note_read(
+    running: &mut Running,
+    k: u32,
+    answer: &Answer,
+    report: &mut Report,
+    what: &str,
+) -> Option<i64> {
+    let Some(Some(value)) = answer.values().first().cloned() else {
+        report
+            .violations
+            .push(format!("{what}: no row: {answer:?}"));
+        return None;
+    };
+    let value: i64 = value.parse().unwrap_or(i64::MIN);
+    let (base, own) = *running.seen.entry(k).or_insert((value, 0));
+    running.reads.push((k, value, base, own));
+    Some(value)
+}
+
 /// Runs the next step of a step-by-step transaction: `Ok(Some)` to go on later, `Ok(None)`
 /// when the session broke, `Err` with the outcome when it ended.
 async fn stepwise(
@@ -604,35 +644,13 @@ async fn stepwise(
         };
         answer.messages.extend(rest.messages);
     }
-    match error_of(&answer.messages) {
-        Some(Ok(())) => {
-            let status = if flushed && answer.status() == 0 {
-                b'E'
-            } else {
-                answer.status()
-            };
-            roll_back(session, status, report).await;
-            return Err((running.plan, Outcome::Conflict));
-        }
-        Some(Err(error)) => {
-            report
-                .violations
-                .push(format!("{what}: not a conflict: {error}"));
-            roll_back(session, answer.status().max(b'E'), report).await;
-            return Err((running.plan, Outcome::Conflict));
-        }
-        None => {}
+    if failed(session, &answer, report, &what).await {
+        return Err((running.plan, Outcome::Conflict));
     }
     if let Some(k) = read {
-        let Some(Some(value)) = answer.values().first().cloned() else {
-            report
-                .violations
-                .push(format!("{what}: no row: {answer:?}"));
+        let Some(value) = note_read(&mut running, k, &answer, report, &what) else {
             return Err((running.plan, Outcome::Conflict));
         };
-        let value: i64 = value.parse().unwrap_or(i64::MIN);
-        let (base, own) = *running.seen.entry(k).or_insert((value, 0));
-        running.reads.push((k, value, base, own));
         if matches!(running.plan.ops[at - 1], Op::ReadModifyWrite(_)) {
             running.read_value = Some(value);
             // The write is the same step's second half.
@@ -696,8 +714,6 @@ async fn stepwise_batched_begin(
         .describe_portal()
         .execute()
         .sync();
-    // The rest of the step is the ordinary step 1, without sending: reuse its answer by
-    // re-entering with BEGIN already answered.
     let what = format!("{} (BatchedBegin) BEGIN + {text}", running.plan.id);
     let Some(answer) = exchange(session, false, report, &what).await else {
         return Ok(None);
@@ -713,19 +729,8 @@ async fn finish_first(
     report: &mut Report,
     what: &str,
 ) -> Result<Option<Running>, (Plan, Outcome)> {
-    match error_of(&answer.messages) {
-        Some(Ok(())) => {
-            roll_back(session, answer.status(), report).await;
-            return Err((running.plan, Outcome::Conflict));
-        }
-        Some(Err(error)) => {
-            report
-                .violations
-                .push(format!("{what}: not a conflict: {error}"));
-            roll_back(session, answer.status().max(b'E'), report).await;
-            return Err((running.plan, Outcome::Conflict));
-        }
-        None => {}
+    if failed(session, &answer, report, what).await {
+        return Err((running.plan, Outcome::Conflict));
     }
     if answer.tags().first().map(String::as_str) != Some("BEGIN") {
         report
@@ -740,15 +745,9 @@ async fn finish_first(
             running.step = 2;
         }
         Op::Read(k) | Op::ReadModifyWrite(k) => {
-            let Some(Some(value)) = answer.values().first().cloned() else {
-                report
-                    .violations
-                    .push(format!("{what}: no row: {answer:?}"));
+            let Some(value) = note_read(&mut running, k, &answer, report, what) else {
                 return Err((running.plan, Outcome::Conflict));
             };
-            let value: i64 = value.parse().unwrap_or(i64::MIN);
-            let (base, own) = *running.seen.entry(k).or_insert((value, 0));
-            running.reads.push((k, value, base, own));
             if matches!(running.plan.ops[0], Op::ReadModifyWrite(_)) {
                 running.read_value = Some(value);
                 running.step = 1;
