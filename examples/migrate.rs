@@ -1,9 +1,10 @@
-//! The migration runner from the command line: `status`, `plan` or `up` for a folder of
-//! `<version>_<name>.sql` files.
+//! The migration runner from the command line: `status`, `plan`, `up` or `repair` for a
+//! folder of `<version>_<name>.sql` files.
 //!
 //! ```sh
 //! cargo run --example migrate -- status          # the pet clinic's migrations, on the emulator
 //! cargo run --example migrate -- up --dir db/migrations
+//! cargo run --example migrate -- repair --dir db/migrations   # after a file failed part-way
 //! CLUSTER_ENDPOINT=<id>.dsql.<region>.on.aws cargo run --example migrate -- up   # on DSQL
 //! ```
 //!
@@ -15,12 +16,12 @@
 use std::process::ExitCode;
 
 use tokio_postgres_dsql::emulator::DsqlEmulator;
-use tokio_postgres_dsql::migrate::{MigrationState, Migrations, Migrator, Status};
+use tokio_postgres_dsql::migrate::{MigrationState, Migrations, Migrator, Repaired, Status};
 use tokio_postgres_dsql::{DsqlConfig, DsqlConnector};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-const USAGE: &str = "usage: migrate status|plan|up [--dir <folder>]";
+const USAGE: &str = "usage: migrate status|plan|up|repair [--dir <folder>]";
 
 fn print_status(status: &Status) {
     for m in &status.migrations {
@@ -103,6 +104,34 @@ async fn run() -> Result<(), BoxError> {
                     ""
                 }
             );
+            print_status(&migrator.status(&connector).await?);
+        }
+        "repair" => {
+            let repaired = migrator.repair(&connector).await?;
+            if repaired.is_empty() {
+                println!("nothing to repair: no file failed part-way");
+            }
+            for change in repaired {
+                match change {
+                    Repaired::Removed { version, file } => {
+                        println!("  {version:>4}  {file:<40} record removed (nothing applied)")
+                    }
+                    Repaired::Accepted {
+                        version,
+                        file,
+                        applied,
+                        old_checksum,
+                        new_checksum,
+                        ..
+                    } => println!(
+                        "  {version:>4}  {file:<40} {applied} applied statements kept; \
+                         checksum {} -> {}",
+                        &old_checksum[..12.min(old_checksum.len())],
+                        &new_checksum[..12.min(new_checksum.len())]
+                    ),
+                    _ => {}
+                }
+            }
             print_status(&migrator.status(&connector).await?);
         }
         _ => return Err(USAGE.into()),

@@ -26,7 +26,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 pub use check::Finding;
-pub use run::{MigrationState, Planned, Report, Status};
+pub use run::{MigrationState, Planned, Repaired, Report, Status};
 pub use split::{SqlStatement, split_statements};
 
 use crate::RetryPolicy;
@@ -195,6 +195,7 @@ pub struct Migrator {
     lock_timeout: Duration,
     job_timeout: Duration,
     policy: RetryPolicy,
+    renew: bool,
 }
 
 impl Migrator {
@@ -209,6 +210,7 @@ impl Migrator {
             lock_timeout: Duration::from_secs(600),
             job_timeout: Duration::from_secs(1800),
             policy: RetryPolicy::default().with_max_attempts(20),
+            renew: true,
         }
     }
 
@@ -219,12 +221,21 @@ impl Migrator {
         self
     }
 
-    /// How long the lease is held without renewal (renewed between statements and while an
-    /// index builds): a runner that dies frees it after this. Make it longer than the longest
-    /// single statement (a large backfill): a statement is not interrupted to renew it.
-    /// Default 30 s; at least 1 s.
+    /// How long the lease is held without renewal: a runner that dies (or stalls) frees it
+    /// after this. A task of the runner's own renews it every third of it, on a connection of
+    /// its own, whatever statement runs meanwhile; the lease does not guard correctness (each
+    /// statement's progress record does, see the module docs), only who works. Default 30 s;
+    /// at least 1 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Turns the lease's renewal off: for tests that need a runner whose lease lapses while
+    /// it works (a process paused by a GC or a VM stall). Not for production.
+    #[doc(hidden)]
+    pub fn renew_lease(mut self, on: bool) -> Self {
+        self.renew = on;
         self
     }
 
@@ -319,10 +330,13 @@ pub enum MigrateError {
         /// What DSQL refuses and what to write instead.
         reason: String,
     },
-    /// An applied migration's text changed since (checksums differ).
+    /// An applied migration's text changed since (checksums differ): a whole applied file,
+    /// or a statement a partly applied file had applied already (its later statements may be
+    /// edited; [`Migrator::repair`] accepts an edited applied part).
     #[error(
-        "{file} (version {version}) was applied with checksum {applied}, and its text has \
-         changed since ({now}); add a new migration instead of editing an applied one"
+        "{file} (version {version}) was applied with checksum {applied}, and its applied \
+         text has changed since ({now}); add a new migration instead of editing an applied \
+         one (or, for a file that failed part-way, see Migrator::repair)"
     )]
     Changed {
         /// The file.
@@ -334,8 +348,11 @@ pub enum MigrateError {
         /// The checksum of the text now.
         now: String,
     },
-    /// A statement failed.
-    #[error("{file}:{line}: statement {index} of the file failed")]
+    /// A statement failed: the file, the line, and what the server said.
+    #[error(
+        "{file}:{line}: statement {index} of the file failed: {}",
+        crate::migrate::run::server_says(source)
+    )]
     Statement {
         /// The file.
         file: String,
@@ -372,8 +389,12 @@ pub enum MigrateError {
         /// The bound that was passed.
         timeout: Duration,
     },
-    /// This runner's lease expired and another took it, mid-run: it stopped.
-    #[error("the migration lease expired and was taken by {owner}; this runner stopped")]
+    /// This runner's lease expired and another took it, mid-run: it stopped before its next
+    /// statement (what it had applied is recorded; the other runner goes on from there).
+    #[error(
+        "the migration lease was lost to {owner} (it expired: this runner was paused or cut \
+         off longer than the lease); this runner stopped"
+    )]
     LeaseLost {
         /// Who holds it now.
         owner: String,

@@ -1,21 +1,52 @@
 //! Running migrations: the history and lease tables, the lease, and each statement in a
 //! transaction of its own.
 //!
+//! **What is guaranteed.** Each statement's effect is recorded by advancing its file's
+//! `statements_applied` from `n` to `n + 1` with a conditional write (`WHERE
+//! statements_applied = n`). DSQL's optimistic concurrency lets exactly one transaction that
+//! writes that row commit, so:
+//!
+//! - **DML runs exactly once**: the statement and its progress record commit together, after a
+//!   check (in the same transaction) that the runner still holds the lease and that nobody
+//!   recorded the statement yet. A second runner (one whose lease lapsed and that woke up, or
+//!   the one that took over) fails at `COMMIT` or finds the record advanced and applies
+//!   nothing: it skips the statement, or, when it lost the lease, stops with
+//!   [`MigrateError::LeaseLost`].
+//! - **DDL runs at least once and is recorded once**: DSQL cannot commit DDL with DML, so a
+//!   DDL statement commits alone and its record follows. A runner cut between the two leaves
+//!   the record behind; the next run resumes at that statement, runs it again, and takes
+//!   "already exists" (or, for a `DROP`, "does not exist") as applied. Only the lease holder's
+//!   record commits, so two runners never both report a DDL statement applied. Write DDL
+//!   that names its objects (an unnamed `CREATE INDEX` run twice makes two indexes).
+//! - **Asynchronous DDL is waited for**: the runner polls `sys.jobs` for the job's status on
+//!   its own connection, bounded by the job timeout; on resume it finds the job by the
+//!   index's name. A failed job is an error naming the job, its details and the remedy.
+//!
 //! **The lease.** DSQL has no advisory locks, and its writers never wait for each other: the
 //! first transaction to commit wins and the others fail at `COMMIT` (`OC000`). The lease is a
 //! row (`id = 1`) of `<history>_lock` holding an owner and an expiry. A runner takes it in one
 //! transaction that reads the row and, if it is absent, expired or its own, writes it with a
 //! new expiry; two runners that try at once both write the row and only the first `COMMIT`
-//! succeeds, so exactly one holds it. The holder renews it between statements (a write that
-//! names it as owner; a renewal that finds another owner stops the run), and deletes it at the
-//! end. The others poll, with backoff, until it is free or everything is applied; a runner that
-//! dies frees the lease when it expires.
+//! succeeds, so exactly one holds it. A task of the holder's own renews it every third of the
+//! lease on a connection of its own, so a long statement or index build cannot starve it; a
+//! renewal that finds another owner marks the lease lost, and the runner stops before its next
+//! statement. The holder deletes the row at the end. The others poll, with backoff, until it
+//! is free or everything is applied; a runner that dies frees the lease when it expires.
+//!
+//! **Fixable files.** Each record keeps a checksum of the statements applied so far: a file
+//! that failed part-way may have its statements from the failed one on edited (the next run
+//! applies them); an edited applied statement is refused as [`MigrateError::Changed`] until
+//! [`Migrator::repair`] accepts the file as it is now.
 
 use std::time::{Duration, Instant};
 
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 use super::{MigrateError, Migration, Migrator};
+use crate::retry::OccConflict;
 use crate::{
     AsOccConflict, DsqlConnector, Error, RetryPolicy, retry_statement_on, retry_transaction_on,
 };
@@ -70,6 +101,33 @@ impl Status {
     }
 }
 
+/// What [`Migrator::repair`] changed in one file's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Repaired {
+    /// A file that had applied nothing: its record was removed (the next run starts it anew).
+    Removed {
+        /// The version.
+        version: i64,
+        /// The file.
+        file: String,
+    },
+    /// A file that failed part-way: its record now holds the file as it is (the statements
+    /// applied stay applied; the next run applies the rest of the file as it is now).
+    Accepted {
+        /// The version.
+        version: i64,
+        /// The file.
+        file: String,
+        /// Statements applied (kept).
+        applied: usize,
+        /// The checksum recorded before.
+        old_checksum: String,
+        /// The file's checksum now.
+        new_checksum: String,
+    },
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
@@ -88,6 +146,164 @@ struct HistoryRow {
     checksum: String,
     applied: usize,
     complete: bool,
+    /// The checksum of the statements applied ([`prefix_checksum`]); none in a history
+    /// written before it was kept.
+    prefix: Option<String>,
+}
+
+/// What the server said, for an error's message: its SQLSTATE and message, or the error.
+pub(crate) fn server_says(error: &Error) -> String {
+    use crate::retry::AsOccConflict as _;
+    match error.database_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => error.to_string(),
+    }
+}
+
+/// SHA-256 (hex) of the first `n` statements of `migration`, each text followed by a NUL.
+fn prefix_checksum(migration: &Migration, n: usize) -> String {
+    let mut hash = Sha256::new();
+    for statement in migration.statements().iter().take(n) {
+        hash.update(statement.text.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(hash.finalize())
+}
+
+/// Why a fenced step does not go on.
+#[derive(Debug)]
+enum Fenced {
+    /// Another runner holds the lease (its owner, as the lease row says).
+    LeaseLost(String),
+    /// Another runner recorded this statement first: it applied it.
+    AppliedByOther,
+}
+
+/// The error of a fenced transaction's body: the database's, or a fence.
+#[derive(Debug)]
+enum StepError {
+    Db(Error),
+    Fenced(Fenced),
+}
+
+impl From<tokio_postgres::Error> for StepError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        StepError::Db(error.into())
+    }
+}
+
+impl From<Error> for StepError {
+    fn from(error: Error) -> Self {
+        StepError::Db(error)
+    }
+}
+
+impl AsOccConflict for StepError {
+    fn occ_conflict(&self) -> Option<OccConflict> {
+        match self {
+            StepError::Db(error) => error.occ_conflict(),
+            StepError::Fenced(_) => None,
+        }
+    }
+
+    fn database_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        match self {
+            StepError::Db(error) => error.database_error(),
+            StepError::Fenced(_) => None,
+        }
+    }
+}
+
+/// Keeps the lease while a runner works: renews it every third of its length from a task of
+/// its own, on a connection of its own; notes when it was lost.
+struct LeaseKeeper {
+    lost: Arc<Mutex<Option<String>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    fn start(migrator: &Migrator, connector: &DsqlConnector, owner: &str) -> LeaseKeeper {
+        let lost = Arc::new(Mutex::new(None));
+        if !migrator.renew {
+            return LeaseKeeper { lost, task: None };
+        }
+        let sql = format!(
+            "UPDATE {} SET expires_at = now() + make_interval(secs => $2) \
+             WHERE id = 1 AND owner = $1",
+            migrator.lock_table()
+        );
+        let holder_sql = format!("SELECT owner FROM {} WHERE id = 1", migrator.lock_table());
+        let (connector, owner, lease) = (connector.clone(), owner.to_owned(), migrator.lease);
+        let policy = migrator.policy.clone();
+        let noted = lost.clone();
+        let task = tokio::spawn(async move {
+            let mut client: Option<Client> = None;
+            let mut renewed = Instant::now();
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                if client.as_ref().is_none_or(Client::is_closed) {
+                    client = connector.connect().await.ok();
+                }
+                let outcome = match client.as_mut() {
+                    Some(client) => {
+                        let lease_secs = lease.as_secs_f64();
+                        retry_transaction_on(client, &policy, |tx| {
+                            let (sql, owner) = (sql.clone(), owner.clone());
+                            async move {
+                                Ok::<_, Error>(tx.execute(&sql, &[&owner, &lease_secs]).await?)
+                            }
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                    }
+                    None => Err("cannot connect".to_owned()),
+                };
+                let holder = match outcome {
+                    Ok(1) => {
+                        renewed = Instant::now();
+                        continue;
+                    }
+                    Ok(_) => match client.as_ref() {
+                        Some(client) => client
+                            .query_opt(&holder_sql, &[])
+                            .await
+                            .ok()
+                            .flatten()
+                            .map_or_else(|| "nobody".to_owned(), |r| r.get(0)),
+                        None => "another runner".to_owned(),
+                    },
+                    Err(error) if renewed.elapsed() < lease => {
+                        tracing::warn!(%error, "renewing the migration lease failed; retrying");
+                        client = None;
+                        continue;
+                    }
+                    Err(error) => format!("nobody it can know of (renewing failed: {error})"),
+                };
+                *noted.lock().unwrap_or_else(|p| p.into_inner()) = Some(holder);
+                return;
+            }
+        });
+        LeaseKeeper {
+            lost,
+            task: Some(task),
+        }
+    }
+
+    /// `LeaseLost` once the renewal found the lease gone.
+    fn check(&self) -> Result<(), MigrateError> {
+        match self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(owner) => Err(MigrateError::LeaseLost { owner }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 fn database(context: impl Into<String>) -> impl FnOnce(Error) -> MigrateError {
@@ -102,6 +318,29 @@ fn is_dml(text: &str) -> bool {
         words.first().map(String::as_str),
         Some("insert" | "update" | "delete" | "select" | "with" | "values")
     )
+}
+
+/// Whether a statement drops something (`DROP …`): run again, it finds nothing to drop.
+fn is_drop(text: &str) -> bool {
+    super::split::first_words(text, 1)
+        .first()
+        .map(String::as_str)
+        == Some("drop")
+}
+
+/// The index a `CREATE [UNIQUE] INDEX ASYNC [IF NOT EXISTS] name ON …` names, if it names one.
+fn index_name(text: &str) -> Option<String> {
+    let words = super::split::first_words(text, 9);
+    let at = words.iter().position(|w| w == "async")? + 1;
+    let rest: Vec<&str> = words[at..].iter().map(String::as_str).collect();
+    let name = match rest.as_slice() {
+        ["if", "not", "exists", name, ..] | [name, ..] => *name,
+        [] => return None,
+    };
+    (name != "on").then(|| {
+        let name = name.rsplit('.').next().unwrap_or(name);
+        name.trim_matches('"').to_owned()
+    })
 }
 
 /// Whether a statement is asynchronous DDL that answers a `job_id`.
@@ -133,7 +372,7 @@ impl Migrator {
                 "CREATE TABLE IF NOT EXISTS {} (version bigint PRIMARY KEY, name text NOT NULL, \
                  checksum text NOT NULL, statements_total int NOT NULL, statements_applied int \
                  NOT NULL, started_at timestamptz NOT NULL, applied_at timestamptz, \
-                 duration_ms bigint)",
+                 duration_ms bigint, prefix_checksum text)",
                 self.table
             ),
             format!(
@@ -169,13 +408,38 @@ impl Migrator {
                 }
             }
         }
+        // A history written before the applied part's checksum was kept gets the column.
+        let table = self.table.clone();
+        let has_prefix = retry_transaction_on(client, &self.policy, |tx| {
+            let table = table.clone();
+            async move {
+                let row = tx
+                    .query_one(
+                        "SELECT count(*) FROM information_schema.columns \
+                         WHERE table_name = $1 AND column_name = 'prefix_checksum'",
+                        &[&table],
+                    )
+                    .await?;
+                Ok::<_, Error>(row.get::<_, i64>(0) > 0)
+            }
+        })
+        .await
+        .map_err(database(format!("reading {}'s columns", self.table)))?;
+        if !has_prefix {
+            let alter = format!("ALTER TABLE {} ADD COLUMN prefix_checksum text", self.table);
+            match retry_statement_on(client, &self.policy, &alter).await {
+                Ok(_) => {}
+                Err(e) if duplicate(&e) => {}
+                Err(e) => return Err(database(format!("adding to {}", self.table))(e)),
+            }
+        }
         Ok(())
     }
 
     async fn history(&self, client: &mut Client) -> Result<Vec<HistoryRow>, MigrateError> {
         let sql = format!(
-            "SELECT version, name, checksum, statements_applied, applied_at IS NOT NULL \
-             FROM {} ORDER BY version",
+            "SELECT version, name, checksum, statements_applied, applied_at IS NOT NULL, \
+             prefix_checksum FROM {} ORDER BY version",
             self.table
         );
         // Reads meet OC001 too, after another runner's DDL.
@@ -193,6 +457,7 @@ impl Migrator {
                 checksum: r.get(2),
                 applied: r.get::<_, i32>(3).max(0) as usize,
                 complete: r.get(4),
+                prefix: r.get(5),
             })
             .collect())
     }
@@ -205,7 +470,7 @@ impl Migrator {
                 let total = m.statements().len();
                 let state = match history.iter().find(|h| h.version == m.version()) {
                     None => MigrationState::Pending,
-                    Some(h) if h.checksum != m.checksum() => MigrationState::Changed,
+                    Some(h) if changed_text(m, h) => MigrationState::Changed,
                     Some(h) if h.complete => MigrationState::Applied,
                     Some(h) => MigrationState::Partial {
                         applied: h.applied.min(total),
@@ -269,7 +534,7 @@ impl Migrator {
 
     fn changed(&self, migration: &Migration, history: &[HistoryRow]) -> Option<MigrateError> {
         let h = history.iter().find(|h| h.version == migration.version())?;
-        (h.checksum != migration.checksum()).then(|| MigrateError::Changed {
+        changed_text(migration, h).then(|| MigrateError::Changed {
             file: migration.file().to_owned(),
             version: migration.version(),
             applied: h.checksum.clone(),
@@ -322,7 +587,9 @@ impl Migrator {
                 }
             }
         }
-        let outcome = self.apply(&mut client, &owner, &mut report).await;
+        let keeper = LeaseKeeper::start(self, connector, &owner);
+        let outcome = self.apply(&mut client, &owner, &keeper, &mut report).await;
+        drop(keeper);
         // Freed whatever happened (retried: another runner's DDL gives this OC001 too); an
         // expired lease frees itself if this fails.
         let release = format!(
@@ -387,42 +654,112 @@ impl Migrator {
         }
     }
 
-    async fn renew(&self, client: &mut Client, owner: &str) -> Result<(), MigrateError> {
-        let sql = format!(
-            "UPDATE {} SET expires_at = now() + make_interval(secs => $2) \
-             WHERE id = 1 AND owner = $1",
-            self.lock_table()
-        );
-        let lease = self.lease.as_secs_f64();
-        let renewed = retry_transaction_on(client, &self.policy, |tx| {
-            let sql = sql.clone();
-            async move { Ok::<_, Error>(tx.execute(&sql, &[&owner, &lease]).await?) }
-        })
-        .await
-        .map_err(database("renewing the migration lease"))?;
-        if renewed == 0 {
-            let holder = client
-                .query_opt(
-                    &format!("SELECT owner FROM {} WHERE id = 1", self.lock_table()),
-                    &[],
-                )
-                .await
-                .ok()
-                .flatten()
-                .map_or_else(|| "nobody".to_owned(), |r| r.get(0));
-            return Err(MigrateError::LeaseLost { owner: holder });
+    /// Checks, in transaction `tx`, that `owner` still holds the lease (whether or not it
+    /// expired: only another owner fences it out).
+    async fn holds_lease(&self, tx: &Client, owner: &str) -> Result<(), StepError> {
+        let holder = tx
+            .query_opt(
+                &format!("SELECT owner FROM {} WHERE id = 1", self.lock_table()),
+                &[],
+            )
+            .await?
+            .map(|row| row.get::<_, String>(0));
+        match holder {
+            Some(holder) if holder == owner => Ok(()),
+            Some(holder) => Err(StepError::Fenced(Fenced::LeaseLost(holder))),
+            None => Err(StepError::Fenced(Fenced::LeaseLost("nobody".into()))),
         }
-        Ok(())
+    }
+
+    /// Checks, in transaction `tx`, that `migration`'s record still says `index` statements
+    /// applied.
+    async fn at_statement(
+        &self,
+        tx: &Client,
+        migration: &Migration,
+        index: usize,
+    ) -> Result<(), StepError> {
+        let applied: Option<i32> = tx
+            .query_opt(
+                &format!(
+                    "SELECT statements_applied FROM {} WHERE version = $1",
+                    self.table
+                ),
+                &[&migration.version()],
+            )
+            .await?
+            .map(|row| row.get(0));
+        match applied {
+            Some(applied) if applied as usize == index => Ok(()),
+            _ => Err(StepError::Fenced(Fenced::AppliedByOther)),
+        }
+    }
+
+    /// Records, in transaction `tx`, statement `index` of `migration` applied: only if the
+    /// record still says `index` (the write every other runner's record conflicts with).
+    async fn record_progress(
+        &self,
+        tx: &Client,
+        migration: &Migration,
+        index: usize,
+    ) -> Result<(), StepError> {
+        let sql = format!(
+            "UPDATE {} SET statements_applied = $3, prefix_checksum = $4, checksum = $5, \
+             statements_total = $6 WHERE version = $1 AND statements_applied = $2",
+            self.table
+        );
+        let (at, next) = (index as i32, index as i32 + 1);
+        let prefix = prefix_checksum(migration, index + 1);
+        let total = migration.statements().len() as i32;
+        let recorded = tx
+            .execute(
+                &sql,
+                &[
+                    &migration.version(),
+                    &at,
+                    &next,
+                    &prefix,
+                    &migration.checksum(),
+                    &total,
+                ],
+            )
+            .await?;
+        if recorded == 1 {
+            Ok(())
+        } else {
+            Err(StepError::Fenced(Fenced::AppliedByOther))
+        }
+    }
+
+    /// `MigrateError::LeaseLost` naming the holder, for a fence met at a statement.
+    fn fence_error(fenced: Fenced) -> Result<bool, MigrateError> {
+        match fenced {
+            Fenced::LeaseLost(owner) => Err(MigrateError::LeaseLost { owner }),
+            Fenced::AppliedByOther => Ok(false),
+        }
+    }
+
+    /// Checks the lease now, in a transaction of its own.
+    async fn check_lease(&self, client: &mut Client, owner: &str) -> Result<(), MigrateError> {
+        let held = retry_transaction_on(client, &self.policy, |tx| async move {
+            self.holds_lease(&tx, owner).await
+        })
+        .await;
+        match held {
+            Ok(()) => Ok(()),
+            Err(StepError::Fenced(fenced)) => Self::fence_error(fenced).map(|_| ()),
+            Err(StepError::Db(e)) => Err(database("checking the migration lease")(e)),
+        }
     }
 
     async fn apply(
         &self,
         client: &mut Client,
         owner: &str,
+        keeper: &LeaseKeeper,
         report: &mut Report,
     ) -> Result<(), MigrateError> {
         let history = self.history(client).await?;
-        let mut renewed_at = Instant::now();
         for migration in self.migrations.iter() {
             if let Some(changed) = self.changed(migration, &history) {
                 return Err(changed);
@@ -438,78 +775,108 @@ impl Migrator {
             }
             let statements = migration.statements();
             for (index, statement) in statements.iter().enumerate().skip(resume_at) {
-                if renewed_at.elapsed() >= self.lease / 3 {
-                    self.renew(client, owner).await?;
-                    renewed_at = Instant::now();
-                }
+                keeper.check()?;
                 let fail = |source| MigrateError::Statement {
                     file: migration.file().to_owned(),
                     line: statement.line,
                     index: index + 1,
                     source,
                 };
-                let progress = format!(
-                    "UPDATE {} SET statements_applied = {} WHERE version = {}",
-                    self.table,
-                    index + 1,
-                    migration.version()
-                );
-                if is_dml(&statement.text) {
-                    // The statement and its progress commit together.
+                let applied = if is_dml(&statement.text) {
+                    // The statement and its progress record commit together, fenced by the
+                    // lease and by the record itself: exactly once.
                     let text = statement.text.clone();
-                    retry_transaction_on(client, &self.policy, |tx| {
-                        let (text, progress) = (text.clone(), progress.clone());
+                    let outcome = retry_transaction_on(client, &self.policy, |tx| {
+                        let text = text.clone();
                         async move {
+                            self.holds_lease(&tx, owner).await?;
+                            self.at_statement(&tx, migration, index).await?;
                             tx.batch_execute(&text).await?;
-                            tx.batch_execute(&progress).await?;
-                            Ok::<_, Error>(())
+                            self.record_progress(&tx, migration, index).await
                         }
                     })
-                    .await
-                    .map_err(fail)?;
+                    .await;
+                    match outcome {
+                        Ok(()) => true,
+                        Err(StepError::Fenced(fenced)) => Self::fence_error(fenced)?,
+                        Err(StepError::Db(e)) => return Err(fail(e)),
+                    }
                 } else {
+                    // A statement that was started by a run that stopped before recording it
+                    // may have been applied: "already exists" (a DROP's "does not exist") is
+                    // taken as applied.
+                    let resumed = row.is_some() && index == resume_at;
+                    self.check_lease(client, owner).await?;
+                    let mut job = None;
                     match retry_statement_on(client, &self.policy, &statement.text).await {
                         Ok(rows) if is_async_ddl(&statement.text) => {
-                            let job = rows
+                            job = rows
                                 .first()
                                 .and_then(|r| r.get("job_id"))
                                 .map(str::to_owned);
-                            if let Some(job) = job {
-                                self.wait_for_job(client, owner, migration, statement.line, &job)
-                                    .await?;
-                                renewed_at = Instant::now();
-                            }
                         }
                         Ok(_) => {}
-                        // The statement a dead runner had applied but not recorded: DDL and
-                        // its record cannot commit together on DSQL.
-                        Err(e) if index == resume_at && resume_at > 0 && duplicate(&e) => {
+                        Err(e)
+                            if resumed
+                                && (duplicate(&e)
+                                    || (is_drop(&statement.text) && undefined(&e))) =>
+                        {
                             tracing::warn!(
                                 file = migration.file(),
                                 line = statement.line,
-                                "a resumed migration's first statement was already applied"
+                                "a resumed migration's statement was applied by the run that \
+                                 stopped; going on"
                             );
+                            if is_async_ddl(&statement.text) {
+                                job = self.job_of(client, &statement.text).await?;
+                            }
                         }
                         Err(e) => return Err(fail(e)),
                     }
-                    retry_statement_on(client, &self.policy, &progress)
-                        .await
-                        .map_err(database("recording progress"))?;
+                    if let Some(job) = job {
+                        self.wait_for_job(client, keeper, migration, statement.line, &job)
+                            .await?;
+                    }
+                    let outcome = retry_transaction_on(client, &self.policy, |tx| async move {
+                        self.holds_lease(&tx, owner).await?;
+                        self.record_progress(&tx, migration, index).await
+                    })
+                    .await;
+                    match outcome {
+                        Ok(()) => true,
+                        Err(StepError::Fenced(fenced)) => Self::fence_error(fenced)?,
+                        Err(StepError::Db(e)) => return Err(database("recording progress")(e)),
+                    }
+                };
+                if applied {
+                    report.statements_applied += 1;
                 }
-                report.statements_applied += 1;
             }
-            retry_statement_on(
-                client,
-                &self.policy,
-                &format!(
-                    "UPDATE {} SET applied_at = now(), duration_ms = {} WHERE version = {}",
-                    self.table,
-                    started.elapsed().as_millis(),
-                    migration.version()
-                ),
-            )
-            .await
-            .map_err(database("recording a finished migration"))?;
+            let finish = format!(
+                "UPDATE {} SET applied_at = now(), duration_ms = $2 WHERE version = $1 \
+                 AND applied_at IS NULL",
+                self.table
+            );
+            let duration = started.elapsed().as_millis() as i64;
+            let finished = retry_transaction_on(client, &self.policy, |tx| {
+                let finish = finish.clone();
+                async move {
+                    self.holds_lease(&tx, owner).await?;
+                    tx.execute(&finish, &[&migration.version(), &duration])
+                        .await?;
+                    Ok::<_, StepError>(())
+                }
+            })
+            .await;
+            match finished {
+                Ok(()) => {}
+                Err(StepError::Fenced(fenced)) => {
+                    Self::fence_error(fenced)?;
+                }
+                Err(StepError::Db(e)) => {
+                    return Err(database("recording a finished migration")(e));
+                }
+            }
             report.applied.push(migration.version());
         }
         Ok(())
@@ -522,25 +889,57 @@ impl Migrator {
     ) -> Result<(), MigrateError> {
         let statement = format!(
             "INSERT INTO {} (version, name, checksum, statements_total, statements_applied, \
-             started_at) VALUES ({}, '{}', '{}', {}, 0, now())",
+             started_at, prefix_checksum) VALUES ({}, '{}', '{}', {}, 0, now(), '{}')",
             self.table,
             migration.version(),
             migration.name().replace('\'', "''"),
             migration.checksum(),
-            migration.statements().len()
+            migration.statements().len(),
+            prefix_checksum(migration, 0),
         );
-        retry_statement_on(client, &self.policy, &statement)
-            .await
-            .map(|_| ())
-            .map_err(database("recording a started migration"))
+        match retry_statement_on(client, &self.policy, &statement).await {
+            // Another runner recorded it first (this one's lease lapsed): the fenced steps
+            // that follow find out which runner goes on.
+            Ok(_) => Ok(()),
+            Err(e) if duplicate(&e) => Ok(()),
+            Err(e) => Err(database("recording a started migration")(e)),
+        }
     }
 
-    /// Waits for DSQL's job `job` (`sys.wait_for_job`, bounded by the job timeout, renewing
-    /// the lease meanwhile), then fails if `sys.jobs` says it did not complete.
+    /// The newest job of the index a resumed `CREATE INDEX ASYNC` names, if any.
+    async fn job_of(
+        &self,
+        client: &mut Client,
+        text: &str,
+    ) -> Result<Option<String>, MigrateError> {
+        let Some(name) = index_name(text) else {
+            return Ok(None);
+        };
+        retry_transaction_on(client, &self.policy, |tx| {
+            let name = name.clone();
+            async move {
+                Ok::<_, Error>(
+                    tx.query_opt(
+                        "SELECT job_id FROM sys.jobs WHERE object_name = $1 \
+                         ORDER BY start_time DESC LIMIT 1",
+                        &[&name],
+                    )
+                    .await?
+                    .map(|row| row.get::<_, String>(0)),
+                )
+            }
+        })
+        .await
+        .map_err(database("reading sys.jobs"))
+    }
+
+    /// Waits for DSQL's job `job` by polling `sys.jobs` on the runner's connection (short
+    /// sleeps, growing to a second; the lease is renewed meanwhile by its own task), bounded
+    /// by the job timeout; fails if the job failed, naming it, its details and the remedy.
     async fn wait_for_job(
         &self,
         client: &mut Client,
-        owner: &str,
+        keeper: &LeaseKeeper,
         migration: &Migration,
         line: usize,
         job: &str,
@@ -553,11 +952,14 @@ impl Migrator {
             details,
         };
         let deadline = Instant::now() + self.job_timeout;
+        let mut pause = Duration::from_millis(100);
         loop {
+            keeper.check()?;
             let row = retry_transaction_on(client, &self.policy, |tx| async move {
                 Ok::<_, Error>(
                     tx.query_opt(
-                        "SELECT status, coalesce(details, '') FROM sys.jobs WHERE job_id = $1",
+                        "SELECT status, coalesce(details, ''), coalesce(object_name, '') \
+                         FROM sys.jobs WHERE job_id = $1",
                         &[&job],
                     )
                     .await?,
@@ -565,13 +967,28 @@ impl Migrator {
             })
             .await
             .map_err(database("reading sys.jobs"))?;
-            let (status, details): (String, String) = match &row {
-                Some(row) => (row.get::<_, String>(0).to_ascii_lowercase(), row.get(1)),
-                None => ("submitted".into(), String::new()),
+            let (status, details, object): (String, String, String) = match &row {
+                Some(row) => (
+                    row.get::<_, String>(0).to_ascii_lowercase(),
+                    row.get(1),
+                    row.get(2),
+                ),
+                None => ("submitted".into(), String::new(), String::new()),
             };
             match status.as_str() {
                 "completed" => return Ok(()),
-                "failed" | "cancelled" => return Err(job_error(&status, details)),
+                "failed" | "cancelled" => {
+                    let remedy = if object.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; the index {object} may stay behind, invalid, and still enforce \
+                             uniqueness: drop it (DROP INDEX {object}), fix the data, and \
+                             create it again in a new migration"
+                        )
+                    };
+                    return Err(job_error(&status, format!("{details}{remedy}")));
+                }
                 _ => {}
             }
             if Instant::now() >= deadline {
@@ -580,21 +997,119 @@ impl Migrator {
                     format!("after {:?}", self.job_timeout),
                 ));
             }
-            // `sys.wait_for_job` returns when the job ends; bounded by the lease's renewal.
-            let wait = tokio::time::timeout(
-                self.lease / 3,
-                client.batch_execute(&format!(
-                    "CALL sys.wait_for_job('{}')",
-                    job.replace('\'', "''")
-                )),
-            )
-            .await;
-            if let Ok(Err(e)) = wait {
-                tracing::debug!(error = %e, job, "sys.wait_for_job failed; polling sys.jobs");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            self.renew(client, owner).await?;
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
+    }
+
+    /// Repairs the records of files that failed part-way, so that the next run applies them as
+    /// they are now: a record that applied nothing is removed; one that applied some statements
+    /// takes the file's checksum as it is now (the applied statements stay applied and are
+    /// not run again). Takes the lease for the change (fails if another runner holds it);
+    /// returns what it changed. Applied files and versions no file has are left alone.
+    pub async fn repair(&self, connector: &DsqlConnector) -> Result<Vec<Repaired>, MigrateError> {
+        self.check()?;
+        let mut client = self.connect(connector).await?;
+        self.ensure_tables(&mut client).await?;
+        let owner = format!("repair-{}-{:08x}", std::process::id(), fastrand::u32(..));
+        if let Some(holder) = self.try_lease(&mut client, &owner).await? {
+            return Err(MigrateError::LockTimeout {
+                owner: holder,
+                timeout: Duration::ZERO,
+            });
+        }
+        let history = self.history(&mut client).await?;
+        let mut repaired = Vec::new();
+        let mut outcome = Ok(());
+        for migration in self.migrations.iter() {
+            let Some(h) = history.iter().find(|h| h.version == migration.version()) else {
+                continue;
+            };
+            if h.complete {
+                continue;
+            }
+            let version = migration.version();
+            let change = if h.applied == 0 {
+                let sql = format!(
+                    "DELETE FROM {} WHERE version = $1 AND statements_applied = 0",
+                    self.table
+                );
+                retry_transaction_on(&mut client, &self.policy, |tx| {
+                    let sql = sql.clone();
+                    async move { Ok::<_, Error>(tx.execute(&sql, &[&version]).await?) }
+                })
+                .await
+                .map(|_| Repaired::Removed {
+                    version,
+                    file: migration.file().to_owned(),
+                })
+            } else {
+                let applied = h.applied.min(migration.statements().len());
+                let sql = format!(
+                    "UPDATE {} SET checksum = $2, prefix_checksum = $3, statements_total = $4 \
+                     WHERE version = $1 AND statements_applied = $5",
+                    self.table
+                );
+                let (prefix, total) = (
+                    prefix_checksum(migration, applied),
+                    migration.statements().len() as i32,
+                );
+                let at = h.applied as i32;
+                retry_transaction_on(&mut client, &self.policy, |tx| {
+                    let (sql, prefix) = (sql.clone(), prefix.clone());
+                    async move {
+                        Ok::<_, Error>(
+                            tx.execute(
+                                &sql,
+                                &[&version, &migration.checksum(), &prefix, &total, &at],
+                            )
+                            .await?,
+                        )
+                    }
+                })
+                .await
+                .map(|_| Repaired::Accepted {
+                    version,
+                    file: migration.file().to_owned(),
+                    applied,
+                    old_checksum: h.checksum.clone(),
+                    new_checksum: migration.checksum().to_owned(),
+                })
+            };
+            match change {
+                Ok(change) => repaired.push(change),
+                Err(e) => {
+                    outcome = Err(database("repairing the history")(e));
+                    break;
+                }
+            }
+        }
+        let release = format!(
+            "DELETE FROM {} WHERE id = 1 AND owner = $1",
+            self.lock_table()
+        );
+        let _ = retry_transaction_on(&mut client, &self.policy, |tx| {
+            let (release, owner) = (release.clone(), owner.clone());
+            async move { Ok::<_, Error>(tx.execute(&release, &[&owner]).await?) }
+        })
+        .await;
+        outcome.map(|()| repaired)
+    }
+}
+
+/// Whether `migration`'s text differs from what its record `h` applied: the whole file once
+/// it is applied; the statements applied so far while it is not (the rest may be edited).
+fn changed_text(migration: &Migration, h: &HistoryRow) -> bool {
+    if h.checksum == migration.checksum() {
+        return false;
+    }
+    if h.complete || h.applied > migration.statements().len() {
+        return true;
+    }
+    match &h.prefix {
+        Some(prefix) => *prefix != prefix_checksum(migration, h.applied),
+        // (Recorded before the applied part's checksum was kept: the whole file counts.)
+        None => true,
     }
 }
 
@@ -603,5 +1118,13 @@ fn duplicate(error: &Error) -> bool {
     matches!(
         error.code().map(|c| c.code()),
         Some("42P07" | "42710" | "42701" | "42P06" | "23505")
+    )
+}
+
+/// An "undefined" error: what a `DROP` run again answers.
+fn undefined(error: &Error) -> bool {
+    matches!(
+        error.code().map(|c| c.code()),
+        Some("42P01" | "42704" | "42703" | "3F000" | "42883")
     )
 }

@@ -401,3 +401,224 @@ fn the_migrate_example_applies_the_pet_clinic_and_names_a_refused_line() {
     // Refused before it started anything: no emulator was needed to say so.
     assert!(!String::from_utf8_lossy(&refused.stdout).contains("emulator"));
 }
+
+const LONG: &str = "INSERT INTO audit (step) SELECT 'long' FROM pg_sleep(3);\n";
+
+/// Issue 28, finding 1: a runner whose lease lapses mid-statement (its renewal stalled, as a
+/// paused process's would) and a second runner that takes the lease over: the statement is
+/// applied once, the runner that lost the lease says so, the other finishes the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_applies_a_statement_once_and_the_loser_says_so() {
+    let emulator = endpoint().await;
+    let tables = Migrations::embedded(&[("0001_tables.sql", TABLES)]).unwrap();
+    Migrator::new(tables)
+        .run(&connector(&emulator).await)
+        .await
+        .unwrap();
+    let migrations =
+        Migrations::embedded(&[("0001_tables.sql", TABLES), ("0002_long.sql", LONG)]).unwrap();
+    let lease = Duration::from_secs(1);
+    let paused = Migrator::new(migrations.clone())
+        .lease(lease)
+        .renew_lease(false);
+    let first = {
+        let connector = connector(&emulator).await;
+        tokio::spawn(async move { paused.run(&connector).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let second = Migrator::new(migrations)
+        .lease(lease)
+        .run(&connector(&emulator).await)
+        .await;
+    let first = first.await.unwrap();
+    let client = admin(&emulator).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM audit WHERE step = 'long'").await,
+        1,
+        "applied once (first: {first:?}, second: {second:?})"
+    );
+    let second = second.expect("the runner holding the lease finishes");
+    assert_eq!(second.applied, [2]);
+    match first {
+        Err(MigrateError::LeaseLost { owner }) => {
+            assert!(owner.contains('-'), "names the holder: {owner}")
+        }
+        other => panic!("the runner that lost the lease says so: {other:?}"),
+    }
+    let applied: i32 = client
+        .query_one(
+            "SELECT statements_applied FROM dsql_migrations WHERE version = 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1);
+}
+
+/// Eight runners over a file with a 3 s statement and a 1 s lease: the holder's lease is
+/// renewed while the statement runs (on a connection of its own), so nobody takes it over
+/// and the statement is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_runners_with_a_long_statement_and_a_short_lease_apply_it_once() {
+    let emulator = endpoint().await;
+    let migrations = Migrations::embedded(&[
+        ("0001_tables.sql", TABLES),
+        ("0002_long.sql", LONG),
+        (
+            "0003_after.sql",
+            "INSERT INTO audit (step) VALUES ('after');",
+        ),
+    ])
+    .unwrap();
+    let migrator = Arc::new(Migrator::new(migrations).lease(Duration::from_secs(1)));
+    let mut runners = Vec::new();
+    for _ in 0..8 {
+        let (migrator, connector) = (migrator.clone(), connector(&emulator).await);
+        runners.push(tokio::spawn(async move { migrator.run(&connector).await }));
+    }
+    let mut statements = 0;
+    for runner in runners {
+        statements += runner
+            .await
+            .unwrap()
+            .expect("every runner succeeds")
+            .statements_applied;
+    }
+    assert_eq!(
+        statements, 5,
+        "each statement applied once across the fleet"
+    );
+    let client = admin(&emulator).await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM audit WHERE step = 'long'").await,
+        1
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM audit WHERE step = 'after'").await,
+        1
+    );
+}
+
+/// Issue 28, finding 2: a runner cut between a DDL statement and its record (the table
+/// exists, the record says nothing applied): the next run takes "already exists" as applied
+/// and completes the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ddl_applied_but_not_recorded_resumes() {
+    let emulator = endpoint().await;
+    let file =
+        "CREATE TABLE cut_a (id int PRIMARY KEY);\nCREATE TABLE cut_b (id int PRIMARY KEY);\n";
+    let migrations = Migrations::embedded(&[("0001_cut.sql", file)]).unwrap();
+    let migrator = Migrator::new(migrations.clone());
+    let connector = connector(&emulator).await;
+    // What the cut left: the history tables, the file's record at 0, its first table.
+    migrator.status(&connector).await.unwrap();
+    let client = admin(&emulator).await;
+    let checksum = migrations.iter().next().unwrap().checksum().to_owned();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO dsql_migrations (version, name, checksum, statements_total, \
+             statements_applied, started_at) VALUES (1, 'cut', '{checksum}', 2, 0, now())"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE cut_a (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let report = migrator.run(&connector).await.expect("the file resumes");
+    assert_eq!(report.applied, [1]);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'cut_b'"
+        )
+        .await,
+        1
+    );
+    let status = migrator.status(&connector).await.unwrap();
+    assert!(status.up_to_date(), "{status:?}");
+}
+
+/// Issue 28, findings 4 and 6: a file that failed part-way (a statement DSQL refuses and the
+/// checks do not catch) names the statement and the server's answer; fixed in place, it then
+/// applies from the failed statement on; an edit of a statement it had applied is refused
+/// until `repair` accepts the file as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_failed_part_way_is_fixed_in_place_or_repaired() {
+    let emulator = endpoint().await;
+    let connector = connector(&emulator).await;
+    let broken = "CREATE TABLE fix_a (id int PRIMARY KEY);\n\
+                  ALTER TABLE fix_a ADD COLUMN n int DEFAULT 0;\n\
+                  INSERT INTO fix_a (id) VALUES (1);\n";
+    let failed = Migrator::new(Migrations::embedded(&[("0001_fix.sql", broken)]).unwrap())
+        .run(&connector)
+        .await
+        .unwrap_err();
+    let message = failed.to_string();
+    assert!(
+        message.starts_with("0001_fix.sql:2: statement 2 of the file failed: 0A000"),
+        "{message}"
+    );
+    assert!(
+        message.contains("ALTER TABLE ADD COLUMN with constraint not supported"),
+        "{message}"
+    );
+    // Fixed in place: the statement that failed and the ones after it may change.
+    let fixed = "CREATE TABLE fix_a (id int PRIMARY KEY);\n\
+                 ALTER TABLE fix_a ADD COLUMN n int;\n\
+                 INSERT INTO fix_a (id, n) VALUES (1, 0);\n";
+    let report = Migrator::new(Migrations::embedded(&[("0001_fix.sql", fixed)]).unwrap())
+        .run(&connector)
+        .await
+        .expect("the fixed file applies");
+    assert_eq!(
+        (report.applied.as_slice(), report.statements_applied),
+        (&[1][..], 2)
+    );
+
+    // An applied statement edited: refused, until repaired.
+    let broken = "CREATE TABLE fix_b (id int PRIMARY KEY);\n\
+                  ALTER TABLE fix_b ADD COLUMN m int DEFAULT 0;\n";
+    let migrations =
+        Migrations::embedded(&[("0001_fix.sql", fixed), ("0002_fix.sql", broken)]).unwrap();
+    Migrator::new(migrations).run(&connector).await.unwrap_err();
+    let edited = "CREATE TABLE fix_b (id bigint PRIMARY KEY);\n\
+                  CREATE TABLE fix_c (id int PRIMARY KEY, v numeric);\n";
+    let migrator = Migrator::new(
+        Migrations::embedded(&[("0001_fix.sql", fixed), ("0002_fix.sql", edited)]).unwrap(),
+    );
+    match migrator.run(&connector).await {
+        Err(MigrateError::Changed { version: 2, .. }) => {}
+        other => panic!("an edited applied statement is refused: {other:?}"),
+    }
+    let repaired = migrator.repair(&connector).await.unwrap();
+    assert!(
+        matches!(
+            repaired.as_slice(),
+            [tokio_postgres_dsql::migrate::Repaired::Accepted {
+                version: 2,
+                applied: 1,
+                ..
+            }]
+        ),
+        "{repaired:?}"
+    );
+    let report = migrator
+        .run(&connector)
+        .await
+        .expect("repaired: it applies");
+    assert_eq!(
+        (report.applied.as_slice(), report.statements_applied),
+        (&[2][..], 1)
+    );
+    let client = admin(&emulator).await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'fix_c'"
+        )
+        .await,
+        1
+    );
+}
