@@ -58,6 +58,8 @@ OPTIONS:
     --max-connections <n>        open connections [default: 10000, as DSQL]
     --max-age <seconds>          connection age limit [default: 3600, as DSQL]
     --transaction-age-limit <seconds>    [default: 300, as DSQL]
+    --index-build-delay <milliseconds>   how long an ASYNC index build's job stays
+                                 `submitted` [default: 0; DSQL's take seconds]
     --no-sql-rules               relay SQL unchanged (DSQL's connection rules still apply)
     --env-file <path>            write the `export` lines there (once ready) instead of stdout
     -h, --help
@@ -86,6 +88,7 @@ struct Options {
     max_connections: Option<usize>,
     max_age: Option<u64>,
     transaction_age_limit: Option<u64>,
+    index_build_delay: Option<u64>,
     no_sql_rules: bool,
     env_file: Option<PathBuf>,
 }
@@ -163,6 +166,9 @@ fn parse(args: &[String]) -> Result<Options, Usage> {
             "--max-age" => options.max_age = Some(number(flag, value("seconds")?)?),
             "--transaction-age-limit" => {
                 options.transaction_age_limit = Some(number(flag, value("seconds")?)?)
+            }
+            "--index-build-delay" => {
+                options.index_build_delay = Some(number(flag, value("milliseconds")?)?)
             }
             "--no-sql-rules" => options.no_sql_rules = true,
             "--env-file" => options.env_file = Some(value("a path")?.into()),
@@ -271,6 +277,9 @@ fn builder(options: &Options, credentials: Option<&Credentials>) -> DsqlEmulator
     }
     if let Some(limit) = options.transaction_age_limit {
         builder = builder.transaction_age_limit(Duration::from_secs(limit));
+    }
+    if let Some(delay) = options.index_build_delay {
+        builder = builder.index_build_delay(Duration::from_millis(delay));
     }
     builder
 }

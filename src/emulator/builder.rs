@@ -41,6 +41,7 @@ pub struct DsqlEmulatorBuilder {
     pub(super) sessions: Option<Arc<sql::occ::Sessions>>,
     sql_rules: Option<bool>,
     transaction_age_limit: Option<Duration>,
+    index_build_delay: Option<Duration>,
     listen: Option<std::net::IpAddr>,
     identities: std::collections::BTreeMap<String, String>,
     /// The shared server to take a database of (`SharedPostgres::endpoint`).
@@ -172,6 +173,17 @@ impl DsqlEmulatorBuilder {
         self
     }
 
+    /// How long an asynchronous index build (`CREATE INDEX ASYNC`, `ALTER TABLE ASYNC …
+    /// VALIDATE`) takes with the SQL rules on: its job stays `submitted` in `sys.jobs` for that
+    /// long (and `sys.wait_for_job` waits for it) before it reports its outcome. DSQL's builds
+    /// take seconds even on empty tables (`DSQL_SQL_RULES.md` §10); the default, none, lets tests
+    /// that do not care go fast; a delay lets a test see a long build, a lapsed lease during one,
+    /// and a resume. At most one hour.
+    pub fn index_build_delay(mut self, delay: Duration) -> Self {
+        self.index_build_delay = Some(delay);
+        self
+    }
+
     /// Serves this endpoint from `postgres`, in a database of its own copied from its template
     /// (fast: no `initdb`), instead of a private server; [`upstream_url`](Self::upstream_url)
     /// and [`pg_bin`](Self::pg_bin) are then not used. The endpoint is signed by the shared
@@ -220,6 +232,13 @@ impl DsqlEmulatorBuilder {
             return Err(EmulatorError::config(
                 "transaction_age_limit",
                 "must be at least 1 s",
+            ));
+        }
+        let index_build_delay = self.index_build_delay.unwrap_or_default();
+        if index_build_delay > Duration::from_secs(3600) {
+            return Err(EmulatorError::config(
+                "index_build_delay",
+                "must be at most an hour",
             ));
         }
         let (rate, burst) = self
@@ -308,6 +327,7 @@ impl DsqlEmulatorBuilder {
             fail_next_commit: Mutex::new(None),
             sql_rules,
             transaction_age_limit,
+            index_build_delay,
             catalog: self.catalog.unwrap_or_default(),
             sessions,
             network: tokio::sync::watch::Sender::new(Network::Up),

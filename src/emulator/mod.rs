@@ -226,6 +226,8 @@ pub(crate) struct Shared {
     sql_rules: bool,
     /// How long a transaction block may stay open (with the SQL rules).
     transaction_age_limit: Duration,
+    /// How long an asynchronous index build's job stays `submitted` (with the SQL rules).
+    index_build_delay: Duration,
     /// Committed schema changes, for `OC001` (with the SQL rules).
     catalog: Arc<sql::Catalog>,
     /// The database's sessions, for commit-time conflicts (with the SQL rules).

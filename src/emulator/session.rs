@@ -257,6 +257,11 @@ async fn negotiate(
         ));
         // The upstream's event triggers apply the catalog limits to this session.
         upstream_parameters.push((sql::RULES_PARAMETER.into(), "on".into()));
+        // How long its asynchronous DDL's jobs take (see `bootstrap.sql`).
+        upstream_parameters.push((
+            sql::BUILD_DELAY_PARAMETER.into(),
+            shared.index_build_delay.as_millis().to_string(),
+        ));
         // DSQL's sessions are in UTC unless the client says otherwise.
         if !upstream_parameters
             .iter()

@@ -622,3 +622,99 @@ async fn a_file_that_failed_part_way_is_fixed_in_place_or_repaired() {
         1
     );
 }
+
+/// Issue 28, finding 3: a run taken over while its index builds (5 s, the emulator's
+/// `index_build_delay`; a 1 s lease whose renewal stalled): the runner that takes over resumes
+/// the file, finds the index, waits for the same job (no second build), and records it once;
+/// the first runner says it lost the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
+    let emulator = tokio_postgres_dsql::emulator::SharedPostgres::global()
+        .expect("the shared PostgreSQL starts")
+        .endpoint()
+        .index_build_delay(Duration::from_secs(5))
+        .start()
+        .await
+        .expect("an endpoint starts");
+    let tables = Migrations::embedded(&[("0001_tables.sql", TABLES)]).unwrap();
+    Migrator::new(tables)
+        .run(&connector(&emulator).await)
+        .await
+        .unwrap();
+    let migrations =
+        Migrations::embedded(&[("0001_tables.sql", TABLES), ("0002_index.sql", INDEX)]).unwrap();
+    let lease = Duration::from_secs(1);
+    let paused = Migrator::new(migrations.clone())
+        .lease(lease)
+        .renew_lease(false);
+    let first = {
+        let connector = connector(&emulator).await;
+        tokio::spawn(async move { paused.run(&connector).await })
+    };
+    let client = admin(&emulator).await;
+    // The build has started (its job is submitted) and the first runner's lease lapsed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while count(
+        &client,
+        "SELECT count(*) FROM sys.jobs WHERE object_name = 'pet_owner'",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status: String = client
+        .query_one(
+            "SELECT status FROM sys.jobs WHERE object_name = 'pet_owner'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "submitted", "the build takes its time");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = Migrator::new(migrations)
+        .lease(lease)
+        .run(&connector(&emulator).await)
+        .await
+        .expect("the runner that took over finishes");
+    assert_eq!(
+        (second.applied.as_slice(), second.statements_applied),
+        (&[2][..], 1)
+    );
+    let status: String = client
+        .query_one(
+            "SELECT status FROM sys.jobs WHERE object_name = 'pet_owner'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "completed", "waited for until it completed");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM sys.jobs WHERE object_name = 'pet_owner'"
+        )
+        .await,
+        1,
+        "one build"
+    );
+    match first.await.unwrap() {
+        Err(MigrateError::LeaseLost { .. }) => {}
+        other => panic!("the runner that lost the lease says so: {other:?}"),
+    }
+    let applied: i32 = client
+        .query_one(
+            "SELECT statements_applied FROM dsql_migrations WHERE version = 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1);
+}

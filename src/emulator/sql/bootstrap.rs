@@ -3,6 +3,10 @@
 /// The startup parameter that tells the upstream's event triggers a session has the rules on.
 pub(crate) const RULES_PARAMETER: &str = "dsql_emulator.sql_rules";
 
+/// The session parameter that says how long an asynchronous DDL's job stays `submitted`, in
+/// milliseconds (`DsqlEmulatorBuilder::index_build_delay`).
+pub(crate) const BUILD_DELAY_PARAMETER: &str = "dsql_emulator.index_build_delay_ms";
+
 /// How long preparing the upstream may take (a server that does not answer fails the start).
 pub(super) const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

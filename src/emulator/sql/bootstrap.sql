@@ -10,7 +10,17 @@ SELECT pg_advisory_xact_lock(7306516);
 CREATE SCHEMA IF NOT EXISTS sys;
 GRANT USAGE ON SCHEMA sys TO PUBLIC;
 
-CREATE TABLE IF NOT EXISTS sys.jobs (
+-- The jobs, with when each is done (`due`: its build takes until then, the endpoint's
+-- `index_build_delay`); `sys.jobs` shows them as DSQL does, `submitted` until then. (A database
+-- bootstrapped before kept its jobs in a table `sys.jobs`: it becomes the base table.)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = 'sys' AND c.relname = 'jobs' AND c.relkind = 'r') THEN
+        ALTER TABLE sys.jobs RENAME TO dsql_emulator_jobs;
+    END IF;
+END $$;
+CREATE TABLE IF NOT EXISTS sys.dsql_emulator_jobs (
     job_id text PRIMARY KEY,
     status text NOT NULL,
     details text,
@@ -21,7 +31,24 @@ CREATE TABLE IF NOT EXISTS sys.jobs (
     start_time timestamptz NOT NULL,
     update_time timestamptz NOT NULL
 );
+ALTER TABLE sys.dsql_emulator_jobs ADD COLUMN IF NOT EXISTS due timestamptz;
+CREATE OR REPLACE VIEW sys.jobs AS
+    SELECT job_id,
+           CASE WHEN due > clock_timestamp() THEN 'submitted' ELSE status END AS status,
+           CASE WHEN due > clock_timestamp() THEN NULL ELSE details END AS details,
+           job_type, class_id, object_id, object_name, start_time,
+           CASE WHEN due > clock_timestamp() THEN start_time
+                ELSE greatest(update_time, coalesce(due, update_time)) END AS update_time
+      FROM sys.dsql_emulator_jobs;
 GRANT SELECT ON sys.jobs TO PUBLIC;
+
+-- When a job just started is done: now, plus the session's build delay
+-- (`dsql_emulator.index_build_delay_ms`, set by the emulator at connect).
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_job_due() RETURNS timestamptz LANGUAGE sql STABLE AS $$
+    SELECT clock_timestamp() + make_interval(secs =>
+        coalesce(nullif(current_setting('dsql_emulator.index_build_delay_ms', true), ''), '0')
+            ::numeric / 1000)
+$$;
 
 -- A new job id as DSQL writes them: a random UUID in lower-case base32 (26 characters).
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_job_id() RETURNS text LANGUAGE sql VOLATILE AS $$
@@ -48,9 +75,9 @@ BEGIN
          ORDER BY c.relname = name DESC, c.oid DESC
          LIMIT 1;
     END IF;
-    INSERT INTO sys.jobs
+    INSERT INTO sys.dsql_emulator_jobs
     VALUES (id, 'completed', NULL, kind, 'pg_class'::regclass, object, object_name, now(),
-            clock_timestamp());
+            clock_timestamp(), sys.dsql_emulator_job_due());
     RETURN id;
 END $$;
 
@@ -79,9 +106,9 @@ END $$;
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_failed_job(id text, kind text, relation regclass,
                                                         name text, details text)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    INSERT INTO sys.jobs
+    INSERT INTO sys.dsql_emulator_jobs
     VALUES (id, 'failed', details, kind, 'pg_class'::regclass, relation, name, now(),
-            clock_timestamp())
+            clock_timestamp(), sys.dsql_emulator_job_due())
 $$;
 
 -- Validates a `SELECT … FOR UPDATE` at COMMIT as DSQL does, as if its rows had been written:
@@ -106,13 +133,19 @@ BEGIN
     END IF;
 END $$;
 
--- DSQL's job ids are UUIDs in lower-case base32; builds here are over when the statement
--- answers, so there is nothing to wait for.
+-- DSQL's job ids are UUIDs in lower-case base32; a build here is over when its statement
+-- answers, and reported so once its build delay has passed: that is what is waited for.
 CREATE OR REPLACE PROCEDURE sys.wait_for_job(job_id text) LANGUAGE plpgsql AS $$
+DECLARE
+    done timestamptz;
 BEGIN
     IF job_id IS NULL OR job_id !~ '^[a-z2-7]{26}$' THEN
         RAISE EXCEPTION USING ERRCODE = '22P02', MESSAGE = 'Unable to convert text to UUID';
     END IF;
+    SELECT j.due INTO done FROM sys.dsql_emulator_jobs j WHERE j.job_id = wait_for_job.job_id;
+    WHILE done IS NOT NULL AND done > clock_timestamp() LOOP
+        PERFORM pg_sleep(0.05);
+    END LOOP;
 END $$;
 
 -- DSQL's IAM role mappings: `AWS IAM GRANT <role> TO '<arn>'` and `AWS IAM REVOKE <role> FROM
