@@ -718,3 +718,136 @@ async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
         .get(0);
     assert_eq!(applied, 1);
 }
+
+/// Random cuts: `runners` runners (each starting again after an error, as a deployment's pods
+/// would) apply `files` files, each with a DDL and two DML statements that write an audit row,
+/// while all connections are dropped at `cuts` seeded random moments. Every statement must be
+/// applied exactly once (one audit row each, every table there), every file recorded complete,
+/// and the runners' reports must add up to no more than the statements there are.
+async fn soak(seed: u64, runners: usize, files: usize, cuts: usize) -> Result<(), String> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let emulator = endpoint().await;
+    let mut set = vec![(
+        "0001_audit.sql".to_owned(),
+        "CREATE TABLE soak_audit (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), file int, stmt int);\n"
+            .to_owned(),
+    )];
+    for f in 2..=files {
+        set.push((
+            format!("{f:04}_step.sql"),
+            format!(
+                "CREATE TABLE soak_t{f} (id int PRIMARY KEY);\n\
+                 INSERT INTO soak_audit (file, stmt) VALUES ({f}, 2);\n\
+                 INSERT INTO soak_audit (file, stmt) SELECT {f}, 3 FROM pg_sleep(0.05);\n"
+            ),
+        ));
+    }
+    let total = 1 + 3 * (files - 1);
+    let embedded: Vec<(&str, &str)> = set.iter().map(|(f, s)| (f.as_str(), s.as_str())).collect();
+    let migrator = Arc::new(
+        Migrator::new(Migrations::embedded(&embedded).unwrap()).lease(Duration::from_secs(1)),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..runners {
+        let (migrator, connector) = (migrator.clone(), connector(&emulator).await);
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for _ in 0..200 {
+                match migrator.run(&connector).await {
+                    Ok(report) => return Ok((report, errors)),
+                    Err(e @ (MigrateError::Changed { .. } | MigrateError::Unknown { .. })) => {
+                        return Err(format!("a runner saw {e}"));
+                    }
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            Err(format!("a runner never finished: {errors:?}"))
+        }));
+    }
+    for _ in 0..cuts {
+        tokio::time::sleep(Duration::from_millis(rng.u64(50..400))).await;
+        emulator.drop_all_connections();
+    }
+    let mut applied = 0;
+    for task in tasks {
+        let (report, _) = task.await.unwrap()?;
+        applied += report.statements_applied;
+    }
+    let client = admin(&emulator).await;
+    let rows = client
+        .query(
+            "SELECT file, stmt, count(*) FROM soak_audit GROUP BY file, stmt ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut problems = Vec::new();
+    for f in 2..=files as i32 {
+        for stmt in [2, 3] {
+            let n: i64 = rows
+                .iter()
+                .find(|r| r.get::<_, i32>(0) == f && r.get::<_, i32>(1) == stmt)
+                .map_or(0, |r| r.get(2));
+            if n != 1 {
+                problems.push(format!("file {f} statement {stmt} applied {n} times"));
+            }
+        }
+    }
+    let tables = count(
+        &client,
+        "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'soak_t%'",
+    )
+    .await;
+    if tables != files as i64 - 1 {
+        problems.push(format!("{tables} of {} tables", files - 1));
+    }
+    let complete = count(
+        &client,
+        "SELECT count(*) FROM dsql_migrations WHERE applied_at IS NOT NULL \
+         AND statements_applied = statements_total",
+    )
+    .await;
+    if complete != files as i64 {
+        problems.push(format!("{complete} of {files} files recorded complete"));
+    }
+    if applied > total {
+        problems.push(format!(
+            "the runners report {applied} statements applied; there are {total}"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "seed {seed} ({runners} runners, {files} files, {cuts} cuts): {}",
+            problems.join("; ")
+        ))
+    }
+}
+
+/// Seeded random cuts in `cargo test`: a few runners and files, every statement once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_cuts_apply_every_statement_exactly_once() {
+    for seed in [1, 2] {
+        if let Err(failure) = soak(seed, 4, 6, 4).await {
+            panic!("{failure}");
+        }
+    }
+}
+
+/// The soak: `MIGRATE_SOAK_SEED=<n> cargo test --test dsql migrate::soak_ -- --ignored`
+/// (20 runners, 20 files, 20 cuts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a soak: run it on purpose"]
+async fn soak_twenty_runners_twenty_files_random_cuts() {
+    let seed = std::env::var("MIGRATE_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    if let Err(failure) = soak(seed, 20, 20, 20).await {
+        panic!("{failure}");
+    }
+}
