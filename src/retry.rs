@@ -717,7 +717,8 @@ impl<'p> Attempts<'p> {
 /// on an optimistic-concurrency conflict, with `policy`'s backoff, and returns the rows it
 /// answered. Made for DDL, which DSQL wants alone in its transaction (`CREATE TABLE`, `ALTER
 /// TABLE`, a `GRANT`) and for `CREATE INDEX ASYNC`, whose one row carries the `job_id` to
-/// wait for (`SELECT sys.wait_for_job($1)`); call it on a connection outside any transaction.
+/// wait for (`CALL sys.wait_for_job($1)`: a procedure); call it on a connection outside any
+/// transaction.
 /// The statement goes as a simple query (no parameters), so values come back as text. Any
 /// other error is returned at once as [`Error::Query`](crate::Error::Query); when the attempts
 /// run out, the last conflict. [`RetryPolicy::attempt_timeout`] bounds each attempt (past it,
@@ -732,7 +733,7 @@ impl<'p> Attempts<'p> {
 /// let rows = retry_statement_on(&mut conn, &policy, "CREATE INDEX ASYNC ON pet (owner_id)")
 ///     .await?;
 /// let job_id = rows[0].get("job_id").unwrap_or_default().to_owned();
-/// conn.execute("SELECT sys.wait_for_job($1)", &[&job_id]).await?;
+/// conn.execute("CALL sys.wait_for_job($1)", &[&job_id]).await?;
 /// # Ok(()) }
 /// ```
 pub async fn retry_statement_on<C>(

@@ -223,9 +223,10 @@ impl Migrator {
 
     /// How long the lease is held without renewal: a runner that dies (or stalls) frees it
     /// after this. A task of the runner's own renews it every third of it, on a connection of
-    /// its own, whatever statement runs meanwhile; the lease does not guard correctness (each
-    /// statement's progress record does, see the module docs), only who works. Default 30 s;
-    /// at least 1 s.
+    /// its own, whatever statement runs meanwhile. For DML the lease decides who works, and each
+    /// statement's progress record guards that it is applied once; for DDL, which DSQL cannot
+    /// fence, a runner whose lease lapsed may still send the statement it was about to send (see
+    /// the module docs). Default 30 s; at least 1 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_secs(1));
         self
@@ -390,7 +391,8 @@ pub enum MigrateError {
         timeout: Duration,
     },
     /// This runner's lease expired and another took it, mid-run: it stopped before its next
-    /// statement (what it had applied is recorded; the other runner goes on from there).
+    /// statement (the other runner goes on from the record; a DDL statement this runner sent
+    /// but could not record is taken as applied by the resume).
     #[error(
         "the migration lease was lost to {owner} (it expired: this runner was paused or cut \
          off longer than the lease); this runner stopped"

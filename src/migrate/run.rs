@@ -4,23 +4,29 @@
 //! **What is guaranteed.** Each statement's effect is recorded by advancing its file's
 //! `statements_applied` from `n` to `n + 1` with a conditional write (`WHERE
 //! statements_applied = n`). DSQL's optimistic concurrency lets exactly one transaction that
-//! writes that row commit, so:
+//! writes that row commit: that write, not the lease, is the fence. (The lease check each step
+//! makes in the same transaction is a read: it stops a runner that lost the lease before its
+//! next statement, and says so, but DSQL validates only what a transaction writes.) So:
 //!
-//! - **DML runs exactly once**: the statement and its progress record commit together, after a
-//!   check (in the same transaction) that the runner still holds the lease and that nobody
-//!   recorded the statement yet. A second runner (one whose lease lapsed and that woke up, or
-//!   the one that took over) fails at `COMMIT` or finds the record advanced and applies
-//!   nothing: it skips the statement, or, when it lost the lease, stops with
+//! - **DML runs exactly once**: the statement and its progress record commit together, after
+//!   checks (in the same transaction) that the runner still holds the lease and that nobody
+//!   recorded the statement yet. A second runner (one whose lease lapsed mid-statement, a
+//!   paused process, or the one that took over) fails at `COMMIT` or finds the record advanced
+//!   and applies nothing: it skips the statement, or, when it lost the lease, stops with
 //!   [`MigrateError::LeaseLost`].
 //! - **DDL runs at least once and is recorded once**: DSQL cannot commit DDL with DML, so a
-//!   DDL statement commits alone and its record follows. A runner cut between the two leaves
-//!   the record behind; the next run resumes at that statement, runs it again, and takes
-//!   "already exists" (or, for a `DROP`, "does not exist") as applied. Only the lease holder's
-//!   record commits, so two runners never both report a DDL statement applied. Write DDL
-//!   that names its objects (an unnamed `CREATE INDEX` run twice makes two indexes).
+//!   DDL statement first records its intent (`in_flight`), then commits alone, then its record
+//!   follows (clearing the intent). A runner cut between the DDL and its record leaves the
+//!   intent behind; the next run resumes at that statement, runs it again, and takes "already
+//!   exists" (or, for a `DROP`, "does not exist") as applied, only then: a statement that
+//!   failed on its own is still reported. Only one record of a statement commits, so two
+//!   runners never both count it applied. A runner that lost its lease may still send the DDL
+//!   it was about to send (DSQL cannot fence DDL): a re-run may come after later statements of
+//!   the new holder, so write DDL that can be run again (named objects, `IF NOT EXISTS`).
 //! - **Asynchronous DDL is waited for**: the runner polls `sys.jobs` for the job's status on
-//!   its own connection, bounded by the job timeout; on resume it finds the job by the
-//!   index's name. A failed job is an error naming the job, its details and the remedy.
+//!   its own connection, bounded by the job timeout; on resume it finds the job by the index's
+//!   name (or, when `sys.jobs` no longer lists it, the index's `indisvalid`). A failed job is
+//!   an error naming the job, its details and the remedy.
 //!
 //! **The lease.** DSQL has no advisory locks, and its writers never wait for each other: the
 //! first transaction to commit wins and the others fail at `COMMIT` (`OC000`). The lease is a
@@ -149,6 +155,9 @@ struct HistoryRow {
     /// The checksum of the statements applied ([`prefix_checksum`]); none in a history
     /// written before it was kept.
     prefix: Option<String>,
+    /// The statement (from 1) a runner sent and had not recorded when it stopped: the intent a
+    /// DDL statement writes before it goes (see the module docs).
+    in_flight: Option<usize>,
 }
 
 /// What the server said, for an error's message: its SQLSTATE and message, or the error.
@@ -177,6 +186,8 @@ enum Fenced {
     LeaseLost(String),
     /// Another runner recorded this statement first: it applied it.
     AppliedByOther,
+    /// The file's record is gone (a `repair` removed it meanwhile).
+    RecordGone,
 }
 
 /// The error of a fenced transaction's body: the database's, or a fence.
@@ -237,24 +248,34 @@ impl LeaseKeeper {
         let policy = migrator.policy.clone();
         let noted = lost.clone();
         let task = tokio::spawn(async move {
-            let mut client: Option<Client> = None;
+            // Each renewal (with its connect) is bounded: a third of the lease.
+            let bound = lease / 3;
+            let connect = || async {
+                match tokio::time::timeout(bound, connector.connect()).await {
+                    Ok(Ok(client)) => Some(client),
+                    _ => None,
+                }
+            };
+            let mut client: Option<Client> = connect().await;
             let mut renewed = Instant::now();
             loop {
                 tokio::time::sleep(lease / 3).await;
                 if client.as_ref().is_none_or(Client::is_closed) {
-                    client = connector.connect().await.ok();
+                    client = connect().await;
                 }
                 let outcome = match client.as_mut() {
                     Some(client) => {
                         let lease_secs = lease.as_secs_f64();
-                        retry_transaction_on(client, &policy, |tx| {
+                        let renewal = retry_transaction_on(client, &policy, |tx| {
                             let (sql, owner) = (sql.clone(), owner.clone());
                             async move {
                                 Ok::<_, Error>(tx.execute(&sql, &[&owner, &lease_secs]).await?)
                             }
-                        })
-                        .await
-                        .map_err(|e| e.to_string())
+                        });
+                        match tokio::time::timeout(bound, renewal).await {
+                            Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                            Err(_) => Err(format!("no answer within {bound:?}")),
+                        }
                     }
                     None => Err("cannot connect".to_owned()),
                 };
@@ -372,7 +393,7 @@ impl Migrator {
                 "CREATE TABLE IF NOT EXISTS {} (version bigint PRIMARY KEY, name text NOT NULL, \
                  checksum text NOT NULL, statements_total int NOT NULL, statements_applied int \
                  NOT NULL, started_at timestamptz NOT NULL, applied_at timestamptz, \
-                 duration_ms bigint, prefix_checksum text)",
+                 duration_ms bigint, prefix_checksum text, in_flight int)",
                 self.table
             ),
             format!(
@@ -408,29 +429,32 @@ impl Migrator {
                 }
             }
         }
-        // A history written before the applied part's checksum was kept gets the column.
-        let table = self.table.clone();
-        let has_prefix = retry_transaction_on(client, &self.policy, |tx| {
-            let table = table.clone();
-            async move {
-                let row = tx
-                    .query_one(
-                        "SELECT count(*) FROM information_schema.columns \
-                         WHERE table_name = $1 AND column_name = 'prefix_checksum'",
-                        &[&table],
-                    )
-                    .await?;
-                Ok::<_, Error>(row.get::<_, i64>(0) > 0)
-            }
-        })
-        .await
-        .map_err(database(format!("reading {}'s columns", self.table)))?;
-        if !has_prefix {
-            let alter = format!("ALTER TABLE {} ADD COLUMN prefix_checksum text", self.table);
-            match retry_statement_on(client, &self.policy, &alter).await {
-                Ok(_) => {}
-                Err(e) if duplicate(&e) => {}
-                Err(e) => return Err(database(format!("adding to {}", self.table))(e)),
+        // A history written by an earlier version gets the columns it lacks.
+        for (column, kind) in [("prefix_checksum", "text"), ("in_flight", "int")] {
+            let table = self.table.clone();
+            let present = retry_transaction_on(client, &self.policy, |tx| {
+                let table = table.clone();
+                async move {
+                    let row = tx
+                        .query_one(
+                            "SELECT count(*) FROM information_schema.columns \
+                             WHERE table_schema = current_schema() AND table_name = $1 \
+                             AND column_name = $2",
+                            &[&table, &column],
+                        )
+                        .await?;
+                    Ok::<_, Error>(row.get::<_, i64>(0) > 0)
+                }
+            })
+            .await
+            .map_err(database(format!("reading {}'s columns", self.table)))?;
+            if !present {
+                let alter = format!("ALTER TABLE {} ADD COLUMN {column} {kind}", self.table);
+                match retry_statement_on(client, &self.policy, &alter).await {
+                    Ok(_) => {}
+                    Err(e) if duplicate(&e) => {}
+                    Err(e) => return Err(database(format!("adding to {}", self.table))(e)),
+                }
             }
         }
         Ok(())
@@ -439,7 +463,7 @@ impl Migrator {
     async fn history(&self, client: &mut Client) -> Result<Vec<HistoryRow>, MigrateError> {
         let sql = format!(
             "SELECT version, name, checksum, statements_applied, applied_at IS NOT NULL, \
-             prefix_checksum FROM {} ORDER BY version",
+             prefix_checksum, in_flight FROM {} ORDER BY version",
             self.table
         );
         // Reads meet OC001 too, after another runner's DDL.
@@ -458,6 +482,7 @@ impl Migrator {
                 applied: r.get::<_, i32>(3).max(0) as usize,
                 complete: r.get(4),
                 prefix: r.get(5),
+                in_flight: r.get::<_, Option<i32>>(6).map(|n| n.max(0) as usize),
             })
             .collect())
     }
@@ -691,7 +716,32 @@ impl Migrator {
             .map(|row| row.get(0));
         match applied {
             Some(applied) if applied as usize == index => Ok(()),
-            _ => Err(StepError::Fenced(Fenced::AppliedByOther)),
+            Some(_) => Err(StepError::Fenced(Fenced::AppliedByOther)),
+            None => Err(StepError::Fenced(Fenced::RecordGone)),
+        }
+    }
+
+    /// Records, in transaction `tx`, that statement `index` of `migration` is about to be sent
+    /// (`Some`) or that it failed (`None`): only while the record says `index` applied.
+    async fn mark_in_flight(
+        &self,
+        tx: &Client,
+        migration: &Migration,
+        index: usize,
+        on: bool,
+    ) -> Result<(), StepError> {
+        let sql = format!(
+            "UPDATE {} SET in_flight = $3 WHERE version = $1 AND statements_applied = $2",
+            self.table
+        );
+        let marker = on.then_some(index as i32 + 1);
+        let marked = tx
+            .execute(&sql, &[&migration.version(), &(index as i32), &marker])
+            .await?;
+        if marked == 1 {
+            Ok(())
+        } else {
+            Err(StepError::Fenced(Fenced::AppliedByOther))
         }
     }
 
@@ -705,7 +755,8 @@ impl Migrator {
     ) -> Result<(), StepError> {
         let sql = format!(
             "UPDATE {} SET statements_applied = $3, prefix_checksum = $4, checksum = $5, \
-             statements_total = $6 WHERE version = $1 AND statements_applied = $2",
+             statements_total = $6, in_flight = NULL WHERE version = $1 \
+             AND statements_applied = $2",
             self.table
         );
         let (at, next) = (index as i32, index as i32 + 1);
@@ -736,6 +787,9 @@ impl Migrator {
         match fenced {
             Fenced::LeaseLost(owner) => Err(MigrateError::LeaseLost { owner }),
             Fenced::AppliedByOther => Ok(false),
+            Fenced::RecordGone => Err(MigrateError::LeaseLost {
+                owner: "a repair (the file's record was removed)".into(),
+            }),
         }
     }
 
@@ -802,18 +856,38 @@ impl Migrator {
                         Err(StepError::Db(e)) => return Err(fail(e)),
                     }
                 } else {
-                    // A statement that was started by a run that stopped before recording it
-                    // may have been applied: "already exists" (a DROP's "does not exist") is
-                    // taken as applied.
-                    let resumed = row.is_some() && index == resume_at;
-                    self.check_lease(client, owner).await?;
+                    // A statement that a run sent and did not record before it stopped (its
+                    // intent is in the record) may have been applied: "already exists" (a
+                    // DROP's "does not exist") is taken as applied then, and only then.
+                    let resumed =
+                        index == resume_at && row.is_some_and(|h| h.in_flight == Some(index + 1));
+                    let intent = retry_transaction_on(client, &self.policy, |tx| async move {
+                        self.holds_lease(&tx, owner).await?;
+                        self.mark_in_flight(&tx, migration, index, true).await
+                    })
+                    .await;
+                    match intent {
+                        Ok(()) => {}
+                        Err(StepError::Fenced(fenced)) => {
+                            if !Self::fence_error(fenced)? {
+                                // Another runner recorded it meanwhile.
+                                continue;
+                            }
+                        }
+                        Err(StepError::Db(e)) => {
+                            return Err(database("recording a statement's intent")(e));
+                        }
+                    }
                     let mut job = None;
+                    let mut found = false;
                     match retry_statement_on(client, &self.policy, &statement.text).await {
                         Ok(rows) if is_async_ddl(&statement.text) => {
                             job = rows
                                 .first()
                                 .and_then(|r| r.get("job_id"))
                                 .map(str::to_owned);
+                            // (`IF NOT EXISTS` over an index a stopped run made: no job.)
+                            found = job.is_none() && resumed;
                         }
                         Ok(_) => {}
                         Err(e)
@@ -827,11 +901,29 @@ impl Migrator {
                                 "a resumed migration's statement was applied by the run that \
                                  stopped; going on"
                             );
-                            if is_async_ddl(&statement.text) {
-                                job = self.job_of(client, &statement.text).await?;
-                            }
+                            found = is_async_ddl(&statement.text);
                         }
-                        Err(e) => return Err(fail(e)),
+                        Err(e) => {
+                            // A runner that lost the lease says so (the holder may have
+                            // applied the statement meanwhile).
+                            self.check_lease(client, owner).await?;
+                            // A definite failure: the intent goes, so that a re-run does not
+                            // take "already exists" for success.
+                            let cleared =
+                                retry_transaction_on(client, &self.policy, |tx| async move {
+                                    self.mark_in_flight(&tx, migration, index, false).await
+                                })
+                                .await;
+                            if let Err(StepError::Db(error)) = cleared {
+                                tracing::warn!(%error, "clearing a failed statement's intent");
+                            }
+                            return Err(fail(e));
+                        }
+                    }
+                    if found {
+                        job = self
+                            .resumed_index(client, migration, statement.line, &statement.text)
+                            .await?;
                     }
                     if let Some(job) = job {
                         self.wait_for_job(client, keeper, migration, statement.line, &job)
@@ -854,7 +946,7 @@ impl Migrator {
             }
             let finish = format!(
                 "UPDATE {} SET applied_at = now(), duration_ms = $2 WHERE version = $1 \
-                 AND applied_at IS NULL",
+                 AND applied_at IS NULL AND statements_applied = statements_total",
                 self.table
             );
             let duration = started.elapsed().as_millis() as i64;
@@ -862,14 +954,40 @@ impl Migrator {
                 let finish = finish.clone();
                 async move {
                     self.holds_lease(&tx, owner).await?;
-                    tx.execute(&finish, &[&migration.version(), &duration])
+                    let done = tx
+                        .execute(&finish, &[&migration.version(), &duration])
                         .await?;
-                    Ok::<_, StepError>(())
+                    if done == 1 {
+                        return Ok(true);
+                    }
+                    // Finished by another runner (this one's lease lapsed), or not complete.
+                    let complete = tx
+                        .query_opt(
+                            &format!(
+                                "SELECT applied_at IS NOT NULL FROM {} WHERE version = $1",
+                                self.table
+                            ),
+                            &[&migration.version()],
+                        )
+                        .await?
+                        .map(|r| r.get::<_, bool>(0));
+                    match complete {
+                        Some(true) => Ok(false),
+                        Some(false) => Err(StepError::Fenced(Fenced::AppliedByOther)),
+                        None => Err(StepError::Fenced(Fenced::RecordGone)),
+                    }
                 }
             })
             .await;
             match finished {
-                Ok(()) => {}
+                Ok(true) => report.applied.push(migration.version()),
+                // Another runner finished it: it reports it.
+                Ok(false) => {}
+                Err(StepError::Fenced(Fenced::AppliedByOther)) => {
+                    return Err(MigrateError::LeaseLost {
+                        owner: "another runner (the file's record is not complete)".into(),
+                    });
+                }
                 Err(StepError::Fenced(fenced)) => {
                     Self::fence_error(fenced)?;
                 }
@@ -877,7 +995,6 @@ impl Migrator {
                     return Err(database("recording a finished migration")(e));
                 }
             }
-            report.applied.push(migration.version());
         }
         Ok(())
     }
@@ -906,6 +1023,56 @@ impl Migrator {
         }
     }
 
+    /// A resumed `CREATE INDEX ASYNC` found its index: the job to wait for (the index's newest
+    /// build), or, when `sys.jobs` no longer lists one (finished jobs stay about 30 minutes),
+    /// the index's own state: an invalid index (a failed build) is an error naming it and the
+    /// remedy; a valid one, or one the runner cannot name, is taken as built.
+    async fn resumed_index(
+        &self,
+        client: &mut Client,
+        migration: &Migration,
+        line: usize,
+        text: &str,
+    ) -> Result<Option<String>, MigrateError> {
+        if let Some(job) = self.job_of(client, text).await? {
+            return Ok(Some(job));
+        }
+        let Some(name) = index_name(text) else {
+            return Ok(None);
+        };
+        let valid = retry_transaction_on(client, &self.policy, |tx| {
+            let name = name.clone();
+            async move {
+                Ok::<_, Error>(
+                    tx.query_opt(
+                        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c \
+                         ON c.oid = i.indexrelid WHERE c.relname = $1 \
+                         AND c.relnamespace = ANY(current_schemas(false)::regnamespace[])",
+                        &[&name],
+                    )
+                    .await?
+                    .map(|row| row.get::<_, bool>(0)),
+                )
+            }
+        })
+        .await
+        .map_err(database("reading the index's state"))?;
+        if valid == Some(false) {
+            return Err(MigrateError::Job {
+                file: migration.file().to_owned(),
+                line,
+                job_id: "(no longer listed in sys.jobs)".into(),
+                status: "failed".into(),
+                details: format!(
+                    "the index {name} is invalid (its build failed) and may still enforce \
+                     uniqueness: drop it (DROP INDEX {name}), fix the data, and create it again \
+                     in a new migration"
+                ),
+            });
+        }
+        Ok(None)
+    }
+
     /// The newest job of the index a resumed `CREATE INDEX ASYNC` names, if any.
     async fn job_of(
         &self,
@@ -921,7 +1088,7 @@ impl Migrator {
                 Ok::<_, Error>(
                     tx.query_opt(
                         "SELECT job_id FROM sys.jobs WHERE object_name = $1 \
-                         ORDER BY start_time DESC LIMIT 1",
+                         AND job_type = 'INDEX_BUILD' ORDER BY start_time DESC LIMIT 1",
                         &[&name],
                     )
                     .await?
@@ -958,8 +1125,9 @@ impl Migrator {
             let row = retry_transaction_on(client, &self.policy, |tx| async move {
                 Ok::<_, Error>(
                     tx.query_opt(
-                        "SELECT status, coalesce(details, ''), coalesce(object_name, '') \
-                         FROM sys.jobs WHERE job_id = $1",
+                        "SELECT status, coalesce(details, ''), \
+                         CASE WHEN job_type = 'INDEX_BUILD' THEN coalesce(object_name, '') \
+                         ELSE '' END FROM sys.jobs WHERE job_id = $1",
                         &[&job],
                     )
                     .await?,
@@ -1012,11 +1180,19 @@ impl Migrator {
         let mut client = self.connect(connector).await?;
         self.ensure_tables(&mut client).await?;
         let owner = format!("repair-{}-{:08x}", std::process::id(), fastrand::u32(..));
-        if let Some(holder) = self.try_lease(&mut client, &owner).await? {
-            return Err(MigrateError::LockTimeout {
-                owner: holder,
-                timeout: Duration::ZERO,
-            });
+        // The lease, waited for as a run waits (a runner at work must not see its record
+        // change under it).
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        while let Some(holder) = self.try_lease(&mut client, &owner).await? {
+            if started.elapsed() >= self.lock_timeout {
+                return Err(MigrateError::LockTimeout {
+                    owner: holder,
+                    timeout: self.lock_timeout,
+                });
+            }
+            tokio::time::sleep(backoff + Duration::from_millis(fastrand::u64(..25))).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
         let history = self.history(&mut client).await?;
         let mut repaired = Vec::new();
@@ -1029,20 +1205,31 @@ impl Migrator {
                 continue;
             }
             let version = migration.version();
-            let change = if h.applied == 0 {
+            let owner = owner.as_str();
+            let change = if h.applied == 0 && h.in_flight.is_none() {
+                // Nothing applied, nothing in flight: the next run starts the file anew.
                 let sql = format!(
-                    "DELETE FROM {} WHERE version = $1 AND statements_applied = 0",
+                    "DELETE FROM {} WHERE version = $1 AND statements_applied = 0 \
+                     AND in_flight IS NULL",
                     self.table
                 );
                 retry_transaction_on(&mut client, &self.policy, |tx| {
                     let sql = sql.clone();
-                    async move { Ok::<_, Error>(tx.execute(&sql, &[&version]).await?) }
+                    async move {
+                        self.holds_lease(&tx, owner).await?;
+                        Ok::<_, StepError>(tx.execute(&sql, &[&version]).await?)
+                    }
                 })
                 .await
-                .map(|_| Repaired::Removed {
-                    version,
-                    file: migration.file().to_owned(),
+                .map(|n| {
+                    (n == 1).then(|| Repaired::Removed {
+                        version,
+                        file: migration.file().to_owned(),
+                    })
                 })
+            } else if h.checksum == migration.checksum() {
+                // Nothing to accept.
+                Ok(None)
             } else {
                 let applied = h.applied.min(migration.statements().len());
                 let sql = format!(
@@ -1058,7 +1245,8 @@ impl Migrator {
                 retry_transaction_on(&mut client, &self.policy, |tx| {
                     let (sql, prefix) = (sql.clone(), prefix.clone());
                     async move {
-                        Ok::<_, Error>(
+                        self.holds_lease(&tx, owner).await?;
+                        Ok::<_, StepError>(
                             tx.execute(
                                 &sql,
                                 &[&version, &migration.checksum(), &prefix, &total, &at],
@@ -1068,17 +1256,25 @@ impl Migrator {
                     }
                 })
                 .await
-                .map(|_| Repaired::Accepted {
-                    version,
-                    file: migration.file().to_owned(),
-                    applied,
-                    old_checksum: h.checksum.clone(),
-                    new_checksum: migration.checksum().to_owned(),
+                .map(|n| {
+                    (n == 1).then(|| Repaired::Accepted {
+                        version,
+                        file: migration.file().to_owned(),
+                        applied,
+                        old_checksum: h.checksum.clone(),
+                        new_checksum: migration.checksum().to_owned(),
+                    })
                 })
             };
             match change {
-                Ok(change) => repaired.push(change),
-                Err(e) => {
+                Ok(Some(change)) => repaired.push(change),
+                // (Its record changed meanwhile: nothing done.)
+                Ok(None) => {}
+                Err(StepError::Fenced(fenced)) => {
+                    outcome = Self::fence_error(fenced).map(|_| ());
+                    break;
+                }
+                Err(StepError::Db(e)) => {
                     outcome = Err(database("repairing the history")(e));
                     break;
                 }

@@ -404,6 +404,35 @@ fn the_migrate_example_applies_the_pet_clinic_and_names_a_refused_line() {
 
 const LONG: &str = "INSERT INTO audit (step) SELECT 'long' FROM pg_sleep(3);\n";
 
+/// Waits (bounded) until the lease row says the lease lapsed while a statement sleeps in
+/// `pg_sleep`: the moment another runner may take over.
+async fn until_lapsed_mid_statement(client: &Client) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let lapsed = count(
+            client,
+            "SELECT count(*) FROM dsql_migrations_lock WHERE expires_at < now()",
+        )
+        .await
+            == 1;
+        let sleeping = count(
+            client,
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+             AND query LIKE '%pg_sleep%' AND query NOT LIKE '%pg_stat_activity%'",
+        )
+        .await
+            >= 1;
+        if lapsed && sleeping {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never lapsed mid-statement"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Issue 28, finding 1: a runner whose lease lapses mid-statement (its renewal stalled, as a
 /// paused process's would) and a second runner that takes the lease over: the statement is
 /// applied once, the runner that lost the lease says so, the other finishes the file.
@@ -415,8 +444,9 @@ async fn a_lapsed_lease_applies_a_statement_once_and_the_loser_says_so() {
         .run(&connector(&emulator).await)
         .await
         .unwrap();
+    let slow = "INSERT INTO audit (step) SELECT 'long' FROM pg_sleep(5);\n";
     let migrations =
-        Migrations::embedded(&[("0001_tables.sql", TABLES), ("0002_long.sql", LONG)]).unwrap();
+        Migrations::embedded(&[("0001_tables.sql", TABLES), ("0002_long.sql", slow)]).unwrap();
     let lease = Duration::from_secs(1);
     let paused = Migrator::new(migrations.clone())
         .lease(lease)
@@ -425,7 +455,7 @@ async fn a_lapsed_lease_applies_a_statement_once_and_the_loser_says_so() {
         let connector = connector(&emulator).await;
         tokio::spawn(async move { paused.run(&connector).await })
     };
-    tokio::time::sleep(Duration::from_millis(1800)).await;
+    until_lapsed_mid_statement(&admin(&emulator).await).await;
     let second = Migrator::new(migrations)
         .lease(lease)
         .run(&connector(&emulator).await)
@@ -456,7 +486,7 @@ async fn a_lapsed_lease_applies_a_statement_once_and_the_loser_says_so() {
     assert_eq!(applied, 1);
 }
 
-/// Eight runners over a file with a 3 s statement and a 1 s lease: the holder's lease is
+/// Eight runners over a file with a 3 s statement and a 2 s lease: the holder's lease is
 /// renewed while the statement runs (on a connection of its own), so nobody takes it over
 /// and the statement is applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,7 +501,9 @@ async fn eight_runners_with_a_long_statement_and_a_short_lease_apply_it_once() {
         ),
     ])
     .unwrap();
-    let migrator = Arc::new(Migrator::new(migrations).lease(Duration::from_secs(1)));
+    // (A lease shorter than the statement; long enough that a renewal on a loaded machine
+    // lands within it.)
+    let migrator = Arc::new(Migrator::new(migrations).lease(Duration::from_secs(2)));
     let mut runners = Vec::new();
     for _ in 0..8 {
         let (migrator, connector) = (migrator.clone(), connector(&emulator).await);
@@ -501,8 +533,9 @@ async fn eight_runners_with_a_long_statement_and_a_short_lease_apply_it_once() {
 }
 
 /// Issue 28, finding 2: a runner cut between a DDL statement and its record (the table
-/// exists, the record says nothing applied): the next run takes "already exists" as applied
-/// and completes the file.
+/// exists, the record says nothing applied and the statement in flight): the next run takes
+/// "already exists" as applied and completes the file. A statement that really failed with
+/// "already exists" (nothing in flight) fails again on a re-run: it is not taken as applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ddl_applied_but_not_recorded_resumes() {
     let emulator = endpoint().await;
@@ -518,7 +551,8 @@ async fn a_ddl_applied_but_not_recorded_resumes() {
     client
         .batch_execute(&format!(
             "INSERT INTO dsql_migrations (version, name, checksum, statements_total, \
-             statements_applied, started_at) VALUES (1, 'cut', '{checksum}', 2, 0, now())"
+             statements_applied, started_at, in_flight) VALUES (1, 'cut', '{checksum}', 2, 0, \
+             now(), 1)"
         ))
         .await
         .unwrap();
@@ -528,6 +562,28 @@ async fn a_ddl_applied_but_not_recorded_resumes() {
         .unwrap();
     let report = migrator.run(&connector).await.expect("the file resumes");
     assert_eq!(report.applied, [1]);
+    // A genuine failure: the table exists already, not made by this file.
+    client
+        .batch_execute("CREATE TABLE taken (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let clash = Migrator::new(
+        Migrations::embedded(&[
+            ("0001_cut.sql", file),
+            (
+                "0002_clash.sql",
+                "CREATE TABLE taken (id int PRIMARY KEY);\n",
+            ),
+        ])
+        .unwrap(),
+    );
+    for attempt in ["first", "second"] {
+        let error = clash.run(&connector).await.unwrap_err();
+        assert!(
+            error.to_string().contains("42P07"),
+            "{attempt} run: the clash is reported, not taken as applied: {error}"
+        );
+    }
     assert_eq!(
         count(
             &client,
@@ -676,7 +732,20 @@ async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
         .unwrap()
         .get(0);
     assert_eq!(status, "submitted", "the build takes its time");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while count(
+        &client,
+        "SELECT count(*) FROM dsql_migrations_lock WHERE expires_at < now()",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let second = Migrator::new(migrations)
         .lease(lease)
         .run(&connector(&emulator).await)
