@@ -335,7 +335,8 @@ async fn a_failed_index_job_surfaces_its_job_id() {
         ),
     ])
     .unwrap();
-    let err = Migrator::new(migrations).run(&connector).await.unwrap_err();
+    let migrator = Migrator::new(migrations);
+    let err = migrator.run(&connector).await.unwrap_err();
     let MigrateError::Job {
         file,
         job_id,
@@ -346,6 +347,17 @@ async fn a_failed_index_job_surfaces_its_job_id() {
     else {
         panic!("{err:?}");
     };
+    assert!(
+        details.contains("drop it") && details.contains("DROP INDEX owner_name"),
+        "names the remedy: {details}"
+    );
+    // On resume (the statement was in flight): reported again, with its job, never recorded.
+    match migrator.run(&connector).await {
+        Err(MigrateError::Job { status, .. }) => assert_eq!(status, "failed"),
+        other => panic!("a resumed failed build is reported again: {other:?}"),
+    }
+    let status = migrator.status(&connector).await.unwrap();
+    assert!(!status.up_to_date(), "{status:?}");
     assert_eq!(
         (file.as_str(), status.as_str()),
         ("0003_unique.sql", "failed")
@@ -486,7 +498,7 @@ async fn a_lapsed_lease_applies_a_statement_once_and_the_loser_says_so() {
     assert_eq!(applied, 1);
 }
 
-/// Eight runners over a file with a 3 s statement and a 2 s lease: the holder's lease is
+/// Eight runners over a file with a 3 s statement and a 1 s lease: the holder's lease is
 /// renewed while the statement runs (on a connection of its own), so nobody takes it over
 /// and the statement is applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,25 +513,31 @@ async fn eight_runners_with_a_long_statement_and_a_short_lease_apply_it_once() {
         ),
     ])
     .unwrap();
-    // (A lease shorter than the statement; long enough that a renewal on a loaded machine
-    // lands within it.)
-    let migrator = Arc::new(Migrator::new(migrations).lease(Duration::from_secs(2)));
+    let migrator = Arc::new(Migrator::new(migrations).lease(Duration::from_secs(1)));
     let mut runners = Vec::new();
     for _ in 0..8 {
         let (migrator, connector) = (migrator.clone(), connector(&emulator).await);
-        runners.push(tokio::spawn(async move { migrator.run(&connector).await }));
+        runners.push(tokio::spawn(async move {
+            // (On a loaded machine a renewal may miss the 1 s lease: that runner stops with
+            // LeaseLost and starts again, as a pod would; nothing is applied twice.)
+            let mut applied = 0;
+            for _ in 0..20 {
+                match migrator.run(&connector).await {
+                    Ok(report) => return applied + report.statements_applied,
+                    Err(MigrateError::LeaseLost { .. }) => applied += 0,
+                    Err(e) => panic!("a runner failed: {e}"),
+                }
+            }
+            panic!("a runner never finished")
+        }));
     }
     let mut statements = 0;
     for runner in runners {
-        statements += runner
-            .await
-            .unwrap()
-            .expect("every runner succeeds")
-            .statements_applied;
+        statements += runner.await.unwrap();
     }
-    assert_eq!(
-        statements, 5,
-        "each statement applied once across the fleet"
+    assert!(
+        statements <= 5,
+        "the reports add up to no more than the statements: {statements}"
     );
     let client = admin(&emulator).await;
     assert_eq!(
@@ -530,6 +548,8 @@ async fn eight_runners_with_a_long_statement_and_a_short_lease_apply_it_once() {
         count(&client, "SELECT count(*) FROM audit WHERE step = 'after'").await,
         1
     );
+    let status = migrator.status(&connector(&emulator).await).await.unwrap();
+    assert!(status.up_to_date(), "{status:?}");
 }
 
 /// Issue 28, finding 2: a runner cut between a DDL statement and its record (the table
