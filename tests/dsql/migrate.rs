@@ -356,8 +356,8 @@ async fn a_failed_index_job_surfaces_its_job_id() {
         Err(MigrateError::Job { status, .. }) => assert_eq!(status, "failed"),
         other => panic!("a resumed failed build is reported again: {other:?}"),
     }
-    let status = migrator.status(&connector).await.unwrap();
-    assert!(!status.up_to_date(), "{status:?}");
+    let state = migrator.status(&connector).await.unwrap();
+    assert!(!state.up_to_date(), "{state:?}");
     assert_eq!(
         (file.as_str(), status.as_str()),
         ("0003_unique.sql", "failed")
