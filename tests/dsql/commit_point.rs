@@ -223,3 +223,39 @@ async fn random_histories_lose_no_acknowledged_write() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A query that opens its block after other statements (`UPDATE …; BEGIN; …; COMMIT`): as in
+/// PostgreSQL, the statements before the `BEGIN` belong to the block, so they commit with it,
+/// and are undone with it when it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_before_a_begin_in_one_query_belong_to_its_block() {
+    let endpoint = crate::support::own_endpoint().await;
+    let mut admin = table(&endpoint, 0).await;
+    let mut f = Frontend::connect(&endpoint).await;
+    let failed = f
+        .simple(&format!("{INCREMENT}; BEGIN; SELECT 1 / 0; COMMIT"))
+        .await;
+    assert_eq!(
+        failed.error().map(|e| e.0),
+        Some("22012".to_owned()),
+        "{failed:?}"
+    );
+    assert_eq!(failed.status(), b'E', "{failed:?}");
+    assert_eq!(f.simple("ROLLBACK").await.status(), b'I');
+    assert_eq!(value(&mut admin).await, 0, "undone with its block");
+    let done = f
+        .simple(&format!("{INCREMENT}; BEGIN; {INCREMENT}; COMMIT"))
+        .await;
+    assert_eq!(done.error(), None, "{done:?}");
+    assert_eq!(done.tags(), ["UPDATE 1", "BEGIN", "UPDATE 1", "COMMIT"]);
+    assert_eq!(done.status(), b'I');
+    assert_eq!(value(&mut admin).await, 2, "committed with its block");
+    // A failure before the BEGIN: the relay's block is rolled back, the client is in none.
+    let early = f
+        .simple(&format!("SELECT 1 / 0; BEGIN; {INCREMENT}; COMMIT"))
+        .await;
+    assert_eq!(early.error().map(|e| e.0), Some("22012".to_owned()));
+    assert_eq!(early.status(), b'I', "{early:?}");
+    assert_eq!(value(&mut admin).await, 2);
+    assert_eq!(f.simple("SELECT 1").await.status(), b'I');
+}

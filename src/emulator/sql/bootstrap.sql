@@ -18,6 +18,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE n.nspname = 'sys' AND c.relname = 'jobs' AND c.relkind = 'r') THEN
         ALTER TABLE sys.jobs RENAME TO dsql_emulator_jobs;
+        REVOKE ALL ON sys.dsql_emulator_jobs FROM PUBLIC;
     END IF;
 END $$;
 CREATE TABLE IF NOT EXISTS sys.dsql_emulator_jobs (
@@ -31,20 +32,29 @@ CREATE TABLE IF NOT EXISTS sys.dsql_emulator_jobs (
     start_time timestamptz NOT NULL,
     update_time timestamptz NOT NULL
 );
-ALTER TABLE sys.dsql_emulator_jobs ADD COLUMN IF NOT EXISTS due timestamptz;
-CREATE OR REPLACE VIEW sys.jobs AS
-    SELECT job_id,
-           CASE WHEN due > clock_timestamp() THEN 'submitted' ELSE status END AS status,
-           CASE WHEN due > clock_timestamp() THEN NULL ELSE details END AS details,
-           job_type, class_id, object_id, object_name, start_time,
-           CASE WHEN due > clock_timestamp() THEN start_time
-                ELSE greatest(update_time, coalesce(due, update_time)) END AS update_time
-      FROM sys.dsql_emulator_jobs;
-GRANT SELECT ON sys.jobs TO PUBLIC;
+-- (Only when missing: each takes a lock that a reader of the jobs would make it wait for.)
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = 'sys.dsql_emulator_jobs'::regclass AND attname = 'due') THEN
+        ALTER TABLE sys.dsql_emulator_jobs ADD COLUMN due timestamptz;
+    END IF;
+    IF to_regclass('sys.jobs') IS NULL THEN
+        CREATE VIEW sys.jobs AS
+            SELECT job_id,
+                   CASE WHEN due > clock_timestamp() THEN 'submitted' ELSE status END AS status,
+                   CASE WHEN due > clock_timestamp() THEN NULL ELSE details END AS details,
+                   job_type, class_id, object_id, object_name, start_time,
+                   CASE WHEN due > clock_timestamp() THEN start_time
+                        ELSE greatest(update_time, coalesce(due, update_time)) END AS update_time
+              FROM sys.dsql_emulator_jobs;
+        GRANT SELECT ON sys.jobs TO PUBLIC;
+    END IF;
+END $$;
 
 -- When a job just started is done: now, plus the session's build delay
 -- (`dsql_emulator.index_build_delay_ms`, set by the emulator at connect).
-CREATE OR REPLACE FUNCTION sys.dsql_emulator_job_due() RETURNS timestamptz LANGUAGE sql STABLE AS $$
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_job_due() RETURNS timestamptz LANGUAGE sql VOLATILE AS $$
     SELECT clock_timestamp() + make_interval(secs =>
         coalesce(nullif(current_setting('dsql_emulator.index_build_delay_ms', true), ''), '0')
             ::numeric / 1000)
@@ -135,7 +145,8 @@ END $$;
 
 -- DSQL's job ids are UUIDs in lower-case base32; a build here is over when its statement
 -- answers, and reported so once its build delay has passed: that is what is waited for.
-CREATE OR REPLACE PROCEDURE sys.wait_for_job(job_id text) LANGUAGE plpgsql AS $$
+CREATE OR REPLACE PROCEDURE sys.wait_for_job(job_id text) LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     done timestamptz;
 BEGIN

@@ -192,6 +192,12 @@ pub(crate) struct Dialect {
     /// The statement that commits about to go upstream took its license: its request's plan
     /// says so, for the [`Responder`]'s check.
     pub(super) licensed_commit: bool,
+    /// The client's extended batch failed before the relay's `Sync` ended it upstream: its
+    /// messages are dropped up to its own `Sync`, as PostgreSQL would skip them.
+    pub(super) discard_to_sync: bool,
+    /// Pieces of a split query still to come before its own `BEGIN`, in the block the relay
+    /// opened for them ([`Dialect::on_query`]).
+    pub(super) own_block_pieces: usize,
 }
 
 /// An autocommit write as the relay runs it again ([`Planned::retry`]): what went before it
@@ -238,6 +244,9 @@ pub(super) struct Awaiting {
     pub(super) retry: bool,
     /// The relay's `Sync` that ends the released part of a batch ([`Dialect::resume`]).
     pub(super) resume: bool,
+    /// The relay's `Sync` before the rollback of a doomed transaction, mid-batch
+    /// ([`Dialect::release`]).
+    pub(super) release: bool,
 }
 
 /// What a `COMMIT` that reached the sending side without its validation is answered (an
@@ -311,7 +320,9 @@ pub(super) fn messages(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8], &[u8])>
 /// them), ending with `Sync`.
 pub(super) fn statement_batch(text: &str, types: &[u32], params: &[u8]) -> Vec<u8> {
     const NAME: &str = "dsql_emulator_replay";
-    let mut out = message(b'C', format!("S{NAME}\0").as_bytes());
+    // (Both closed first: a portal or statement left by an interrupted run would fail Bind.)
+    let mut out = message(b'C', format!("P{NAME}\0").as_bytes());
+    crate::emulator::wire::append_message(&mut out, b'C', format!("S{NAME}\0").as_bytes());
     let mut parse = format!("{NAME}\0{text}\0").into_bytes();
     parse.extend_from_slice(&(types.len() as u16).to_be_bytes());
     for oid in types {
@@ -540,6 +551,17 @@ impl Dialect {
                 Some(Plan::Swallow),
             );
         }
+        if awaited.release {
+            if reply.failed {
+                // PostgreSQL was skipping the client's batch to its Sync: so does the relay.
+                self.raw.clear();
+                self.held.clear();
+                self.batch = Batch::default();
+                self.skipping = None;
+                self.discard_to_sync = true;
+            }
+            self.roll_back_doomed(out);
+        }
         if awaited.resume
             && let Some((raw, sync)) = self.resume.take()
         {
@@ -557,6 +579,7 @@ impl Dialect {
             if reply.failed {
                 // The request ends here, as PostgreSQL's would at its error.
                 self.pieces.clear();
+                self.own_block_pieces = 0;
                 if awaited.own_block {
                     out.push(&query("ROLLBACK"), Some(Plan::Swallow));
                 }
@@ -573,20 +596,41 @@ impl Dialect {
     pub(crate) fn release(&mut self, out: &mut Outgoing) {
         // Again after each doom: a doomed transaction the client goes on with takes row
         // locks again, which a later committer may wait for.
-        if self.in_block && self.entry.doomed(self.block) {
-            self.replays.clear();
-            // The session may be in the middle of an extended batch (part of it went upstream
-            // at a Flush, its answers maybe still on their way, PostgreSQL maybe skipping to
-            // its Sync after an error): a Sync of the relay's ends that part first (what
-            // answers it passes, its ReadyForQuery dropped); then the rollback and the new
-            // block, as statements of the relay's own (the client's unnamed statement stays).
-            out.push(&message(b'S', b""), Some(Plan::AllButReady));
-            out.push(&hidden("ROLLBACK"), Some(Plan::Release));
-            out.push(
-                &hidden("BEGIN ISOLATION LEVEL REPEATABLE READ"),
-                Some(Plan::Swallow),
-            );
+        if !(self.in_block && self.entry.doomed(self.block)) {
+            return;
         }
+        // Not while an answer of the client's is awaited (a COPY waiting for its data among
+        // them): the committer dooms again every few milliseconds while it waits, and a later
+        // doom finds the session settled.
+        if !self.plans.lock().is_empty() || self.copy_batch || self.copy_tail {
+            return;
+        }
+        self.replays.clear();
+        if self.batch.released || !self.raw.is_empty() || !self.held.is_empty() {
+            // In the middle of an extended batch (part of it went upstream at a Flush, its
+            // answers maybe still on their way, PostgreSQL maybe skipping to its Sync after an
+            // error): a Sync of the relay's ends that part first (what answers it passes, its
+            // ReadyForQuery dropped); after an error in it the rest of the client's batch is
+            // skipped to its Sync, as PostgreSQL would have ([`Dialect::on_reply`]).
+            out.push(&message(b'S', b""), None);
+            out.push_planned(Planned {
+                report: true,
+                ..Planned::new(Plan::AllButReady)
+            });
+            self.awaiting.release = true;
+            return;
+        }
+        self.roll_back_doomed(out);
+    }
+
+    /// The rollback of a doomed transaction and its new block, as statements of the relay's
+    /// own (the client's unnamed statement stays).
+    fn roll_back_doomed(&mut self, out: &mut Outgoing) {
+        out.push(&hidden("ROLLBACK"), Some(Plan::Release));
+        out.push(
+            &hidden("BEGIN ISOLATION LEVEL REPEATABLE READ"),
+            Some(Plan::Swallow),
+        );
     }
 
     /// Follows the server's transaction status when every answer is in: the relay's own

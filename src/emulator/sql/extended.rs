@@ -14,6 +14,18 @@ impl Dialect {
     /// would be ignored after an error in it. A batch or a multi-statement `Query` that opens,
     /// ends or writes in a transaction block goes one statement at a time ([`Piece`]).
     pub(crate) fn on_message(&mut self, tag: u8, body: &[u8], whole: &[u8], out: &mut Outgoing) {
+        if self.discard_to_sync {
+            match tag {
+                b'S' => {
+                    self.discard_to_sync = false;
+                    out.push(whole, Some(Plan::Pass));
+                    self.end_of_implicit_transaction();
+                }
+                b'X' => out.push(whole, None),
+                _ => {}
+            }
+            return;
+        }
         self.follow_server();
         match tag {
             b'P' | b'B' | b'E' | b'C' | b'D' => {
@@ -334,6 +346,7 @@ impl Dialect {
             if std::mem::take(&mut self.refusal_sent) {
                 out.push(&held, None);
                 out.push(whole, Some(Plan::Pass));
+                self.mark_licensed(out);
             } else if held.is_empty() && !batch.released {
                 out.push(&raise_query(&refusal), Some(Plan::Pass));
             } else {
@@ -347,6 +360,7 @@ impl Dialect {
                 }
                 out.push(&held, None);
                 out.push(&message(b'S', b""), Some(Plan::Pass));
+                self.mark_licensed(out);
                 out.mark_piece(true);
                 if let Some(last) = out.plans.last_mut() {
                     last.own_block = own_block;
@@ -462,11 +476,6 @@ impl Dialect {
         }
         let name = String::from_utf8_lossy(name).into_owned();
         let text = String::from_utf8_lossy(text).into_owned();
-        if !name.is_empty() && self.statements.contains_key(&name) {
-            // PostgreSQL refuses a second statement of that name (42P05) and keeps the first:
-            // so does the relay's map.
-            return self.hold(whole, out);
-        }
         let classified = self.classified(&text);
         let prepared = match classified.statements.as_slice() {
             [one] => match &one.refusal {

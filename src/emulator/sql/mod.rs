@@ -141,6 +141,13 @@
 //!   `Sync`, gets no savepoint and, in autocommit, no row limit.
 //! - Memory: each server message is held whole while the relay reads it (a very large row
 //!   sits in memory until it is passed on).
+//! - A query that opens its block after other statements (`UPDATE …; BEGIN; …`) runs in a
+//!   block the relay opens before them, so its own `BEGIN` is answered with PostgreSQL's
+//!   `WARNING there is already a transaction in progress` besides its tag.
+//! - A doomed transaction is rolled back upstream only while the session has no answer
+//!   outstanding (a later doom finds it settled); in the middle of an extended batch the
+//!   relay ends the batch's released part with a `Sync` of its own first, so the client's
+//!   portals of that batch are gone (the transaction cannot commit either way).
 //! - The transaction rules follow the statements the relay has seen, as it reads them: a
 //!   client pipelining statements across a failed one may see a rule applied to a statement
 //!   PostgreSQL then skips.

@@ -93,6 +93,26 @@ impl Dialect {
             && let Some(pieces) = self.split(&text, &classified)
         {
             self.validated = false;
+            let before_begin = classified
+                .statements
+                .iter()
+                .position(|s| s.kind == Kind::Begin)
+                .filter(|at| *at > 0 && !self.in_block);
+            if let Some(at) = before_begin {
+                // PostgreSQL makes the statements before a BEGIN of the same query part of
+                // the block it opens: the relay opens it before the first of them (rolled
+                // back, and the client told it is in none, should one of them fail).
+                out.push(
+                    &hidden("BEGIN ISOLATION LEVEL REPEATABLE READ"),
+                    Some(Plan::Swallow),
+                );
+                self.plans.doomed.store(false, Ordering::SeqCst);
+                self.set_transaction(Transaction {
+                    in_block: true,
+                    ..Transaction::default()
+                });
+                self.own_block_pieces = at;
+            }
             self.pieces.extend(pieces.into_iter().map(Piece::Query));
             return self.next_piece(out);
         }
@@ -281,6 +301,14 @@ impl Dialect {
         if let Some(intermediate) = intermediate {
             out.mark_piece(intermediate);
             self.awaiting.piece = Some(intermediate);
+            if self.own_block_pieces > 0 {
+                // Before the query's own BEGIN, in the block the relay opened for it.
+                self.own_block_pieces -= 1;
+                if let Some(last) = out.plans.last_mut() {
+                    last.own_block = true;
+                }
+                self.awaiting.own_block = true;
+            }
         }
     }
 

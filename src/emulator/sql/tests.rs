@@ -188,9 +188,7 @@ fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
     let (text, _) = send(&mut d, &message(b'H', b""));
     assert!(text.contains("SELECT 2"), "{text}");
     send(&mut d, &sync());
-    // ASYNC DDL goes as the SELECT that runs it and answers its job, with its own tag. (A
-    // name of its own: PostgreSQL refuses a second statement named s1, and so does the
-    // relay's map.)
+    // ASYNC DDL goes as the SELECT that runs it and answers its job, with its own tag.
     send(&mut d, &parse("s3", "CREATE INDEX ASYNC i ON t (v)"));
     let (text, _) = send(&mut d, &sync());
     let expected = parse(
