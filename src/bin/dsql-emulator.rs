@@ -447,10 +447,14 @@ fn run(args: &[String]) -> Result<(), String> {
         .map(|(name, value)| format!("export {name}={}\n", quoted(&value)))
         .collect();
     let ready = format!(
-        "# dsql-emulator ready: {} on {} (SQL rules {}); SIGTERM or Ctrl-C stops it",
+        "# dsql-emulator ready: {} on {} (SQL rules {}{}); SIGTERM or Ctrl-C stops it",
         emulator.endpoint(),
         emulator.address(),
-        if emulator.sql_rules() { "on" } else { "off" }
+        if emulator.sql_rules() { "on" } else { "off" },
+        emulator
+            .upstream_note()
+            .map(|note| format!("; {note}"))
+            .unwrap_or_default()
     );
     match &options.env_file {
         Some(path) => {

@@ -280,6 +280,17 @@ impl DsqlEmulatorBuilder {
         if sql_rules && database.is_none() {
             sql::prepare_upstream(target.url("admin"))?;
         }
+        // Which PostgreSQL answers (a shared server read it, and said so, once).
+        let upstream_major = match &self.postgres {
+            Some(postgres) => postgres.upstream_major,
+            None => {
+                let major = sql::upstream_major(target.url("admin"));
+                if let Some(note) = major.filter(|_| sql_rules).and_then(sql::version_note) {
+                    tracing::warn!("{note}");
+                }
+                major
+            }
+        };
 
         let listen = self.listen.unwrap_or(Ipv4Addr::LOCALHOST.into());
         let listener = std::net::TcpListener::bind((listen, self.port))
@@ -328,6 +339,7 @@ impl DsqlEmulatorBuilder {
             sql_rules,
             transaction_age_limit,
             index_build_delay,
+            upstream_major,
             catalog: self.catalog.unwrap_or_default(),
             sessions,
             network: tokio::sync::watch::Sender::new(Network::Up),

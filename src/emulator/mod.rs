@@ -228,6 +228,8 @@ pub(crate) struct Shared {
     transaction_age_limit: Duration,
     /// How long an asynchronous index build's job stays `submitted` (with the SQL rules).
     index_build_delay: Duration,
+    /// The upstream PostgreSQL's major version, when it could be read.
+    upstream_major: Option<u32>,
     /// Committed schema changes, for `OC001` (with the SQL rules).
     catalog: Arc<sql::Catalog>,
     /// The database's sessions, for commit-time conflicts (with the SQL rules).
@@ -379,6 +381,22 @@ impl DsqlEmulator {
     /// Whether DSQL's SQL rules are applied ([`DsqlEmulatorBuilder::sql_rules`]).
     pub fn sql_rules(&self) -> bool {
         self.shared.sql_rules
+    }
+
+    /// The major version of the PostgreSQL behind the emulator (clients are told DSQL's
+    /// `16.15` whatever it is), when it could be read. On another version than 16 some of
+    /// DSQL's behaviour differs: [`upstream_note`](Self::upstream_note) says what.
+    pub fn upstream_version(&self) -> Option<u32> {
+        self.shared.upstream_major
+    }
+
+    /// What differs from DSQL because the PostgreSQL behind the emulator is not 16 (16's
+    /// syntax missing on 15; 17's accepted on 17), if it is not; logged once at start.
+    pub fn upstream_note(&self) -> Option<String> {
+        self.shared
+            .upstream_major
+            .filter(|_| self.shared.sql_rules)
+            .and_then(sql::version_note)
     }
 
     /// The endpoint name: what clients use as host, SNI and token host.

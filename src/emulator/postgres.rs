@@ -54,6 +54,8 @@ pub(super) struct Inner {
     external: bool,
     /// One CA for every endpoint (one file for clients to trust).
     pub(super) authority: Arc<certs::Authority>,
+    /// The server's major version, when it could be read.
+    pub(super) upstream_major: Option<u32>,
     databases: AtomicUsize,
     // Field order matters on drop: the cluster stops before its directory is removed.
     _cluster: Mutex<Option<upstream::LocalCluster>>,
@@ -125,8 +127,13 @@ impl SharedPostgresBuilder {
             "create the template database",
         )?;
         sql::prepare_upstream(target.with_database(&template).url("admin"))?;
+        let upstream_major = sql::upstream_major(target.url("admin"));
+        if let Some(note) = upstream_major.and_then(sql::version_note) {
+            tracing::warn!("{note}");
+        }
         Ok(SharedPostgres {
             inner: Arc::new(Inner {
+                upstream_major,
                 external: cluster.is_none(),
                 template,
                 target,

@@ -139,8 +139,17 @@ pub(crate) type Failure = (String, Option<Box<dyn std::error::Error + Send + Syn
 /// `timeout`. Blocking; runs on a thread of its own, so it may be called from inside an async
 /// runtime.
 pub(crate) fn execute(url: String, sql: &str, timeout: Duration) -> Result<(), Failure> {
+    query_first(url, sql, timeout).map(|_| ())
+}
+
+/// Like [`execute`], and returns the first column of the first row the statements answered.
+pub(crate) fn query_first(
+    url: String,
+    sql: &str,
+    timeout: Duration,
+) -> Result<Option<String>, Failure> {
     let sql = sql.to_owned();
-    std::thread::spawn(move || -> Result<(), Failure> {
+    std::thread::spawn(move || -> Result<Option<String>, Failure> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -152,8 +161,16 @@ pub(crate) fn execute(url: String, sql: &str, timeout: Duration) -> Result<(), F
                     .map_err(|e| ("cannot connect".to_owned(), Some(Box::new(e) as _)))?;
             let connection = tokio::spawn(connection);
             let outcome = client
-                .batch_execute(&sql)
+                .simple_query(&sql)
                 .await
+                .map(|messages| {
+                    messages.iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => {
+                            row.get(0).map(str::to_owned)
+                        }
+                        _ => None,
+                    })
+                })
                 .map_err(|e| ("a statement failed".to_owned(), Some(Box::new(e) as _)));
             drop(client);
             let _ = connection.await;

@@ -39,6 +39,11 @@ pub struct Case {
     /// Which of `simple`, `extended`, `psql` a single statement runs through (default all).
     #[serde(default)]
     pub protocols: Option<Vec<String>>,
+    /// The oldest PostgreSQL major version behind an emulator on which DSQL's answer can be
+    /// given (syntax or behaviour of a later PostgreSQL; DSQL is 16). On an older one the case
+    /// is reported as skipped, with the reason, never as agreeing.
+    #[serde(default)]
+    pub min_server: Option<u32>,
 }
 
 /// A statement of a two-session case.
@@ -89,6 +94,17 @@ pub fn corpus() -> Corpus {
 }
 
 impl Case {
+    /// Why the case cannot be judged against an emulator on PostgreSQL `major`, if it cannot.
+    pub fn skipped_on(&self, major: Option<u32>) -> Option<String> {
+        let (needed, major) = (self.min_server?, major?);
+        (major < needed).then(|| {
+            format!(
+                "{}: needs PostgreSQL {needed} (the emulator runs on {major})",
+                self.id
+            )
+        })
+    }
+
     /// Whether a single statement runs through `protocol`.
     pub fn runs_through(&self, protocol: &str) -> bool {
         self.sql.is_some()

@@ -25,3 +25,32 @@ pub(crate) fn prepare_upstream(url: String) -> Result<(), crate::emulator::Emula
         },
     )
 }
+
+/// The major version of the upstream PostgreSQL at `url` (`server_version_num / 10000`), read
+/// within [`PREPARE_TIMEOUT`]; `None` if it cannot be read.
+pub(crate) fn upstream_major(url: String) -> Option<u32> {
+    crate::emulator::upstream::query_first(url, "SHOW server_version_num", PREPARE_TIMEOUT)
+        .ok()
+        .flatten()
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .map(|n| n / 10_000)
+}
+
+/// What differs from DSQL (PostgreSQL 16) when the emulator runs on PostgreSQL `major`: said
+/// once at start, in the log and in `dsql-emulator`'s ready line. `None` on 16.
+pub(crate) fn version_note(major: u32) -> Option<String> {
+    match major {
+        16 => None,
+        m if m < 16 => Some(format!(
+            "the emulator runs on PostgreSQL {m}, not DSQL's 16: PostgreSQL 16 syntax DSQL \
+             accepts fails here with 42601 (a column's STORAGE in CREATE TABLE and ADD COLUMN, \
+             unnamed CREATE STATISTICS, ...) and SHOW lc_collate answers where DSQL says 42704; \
+             point PG_BIN at PostgreSQL 16 for full fidelity"
+        )),
+        m => Some(format!(
+            "the emulator runs on PostgreSQL {m}, not DSQL's 16: syntax newer than 16 (JSON_TABLE, \
+             MERGE ... RETURNING, COPY ... ON_ERROR, ...) is accepted here where DSQL refuses \
+             it; point PG_BIN at PostgreSQL 16 for full fidelity"
+        )),
+    }
+}
