@@ -498,10 +498,10 @@ fn a_fleet_of_a_hundred_pools_fails_over_and_back_within_the_clusters_budget() {
         }
         assert!(n(&preferred["downs_per_pod_max"]) <= 1, "{scenario}");
         assert!(n(&preferred["ups_per_pod_max"]) <= 1, "{scenario}");
-        assert!(
-            preferred["shortest_down_s"].as_f64().unwrap() >= 4.99,
-            "{scenario}"
-        );
+        // (None when no pod marked it down, which the lossy scenario allows.)
+        if let Some(shortest) = preferred["shortest_down_s"].as_f64() {
+            assert!(shortest >= 4.99, "{scenario}");
+        }
         // The peer never failed; on a loaded 2-core machine a pod's connects to it may time
         // out together, which counts once: a few pods at most.
         assert!(n(&peer["pods_that_marked_it_down"]) <= 5, "{scenario}");
