@@ -617,19 +617,24 @@ impl Migrator {
         drop(keeper);
         // Freed whatever happened (retried: another runner's DDL gives this OC001 too); an
         // expired lease frees itself if this fails.
+        if let Err(error) = self.give_back_lease(&mut client, &owner).await {
+            tracing::warn!(%error, "the migration lease was not given back; it expires");
+        }
+        outcome.map(|()| report)
+    }
+
+    /// Gives `owner`'s lease back (retried on conflicts: another runner's DDL gives this
+    /// `OC001` too).
+    async fn give_back_lease(&self, client: &mut Client, owner: &str) -> Result<u64, Error> {
         let release = format!(
             "DELETE FROM {} WHERE id = 1 AND owner = $1",
             self.lock_table()
         );
-        let released = retry_transaction_on(&mut client, &self.policy, |tx| {
-            let (release, owner) = (release.clone(), owner.clone());
+        retry_transaction_on(client, &self.policy, |tx| {
+            let release = release.clone();
             async move { Ok::<_, Error>(tx.execute(&release, &[&owner]).await?) }
         })
-        .await;
-        if let Err(error) = released {
-            tracing::warn!(%error, "the migration lease was not given back; it expires");
-        }
-        outcome.map(|()| report)
+        .await
     }
 
     /// Takes the lease for `owner`: `None` if taken, else the other holder.
@@ -1280,15 +1285,9 @@ impl Migrator {
                 }
             }
         }
-        let release = format!(
-            "DELETE FROM {} WHERE id = 1 AND owner = $1",
-            self.lock_table()
-        );
-        let _ = retry_transaction_on(&mut client, &self.policy, |tx| {
-            let (release, owner) = (release.clone(), owner.clone());
-            async move { Ok::<_, Error>(tx.execute(&release, &[&owner]).await?) }
-        })
-        .await;
+        if let Err(error) = self.give_back_lease(&mut client, &owner).await {
+            tracing::warn!(%error, "the migration lease was not given back; it expires");
+        }
         outcome.map(|()| repaired)
     }
 }

@@ -416,33 +416,29 @@ fn the_migrate_example_applies_the_pet_clinic_and_names_a_refused_line() {
 
 const LONG: &str = "INSERT INTO audit (step) SELECT 'long' FROM pg_sleep(3);\n";
 
-/// Waits (bounded) until the lease row says the lease lapsed while a statement sleeps in
-/// `pg_sleep`: the moment another runner may take over.
-async fn until_lapsed_mid_statement(client: &Client) {
+/// Waits (bounded: 20 s is a hang) until `sql`'s count is above zero; `what` names the state.
+async fn until(client: &Client, sql: &str, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let lapsed = count(
-            client,
-            "SELECT count(*) FROM dsql_migrations_lock WHERE expires_at < now()",
-        )
-        .await
-            == 1;
-        let sleeping = count(
-            client,
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
-             AND query LIKE '%pg_sleep%' AND query NOT LIKE '%pg_stat_activity%'",
-        )
-        .await
-            >= 1;
-        if lapsed && sleeping {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lease never lapsed mid-statement"
-        );
+    while count(client, sql).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The lease row says the lease lapsed.
+const LAPSED: &str = "SELECT count(*) FROM dsql_migrations_lock WHERE expires_at < now()";
+
+/// Waits until the lease lapsed while a statement sleeps in `pg_sleep`: the moment another
+/// runner may take over.
+async fn until_lapsed_mid_statement(client: &Client) {
+    until(
+        client,
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+         AND query LIKE '%pg_sleep%' AND query NOT LIKE '%pg_stat_activity%'",
+        "a statement sleeping",
+    )
+    .await;
+    until(client, LAPSED, "the lease lapsed mid-statement").await;
 }
 
 /// Issue 28, finding 1: a runner whose lease lapses mid-statement (its renewal stalled, as a
@@ -729,20 +725,12 @@ async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
     };
     let client = admin(&emulator).await;
     // The build has started (its job is submitted) and the first runner's lease lapsed.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while count(
+    until(
         &client,
         "SELECT count(*) FROM sys.jobs WHERE object_name = 'pet_owner'",
+        "the build started",
     )
-    .await
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the build never started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    .await;
     let status: String = client
         .query_one(
             "SELECT status FROM sys.jobs WHERE object_name = 'pet_owner'",
@@ -752,20 +740,7 @@ async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
         .unwrap()
         .get(0);
     assert_eq!(status, "submitted", "the build takes its time");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while count(
-        &client,
-        "SELECT count(*) FROM dsql_migrations_lock WHERE expires_at < now()",
-    )
-    .await
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lease never lapsed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(&client, LAPSED, "the lease lapsed").await;
     let second = Migrator::new(migrations)
         .lease(lease)
         .run(&connector(&emulator).await)
