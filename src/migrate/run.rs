@@ -701,6 +701,24 @@ impl Migrator {
         }
     }
 
+    /// One field (`expression`) of `migration`'s record, read in transaction `tx`; `None` when
+    /// the record is gone.
+    async fn record_field<T>(
+        &self,
+        tx: &Client,
+        migration: &Migration,
+        expression: &str,
+    ) -> Result<Option<T>, tokio_postgres::Error>
+    where
+        T: for<'r> tokio_postgres::types::FromSql<'r>,
+    {
+        let sql = format!("SELECT {expression} FROM {} WHERE version = $1", self.table);
+        Ok(tx
+            .query_opt(&sql, &[&migration.version()])
+            .await?
+            .map(|row| row.get(0)))
+    }
+
     /// Checks, in transaction `tx`, that `migration`'s record still says `index` statements
     /// applied.
     async fn at_statement(
@@ -709,16 +727,9 @@ impl Migrator {
         migration: &Migration,
         index: usize,
     ) -> Result<(), StepError> {
-        let applied: Option<i32> = tx
-            .query_opt(
-                &format!(
-                    "SELECT statements_applied FROM {} WHERE version = $1",
-                    self.table
-                ),
-                &[&migration.version()],
-            )
-            .await?
-            .map(|row| row.get(0));
+        let applied: Option<i32> = self
+            .record_field(tx, migration, "statements_applied")
+            .await?;
         match applied {
             Some(applied) if applied as usize == index => Ok(()),
             Some(_) => Err(StepError::Fenced(Fenced::AppliedByOther)),
@@ -966,16 +977,9 @@ impl Migrator {
                         return Ok(true);
                     }
                     // Finished by another runner (this one's lease lapsed), or not complete.
-                    let complete = tx
-                        .query_opt(
-                            &format!(
-                                "SELECT applied_at IS NOT NULL FROM {} WHERE version = $1",
-                                self.table
-                            ),
-                            &[&migration.version()],
-                        )
-                        .await?
-                        .map(|r| r.get::<_, bool>(0));
+                    let complete: Option<bool> = self
+                        .record_field(&tx, migration, "applied_at IS NOT NULL")
+                        .await?;
                     match complete {
                         Some(true) => Ok(false),
                         Some(false) => Err(StepError::Fenced(Fenced::AppliedByOther)),

@@ -52,6 +52,18 @@ fn three_files() -> Migrations {
     .unwrap()
 }
 
+/// What the history records as applied of version `version`.
+async fn statements_applied(client: &Client, version: i64) -> i32 {
+    client
+        .query_one(
+            "SELECT statements_applied FROM dsql_migrations WHERE version = $1",
+            &[&version],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -483,15 +495,7 @@ async fn a_lapsed_lease_applies_a_statement_once_and_the_loser_says_so() {
         }
         other => panic!("the runner that lost the lease says so: {other:?}"),
     }
-    let applied: i32 = client
-        .query_one(
-            "SELECT statements_applied FROM dsql_migrations WHERE version = 2",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(applied, 1);
+    assert_eq!(statements_applied(&client, 2).await, 1);
 }
 
 /// Eight runners over a file with a 3 s statement and a 1 s lease: the holder's lease is
@@ -772,15 +776,7 @@ async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
         Err(MigrateError::LeaseLost { .. }) => {}
         other => panic!("the runner that lost the lease says so: {other:?}"),
     }
-    let applied: i32 = client
-        .query_one(
-            "SELECT statements_applied FROM dsql_migrations WHERE version = 2",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(applied, 1);
+    assert_eq!(statements_applied(&client, 2).await, 1);
 }
 
 /// Random cuts: `runners` runners (each starting again after an error, as a deployment's pods
