@@ -1,7 +1,8 @@
 //! A fleet in one process: many connectors and pools (one per simulated pod) over an emulated
 //! multi-Region pair with DSQL's admission limits, under a steady transaction load, through a
 //! one-second outage of the preferred endpoint and its recovery, and then the same with half of
-//! the new connections to the recovered endpoint dropped (a lossy link).
+//! the new connections to the recovered endpoint dropped for three seconds (a lossy link;
+//! which ones follows a seed).
 //!
 //! ```text
 //! cargo run --release --example fleet                  # 100 pools x 10 connections, both scenarios
@@ -12,10 +13,11 @@
 //! `--rate R` and `--burst B`, the emulator's new-connection limit per endpoint [100/s, 250: a
 //! fleet four times the burst, as 4 000 connections are against DSQL's 1 000],
 //! `--no-client-limit` (no per-pod `connect_rate_limit`; by default each pod gets
-//! `rate / pools` a second with a burst of `burst / pools`, the README's sizing rule),
+//! `rate / pools` a second with a burst of `burst / pools`, the refusals guide's sizing rule),
 //! `--failback-window SECS` [20], `--think MS` between a worker's transactions [500],
 //! `--connect-timeout SECS` per attempt [1],
-//! `--scenario outage|lossy|both` [both], `--json` (one JSON object per scenario on stdout).
+//! `--scenario outage|lossy|both` [both], `--seed N` choosing the lossy link's drops [29],
+//! `--json` (one JSON object per scenario on stdout).
 //! `FLEET_LOG=1` logs the connectors' warnings (endpoints marked down, ...) on stderr.
 //!
 //! What it reports, per scenario: peak new connections a second per endpoint (logins the
@@ -37,6 +39,9 @@ use tokio_postgres_dsql::{
     DsqlConnectionManager, DsqlConnector, DsqlPool, Error, FailoverPolicy, RetryPolicy,
 };
 
+/// How long the lossy scenario's endpoint drops half of its new connections after the outage.
+const LOSS: Duration = Duration::from_secs(3);
+
 /// The command line.
 #[derive(Debug, Clone)]
 struct Args {
@@ -49,6 +54,7 @@ struct Args {
     think: Duration,
     connect_timeout: Duration,
     scenarios: Vec<Scenario>,
+    seed: u64,
     json: bool,
 }
 
@@ -56,7 +62,10 @@ struct Args {
 enum Scenario {
     /// The preferred endpoint is down for a second, then up.
     Outage,
-    /// The same, then it drops half of its new connections for the rest of the run.
+    /// The same, then it drops half of its new connections for [`LOSS`] (which ones: the seed),
+    /// then none. The loss is shorter than the failover policy's minimum down time (5 s), so a
+    /// pod marks the endpoint down at most once (during the outage or the loss) and up at most
+    /// once (after both): a property of the policy, tested on its state machine.
     Lossy,
 }
 
@@ -81,6 +90,7 @@ impl Args {
             think: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(1),
             scenarios: vec![Scenario::Outage, Scenario::Lossy],
+            seed: 29,
             json: false,
         };
         let mut words = std::env::args().skip(1);
@@ -122,6 +132,12 @@ impl Args {
                     }
                 }
                 "--json" => args.json = true,
+                "--seed" => {
+                    let text = value("--seed")?;
+                    args.seed = text
+                        .parse()
+                        .map_err(|_| format!("--seed: `{text}` is not a whole number"))?;
+                }
                 other => return Err(format!("unknown option `{other}` (see the file's docs)")),
             }
         }
@@ -155,6 +171,8 @@ struct Sample {
     at: Duration,
     accepted: [u64; 2],
     rate_exceeded: [u64; 2],
+    /// New connections closed at once (the lossy link's drops).
+    dropped: [u64; 2],
     open: [usize; 2],
 }
 
@@ -365,6 +383,10 @@ async fn run(
                         stats[0].rejected(Rejection::RateExceeded),
                         stats[1].rejected(Rejection::RateExceeded),
                     ],
+                    dropped: [
+                        stats[0].rejected(Rejection::Refused),
+                        stats[1].rejected(Rejection::Refused),
+                    ],
                     open: [
                         emulators[0].open_connections(),
                         emulators[1].open_connections(),
@@ -399,16 +421,15 @@ async fn run(
         tokio::time::sleep(Duration::from_secs(1)).await;
         preferred.set_down(false);
         if scenario == Scenario::Lossy {
-            preferred.drop_new_connections(0.5);
+            preferred.drop_new_connections(0.5, args.seed);
+            tokio::time::sleep(LOSS).await;
+            preferred.drop_new_connections(0.0, args.seed);
         }
         let recovered = t0.elapsed();
         let fleet = pods.len() * args.per_pool as usize;
         // Done when every pod sees the preferred endpoint up and the peer holds under 5 % of the
-        // connections (bounded: a lossy endpoint may never get there).
-        let bound = match scenario {
-            Scenario::Outage => args.failback_window * 3 + Duration::from_secs(60),
-            Scenario::Lossy => args.failback_window * 2 + Duration::from_secs(40),
-        };
+        // connections (bounded: the run reports when it did not get there).
+        let bound = args.failback_window * 3 + Duration::from_secs(60);
         let settled = wait_until(bound, || {
             pods.iter()
                 .all(|p| p.connector.endpoint_health().iter().all(|e| e.up))
@@ -421,7 +442,6 @@ async fn run(
             joined?;
         }
         monitoring.store(false, Ordering::SeqCst);
-        preferred.drop_new_connections(0.0);
         Ok::<_, Box<dyn std::error::Error>>((cut, recovered, settled))
     };
     let (driven, ()) = tokio::join!(drive, monitor);
@@ -548,6 +568,7 @@ fn report(
             "peak_logins_per_second": peak[side],
             "logins": delta(|s| s.accepted, side),
             "rate_exceeded_refusals": delta(|s| s.rate_exceeded, side),
+            "dropped_new_connections": delta(|s| s.dropped, side),
             "pods_that_marked_it_down": downs.iter().filter(|n| **n > 0).count(),
             "downs_per_pod_max": downs.iter().max().copied().unwrap_or(0),
             "ups_per_pod_max": ups.iter().max().copied().unwrap_or(0),
@@ -612,6 +633,7 @@ fn report(
     let committed_twice = applied.values().filter(|n| **n > 1).count();
     json!({
         "scenario": scenario.name(),
+        "seed": args.seed,
         "pools": args.pools,
         "connections_per_pool": args.per_pool,
         "emulator_limit": { "per_second": args.rate, "burst": args.burst },
@@ -643,12 +665,14 @@ fn print_report(report: &serde_json::Value) {
     println!("\n== scenario: {} ==", report["scenario"]);
     for endpoint in report["endpoints"].as_array().into_iter().flatten() {
         println!(
-            "{}: peak {} logins/s ({} in all), {} x 53400; pods that marked it down {}, per pod \
+            "{}: peak {} logins/s ({} in all), {} x 53400, {} new connections dropped; pods that \
+             marked it down {}, per pod \
              at most {} down / {} up, shortest down {} s, up after recovery median {} s (max {} s)",
             endpoint["endpoint"],
             endpoint["peak_logins_per_second"],
             endpoint["logins"],
             endpoint["rate_exceeded_refusals"],
+            endpoint["dropped_new_connections"],
             endpoint["pods_that_marked_it_down"],
             endpoint["downs_per_pod_max"],
             endpoint["ups_per_pod_max"],

@@ -14,7 +14,7 @@
 //! `--pair` (or `DSQL_EMULATOR_PAIR=1`) a peered pair of emulated endpoints in two Regions over
 //! one database, and after the clinic it takes the preferred endpoint down to show the pool
 //! failing over to the peer. As `admin` it works in `public`; any other role works in
-//! `myschema`, which an admin creates and grants (see the README).
+//! `myschema`, which an admin creates and grants (see `src/guide/dsql_notes.md`).
 //!
 //! The shape is the sample's: UUID keys made by the client, relations without foreign-key
 //! constraints, DDL as plain SQL files run by the migration runner (one statement per

@@ -174,8 +174,8 @@ pub enum Error {
     /// The connection was lost while `COMMIT` was in flight, or (with
     /// [`RetryPolicy::attempt_timeout`](crate::RetryPolicy::attempt_timeout)) `COMMIT` got no
     /// answer in time: the transaction may or may not have been committed. Never retried by
-    /// this crate; re-run such work only if it is idempotent (see the README's idempotency-key
-    /// pattern).
+    /// this crate; re-run such work only if it is idempotent (see the
+    /// [idempotency-key](crate::guide::pooling) pattern).
     #[error(
         "the connection was lost during COMMIT, or COMMIT got no answer in time: the \
          transaction may or may not have been committed"

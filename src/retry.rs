@@ -453,7 +453,7 @@ pub enum RetryError<E> {
     /// (`25P02`). Nothing was written; not retried.
     RolledBack(E),
     /// The connection was lost with `COMMIT` in flight: the transaction may or may not have
-    /// been committed. Not retried (see the README's idempotency-key pattern).
+    /// been committed. Not retried (see the [idempotency-key](crate::guide::pooling) pattern).
     OutcomeUnknown(E),
     /// An attempt ran past [`RetryPolicy::attempt_timeout`] and was abandoned (its `ROLLBACK`
     /// queued on the connection); not retried. The error says which:
@@ -838,7 +838,7 @@ impl Drop for OpenTransaction<'_> {
 /// [`Error::TransactionRolledBack`](crate::Error::TransactionRolledBack). If the connection is
 /// lost with `COMMIT` in flight, it returns
 /// [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown) and does not re-run the
-/// body (see the README's idempotency-key pattern). Neither is retried.
+/// body (see the [idempotency-key](crate::guide::pooling) pattern). Neither is retried.
 pub async fn retry_transaction_on<'c, C, T, E, F, Fut>(
     client: &'c mut C,
     policy: &RetryPolicy,
@@ -1095,10 +1095,10 @@ impl crate::DsqlPool {
     ///
     /// Never re-run: a connection lost with `COMMIT` in flight, or an attempt timing out then
     /// ([`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown): the outcome is
-    /// unknown, see the README's idempotency-key pattern); `COMMIT` rolling back a failed
-    /// transaction ([`Error::TransactionRolledBack`](crate::Error::TransactionRolledBack)); any
-    /// other error, returned at once. A checkout that fails returns its
-    /// [`Error`](crate::Error).
+    /// unknown, see the [idempotency-key](crate::guide::pooling) pattern); `COMMIT` rolling
+    /// back a failed transaction
+    /// ([`Error::TransactionRolledBack`](crate::Error::TransactionRolledBack)); any other
+    /// error, returned at once. A checkout that fails returns its [`Error`](crate::Error).
     ///
     /// `body` gets a [`PooledTx`] and returns a future: `|tx| async move { … }`.
     ///

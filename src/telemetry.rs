@@ -1,6 +1,6 @@
 //! Metrics through the [`metrics`](https://docs.rs/metrics) facade (feature `metrics`). Every
 //! function here compiles to nothing without the feature. The names and labels are listed once,
-//! in the README's "Observability" table; keep the two in step.
+//! in the table of `src/guide/observability.md`; keep the two in step.
 
 #[cfg(feature = "metrics")]
 mod imp {

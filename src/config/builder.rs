@@ -205,7 +205,8 @@ impl DsqlConfigBuilder {
     }
 
     /// An extra session setting sent in the startup message (`options=-c name=value`). DSQL
-    /// accepts only a few (see the README); others are refused by the server.
+    /// accepts only a few (see [`guide::dsql_notes`](crate::guide::dsql_notes)); others are
+    /// refused by the server.
     pub fn option(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.options.push((name.into(), value.into()));
         self

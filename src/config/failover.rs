@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 /// How a connector with several endpoints decides that one is down and up again, and how fast
-/// pools move back to it (see the README's "Multi-Region clusters" for the state machine and
+/// pools move back to it (see [`guide::multi_region`](crate::guide::multi_region) for the state machine and
 /// the fleet figures behind the defaults).
 ///
 /// - **Down** after [`down_after_failures`](Self::down_after_failures) failures at the network

@@ -48,7 +48,7 @@
 //! with several endpoints, a bare cluster id needs its Region given (the environment's Region
 //! names one Region, not two). The same endpoint twice is refused, and so is
 //! [`amzn_cluster_id`](DsqlConfigBuilder::amzn_cluster_id) (it names one cluster). How the
-//! connector fails over between them is in the README's "Multi-Region clusters".
+//! connector fails over between them is in [`guide::multi_region`](crate::guide::multi_region).
 //!
 //! Time limits, as libpq means them: `connect_timeout` bounds one attempt from the TCP connect
 //! to the end of authentication (a server that accepts TCP and then says nothing cannot hang a

@@ -10,7 +10,7 @@ use aws_credential_types::Credentials;
 use aws_smithy_async::time::{SharedTimeSource, SystemTimeSource, TimeSource};
 
 use super::util::{self, Bucket};
-use super::{DsqlEmulator, EmulatorError, EmulatorStats, Network, Shared};
+use super::{DsqlEmulator, EmulatorError, EmulatorStats, Network, Rejection, Shared};
 use super::{auth, certs, postgres, session, sql, upstream};
 
 /// DSQL's new-connection rate: 100 a second per cluster.
@@ -151,14 +151,14 @@ impl DsqlEmulatorBuilder {
         self
     }
 
-    /// Whether SQL is answered as DSQL answers it (see the README's rule table): statements
+    /// Whether SQL is answered as DSQL answers it (see [`guide::sql_rules`](crate::guide::sql_rules)'s rule table): statements
     /// and types DSQL refuses get its SQLSTATE and message; one DDL per transaction, no DDL
     /// with DML, only REPEATABLE READ, no savepoints, `SET` of allowed parameters only,
     /// `CREATE INDEX ASYNC` with its job; the row, age, size, index and schema limits; writers
     /// never wait on each other and the first transaction to commit wins, whatever the
     /// protocol (the other's `COMMIT` fails with `OC000`; rows read `FOR UPDATE` count as
     /// written), schema changes give other sessions `OC001`. Default on; `false` leaves a
-    /// plain PostgreSQL behind DSQL's connection rules (the README lists what is and is not
+    /// plain PostgreSQL behind DSQL's connection rules ([`guide::sql_rules`](crate::guide::sql_rules) lists what is and is not
     /// emulated).
     pub fn sql_rules(mut self, on: bool) -> Self {
         self.sql_rules = Some(on);
@@ -333,7 +333,7 @@ impl DsqlEmulatorBuilder {
             latency: Arc::new(AtomicU64::new(0)),
             max_age: AtomicU64::new(max_age.as_nanos() as u64),
             refusing: AtomicBool::new(false),
-            dropping_new: AtomicU64::new(0),
+            dropping_new: Mutex::new(Default::default()),
             cut_next_commit: AtomicBool::new(false),
             fail_next_commit: Mutex::new(None),
             sql_rules,
@@ -391,6 +391,11 @@ impl DsqlEmulatorBuilder {
                         accepted = current.accept() => match accepted {
                             Ok((socket, _)) => {
                                 shared.count(|stats| stats.connections += 1);
+                                if shared.drops_next_connection() {
+                                    shared.count_rejection(Rejection::Refused);
+                                    drop(socket);
+                                    continue;
+                                }
                                 tokio::spawn(session::serve(socket, shared.clone()));
                             }
                             Err(error) => {

@@ -217,8 +217,9 @@ pub(crate) struct Shared {
     latency: latency::Latency,
     max_age: AtomicU64,
     refusing: AtomicBool,
-    /// The share of new TCP connections closed at once, in millionths (`drop_new_connections`).
-    dropping_new: AtomicU64,
+    /// Which new TCP connections are closed at once (`drop_new_connections`), and how many
+    /// were accepted since it was set.
+    dropping_new: Mutex<(util::DropSchedule, u64)>,
     cut_next_commit: AtomicBool,
     /// The answer `fail_next_commit` armed: a FATAL `ErrorResponse` for the next `COMMIT`.
     fail_next_commit: Mutex<Option<Vec<u8>>>,
@@ -250,6 +251,18 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether the connection just accepted is to be dropped (`drop_new_connections`).
+    fn drops_next_connection(&self) -> bool {
+        let mut dropping = self.dropping_new.lock().unwrap_or_else(|p| p.into_inner());
+        let (schedule, accepted) = &mut *dropping;
+        if !schedule.is_active() {
+            return false;
+        }
+        let n = *accepted;
+        *accepted += 1;
+        schedule.drops(n)
+    }
+
     fn count(&self, update: impl FnOnce(&mut EmulatorStats)) {
         update(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
     }
@@ -538,18 +551,20 @@ impl DsqlEmulator {
         self.shared.refusing.store(refuse, Ordering::SeqCst);
     }
 
-    /// From now on, each new TCP connection is closed at once with probability `share` (0 to
-    /// 1; counted as [`Rejection::Refused`]), as over a lossy link or a failing load balancer;
+    /// From now on, a share `share` (0 to 1) of the new TCP connections is closed at once
+    /// (counted as [`Rejection::Refused`]), as over a lossy link or a failing load balancer;
     /// established ones continue. `0.0` turns it off.
-    pub fn drop_new_connections(&self, share: f64) {
-        let share = if share.is_finite() {
-            share.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self.shared
+    ///
+    /// Which connections are dropped follows `seed`: the `n`-th connection accepted after the
+    /// call is dropped or not by a fixed mix of `seed` and `n`, so the same seed drops the same
+    /// connections, in the order they are accepted, on every run (how the connections of
+    /// concurrent clients interleave is still up to the machine).
+    pub fn drop_new_connections(&self, share: f64, seed: u64) {
+        *self
+            .shared
             .dropping_new
-            .store((share * 1_000_000.0) as u64, Ordering::SeqCst);
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (util::DropSchedule::new(share, seed), 0);
     }
 
     /// Adds `latency` to each direction between clients and the emulator, like a network: a

@@ -101,6 +101,51 @@ pub(crate) fn options_value(settings: &[(&str, &str)]) -> String {
     out
 }
 
+/// Which new connections [`drop_new_connections`](super::DsqlEmulator::drop_new_connections)
+/// drops: the `n`-th connection accepted since the call is dropped when a SplitMix64 mix of the
+/// seed and `n` falls below the share, so the same seed drops the same connections, in accept
+/// order, on every run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct DropSchedule {
+    /// The share dropped, as a threshold over `u64` (0: none; `u64::MAX`: all).
+    threshold: u64,
+    seed: u64,
+}
+
+impl DropSchedule {
+    /// `share` of the connections (clamped to 0..=1; not finite: none), chosen by `seed`.
+    pub(crate) fn new(share: f64, seed: u64) -> DropSchedule {
+        let share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        // `as` saturates: 1.0 gives u64::MAX.
+        let threshold = (share * u64::MAX as f64) as u64;
+        DropSchedule { threshold, seed }
+    }
+
+    /// Whether it drops anything.
+    pub(crate) fn is_active(&self) -> bool {
+        self.threshold > 0
+    }
+
+    /// Whether the `n`-th connection since the schedule was set is dropped.
+    pub(crate) fn drops(&self, n: u64) -> bool {
+        if self.threshold == u64::MAX {
+            return true;
+        }
+        // SplitMix64 (Steele, Lea, Flood 2014) over seed + n: every bit of both mixed in.
+        let mut z = self
+            .seed
+            .wrapping_add(n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        z < self.threshold
+    }
+}
+
 /// DSQL's admission of new connections: `rate` a second, bursts of `burst`; refuses when empty.
 #[derive(Debug)]
 pub(crate) struct Bucket {
@@ -190,5 +235,37 @@ mod tests {
         assert!(!bucket.try_take(start));
         assert!(bucket.try_take(start + Duration::from_millis(100)));
         assert!(!bucket.try_take(start + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn a_drop_schedule_drops_the_same_connections_for_the_same_seed() {
+        let drops = |share: f64, seed: u64| -> Vec<bool> {
+            let schedule = DropSchedule::new(share, seed);
+            (0..10_000).map(|n| schedule.drops(n)).collect()
+        };
+        assert_eq!(drops(0.5, 29), drops(0.5, 29), "same seed, same drops");
+        assert_ne!(drops(0.5, 29), drops(0.5, 30), "another seed, other drops");
+        // The share holds over many connections, and no long runs hide in it.
+        for (share, seed) in [(0.5, 29), (0.1, 7), (0.9, 1 << 40)] {
+            let dropped = drops(share, seed).iter().filter(|d| **d).count();
+            let expected = share * 10_000.0;
+            assert!(
+                (dropped as f64 - expected).abs() < 300.0,
+                "share {share} seed {seed}: {dropped} of 10 000"
+            );
+        }
+        let half = drops(0.5, 29);
+        let longest = half
+            .chunk_by(|a, b| a == b)
+            .map(|run| run.len())
+            .max()
+            .unwrap();
+        assert!(longest < 30, "a run of {longest}");
+        // The ends: nothing, everything; bad input drops nothing.
+        assert!(drops(0.0, 1).iter().all(|d| !d));
+        assert!(drops(1.0, 1).iter().all(|d| *d));
+        assert!(drops(7.0, 1).iter().all(|d| *d), "clamped to 1");
+        assert!(!DropSchedule::new(f64::NAN, 1).is_active());
+        assert!(!DropSchedule::new(-1.0, 1).is_active());
     }
 }

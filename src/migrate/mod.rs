@@ -1,6 +1,6 @@
 //! Schema migrations that work on DSQL (feature `migrate`): each statement in a transaction of
 //! its own, progress recorded statement by statement, a lease instead of an advisory lock, and
-//! DSQL's refusals found before anything runs. See the README's "Schema migrations".
+//! DSQL's refusals found before anything runs. See [`guide::migrations`](crate::guide::migrations).
 //!
 //! ```no_run
 //! use tokio_postgres_dsql::{DsqlConfig, DsqlConnector, migrate::Migrator};

@@ -1,4 +1,4 @@
-//! Every metric in the README's table moves when its event happens (feature `metrics`), seen
+//! Every metric in the observability guide's table moves when its event happens (feature `metrics`), seen
 //! through `metrics-util`'s debugging recorder. Metrics about connections carry the endpoint,
 //! and each check uses an emulator of its own, so other tests running at the same time cannot
 //! move them; the transaction metrics have no endpoint and are checked for at least the moves

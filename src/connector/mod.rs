@@ -20,6 +20,9 @@ use crate::token::credentials::CachedCredentials;
 use crate::token::{Action, AuthToken, TokenSigner};
 use crate::{Error, tls};
 
+mod health;
+use health::{AfterFailure, EndpointState};
+
 /// Opens DSQL connections: IAM token (cached), TLS with SNI, the DSQL startup parameters.
 ///
 /// Cheap to clone: clones share the token caches, the TLS configuration (and with it TLS
@@ -61,7 +64,7 @@ use crate::{Error, tls};
 ///   after a failback, spread over a probe interval (see [`DsqlConnectionManager`](crate::DsqlConnectionManager)).
 ///
 /// Marking down, failback and each connect's endpoint are logged with `tracing` and counted
-/// (see the README's "Multi-Region clusters").
+/// (see [`guide::multi_region`](crate::guide::multi_region)).
 #[derive(Clone)]
 pub struct DsqlConnector {
     inner: Arc<Inner>,
@@ -146,29 +149,14 @@ struct Health {
     failed_at: AtomicU64,
     /// A background probe is running.
     probing: AtomicBool,
-    state: std::sync::Mutex<HealthState>,
+    /// The state machine; `down` mirrors its verdict for lock-free reads.
+    state: std::sync::Mutex<EndpointState>,
 }
 
 impl Health {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EndpointState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-#[derive(Default)]
-struct HealthState {
-    /// When the last failure was counted.
-    counted_at: Option<Instant>,
-    /// Failures and successes since `first_failure` (the window).
-    failures: u32,
-    successes_in_window: u32,
-    first_failure: Option<Instant>,
-    /// While down: since when, for how long at least, and probe successes in a row.
-    down_since: Option<Instant>,
-    down_for: Duration,
-    successes: u32,
-    /// When it last came up.
-    up_since: Option<Instant>,
 }
 
 /// A permanent refusal is answered from memory for this long: every connect and checkout in
@@ -288,7 +276,7 @@ impl DsqlConnector {
     /// Opens a connection and spawns its connection task on the current tokio runtime. The
     /// task's error, if the connection ends with one, is logged with `tracing` at `warn`.
     ///
-    /// How refusals are handled (see the README's "When DSQL refuses a connection"):
+    /// How refusals are handled (see [`guide::refusals`](crate::guide::refusals)):
     ///
     /// - `rate exceeded`, `too many open connections`, `waking up`: tried again after a backoff
     ///   with full jitter (at most 2 s), with the same token, until
@@ -612,57 +600,24 @@ impl DsqlConnector {
             .failed_at
             .store(self.since_epoch() + 1, Ordering::Release);
         let mut state = target.health.lock();
-        if target.health.down.load(Ordering::Acquire) {
-            state.successes = 0;
-            return true;
-        }
-        // Attempts that were in flight together when one failure was counted (a pool's ten
-        // connects hanging on one stall) are one failure, not ten: only an attempt started
-        // after the last counted failure is new evidence.
-        if state.counted_at.is_some_and(|at| started < at) {
-            return false;
-        }
-        state.counted_at = Some(now);
-        let window_over = state
-            .first_failure
-            .is_none_or(|first| now.saturating_duration_since(first) > policy.failure_window);
-        if window_over {
-            state.first_failure = Some(now);
-            state.failures = 0;
-            state.successes_in_window = 0;
-        }
-        state.failures += 1;
-        // Down after enough failures in the window, when they are at least half of what was
-        // tried: a blip among many successes is not an outage, a lossy link is.
-        if state.failures < policy.down_after_failures || state.failures < state.successes_in_window
-        {
-            tracing::debug!(
-                endpoint = %target.described,
-                failures = state.failures,
-                successes = state.successes_in_window,
-                %error,
-                "DSQL endpoint failed; not marked down yet"
-            );
-            return false;
-        }
-        // Flap damping: down again soon after coming up doubles the minimum down time.
-        let flapping = state
-            .up_since
-            .is_some_and(|up| now.saturating_duration_since(up) < policy.max_down);
-        state.down_for = if flapping {
-            state
-                .down_for
-                .saturating_mul(2)
-                .clamp(policy.min_down, policy.max_down)
-        } else {
-            policy.min_down
+        let down_for = match state.failure(policy, now, started) {
+            AfterFailure::StillDown => return true,
+            AfterFailure::SameStall => return false,
+            AfterFailure::Counted {
+                failures,
+                successes,
+            } => {
+                tracing::debug!(
+                    endpoint = %target.described,
+                    failures,
+                    successes,
+                    %error,
+                    "DSQL endpoint failed; not marked down yet"
+                );
+                return false;
+            }
+            AfterFailure::MarkedDown { down_for } => down_for,
         };
-        state.down_since = Some(now);
-        state.successes = 0;
-        state.failures = 0;
-        state.successes_in_window = 0;
-        state.first_failure = None;
-        let down_for = state.down_for;
         target.health.down.store(true, Ordering::Release);
         drop(state);
         target
@@ -695,29 +650,9 @@ impl DsqlConnector {
         let policy = &self.inner.config.failover;
         let now = Instant::now();
         let mut state = target.health.lock();
-        if !target.health.down.load(Ordering::Acquire) {
-            if state
-                .first_failure
-                .is_some_and(|first| now.saturating_duration_since(first) <= policy.failure_window)
-            {
-                state.successes_in_window += 1;
-            } else {
-                state.failures = 0;
-                state.successes_in_window = 0;
-                state.first_failure = None;
-            }
+        if !state.success(policy, now) {
             return;
         }
-        state.successes += 1;
-        let served = state
-            .down_since
-            .is_none_or(|since| now.saturating_duration_since(since) >= state.down_for);
-        if state.successes < policy.up_after_successes || !served {
-            return;
-        }
-        state.up_since = Some(now);
-        state.down_since = None;
-        state.successes = 0;
         target.health.down.store(false, Ordering::Release);
         drop(state);
         target
@@ -750,12 +685,7 @@ impl DsqlConnector {
             loop {
                 // No probe before the minimum down time has passed: it could not mark the
                 // endpoint up, and every probe is a login against the cluster's budget.
-                let served_at = {
-                    let state = target.health.lock();
-                    state
-                        .down_since
-                        .and_then(|since| since.checked_add(state.down_for))
-                };
+                let served_at = target.health.lock().served_at();
                 if let Some(at) = served_at {
                     tokio::time::sleep_until(at).await;
                 }
@@ -915,14 +845,10 @@ impl DsqlConnector {
         if self.inner.targets.len() < 2 || target.health.down.load(Ordering::Acquire) {
             return;
         }
-        let window = self.inner.config.failover.failure_window;
-        let mut state = target.health.lock();
-        if state
-            .first_failure
-            .is_some_and(|first| first.elapsed() <= window)
-        {
-            state.successes_in_window = state.successes_in_window.saturating_add(1);
-        }
+        target
+            .health
+            .lock()
+            .committed(&self.inner.config.failover, Instant::now());
     }
 
     /// For the transaction helpers: a connection to `target` was lost, or an attempt on it
