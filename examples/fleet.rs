@@ -420,10 +420,19 @@ async fn run(
         preferred.set_down(true);
         tokio::time::sleep(Duration::from_secs(1)).await;
         preferred.set_down(false);
+        // New TCP connections to the preferred endpoint during the loss, and how many of them
+        // it dropped.
+        let mut loss = (0, 0);
         if scenario == Scenario::Lossy {
+            let before = preferred.stats();
             preferred.drop_new_connections(0.5, args.seed);
             tokio::time::sleep(LOSS).await;
             preferred.drop_new_connections(0.0, args.seed);
+            let after = preferred.stats();
+            loss = (
+                after.connections - before.connections,
+                after.rejected(Rejection::Refused) - before.rejected(Rejection::Refused),
+            );
         }
         let recovered = t0.elapsed();
         let fleet = pods.len() * args.per_pool as usize;
@@ -442,10 +451,10 @@ async fn run(
             joined?;
         }
         monitoring.store(false, Ordering::SeqCst);
-        Ok::<_, Box<dyn std::error::Error>>((cut, recovered, settled))
+        Ok::<_, Box<dyn std::error::Error>>((cut, recovered, settled, loss))
     };
     let (driven, ()) = tokio::join!(drive, monitor);
-    let (cut, recovered, settled) = driven?;
+    let (cut, recovered, settled, loss) = driven?;
 
     // The ledger: what committed, and how often.
     let check = setup.connect().await?;
@@ -469,6 +478,7 @@ async fn run(
             cut,
             recovered,
             settled,
+            loss,
         },
         &outcomes,
         &applied,
@@ -494,6 +504,8 @@ struct Times {
     cut: Duration,
     recovered: Duration,
     settled: bool,
+    /// The lossy scenario's loss: new connections to the preferred endpoint, and dropped.
+    loss: (u64, u64),
 }
 
 fn percentile(values: &mut [f64], p: f64) -> Option<f64> {
@@ -640,6 +652,7 @@ fn report(
         "client_limit": args.client_limit,
         "failback_window_s": secs(args.failback_window),
         "settled": times.settled,
+        "loss": { "connections": times.loss.0, "dropped": times.loss.1 },
         "endpoints": per_endpoint,
         "failover_s_median": percentile(&mut to_peer.clone(), 0.5),
         "failover_s_max": percentile(&mut to_peer, 1.0),

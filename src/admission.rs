@@ -255,7 +255,11 @@ impl TokenBucket {
         let wait = if state.tokens >= 1.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64((1.0 - state.tokens) / state.rate)
+            // Beyond any `Duration` (a rate the builder refuses): never, which is after `latest`.
+            match Duration::try_from_secs_f64((1.0 - state.tokens) / state.rate) {
+                Ok(wait) => wait,
+                Err(_) => return None,
+            }
         };
         if now.checked_add(wait).is_none_or(|at| at > latest) {
             return None;
@@ -315,6 +319,21 @@ impl Drop for Reservation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_whose_next_token_is_beyond_any_duration_never_panics() {
+        // The builder refuses such rates; the limiter must not panic on one regardless.
+        for rate in [1e-20, f64::MIN_POSITIVE] {
+            let bucket = TokenBucket::new(rate, 1);
+            let now = Instant::now();
+            bucket.reserve(now, now).unwrap().keep();
+            assert!(
+                bucket
+                    .reserve(now, now + Duration::from_secs(3600))
+                    .is_none()
+            );
+        }
+    }
 
     #[test]
     fn dsql_refusals_are_classified() {

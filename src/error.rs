@@ -10,10 +10,28 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Errors returned by this crate.
+/// Errors returned by this crate, in five families (in this order below):
+///
+/// - **setting up**: [`Config`](Error::Config) (the field at fault),
+///   [`Credentials`](Error::Credentials), [`TlsConfig`](Error::TlsConfig);
+/// - **connecting, and DSQL's refusals**: [`Tls`](Error::Tls),
+///   [`AccessDenied`](Error::AccessDenied), [`Unavailable`](Error::Unavailable),
+///   [`ConnectTimeout`](Error::ConnectTimeout), [`UnknownRole`](Error::UnknownRole),
+///   [`Connect`](Error::Connect);
+/// - **statements and transaction outcomes**: [`Query`](Error::Query),
+///   [`TransactionRolledBack`](Error::TransactionRolledBack),
+///   [`CommitOutcomeUnknown`](Error::CommitOutcomeUnknown),
+///   [`AttemptTimeout`](Error::AttemptTimeout);
+/// - **the pool**: [`Unusable`](Error::Unusable), [`PoolTimeout`](Error::PoolTimeout);
+/// - **the emulator** (feature `emulator`): `Emulator`.
+///
+/// [`is_transient`](Error::is_transient) says which are worth trying again, and
+/// [`code`](Error::code) / [`db_error`](Error::db_error) give the server's SQLSTATE and error
+/// when it answered with one.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    // ---- Setting up -------------------------------------------------------------------------
     /// A configuration value is missing, malformed or inconsistent.
     ///
     /// `field` names the builder method, URL parameter or environment variable at fault.
@@ -50,6 +68,7 @@ pub enum Error {
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
+    // ---- Connecting, and DSQL's refusals -------------------------------------------------
     /// The TLS handshake with the endpoint failed (certificate not trusted, wrong name, refused).
     #[error("TLS handshake with {host} failed")]
     #[non_exhaustive]
@@ -145,6 +164,7 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    // ---- Statements and transaction outcomes ---------------------------------------------
     /// A query failed: the database's error (or a lost connection) while running SQL, for
     /// example inside a [`retry_transaction_on`](crate::retry_transaction_on) body. `Display` shows
     /// the server's severity, code and message; the `tokio_postgres::Error` is the source.
@@ -198,6 +218,7 @@ pub enum Error {
         timeout: std::time::Duration,
     },
 
+    // ---- The pool ---------------------------------------------------------------------------
     /// A pooled connection cannot be handed out (closed, or past its recycle deadline). The
     /// pool discards it and tries another; users see this only through `bb8`'s error sink.
     #[error("pooled connection unusable: {reason}")]
@@ -214,6 +235,7 @@ pub enum Error {
     )]
     PoolTimeout,
 
+    // ---- The emulator -----------------------------------------------------------------------
     /// The local emulator could not start or do what it was asked (feature `emulator`).
     #[cfg(feature = "emulator")]
     #[error(transparent)]

@@ -145,9 +145,11 @@ mod readme_tests {
         let (mut prose, mut code) = (Vec::new(), Vec::new());
         let mut fence: Option<bool> = None;
         for line in text.lines() {
-            if line.starts_with("```") {
+            // A fence may be indented (in a list item).
+            let trimmed = line.trim_start();
+            if trimmed.starts_with("```") {
                 fence = match fence {
-                    None => Some(line.starts_with(&format!("```{lang}"))),
+                    None => Some(trimmed.starts_with(&format!("```{lang}"))),
                     Some(_) => None,
                 };
                 continue;

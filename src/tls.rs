@@ -5,10 +5,15 @@
 //!   operating system's store.
 //! - SNI is always the DSQL host name, also when dialling `hostaddr`: DSQL routes by SNI.
 //! - ALPN `postgresql` is always offered; it is what makes direct TLS (no SSLRequest) work.
-//! - [`SslMode::Require`], which the configuration allows only for PrivateLink VPC endpoints,
-//!   skips only the name check: the chain must still lead to a trusted root (the token is a
-//!   bearer credential valid for up to a week; an untrusted peer must not get it). Stricter
-//!   than libpq's `require`, which checks nothing.
+//! - [`SslMode::Require`], which the configuration allows only for PrivateLink VPC endpoints
+//!   (with the cluster id), does not check the certificate against the host dialled (a VPC
+//!   endpoint's name or address, which no certificate names) but against **DSQL's names for
+//!   that cluster in its Region**: `<cluster-id>.dsql.<region>.on.aws` and the PrivateLink
+//!   private DNS form `<cluster-id>.dsql-<suffix>.<region>.on.aws` (or a wildcard certificate
+//!   for either). The chain must lead to a trusted root as always. A trusted certificate for
+//!   any other name (a host on the path with a free certificate for its own domain) is refused
+//!   before anything is sent, so the token, a bearer credential, never reaches it. libpq's
+//!   `require` checks nothing.
 //! - The crypto provider is the process default if the application installed one
 //!   ([`CryptoProvider::install_default`]); otherwise the one this crate's `aws-lc-rs` or `ring`
 //!   feature selects, used for this config only and never installed globally.
@@ -53,11 +58,14 @@ pub(crate) fn crypto_provider() -> Option<Arc<CryptoProvider>> {
     }
 }
 
-/// Builds the client configuration for `host` (named in errors).
+/// Builds the client configuration for `host` (named in errors). With [`SslMode::Require`],
+/// `cluster` is the PrivateLink case's cluster id and Region, whose DSQL names the certificate
+/// must carry (see the module docs).
 pub(crate) fn client_config(
     host: &str,
     roots: &RootCerts,
     mode: SslMode,
+    cluster: Option<(&str, &str)>,
 ) -> Result<Arc<ClientConfig>, Error> {
     let setup_error = |reason: String, source: Option<Box<dyn std::error::Error + Send + Sync>>| {
         Error::TlsConfig {
@@ -89,6 +97,14 @@ pub(crate) fn client_config(
             )
             .with_no_client_auth(),
         SslMode::Require => {
+            let Some((cluster_id, region)) = cluster else {
+                return Err(setup_error(
+                    "sslmode=require needs the cluster id (amzn_cluster_id) and its Region: \
+                     they name the certificate accepted"
+                        .into(),
+                    None,
+                ));
+            };
             let roots =
                 root_store(roots).map_err(|(reason, source)| setup_error(reason, source))?;
             let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -99,7 +115,11 @@ pub(crate) fn client_config(
             .map_err(|e| setup_error("no usable root certificate".into(), Some(Box::new(e))))?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly(chain)))
+                .with_custom_certificate_verifier(Arc::new(DsqlNames {
+                    chain,
+                    cluster_id: cluster_id.to_ascii_lowercase(),
+                    region: region.to_ascii_lowercase(),
+                }))
                 .with_no_client_auth()
         }
     };
@@ -147,31 +167,122 @@ fn root_store(roots: &RootCerts) -> Result<RootCertStore, SetupFailure> {
     Ok(store)
 }
 
-/// The PrivateLink case: the certificate chain must lead to a trusted root and be valid now,
-/// but it may name another host (the cluster's endpoint, not the VPC endpoint dialled).
-/// Handshake signatures are verified as usual.
+/// The PrivateLink case: the certificate must be valid now, chain to a trusted root, and name
+/// the cluster as DSQL does in its Region (`<id>.dsql.<region>.on.aws` or
+/// `<id>.dsql-<suffix>.<region>.on.aws`, a wildcard for either included), whatever host was
+/// dialled (the VPC endpoint). Handshake signatures are verified as usual.
 #[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+struct DsqlNames {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    cluster_id: String,
+    region: String,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl DsqlNames {
+    /// The cluster's public endpoint name, the one its tokens are signed for.
+    fn endpoint(&self) -> String {
+        format!("{}.dsql.{}.on.aws", self.cluster_id, self.region)
+    }
+
+    /// The name to check the certificate against for `presented`, one of its names, when that
+    /// is one of DSQL's names for this cluster (a wildcard stands for the cluster id).
+    fn dsql_name_for(&self, presented: &str) -> Option<String> {
+        let presented = presented.to_ascii_lowercase();
+        let (first, rest) = presented.split_once('.')?;
+        if first != "*" && first != self.cluster_id {
+            return None;
+        }
+        let service = rest.strip_suffix(&format!(".{}.on.aws", self.region))?;
+        let is_dsql = service == "dsql"
+            || service.strip_prefix("dsql-").is_some_and(|suffix| {
+                !suffix.is_empty()
+                    && suffix
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
+        is_dsql.then(|| format!("{}.{rest}", self.cluster_id))
+    }
+}
+
+/// A certificate `sslmode=require` refused for its names. (rustls shows it with `Debug`, so
+/// `Debug` is the message too.)
+struct NotDsqlsName {
+    presented: Vec<String>,
+    expected: String,
+}
+
+impl std::fmt::Display for NotDsqlsName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let presented = match self.presented.is_empty() {
+            true => "no DNS name".to_owned(),
+            false => self.presented.join(", "),
+        };
+        write!(
+            f,
+            "the server's certificate names {presented}; sslmode=require accepts only DSQL's \
+             names for the cluster: {}, or {} (a wildcard for either included)",
+            self.expected,
+            self.expected.replacen(".dsql.", ".dsql-<suffix>.", 1)
+        )
+    }
+}
+
+impl std::fmt::Debug for NotDsqlsName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for NotDsqlsName {}
+
+impl ServerCertVerifier for DsqlNames {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
+        _dialled: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let expected = self.endpoint();
+        let check = |name: &str| -> Result<ServerCertVerified, rustls::Error> {
+            let name = ServerName::try_from(name.to_owned())
+                .map_err(|e| rustls::Error::General(format!("{name}: {e}")))?;
+            self.chain
+                .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+        };
+        let presented = match check(&expected) {
             Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
+                rustls::CertificateError::NotValidForNameContext { presented, .. },
+            )) => presented,
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)) => {
+                Vec::new()
+            }
+            other => return other,
+        };
+        // Not the public name: one of the certificate's own names may be the cluster's
+        // PrivateLink name (checked again as that name, chain and all). webpki presents each
+        // name as its `Debug` form: `DnsName("host")`, `IpAddress(…)`, ….
+        let names: Vec<String> = presented
+            .iter()
+            .map(|name| {
+                name.strip_prefix("DnsName(\"")
+                    .and_then(|rest| rest.strip_suffix("\")"))
+                    .unwrap_or(name)
+                    .to_owned()
+            })
+            .collect();
+        for name in &names {
+            if let Some(dsql_name) = self.dsql_name_for(name) {
+                return check(&dsql_name);
+            }
         }
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Other(rustls::OtherError(Arc::new(NotDsqlsName {
+                presented: names,
+                expected,
+            }))),
+        ))
     }
 
     fn verify_tls12_signature(
@@ -180,7 +291,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.chain.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -189,11 +300,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.chain.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.chain.supported_verify_schemes()
     }
 }
 
@@ -368,7 +479,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for DsqlT
 mod tests {
     #[cfg(feature = "emulator")]
     #[test]
-    fn require_checks_the_chain_and_skips_only_the_name() {
+    fn require_accepts_only_dsqls_names_for_the_cluster_from_a_trusted_chain() {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let authority = |name: &str| {
             let key = KeyPair::generate().unwrap();
@@ -381,34 +492,77 @@ mod tests {
             (Issuer::new(params, key), cert)
         };
         let (issuer, ca) = authority("the cluster's CA");
-        let (_, stranger) = authority("someone else's CA");
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["abc.dsql.us-east-1.on.aws".to_owned()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
+        let (stranger_issuer, _) = authority("someone else's CA");
+        let leaf = |names: &[&str], issuer: &Issuer<'_, KeyPair>| {
+            let key = KeyPair::generate().unwrap();
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .signed_by(&key, issuer)
+                .unwrap()
+        };
         let provider = crypto_provider().unwrap();
-        let verifier = |root: &rcgen::Certificate| {
-            let mut roots = RootCertStore::empty();
-            roots.add(root.der().clone()).unwrap();
-            ChainOnly(
-                rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider.clone(),
-                )
-                .build()
-                .unwrap(),
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let verifier = DsqlNames {
+            chain: rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
             )
+            .build()
+            .unwrap(),
+            cluster_id: "abcdefghijklmnopqrstuvwxyz".into(),
+            region: "us-east-1".into(),
         };
         let vpce =
             ServerName::try_from("vpce-0123-abcd.dsql-fnh4.us-east-1.vpce.amazonaws.com").unwrap();
-        let check = |verifier: &ChainOnly| {
-            verifier.verify_server_cert(leaf.der(), &[], &vpce, &[], UnixTime::now())
+        let check = |cert: &rcgen::Certificate| {
+            verifier.verify_server_cert(cert.der(), &[], &vpce, &[], UnixTime::now())
         };
-        // A trusted chain for another name: accepted (the PrivateLink case).
-        assert!(check(&verifier(&ca)).is_ok());
-        // A chain no trusted root vouches for: refused, whatever the name.
-        let err = check(&verifier(&stranger)).unwrap_err();
+        // DSQL's names for the cluster, from the trusted CA: accepted.
+        for names in [
+            &["abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws"][..],
+            &["*.dsql.us-east-1.on.aws"],
+            &["abcdefghijklmnopqrstuvwxyz.dsql-fnh4.us-east-1.on.aws"],
+            &["*.dsql-fnh4.us-east-1.on.aws"],
+            &["other.example", "*.dsql-fnh4.us-east-1.on.aws"],
+        ] {
+            assert!(check(&leaf(names, &issuer)).is_ok(), "{names:?}");
+        }
+        // A trusted certificate for any other name: refused, naming both sides.
+        for names in [
+            &["evil.example"][..],
+            &["*.example"],
+            &["zyxwvutsrqponmlkjihgfedcba.dsql.us-east-1.on.aws"],
+            &["abcdefghijklmnopqrstuvwxyz.dsql.us-west-2.on.aws"],
+            &["*.dsql.us-west-2.on.aws"],
+            &["abcdefghijklmnopqrstuvwxyz.rds.us-east-1.on.aws"],
+            &["abcdefghijklmnopqrstuvwxyz.dsql-.us-east-1.on.aws"],
+            &["abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws.evil.example"],
+            &["vpce-0123-abcd.dsql-fnh4.us-east-1.vpce.amazonaws.com"],
+        ] {
+            let err = check(&leaf(names, &issuer)).unwrap_err();
+            let shown = err.to_string();
+            assert!(
+                shown.contains(names[0])
+                    && shown.contains("abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws")
+                    && shown.contains("dsql-<suffix>"),
+                "{names:?}: {shown}"
+            );
+        }
+        // DSQL's name from a CA no root vouches for: refused.
+        let err = check(&leaf(
+            &["abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws"],
+            &stranger_issuer,
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            ),
+            "{err:?}"
+        );
+        let err = check(&leaf(&["*.dsql-fnh4.us-east-1.on.aws"], &stranger_issuer)).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -426,6 +580,7 @@ mod tests {
             "x.dsql.us-east-1.on.aws",
             &RootCerts::WebPki,
             SslMode::VerifyFull,
+            None,
         )
         .unwrap();
         assert_eq!(config.alpn_protocols, vec![b"postgresql".to_vec()]);
@@ -437,6 +592,7 @@ mod tests {
             "x.dsql.us-east-1.on.aws",
             &RootCerts::File("/nonexistent/ca.pem".into()),
             SslMode::VerifyFull,
+            None,
         )
         .unwrap_err();
         let shown = err.to_string();
@@ -450,8 +606,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("empty.pem");
         std::fs::write(&path, "not a certificate\n").unwrap();
-        let err =
-            client_config("h.example", &RootCerts::File(path), SslMode::VerifyFull).unwrap_err();
+        let err = client_config(
+            "h.example",
+            &RootCerts::File(path),
+            SslMode::VerifyFull,
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("no CA certificate"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -158,7 +158,8 @@ impl DsqlConfigBuilder {
     /// a multi-Region pair has its own budget), so a connect failing over to the peer does
     /// not wait behind connects queued for the failed endpoint. Waits are cancel-safe: a
     /// connect dropped while it waits gives its slot back. Background failback probes take
-    /// slots too (a probe is a login). Default: no limit.
+    /// slots too (a probe is a login). Default: no limit. `per_second` must be at least
+    /// [`MIN_CONNECT_RATE`] (one connection in 1 000 s), `burst` at least 1.
     pub fn connect_rate_limit(mut self, per_second: f64, burst: u32) -> Self {
         self.connect.rate_limit = Some((per_second, burst));
         self
@@ -368,8 +369,9 @@ impl DsqlConfigBuilder {
         if self.ssl_mode == SslMode::Require && self.amzn_cluster_id.is_none() {
             return Err(Error::config(
                 "sslmode",
-                "`require` skips the certificate's name check and is only for PrivateLink VPC \
-                 endpoints; set amzn_cluster_id too, or use verify-full",
+                "`require` is only for PrivateLink VPC endpoints: it checks the certificate \
+                 against DSQL's names for the cluster that amzn_cluster_id names; set \
+                 amzn_cluster_id too, or use verify-full",
             ));
         }
         if let Some(path) = &self.search_path {
@@ -522,10 +524,14 @@ impl ConnectSettings {
             return Err(Error::config("keepalives_retries", "must be at least 1"));
         }
         if let Some((per_second, burst)) = self.rate_limit {
-            if !(per_second.is_finite() && per_second > 0.0) {
+            if !(per_second.is_finite() && per_second >= MIN_CONNECT_RATE) {
                 return Err(Error::config(
                     "connect_rate_limit",
-                    format!("{per_second} new connections a second: must be more than 0"),
+                    format!(
+                        "{per_second} new connections a second: must be at least \
+                         {MIN_CONNECT_RATE} (one connection in {} s)",
+                        1.0 / MIN_CONNECT_RATE
+                    ),
                 ));
             }
             if burst == 0 {

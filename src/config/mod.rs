@@ -86,6 +86,10 @@ pub const DEFAULT_DATABASE: &str = "postgres";
 /// and a transaction may last up to 5, so a connection handed out before 55 minutes can finish
 /// any transaction it starts.
 pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(55 * 60);
+/// The lowest client-side connect rate
+/// [`connect_rate_limit`](DsqlConfigBuilder::connect_rate_limit) accepts: one new connection in
+/// 1 000 s.
+pub const MIN_CONNECT_RATE: f64 = 0.001;
 /// DSQL's hard limit on a connection's age.
 pub const SERVER_MAX_CONNECTION_AGE: Duration = Duration::from_secs(60 * 60);
 
@@ -109,11 +113,15 @@ pub enum SslMode {
     /// `verify-full`). The default.
     #[default]
     VerifyFull,
-    /// Encrypt and check the certificate's chain, but not its name. Only for reaching a cluster
-    /// through a PrivateLink VPC endpoint by its DNS name or IP, where the certificate's name
-    /// cannot match; it therefore requires [`DsqlConfigBuilder::amzn_cluster_id`]. Stricter
-    /// than libpq's `require` (which checks nothing): the auth token is a bearer credential,
-    /// valid for up to a week, and must not go to a peer no trusted CA vouches for.
+    /// The PrivateLink case: reaching a cluster through a VPC endpoint by its DNS name or IP,
+    /// which no certificate names; it therefore requires
+    /// [`DsqlConfigBuilder::amzn_cluster_id`]. The chain is checked against the trusted roots
+    /// as always, and the name against **DSQL's names for that cluster in its Region** instead
+    /// of the host dialled: `<cluster-id>.dsql.<region>.on.aws` or the PrivateLink private DNS
+    /// form `<cluster-id>.dsql-<suffix>.<region>.on.aws` (a wildcard certificate for either
+    /// included). A certificate for any other name, however trusted (a host on the path with a
+    /// free certificate for its own domain), is refused before anything is sent: the auth
+    /// token is a bearer credential, valid for up to a week. libpq's `require` checks nothing.
     Require,
 }
 

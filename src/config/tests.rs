@@ -195,6 +195,18 @@ fn builder_errors_name_their_field() {
         field_of(b().connect_rate_limit(5.0, 0).build()),
         "connect_rate_limit"
     );
+    // A rate so low that the wait for the next slot does not fit a `Duration` (it panicked in
+    // the limiter, reachable through the builder): refused here, naming the field.
+    for tiny in [1e-20, 1e-300, f64::MIN_POSITIVE, 1e-9] {
+        let err = b().connect_rate_limit(tiny, 1).build().unwrap_err();
+        assert!(err.to_string().contains("0.001"), "{tiny}: {err}");
+        assert_eq!(
+            field_of(b().connect_rate_limit(tiny, 1).build()),
+            "connect_rate_limit",
+            "{tiny}"
+        );
+    }
+    assert!(b().connect_rate_limit(0.001, 1).build().is_ok());
     assert_eq!(
         field_of(b().keepalives_retries(0).build()),
         "keepalives_retries"

@@ -288,8 +288,10 @@ mod tests {
     }
 
     #[test]
-    fn fewer_failures_than_successes_keeps_it_up_at_any_loss_below_half() {
-        // One failure in three attempts, for a whole window.
+    fn a_steady_third_of_the_attempts_lost_keeps_it_up() {
+        // One failure in three attempts, evenly spread, for a whole window: each failure meets
+        // more successes than failures. (A burst of three failures would still mark it down,
+        // whatever the loss over the window.)
         let steps: Vec<Step> = (0..90u64)
             .map(|i| {
                 if i % 3 == 0 {
@@ -306,8 +308,9 @@ mod tests {
 
     #[test]
     fn a_stall_that_times_out_many_attempts_at_once_is_one_failure() {
-        // Ten attempts start at 0 and all time out at 3 000: one failure. Then two more
-        // stalls of attempts started after it: down at the third.
+        // Ten attempts start at 0 and all time out at 3 000: one failure. Then a stall of
+        // attempts started after it (a second failure) and one of attempts started before the
+        // last counted failure (nothing); a third, started after, marks it down.
         let mut steps: Vec<Step> = (0..10)
             .map(|_| Fail {
                 at: 3_000,
@@ -349,7 +352,7 @@ mod tests {
     #[test]
     fn it_stays_down_for_the_minimum_down_time_and_comes_up_after_three_successes() {
         let mut steps = vec![fail(0), fail(100), fail(200)];
-        // Probes succeed from 1 s: too early to come up, however many.
+        // Probes succeed from 400 ms: too early to come up, however many.
         steps.extend((1..=10).map(|i| Ok { at: i * 400 }));
         let (state, marks) = run(&policy(), &steps);
         assert_eq!(marks, [(200, true)]);
@@ -387,12 +390,20 @@ mod tests {
     }
 
     #[test]
-    fn commits_never_mark_a_down_endpoint_up() {
+    fn commits_never_mark_a_down_endpoint_up_nor_count_toward_it() {
         let mut steps = vec![fail(0), fail(100), fail(200)];
         steps.extend((0..20).map(|i| Commit { at: 6_000 + i * 10 }));
         let (state, marks) = run(&policy(), &steps);
         assert_eq!(marks, [(200, true)]);
         assert!(state.is_down());
+        // Two probe successes after them: still down (three in a row are needed, commits
+        // are not among them); the third marks it up.
+        steps.extend([Ok { at: 6_500 }, Ok { at: 6_600 }]);
+        let (state, marks) = run(&policy(), &steps);
+        assert!(state.is_down(), "{marks:?}");
+        steps.push(Ok { at: 6_700 });
+        let (_, marks) = run(&policy(), &steps);
+        assert_eq!(marks, [(200, true), (6_700, false)]);
     }
 
     #[test]
@@ -416,7 +427,13 @@ mod tests {
             }
             let down_for = marked.expect("three failures in a row mark it down");
             downs.push(down_for.as_secs());
-            at += down_for.as_millis() as u64;
+            // Successes just before the (doubled) minimum down time has passed: still down.
+            let down_at = at - 10;
+            for _ in 0..3 {
+                state.success(&policy, ms(down_at + down_for.as_millis() as u64 - 100));
+            }
+            assert!(state.is_down(), "up before {down_for:?} had passed");
+            at = down_at + down_for.as_millis() as u64;
             for _ in 0..3 {
                 state.success(&policy, ms(at));
                 at += 10;

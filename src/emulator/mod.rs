@@ -86,6 +86,7 @@ mod startup;
 mod upstream;
 mod util;
 mod wire;
+mod workdir;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -101,10 +102,11 @@ use tokio::time::Instant;
 pub use builder::{
     DSQL_CONNECTION_BURST, DSQL_CONNECTION_RATE, DSQL_MAX_OPEN_CONNECTIONS, DsqlEmulatorBuilder,
 };
-use builder::{WorkDir, check_rate, random_cluster_id};
+use builder::{check_rate, random_cluster_id};
 pub use error::EmulatorError;
 pub use postgres::{SharedPostgres, SharedPostgresBuilder};
 use util::Bucket;
+use workdir::WorkDir;
 
 /// Why the emulator refused a connection. Counted in [`EmulatorStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

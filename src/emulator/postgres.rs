@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use super::builder::WorkDir;
-use super::{DsqlEmulatorBuilder, EmulatorError, certs, sql, upstream};
+use super::workdir::WorkDir;
+use super::{EmulatorError, certs, sql, upstream};
 
 /// The prefix of the database every endpoint's own database is copied from: DSQL's `sys`
 /// objects and the event triggers of the rules are made once, in it.
@@ -173,12 +173,6 @@ impl SharedPostgres {
             })
             .as_ref()
             .map_err(|e| EmulatorError::failed(e.clone()))
-    }
-
-    /// A builder for a new endpoint over this server, in a database of its own. Set what the
-    /// test needs (credentials, limits, ...), then `start()`.
-    pub fn endpoint(&self) -> DsqlEmulatorBuilder {
-        DsqlEmulatorBuilder::default().postgres(self)
     }
 
     /// A connection string to the server's `postgres` database as `user`, bypassing every

@@ -487,24 +487,38 @@ fn a_fleet_of_a_hundred_pools_fails_over_and_back_within_the_clusters_budget() {
         let [preferred, peer] = [&report["endpoints"][0], &report["endpoints"][1]];
         let tx = &report["transactions"];
         let n = |v: &serde_json::Value| v.as_u64().unwrap();
-        // The lossy link dropped new connections (seeded), and only there.
-        let dropped = n(&preferred["dropped_new_connections"]);
+        // The lossy link dropped new connections, and only there. Which ones follows the seed
+        // (the emulator's unit tests pin seed 29 at one half: the 4th connection accepted
+        // during the loss is dropped), so once four connections came during the loss, one was
+        // dropped; how many came is up to the pods (those that marked the endpoint down during
+        // the outage send none).
+        let loss = &report["loss"];
         match scenario {
-            "lossy" => assert!(dropped > 0, "{scenario}: no connection dropped"),
-            _ => assert_eq!(dropped, 0, "{scenario}"),
+            "lossy" if n(&loss["connections"]) >= 4 => {
+                assert!(n(&loss["dropped"]) >= 1, "{scenario}: {loss}")
+            }
+            "lossy" => {}
+            _ => assert_eq!(n(&preferred["dropped_new_connections"]), 0, "{scenario}"),
         }
+        assert_eq!(
+            n(&preferred["dropped_new_connections"]),
+            n(&loss["dropped"]),
+            "{scenario}: drops only during the loss"
+        );
         assert_eq!(n(&peer["dropped_new_connections"]), 0, "{scenario}");
         // No 53400 storm: the fleet stays inside each endpoint's budget.
         assert_eq!(n(&preferred["rate_exceeded_refusals"]), 0, "{scenario}");
         assert_eq!(n(&peer["rate_exceeded_refusals"]), 0, "{scenario}");
         // Each pod marks the preferred endpoint down at most once and up at most once, never
-        // for less than the minimum down time (5 s; the monitor polls every 50 ms): the outage
-        // and the lossy scenario's three seconds of loss after it are shorter than the minimum
-        // down time, so the policy allows no second mark whatever a pod's sequence of outcomes
-        // (`connector::health`'s unit tests check that over every sequence). Whether a given
-        // pod marks it down at all is the policy's to decide from that sequence, which this
-        // machine's timing shapes: not asserted here (both scenarios have ended with none on a
-        // loaded machine, every pod failing over all the same). That the fleet failed over is.
+        // for less than the minimum down time (5 s; the monitor polls every 50 ms). The outage
+        // and the lossy scenario's three seconds of loss after it end before the minimum down
+        // time of a mark made in either has passed, so neither can cause a second mark
+        // (`connector::health`'s unit tests check every sequence of outcomes of that length
+        // followed by successes); a second mark would need three network failures after the
+        // endpoint came up healthy. Whether a given pod marks it down at all is the policy's
+        // to decide from its sequence of outcomes, which this machine's timing shapes: not
+        // asserted here (both scenarios have ended with none on a loaded machine, every pod
+        // failing over all the same). That the fleet failed over is.
         assert!(n(&report["pods_that_failed_over"]) > 0, "{scenario}");
         assert!(n(&preferred["downs_per_pod_max"]) <= 1, "{scenario}");
         assert!(n(&preferred["ups_per_pod_max"]) <= 1, "{scenario}");

@@ -38,6 +38,8 @@ mod pet_clinic;
 #[cfg(feature = "emulator")]
 mod pool;
 #[cfg(feature = "emulator")]
+mod privatelink;
+#[cfg(feature = "emulator")]
 mod protocol;
 #[cfg(feature = "emulator")]
 mod psql;
