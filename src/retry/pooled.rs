@@ -73,7 +73,8 @@ impl crate::DsqlPool {
     ///
     /// ```no_run
     /// # use tokio_postgres_dsql::{DsqlPool, Error, RetryPolicy};
-    /// #     /// # async fn f(pool: &DsqlPool, id: uuid::Uuid) -> Result<(), Error> {
+    /// # use std::time::Duration;
+    /// # async fn f(pool: &DsqlPool, id: uuid::Uuid) -> Result<(), Error> {
     /// let policy = RetryPolicy::default().with_attempt_timeout(Duration::from_secs(5));
     /// pool.retry_transaction(&policy, |tx| async move {
     ///     tx.execute("UPDATE account SET balance = balance - 1 WHERE id = $1", &[&id])
