@@ -477,7 +477,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for DsqlT
 
 #[cfg(test)]
 mod tests {
-    #[cfg(feature = "emulator")]
     #[test]
     fn require_accepts_only_dsqls_names_for_the_cluster_from_a_trusted_chain() {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -549,6 +548,34 @@ mod tests {
                 "{names:?}: {shown}"
             );
         }
+        // Names in upper case are the same names.
+        assert!(
+            check(&leaf(
+                &["ABCDEFGHIJKLMNOPQRSTUVWXYZ.DSQL-FNH4.US-EAST-1.ON.AWS"],
+                &issuer
+            ))
+            .is_ok()
+        );
+        // DSQL's name, trusted, but expired: refused as expired.
+        let expired = {
+            let key = KeyPair::generate().unwrap();
+            let mut params =
+                CertificateParams::new(vec!["*.dsql-fnh4.us-east-1.on.aws".to_owned()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            params.signed_by(&key, &issuer).unwrap()
+        };
+        let err = check(&expired).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Expired
+                        | rustls::CertificateError::ExpiredContext { .. }
+                )
+            ),
+            "{err:?}"
+        );
         // DSQL's name from a CA no root vouches for: refused.
         let err = check(&leaf(
             &["abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws"],

@@ -4,35 +4,13 @@
 //! checkout does with a connection by its endpoint's health.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::health::{AfterFailure, EndpointState};
+use super::health::AfterFailure;
 use super::{DsqlConnector, Target};
-
-/// What the connector knows of an endpoint's health (kept only with several endpoints); the
-/// rules are [`FailoverPolicy`](crate::FailoverPolicy)'s.
-#[derive(Default)]
-pub(super) struct Health {
-    /// Read without a lock on every pick and checkout.
-    pub(super) down: AtomicBool,
-    /// When it was last marked up or down, in nanoseconds since the connector's epoch.
-    pub(super) changed_at: AtomicU64,
-    /// When a failure was last reported, in nanoseconds since the epoch plus one (0: never).
-    pub(super) failed_at: AtomicU64,
-    /// A background probe is running.
-    pub(super) probing: AtomicBool,
-    /// The state machine; `down` mirrors its verdict for lock-free reads.
-    pub(super) state: std::sync::Mutex<EndpointState>,
-}
-
-impl Health {
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, EndpointState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// The health of one endpoint of a [`DsqlConnector`], from
 /// [`DsqlConnector::endpoint_health`].

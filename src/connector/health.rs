@@ -1,8 +1,9 @@
-//! The health of one endpoint as pure logic: a state machine over a sequence of outcomes and
-//! the times they happened, with no I/O, no clock of its own and no locking. The connector
-//! keeps one [`EndpointState`] per endpoint behind a mutex, feeds it what its connects,
-//! probes and transaction helpers see, and acts on what it answers (log, count, start a
-//! probe). The rules are [`FailoverPolicy`]'s:
+//! The health of one endpoint: [`EndpointState`], a state machine over a sequence of outcomes
+//! and the times they happened, as pure logic (no I/O, no clock of its own, no locking), and
+//! [`Health`], where the connector keeps it (behind a mutex, with lock-free mirrors for the
+//! hot paths). The connector feeds the state machine what its connects, probes and
+//! transaction helpers see, and acts on what it answers (log, count, start a probe). The
+//! rules are [`FailoverPolicy`]'s:
 //!
 //! - **Down** after [`down_after_failures`](FailoverPolicy::down_after_failures) failures
 //!   within [`failure_window`](FailoverPolicy::failure_window) of the first, when they are at
@@ -18,11 +19,34 @@
 //!   doubles the minimum down time (from [`min_down`](FailoverPolicy::min_down), at most
 //!   `max_down`).
 
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::FailoverPolicy;
+
+/// What the connector knows of an endpoint's health (kept only with several endpoints); the
+/// rules are [`FailoverPolicy`](crate::FailoverPolicy)'s.
+#[derive(Default)]
+pub(super) struct Health {
+    /// Read without a lock on every pick and checkout.
+    pub(super) down: AtomicBool,
+    /// When it was last marked up or down, in nanoseconds since the connector's epoch.
+    pub(super) changed_at: AtomicU64,
+    /// When a failure was last reported, in nanoseconds since the epoch plus one (0: never).
+    pub(super) failed_at: AtomicU64,
+    /// A background probe is running.
+    pub(super) probing: AtomicBool,
+    /// The state machine; `down` mirrors its verdict for lock-free reads.
+    pub(super) state: std::sync::Mutex<EndpointState>,
+}
+
+impl Health {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, EndpointState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// What one endpoint's outcomes have shown so far (see the module docs).
 #[derive(Debug, Default, Clone)]

@@ -21,12 +21,13 @@ mod connect;
 mod failover;
 mod health;
 mod probe;
+mod refusal;
 mod target;
 
 pub(crate) use connect::Retry;
 pub(crate) use failover::Checkout;
 pub use failover::EndpointHealth;
-use failover::Health;
+use health::Health;
 pub(crate) use target::Target;
 use target::postgres_config;
 

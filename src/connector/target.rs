@@ -2,21 +2,14 @@
 //! tokens, health, rate limit, and the memory of its last permanent refusal.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::failover::Health;
+use super::health::Health;
 use crate::Error;
 use crate::admission::{Throttle, TokenBucket};
 use crate::config::{DsqlConfig, SslNegotiation};
-use crate::token::AuthToken;
 use crate::token::cache::TokenCache;
-
-/// A permanent refusal is answered from memory for this long: every connect and checkout in
-/// that time gets it at once, without a login of its own (a fixed IAM policy or role is seen
-/// within this much).
-pub(crate) const REFUSAL_MEMORY: Duration = Duration::from_secs(5);
 
 /// One endpoint as the connector uses it: its names, `tokio-postgres` settings, tokens and
 /// health.
@@ -33,44 +26,13 @@ pub(crate) struct Target {
     pub(crate) described: String,
     pub(super) health: Health,
     /// The last permanent refusal, when it came, and the access key of the refused token
-    /// (see [`REFUSAL_MEMORY`]).
+    /// (see [`REFUSAL_MEMORY`](super::refusal::REFUSAL_MEMORY)).
     pub(super) refused: std::sync::Mutex<Option<(Instant, Error, String)>>,
     /// The client-side connect-rate limit for this endpoint, shared by clones and pools: each
     /// peered cluster of a multi-Region pair admits its own 100 a second.
     pub(super) limiter: Option<TokenBucket>,
     /// The adaptive connect rate after this endpoint's admission refusals.
     pub(super) throttle: Throttle,
-}
-
-impl Target {
-    /// The permanent refusal this endpoint gave less than [`REFUSAL_MEMORY`] ago to a token
-    /// signed with the same access key as `token`, if any (credentials rotated since are tried).
-    pub(super) fn remembered_refusal(&self, token: &AuthToken) -> Option<Error> {
-        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        match &*refused {
-            Some((at, error, key))
-                if at.elapsed() < REFUSAL_MEMORY && key == access_key_of(token) =>
-            {
-                error.shared_refusal()
-            }
-            _ => None,
-        }
-    }
-
-    pub(super) fn remember_refusal(&self, error: &Error, token: &AuthToken) {
-        if let Some(copy) = error.shared_refusal() {
-            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((Instant::now(), copy, access_key_of(token).to_owned()));
-        }
-    }
-}
-
-/// The access key id a token was signed with (its `X-Amz-Credential`, up to the scope).
-fn access_key_of(token: &AuthToken) -> &str {
-    let text = token.as_str();
-    text.split_once("X-Amz-Credential=")
-        .map(|(_, rest)| rest.split(['%', '&']).next().unwrap_or_default())
-        .unwrap_or_default()
 }
 
 /// The `tokio-postgres` settings for every connection to one endpoint (all but the password).

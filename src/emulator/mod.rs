@@ -553,9 +553,9 @@ impl DsqlEmulator {
         self.shared.refusing.store(refuse, Ordering::SeqCst);
     }
 
-    /// From now on, a share `share` (0 to 1) of the new TCP connections is closed at once
-    /// (counted as [`Rejection::Refused`]), as over a lossy link or a failing load balancer;
-    /// established ones continue. `0.0` turns it off.
+    /// From now on, a share `share` (0 to 1; clamped, NaN: none) of the new TCP connections is
+    /// closed at once (counted as [`Rejection::Refused`]), as over a lossy link or a failing
+    /// load balancer; established ones continue. `0.0` turns it off.
     ///
     /// Which connections are dropped follows `seed`: the `n`-th connection accepted after the
     /// call is dropped or not by a fixed mix of `seed` and `n`, so the same seed drops the same

@@ -237,7 +237,7 @@ async fn require_refuses_another_clusters_or_regions_dsql_name() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let seen = seen.lock().unwrap();
         assert!(
-            seen.startups == 0 && seen.passwords.is_empty(),
+            seen.handshakes == 0 && seen.startups == 0 && seen.passwords.is_empty(),
             "{names:?}: {seen:?}"
         );
     }
