@@ -44,7 +44,7 @@ fn the_corpus_cites_a_source_for_every_case_and_covers_every_section() {
             case.id
         );
     }
-    for section in 1..=9 {
+    for section in 1..=10 {
         let needle = format!("§{section} ");
         assert!(
             corpus.cases.iter().any(|c| c.source.contains(&needle)),

@@ -53,6 +53,17 @@ pub(super) fn refusal_of(node: &NodeEnum, is_async: bool, tablesample: bool) -> 
         N::AlterStatsStmt(a) => statistics_target(a.stxstattarget.as_deref()),
         N::IndexStmt(i) => index(i, is_async),
         N::AlterTableStmt(a) => a.cmds.iter().find_map(|cmd| match &cmd.node {
+            // A view's options (`check_option`, `security_barrier`, `security_invoker`) are
+            // accepted: DSQL refuses a table's storage parameters, not those (§10, L).
+            Some(N::AlterTableCmd(cmd))
+                if a.objtype == protobuf::ObjectType::ObjectView as i32
+                    && matches!(
+                        AlterTableType::try_from(cmd.subtype),
+                        Ok(AlterTableType::AtSetRelOptions | AlterTableType::AtResetRelOptions)
+                    ) =>
+            {
+                None
+            }
             Some(N::AlterTableCmd(cmd)) => alter_table(cmd, is_async),
             _ => None,
         }),
@@ -135,7 +146,9 @@ pub(super) fn set(v: &protobuf::VariableSetStmt) -> Option<Refusal> {
     }
     let name = v.name.to_ascii_lowercase();
     match name.as_str() {
-        "transaction" => parameter_refused("TRANSACTION"),
+        // An isolation level other than DSQL's is refused as such first (§1, §10 L); the
+        // statement itself is refused as a parameter.
+        "transaction" => isolation(&v.args).or_else(|| parameter_refused("TRANSACTION")),
         // Accepted (DSQL_SQL_RULES §1, §9), for DSQL's one isolation level.
         "session characteristics" => isolation(&v.args),
         _ => parameter_refusal(&name),
@@ -353,8 +366,10 @@ pub(super) fn altered_cache(options: &[protobuf::Node]) -> Option<Refusal> {
         .find(|d| d.defname == "cache")
         .and_then(|d| d.arg.as_deref().and_then(integer_of))?;
     (cache != 1 && cache < 65_536).then(|| {
+        // DSQL's text contains `must be greater than or equal to 65536 or equal to 1` (§10,
+        // AWS's dsql-lint live-cluster suite); the words before it are inferred.
         unsupported(format!(
-            "ALTER SEQUENCE with cache size {cache} is not supported. please define CACHE \
+            "ALTER SEQUENCE with cache size {cache} is not supported. cache size must be \
              greater than or equal to 65536 or equal to 1"
         ))
     })

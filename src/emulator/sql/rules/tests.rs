@@ -116,6 +116,24 @@ fn set_and_transactions() {
         refused("BEGIN ISOLATION LEVEL SERIALIZABLE").1,
         "Unsupported isolation level: SERIALIZABLE"
     );
+    // The isolation check comes first for SET TRANSACTION too (§1, §10).
+    assert_eq!(
+        refused("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").1,
+        "Unsupported isolation level: SERIALIZABLE"
+    );
+    // A view's options are not storage parameters; a table's are.
+    assert!(
+        first("ALTER VIEW v SET (check_option = cascaded, security_barrier)")
+            .refusal
+            .is_none()
+    );
+    assert!(first("ALTER VIEW v RESET (check_option)").refusal.is_none());
+    assert!(first("ALTER TABLE t SET (fillfactor = 70)").refusal.is_some());
+    assert!(
+        refused("ALTER SEQUENCE s CACHE 65535")
+            .1
+            .contains("must be greater than or equal to 65536 or equal to 1")
+    );
     assert!(
         first("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .refusal
