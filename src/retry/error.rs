@@ -4,6 +4,9 @@
 use std::fmt;
 
 use tokio_postgres::error::DbError;
+// Items the docs link to.
+#[cfg(doc)]
+use super::{RetryPolicy, retry_postgres_transaction_on, retry_statement_on, retry_transaction_on};
 
 /// Which optimistic-concurrency conflict an error reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

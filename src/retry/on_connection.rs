@@ -206,7 +206,7 @@ impl Drop for OpenTransaction<'_> {
 /// connection of either ([`AsClient`]). `body` gets a [`Tx`] and returns a future: write it as
 /// `|tx| async move { … }`. The future returned by this function is `Send` whenever the body's
 /// is, so it works inside `tokio::spawn` and axum handlers, capturing `&self` and other
-/// references (see the [module docs](self) for what compiles and why). The error type `E` is
+/// references (see the [module docs](crate::retry) for what compiles and why). The error type `E` is
 /// yours: it needs `From<tokio_postgres::Error>` (for `?` in the body and for `BEGIN`/`COMMIT`),
 /// `From<`[`Error`](crate::Error)`>` (for the two outcomes below) and [`AsOccConflict`]; as a
 /// function's tail expression, `E` is inferred from the function's return type, so the body

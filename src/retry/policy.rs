@@ -4,6 +4,9 @@
 use std::time::Duration;
 
 use super::OccConflict;
+// Items the docs link to.
+#[cfg(doc)]
+use super::{retry_postgres_transaction_on, retry_statement_on, retry_transaction_on};
 
 /// How [`retry_transaction_on`] and [`retry_postgres_transaction_on`] retry.
 ///

@@ -128,7 +128,11 @@ fn set_and_transactions() {
             .is_none()
     );
     assert!(first("ALTER VIEW v RESET (check_option)").refusal.is_none());
-    assert!(first("ALTER TABLE t SET (fillfactor = 70)").refusal.is_some());
+    assert!(
+        first("ALTER TABLE t SET (fillfactor = 70)")
+            .refusal
+            .is_some()
+    );
     assert!(
         refused("ALTER SEQUENCE s CACHE 65535")
             .1
