@@ -38,7 +38,8 @@ export AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CR
 "$emulator" --port 5432 --env-file "$env_file" \
   --iam-identity "$AWS_ACCESS_KEY_ID=arn:aws:iam::123456789012:role/pet-clinic" &
 pid=$!
-for _ in $(seq 1 300); do [ -s "$env_file" ] && break; kill -0 "$pid" || exit 1; sleep 0.1; done
+# Ready once the file names this emulator (a file an earlier, killed one left does not).
+for _ in $(seq 1 300); do grep -qs "DSQL_EMULATOR_PID='$pid'" "$env_file" && break; kill -0 "$pid" || exit 1; sleep 0.1; done
 # shellcheck disable=SC1090
 . "$env_file"
 export DSQL_EMULATOR_HOSTS="$CLUSTER_ENDPOINT" NODE_OPTIONS="--require $here/dns-shim.cjs"

@@ -1,8 +1,9 @@
 //! `dsql-emulator`: a local Aurora DSQL endpoint for any language's tests (feature `emulator`).
 //!
 //! ```sh
-//! cargo install tokio-postgres-dsql --features emulator
-//! dsql-emulator --port 55432 --env-file /tmp/dsql.env &   # ready once the file exists
+//! cargo install --locked tokio-postgres-dsql --features emulator
+//! dsql-emulator --port 0 --env-file /tmp/dsql.env --exit-with-parent & pid=$!
+//! until grep -qs "DSQL_EMULATOR_PID='$pid'" /tmp/dsql.env; do sleep 0.1; done   # ready
 //! . /tmp/dsql.env && PGPASSWORD="$(dsql-emulator token)" psql -c 'SELECT 1'
 //! ```
 //!
@@ -21,6 +22,9 @@ use std::time::{Duration, SystemTime};
 use aws_credential_types::Credentials;
 use tokio_postgres_dsql::emulator::{DsqlEmulator, DsqlEmulatorBuilder};
 use tokio_postgres_dsql::{Action, TokenSigner};
+
+/// What `--version` prints.
+const VERSION: &str = concat!("dsql-emulator ", env!("CARGO_PKG_VERSION"));
 
 /// The endpoint when none is given: fixed, so CI configuration can name it.
 const DEFAULT_CLUSTER_ID: &str = "dsqlemulator00000000000000";
@@ -61,12 +65,19 @@ OPTIONS:
     --index-build-delay <milliseconds>   how long an ASYNC index build's job stays
                                  `submitted` [default: 0; DSQL's take seconds]
     --no-sql-rules               relay SQL unchanged (DSQL's connection rules still apply)
-    --env-file <path>            write the `export` lines there (once ready) instead of stdout
+    --env-file <path>            write the `export` lines there (once ready, mode 0600) instead
+                                 of stdout; a file left there is removed at start
+    --exit-with-parent           stop (cleanly) when the process that started it dies, even
+                                 by SIGKILL (Linux); what test-runner helpers should pass
+    --exit-on-stdin-close        stop (cleanly) when its standard input reaches its end
+    -V, --version                print the version
     -h, --help
 
 On start it prints `export` lines (CLUSTER_ENDPOINT, AWS_REGION, PGHOST, PGHOSTADDR, PGPORT,
-PGSSLMODE, PGSSLROOTCERT, ...) and then `# dsql-emulator ready ...`. A secret access key is
-printed only when it was generated here.";
+PGSSLMODE, PGSSLROOTCERT, ..., DSQL_EMULATOR_PID) and then `# dsql-emulator ready ...`, which
+names the access key it accepts and whether tokens must carry a session token. A secret access
+key is printed only when it was generated here. A helper that waits for the env file should
+check that its DSQL_EMULATOR_PID is the process it started.";
 
 #[derive(Debug, Default)]
 struct Options {
@@ -91,6 +102,8 @@ struct Options {
     index_build_delay: Option<u64>,
     no_sql_rules: bool,
     env_file: Option<PathBuf>,
+    exit_with_parent: bool,
+    exit_on_stdin_close: bool,
 }
 
 /// An error for the user: what is wrong, naming the flag.
@@ -116,6 +129,7 @@ fn parse(args: &[String]) -> Result<Options, Usage> {
         }
         match flag {
             "-h" | "--help" => return Err(Usage(String::new())),
+            "-V" | "--version" => return Err(Usage(VERSION.into())),
             "--listen" => {
                 let text = value("an IP address")?;
                 options.listen = Some(
@@ -172,6 +186,8 @@ fn parse(args: &[String]) -> Result<Options, Usage> {
             }
             "--no-sql-rules" => options.no_sql_rules = true,
             "--env-file" => options.env_file = Some(value("a path")?.into()),
+            "--exit-with-parent" => options.exit_with_parent = true,
+            "--exit-on-stdin-close" => options.exit_on_stdin_close = true,
             other => {
                 return Err(Usage(format!(
                     "unknown option `{other}` (dsql-emulator --help lists them)"
@@ -338,9 +354,15 @@ fn quoted(value: &str) -> String {
 }
 
 fn write_env_file(path: &PathBuf, text: &str) -> std::io::Result<()> {
-    // Written whole, then renamed: a reader that sees the file sees all of it.
+    // Written whole, then renamed: a reader that sees the file sees all of it. Readable by
+    // its owner only: it may hold a generated secret access key, and often sits in /tmp.
     let partial = path.with_extension("partial");
-    std::fs::write(&partial, text)?;
+    let _ = std::fs::remove_file(&partial);
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    file.open(&partial)?.write_all(text.as_bytes())?;
     std::fs::rename(&partial, path)
 }
 
@@ -406,9 +428,31 @@ fn run(args: &[String]) -> Result<(), String> {
             println!("{USAGE}");
             return Ok(());
         }
+        Err(Usage(why)) if why == VERSION => {
+            println!("{VERSION}");
+            return Ok(());
+        }
         Err(Usage(why)) => return Err(why),
     };
     let credentials = credentials(&options).map_err(|Usage(why)| why)?;
+    // A file left by an emulator that was killed must not read as this one's readiness.
+    if let Some(path) = &options.env_file {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("--env-file {}: {e}", path.display())),
+        }
+    }
+    // Stop requests are heard from the start: a SIGTERM during start-up stops it cleanly
+    // once started, instead of killing it with its PostgreSQL left running.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    let stop = {
+        let _context = runtime.enter();
+        stop_requests(&options)?
+    };
     let emulator = builder(&options, credentials.as_ref())
         .start_blocking()
         .map_err(|e| {
@@ -442,19 +486,31 @@ fn run(args: &[String]) -> Result<(), String> {
     } else {
         None
     };
-    let text: String = exports(&emulator, peer.as_ref(), credentials.is_none())
+    let mut lines = exports(&emulator, peer.as_ref(), credentials.is_none());
+    lines.push(("DSQL_EMULATOR_PID", std::process::id().to_string()));
+    let text: String = lines
         .into_iter()
         .map(|(name, value)| format!("export {name}={}\n", quoted(&value)))
         .collect();
+    let accepted = emulator.credentials();
+    let session = match accepted.session_token() {
+        Some(_) if options.session_token.is_some() => {
+            "tokens must carry the session token given with --session-token"
+        }
+        Some(_) => "tokens must carry the session token from AWS_SESSION_TOKEN",
+        None => "no session token",
+    };
     let ready = format!(
-        "# dsql-emulator ready: {} on {} (SQL rules {}{}); SIGTERM or Ctrl-C stops it",
+        "# dsql-emulator ready: {} on {} (SQL rules {}{}); accepts access key {} ({session}); \
+         SIGTERM or Ctrl-C stops it",
         emulator.endpoint(),
         emulator.address(),
         if emulator.sql_rules() { "on" } else { "off" },
         emulator
             .upstream_note()
             .map(|note| format!("; {note}"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        accepted.access_key_id(),
     );
     match &options.env_file {
         Some(path) => {
@@ -466,20 +522,8 @@ fn run(args: &[String]) -> Result<(), String> {
     }
     let _ = std::io::stdout().flush();
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    runtime.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-        Ok::<(), String>(())
-    })?;
+    let why = runtime.block_on(stop);
+    eprintln!("dsql-emulator: stopping ({why})");
     // The peer relays to the first's PostgreSQL: it goes first.
     drop(peer);
     drop(emulator);
@@ -488,6 +532,66 @@ fn run(args: &[String]) -> Result<(), String> {
     }
     eprintln!("dsql-emulator stopped");
     Ok(())
+}
+
+/// What stops the emulator: SIGTERM, SIGINT, and as asked, its parent's death or the end of
+/// its standard input. Set up at once (inside the runtime's context); the future resolves with
+/// the reason.
+fn stop_requests(
+    options: &Options,
+) -> Result<impl std::future::Future<Output = &'static str> + use<>, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    if options.exit_with_parent {
+        exit_with_parent()?;
+    }
+    let stdin_closed = options.exit_on_stdin_close.then(|| {
+        let (closed, wait) = tokio::sync::oneshot::channel::<()>();
+        // A plain thread: tokio's stdin reads on a blocking thread the runtime would wait for.
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 4096];
+            let mut stdin = std::io::stdin().lock();
+            while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+            let _ = closed.send(());
+        });
+        wait
+    });
+    Ok(async move {
+        let stdin_closed = async {
+            match stdin_closed {
+                Some(wait) => {
+                    let _ = wait.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+            () = stdin_closed => "standard input closed",
+        }
+    })
+}
+
+/// Asks the kernel for SIGTERM when the parent dies (handled like any SIGTERM), and checks
+/// that the parent has not died already.
+#[cfg(target_os = "linux")]
+fn exit_with_parent() -> Result<(), String> {
+    use rustix::process::{Signal, getppid, set_parent_process_death_signal};
+    let parent = getppid();
+    set_parent_process_death_signal(Some(Signal::TERM))
+        .map_err(|e| format!("--exit-with-parent: {e}"))?;
+    // The parent may have died before the request: then this process was re-parented.
+    if getppid() != parent || parent.is_none() {
+        return Err("--exit-with-parent: the parent process has already exited".into());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exit_with_parent() -> Result<(), String> {
+    Err("--exit-with-parent works on Linux only; use --exit-on-stdin-close".into())
 }
 
 fn main() -> ExitCode {

@@ -200,3 +200,219 @@ fn the_binary_names_the_flag_at_fault() {
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("--env-file"));
 }
+
+#[test]
+fn the_binary_prints_its_version() {
+    for flag in ["--version", "-V"] {
+        let output = command().arg(flag).output().unwrap();
+        assert!(output.status.success(), "{flag}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            concat!("dsql-emulator ", env!("CARGO_PKG_VERSION")),
+            "{flag}"
+        );
+    }
+}
+
+/// A path for an env file no other test uses.
+fn env_file_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "dsql-emulator-{tag}-{}-{}.env",
+        std::process::id(),
+        fastrand::u32(..)
+    ))
+}
+
+/// Waits (at most 120 s) for `path` to hold an env file written by process `pid`; its exports.
+fn wait_for_env_file(path: &Path, pid: u32) -> HashMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let exports: HashMap<String, String> = text
+                .lines()
+                .filter_map(|line| line.strip_prefix("export ")?.split_once('='))
+                .map(|(name, value)| (name.to_owned(), value.trim_matches('\'').to_owned()))
+                .collect();
+            if exports.get("DSQL_EMULATOR_PID") == Some(&pid.to_string()) {
+                return exports;
+            }
+        }
+        assert!(Instant::now() < deadline, "no env file from {pid}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+#[test]
+fn a_stale_env_file_is_not_taken_for_readiness_and_the_new_one_is_private() {
+    // What an emulator killed with SIGKILL leaves: a complete file, of another process.
+    let path = env_file_path("stale");
+    std::fs::write(&path, "export PGPORT='1'\nexport DSQL_EMULATOR_PID='1'\n").unwrap();
+    let mut child = command()
+        .args(["--port", "0", "--env-file"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let ready = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    // The readiness line names the accepted key and says no session token is needed.
+    assert!(
+        ready.contains(&format!("accepts access key {KEY}")) && ready.contains("no session token"),
+        "{ready}"
+    );
+    let exports = wait_for_env_file(&path, child.id());
+    assert_ne!(exports["PGPORT"], "1", "the stale file was replaced");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the env file is its owner's only");
+    }
+    assert!(terminate(&mut child).success());
+    assert!(!path.exists(), "removed on a clean stop");
+}
+
+#[test]
+fn a_session_token_in_the_environment_is_named_in_the_readiness_line() {
+    let mut child = command()
+        .env("AWS_SESSION_TOKEN", "a-session-token-from-the-environment")
+        .args(["--port", "0", "--env-file"])
+        .arg(env_file_path("session"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let ready = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert!(
+        ready.contains("tokens must carry the session token from AWS_SESSION_TOKEN"),
+        "{ready}"
+    );
+    assert!(
+        !ready.contains("a-session-token-from-the-environment"),
+        "the token itself is never printed: {ready}"
+    );
+    assert!(terminate(&mut child).success());
+}
+
+#[test]
+fn a_killed_parent_leaves_no_emulator_and_no_postgresql_behind() {
+    // The test runner's place is taken by a shell that starts the emulator and is then killed
+    // with SIGKILL, as a test runner killed mid-run is.
+    let path = env_file_path("orphan");
+    let mut parent = Command::new("sh")
+        .arg("-c")
+        .arg("\"$0\" --port 0 --exit-with-parent --env-file \"$1\" >/dev/null & wait")
+        .arg(BINARY)
+        .arg(&path)
+        .env_remove("AWS_SESSION_TOKEN")
+        .env("AWS_ACCESS_KEY_ID", KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .spawn()
+        .unwrap();
+    // Its pid is in the file it writes; wait for any writer, then check it is the shell's child.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let exports = loop {
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && text.contains("DSQL_EMULATOR_PID")
+        {
+            let pid = text
+                .lines()
+                .find_map(|l| l.strip_prefix("export DSQL_EMULATOR_PID="))
+                .unwrap()
+                .trim_matches('\'')
+                .parse::<u32>()
+                .unwrap();
+            break wait_for_env_file(&path, pid);
+        }
+        assert!(Instant::now() < deadline, "the emulator never got ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let pid: u32 = exports["DSQL_EMULATOR_PID"].parse().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid: u32 = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ppid, parent.id(), "the shell started it");
+    let work_dir = PathBuf::from(&exports["PGSSLROOTCERT"])
+        .parent()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !processes_naming(&work_dir).is_empty(),
+        "its PostgreSQL runs"
+    );
+
+    let killed = Instant::now();
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let deadline = killed + Duration::from_secs(10);
+    while !(gone(pid) && processes_naming(&work_dir).is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "10 s after its parent's SIGKILL: emulator gone {}, left {:?}",
+            gone(pid),
+            processes_naming(&work_dir)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "emulator and PostgreSQL gone {:?} after the parent's SIGKILL",
+        killed.elapsed()
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn closing_stdin_stops_the_binary_when_asked() {
+    let mut child = command()
+        .args(["--port", "0", "--exit-on-stdin-close", "--env-file"])
+        .arg(env_file_path("stdin"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let ready = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert!(ready.starts_with("# dsql-emulator ready: "), "{ready}");
+    drop(child.stdin.take());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after stdin closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+}
