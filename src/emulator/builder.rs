@@ -336,6 +336,7 @@ impl DsqlEmulatorBuilder {
             refusing: AtomicBool::new(false),
             dropping_new: Mutex::new(Default::default()),
             cut_next_commit: AtomicBool::new(false),
+            injection: Default::default(),
             fail_next_commit: Mutex::new(None),
             sql_rules,
             transaction_age_limit,

@@ -223,6 +223,8 @@ pub(crate) struct Shared {
     /// were accepted since it was set.
     dropping_new: Mutex<(util::DropSchedule, u64)>,
     cut_next_commit: AtomicBool,
+    /// Conflicts injected on demand (`inject_conflicts`; with the SQL rules).
+    injection: Arc<sql::Injection>,
     /// The answer `fail_next_commit` armed: a FATAL `ErrorResponse` for the next `COMMIT`.
     fail_next_commit: Mutex<Option<Vec<u8>>>,
     /// DSQL's SQL rules are applied (see `sql`).
@@ -551,6 +553,38 @@ impl DsqlEmulator {
     /// [`Rejection::Refused`]); established ones continue.
     pub fn refuse_new_connections(&self, refuse: bool) {
         self.shared.refusing.store(refuse, Ordering::SeqCst);
+    }
+
+    /// From now on, the `COMMIT` of a transaction block that wrote one of `tables` (none: any
+    /// table) answers DSQL's `40001 change conflicts with another transaction (OC000)` and
+    /// rolls back, as a transaction that lost a first-committer race does: every `every`-th
+    /// such `COMMIT` (0 or 1: each), `count` times (`None`: until
+    /// [`stop_injecting_conflicts`](Self::stop_injecting_conflicts)). A team tests its retry
+    /// loop against this without racing two sessions. Deterministic: the matching `COMMIT`s
+    /// are counted in the order they reach their commit point, over the endpoint's sessions;
+    /// setting a rule starts the count again. Table names are matched without schema, in
+    /// lower case. Only transaction blocks count (an autocommit statement has no `COMMIT` to
+    /// fail), and only with the SQL rules on.
+    ///
+    /// ```no_run
+    /// # use tokio_postgres_dsql::emulator::DsqlEmulator;
+    /// # fn f(emulator: &DsqlEmulator) {
+    /// // The next commit that wrote `orders` fails once; the retry commits.
+    /// emulator.inject_conflicts(&["orders"], 1, Some(1));
+    /// # }
+    /// ```
+    pub fn inject_conflicts(&self, tables: &[&str], every: u32, count: Option<u32>) {
+        self.shared.injection.set(tables, every, count);
+    }
+
+    /// Ends [`inject_conflicts`](Self::inject_conflicts)' rule.
+    pub fn stop_injecting_conflicts(&self) {
+        self.shared.injection.clear();
+    }
+
+    /// How many conflicts [`inject_conflicts`](Self::inject_conflicts) has injected so far.
+    pub fn injected_conflicts(&self) -> u64 {
+        self.shared.injection.injected()
     }
 
     /// From now on, a share `share` (0 to 1; clamped, NaN: none) of the new TCP connections is

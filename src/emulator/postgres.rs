@@ -175,6 +175,22 @@ impl SharedPostgres {
             .map_err(|e| EmulatorError::failed(e.clone()))
     }
 
+    /// Waits (at most `timeout`) until no endpoint uses this server any more: every endpoint
+    /// made over it is dropped and its database with it (an endpoint's database is dropped in
+    /// the background, so that a test's end does not wait for it). A process about to exit
+    /// calls this so that nothing of its endpoints outlives it on a server of someone else's.
+    /// Returns whether it got there in time.
+    pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + timeout;
+        while Arc::strong_count(&self.inner) > 1 {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
+
     /// A connection string to the server's `postgres` database as `user`, bypassing every
     /// endpoint.
     pub fn upstream_url(&self, user: &str) -> String {
@@ -203,9 +219,12 @@ impl Inner {
         self: &Arc<Self>,
         cluster_id: &str,
     ) -> Result<Database, EmulatorError> {
+        // Unique across processes too: several may share an external server, one after the
+        // other or at once.
         let name = format!(
-            "dsql_{cluster_id}_{}",
-            self.databases.fetch_add(1, Ordering::Relaxed)
+            "dsql_{cluster_id}_{}_{:08x}",
+            self.databases.fetch_add(1, Ordering::Relaxed),
+            fastrand::u32(..)
         );
         upstream::execute(
             self.target.url("admin"),

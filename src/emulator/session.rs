@@ -412,6 +412,7 @@ where
                 shared.transaction_age_limit,
             )
             .with_sessions(shared.sessions.clone(), member.entry.clone())
+            .with_injection(shared.injection.clone())
         });
         let mut pending = Vec::new();
         let mut out = sql::Outgoing::default();

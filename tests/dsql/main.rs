@@ -24,6 +24,8 @@ mod hygiene;
 #[cfg(feature = "emulator")]
 mod iam_roles;
 #[cfg(feature = "emulator")]
+mod inject;
+#[cfg(feature = "emulator")]
 mod live;
 #[cfg(feature = "emulator")]
 mod metrics;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::each;
 use aws_credential_types::Credentials;
 use tokio_postgres_dsql::{DsqlConfig, DsqlConnector};
 
@@ -415,4 +416,236 @@ fn closing_stdin_stops_the_binary_when_asked() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success());
+}
+
+/// A request to the control port; the status and the JSON answer.
+async fn control(
+    env: &HashMap<String, String>,
+    method: reqwest::Method,
+    path: &str,
+) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .request(method, format!("{}{path}", env["DSQL_EMULATOR_CONTROL"]))
+        .bearer_auth(&env["DSQL_EMULATOR_CONTROL_TOKEN"])
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// A connector to one endpoint the control port describes (or the main one's exports).
+async fn connector_for(endpoint: &str, port: u16, ca: &str) -> DsqlConnector {
+    let config = DsqlConfig::builder()
+        .host(endpoint)
+        .region("us-east-1")
+        .hostaddr("127.0.0.1".parse().unwrap())
+        .port(port)
+        .ssl_root_cert(ca)
+        .credentials_provider(Credentials::new(KEY, SECRET, None, None, "test"))
+        .build()
+        .unwrap();
+    DsqlConnector::new(config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_port_injects_conflicts_cuts_commits_and_makes_isolated_endpoints() {
+    let (mut child, env, _) = start(&["--port", "0", "--control-port", "0"]);
+    // Without the token: refused.
+    let anonymous = reqwest::Client::new()
+        .post(format!(
+            "{}/faults/cut_next_commit",
+            env["DSQL_EMULATOR_CONTROL"]
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+
+    // One conflict injected into a table: a retry loop retries once and commits.
+    let main = connector_for(
+        &env["CLUSTER_ENDPOINT"],
+        env["PGPORT"].parse().unwrap(),
+        &env["PGSSLROOTCERT"],
+    )
+    .await;
+    let client = main.connect().await.unwrap();
+    each(
+        &client,
+        &[
+            "CREATE TABLE ctl_orders (id int PRIMARY KEY, n int)",
+            "INSERT INTO ctl_orders VALUES (1, 0)",
+        ],
+    )
+    .await;
+    let (status, _) = control(
+        &env,
+        reqwest::Method::POST,
+        "/conflicts?tables=ctl_orders&count=1",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut attempts = 0;
+    let mut client = client;
+    tokio_postgres_dsql::retry_postgres_transaction_on(
+        &mut client,
+        &tokio_postgres_dsql::RetryPolicy::default(),
+        async |tx| {
+            attempts += 1;
+            tx.execute("UPDATE ctl_orders SET n = n + 1 WHERE id = 1", &[])
+                .await?;
+            Ok::<_, tokio_postgres_dsql::tokio_postgres::Error>(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(attempts, 2, "one injected conflict, one retry");
+    let (_, state) = control(&env, reqwest::Method::GET, "/").await;
+    assert_eq!(state["main"]["injected_conflicts"], 1, "{state}");
+
+    // The next COMMIT cut: the client cannot know whether it committed.
+    let (status, _) = control(&env, reqwest::Method::POST, "/faults/cut_next_commit").await;
+    assert_eq!(status, 200);
+    let err = tokio_postgres_dsql::retry_transaction_on(
+        &mut client,
+        &tokio_postgres_dsql::RetryPolicy::default(),
+        |tx| async move {
+            tx.execute("UPDATE ctl_orders SET n = n + 1 WHERE id = 1", &[])
+                .await?;
+            Ok::<_, tokio_postgres_dsql::Error>(())
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, tokio_postgres_dsql::Error::CommitOutcomeUnknown { .. }),
+        "{err:?}"
+    );
+    // A parameter at fault is named.
+    let (status, answer) = control(&env, reqwest::Method::POST, "/faults/latency?ms=soon").await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"].as_str().unwrap().contains("`ms`"),
+        "{answer}"
+    );
+
+    // Two endpoints of their own: neither sees the other's tables or faults.
+    let (_, a) = control(&env, reqwest::Method::POST, "/endpoints").await;
+    let (_, b) = control(&env, reqwest::Method::POST, "/endpoints").await;
+    let port = |e: &serde_json::Value| e["port"].as_u64().unwrap() as u16;
+    let open = |e: serde_json::Value| async move {
+        connector_for(
+            e["endpoint"].as_str().unwrap(),
+            port(&e),
+            e["ca_cert_path"].as_str().unwrap(),
+        )
+        .await
+        .connect()
+        .await
+        .unwrap()
+    };
+    let (a_client, b_client) = (open(a.clone()).await, open(b.clone()).await);
+    each(&a_client, &["CREATE TABLE ctl_own (id int PRIMARY KEY)"]).await;
+    let unseen = b_client
+        .query("SELECT * FROM ctl_own", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unseen.code(),
+        Some(&tokio_postgres_dsql::tokio_postgres::error::SqlState::UNDEFINED_TABLE),
+        "{unseen}"
+    );
+    each(&b_client, &["CREATE TABLE ctl_own (id int PRIMARY KEY)"]).await;
+    let (status, _) = control(
+        &env,
+        reqwest::Method::POST,
+        &format!("/endpoints/{}/conflicts", port(&a)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for (client, fails) in [(&a_client, true), (&b_client, false)] {
+        client.batch_execute("BEGIN").await.unwrap();
+        client
+            .execute("INSERT INTO ctl_own VALUES (1)", &[])
+            .await
+            .unwrap();
+        let commit = client.batch_execute("COMMIT").await;
+        assert_eq!(commit.is_err(), fails, "{commit:?}");
+    }
+    for e in [&a, &b] {
+        let (status, _) = control(
+            &env,
+            reqwest::Method::DELETE,
+            &format!("/endpoints/{}", port(e)),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port(&a)))
+            .await
+            .is_err(),
+        "a dropped endpoint listens no more"
+    );
+
+    // Fifty endpoints made and dropped (measured, not asserted).
+    let started = Instant::now();
+    for _ in 0..50 {
+        let (status, e) = control(&env, reqwest::Method::POST, "/endpoints").await;
+        assert_eq!(status, 200, "{e}");
+        let (status, _) = control(
+            &env,
+            reqwest::Method::DELETE,
+            &format!("/endpoints/{}", port(&e)),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    eprintln!("50 endpoints made and dropped in {:?}", started.elapsed());
+    assert!(terminate(&mut child).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_upstream_each_run_gets_a_database_of_its_own() {
+    // Someone else's PostgreSQL: the test process's shared one.
+    let upstream = tokio_postgres_dsql::emulator::SharedPostgres::global()
+        .unwrap()
+        .upstream_url("admin");
+    for run in 0..2 {
+        let (mut child, env, _) = start(&["--port", "0", "--upstream", &upstream]);
+        let client = connector_for(
+            &env["CLUSTER_ENDPOINT"],
+            env["PGPORT"].parse().unwrap(),
+            &env["PGSSLROOTCERT"],
+        )
+        .await
+        .connect()
+        .await
+        .unwrap();
+        // The second run would fail here (`relation "run_orders" already exists`) if the
+        // first run's table had outlived it.
+        client
+            .batch_execute("CREATE TABLE run_orders (id int PRIMARY KEY)")
+            .await
+            .unwrap_or_else(|e| panic!("run {run}: {e}"));
+        drop(client);
+        assert!(terminate(&mut child).success());
+    }
+    // Nothing of either run is left in that server: no endpoint database, no template.
+    let (server, connection) = tokio_postgres_dsql::tokio_postgres::connect(
+        &upstream,
+        tokio_postgres_dsql::tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let left: i64 = server
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'dsql_dsqlemulator00000000000000_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the runs' databases were dropped at exit");
 }

@@ -11,6 +11,8 @@ pub(super) struct Prepared {
     pub(super) kind: Kind,
     pub(super) write_tag: Option<&'static str>,
     pub(super) tables: Arc<[String]>,
+    /// Those it writes.
+    pub(super) written: Arc<[String]>,
     /// The parameter types its `Parse` gave (0: for the server to infer).
     pub(super) parameter_types: Arc<[u32]>,
     /// The most rows it writes, when its text bounds them.
@@ -32,6 +34,7 @@ pub(super) fn other() -> Prepared {
         kind: Kind::Other,
         write_tag: None,
         tables: Arc::new([]),
+        written: Arc::new([]),
         parameter_types: Arc::new([]),
         most_rows: None,
         copy_in: false,
@@ -152,6 +155,10 @@ pub(crate) struct Dialect {
     /// The relations the open transaction block used, with the latest catalog change number
     /// when it first did.
     pub(super) block_used: HashMap<String, u64>,
+    /// The tables the open block wrote (for injected conflicts).
+    pub(super) block_written: std::collections::HashSet<String>,
+    /// The endpoint's injected conflicts, if the session takes part.
+    pub(super) injection: Option<Arc<super::Injection>>,
     /// How long a transaction block may stay open.
     pub(super) age_limit: std::time::Duration,
     /// This session among the database's (dooms, commit tickets).
@@ -376,6 +383,19 @@ impl Dialect {
 
     /// The session is `entry` among the database's `sessions`: its transactions take part in
     /// commit-time conflicts with theirs (see [`occ`]).
+    /// The session's `COMMIT`s are subject to the endpoint's injected conflicts.
+    pub(crate) fn with_injection(mut self, injection: Arc<super::Injection>) -> Self {
+        self.injection = Some(injection);
+        self
+    }
+
+    /// Statements writing `written` went through; inside a block they count for its `COMMIT`.
+    pub(super) fn note_written(&mut self, written: &[String]) {
+        if self.in_block {
+            self.block_written.extend(written.iter().cloned());
+        }
+    }
+
     pub(crate) fn with_sessions(
         mut self,
         sessions: Arc<occ::Sessions>,
@@ -432,6 +452,14 @@ impl Dialect {
             return Some(refusal);
         }
         if self.plans.doomed.load(Ordering::SeqCst) || self.entry.doomed(self.block) {
+            return Some(change_conflict());
+        }
+        // A conflict injected on demand reads as a lost race.
+        if self
+            .injection
+            .as_ref()
+            .is_some_and(|injection| injection.at_commit(&self.block_written))
+        {
             return Some(change_conflict());
         }
         (self.tx_bytes > TX_SIZE_LIMIT).then(|| size_limit_exceeded(self.tx_bytes))

@@ -487,6 +487,7 @@ impl Dialect {
                     kind: one.kind,
                     write_tag: one.write_tag,
                     tables: classified.tables.clone().into(),
+                    written: classified.written.clone().into(),
                     parameter_types: parameter_types(rest).into(),
                     most_rows: one.most_rows,
                     copy_in: one.copy_in,
@@ -580,6 +581,7 @@ impl Dialect {
             self.skipping = Some(refusal);
             return;
         }
+        self.note_written(&prepared.written);
         let mut state = self.transaction();
         match state.apply(prepared.kind) {
             Ok(()) => {

@@ -82,6 +82,7 @@ impl Dialect {
         if let Some(refusal) = self.schema_check(&classified.tables) {
             return refuse(self, &refusal, out);
         }
+        self.note_written(&classified.written);
         // The whole query runs as one implicit transaction unless it opens or is in a block.
         let mut state = self.transaction();
         for statement in &classified.statements {
@@ -360,6 +361,7 @@ impl Dialect {
         if state.in_block != self.in_block {
             self.tx_bytes = 0;
             self.block_used.clear();
+            self.block_written.clear();
             self.began = state.in_block.then(std::time::Instant::now);
             self.replays.clear();
             self.last_write = None;

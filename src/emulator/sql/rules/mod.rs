@@ -100,6 +100,8 @@ pub(crate) struct Classified {
     pub(crate) upstream_text: String,
     /// The relations the text names (lower case, without schema).
     pub(crate) tables: Vec<String>,
+    /// Those it writes (the targets of `INSERT`, `UPDATE`, `DELETE`, `MERGE`).
+    pub(crate) written: Vec<String>,
     /// The command tag of the asynchronous DDL in it, which the text sent on runs in a
     /// `SELECT` answering its `job_id` row (see [`job_statement`]).
     pub(crate) job: Option<&'static str>,
@@ -123,19 +125,25 @@ pub(crate) fn classify(sql: &str) -> Classified {
             statements: Vec::new(),
             upstream_text,
             tables: Vec::new(),
+            written: Vec::new(),
             job: None,
         };
     };
-    let mut tables: Vec<String> = parsed
-        .tables
-        .iter()
-        .map(|(name, _)| {
-            let name = name.rsplit('.').next().unwrap_or(name);
-            name.trim_matches('"').to_ascii_lowercase()
-        })
-        .collect();
+    let bare = |name: &String| {
+        let name = name.rsplit('.').next().unwrap_or(name);
+        name.trim_matches('"').to_ascii_lowercase()
+    };
+    let mut tables: Vec<String> = parsed.tables.iter().map(|(name, _)| bare(name)).collect();
     tables.sort();
     tables.dedup();
+    let mut written: Vec<String> = parsed
+        .tables
+        .iter()
+        .filter(|(_, context)| *context == pg_query::Context::DML)
+        .map(|(name, _)| bare(name))
+        .collect();
+    written.sort();
+    written.dedup();
     let tablesample = has_tablesample(&upstream_text);
     // `SHOW server_version[_num]` alone answers DSQL's version.
     if let [raw] = parsed.protobuf.stmts.as_slice()
@@ -155,6 +163,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                     show.name.to_ascii_lowercase()
                 ),
                 tables: Vec::new(),
+                written: Vec::new(),
                 job: None,
             };
         }
@@ -225,6 +234,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
         statements,
         upstream_text: edited(&upstream_text, edits),
         tables,
+        written,
         job,
     }
 }

@@ -20,8 +20,10 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
-use tokio_postgres_dsql::emulator::{DsqlEmulator, DsqlEmulatorBuilder};
+use tokio_postgres_dsql::emulator::{DsqlEmulator, DsqlEmulatorBuilder, SharedPostgres};
 use tokio_postgres_dsql::{Action, TokenSigner};
+
+mod control;
 
 /// What `--version` prints.
 const VERSION: &str = concat!("dsql-emulator ", env!("CARGO_PKG_VERSION"));
@@ -53,7 +55,11 @@ OPTIONS:
                                  with it must be mapped with AWS IAM GRANT (repeatable)
     --pg-bin <dir>               PostgreSQL server binaries [default: $PG_BIN, PATH,
                                  /usr/lib/postgresql/*/bin]
-    --upstream <url>             relay to this PostgreSQL instead of starting one
+    --upstream <url>             relay to this PostgreSQL instead of starting one, in a database
+                                 of the run's own (created at start, dropped at exit; the URL's
+                                 user must be allowed to create databases)
+    --keep-upstream-database     with --upstream: relay to the URL's database itself, whose
+                                 tables and rows outlive the run
     --pair                       also start the peered endpoint of a multi-Region cluster
                                  (us-east-2 unless --peer-region), on --peer-port [default: free]
     --peer-port <n>
@@ -67,6 +73,10 @@ OPTIONS:
     --no-sql-rules               relay SQL unchanged (DSQL's connection rules still apply)
     --env-file <path>            write the `export` lines there (once ready, mode 0600) instead
                                  of stdout; a file left there is removed at start
+    --control-port <n>           serve the control port there (0: a free one): faults, injected
+                                 conflicts and per-test endpoints over HTTP, for any language
+                                 (exports DSQL_EMULATOR_CONTROL and DSQL_EMULATOR_CONTROL_TOKEN;
+                                 every endpoint, the main one too, gets a database of its own)
     --exit-with-parent           stop (cleanly) when the process that started it dies, even
                                  by SIGKILL (Linux); what test-runner helpers should pass
     --exit-on-stdin-close        stop (cleanly) when its standard input reaches its end
@@ -79,7 +89,7 @@ names the access key it accepts and whether tokens must carry a session token. A
 key is printed only when it was generated here. A helper that waits for the env file should
 check that its DSQL_EMULATOR_PID is the process it started.";
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Options {
     listen: Option<IpAddr>,
     port: Option<u16>,
@@ -104,6 +114,8 @@ struct Options {
     env_file: Option<PathBuf>,
     exit_with_parent: bool,
     exit_on_stdin_close: bool,
+    control_port: Option<u16>,
+    keep_upstream_database: bool,
 }
 
 /// An error for the user: what is wrong, naming the flag.
@@ -187,6 +199,8 @@ fn parse(args: &[String]) -> Result<Options, Usage> {
             "--no-sql-rules" => options.no_sql_rules = true,
             "--env-file" => options.env_file = Some(value("a path")?.into()),
             "--exit-with-parent" => options.exit_with_parent = true,
+            "--control-port" => options.control_port = Some(number(flag, value("a port")?)?),
+            "--keep-upstream-database" => options.keep_upstream_database = true,
             "--exit-on-stdin-close" => options.exit_on_stdin_close = true,
             other => {
                 return Err(Usage(format!(
@@ -251,7 +265,12 @@ fn credentials(options: &Options) -> Result<Option<Credentials>, Usage> {
     }
 }
 
-fn builder(options: &Options, credentials: Option<&Credentials>) -> DsqlEmulatorBuilder {
+/// The endpoint `options` describe; its PostgreSQL is its own unless `shared` is given.
+fn builder(
+    options: &Options,
+    credentials: Option<&Credentials>,
+    shared: Option<&SharedPostgres>,
+) -> DsqlEmulatorBuilder {
     let region = options.region.clone();
     let endpoint = options.endpoint.clone().unwrap_or_else(|| {
         format!(
@@ -276,11 +295,16 @@ fn builder(options: &Options, credentials: Option<&Credentials>) -> DsqlEmulator
     for (key, arn) in &options.identities {
         builder = builder.iam_identity(key, arn);
     }
-    if let Some(dir) = &options.pg_bin {
-        builder = builder.pg_bin(dir);
-    }
-    if let Some(url) = &options.upstream {
-        builder = builder.upstream_url(url);
+    match shared {
+        Some(shared) => builder = builder.postgres(shared),
+        None => {
+            if let Some(dir) = &options.pg_bin {
+                builder = builder.pg_bin(dir);
+            }
+            if let Some(url) = &options.upstream {
+                builder = builder.upstream_url(url);
+            }
+        }
     }
     if let Some((rate, burst)) = options.rate_limit {
         builder = builder.connection_rate_limit(rate, burst);
@@ -453,15 +477,28 @@ fn run(args: &[String]) -> Result<(), String> {
         let _context = runtime.enter();
         stop_requests(&options)?
     };
-    let emulator = builder(&options, credentials.as_ref())
+    // With a control port, endpoints are made over one PostgreSQL, each in a database of its
+    // own: the main one now, others on request. With an upstream server of the caller's, the
+    // run's endpoint gets a database of its own too, so that nothing outlives the run.
+    let own_database = options.control_port.is_some()
+        || (options.upstream.is_some() && !options.keep_upstream_database);
+    let shared = match own_database {
+        true => {
+            let mut shared = SharedPostgres::builder();
+            if let Some(dir) = &options.pg_bin {
+                shared = shared.pg_bin(dir);
+            }
+            if let Some(url) = &options.upstream {
+                shared = shared.upstream_url(url);
+            }
+            Some(shared.start_blocking().map_err(|e| error_text(&e))?)
+        }
+        false => None,
+    };
+    let emulator = builder(&options, credentials.as_ref(), shared.as_ref())
         .start_blocking()
         .map_err(|e| {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
+            let mut text = error_text(&e);
             if options.port.is_none() && text.contains("cannot listen") {
                 text.push_str(" (is another server on 5432? pick one with --port, 0 for any)");
             }
@@ -486,8 +523,52 @@ fn run(args: &[String]) -> Result<(), String> {
     } else {
         None
     };
+    let emulator = std::sync::Arc::new(emulator);
     let mut lines = exports(&emulator, peer.as_ref(), credentials.is_none());
     lines.push(("DSQL_EMULATOR_PID", std::process::id().to_string()));
+    // Kept to the end: the run's databases are dropped before it exits.
+    let server = shared.clone();
+    let control = match (options.control_port, shared) {
+        (Some(port), Some(shared)) => {
+            let listen = options.listen.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind((listen, port)))
+                .map_err(|e| format!("--control-port {port}: cannot listen: {e}"))?;
+            let address = listener
+                .local_addr()
+                .map_err(|e| format!("--control-port: {e}"))?;
+            let host = match address.ip() {
+                ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                ip => ip.to_string(),
+            };
+            let token = control_token();
+            lines.push((
+                "DSQL_EMULATOR_CONTROL",
+                format!("http://{host}:{}", address.port()),
+            ));
+            lines.push(("DSQL_EMULATOR_CONTROL_TOKEN", token.clone()));
+            let template = {
+                let options = Options {
+                    port: Some(0),
+                    pg_bin: None,
+                    upstream: None,
+                    ..options.clone()
+                };
+                let credentials = emulator.credentials().clone();
+                Box::new(move || builder(&options, Some(&credentials), None))
+            };
+            let control = std::sync::Arc::new(control::Control {
+                main: emulator.clone(),
+                postgres: shared,
+                template,
+                token,
+                endpoints: Default::default(),
+            });
+            runtime.spawn(control::serve(listener, control.clone()));
+            Some(control)
+        }
+        _ => None,
+    };
     let text: String = lines
         .into_iter()
         .map(|(name, value)| format!("export {name}={}\n", quoted(&value)))
@@ -524,14 +605,54 @@ fn run(args: &[String]) -> Result<(), String> {
 
     let why = runtime.block_on(stop);
     eprintln!("dsql-emulator: stopping ({why})");
+    // Endpoints made through the control port first, then the runtime (and the control
+    // port's tasks), so that each endpoint is dropped here, outside any runtime.
+    if let Some(control) = control {
+        let made: Vec<_> = control
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        drop(made);
+    }
+    drop(runtime);
     // The peer relays to the first's PostgreSQL: it goes first.
     drop(peer);
     drop(emulator);
+    if let Some(server) = server
+        && !server.wait_idle(Duration::from_secs(30))
+    {
+        eprintln!("dsql-emulator: an endpoint's database may not have been dropped");
+    }
     if let Some(path) = &options.env_file {
         let _ = std::fs::remove_file(path);
     }
     eprintln!("dsql-emulator stopped");
     Ok(())
+}
+
+/// An error and its causes, as one line.
+fn error_text(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+/// A random token for the control port (from the kernel's random source where there is one).
+fn control_token() -> String {
+    let mut bytes = [0u8; 16];
+    let from_kernel = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_ok();
+    if !from_kernel {
+        bytes.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What stops the emulator: SIGTERM, SIGINT, and as asked, its parent's death or the end of
