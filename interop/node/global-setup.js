@@ -20,7 +20,7 @@ export async function teardown() {
 
 /** In a test worker: the run's emulator, from the environment the global setup set. */
 export function emulatorFromEnv() {
-  return new Emulator({ exitCode: 0 }, {
+  return new Emulator({ exitCode: 0, signalCode: null }, {
     DSQL_EMULATOR_CONTROL: process.env.DSQL_EMULATOR_CONTROL,
     DSQL_EMULATOR_CONTROL_TOKEN: process.env.DSQL_EMULATOR_CONTROL_TOKEN,
   });

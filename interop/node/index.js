@@ -124,7 +124,7 @@ export class Emulator {
 
   /** Stops it (SIGTERM), its PostgreSQL with it. */
   async stop() {
-    if (this.child.exitCode !== null) return;
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
     const exited = new Promise((resolve) => this.child.once("exit", resolve));
     this.child.kill("SIGTERM");
     await exited;
@@ -134,16 +134,22 @@ export class Emulator {
 /** Starts `dsql-emulator` and waits until it is ready (its env file names its pid). */
 export async function startEmulator({ timeoutMs = 120_000 } = {}) {
   const envFile = join(mkdtempSync(join(tmpdir(), "dsql-emulator-node-")), "dsql.env");
+  // Stopped with this process however it ends: by the kernel on Linux, elsewhere when the
+  // pipe to its standard input closes.
+  const linux = process.platform === "linux";
   const child = spawn(
     binary(),
-    ["--port", "0", "--control-port", "0", "--exit-with-parent", "--env-file", envFile],
-    { env: credentialsEnv(), stdio: ["ignore", "ignore", "inherit"] },
+    ["--port", "0", "--control-port", "0", linux ? "--exit-with-parent" : "--exit-on-stdin-close",
+     "--env-file", envFile],
+    { env: credentialsEnv(), stdio: [linux ? "ignore" : "pipe", "ignore", "inherit"] },
   );
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const env = readEnv(envFile);
     if (env.DSQL_EMULATOR_PID === String(child.pid)) return new Emulator(child, env);
-    if (child.exitCode !== null) throw new Error(`dsql-emulator exited with status ${child.exitCode}`);
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`dsql-emulator exited (${child.exitCode ?? child.signalCode})`);
+    }
     if (Date.now() > deadline) {
       child.kill("SIGKILL");
       throw new Error(`dsql-emulator was not ready within ${timeoutMs} ms`);

@@ -606,7 +606,9 @@ impl DsqlEmulator {
     /// Adds `latency` to each direction between clients and the emulator, like a network: a
     /// round trip costs twice this, and pipelined messages are not delayed twice. Applies to
     /// bytes sent after the call, on open connections too. The TCP handshake is not delayed.
+    /// Latencies above an hour are taken as an hour.
     pub fn set_latency(&self, latency: Duration) {
+        let latency = latency.min(Duration::from_secs(3600));
         self.shared
             .latency
             .store(latency.as_nanos() as u64, Ordering::Relaxed);
@@ -638,7 +640,7 @@ impl DsqlEmulator {
             .shared
             .waking_until
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + duration);
+            .unwrap_or_else(|p| p.into_inner()) = Some(util::after(duration));
     }
 
     /// Takes `dsql:DbConnect` and `dsql:DbConnectAdmin` away from the IAM identity of

@@ -175,13 +175,17 @@ impl SharedPostgres {
             .map_err(|e| EmulatorError::failed(e.clone()))
     }
 
-    /// Waits (at most `timeout`) until no endpoint uses this server any more: every endpoint
-    /// made over it is dropped and its database with it (an endpoint's database is dropped in
+    /// Waits (at most `timeout`) until nothing else holds this server any more: every
+    /// endpoint made over it is dropped and its database with it (other clones of this handle
+    /// count too) (an endpoint's database is dropped in
     /// the background, so that a test's end does not wait for it). A process about to exit
     /// calls this so that nothing of its endpoints outlives it on a server of someone else's.
     /// Returns whether it got there in time.
     pub fn wait_idle(&self, timeout: std::time::Duration) -> bool {
-        let until = std::time::Instant::now() + timeout;
+        let now = std::time::Instant::now();
+        let until = now
+            .checked_add(timeout)
+            .unwrap_or(now + std::time::Duration::from_secs(86_400));
         while Arc::strong_count(&self.inner) > 1 {
             if std::time::Instant::now() >= until {
                 return false;

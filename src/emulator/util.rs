@@ -147,6 +147,14 @@ impl DropSchedule {
     }
 }
 
+/// `now + duration`, or a time a year away when that does not fit the clock (a huge duration
+/// given to a fault must not panic).
+pub(crate) fn after(duration: std::time::Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365))
+}
+
 /// DSQL's admission of new connections: `rate` a second, bursts of `burst`; refuses when empty.
 #[derive(Debug)]
 pub(crate) struct Bucket {

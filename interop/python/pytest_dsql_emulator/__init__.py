@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -59,10 +60,14 @@ class Emulator:
         environment.update(
             AWS_ACCESS_KEY_ID=ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET_ACCESS_KEY
         )
+        # Stopped with the test run however it ends: by the kernel on Linux, elsewhere when
+        # the pipe to its standard input closes (with this process).
+        linux = sys.platform.startswith("linux")
         process = subprocess.Popen(
-            [_binary(), "--port", "0", "--control-port", "0", "--exit-with-parent",
-             "--env-file", env_file],
+            [_binary(), "--port", "0", "--control-port", "0",
+             "--exit-with-parent" if linux else "--exit-on-stdin-close", "--env-file", env_file],
             env=environment,
+            stdin=subprocess.DEVNULL if linux else subprocess.PIPE,
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout

@@ -1,7 +1,8 @@
 //! The control port (`--control-port`): the emulator's faults, injected conflicts and per-test
 //! endpoints for any language's tests, over plain HTTP on the listen address. It is the
 //! emulator's, never DSQL's: a separate port, its own token (`Authorization: Bearer …`, from
-//! the env file, which only its owner can read), JSON answers.
+//! the export lines: the env file, which only its owner can read, or stdout), JSON answers.
+//! Injected conflicts need the SQL rules (not `--no-sql-rules`).
 //!
 //! Why HTTP and not SQL procedures: every language has an HTTP client; a control call never
 //! enters a transaction, a connection pool or the SQL rules under test; and it works when the
@@ -25,6 +26,7 @@
 //! | `/faults/revoke_access?key=AKIA…&revoked=true` | [`DsqlEmulator::revoke_access`] |
 //! | `/faults/rate_limit?per_second=10&burst=5` | [`DsqlEmulator::set_connection_rate_limit`] |
 //! | `/faults/max_connections?n=10`, `/faults/max_age?seconds=3` | the limits |
+//! | `/faults/restart_upstream` | [`DsqlEmulator::restart_upstream`] (the main endpoint's own server) |
 //! | `/endpoints` | a new endpoint over the same PostgreSQL, in a database of its own |
 //! | `DELETE /endpoints/<port>` | drops it (its database too) |
 //!
@@ -81,6 +83,8 @@ fn json(text: &str) -> String {
 pub async fn serve(listener: TcpListener, control: Arc<Control>) {
     loop {
         let Ok((socket, _)) = listener.accept().await else {
+            // Out of file descriptors, say: not a busy loop.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let control = control.clone();
@@ -108,6 +112,23 @@ async fn handle(mut socket: TcpStream, control: Arc<Control>) -> std::io::Result
         }
     };
     let text = String::from_utf8_lossy(&head[..end]).into_owned();
+    // A body (parameters come in the query string) is read and ignored, at most 64 KiB: left
+    // unread, closing the socket could reset the connection before the client reads the answer.
+    let length = text
+        .split("\r\n")
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(64 * 1024);
+    let mut unread = length.saturating_sub(head.len() - (end + 4));
+    while unread > 0 {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        unread = unread.saturating_sub(n);
+    }
     let mut lines = text.split("\r\n");
     let mut request = lines.next().unwrap_or_default().split(' ');
     let (method, target) = (
@@ -299,6 +320,10 @@ async fn act(
                         .map_err(|e| bad(400, &e.to_string()))?;
                 }
                 "max_connections" => emulator.set_max_open_connections(required(params, "n")?),
+                "restart_upstream" => emulator
+                    .restart_upstream()
+                    .await
+                    .map_err(|e| bad(400, &e.to_string()))?,
                 "max_age" => emulator
                     .set_max_connection_age(Duration::from_secs(required(params, "seconds")?)),
                 other => return Err(bad(404, &format!("no fault `{other}`"))),

@@ -55,11 +55,11 @@ OPTIONS:
                                  with it must be mapped with AWS IAM GRANT (repeatable)
     --pg-bin <dir>               PostgreSQL server binaries [default: $PG_BIN, PATH,
                                  /usr/lib/postgresql/*/bin]
-    --upstream <url>             relay to this PostgreSQL instead of starting one, in a database
-                                 of the run's own (created at start, dropped at exit; the URL's
-                                 user must be allowed to create databases)
-    --keep-upstream-database     with --upstream: relay to the URL's database itself, whose
-                                 tables and rows outlive the run
+    --upstream <url>             relay to this PostgreSQL instead of starting one (its role
+                                 `admin` must be a superuser), in a database of the run's own
+                                 (created at start, dropped at exit)
+    --keep-upstream-database     with --upstream and no --control-port: relay to its `postgres`
+                                 database itself, whose tables and rows outlive the run
     --pair                       also start the peered endpoint of a multi-Region cluster
                                  (us-east-2 unless --peer-region), on --peer-port [default: free]
     --peer-port <n>
@@ -78,7 +78,8 @@ OPTIONS:
                                  (exports DSQL_EMULATOR_CONTROL and DSQL_EMULATOR_CONTROL_TOKEN;
                                  every endpoint, the main one too, gets a database of its own)
     --exit-with-parent           stop (cleanly) when the process that started it dies, even
-                                 by SIGKILL (Linux); what test-runner helpers should pass
+                                 by SIGKILL (Linux; strictly: when the thread that started it
+                                 ends, so start it from a thread that lives as long as the run)
     --exit-on-stdin-close        stop (cleanly) when its standard input reaches its end
     -V, --version                print the version
     -h, --help
@@ -251,6 +252,11 @@ fn credentials(options: &Options) -> Result<Option<Credentials>, Usage> {
             None,
             "dsql-emulator",
         ))),
+        (None, None) if options.session_token.is_some() => Err(Usage(
+            "--session-token without an access key id and secret (--access-key-id and \
+             --secret-access-key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+                .into(),
+        )),
         (None, None) => Ok(None),
         (Some(_), None) => Err(Usage(
             "an access key id without a secret access key (--secret-access-key or \
@@ -700,7 +706,7 @@ fn stop_requests(
 #[cfg(target_os = "linux")]
 fn exit_with_parent() -> Result<(), String> {
     use rustix::process::{Signal, getppid, set_parent_process_death_signal};
-    let parent = getppid();
+    let parent = PARENT.get().copied().flatten();
     set_parent_process_death_signal(Some(Signal::TERM))
         .map_err(|e| format!("--exit-with-parent: {e}"))?;
     // The parent may have died before the request: then this process was re-parented.
@@ -715,7 +721,14 @@ fn exit_with_parent() -> Result<(), String> {
     Err("--exit-with-parent works on Linux only; use --exit-on-stdin-close".into())
 }
 
+/// The parent process at the first moment (for `--exit-with-parent`: one that dies before the
+/// request is set up must not go unnoticed).
+#[cfg(target_os = "linux")]
+static PARENT: std::sync::OnceLock<Option<rustix::process::Pid>> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
+    #[cfg(target_os = "linux")]
+    PARENT.get_or_init(rustix::process::getppid);
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

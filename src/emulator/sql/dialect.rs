@@ -381,8 +381,6 @@ impl Dialect {
         }
     }
 
-    /// The session is `entry` among the database's `sessions`: its transactions take part in
-    /// commit-time conflicts with theirs (see [`occ`]).
     /// The session's `COMMIT`s are subject to the endpoint's injected conflicts.
     pub(crate) fn with_injection(mut self, injection: Arc<super::Injection>) -> Self {
         self.injection = Some(injection);
@@ -396,6 +394,8 @@ impl Dialect {
         }
     }
 
+    /// The session is `entry` among the database's `sessions`: its transactions take part in
+    /// commit-time conflicts with theirs (see [`occ`]).
     pub(crate) fn with_sessions(
         mut self,
         sessions: Arc<occ::Sessions>,
