@@ -33,19 +33,7 @@ fn start(args: &[&str]) -> (Child, HashMap<String, String>, Duration) {
         fastrand::u32(..)
     ));
     let started = Instant::now();
-    let mut child = command()
-        .args(args)
-        .arg("--env-file")
-        .arg(&env_file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the binary runs");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = lines
-        .next()
-        .expect("a readiness line")
-        .expect("readable stdout");
+    let (child, ready) = spawn_ready(command().args(args).arg("--env-file").arg(&env_file));
     let elapsed = started.elapsed();
     assert!(ready.starts_with("# dsql-emulator ready: "), "{ready}");
     let text = std::fs::read_to_string(&env_file).expect("the env file is written before ready");
@@ -215,6 +203,21 @@ fn the_binary_prints_its_version() {
     }
 }
 
+/// Spawns `command` (stdout piped) and returns it with its readiness line.
+fn spawn_ready(command: &mut Command) -> (Child, String) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the binary runs");
+    let ready = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .expect("a readiness line")
+        .expect("readable stdout");
+    (child, ready)
+}
+
 /// A path for an env file no other test uses.
 fn env_file_path(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
@@ -268,18 +271,7 @@ fn a_stale_env_file_is_not_taken_for_readiness_and_the_new_one_is_private() {
     // What an emulator killed with SIGKILL leaves: a complete file, of another process.
     let path = env_file_path("stale");
     std::fs::write(&path, "export PGPORT='1'\nexport DSQL_EMULATOR_PID='1'\n").unwrap();
-    let mut child = command()
-        .args(["--port", "0", "--env-file"])
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let ready = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
+    let (mut child, ready) = spawn_ready(command().args(["--port", "0", "--env-file"]).arg(&path));
     // The readiness line names the accepted key and says no session token is needed.
     assert!(
         ready.contains(&format!("accepts access key {KEY}")) && ready.contains("no session token"),
@@ -299,19 +291,12 @@ fn a_stale_env_file_is_not_taken_for_readiness_and_the_new_one_is_private() {
 
 #[test]
 fn a_session_token_in_the_environment_is_named_in_the_readiness_line() {
-    let mut child = command()
-        .env("AWS_SESSION_TOKEN", "a-session-token-from-the-environment")
-        .args(["--port", "0", "--env-file"])
-        .arg(env_file_path("session"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let ready = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
+    let (mut child, ready) = spawn_ready(
+        command()
+            .env("AWS_SESSION_TOKEN", "a-session-token-from-the-environment")
+            .args(["--port", "0", "--env-file"])
+            .arg(env_file_path("session")),
+    );
     assert!(
         ready.contains("tokens must carry the session token from AWS_SESSION_TOKEN"),
         "{ready}"
@@ -403,19 +388,12 @@ fn a_killed_parent_leaves_no_emulator_and_no_postgresql_behind() {
 
 #[test]
 fn closing_stdin_stops_the_binary_when_asked() {
-    let mut child = command()
-        .args(["--port", "0", "--exit-on-stdin-close", "--env-file"])
-        .arg(env_file_path("stdin"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let ready = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
+    let (mut child, ready) = spawn_ready(
+        command()
+            .args(["--port", "0", "--exit-on-stdin-close", "--env-file"])
+            .arg(env_file_path("stdin"))
+            .stdin(Stdio::piped()),
+    );
     assert!(ready.starts_with("# dsql-emulator ready: "), "{ready}");
     drop(child.stdin.take());
     let deadline = Instant::now() + Duration::from_secs(30);
