@@ -148,3 +148,35 @@ async fn injected_conflicts_fail_the_named_tables_commits_every_nth_through_each
         .await;
     assert!(answer.error().is_none(), "{answer:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_that_commits_one_block_and_opens_another_counts_each_blocks_own_writes() {
+    let (emulator, connector) = endpoint_with_tables().await;
+    emulator.inject_conflicts(&["inj_orders"], 1, None);
+    let mut f = Frontend::connect(&emulator).await;
+    f.simple("BEGIN").await;
+    // The first block wrote only inj_items: its COMMIT goes through; the second wrote
+    // inj_orders: its COMMIT fails.
+    let answer = f
+        .simple(
+            "UPDATE inj_items SET n = n + 1 WHERE id = 1; COMMIT; \
+             BEGIN; UPDATE inj_orders SET n = n + 1 WHERE id = 1; COMMIT",
+        )
+        .await;
+    assert_eq!(
+        answer.error(),
+        Some(("40001".to_owned(), OC000.to_owned())),
+        "{answer:?}"
+    );
+    assert_eq!(emulator.injected_conflicts(), 1);
+    assert_eq!(
+        value(&connector, "inj_items").await,
+        1,
+        "the first block committed"
+    );
+    assert_eq!(
+        value(&connector, "inj_orders").await,
+        0,
+        "the second rolled back"
+    );
+}

@@ -82,7 +82,6 @@ impl Dialect {
         if let Some(refusal) = self.schema_check(&classified.tables) {
             return refuse(self, &refusal, out);
         }
-        self.note_written(&classified.written);
         // The whole query runs as one implicit transaction unless it opens or is in a block.
         let mut state = self.transaction();
         for statement in &classified.statements {
@@ -117,6 +116,9 @@ impl Dialect {
             self.pieces.extend(pieces.into_iter().map(Piece::Query));
             return self.next_piece(out);
         }
+        // Run whole (a split query's pieces each come here): its writes count for the block
+        // it runs in, if any.
+        self.note_written(&classified.written);
         // The one place a Query that commits goes on: with the license of its commit point.
         let commits = classified
             .statements
