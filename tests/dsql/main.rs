@@ -46,6 +46,8 @@ mod protocol;
 #[cfg(feature = "emulator")]
 mod psql;
 #[cfg(feature = "emulator")]
+mod recording;
+#[cfg(feature = "emulator")]
 mod refusals;
 #[cfg(feature = "emulator")]
 mod retry;

@@ -294,14 +294,15 @@ impl Responder {
         }
     }
 
-    /// A message of the answer to asynchronous DDL run by its job's `SELECT`: that `SELECT`'s
-    /// tag becomes the DDL's.
+    /// A message of the answer to asynchronous DDL run by its job's `SELECT` (or to a `SHOW`
+    /// the relay answers with a `SELECT`): that `SELECT`'s tag becomes the DDL's (`SHOW`).
     pub(super) fn job(&mut self, tag: &'static str, described: bool, out: &mut Vec<u8>) {
         match self.current[0] {
             b'T' => {
-                // One field, `job_id`: the job's row follows.
+                // One field, `job_id` (or the setting a `SHOW` answers): the job's row follows.
                 let body = &self.current[5..];
-                self.job_rows = body.get(2..9) == Some(b"job_id\0") && body.starts_with(&[0, 1]);
+                self.job_rows = body.starts_with(&[0, 1])
+                    && (tag == "SHOW" || body.get(2..9) == Some(b"job_id\0"));
                 self.pass(out);
             }
             b'C' if (self.job_rows || described) && self.current[5..].starts_with(b"SELECT ") => {

@@ -103,7 +103,8 @@ pub(crate) struct Classified {
     /// Those it writes (the targets of `INSERT`, `UPDATE`, `DELETE`, `MERGE`).
     pub(crate) written: Vec<String>,
     /// The command tag of the asynchronous DDL in it, which the text sent on runs in a
-    /// `SELECT` answering its `job_id` row (see [`job_statement`]).
+    /// `SELECT` answering its `job_id` row (see [`job_statement`]); or `SHOW`, for a
+    /// `SHOW server_version[_num]` answered with a `SELECT` of DSQL's value.
     pub(crate) job: Option<&'static str>,
 }
 
@@ -150,9 +151,25 @@ pub(crate) fn classify(sql: &str) -> Classified {
         && let Some(NodeEnum::VariableShowStmt(show)) =
             raw.stmt.as_ref().and_then(|n| n.node.as_ref())
     {
-        let value = match show.name.to_ascii_lowercase().as_str() {
+        let name = show.name.to_ascii_lowercase();
+        let value = match name.as_str() {
             "server_version" => Some(super::DSQL_SERVER_VERSION),
             "server_version_num" => Some(super::DSQL_SERVER_VERSION_NUM),
+            // PostgreSQL 16 (DSQL's) has no such settings; an older upstream still answers.
+            "lc_collate" | "lc_ctype" => {
+                let mut statement = Statement::other();
+                statement.refusal = Some(refuse(
+                    "42704",
+                    format!("unrecognized configuration parameter \"{name}\""),
+                ));
+                return Classified {
+                    statements: vec![statement],
+                    upstream_text,
+                    tables: Vec::new(),
+                    written: Vec::new(),
+                    job: None,
+                };
+            }
             _ => None,
         };
         if let Some(value) = value {
@@ -164,11 +181,13 @@ pub(crate) fn classify(sql: &str) -> Classified {
                 ),
                 tables: Vec::new(),
                 written: Vec::new(),
-                job: None,
+                // Answered with a `SELECT`, tagged as the `SHOW` it is.
+                job: Some("SHOW"),
             };
         }
     }
     let mut edits = environment_edits(&parsed.protobuf, &upstream_text);
+    edits.extend(numeric_edits(&parsed.protobuf, &upstream_text));
     // Only a text that long can hold a value over the limit.
     let scanned = (upstream_text.len() > VALUE_LIMIT)
         .then(|| pg_query::scan(&upstream_text).ok())
@@ -246,8 +265,10 @@ pub(crate) fn classify(sql: &str) -> Classified {
 /// dooms, or failing with PostgreSQL's serialization error when a transaction that committed
 /// since this one began changed them) and writes each unchanged
 /// (`sys.dsql_emulator_touch`), so that a later committer that read them `FOR UPDATE` on an
-/// older snapshot fails in turn. `None` (PostgreSQL's own locking then) for other shapes:
-/// set operations, locked subqueries or functions, other strengths.
+/// older snapshot fails in turn. A `SELECT … FOR KEY SHARE` is validated by taking its lock
+/// again, unwritten (a key-share lock conflicts with deletes and key changes only). `None`
+/// (PostgreSQL's own locking then) for other shapes: set operations, locked subqueries or
+/// functions, mixed strengths.
 fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
     let NodeEnum::SelectStmt(select) = node else {
         return None;
@@ -256,13 +277,20 @@ fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
         return None;
     }
     let mut locked_names = Vec::new();
+    let mut strength = None;
     for clause in &select.locking_clause {
         let Some(NodeEnum::LockingClause(clause)) = &clause.node else {
             return None;
         };
-        if LockClauseStrength::try_from(clause.strength) != Ok(LockClauseStrength::LcsForupdate) {
+        let this = LockClauseStrength::try_from(clause.strength).ok()?;
+        if !matches!(
+            this,
+            LockClauseStrength::LcsForupdate | LockClauseStrength::LcsForkeyshare
+        ) || strength.is_some_and(|s| s != this)
+        {
             return None;
         }
+        strength = Some(this);
         for rel in &clause.locked_rels {
             let Some(NodeEnum::RangeVar(rel)) = &rel.node else {
                 return None;
@@ -343,6 +371,14 @@ fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
         let rows = NodeEnum::SelectStmt(rows)
             .deparse(Default::default())
             .ok()?;
+        if strength == Some(LockClauseStrength::LcsForkeyshare) {
+            // A key-share lock conflicts with a delete or a key change only: taken again, it
+            // waits for such a write still open (whose transaction the committer dooms) or
+            // fails when one committed since this transaction began; it is not written, so
+            // key-share readers and non-key writers of the row do not conflict with it.
+            calls.push(format!("cardinality(ARRAY({rows}))"));
+            continue;
+        }
         let relation = if rel.schemaname.is_empty() {
             quote_ident(&rel.relname)
         } else {
@@ -415,6 +451,63 @@ fn edited(sql: &str, mut edits: Vec<(usize, usize, String)>) -> String {
         }
     }
     out
+}
+
+/// DSQL stores a column declared `numeric` (or `decimal`, `dec`) without a precision as
+/// `numeric(18,6)` (§10, B: `format_type` shows it; values are rounded to 6 decimals): the
+/// column definitions of `CREATE TABLE` and `ALTER TABLE … ADD COLUMN` get that modifier.
+fn numeric_edits(parsed: &protobuf::ParseResult, sql: &str) -> Vec<(usize, usize, String)> {
+    let mut columns: Vec<&protobuf::ColumnDef> = Vec::new();
+    for statement in parsed
+        .stmts
+        .iter()
+        .filter_map(|raw| raw.stmt.as_ref()?.node.as_ref())
+    {
+        match statement {
+            NodeEnum::CreateStmt(create) => {
+                columns.extend(create.table_elts.iter().filter_map(|e| match &e.node {
+                    Some(NodeEnum::ColumnDef(column)) => Some(&**column),
+                    _ => None,
+                }));
+            }
+            NodeEnum::AlterTableStmt(alter) => {
+                columns.extend(alter.cmds.iter().filter_map(|cmd| match &cmd.node {
+                    Some(NodeEnum::AlterTableCmd(cmd))
+                        if cmd.subtype == protobuf::AlterTableType::AtAddColumn as i32 =>
+                    {
+                        match cmd.def.as_deref().and_then(|d| d.node.as_ref()) {
+                            Some(NodeEnum::ColumnDef(column)) => Some(&**column),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }));
+            }
+            _ => {}
+        }
+    }
+    columns
+        .into_iter()
+        .filter_map(|column| {
+            let name = column.type_name.as_ref()?;
+            let bare = name.names.iter().filter_map(string_of).next_back()?;
+            if !bare.eq_ignore_ascii_case("numeric")
+                || !name.typmods.is_empty()
+                || !name.array_bounds.is_empty()
+                || name.location < 0
+            {
+                return None;
+            }
+            // The end of the type's name as written (`numeric`, `DECIMAL`, `pg_catalog.numeric`).
+            let start = name.location as usize;
+            let len = sql
+                .get(start..)?
+                .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '"')))
+                .unwrap_or(sql.len() - start);
+            let end = start + len;
+            Some((end, end, "(18,6)".to_owned()))
+        })
+        .collect()
 }
 
 /// What `version()`, `current_setting('server_version'[_num])` and `current_database()` answer
@@ -605,6 +698,7 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
                 _ => None,
             }
         }
+        pg_query::NodeRef::JoinExpr(join) => left_lateral_outer_target(join),
         // `text @@ text` searches with the default configuration.
         pg_query::NodeRef::AExpr(e)
             if e.name.iter().filter_map(string_of).eq(["@@"])
@@ -616,6 +710,74 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
         }
         _ => None,
     })
+}
+
+/// DSQL's planner refuses a `LEFT JOIN LATERAL (SELECT …)` whose select list names a column of
+/// the outer side (recorded three times on a cluster, with and without a `WHERE` and through a
+/// cast; `CROSS JOIN LATERAL` and `INNER JOIN LATERAL` of the same subquery run):
+/// 42804 `attribute 1 of type <the subquery's table> has wrong type`. Which attribute it names
+/// when the outer column is not the first entry is inferred (its position).
+fn left_lateral_outer_target(join: &protobuf::JoinExpr) -> Option<Refusal> {
+    if protobuf::JoinType::try_from(join.jointype) != Ok(protobuf::JoinType::JoinLeft) {
+        return None;
+    }
+    let Some(NodeEnum::RangeSubselect(sub)) = join.rarg.as_deref().and_then(|n| n.node.as_ref())
+    else {
+        return None;
+    };
+    if !sub.lateral {
+        return None;
+    }
+    let Some(NodeEnum::SelectStmt(select)) = sub.subquery.as_deref().and_then(|n| n.node.as_ref())
+    else {
+        return None;
+    };
+    // The subquery's own table, and the names its FROM gives.
+    let mut inner = Vec::new();
+    let mut table = None;
+    for item in &select.from_clause {
+        if let Some(NodeEnum::RangeVar(rel)) = &item.node {
+            table.get_or_insert_with(|| rel.relname.clone());
+            inner.push(rel.relname.to_ascii_lowercase());
+            if let Some(alias) = &rel.alias {
+                inner.push(alias.aliasname.to_ascii_lowercase());
+            }
+        }
+    }
+    let table = table?;
+    // The names the outer (left) side gives.
+    let mut outer = Vec::new();
+    for (node, ..) in join.larg.as_deref()?.node.as_ref()?.nodes() {
+        if let pg_query::NodeRef::RangeVar(rel) = node {
+            outer.push(rel.relname.to_ascii_lowercase());
+            if let Some(alias) = &rel.alias {
+                outer.push(alias.aliasname.to_ascii_lowercase());
+            }
+        }
+    }
+    let names_outer = |node: &protobuf::Node| {
+        node.node.as_ref().is_some_and(|node| {
+            node.nodes().into_iter().any(|(node, ..)| match node {
+                pg_query::NodeRef::ColumnRef(column) => {
+                    let fields: Vec<String> = column
+                        .fields
+                        .iter()
+                        .filter_map(string_of)
+                        .map(str::to_ascii_lowercase)
+                        .collect();
+                    fields.len() >= 2
+                        && outer.contains(&fields[fields.len() - 2])
+                        && !inner.contains(&fields[fields.len() - 2])
+                }
+                _ => false,
+            })
+        })
+    };
+    let position = select.target_list.iter().position(names_outer)?;
+    Some(refuse(
+        "42804",
+        format!("attribute {} of type {table} has wrong type", position + 1),
+    ))
 }
 
 /// Takes out `ASYNC` after `CREATE [UNIQUE] INDEX` and after `ALTER TABLE` (found with

@@ -36,6 +36,14 @@ pub(super) fn refusal_of(node: &NodeEnum, is_async: bool, tablesample: bool) -> 
         N::DropStmt(d) if d.remove_type == ObjectType::ObjectType as i32 => {
             Some(unsupported("unsupported object in DROP statement"))
         }
+        // §10 (B): domains are created and dropped, not altered; no `DROP DOMAIN … CASCADE`.
+        N::AlterDomainStmt(_) => statement("AlterDomain"),
+        N::DropStmt(d)
+            if d.remove_type == ObjectType::ObjectDomain as i32
+                && d.behavior == protobuf::DropBehavior::DropCascade as i32 =>
+        {
+            Some(unsupported("DROP DOMAIN with CASCADE unsupported"))
+        }
         N::CreateFunctionStmt(f) => function(f),
         N::CreateStmt(c) => create_table(c),
         N::CreateSeqStmt(s) => {
@@ -219,6 +227,37 @@ pub(super) fn create_table(c: &protobuf::CreateStmt) -> Option<Refusal> {
             "storage parameters (WITH) not supported for CREATE TABLE",
         ));
     }
+    // §10 (L): no TABLESPACE clause (the wording is inferred, as PARTITION BY's).
+    if !c.tablespacename.is_empty() {
+        return Some(unsupported("TABLESPACE not supported for CREATE TABLE"));
+    }
+    if let Some(refusal) = c.table_elts.iter().find_map(|element| match &element.node {
+        Some(NodeEnum::Constraint(constraint)) => deferrable(constraint),
+        // In a column's list, `DEFERRABLE` is a constraint of its own after the one it marks.
+        Some(NodeEnum::ColumnDef(column)) => {
+            let constraints: Vec<&protobuf::Constraint> = column
+                .constraints
+                .iter()
+                .filter_map(|c| match &c.node {
+                    Some(NodeEnum::Constraint(c)) => Some(&**c),
+                    _ => None,
+                })
+                .collect();
+            constraints.windows(2).find_map(|pair| {
+                (pair[1].contype == ConstrType::ConstrAttrDeferrable as i32
+                    && pair[0].contype != ConstrType::ConstrForeign as i32)
+                    .then(|| {
+                        let mut marked = (*pair[0]).clone();
+                        marked.deferrable = true;
+                        deferrable(&marked)
+                    })
+                    .flatten()
+            })
+        }
+        _ => None,
+    }) {
+        return Some(refusal);
+    }
     if let Some(relation) = &c.relation {
         match relation.relpersistence.as_str() {
             "t" => {
@@ -236,6 +275,19 @@ pub(super) fn create_table(c: &protobuf::CreateStmt) -> Option<Refusal> {
         Some(NodeEnum::ColumnDef(column)) => column_type(column).or_else(|| identity(column)),
         _ => None,
     })
+}
+
+/// §10 (M): only a foreign key may be `DEFERRABLE` (the wording is inferred).
+fn deferrable(constraint: &protobuf::Constraint) -> Option<Refusal> {
+    let kind = match ConstrType::try_from(constraint.contype).ok()? {
+        ConstrType::ConstrPrimary => "PRIMARY KEY",
+        ConstrType::ConstrUnique => "UNIQUE",
+        ConstrType::ConstrExclusion => "EXCLUDE",
+        _ => return None,
+    };
+    constraint
+        .deferrable
+        .then(|| unsupported(format!("DEFERRABLE not supported for {kind}")))
 }
 
 pub(super) fn alter_table(cmd: &protobuf::AlterTableCmd, is_async: bool) -> Option<Refusal> {
@@ -268,7 +320,9 @@ pub(super) fn alter_table(cmd: &protobuf::AlterTableCmd, is_async: bool) -> Opti
                 ConstrType::ConstrUnique | ConstrType::ConstrPrimary => !c.indexname.is_empty(),
                 _ => true,
             };
-            (!accepted).then(|| unsupported("unsupported ALTER TABLE ADD CONSTRAINT statement"))
+            (!accepted)
+                .then(|| unsupported("unsupported ALTER TABLE ADD CONSTRAINT statement"))
+                .or_else(|| deferrable(c))
         }
         AlterTableType::AtValidateConstraint if !is_async => Some(unsupported(
             "unsupported ALTER TABLE VALIDATE CONSTRAINT statement",
@@ -302,6 +356,9 @@ pub(super) fn alter_table(cmd: &protobuf::AlterTableCmd, is_async: bool) -> Opti
 pub(super) fn index(i: &protobuf::IndexStmt, is_async: bool) -> Option<Refusal> {
     if i.concurrent {
         return Some(unsupported("CONCURRENTLY not supported for CREATE INDEX"));
+    }
+    if !i.table_space.is_empty() {
+        return Some(unsupported("TABLESPACE not supported for CREATE INDEX"));
     }
     if !is_async {
         return Some(unsupported(
@@ -375,12 +432,14 @@ pub(super) fn altered_cache(options: &[protobuf::Node]) -> Option<Refusal> {
     })
 }
 
-/// DSQL's statistics targets: -1 (the default) to 100 (DSQL_SQL_RULES §9: 101 is refused).
+/// DSQL's statistics targets: at most 100 (DSQL_SQL_RULES §9, §10: DSQL's text contains
+/// `exceeds maximum allowed value of 100`; the words before it are inferred). Below -1,
+/// PostgreSQL's own `statistics target -2 is too low` is DSQL's answer too (§10).
 pub(super) fn statistics_target(target: Option<&protobuf::Node>) -> Option<Refusal> {
     let n = target.and_then(integer_of)?;
-    (!(-1..=100).contains(&n)).then(|| {
+    (n > 100).then(|| {
         unsupported(format!(
-            "statistics target {n} is not supported. please use a value between -1 and 100"
+            "statistics target {n} exceeds maximum allowed value of 100"
         ))
     })
 }
