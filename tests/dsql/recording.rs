@@ -353,7 +353,7 @@ async fn replay_sessions(
     case: &Case,
     steps: &[Vec<String>],
 ) -> Vec<String> {
-    let mut sessions = vec![
+    let mut sessions = [
         Frontend::connect(emulator).await,
         Frontend::connect(emulator).await,
     ];
