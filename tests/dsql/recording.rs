@@ -417,7 +417,15 @@ async fn the_emulator_answers_as_the_real_cluster_record() {
         "suite.json orders every group of the record"
     );
 
-    let emulator = crate::support::own_endpoint().await;
+    // A cluster takes seconds to build an ASYNC index, and the record has a constraint added
+    // with one right after its build was submitted: here no case waits for a build.
+    let emulator = tokio_postgres_dsql::emulator::SharedPostgres::global()
+        .expect("the shared PostgreSQL starts")
+        .endpoint()
+        .index_build_delay(std::time::Duration::from_secs(30))
+        .start()
+        .await
+        .expect("an endpoint starts");
     let mut session = Frontend::connect(&emulator).await;
     for statement in &suite.setup {
         let answer = session.simple(statement).await;
@@ -479,8 +487,8 @@ async fn the_emulator_answers_as_the_real_cluster_record() {
         replayed - wrong.len()
     );
     assert!(
-        skipped.len() <= 2,
-        "only the known deviation and PostgreSQL 16's syntax are skipped: {skipped:?}"
+        skipped.len() <= 1,
+        "only PostgreSQL 16's syntax is skipped (on an older upstream): {skipped:?}"
     );
     assert!(
         wrong.is_empty(),

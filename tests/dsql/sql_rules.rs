@@ -1345,3 +1345,63 @@ async fn a_transaction_age_limit_under_a_second_is_refused() {
         "{error}"
     );
 }
+
+/// An ASYNC index is not valid until its build is done (§10, and the real cluster's record:
+/// `ADD CONSTRAINT … UNIQUE USING INDEX` right after the build was submitted answers 55000),
+/// and is once `sys.wait_for_job` says it is done.
+#[tokio::test]
+async fn an_index_is_not_valid_until_its_build_is_done() {
+    let emulator = tokio_postgres_dsql::emulator::SharedPostgres::global()
+        .unwrap()
+        .endpoint()
+        // Long enough that the statement after the build never comes after it is done.
+        .index_build_delay(std::time::Duration::from_secs(3))
+        .start()
+        .await
+        .unwrap();
+    let client = crate::support::connect_to(&emulator, "admin")
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE rules_later (id int PRIMARY KEY, c int)")
+        .await
+        .unwrap();
+    let job: String = client
+        .query_one(
+            "CREATE UNIQUE INDEX ASYNC rules_later_c ON rules_later (c)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let add =
+        "ALTER TABLE rules_later ADD CONSTRAINT rules_later_c UNIQUE USING INDEX rules_later_c";
+    let early = client.batch_execute(add).await.unwrap_err();
+    let early = early.as_db_error().expect("a database error");
+    assert_eq!(early.code().code(), "55000");
+    assert_eq!(early.message(), "index \"rules_later_c\" is not valid");
+    // It keeps new rows unique meanwhile.
+    client
+        .batch_execute("INSERT INTO rules_later VALUES (1, 7)")
+        .await
+        .unwrap();
+    let duplicate = client
+        .batch_execute("INSERT INTO rules_later VALUES (2, 7)")
+        .await
+        .unwrap_err();
+    assert_eq!(duplicate.as_db_error().unwrap().code().code(), "23505");
+    client
+        .batch_execute(&format!("CALL sys.wait_for_job('{job}')"))
+        .await
+        .unwrap();
+    let valid: bool = client
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'rules_later_c'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(valid);
+    client.batch_execute(add).await.unwrap();
+}

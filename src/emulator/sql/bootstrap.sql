@@ -88,7 +88,30 @@ BEGIN
     INSERT INTO sys.dsql_emulator_jobs
     VALUES (id, 'completed', NULL, kind, 'pg_class'::regclass, object, object_name, now(),
             clock_timestamp(), sys.dsql_emulator_job_due());
+    -- Until its build delay has passed the index is not valid, as a DSQL index is not until
+    -- its build is done: `ADD CONSTRAINT … USING INDEX` answers 55000 `index "…" is not
+    -- valid`, and queries do not use it (it keeps new rows unique meanwhile).
+    IF kind = 'INDEX_BUILD' AND object IS NOT NULL THEN
+        UPDATE pg_catalog.pg_index SET indisvalid = false
+         WHERE indexrelid = object
+           AND (SELECT j.due FROM sys.dsql_emulator_jobs j WHERE j.job_id = id)
+               > clock_timestamp();
+    END IF;
     RETURN id;
+END $$;
+
+-- Makes the indexes of builds whose delay has passed valid: run by `sys.wait_for_job` and at
+-- the start of each `ALTER TABLE` (the statements that can depend on it; a query only plans
+-- without it meanwhile).
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_settle_builds() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE pg_catalog.pg_index i SET indisvalid = true
+      FROM sys.dsql_emulator_jobs j
+     WHERE j.job_type = 'INDEX_BUILD' AND j.status = 'completed' AND j.object_id = i.indexrelid
+       AND NOT i.indisvalid AND j.due <= clock_timestamp();
+    -- (A statement after it, so that this session's caches see the change at once.)
+    PERFORM 1;
 END $$;
 
 -- Runs DSQL's asynchronous DDL (`CREATE INDEX ASYNC`, `ALTER TABLE ASYNC … VALIDATE`, without
@@ -157,6 +180,7 @@ BEGIN
     WHILE done IS NOT NULL AND done > clock_timestamp() LOOP
         PERFORM pg_sleep(0.05);
     END LOOP;
+    PERFORM sys.dsql_emulator_settle_builds();
 END $$;
 
 -- DSQL's IAM role mappings: `AWS IAM GRANT <role> TO '<arn>'` and `AWS IAM REVOKE <role> FROM
@@ -240,6 +264,7 @@ BEGIN
     IF current_setting('dsql_emulator.sql_rules', true) IS DISTINCT FROM 'on' THEN
         RETURN;
     END IF;
+    PERFORM sys.dsql_emulator_settle_builds();
     PERFORM set_config('dsql_emulator.primary_keys',
         coalesce((SELECT string_agg(i.indrelid || ':' || k.attnum, ' ')
                     FROM pg_index i, unnest(i.indkey) AS k(attnum)
