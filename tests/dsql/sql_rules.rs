@@ -924,7 +924,7 @@ async fn asynchronous_ddl_answers_a_job_id() {
         (&named, "INDEX_BUILD", "rules_jobs_v"),
         (&unnamed, "INDEX_BUILD", "rules_jobs_id_v_idx"),
         (&in_block, "INDEX_BUILD", "rules_jobs_u"),
-        (&validate, "VALIDATE", "rules_jobs_chk"),
+        (&validate, "VALIDATE_CONSTRAINT", "rules_jobs_chk"),
     ] {
         let row = client
             .query_one(
@@ -1404,4 +1404,107 @@ async fn an_index_is_not_valid_until_its_build_is_done() {
         .get(0);
     assert!(valid);
     client.batch_execute(add).await.unwrap();
+}
+
+/// What a build or a validation meets fails its job, not its statement (§10, B and M): the
+/// job is `failed` with the violation in `details`, `sys.wait_for_job` answers `f` (`t` for a
+/// job that succeeded), and a unique index whose build failed stays, not valid, enforcing
+/// uniqueness on later writes; a later `CREATE … IF NOT EXISTS` of it builds nothing.
+#[tokio::test]
+async fn a_failed_job_is_reported_and_its_unique_index_stays_invalid_and_enforcing() {
+    let emulator = crate::support::own_endpoint().await;
+    let client = crate::support::connect_to(&emulator, "admin")
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE rules_dup (id int PRIMARY KEY, c int)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("INSERT INTO rules_dup VALUES (1, 5), (2, 5)")
+        .await
+        .unwrap();
+    let job = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let id: String = client.query_one(sql, &[]).await.unwrap().get(0);
+            let done: bool = client
+                .query_one("CALL sys.wait_for_job($1)", &[&id])
+                .await
+                .unwrap()
+                .get(0);
+            let row = client
+                .query_one(
+                    "SELECT status, coalesce(details, ''), job_type FROM sys.jobs WHERE job_id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            (
+                done,
+                row.get::<_, String>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+            )
+        }
+    };
+    let valid = || async {
+        client
+            .query_one(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = 'rules_dup_c'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+
+    let (done, status, details, kind) =
+        job("CREATE UNIQUE INDEX ASYNC rules_dup_c ON rules_dup (c)").await;
+    assert_eq!(
+        (done, status.as_str(), kind.as_str()),
+        (false, "failed", "INDEX_BUILD")
+    );
+    assert!(
+        details.contains("could not create unique index"),
+        "{details}"
+    );
+    assert!(!valid().await, "the failed build's index stays, not valid");
+    client
+        .batch_execute("INSERT INTO rules_dup VALUES (3, 7)")
+        .await
+        .unwrap();
+    let duplicate = client
+        .batch_execute("INSERT INTO rules_dup VALUES (4, 7)")
+        .await
+        .unwrap_err();
+    assert_eq!(duplicate.as_db_error().unwrap().code().code(), "23505");
+    let (done, status, _, _) =
+        job("CREATE UNIQUE INDEX ASYNC IF NOT EXISTS rules_dup_c ON rules_dup (c)").await;
+    assert_eq!((done, status.as_str()), (true, "completed"));
+    assert!(
+        !valid().await,
+        "IF NOT EXISTS builds nothing: still not valid"
+    );
+    // Not made valid by a later ALTER TABLE either.
+    client
+        .batch_execute("ALTER TABLE rules_dup ADD COLUMN note text")
+        .await
+        .unwrap();
+    assert!(!valid().await);
+
+    client
+        .batch_execute("ALTER TABLE rules_dup ADD CONSTRAINT rules_dup_big CHECK (c > 6) NOT VALID")
+        .await
+        .unwrap();
+    let (done, status, details, kind) =
+        job("ALTER TABLE ASYNC rules_dup VALIDATE CONSTRAINT rules_dup_big").await;
+    assert_eq!(
+        (done, status.as_str(), kind.as_str()),
+        (false, "failed", "VALIDATE_CONSTRAINT")
+    );
+    assert!(details.contains("rules_dup_big"), "{details}");
+
+    let (done, status, _, _) = job("CREATE INDEX ASYNC rules_dup_id ON rules_dup (id)").await;
+    assert_eq!((done, status.as_str()), (true, "completed"));
 }

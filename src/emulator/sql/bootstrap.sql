@@ -109,33 +109,74 @@ BEGIN
     UPDATE pg_catalog.pg_index i SET indisvalid = true
       FROM sys.dsql_emulator_jobs j
      WHERE j.job_type = 'INDEX_BUILD' AND j.status = 'completed' AND j.object_id = i.indexrelid
-       AND NOT i.indisvalid AND j.due <= clock_timestamp();
+       AND NOT i.indisvalid AND j.due <= clock_timestamp()
+       -- (Not the index a failed build left, which a later `IF NOT EXISTS` names.)
+       AND NOT EXISTS (SELECT FROM sys.dsql_emulator_jobs f
+                        WHERE f.object_id = i.indexrelid AND f.status = 'failed');
     -- (A statement after it, so that this session's caches see the change at once.)
     PERFORM 1;
 END $$;
 
 -- Runs DSQL's asynchronous DDL (`CREATE INDEX ASYNC`, `ALTER TABLE ASYNC … VALIDATE`, without
 -- `ASYNC`) as the caller, and returns the id of its job: the relay sends it as
--- `SELECT sys.dsql_emulator_ddl_job(…) AS job_id`, one statement for either protocol.
-CREATE OR REPLACE FUNCTION sys.dsql_emulator_ddl_job(ddl text, kind text, relation text, name text)
+-- `SELECT sys.dsql_emulator_ddl_job(…) AS job_id`, one statement for either protocol. DSQL
+-- answers first and builds later: what the build meets fails the job, not the statement
+-- (duplicate keys; for a validation, rows that break the constraint). A unique index whose
+-- build failed stays, as on DSQL: not valid, and enforcing uniqueness on later writes (built
+-- as `placeholder`, the same index over no rows, whose predicate is then taken away).
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_ddl_job(ddl text, kind text, relation text, name text,
+                                                     placeholder text)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     id text := sys.dsql_emulator_job_id();
     detail text;
+    failed text;
+    object oid;
 BEGIN
     BEGIN
         EXECUTE ddl;
-    EXCEPTION WHEN unique_violation THEN
-        -- DSQL answers first and builds later: duplicate keys fail the job, not the statement.
-        GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
-        PERFORM sys.dsql_emulator_failed_job(id, kind, relation::regclass, name,
-                                             SQLERRM || ': ' || coalesce(detail, ''));
-        RETURN id;
+    EXCEPTION
+        WHEN unique_violation THEN
+            GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL;
+            failed := SQLERRM || ': ' || coalesce(detail, '');
+        WHEN check_violation OR foreign_key_violation OR not_null_violation THEN
+            IF kind <> 'VALIDATE_CONSTRAINT' THEN
+                RAISE;
+            END IF;
+            failed := SQLERRM;
     END;
-    RETURN sys.dsql_emulator_job(id, kind, relation::regclass, name);
+    IF failed IS NULL THEN
+        RETURN sys.dsql_emulator_job(id, kind, relation::regclass, name);
+    END IF;
+    IF kind = 'INDEX_BUILD' AND placeholder IS NOT NULL THEN
+        EXECUTE placeholder;
+        object := sys.dsql_emulator_keep_failed_index(relation::regclass, name);
+    END IF;
+    PERFORM sys.dsql_emulator_failed_job(id, kind, coalesce(object, relation::regclass), name,
+                                         failed);
+    RETURN id;
 END $$;
 
--- Records job `id` as failed with `details`.
+-- The index just built as a failed build's placeholder (named `name`, or the table's newest):
+-- its predicate taken away and marked not valid, so that it enforces uniqueness on every later
+-- write as a full unique index does and no query reads it. Returns it.
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_keep_failed_index(relation regclass, name text)
+RETURNS oid LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    object oid;
+BEGIN
+    SELECT i.indexrelid INTO object
+      FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+     WHERE i.indrelid = relation
+     ORDER BY c.relname = name DESC, c.oid DESC
+     LIMIT 1;
+    UPDATE pg_catalog.pg_index SET indpred = NULL, indisvalid = false WHERE indexrelid = object;
+    PERFORM 1;
+    RETURN object;
+END $$;
+
+-- Records job `id` as failed with `details` (`relation`: the index a failed build left, or the
+-- table).
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_failed_job(id text, kind text, relation regclass,
                                                         name text, details text)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -167,20 +208,30 @@ BEGIN
 END $$;
 
 -- DSQL's job ids are UUIDs in lower-case base32; a build here is over when its statement
--- answers, and reported so once its build delay has passed: that is what is waited for.
-CREATE OR REPLACE PROCEDURE sys.wait_for_job(job_id text) LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- answers, and reported so once its build delay has passed: that is what is waited for. It
+-- answers whether the job succeeded, as DSQL's does (a row, `t` or `f`). (A database
+-- bootstrapped before had it without that answer.)
+DO $$
+BEGIN
+    IF to_regprocedure('sys.wait_for_job(text)') IS NOT NULL THEN
+        DROP PROCEDURE sys.wait_for_job(text);
+    END IF;
+END $$;
+CREATE OR REPLACE PROCEDURE sys.wait_for_job(job_id text, INOUT wait_for_job boolean DEFAULT NULL)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     done timestamptz;
+    outcome text;
 BEGIN
     IF job_id IS NULL OR job_id !~ '^[a-z2-7]{26}$' THEN
         RAISE EXCEPTION USING ERRCODE = '22P02', MESSAGE = 'Unable to convert text to UUID';
     END IF;
-    SELECT j.due INTO done FROM sys.dsql_emulator_jobs j WHERE j.job_id = wait_for_job.job_id;
+    SELECT j.due, j.status INTO done, outcome FROM sys.dsql_emulator_jobs j WHERE j.job_id = $1;
     WHILE done IS NOT NULL AND done > clock_timestamp() LOOP
         PERFORM pg_sleep(0.05);
     END LOOP;
     PERFORM sys.dsql_emulator_settle_builds();
+    wait_for_job := outcome IS NOT DISTINCT FROM 'completed';
 END $$;
 
 -- DSQL's IAM role mappings: `AWS IAM GRANT <role> TO '<arn>'` and `AWS IAM REVOKE <role> FROM

@@ -400,14 +400,36 @@ fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
 /// answers with a `job_id` row and its own tag: its tag, and the one statement that runs
 /// `text` (the DDL without `ASYNC`), records the job in `sys.jobs` and returns that row
 /// (`sys.dsql_emulator_ddl_job`), for either protocol.
+///
+/// For a unique index over the whole table, also the DDL of the index a failed build leaves
+/// (§10, B: a build that meets duplicates leaves its index in the catalog, not valid, and
+/// still enforcing uniqueness on later writes): the same index over no rows (`WHERE false`),
+/// whose predicate the job then takes away.
 fn job_statement(node: &NodeEnum, text: &str) -> Option<(&'static str, String)> {
+    let mut placeholder = None;
     let (tag, kind, relation, name) = match node {
-        NodeEnum::IndexStmt(i) => (
-            "CREATE INDEX",
-            "INDEX_BUILD",
-            i.relation.as_ref()?,
-            i.idxname.as_str(),
-        ),
+        NodeEnum::IndexStmt(i) => {
+            if i.unique && i.where_clause.is_none() {
+                let mut empty = i.clone();
+                empty.if_not_exists = false;
+                empty.where_clause = Some(Box::new(protobuf::Node {
+                    node: Some(NodeEnum::AConst(protobuf::AConst {
+                        isnull: false,
+                        location: -1,
+                        val: Some(protobuf::a_const::Val::Boolval(protobuf::Boolean {
+                            boolval: false,
+                        })),
+                    })),
+                }));
+                placeholder = NodeEnum::IndexStmt(empty).deparse(Default::default()).ok();
+            }
+            (
+                "CREATE INDEX",
+                "INDEX_BUILD",
+                i.relation.as_ref()?,
+                i.idxname.as_str(),
+            )
+        }
         NodeEnum::AlterTableStmt(a) => {
             let name = a.cmds.iter().find_map(|cmd| match &cmd.node {
                 Some(NodeEnum::AlterTableCmd(cmd))
@@ -417,14 +439,21 @@ fn job_statement(node: &NodeEnum, text: &str) -> Option<(&'static str, String)> 
                 }
                 _ => None,
             })?;
-            ("ALTER TABLE", "VALIDATE", a.relation.as_ref()?, name)
+            (
+                "ALTER TABLE",
+                "VALIDATE_CONSTRAINT",
+                a.relation.as_ref()?,
+                name,
+            )
         }
         _ => return None,
     };
     const QUOTE: &str = "$dsql_emulator_ddl$";
-    if text.contains(QUOTE) {
+    if text.contains(QUOTE) || placeholder.as_ref().is_some_and(|p| p.contains(QUOTE)) {
         return None;
     }
+    let placeholder =
+        placeholder.map_or_else(|| "NULL".to_owned(), |p| format!("{QUOTE}{p}{QUOTE}"));
     let quote_ident = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
     let mut qualified = quote_ident(&relation.relname);
     if !relation.schemaname.is_empty() {
@@ -434,7 +463,8 @@ fn job_statement(node: &NodeEnum, text: &str) -> Option<(&'static str, String)> 
     Some((
         tag,
         format!(
-            "SELECT sys.dsql_emulator_ddl_job({QUOTE}{text}{QUOTE}, '{kind}', {}, {}) AS job_id",
+            "SELECT sys.dsql_emulator_ddl_job({QUOTE}{text}{QUOTE}, '{kind}', {}, {}, \
+             {placeholder}) AS job_id",
             literal(&qualified),
             literal(name),
         ),
