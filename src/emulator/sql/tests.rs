@@ -194,7 +194,7 @@ fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
     let expected = parse(
         "s3",
         "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$CREATE INDEX  i ON t \
-         (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i') AS job_id",
+         (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i', NULL) AS job_id",
     );
     // (Compared as text: its length is not UTF-8.)
     assert!(

@@ -18,7 +18,9 @@ fn async_is_taken_out_only_where_dsql_puts_it() {
     assert_eq!(
         c.upstream_text,
         "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$create unique index  if not \
-         exists i on t (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i') AS job_id"
+         exists i on t (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i', \
+         $dsql_emulator_ddl$CREATE UNIQUE INDEX i ON t USING btree (v) WHERE \
+         false$dsql_emulator_ddl$) AS job_id"
     );
     assert_eq!(c.job, Some("CREATE INDEX"));
     assert_eq!(c.statements[0].refusal, None);
