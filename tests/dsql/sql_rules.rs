@@ -1346,16 +1346,17 @@ async fn a_transaction_age_limit_under_a_second_is_refused() {
     );
 }
 
-/// An ASYNC index is not valid until its build is done (§10, and the real cluster's record:
-/// `ADD CONSTRAINT … UNIQUE USING INDEX` right after the build was submitted answers 55000),
-/// and is once `sys.wait_for_job` says it is done.
+/// A constraint may not use an ASYNC index before its build is done (§10, and the real
+/// cluster's record: `ADD CONSTRAINT … UNIQUE USING INDEX` right after the build was submitted
+/// answers 55000); the index works meanwhile (an upsert on it), other `ALTER TABLE`s too, and
+/// `IF NOT EXISTS` of an index that exists builds nothing (its job is done at once).
 #[tokio::test]
-async fn an_index_is_not_valid_until_its_build_is_done() {
+async fn a_constraint_may_not_use_an_index_whose_build_is_not_done() {
     let emulator = tokio_postgres_dsql::emulator::SharedPostgres::global()
         .unwrap()
         .endpoint()
-        // Long enough that the statement after the build never comes after it is done.
-        .index_build_delay(std::time::Duration::from_secs(3))
+        // Longer than the test: no statement here comes after a build is done.
+        .index_build_delay(std::time::Duration::from_secs(600))
         .start()
         .await
         .unwrap();
@@ -1374,42 +1375,89 @@ async fn an_index_is_not_valid_until_its_build_is_done() {
         .await
         .unwrap()
         .get(0);
-    let add =
-        "ALTER TABLE rules_later ADD CONSTRAINT rules_later_c UNIQUE USING INDEX rules_later_c";
-    let early = client.batch_execute(add).await.unwrap_err();
+    let early = client
+        .batch_execute(
+            "ALTER TABLE rules_later ADD CONSTRAINT rules_later_c UNIQUE USING INDEX rules_later_c",
+        )
+        .await
+        .unwrap_err();
     let early = early.as_db_error().expect("a database error");
     assert_eq!(early.code().code(), "55000");
     assert_eq!(early.message(), "index \"rules_later_c\" is not valid");
-    // It keeps new rows unique meanwhile.
     client
-        .batch_execute("INSERT INTO rules_later VALUES (1, 7)")
+        .batch_execute("INSERT INTO rules_later VALUES (1, 7) ON CONFLICT (c) DO NOTHING")
         .await
         .unwrap();
-    let duplicate = client
-        .batch_execute("INSERT INTO rules_later VALUES (2, 7)")
-        .await
-        .unwrap_err();
-    assert_eq!(duplicate.as_db_error().unwrap().code().code(), "23505");
     client
-        .batch_execute(&format!("CALL sys.wait_for_job('{job}')"))
+        .batch_execute("ALTER TABLE rules_later ADD COLUMN note text")
         .await
         .unwrap();
-    let valid: bool = client
+    let status: String = client
+        .query_one("SELECT status FROM sys.jobs WHERE job_id = $1", &[&job])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "submitted");
+    let again: String = client
         .query_one(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'rules_later_c'::regclass",
+            "CREATE UNIQUE INDEX ASYNC IF NOT EXISTS rules_later_pkey ON rules_later (id)",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert!(valid);
-    client.batch_execute(add).await.unwrap();
+    let done: bool = client
+        .query_one("CALL sys.wait_for_job($1)", &[&again])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(done, "nothing to build: done at once");
+}
+
+/// Once `sys.wait_for_job` says the build is done, a constraint may use the index.
+#[tokio::test]
+async fn once_its_build_is_done_a_constraint_may_use_the_index() {
+    let emulator = tokio_postgres_dsql::emulator::SharedPostgres::global()
+        .unwrap()
+        .endpoint()
+        .index_build_delay(std::time::Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap();
+    let client = crate::support::connect_to(&emulator, "admin")
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE rules_built (id int PRIMARY KEY, c int)")
+        .await
+        .unwrap();
+    let job: String = client
+        .query_one(
+            "CREATE UNIQUE INDEX ASYNC rules_built_c ON rules_built (c)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let done: bool = client
+        .query_one("CALL sys.wait_for_job($1)", &[&job])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(done);
+    client
+        .batch_execute(
+            "ALTER TABLE rules_built ADD CONSTRAINT rules_built_c UNIQUE USING INDEX rules_built_c",
+        )
+        .await
+        .unwrap();
 }
 
 /// What a build or a validation meets fails its job, not its statement (§10, B and M): the
 /// job is `failed` with the violation in `details`, `sys.wait_for_job` answers `f` (`t` for a
-/// job that succeeded), and a unique index whose build failed stays, not valid, enforcing
-/// uniqueness on later writes; a later `CREATE … IF NOT EXISTS` of it builds nothing.
+/// job that succeeded), and a unique index whose build failed stays, not valid, checking later
+/// writes against the rows written since; a later `CREATE … IF NOT EXISTS` of it builds
+/// nothing.
 #[tokio::test]
 async fn a_failed_job_is_reported_and_its_unique_index_stays_invalid_and_enforcing() {
     let emulator = crate::support::own_endpoint().await;
@@ -1507,4 +1555,19 @@ async fn a_failed_job_is_reported_and_its_unique_index_stays_invalid_and_enforci
 
     let (done, status, _, _) = job("CREATE INDEX ASYNC rules_dup_id ON rules_dup (id)").await;
     assert_eq!((done, status.as_str()), (true, "completed"));
+
+    // The helper that keeps a failed build's index acts on nothing else.
+    client
+        .batch_execute("SELECT sys.dsql_emulator_keep_failed_index('rules_dup_pkey'::regclass)")
+        .await
+        .unwrap();
+    let pkey_valid: bool = client
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'rules_dup_pkey'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(pkey_valid);
 }

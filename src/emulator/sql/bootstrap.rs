@@ -44,7 +44,7 @@ pub(crate) fn version_note(major: u32) -> Option<String> {
         m if m < 16 => Some(format!(
             "the emulator runs on PostgreSQL {m}, not DSQL's 16: PostgreSQL 16 syntax DSQL \
              accepts fails here with 42601 (a column's STORAGE in CREATE TABLE and ADD COLUMN, \
-             unnamed CREATE STATISTICS, ...) and SHOW lc_collate answers where DSQL says 42704; \
+             unnamed CREATE STATISTICS, ...); \
              point PG_BIN at PostgreSQL 16 for full fidelity"
         )),
         m => Some(format!(

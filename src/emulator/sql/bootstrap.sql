@@ -69,9 +69,10 @@ CREATE OR REPLACE FUNCTION sys.dsql_emulator_job_id() RETURNS text LANGUAGE sql 
            generate_series(0, 25) AS i
 $$;
 
--- Records the job `id` of asynchronous DDL just run (synchronously: the job is complete) and
--- returns the id.
-CREATE OR REPLACE FUNCTION sys.dsql_emulator_job(id text, kind text, relation regclass, name text)
+-- Records the job `id` of asynchronous DDL just run (synchronously: the job is complete; done
+-- after the build delay when it `built` something) and returns the id.
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_job(id text, kind text, relation regclass, name text,
+                                                 built boolean)
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     object oid := relation;
@@ -85,36 +86,12 @@ BEGIN
          ORDER BY c.relname = name DESC, c.oid DESC
          LIMIT 1;
     END IF;
+    -- (`IF NOT EXISTS` of an index that exists builds nothing: that job is done at once.)
     INSERT INTO sys.dsql_emulator_jobs
     VALUES (id, 'completed', NULL, kind, 'pg_class'::regclass, object, object_name, now(),
-            clock_timestamp(), sys.dsql_emulator_job_due());
-    -- Until its build delay has passed the index is not valid, as a DSQL index is not until
-    -- its build is done: `ADD CONSTRAINT … USING INDEX` answers 55000 `index "…" is not
-    -- valid`, and queries do not use it (it keeps new rows unique meanwhile).
-    IF kind = 'INDEX_BUILD' AND object IS NOT NULL THEN
-        UPDATE pg_catalog.pg_index SET indisvalid = false
-         WHERE indexrelid = object
-           AND (SELECT j.due FROM sys.dsql_emulator_jobs j WHERE j.job_id = id)
-               > clock_timestamp();
-    END IF;
+            clock_timestamp(),
+            CASE WHEN built THEN sys.dsql_emulator_job_due() ELSE clock_timestamp() END);
     RETURN id;
-END $$;
-
--- Makes the indexes of builds whose delay has passed valid: run by `sys.wait_for_job` and at
--- the start of each `ALTER TABLE` (the statements that can depend on it; a query only plans
--- without it meanwhile).
-CREATE OR REPLACE FUNCTION sys.dsql_emulator_settle_builds() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    UPDATE pg_catalog.pg_index i SET indisvalid = true
-      FROM sys.dsql_emulator_jobs j
-     WHERE j.job_type = 'INDEX_BUILD' AND j.status = 'completed' AND j.object_id = i.indexrelid
-       AND NOT i.indisvalid AND j.due <= clock_timestamp()
-       -- (Not the index a failed build left, which a later `IF NOT EXISTS` names.)
-       AND NOT EXISTS (SELECT FROM sys.dsql_emulator_jobs f
-                        WHERE f.object_id = i.indexrelid AND f.status = 'failed');
-    -- (A statement after it, so that this session's caches see the change at once.)
-    PERFORM 1;
 END $$;
 
 -- Runs DSQL's asynchronous DDL (`CREATE INDEX ASYNC`, `ALTER TABLE ASYNC … VALIDATE`, without
@@ -132,7 +109,10 @@ DECLARE
     detail text;
     failed text;
     object oid;
+    before oid[];
 BEGIN
+    SELECT coalesce(array_agg(indexrelid), '{}') INTO before
+      FROM pg_catalog.pg_index WHERE indrelid = relation::regclass;
     BEGIN
         EXECUTE ddl;
     EXCEPTION
@@ -146,33 +126,34 @@ BEGIN
             failed := SQLERRM;
     END;
     IF failed IS NULL THEN
-        RETURN sys.dsql_emulator_job(id, kind, relation::regclass, name);
+        RETURN sys.dsql_emulator_job(id, kind, relation::regclass, name,
+            kind <> 'INDEX_BUILD' OR EXISTS (SELECT FROM pg_catalog.pg_index
+                                              WHERE indrelid = relation::regclass
+                                                AND indexrelid <> ALL (before)));
     END IF;
     IF kind = 'INDEX_BUILD' AND placeholder IS NOT NULL THEN
         EXECUTE placeholder;
-        object := sys.dsql_emulator_keep_failed_index(relation::regclass, name);
+        SELECT indexrelid INTO object FROM pg_catalog.pg_index
+         WHERE indrelid = relation::regclass AND indexrelid <> ALL (before);
+        PERFORM sys.dsql_emulator_keep_failed_index(object);
     END IF;
     PERFORM sys.dsql_emulator_failed_job(id, kind, coalesce(object, relation::regclass), name,
                                          failed);
     RETURN id;
 END $$;
 
--- The index just built as a failed build's placeholder (named `name`, or the table's newest):
--- its predicate taken away and marked not valid, so that it enforces uniqueness on every later
--- write as a full unique index does and no query reads it. Returns it.
-CREATE OR REPLACE FUNCTION sys.dsql_emulator_keep_failed_index(relation regclass, name text)
-RETURNS oid LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    object oid;
+-- The index just built as a failed build's placeholder (`WHERE false`, in this transaction):
+-- its predicate taken away and marked not valid, so that no query reads it and every later
+-- write is checked against the rows written since. Only such an index (over no rows) of a
+-- table the session's role owns.
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_keep_failed_index(object oid)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    SELECT i.indexrelid INTO object
-      FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-     WHERE i.indrelid = relation
-     ORDER BY c.relname = name DESC, c.oid DESC
-     LIMIT 1;
-    UPDATE pg_catalog.pg_index SET indpred = NULL, indisvalid = false WHERE indexrelid = object;
-    PERFORM 1;
-    RETURN object;
+    UPDATE pg_catalog.pg_index i SET indpred = NULL, indisvalid = false
+      FROM pg_catalog.pg_class c, pg_catalog.pg_class t
+     WHERE i.indexrelid = object AND c.oid = i.indexrelid AND t.oid = i.indrelid
+       AND pg_catalog.pg_has_role(session_user, t.relowner, 'USAGE')
+       AND pg_catalog.pg_get_expr(i.indpred, i.indrelid) = 'false';
 END $$;
 
 -- Records job `id` as failed with `details` (`relation`: the index a failed build left, or the
@@ -230,7 +211,6 @@ BEGIN
     WHILE done IS NOT NULL AND done > clock_timestamp() LOOP
         PERFORM pg_sleep(0.05);
     END LOOP;
-    PERFORM sys.dsql_emulator_settle_builds();
     wait_for_job := outcome IS NOT DISTINCT FROM 'completed';
 END $$;
 
@@ -315,7 +295,6 @@ BEGIN
     IF current_setting('dsql_emulator.sql_rules', true) IS DISTINCT FROM 'on' THEN
         RETURN;
     END IF;
-    PERFORM sys.dsql_emulator_settle_builds();
     PERFORM set_config('dsql_emulator.primary_keys',
         coalesce((SELECT string_agg(i.indrelid || ':' || k.attnum, ' ')
                     FROM pg_index i, unnest(i.indkey) AS k(attnum)
@@ -324,6 +303,39 @@ BEGIN
     PERFORM set_config('dsql_emulator.primary_key_constraints',
         coalesce((SELECT string_agg(oid::text, ' ') FROM pg_constraint WHERE contype = 'p'), ''),
         true);
+END $$;
+
+-- The index of a constraint `ALTER TABLE` just added (`UNIQUE USING INDEX`), if its build is
+-- not done yet (its job's delay has not passed).
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_unbuilt_index(relation oid) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.relname::text
+      FROM pg_constraint k
+      JOIN pg_class c ON c.oid = k.conindid
+      JOIN sys.dsql_emulator_jobs j ON j.object_id = k.conindid AND j.job_type = 'INDEX_BUILD'
+     WHERE k.conrelid = relation AND j.status = 'completed' AND j.due > clock_timestamp()
+     LIMIT 1
+$$;
+
+-- After an `ALTER TABLE`: a constraint may not use an index whose build is not done, as on
+-- DSQL (`ADD CONSTRAINT … UNIQUE USING INDEX` right after `CREATE UNIQUE INDEX ASYNC`
+-- answers 55000 `index "…" is not valid`).
+CREATE OR REPLACE FUNCTION sys.dsql_emulator_alter_end() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    command record;
+    unbuilt text;
+BEGIN
+    IF current_setting('dsql_emulator.sql_rules', true) IS DISTINCT FROM 'on' THEN
+        RETURN;
+    END IF;
+    FOR command IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
+        unbuilt := sys.dsql_emulator_unbuilt_index(command.objid);
+        IF unbuilt IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = '55000',
+                MESSAGE = format('index "%s" is not valid', unbuilt);
+        END IF;
+    END LOOP;
 END $$;
 
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_sql_drop() RETURNS event_trigger
@@ -365,6 +377,11 @@ BEGIN
         CREATE EVENT TRIGGER dsql_emulator_ddl_start ON ddl_command_start
             WHEN TAG IN ('ALTER TABLE')
             EXECUTE FUNCTION sys.dsql_emulator_ddl_start();
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_alter_end') THEN
+        CREATE EVENT TRIGGER dsql_emulator_alter_end ON ddl_command_end
+            WHEN TAG IN ('ALTER TABLE')
+            EXECUTE FUNCTION sys.dsql_emulator_alter_end();
     END IF;
     IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_sql_drop') THEN
         CREATE EVENT TRIGGER dsql_emulator_sql_drop ON sql_drop

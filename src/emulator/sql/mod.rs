@@ -117,7 +117,7 @@
 //!   pending write is told a one-row tag and its `COMMIT` fails if the replay answers another;
 //!   a write with `RETURNING`, a locking read over a subquery or a set operation, and several
 //!   writes in one autocommit request that meet a held row get `OC000` at the statement;
-//!   `FOR KEY SHARE` keeps PostgreSQL's locking; only transactions of the emulator's own
+//!   `FOR KEY SHARE` is validated by taking its lock again, unwritten; only transactions of the emulator's own
 //!   sessions are doomed; a read that waits for a running DDL's lock gets `OC000` after
 //!   10 ms. A DDL that PostgreSQL then refuses still counts as a schema change, and a DDL in a
 //!   block that dooms others and then rolls back doomed them for nothing. Relation names are

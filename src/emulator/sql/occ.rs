@@ -9,7 +9,9 @@
 //!   the savepoint the relay put before it), the client told its tag, and the write kept as
 //!   *pending* ([`Replay`]); so is a `SELECT … FOR UPDATE`, which goes upstream without its
 //!   locking clause (it never waits) and is replayed as a statement that locks and writes its
-//!   rows (`sys.dsql_emulator_touch`).
+//!   rows (`sys.dsql_emulator_touch`); a `SELECT … FOR KEY SHARE` likewise, replayed as a
+//!   statement that takes its key-share locks again, writing nothing (so that only a delete or
+//!   a key change conflicts with it: one still open is doomed, one committed since fails it).
 //! - At `COMMIT`, whatever the protocol shape, the session takes a commit ticket and replays
 //!   its pending statements ([`validate`]) under a lock timeout long enough to wait. While a
 //!   replay waits, the emulator's monitor connection asks PostgreSQL who blocks it
@@ -21,9 +23,11 @@
 //!   later doom: a client that goes on in its doomed transaction takes row locks again. A replay that fails (the rows were
 //!   changed by a transaction that committed first: PostgreSQL's serialization failure) or
 //!   answers another tag than the client was told fails the `COMMIT` with `OC000`.
-//! - A transaction that committed first leaves its rows changed (a locking read's rows are
-//!   written unchanged), so a later committer's write or locking read of them fails at its
-//!   own `COMMIT`: nothing a client was told committed is lost.
+//! - A transaction that committed first leaves its rows changed (a `FOR UPDATE` read's rows
+//!   are written unchanged), so a later committer's write or locking read of them fails at
+//!   its own `COMMIT`: nothing a client was told committed is lost. A key-share read leaves no
+//!   such trace: a delete of its key that meets the reader's lock while the reader commits is
+//!   kept pending and then commits too (a conflict DSQL would report, missed).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};

@@ -301,8 +301,13 @@ impl Responder {
             b'T' => {
                 // One field, `job_id` (or the setting a `SHOW` answers): the job's row follows.
                 let body = &self.current[5..];
+                let field = |name: &[u8]| body.get(2..2 + name.len()) == Some(name);
                 self.job_rows = body.starts_with(&[0, 1])
-                    && (tag == "SHOW" || body.get(2..9) == Some(b"job_id\0"));
+                    && if tag == "SHOW" {
+                        field(b"server_version\0") || field(b"server_version_num\0")
+                    } else {
+                        field(b"job_id\0")
+                    };
                 self.pass(out);
             }
             b'C' if (self.job_rows || described) && self.current[5..].starts_with(b"SELECT ") => {

@@ -233,6 +233,9 @@ pub(crate) fn classify(sql: &str) -> Classified {
                         &statement.refusal,
                         job_statement(node, &upstream_text[start..end]),
                     ) {
+                        // The statement is replaced whole: no edit inside it (or just after it)
+                        // may be made as well.
+                        edits.retain(|edit| !(start..=end).contains(&edit.0));
                         edits.push((start, end, select));
                         job = Some(tag);
                     }
@@ -372,7 +375,6 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
                 _ => None,
             }
         }
-        pg_query::NodeRef::JoinExpr(join) => left_lateral_outer_target(join),
         // `text @@ text` searches with the default configuration.
         pg_query::NodeRef::AExpr(e)
             if e.name.iter().filter_map(string_of).eq(["@@"])
@@ -384,74 +386,6 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
         }
         _ => None,
     })
-}
-
-/// DSQL's planner refuses a `LEFT JOIN LATERAL (SELECT …)` whose select list names a column of
-/// the outer side (recorded three times on a cluster, with and without a `WHERE` and through a
-/// cast; `CROSS JOIN LATERAL` and `INNER JOIN LATERAL` of the same subquery run):
-/// 42804 `attribute 1 of type <the subquery's table> has wrong type`. Which attribute it names
-/// when the outer column is not the first entry is inferred (its position).
-fn left_lateral_outer_target(join: &protobuf::JoinExpr) -> Option<Refusal> {
-    if protobuf::JoinType::try_from(join.jointype) != Ok(protobuf::JoinType::JoinLeft) {
-        return None;
-    }
-    let Some(NodeEnum::RangeSubselect(sub)) = join.rarg.as_deref().and_then(|n| n.node.as_ref())
-    else {
-        return None;
-    };
-    if !sub.lateral {
-        return None;
-    }
-    let Some(NodeEnum::SelectStmt(select)) = sub.subquery.as_deref().and_then(|n| n.node.as_ref())
-    else {
-        return None;
-    };
-    // The subquery's own table, and the names its FROM gives.
-    let mut inner = Vec::new();
-    let mut table = None;
-    for item in &select.from_clause {
-        if let Some(NodeEnum::RangeVar(rel)) = &item.node {
-            table.get_or_insert_with(|| rel.relname.clone());
-            inner.push(rel.relname.to_ascii_lowercase());
-            if let Some(alias) = &rel.alias {
-                inner.push(alias.aliasname.to_ascii_lowercase());
-            }
-        }
-    }
-    let table = table?;
-    // The names the outer (left) side gives.
-    let mut outer = Vec::new();
-    for (node, ..) in join.larg.as_deref()?.node.as_ref()?.nodes() {
-        if let pg_query::NodeRef::RangeVar(rel) = node {
-            outer.push(rel.relname.to_ascii_lowercase());
-            if let Some(alias) = &rel.alias {
-                outer.push(alias.aliasname.to_ascii_lowercase());
-            }
-        }
-    }
-    let names_outer = |node: &protobuf::Node| {
-        node.node.as_ref().is_some_and(|node| {
-            node.nodes().into_iter().any(|(node, ..)| match node {
-                pg_query::NodeRef::ColumnRef(column) => {
-                    let fields: Vec<String> = column
-                        .fields
-                        .iter()
-                        .filter_map(string_of)
-                        .map(str::to_ascii_lowercase)
-                        .collect();
-                    fields.len() >= 2
-                        && outer.contains(&fields[fields.len() - 2])
-                        && !inner.contains(&fields[fields.len() - 2])
-                }
-                _ => false,
-            })
-        })
-    };
-    let position = select.target_list.iter().position(names_outer)?;
-    Some(refuse(
-        "42804",
-        format!("attribute {} of type {table} has wrong type", position + 1),
-    ))
 }
 
 /// Takes out `ASYNC` after `CREATE [UNIQUE] INDEX` and after `ALTER TABLE` (found with

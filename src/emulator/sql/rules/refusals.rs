@@ -231,8 +231,14 @@ pub(super) fn create_table(c: &protobuf::CreateStmt) -> Option<Refusal> {
     if !c.tablespacename.is_empty() {
         return Some(unsupported("TABLESPACE not supported for CREATE TABLE"));
     }
+    let index_tablespace = |constraint: &protobuf::Constraint| {
+        (!constraint.indexspace.is_empty())
+            .then(|| unsupported("TABLESPACE not supported for CREATE TABLE"))
+    };
     if let Some(refusal) = c.table_elts.iter().find_map(|element| match &element.node {
-        Some(NodeEnum::Constraint(constraint)) => deferrable(constraint),
+        Some(NodeEnum::Constraint(constraint)) => {
+            deferrable(constraint).or_else(|| index_tablespace(constraint))
+        }
         // In a column's list, `DEFERRABLE` is a constraint of its own after the one it marks.
         Some(NodeEnum::ColumnDef(column)) => {
             let constraints: Vec<&protobuf::Constraint> = column
@@ -243,9 +249,15 @@ pub(super) fn create_table(c: &protobuf::CreateStmt) -> Option<Refusal> {
                     _ => None,
                 })
                 .collect();
+            if let Some(refusal) = constraints.iter().find_map(|c| index_tablespace(c)) {
+                return Some(refusal);
+            }
             constraints.windows(2).find_map(|pair| {
-                (pair[1].contype == ConstrType::ConstrAttrDeferrable as i32
-                    && pair[0].contype != ConstrType::ConstrForeign as i32)
+                // `INITIALLY DEFERRED` makes it deferrable too.
+                (matches!(
+                    ConstrType::try_from(pair[1].contype),
+                    Ok(ConstrType::ConstrAttrDeferrable | ConstrType::ConstrAttrDeferred)
+                ) && pair[0].contype != ConstrType::ConstrForeign as i32)
                     .then(|| {
                         let mut marked = (*pair[0]).clone();
                         marked.deferrable = true;
@@ -285,8 +297,7 @@ fn deferrable(constraint: &protobuf::Constraint) -> Option<Refusal> {
         ConstrType::ConstrExclusion => "EXCLUDE",
         _ => return None,
     };
-    constraint
-        .deferrable
+    (constraint.deferrable || constraint.initdeferred)
         .then(|| unsupported(format!("DEFERRABLE not supported for {kind}")))
 }
 

@@ -24,6 +24,58 @@ pub(super) fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
     if select.locking_clause.is_empty() || select.op != protobuf::SetOperation::SetopNone as i32 {
         return None;
     }
+    // Shapes PostgreSQL refuses to lock (DISTINCT, GROUP BY, HAVING, windows, aggregates), and a
+    // WITH whose names the validation could not read rows of: PostgreSQL's own answer then,
+    // at the statement, rather than a validation that fails at every COMMIT.
+    let aggregate = |node: &protobuf::Node| {
+        node.node.as_ref().is_some_and(|node| {
+            node.nodes().into_iter().any(|(node, ..)| match node {
+                pg_query::NodeRef::FuncCall(call) => {
+                    call.over.is_some()
+                        || call.agg_star
+                        || call.agg_distinct
+                        || call.agg_filter.is_some()
+                        || !call.agg_order.is_empty()
+                        || call
+                            .funcname
+                            .iter()
+                            .filter_map(string_of)
+                            .next_back()
+                            .is_some_and(|name| {
+                                matches!(
+                                    name.to_ascii_lowercase().as_str(),
+                                    "count"
+                                        | "sum"
+                                        | "avg"
+                                        | "min"
+                                        | "max"
+                                        | "array_agg"
+                                        | "string_agg"
+                                        | "bool_and"
+                                        | "bool_or"
+                                        | "every"
+                                        | "json_agg"
+                                        | "jsonb_agg"
+                                        | "json_object_agg"
+                                        | "jsonb_object_agg"
+                                        | "bit_and"
+                                        | "bit_or"
+                                )
+                            })
+                }
+                _ => false,
+            })
+        })
+    };
+    if !select.distinct_clause.is_empty()
+        || !select.group_clause.is_empty()
+        || select.having_clause.is_some()
+        || !select.window_clause.is_empty()
+        || select.with_clause.is_some()
+        || select.target_list.iter().any(aggregate)
+    {
+        return None;
+    }
     let mut locked_names = Vec::new();
     let mut strength = None;
     for clause in &select.locking_clause {
@@ -197,7 +249,9 @@ pub(super) fn job_statement(node: &NodeEnum, text: &str) -> Option<(&'static str
         _ => return None,
     };
     const QUOTE: &str = "$dsql_emulator_ddl$";
-    if text.contains(QUOTE) || placeholder.as_ref().is_some_and(|p| p.contains(QUOTE)) {
+    // (Not even its beginning: a text ending in it would close the quote early.)
+    let opening = QUOTE.trim_end_matches('$');
+    if text.contains(opening) || placeholder.as_ref().is_some_and(|p| p.contains(opening)) {
         return None;
     }
     let placeholder =
@@ -286,7 +340,13 @@ pub(super) fn numeric_edits(
                 .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '"')))
                 .unwrap_or(sql.len() - start);
             let end = start + len;
-            Some((end, end, "(18,6)".to_owned()))
+            // Only a name written as one token (`numeric`, `DECIMAL`, `pg_catalog.numeric`,
+            // `"numeric"`): another spelling keeps PostgreSQL's unbounded numeric.
+            let written = sql[start..end].rsplit('.').next()?.trim_matches('"');
+            ["numeric", "decimal", "dec"]
+                .iter()
+                .any(|n| written.eq_ignore_ascii_case(n))
+                .then(|| (end, end, "(18,6)".to_owned()))
         })
         .collect()
 }
