@@ -419,6 +419,22 @@ async fn the_emulator_answers_as_the_real_cluster_record() {
 
     // A cluster takes seconds to build an ASYNC index, and the record has a constraint added
     // with one right after its build was submitted: here no case waits for a build.
+    let names: Vec<&str> = groups
+        .values()
+        .flat_map(|record| record.cases.iter().map(|case| case.name.as_str()))
+        .collect();
+    for listed in suite
+        .deviations
+        .keys()
+        .chain(suite.min_server.keys())
+        .chain(suite.sessions.keys())
+    {
+        assert!(
+            names.contains(&listed.as_str()),
+            "suite.json names no case {listed}"
+        );
+    }
+
     let emulator = tokio_postgres_dsql::emulator::SharedPostgres::global()
         .expect("the shared PostgreSQL starts")
         .endpoint()

@@ -78,6 +78,12 @@ DECLARE
     object oid := relation;
     object_name text := name;
 BEGIN
+    -- (Callable by any role: only for a table its own role owns.)
+    IF NOT pg_has_role(session_user,
+                       (SELECT relowner FROM pg_class WHERE oid = relation), 'USAGE') THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = format('must be owner of table %s', relation);
+    END IF;
     IF kind = 'INDEX_BUILD' THEN
         -- The index the statement made: the one it named, or the table's newest.
         SELECT c.oid, c.relname INTO object, object_name
@@ -134,7 +140,8 @@ BEGIN
     IF kind = 'INDEX_BUILD' AND placeholder IS NOT NULL THEN
         EXECUTE placeholder;
         SELECT indexrelid INTO object FROM pg_catalog.pg_index
-         WHERE indrelid = relation::regclass AND indexrelid <> ALL (before);
+         WHERE indrelid = relation::regclass AND indexrelid <> ALL (before)
+           AND pg_catalog.pg_get_expr(indpred, indrelid) = 'false';
         PERFORM sys.dsql_emulator_keep_failed_index(object);
     END IF;
     PERFORM sys.dsql_emulator_failed_job(id, kind, coalesce(object, relation::regclass), name,
@@ -161,9 +168,12 @@ END $$;
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_failed_job(id text, kind text, relation regclass,
                                                         name text, details text)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    -- (Callable by any role: only for a relation its own role owns.)
     INSERT INTO sys.dsql_emulator_jobs
-    VALUES (id, 'failed', details, kind, 'pg_class'::regclass, relation, name, now(),
-            clock_timestamp(), sys.dsql_emulator_job_due())
+    SELECT id, 'failed', details, kind, 'pg_class'::regclass, relation, name, now(),
+           clock_timestamp(), sys.dsql_emulator_job_due()
+     WHERE pg_has_role(session_user,
+                       (SELECT relowner FROM pg_class WHERE oid = relation), 'USAGE')
 $$;
 
 -- Validates a `SELECT … FOR UPDATE` at COMMIT as DSQL does, as if its rows had been written:
@@ -198,6 +208,11 @@ BEGIN
         DROP PROCEDURE sys.wait_for_job(text);
     END IF;
 END $$;
+-- (Helpers of earlier versions that nothing calls any more.)
+DROP FUNCTION IF EXISTS sys.dsql_emulator_ddl_job(text, text, text, text);
+DROP FUNCTION IF EXISTS sys.dsql_emulator_job(text, text, regclass, text);
+DROP FUNCTION IF EXISTS sys.dsql_emulator_keep_failed_index(regclass, text);
+DROP FUNCTION IF EXISTS sys.dsql_emulator_settle_builds();
 CREATE OR REPLACE PROCEDURE sys.wait_for_job(job_id text, INOUT wait_for_job boolean DEFAULT NULL)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -309,11 +324,13 @@ END $$;
 -- not done yet (its job's delay has not passed).
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_unbuilt_index(relation oid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT c.relname::text
+    -- (Named as when it was built: adding the constraint may have renamed it.)
+    SELECT j.object_name
       FROM pg_constraint k
-      JOIN pg_class c ON c.oid = k.conindid
+      JOIN pg_index i ON i.indexrelid = k.conindid AND i.indrelid = k.conrelid
       JOIN sys.dsql_emulator_jobs j ON j.object_id = k.conindid AND j.job_type = 'INDEX_BUILD'
-     WHERE k.conrelid = relation AND j.status = 'completed' AND j.due > clock_timestamp()
+     WHERE k.conrelid = relation AND k.contype IN ('u', 'p') AND j.status = 'completed'
+       AND j.due > clock_timestamp()
      LIMIT 1
 $$;
 

@@ -106,12 +106,12 @@ pub(super) fn value_refusal(statement: &str, prepared: &Prepared, index: usize) 
     };
     let mut refusal = rules::value_limit_exceeded(declared.unwrap_or("text"));
     if declared.is_none() && !statement.is_empty() {
-        let prefix = refusal.message.trim_end_matches("text").replace('\'', "''");
+        let prefix = rules::literal(refusal.message.trim_end_matches("text"));
         refusal.message_sql = Some(format!(
-            "'{prefix}' || coalesce((SELECT t.typname FROM pg_prepared_statements p \
-             JOIN pg_type t ON t.oid = p.parameter_types[{}]::oid WHERE p.name = '{}'), 'text')",
+            "{prefix} || coalesce((SELECT t.typname FROM pg_prepared_statements p \
+             JOIN pg_type t ON t.oid = p.parameter_types[{}]::oid WHERE p.name = {}), 'text')",
             index + 1,
-            statement.replace('\'', "''"),
+            rules::literal(statement),
         ));
     }
     refusal

@@ -24,16 +24,17 @@ pub(super) const TAG: &str = "$dsql_emulator_refusal$";
 
 /// A `Query` message whose execution raises `refusal` in PostgreSQL.
 pub(super) fn raise_query(refusal: &Refusal) -> Vec<u8> {
-    let quote = |text: &str| text.replace('\'', "''");
+    // (Inside the block's dollar quotes: its tag may not appear in them.)
+    let quote = |text: &str| super::rules::literal(&text.replace(TAG, "$ dsql_emulator_refusal$"));
     let detail = refusal
         .detail
         .as_deref()
-        .map(|detail| format!(", DETAIL = '{}'", quote(detail)))
+        .map(|detail| format!(", DETAIL = {}", quote(detail)))
         .unwrap_or_default();
-    let text_of_message = refusal
-        .message_sql
-        .clone()
-        .unwrap_or_else(|| format!("'{}'", quote(&refusal.message)));
+    let text_of_message = refusal.message_sql.as_ref().map_or_else(
+        || quote(&refusal.message),
+        |sql| sql.replace(TAG, "$ dsql_emulator_refusal$"),
+    );
     let text = format!(
         "DO {TAG} BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {text_of_message}{detail}; \
          END {TAG}\0",

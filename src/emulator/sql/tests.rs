@@ -169,7 +169,7 @@ fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
     assert_eq!(send(&mut d, &parse("s1", "TRUNCATE t")).0, "");
     assert_eq!(send(&mut d, &message(b'D', b"Ss1\0")).0, "");
     let (text, plans) = send(&mut d, &sync());
-    assert!(text.contains("ERRCODE = '0A000', MESSAGE = 'unsupported statement: Truncate'"));
+    assert!(text.contains("ERRCODE = '0A000', MESSAGE = E'unsupported statement: Truncate'"));
     assert_eq!(plans, [Plan::Pass]);
     // The next batch runs normally, held to its Sync.
     let select = parse("s1", "SELECT 1");
@@ -194,7 +194,7 @@ fn an_extended_batch_is_skipped_to_sync_and_sync_raises() {
     let expected = parse(
         "s3",
         "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$CREATE INDEX  i ON t \
-         (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i', NULL) AS job_id",
+         (v)$dsql_emulator_ddl$, 'INDEX_BUILD', E'\"t\"', E'i', NULL) AS job_id",
     );
     // (Compared as text: its length is not UTF-8.)
     assert!(

@@ -29,6 +29,12 @@ impl Refusal {
     }
 }
 
+/// `text` as an SQL string literal whatever `standard_conforming_strings` says: an `E''` string,
+/// `\` and `'` doubled.
+pub(crate) fn literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
     Refusal::new(code, message)
 }
@@ -464,7 +470,6 @@ fn aws_iam(sql: &str) -> Option<String> {
         None => role.to_ascii_lowercase(),
     };
     let arn = arn.strip_prefix('\'')?.strip_suffix('\'')?;
-    let literal = |text: &str| format!("'{}'", text.replace('\'', "''"));
     Some(format!(
         "CALL sys.dsql_emulator_iam({grant}, {}, {})",
         literal(&role),

@@ -6,6 +6,62 @@ use super::*;
 use pg_query::NodeEnum;
 use pg_query::protobuf::{self, AlterTableType, LockClauseStrength};
 
+/// PostgreSQL's built-in aggregate functions (a locking read may not use one).
+const AGGREGATES: &[&str] = &[
+    "any_value",
+    "array_agg",
+    "avg",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "bool_and",
+    "bool_or",
+    "corr",
+    "count",
+    "covar_pop",
+    "covar_samp",
+    "cume_dist",
+    "dense_rank",
+    "every",
+    "json_agg",
+    "json_object_agg",
+    "json_object_agg_strict",
+    "json_object_agg_unique",
+    "json_object_agg_unique_strict",
+    "jsonb_agg",
+    "jsonb_object_agg",
+    "jsonb_object_agg_strict",
+    "jsonb_object_agg_unique",
+    "jsonb_object_agg_unique_strict",
+    "max",
+    "min",
+    "mode",
+    "percent_rank",
+    "percentile_cont",
+    "percentile_disc",
+    "range_agg",
+    "range_intersect_agg",
+    "rank",
+    "regr_avgx",
+    "regr_avgy",
+    "regr_count",
+    "regr_intercept",
+    "regr_r2",
+    "regr_slope",
+    "regr_sxx",
+    "regr_sxy",
+    "regr_syy",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "string_agg",
+    "sum",
+    "var_pop",
+    "var_samp",
+    "variance",
+    "xmlagg",
+];
+
 /// For a `SELECT … FOR UPDATE` whose locked rows come from tables named in its `FROM`: the
 /// statement without its locking clause (what goes upstream: on DSQL a locking read never
 /// waits), and the statement that validates it at `COMMIT` as DSQL does, as if the rows had
@@ -34,6 +90,7 @@ pub(super) fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
                     call.over.is_some()
                         || call.agg_star
                         || call.agg_distinct
+                        || call.agg_within_group
                         || call.agg_filter.is_some()
                         || !call.agg_order.is_empty()
                         || call
@@ -42,25 +99,7 @@ pub(super) fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
                             .filter_map(string_of)
                             .next_back()
                             .is_some_and(|name| {
-                                matches!(
-                                    name.to_ascii_lowercase().as_str(),
-                                    "count"
-                                        | "sum"
-                                        | "avg"
-                                        | "min"
-                                        | "max"
-                                        | "array_agg"
-                                        | "string_agg"
-                                        | "bool_and"
-                                        | "bool_or"
-                                        | "every"
-                                        | "json_agg"
-                                        | "jsonb_agg"
-                                        | "json_object_agg"
-                                        | "jsonb_object_agg"
-                                        | "bit_and"
-                                        | "bit_or"
-                                )
+                                AGGREGATES.contains(&name.to_ascii_lowercase().as_str())
                             })
                 }
                 _ => false,
@@ -73,6 +112,7 @@ pub(super) fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
         || !select.window_clause.is_empty()
         || select.with_clause.is_some()
         || select.target_list.iter().any(aggregate)
+        || select.sort_clause.iter().any(aggregate)
     {
         return None;
     }
@@ -189,8 +229,8 @@ pub(super) fn locking_read(node: &NodeEnum) -> Option<(String, String)> {
             )
         };
         calls.push(format!(
-            "sys.dsql_emulator_touch('{}', ARRAY({rows}))",
-            relation.replace('\'', "''")
+            "sys.dsql_emulator_touch({}, ARRAY({rows}))",
+            literal(&relation)
         ));
     }
     Some((stripped, format!("SELECT {}", calls.join(", "))))
@@ -261,7 +301,6 @@ pub(super) fn job_statement(node: &NodeEnum, text: &str) -> Option<(&'static str
     if !relation.schemaname.is_empty() {
         qualified = format!("{}.{qualified}", quote_ident(&relation.schemaname));
     }
-    let literal = |text: &str| format!("'{}'", text.replace('\'', "''"));
     Some((
         tag,
         format!(

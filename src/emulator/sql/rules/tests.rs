@@ -18,7 +18,7 @@ fn async_is_taken_out_only_where_dsql_puts_it() {
     assert_eq!(
         c.upstream_text,
         "SELECT sys.dsql_emulator_ddl_job($dsql_emulator_ddl$create unique index  if not \
-         exists i on t (v)$dsql_emulator_ddl$, 'INDEX_BUILD', '\"t\"', 'i', \
+         exists i on t (v)$dsql_emulator_ddl$, 'INDEX_BUILD', E'\"t\"', E'i', \
          $dsql_emulator_ddl$CREATE UNIQUE INDEX i ON t USING btree (v) WHERE \
          false$dsql_emulator_ddl$) AS job_id"
     );
@@ -172,4 +172,14 @@ fn set_and_transactions() {
             )
         );
     }
+}
+
+#[test]
+fn a_literal_is_one_whatever_standard_conforming_strings_says() {
+    assert_eq!(literal("plain"), "E'plain'");
+    // A backslash cannot end the literal early, nor a quote.
+    assert_eq!(
+        literal(r"x\'); DROP TABLE t; --"),
+        r"E'x\\''); DROP TABLE t; --'"
+    );
 }
