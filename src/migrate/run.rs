@@ -1096,7 +1096,9 @@ impl Migrator {
             async move {
                 Ok::<_, Error>(
                     tx.query_opt(
-                        "SELECT job_id FROM sys.jobs WHERE object_name = $1 \
+                        // DSQL names the index with its schema (`public.i`).
+                        "SELECT job_id FROM sys.jobs \
+                         WHERE (object_name = $1 OR right(object_name, length($1) + 1) = '.' || $1) \
                          AND job_type = 'INDEX_BUILD' ORDER BY start_time DESC LIMIT 1",
                         &[&name],
                     )

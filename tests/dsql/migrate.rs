@@ -106,7 +106,7 @@ async fn three_files_apply_in_order_one_statement_a_transaction_and_rerun_applie
     // The index's job was waited for and completed.
     let job: String = client
         .query_one(
-            "SELECT status FROM sys.jobs WHERE object_name = 'pet_owner'",
+            "SELECT status FROM sys.jobs WHERE object_name = 'public.pet_owner'",
             &[],
         )
         .await
@@ -731,13 +731,13 @@ async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
     // The build has started (its job is submitted) and the first runner's lease lapsed.
     until(
         &client,
-        "SELECT count(*) FROM sys.jobs WHERE object_name = 'pet_owner'",
+        "SELECT count(*) FROM sys.jobs WHERE object_name = 'public.pet_owner'",
         "the build started",
     )
     .await;
     let status: String = client
         .query_one(
-            "SELECT status FROM sys.jobs WHERE object_name = 'pet_owner'",
+            "SELECT status FROM sys.jobs WHERE object_name = 'public.pet_owner'",
             &[],
         )
         .await
@@ -756,7 +756,7 @@ async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
     );
     let status: String = client
         .query_one(
-            "SELECT status FROM sys.jobs WHERE object_name = 'pet_owner'",
+            "SELECT status FROM sys.jobs WHERE object_name = 'public.pet_owner'",
             &[],
         )
         .await
@@ -766,7 +766,7 @@ async fn a_run_taken_over_during_an_index_build_waits_for_the_same_job() {
     assert_eq!(
         count(
             &client,
-            "SELECT count(*) FROM sys.jobs WHERE object_name = 'pet_owner'"
+            "SELECT count(*) FROM sys.jobs WHERE object_name = 'public.pet_owner'"
         )
         .await,
         1,

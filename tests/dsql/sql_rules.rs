@@ -921,9 +921,9 @@ async fn asynchronous_ddl_answers_a_job_id() {
             .all(|id| **id != named)
     );
     for (id, kind, object) in [
-        (&named, "INDEX_BUILD", "rules_jobs_v"),
-        (&unnamed, "INDEX_BUILD", "rules_jobs_id_v_idx"),
-        (&in_block, "INDEX_BUILD", "rules_jobs_u"),
+        (&named, "INDEX_BUILD", "public.rules_jobs_v"),
+        (&unnamed, "INDEX_BUILD", "public.rules_jobs_id_v_idx"),
+        (&in_block, "INDEX_BUILD", "public.rules_jobs_u"),
         (&validate, "VALIDATE_CONSTRAINT", "rules_jobs_chk"),
     ] {
         let row = client
@@ -1346,17 +1346,16 @@ async fn a_transaction_age_limit_under_a_second_is_refused() {
     );
 }
 
-/// A constraint may not use an ASYNC index before its build is done (§10, and the real
-/// cluster's record: `ADD CONSTRAINT … UNIQUE USING INDEX` right after the build was submitted
-/// answers 55000); the index works meanwhile (an upsert on it), other `ALTER TABLE`s too, and
-/// `IF NOT EXISTS` of an index that exists builds nothing (its job is done at once).
-#[tokio::test]
-async fn a_constraint_may_not_use_an_index_whose_build_is_not_done() {
+/// An endpoint whose ASYNC builds take `delay`, a client, table `table (id, c)` and the job of
+/// its `CREATE UNIQUE INDEX ASYNC <table>_c ON <table> (c)`.
+async fn unique_build(
+    delay: std::time::Duration,
+    table: &str,
+) -> (tokio_postgres_dsql::emulator::DsqlEmulator, Client, String) {
     let emulator = tokio_postgres_dsql::emulator::SharedPostgres::global()
         .unwrap()
         .endpoint()
-        // Longer than the test: no statement here comes after a build is done.
-        .index_build_delay(std::time::Duration::from_secs(600))
+        .index_build_delay(delay)
         .start()
         .await
         .unwrap();
@@ -1364,17 +1363,29 @@ async fn a_constraint_may_not_use_an_index_whose_build_is_not_done() {
         .await
         .unwrap();
     client
-        .batch_execute("CREATE TABLE rules_later (id int PRIMARY KEY, c int)")
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY, c int)"))
         .await
         .unwrap();
     let job: String = client
         .query_one(
-            "CREATE UNIQUE INDEX ASYNC rules_later_c ON rules_later (c)",
+            &format!("CREATE UNIQUE INDEX ASYNC {table}_c ON {table} (c)"),
             &[],
         )
         .await
         .unwrap()
         .get(0);
+    (emulator, client, job)
+}
+
+/// A constraint may not use an ASYNC index before its build is done (§10, and the real
+/// cluster's record: `ADD CONSTRAINT … UNIQUE USING INDEX` right after the build was submitted
+/// answers 55000); the index works meanwhile (an upsert on it), other `ALTER TABLE`s too, and
+/// `IF NOT EXISTS` of an index that exists builds nothing (its job is done at once).
+#[tokio::test]
+async fn a_constraint_may_not_use_an_index_whose_build_is_not_done() {
+    // Longer than the test: no statement here comes after a build is done.
+    let (_emulator, client, job) =
+        unique_build(std::time::Duration::from_secs(600), "rules_later").await;
     let early = client
         .batch_execute(
             "ALTER TABLE rules_later ADD CONSTRAINT rules_later_c UNIQUE USING INDEX rules_later_c",
@@ -1434,28 +1445,8 @@ async fn a_constraint_may_not_use_an_index_whose_build_is_not_done() {
 /// Once `sys.wait_for_job` says the build is done, a constraint may use the index.
 #[tokio::test]
 async fn once_its_build_is_done_a_constraint_may_use_the_index() {
-    let emulator = tokio_postgres_dsql::emulator::SharedPostgres::global()
-        .unwrap()
-        .endpoint()
-        .index_build_delay(std::time::Duration::from_millis(500))
-        .start()
-        .await
-        .unwrap();
-    let client = crate::support::connect_to(&emulator, "admin")
-        .await
-        .unwrap();
-    client
-        .batch_execute("CREATE TABLE rules_built (id int PRIMARY KEY, c int)")
-        .await
-        .unwrap();
-    let job: String = client
-        .query_one(
-            "CREATE UNIQUE INDEX ASYNC rules_built_c ON rules_built (c)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let (_emulator, client, job) =
+        unique_build(std::time::Duration::from_millis(500), "rules_built").await;
     let done: bool = client
         .query_one("CALL sys.wait_for_job($1)", &[&job])
         .await
@@ -1587,4 +1578,63 @@ async fn a_failed_job_is_reported_and_its_unique_index_stays_invalid_and_enforci
         .unwrap()
         .get(0);
     assert!(pkey_valid);
+}
+
+/// DSQL's object limits (§10, B): 1 000 tables, and 5 extended statistics a table (the
+/// messages are not recorded: 54000, inferred words).
+#[tokio::test]
+async fn a_cluster_has_at_most_1000_tables_and_a_table_5_statistics() {
+    let emulator = crate::support::own_endpoint().await;
+    let client = crate::support::connect_to(&emulator, "admin")
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE rules_st (a int PRIMARY KEY, b int, c int)")
+        .await
+        .unwrap();
+    for (n, columns) in ["a, b", "a, c", "b, c", "a, b, c", "c, a, b"]
+        .iter()
+        .enumerate()
+    {
+        client
+            .batch_execute(&format!(
+                "CREATE STATISTICS rules_st{n} ON {columns} FROM rules_st"
+            ))
+            .await
+            .unwrap();
+    }
+    let sixth = client
+        .batch_execute("CREATE STATISTICS rules_st6 ON b, a FROM rules_st")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&sixth),
+        (
+            "54000".into(),
+            "more than 5 extended statistics per table are not allowed".into()
+        )
+    );
+    // 999 more tables, each in its own transaction, then one too many.
+    for n in 2..=1000 {
+        client
+            .batch_execute(&format!("CREATE TABLE rules_many{n} (id int PRIMARY KEY)"))
+            .await
+            .unwrap();
+    }
+    let too_many = client
+        .batch_execute("CREATE TABLE rules_many1001 (id int PRIMARY KEY)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&too_many),
+        ("54000".into(), "more than 1000 tables not allowed".into())
+    );
+    client
+        .batch_execute("DROP TABLE rules_many2")
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE rules_many1001 (id int PRIMARY KEY)")
+        .await
+        .unwrap();
 }

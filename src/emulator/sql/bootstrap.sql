@@ -86,8 +86,10 @@ BEGIN
     END IF;
     IF kind = 'INDEX_BUILD' THEN
         -- The index the statement made: the one it named, or the table's newest.
-        SELECT c.oid, c.relname INTO object, object_name
+        -- (Named as DSQL names it: with its schema.)
+        SELECT c.oid, n.nspname || '.' || c.relname INTO object, object_name
           FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE i.indrelid = relation
          ORDER BY c.relname = name DESC, c.oid DESC
          LIMIT 1;
@@ -291,6 +293,26 @@ BEGIN
                 RAISE EXCEPTION USING ERRCODE = '54000',
                     MESSAGE = 'more than 10 schemas not allowed';
             END IF;
+        ELSIF command.command_tag = 'CREATE STATISTICS' THEN
+            -- DSQL_SQL_RULES §10 (B): 5 extended statistics a table (the message is inferred).
+            IF (SELECT count(*) FROM pg_statistic_ext
+                 WHERE stxrelid = (SELECT stxrelid FROM pg_statistic_ext
+                                    WHERE oid = command.objid)) > 5 THEN
+                RAISE EXCEPTION USING ERRCODE = '54000',
+                    MESSAGE = 'more than 5 extended statistics per table are not allowed';
+            END IF;
+        ELSIF command.object_type IN ('view', 'sequence') THEN
+            -- §10 (B): 5 000 views, 5 000 sequences (an identity column's own not counted;
+            -- the messages are inferred).
+            IF (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.relkind = CASE command.object_type WHEN 'view' THEN 'v' ELSE 'S' END
+                   AND n.nspname NOT IN ('sys', 'information_schema') AND n.nspname !~ '^pg_'
+                   AND NOT EXISTS (SELECT FROM pg_depend d
+                                    WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                                      AND d.deptype = 'i')) > 5000 THEN
+                RAISE EXCEPTION USING ERRCODE = '54000',
+                    MESSAGE = format('more than 5000 %ss not allowed', command.object_type);
+            END IF;
         ELSIF command.object_type IN ('table', 'index') THEN
             relation := CASE command.object_type
                 WHEN 'index' THEN (SELECT indrelid FROM pg_index WHERE indexrelid = command.objid)
@@ -298,6 +320,15 @@ BEGIN
             IF (SELECT count(*) FROM pg_index WHERE indrelid = relation) > 24 THEN
                 RAISE EXCEPTION USING ERRCODE = '54000',
                     MESSAGE = 'more than 24 indexes per table are not allowed';
+            END IF;
+            -- §10 (B): 1 000 tables (the message is inferred).
+            IF command.command_tag = 'CREATE TABLE'
+               AND (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.relkind IN ('r', 'p')
+                       AND n.nspname NOT IN ('sys', 'information_schema')
+                       AND n.nspname !~ '^pg_') > 1000 THEN
+                RAISE EXCEPTION USING ERRCODE = '54000',
+                    MESSAGE = 'more than 1000 tables not allowed';
             END IF;
         END IF;
     END LOOP;
@@ -324,11 +355,14 @@ END $$;
 -- not done yet (its job's delay has not passed).
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_unbuilt_index(relation oid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    -- (Named as when it was built: adding the constraint may have renamed it.)
-    SELECT j.object_name
+    -- (Named as when it was built, without its schema: adding the constraint may have renamed
+    -- it.)
+    SELECT substr(j.object_name, length(n.nspname) + 2)
       FROM pg_constraint k
       JOIN pg_index i ON i.indexrelid = k.conindid AND i.indrelid = k.conrelid
       JOIN sys.dsql_emulator_jobs j ON j.object_id = k.conindid AND j.job_type = 'INDEX_BUILD'
+      JOIN pg_class c ON c.oid = k.conrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE k.conrelid = relation AND k.contype IN ('u', 'p') AND j.status = 'completed'
        AND j.due > clock_timestamp()
      LIMIT 1
@@ -385,9 +419,15 @@ END $$;
 
 DO $$
 BEGIN
+    -- (A database prepared before watched fewer statements: its trigger is made again.)
+    IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_ddl_end'
+                AND NOT evttags @> ARRAY['CREATE STATISTICS']) THEN
+        DROP EVENT TRIGGER dsql_emulator_ddl_end;
+    END IF;
     IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_ddl_end') THEN
         CREATE EVENT TRIGGER dsql_emulator_ddl_end ON ddl_command_end
-            WHEN TAG IN ('CREATE TABLE', 'CREATE INDEX', 'CREATE SCHEMA')
+            WHEN TAG IN ('CREATE TABLE', 'CREATE INDEX', 'CREATE SCHEMA', 'CREATE STATISTICS',
+                         'CREATE VIEW', 'CREATE SEQUENCE')
             EXECUTE FUNCTION sys.dsql_emulator_ddl_end();
     END IF;
     IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_ddl_start') THEN

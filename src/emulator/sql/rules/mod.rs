@@ -128,6 +128,21 @@ pub(crate) fn classify(sql: &str) -> Classified {
     }
     let (upstream_text, async_at) = strip_async(sql);
     let Ok(parsed) = pg_query::parse(&upstream_text, pg_query::ParserOptions::DEFAULT) else {
+        // §10 (L): `DROP TRIGGER [IF EXISTS] t` without `ON table`, which PostgreSQL's grammar
+        // refuses as a syntax error, DSQL refuses as unsupported (the wording is inferred).
+        if starts_with_words(&upstream_text, &["drop", "trigger"])
+            && !has_keyword(&upstream_text, "on")
+        {
+            let mut statement = Statement::other();
+            statement.refusal = Some(unsupported("DROP TRIGGER not supported"));
+            return Classified {
+                statements: vec![statement],
+                upstream_text,
+                tables: Vec::new(),
+                written: Vec::new(),
+                job: None,
+            };
+        }
         return Classified {
             statements: Vec::new(),
             upstream_text,
@@ -224,6 +239,29 @@ pub(crate) fn classify(sql: &str) -> Classified {
                         statement.refusal = Some(unsupported(
                             "specifying an index access method (USING) not supported for \
                              CREATE INDEX",
+                        ));
+                    }
+                    // `SET STATISTICS DEFAULT` is PostgreSQL 17's syntax; DSQL's grammar (16's)
+                    // does not know it (§10, L), whatever the upstream does.
+                    if let NodeEnum::AlterStatsStmt(a) = node
+                        && a.stxstattarget.is_none()
+                        && statement.refusal.is_none()
+                    {
+                        let text = &upstream_text[start..end];
+                        let written = pg_query::scan(text)
+                            .ok()
+                            .and_then(|scanned| {
+                                scanned
+                                    .tokens
+                                    .iter()
+                                    .map(|t| &text[t.start as usize..t.end as usize])
+                                    .rfind(|w| w.eq_ignore_ascii_case("default"))
+                                    .map(str::to_owned)
+                            })
+                            .unwrap_or_else(|| "DEFAULT".to_owned());
+                        statement.refusal = Some(refuse(
+                            "42601",
+                            format!("syntax error at or near \"{written}\""),
                         ));
                     }
                     // A write stores its values: no string in it may be over DSQL's largest.
@@ -381,6 +419,12 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
                 _ => None,
             }
         }
+        // §10 (L): only the C collations (DSQL has no locale ones; the wording is inferred).
+        pg_query::NodeRef::CollateClause(c) => {
+            let name = c.collname.iter().filter_map(string_of).next_back()?;
+            (!matches!(name, "C" | "POSIX" | "default" | "ucs_basic"))
+                .then(|| unsupported(format!("collation \"{name}\" not supported")))
+        }
         // `text @@ text` searches with the default configuration.
         pg_query::NodeRef::AExpr(e)
             if e.name.iter().filter_map(string_of).eq(["@@"])
@@ -483,6 +527,18 @@ fn has_tablesample(sql: &str) -> bool {
 }
 
 /// Whether the text uses `keyword` as a keyword (not in a string, a comment or a quoted name).
+/// Whether `sql`'s first tokens are `words` (any case).
+fn starts_with_words(sql: &str, words: &[&str]) -> bool {
+    pg_query::scan(sql).is_ok_and(|scanned| {
+        scanned.tokens.len() >= words.len()
+            && scanned
+                .tokens
+                .iter()
+                .zip(words)
+                .all(|(t, w)| sql[t.start as usize..t.end as usize].eq_ignore_ascii_case(w))
+    })
+}
+
 fn has_keyword(sql: &str, keyword: &str) -> bool {
     pg_query::scan(sql).is_ok_and(|scanned| {
         scanned.tokens.iter().any(|t| {

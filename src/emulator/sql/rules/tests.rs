@@ -183,3 +183,135 @@ fn a_literal_is_one_whatever_standard_conforming_strings_says() {
         r"E'x\\''); DROP TABLE t; --'"
     );
 }
+
+#[test]
+fn the_refusals_of_dsql_sql_rules_section_10() {
+    for (sql, message) in [
+        (
+            "CREATE TABLE t (id int PRIMARY KEY) TABLESPACE x",
+            "TABLESPACE not supported for CREATE TABLE",
+        ),
+        (
+            "CREATE INDEX ASYNC i ON t (v) TABLESPACE x",
+            "TABLESPACE not supported for CREATE INDEX",
+        ),
+        (
+            "CREATE TABLE t (id int, CONSTRAINT k PRIMARY KEY (id) USING INDEX TABLESPACE x)",
+            "TABLESPACE not supported for CREATE TABLE",
+        ),
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, c int UNIQUE DEFERRABLE)",
+            "DEFERRABLE not supported for UNIQUE",
+        ),
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, c int UNIQUE INITIALLY DEFERRED)",
+            "DEFERRABLE not supported for UNIQUE",
+        ),
+        (
+            "CREATE TABLE t (id int, PRIMARY KEY (id) DEFERRABLE)",
+            "DEFERRABLE not supported for PRIMARY KEY",
+        ),
+        (
+            "ALTER DOMAIN d SET NOT NULL",
+            "unsupported statement: AlterDomain",
+        ),
+        (
+            "DROP DOMAIN d CASCADE",
+            "DROP DOMAIN with CASCADE unsupported",
+        ),
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, c int CHECK (c > 0) NOT ENFORCED)",
+            "ENFORCED / NOT ENFORCED not supported for constraints",
+        ),
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, c int CHECK (c > 0) ENFORCED)",
+            "ENFORCED / NOT ENFORCED not supported for constraints",
+        ),
+        (
+            "ALTER TABLE t ADD CONSTRAINT k CHECK (c > 0) NOT ENFORCED",
+            "ENFORCED / NOT ENFORCED not supported for constraints",
+        ),
+        (
+            "CREATE INDEX ASYNC i ON t ((v + random()))",
+            "volatile function random() not supported in an index expression",
+        ),
+        (
+            "SELECT 'a' COLLATE \"en_US\"",
+            "collation \"en_US\" not supported",
+        ),
+        ("DROP TRIGGER IF EXISTS trg", "DROP TRIGGER not supported"),
+        (
+            "ALTER STATISTICS s SET STATISTICS 101",
+            "statistics target 101 exceeds maximum allowed value of 100",
+        ),
+    ] {
+        assert_eq!(
+            refused(sql),
+            ("0A000".to_owned(), message.to_owned()),
+            "{sql}"
+        );
+    }
+    // PostgreSQL 17's `SET STATISTICS DEFAULT` is not DSQL's (16's) syntax.
+    assert_eq!(
+        refused("alter statistics s set statistics default"),
+        (
+            "42601".to_owned(),
+            "syntax error at or near \"default\"".to_owned()
+        )
+    );
+    // What stays accepted.
+    for sql in [
+        "CREATE TABLE t (id int PRIMARY KEY, c int CHECK (c > 0), p int REFERENCES q (id))",
+        "CREATE TABLE t (id int PRIMARY KEY, p int REFERENCES q (id) DEFERRABLE INITIALLY DEFERRED)",
+        "CREATE TABLE t (id int PRIMARY KEY, CONSTRAINT f FOREIGN KEY (id) REFERENCES q (id))",
+        "ALTER TABLE t ADD CONSTRAINT k CHECK (c > 0) NOT VALID",
+        "ALTER TABLE t ADD CONSTRAINT f FOREIGN KEY (p) REFERENCES q (id) NOT VALID",
+        "SELECT 'a' COLLATE \"C\", 'b' COLLATE pg_catalog.\"default\"",
+        "CREATE INDEX ASYNC i ON t ((lower(v)))",
+        "DROP TRIGGER trg ON t",
+        "ALTER STATISTICS s SET STATISTICS -2",
+        "CREATE DOMAIN d AS int",
+        "DROP DOMAIN d",
+    ] {
+        let c = classify(sql);
+        assert!(
+            c.statements.iter().all(|s| s.refusal.is_none()),
+            "{sql}: {:?}",
+            c.statements[0].refusal
+        );
+    }
+}
+
+#[test]
+fn numeric_without_a_precision_is_stored_as_dsql_stores_it() {
+    for (sql, sent) in [
+        (
+            "CREATE TABLE t (n numeric)",
+            "CREATE TABLE t (n numeric(18,6))",
+        ),
+        (
+            "CREATE TABLE t (n DECIMAL, m dec, p numeric(10,2))",
+            "CREATE TABLE t (n DECIMAL(18,6), m dec(18,6), p numeric(10,2))",
+        ),
+        (
+            "CREATE TABLE t (\"numeric\" pg_catalog.numeric)",
+            "CREATE TABLE t (\"numeric\" pg_catalog.numeric(18,6))",
+        ),
+        (
+            "ALTER TABLE t ADD COLUMN n numeric",
+            "ALTER TABLE t ADD COLUMN n numeric(18,6)",
+        ),
+        (
+            "CREATE TABLE t (é int, n numeric DEFAULT 1::numeric)",
+            "CREATE TABLE t (é int, n numeric(18,6) DEFAULT 1::numeric)",
+        ),
+        // Other spellings, arrays and casts stay as written.
+        (
+            "CREATE TABLE t (n pg_catalog . numeric)",
+            "CREATE TABLE t (n pg_catalog . numeric)",
+        ),
+        ("SELECT 1::numeric", "SELECT 1::numeric"),
+    ] {
+        assert_eq!(classify(sql).upstream_text, sent, "{sql}");
+    }
+}
