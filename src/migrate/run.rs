@@ -1096,9 +1096,11 @@ impl Migrator {
             async move {
                 Ok::<_, Error>(
                     tx.query_opt(
-                        // DSQL names the index with its schema (`public.i`).
+                        // DSQL names the index with its schema (`public.i`): one of the
+                        // schemas the runner's statements resolve names in.
                         "SELECT job_id FROM sys.jobs \
-                         WHERE (object_name = $1 OR right(object_name, length($1) + 1) = '.' || $1) \
+                         WHERE (object_name = $1 OR object_name IN \
+                                (SELECT s || '.' || $1 FROM unnest(current_schemas(false)) s)) \
                          AND job_type = 'INDEX_BUILD' ORDER BY start_time DESC LIMIT 1",
                         &[&name],
                     )

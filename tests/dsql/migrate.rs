@@ -360,7 +360,7 @@ async fn a_failed_index_job_surfaces_its_job_id() {
         panic!("{err:?}");
     };
     assert!(
-        details.contains("drop it") && details.contains("DROP INDEX owner_name"),
+        details.contains("drop it") && details.contains("DROP INDEX public.owner_name"),
         "names the remedy: {details}"
     );
     // On resume (the statement was in flight): reported again, with its job, never recorded.

@@ -79,8 +79,9 @@ DECLARE
     object_name text := name;
 BEGIN
     -- (Callable by any role: only for a table its own role owns.)
-    IF NOT pg_has_role(session_user,
-                       (SELECT relowner FROM pg_class WHERE oid = relation), 'USAGE') THEN
+    IF NOT coalesce(pg_has_role(session_user,
+                                (SELECT relowner FROM pg_class WHERE oid = relation), 'USAGE'),
+                    false) THEN
         RAISE EXCEPTION USING ERRCODE = '42501',
             MESSAGE = format('must be owner of table %s', relation);
     END IF;
@@ -171,11 +172,13 @@ CREATE OR REPLACE FUNCTION sys.dsql_emulator_failed_job(id text, kind text, rela
                                                         name text, details text)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     -- (Callable by any role: only for a relation its own role owns.)
+    -- (An index the failed build left is named as DSQL names indexes: with its schema.)
     INSERT INTO sys.dsql_emulator_jobs
-    SELECT id, 'failed', details, kind, 'pg_class'::regclass, relation, name, now(),
+    SELECT id, 'failed', details, kind, 'pg_class'::regclass, relation,
+           CASE WHEN c.relkind = 'i' THEN n.nspname || '.' || c.relname ELSE name END, now(),
            clock_timestamp(), sys.dsql_emulator_job_due()
-     WHERE pg_has_role(session_user,
-                       (SELECT relowner FROM pg_class WHERE oid = relation), 'USAGE')
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = relation AND pg_has_role(session_user, c.relowner, 'USAGE')
 $$;
 
 -- Validates a `SELECT … FOR UPDATE` at COMMIT as DSQL does, as if its rows had been written:
@@ -357,12 +360,10 @@ CREATE OR REPLACE FUNCTION sys.dsql_emulator_unbuilt_index(relation oid) RETURNS
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     -- (Named as when it was built, without its schema: adding the constraint may have renamed
     -- it.)
-    SELECT substr(j.object_name, length(n.nspname) + 2)
+    SELECT substring(j.object_name FROM '[^.]*$')
       FROM pg_constraint k
       JOIN pg_index i ON i.indexrelid = k.conindid AND i.indrelid = k.conrelid
       JOIN sys.dsql_emulator_jobs j ON j.object_id = k.conindid AND j.job_type = 'INDEX_BUILD'
-      JOIN pg_class c ON c.oid = k.conrelid
-      JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE k.conrelid = relation AND k.contype IN ('u', 'p') AND j.status = 'completed'
        AND j.due > clock_timestamp()
      LIMIT 1
@@ -421,7 +422,8 @@ DO $$
 BEGIN
     -- (A database prepared before watched fewer statements: its trigger is made again.)
     IF EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_ddl_end'
-                AND NOT evttags @> ARRAY['CREATE STATISTICS']) THEN
+                AND evttags IS DISTINCT FROM ARRAY['CREATE TABLE', 'CREATE INDEX', 'CREATE SCHEMA',
+                    'CREATE STATISTICS', 'CREATE VIEW', 'CREATE SEQUENCE']) THEN
         DROP EVENT TRIGGER dsql_emulator_ddl_end;
     END IF;
     IF NOT EXISTS (SELECT FROM pg_event_trigger WHERE evtname = 'dsql_emulator_ddl_end') THEN

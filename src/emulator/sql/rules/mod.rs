@@ -264,6 +264,16 @@ pub(crate) fn classify(sql: &str) -> Classified {
                             format!("syntax error at or near \"{written}\""),
                         ));
                     }
+                    // An `ENFORCED` / `NOT ENFORCED` the parse tree cannot tell from the default
+                    // (a table's constraint, ALTER CONSTRAINT): found by its token (§10, L).
+                    if matches!(node, NodeEnum::CreateStmt(_) | NodeEnum::AlterTableStmt(_))
+                        && statement.refusal.is_none()
+                        && constraint_enforceability_written(&upstream_text[start..end])
+                    {
+                        statement.refusal = Some(unsupported(
+                            "ENFORCED / NOT ENFORCED not supported for constraints",
+                        ));
+                    }
                     // A write stores its values: no string in it may be over DSQL's largest.
                     if statement.kind == Kind::Dml
                         && statement.refusal.is_none()
@@ -420,11 +430,7 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
             }
         }
         // §10 (L): only the C collations (DSQL has no locale ones; the wording is inferred).
-        pg_query::NodeRef::CollateClause(c) => {
-            let name = c.collname.iter().filter_map(string_of).next_back()?;
-            (!matches!(name, "C" | "POSIX" | "default" | "ucs_basic"))
-                .then(|| unsupported(format!("collation \"{name}\" not supported")))
-        }
+        pg_query::NodeRef::CollateClause(c) => collation(&c.collname),
         // `text @@ text` searches with the default configuration.
         pg_query::NodeRef::AExpr(e)
             if e.name.iter().filter_map(string_of).eq(["@@"])
@@ -526,19 +532,60 @@ fn has_tablesample(sql: &str) -> bool {
     has_keyword(sql, "tablesample")
 }
 
-/// Whether the text uses `keyword` as a keyword (not in a string, a comment or a quoted name).
-/// Whether `sql`'s first tokens are `words` (any case).
-fn starts_with_words(sql: &str, words: &[&str]) -> bool {
-    pg_query::scan(sql).is_ok_and(|scanned| {
-        scanned.tokens.len() >= words.len()
-            && scanned
-                .tokens
+/// §10 (L): only the C collations (DSQL has no locale ones; the wording is inferred), in an
+/// expression, a column, a domain or an index key.
+fn collation(names: &[protobuf::Node]) -> Option<Refusal> {
+    let name = names.iter().filter_map(string_of).next_back()?;
+    (!matches!(name, "C" | "POSIX" | "default" | "ucs_basic"))
+        .then(|| unsupported(format!("collation \"{name}\" not supported")))
+}
+
+/// Whether a table statement's text says `ENFORCED` of a constraint: the keyword after `)`,
+/// `NOT` or a deferrability word (a column named `enforced` comes after `(`, `,`, `COLUMN`,
+/// `TO`, `ALTER`, `RENAME` or `DROP`).
+fn constraint_enforceability_written(sql: &str) -> bool {
+    let Ok(scanned) = pg_query::scan(sql) else {
+        return false;
+    };
+    let words: Vec<&str> = scanned
+        .tokens
+        .iter()
+        .filter(|t| {
+            t.token != protobuf::Token::SqlComment as i32
+                && t.token != protobuf::Token::CComment as i32
+        })
+        .map(|t| {
+            if t.token == protobuf::Token::Ident as i32 {
+                ""
+            } else {
+                &sql[t.start as usize..t.end as usize]
+            }
+        })
+        .collect();
+    words.windows(2).any(|pair| {
+        pair[1].eq_ignore_ascii_case("enforced")
+            && [")", "not", "deferrable", "deferred", "immediate"]
                 .iter()
-                .zip(words)
-                .all(|(t, w)| sql[t.start as usize..t.end as usize].eq_ignore_ascii_case(w))
+                .any(|before| pair[0].eq_ignore_ascii_case(before))
     })
 }
 
+/// Whether `sql`'s first tokens (comments aside) are `words` (any case).
+fn starts_with_words(sql: &str, words: &[&str]) -> bool {
+    pg_query::scan(sql).is_ok_and(|scanned| {
+        let mut tokens = scanned.tokens.iter().filter(|t| {
+            t.token != protobuf::Token::SqlComment as i32
+                && t.token != protobuf::Token::CComment as i32
+        });
+        words.iter().all(|w| {
+            tokens
+                .next()
+                .is_some_and(|t| sql[t.start as usize..t.end as usize].eq_ignore_ascii_case(w))
+        })
+    })
+}
+
+/// Whether the text uses `keyword` as a keyword (not in a string, a comment or a quoted name).
 fn has_keyword(sql: &str, keyword: &str) -> bool {
     pg_query::scan(sql).is_ok_and(|scanned| {
         scanned.tokens.iter().any(|t| {

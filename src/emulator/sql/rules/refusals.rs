@@ -44,6 +44,7 @@ pub(super) fn refusal_of(node: &NodeEnum, is_async: bool, tablesample: bool) -> 
         {
             Some(unsupported("DROP DOMAIN with CASCADE unsupported"))
         }
+        N::CreateDomainStmt(d) => collation(&d.coll_clause.as_ref()?.collname),
         N::CreateFunctionStmt(f) => function(f),
         N::CreateStmt(c) => create_table(c),
         N::CreateSeqStmt(s) => {
@@ -287,13 +288,16 @@ pub(super) fn create_table(c: &protobuf::CreateStmt) -> Option<Refusal> {
         }
     }
     c.table_elts.iter().find_map(|element| match &element.node {
-        Some(NodeEnum::ColumnDef(column)) => column_type(column).or_else(|| identity(column)),
+        Some(NodeEnum::ColumnDef(column)) => column_type(column)
+            .or_else(|| identity(column))
+            .or_else(|| column_collation(column)),
         _ => None,
     })
 }
 
-/// PostgreSQL's volatile built-in functions an index expression could name.
-const VOLATILE: &[&str] = &[
+/// PostgreSQL's built-in functions an index expression could name that are not immutable
+/// (volatile or stable).
+const NOT_IMMUTABLE: &[&str] = &[
     "random",
     "random_normal",
     "setseed",
@@ -327,6 +331,11 @@ fn enforceability(constraint: &protobuf::Constraint) -> Option<Refusal> {
         .then(|| unsupported("ENFORCED / NOT ENFORCED not supported for constraints"))
 }
 
+/// A column's `COLLATE` (§10, L: only the C collations).
+fn column_collation(column: &protobuf::ColumnDef) -> Option<Refusal> {
+    collation(&column.coll_clause.as_ref()?.collname)
+}
+
 /// §10 (M): only a foreign key may be `DEFERRABLE` (the wording is inferred).
 fn deferrable(constraint: &protobuf::Constraint) -> Option<Refusal> {
     let kind = match ConstrType::try_from(constraint.contype).ok()? {
@@ -348,14 +357,17 @@ pub(super) fn alter_table(cmd: &protobuf::AlterTableCmd, is_async: bool) -> Opti
             else {
                 return None;
             };
-            column_type(column).or_else(|| {
-                let constrained = column.constraints.iter().any(|c| {
-                    !matches!(&c.node, Some(NodeEnum::Constraint(c))
+            column_type(column)
+                .or_else(|| column_collation(column))
+                .or_else(|| {
+                    let constrained = column.constraints.iter().any(|c| {
+                        !matches!(&c.node, Some(NodeEnum::Constraint(c))
                         if c.contype == ConstrType::ConstrNull as i32)
-                });
-                constrained
-                    .then(|| unsupported("ALTER TABLE ADD COLUMN with constraint not supported"))
-            })
+                    });
+                    constrained.then(|| {
+                        unsupported("ALTER TABLE ADD COLUMN with constraint not supported")
+                    })
+                })
         }
         AlterTableType::AtAddConstraint => {
             let Some(NodeEnum::Constraint(c)) = cmd.def.as_deref().and_then(|d| d.node.as_ref())
@@ -421,8 +433,8 @@ pub(super) fn index(i: &protobuf::IndexStmt, is_async: bool) -> Option<Refusal> 
             "more than 8 column keys in an index are not supported",
         ));
     }
-    // §10 (L): no volatile function in an index expression (PostgreSQL says 42P17; DSQL's
-    // answer is not recorded: 0A000, the wording inferred).
+    // §10 (L): no function that is not immutable (`random()`) in an index expression
+    // (PostgreSQL says 42P17; DSQL's answer is not recorded: 0A000, the wording inferred).
     let volatile = i.index_params.iter().find_map(|param| match &param.node {
         Some(NodeEnum::IndexElem(e)) => e
             .expr
@@ -432,11 +444,14 @@ pub(super) fn index(i: &protobuf::IndexStmt, is_async: bool) -> Option<Refusal> 
             .nodes()
             .into_iter()
             .find_map(|(node, ..)| match node {
+                // PostgreSQL's own, not a user's function of that name in another schema.
                 pg_query::NodeRef::FuncCall(call) => {
-                    let name = call.funcname.iter().filter_map(string_of).next_back()?;
-                    VOLATILE
-                        .contains(&name.to_ascii_lowercase().as_str())
-                        .then(|| name.to_ascii_lowercase())
+                    let names: Vec<&str> = call.funcname.iter().filter_map(string_of).collect();
+                    let name = match names.as_slice() {
+                        [name] | ["pg_catalog", name] => name.to_ascii_lowercase(),
+                        _ => return None,
+                    };
+                    NOT_IMMUTABLE.contains(&name.as_str()).then_some(name)
                 }
                 _ => None,
             }),
@@ -444,7 +459,7 @@ pub(super) fn index(i: &protobuf::IndexStmt, is_async: bool) -> Option<Refusal> 
     });
     if let Some(name) = volatile {
         return Some(unsupported(format!(
-            "volatile function {name}() not supported in an index expression"
+            "function {name}() is not immutable: not supported in an index expression"
         )));
     }
     i.index_params.iter().find_map(|param| match &param.node {
@@ -454,6 +469,7 @@ pub(super) fn index(i: &protobuf::IndexStmt, is_async: bool) -> Option<Refusal> 
         Some(NodeEnum::IndexElem(e)) if !e.opclass.is_empty() => {
             Some(unsupported("opclass not supported for index keys"))
         }
+        Some(NodeEnum::IndexElem(e)) if !e.collation.is_empty() => collation(&e.collation),
         _ => None,
     })
 }

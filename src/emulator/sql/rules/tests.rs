@@ -233,13 +233,45 @@ fn the_refusals_of_dsql_sql_rules_section_10() {
         ),
         (
             "CREATE INDEX ASYNC i ON t ((v + random()))",
-            "volatile function random() not supported in an index expression",
+            "function random() is not immutable: not supported in an index expression",
         ),
         (
             "SELECT 'a' COLLATE \"en_US\"",
             "collation \"en_US\" not supported",
         ),
         ("DROP TRIGGER IF EXISTS trg", "DROP TRIGGER not supported"),
+        (
+            "-- a comment\nDROP TRIGGER IF EXISTS trg",
+            "DROP TRIGGER not supported",
+        ),
+        (
+            "CREATE TABLE t (id int, cid int, FOREIGN KEY (cid) REFERENCES p (id) ENFORCED)",
+            "ENFORCED / NOT ENFORCED not supported for constraints",
+        ),
+        (
+            "ALTER TABLE t ALTER CONSTRAINT f NOT ENFORCED",
+            "ENFORCED / NOT ENFORCED not supported for constraints",
+        ),
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, c text COLLATE \"en_US\")",
+            "collation \"en_US\" not supported",
+        ),
+        (
+            "ALTER TABLE t ADD COLUMN c text COLLATE \"en_US\"",
+            "collation \"en_US\" not supported",
+        ),
+        (
+            "CREATE DOMAIN d AS text COLLATE \"en_US\"",
+            "collation \"en_US\" not supported",
+        ),
+        (
+            "CREATE INDEX ASYNC i ON t (c COLLATE \"en_US\")",
+            "collation \"en_US\" not supported",
+        ),
+        (
+            "SELECT c FROM t ORDER BY c COLLATE \"en_US\"",
+            "collation \"en_US\" not supported",
+        ),
         (
             "ALTER STATISTICS s SET STATISTICS 101",
             "statistics target 101 exceeds maximum allowed value of 100",
@@ -269,6 +301,12 @@ fn the_refusals_of_dsql_sql_rules_section_10() {
         "SELECT 'a' COLLATE \"C\", 'b' COLLATE pg_catalog.\"default\"",
         "CREATE INDEX ASYNC i ON t ((lower(v)))",
         "DROP TRIGGER trg ON t",
+        "CREATE TABLE t (enforced bool NOT NULL, x int, CHECK (x > 0))",
+        "ALTER TABLE t RENAME COLUMN x TO enforced",
+        "ALTER TABLE t DROP COLUMN enforced",
+        "CREATE TABLE t (id int PRIMARY KEY, c text COLLATE \"C\")",
+        "SELECT c FROM t ORDER BY c COLLATE pg_catalog.\"default\"",
+        "CREATE INDEX ASYNC i ON t ((app.random()))",
         "ALTER STATISTICS s SET STATISTICS -2",
         "CREATE DOMAIN d AS int",
         "DROP DOMAIN d",

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# What the emulator costs a test suite: pgbench (PostgreSQL's own benchmark client) against one
+# PostgreSQL three ways, interleaved round by round:
+#   direct  - straight to the server, over TLS;
+#   relay   - through `dsql-emulator --no-sql-rules` (TLS, IAM token, the relay alone);
+#   rules   - through `dsql-emulator` with DSQL's SQL rules (what a test suite uses).
+# For each pgbench script (a read, a transaction, an autocommit write), protocol (simple,
+# extended) and client count it prints direct's median tps and the median, over rounds, of each
+# path's tps divided by direct's in the same round; at 1 client also the median latency each path
+# adds per statement.
+#
+#   bash benches/relay/run.sh [--rounds N] [--seconds S] [--clients "1 4"] [--quick]
+#
+# Environment: DSQL_EMULATOR (default target/release/dsql-emulator; build it with
+# `cargo build --release --features emulator --bin dsql-emulator`), PG_BIN (the server's bin
+# directory; default the newest /usr/lib/postgresql/*/bin), PGBENCH (default pgbench on PATH, in
+# PG_BIN or in /usr/lib/postgresql/*/bin). `--quick` runs every row once for a second: a check
+# that the harness works, not a measurement.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+rounds=5 seconds=2 clients="1 4"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rounds) rounds=$2; shift ;;
+        --seconds) seconds=$2; shift ;;
+        --clients) clients=$2; shift ;;
+        --quick) rounds=1 seconds=1 ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+emulator=${DSQL_EMULATOR:-$PWD/target/release/dsql-emulator}
+newest_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+pg_bin=${PG_BIN:-$newest_bin}
+pgbench=${PGBENCH:-$(command -v pgbench || true)}
+[ -n "$pgbench" ] || pgbench=$(ls /usr/lib/postgresql/*/bin/pgbench "$pg_bin/pgbench" 2>/dev/null | tail -1)
+for tool in "$emulator" "$pg_bin/initdb" "$pg_bin/postgres" "$pgbench"; do
+    [ -x "$tool" ] || { echo "missing: $tool" >&2; exit 1; }
+done
+command -v openssl >/dev/null || { echo "missing: openssl" >&2; exit 1; }
+
+work="$PWD/target/relay-bench"
+rm -rf "$work" && mkdir -p "$work"
+as_server=()
+if [ "$(id -u)" -eq 0 ]; then
+    user=$(getent passwd postgres >/dev/null && echo postgres || echo nobody)
+    chown "$user" "$work"
+    as_server=(runuser -u "$user" --)
+fi
+
+# The server, with TLS, trusting local connections (the benchmark measures paths, not auth).
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"${as_server[@]}" "$pg_bin/initdb" -D "$work/pg" -U admin -A trust >/dev/null
+"${as_server[@]}" openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost \
+    -keyout "$work/pg/server.key" -out "$work/pg/server.crt" 2>/dev/null
+cat >> "$work/pg/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$work'
+max_connections = 200
+ssl = on
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+autovacuum = off
+EOF
+"${as_server[@]}" "$pg_bin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w start >/dev/null
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    "${as_server[@]}" "$pg_bin/pg_ctl" -D "$work/pg" -m fast stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+direct_env="PGHOST=127.0.0.1 PGPORT=$port PGUSER=admin PGDATABASE=postgres PGSSLMODE=require"
+# shellcheck disable=SC2086
+env -u PGHOSTADDR -u PGSSLROOTCERT -u PGPASSWORD $direct_env psql -qX -v ON_ERROR_STOP=1 -c \
+    "CREATE TABLE t (k int PRIMARY KEY, v int NOT NULL);
+     INSERT INTO t SELECT k, 0 FROM generate_series(1, 1000) k"
+
+# The two emulators, relaying to that server's own database.
+key=AKIDRELAYBENCH secret=relay-bench-secret
+start_emulator() { # name, extra options...
+    local name=$1; shift
+    AWS_SESSION_TOKEN= "$emulator" --upstream "postgresql://admin@127.0.0.1:$port/postgres?sslmode=disable" \
+        --keep-upstream-database --port 0 --access-key-id "$key" --secret-access-key "$secret" \
+        --max-connections 1000 --rate-limit 100000/100000 --exit-with-parent \
+        --env-file "$work/$name.env" "$@" > "$work/$name.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 300); do
+        [ -s "$work/$name.env" ] && break
+        sleep 0.1
+    done
+    [ -s "$work/$name.env" ] || { cat "$work/$name.log"; exit 1; }
+}
+start_emulator relay --no-sql-rules
+start_emulator rules
+through() { # name -> the env assignments for pgbench through that emulator (a fresh token)
+    (
+        # shellcheck disable=SC1090
+        . "$work/$1.env"
+        token=$(AWS_SECRET_ACCESS_KEY=$secret "$emulator" token)
+        echo "PGHOST=$PGHOST PGHOSTADDR=$PGHOSTADDR PGPORT=$PGPORT PGUSER=admin PGDATABASE=postgres \
+PGSSLMODE=verify-full PGSSLROOTCERT=$PGSSLROOTCERT PGPASSWORD=$token"
+    )
+}
+
+cat > "$work/read.sql" <<'EOF'
+\set k random(1, 1000)
+SELECT v FROM t WHERE k = :k;
+EOF
+cat > "$work/transaction.sql" <<'EOF'
+\set k random(1, 1000)
+BEGIN;
+UPDATE t SET v = v + 1 WHERE k = :k;
+SELECT v FROM t WHERE k = :k;
+COMMIT;
+EOF
+cat > "$work/write.sql" <<'EOF'
+\set k random(1, 1000)
+UPDATE t SET v = v + 1 WHERE k = :k;
+EOF
+declare -A statements=([read]=1 [transaction]=4 [write]=1)
+
+# One pgbench run: "<tps> <median latency in µs>".
+bench() { # path, script, protocol, clients
+    local path=$1 script=$2 protocol=$3 c=$4 env
+    case "$path" in
+        direct) env=$direct_env ;;
+        *) env=$(through "$path") ;;
+    esac
+    rm -f "$work"/log.*
+    # shellcheck disable=SC2086
+    env -u PGHOSTADDR -u PGSSLROOTCERT -u PGPASSWORD $env "$pgbench" -n -f "$work/$script.sql" -M "$protocol" -c "$c" -j "$c" -T "$seconds" \
+        --max-tries 100 -l --log-prefix "$work/log" > "$work/out" 2>&1 \
+        || { cat "$work/out" >&2; exit 1; }
+    local tps p50
+    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/out" | head -1)
+    p50=$(cat "$work"/log.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    echo "$tps $p50"
+}
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+printf '%s rounds of %s s each, interleaved (direct, relay, rules); pgbench %s; %s\n' \
+    "$rounds" "$seconds" "$("$pgbench" --version | awk '{print $3}')" "$("$pg_bin/postgres" --version)"
+printf '| script | protocol | clients | direct tps | relay | relay + rules | added p50 per statement (relay, rules) |\n'
+printf '|---|---|---|---|---|---|---|\n'
+for script in read transaction write; do
+    for protocol in simple extended; do
+        for c in $clients; do
+            : > "$work/direct.tps"; : > "$work/relay.ratio"; : > "$work/rules.ratio"
+            : > "$work/relay.added"; : > "$work/rules.added"
+            for _ in $(seq 1 "$rounds"); do
+                read -r d_tps d_p50 <<< "$(bench direct "$script" "$protocol" "$c")"
+                read -r r_tps r_p50 <<< "$(bench relay "$script" "$protocol" "$c")"
+                read -r s_tps s_p50 <<< "$(bench rules "$script" "$protocol" "$c")"
+                echo "$d_tps" >> "$work/direct.tps"
+                awk -v a="$r_tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/relay.ratio"
+                awk -v a="$s_tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/rules.ratio"
+                n=${statements[$script]}
+                awk -v a="$r_p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/relay.added"
+                awk -v a="$s_p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/rules.added"
+            done
+            added="–"
+            if [ "$c" = 1 ]; then
+                added=$(printf '%.0f µs, %.0f µs' "$(median < "$work/relay.added")" "$(median < "$work/rules.added")")
+            fi
+            printf '| %s | %s | %s | %.0f | %.2f× | %.2f× | %s |\n' "$script" "$protocol" "$c" \
+                "$(median < "$work/direct.tps")" "$(median < "$work/relay.ratio")" \
+                "$(median < "$work/rules.ratio")" "$added"
+        done
+    done
+done
