@@ -173,6 +173,17 @@ impl DsqlConnector {
                 // (nothing is recorded against it). After a refusal that was being retried,
                 // that refusal says more than the timeout.
                 Err(AttemptError::DeadlinePassed(error)) => {
+                    // An endpoint still waking up when the deadline came is one failure of it,
+                    // whether the deadline came during a backoff or during an attempt.
+                    if let Some(
+                        refusal @ Error::Unavailable {
+                            reason: UnavailableReason::WakingUp,
+                            ..
+                        },
+                    ) = &last_refusal
+                    {
+                        self.record_failure(&target, refusal, attempt_started);
+                    }
                     return Err(last_refusal.unwrap_or(error));
                 }
             };

@@ -535,3 +535,31 @@ async fn an_endpoint_still_waking_up_at_the_deadline_is_marked_down() {
     client.simple_query("SELECT 1").await.unwrap();
     assert_eq!(east2.stats().accepted, 1);
 }
+
+/// The deadline may also come in the middle of an attempt that follows a waking-up refusal
+/// (here each attempt takes about 0.6 s: 100 ms each way): still one failure of the endpoint,
+/// marked down as when the deadline comes during a backoff.
+#[tokio::test]
+async fn an_endpoint_still_waking_up_when_the_deadline_cuts_an_attempt_is_marked_down() {
+    let (east1, _east2) = DsqlEmulator::start_pair().await.unwrap();
+    let connector = over_pair((&east1, &_east2), |b| {
+        b.connect_deadline(Duration::from_secs(2))
+            .failback_probe_interval(Duration::from_secs(3600))
+            .failover(quick())
+    })
+    .await;
+    east1.set_latency(Duration::from_millis(100));
+    east1.wake_up_after(Duration::from_secs(60));
+    let err = connector.connect().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unavailable {
+                reason: tokio_postgres_dsql::UnavailableReason::WakingUp,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!connector.endpoint_health()[0].up);
+}

@@ -108,8 +108,9 @@ END $$;
 -- `SELECT sys.dsql_emulator_ddl_job(…) AS job_id`, one statement for either protocol. DSQL
 -- answers first and builds later: what the build meets fails the job, not the statement
 -- (duplicate keys; for a validation, rows that break the constraint). A unique index whose
--- build failed stays, as on DSQL: not valid, and enforcing uniqueness on later writes (built
--- as `placeholder`, the same index over no rows, whose predicate is then taken away).
+-- build failed stays, as on DSQL: not valid, checking later writes against the rows written
+-- since (built as `placeholder`, the same index over no rows, whose predicate is then taken
+-- away).
 CREATE OR REPLACE FUNCTION sys.dsql_emulator_ddl_job(ddl text, kind text, relation text, name text,
                                                      placeholder text)
 RETURNS text LANGUAGE plpgsql AS $$
