@@ -10,6 +10,11 @@
 # adds per statement.
 #
 #   bash benches/relay/run.sh [--rounds N] [--seconds S] [--clients "1 4"] [--quick]
+#                             [--scripts "read transaction write"] [--protocols "simple extended"]
+#
+# For a profile of one path, run a part of it under perf, e.g. `perf record -a -g -- bash
+# benches/relay/run.sh --scripts write --protocols simple --clients 4 --rounds 1 --seconds 10`,
+# then `perf report --comm tokio-runtime-w` (the emulators' threads).
 #
 # Environment: DSQL_EMULATOR (default target/release/dsql-emulator; build it with
 # `cargo build --release --features emulator --bin dsql-emulator`), PG_BIN (the server's bin
@@ -19,12 +24,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-rounds=5 seconds=2 clients="1 4"
+rounds=5 seconds=2 clients="1 4" scripts="read transaction write" protocols="simple extended"
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) rounds=$2; shift ;;
         --seconds) seconds=$2; shift ;;
         --clients) clients=$2; shift ;;
+        --scripts) scripts=$2; shift ;;
+        --protocols) protocols=$2; shift ;;
         --quick) rounds=1 seconds=1 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
@@ -148,8 +155,8 @@ printf '%s rounds of %s s each, interleaved (direct, relay, rules); pgbench %s; 
     "$rounds" "$seconds" "$("$pgbench" --version | awk '{print $3}')" "$("$pg_bin/postgres" --version)"
 printf '| script | protocol | clients | direct tps | relay | relay + rules | added p50 per statement (relay, rules) |\n'
 printf '|---|---|---|---|---|---|---|\n'
-for script in read transaction write; do
-    for protocol in simple extended; do
+for script in $scripts; do
+    for protocol in $protocols; do
         for c in $clients; do
             : > "$work/direct.tps"; : > "$work/relay.ratio"; : > "$work/rules.ratio"
             : > "$work/relay.added"; : > "$work/rules.added"

@@ -141,9 +141,11 @@ async fn check_pool(target: &Target) {
                 .get::<_, i32>(0),
         );
     }
-    // One at a time: the pool hands the same connection back.
+    // One at a time, connections are handed back out: three checkouts use at most two
+    // (the one in use, and the warm one `min_idle` opens meanwhile, whenever that lands).
+    pids.sort_unstable();
     pids.dedup();
-    assert_eq!(pids.len(), 1, "{}: {pids:?}", target.name);
+    assert!(pids.len() <= 2, "{}: {pids:?}", target.name);
 }
 
 async fn check_retry(target: &Target) {
