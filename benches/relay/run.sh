@@ -19,8 +19,9 @@
 # Environment: DSQL_EMULATOR (default target/release/dsql-emulator; build it with
 # `cargo build --release --features emulator --bin dsql-emulator`), PG_BIN (the server's bin
 # directory; default the newest /usr/lib/postgresql/*/bin), PGBENCH (default pgbench on PATH, in
-# PG_BIN or in /usr/lib/postgresql/*/bin). `--quick` runs every row once for a second: a check
-# that the harness works, not a measurement.
+# PG_BIN or in /usr/lib/postgresql/*/bin). `--quick` runs every row once for a second (about a
+# minute in all): a check that the harness works, not a measurement. The rules path runs as
+# DSQL does (REPEATABLE READ, conflicts at COMMIT): pgbench retries its 40001s (`--max-tries`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -42,20 +43,38 @@ emulator=${DSQL_EMULATOR:-$PWD/target/release/dsql-emulator}
 newest_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 pg_bin=${PG_BIN:-$newest_bin}
 pgbench=${PGBENCH:-$(command -v pgbench || true)}
-[ -n "$pgbench" ] || pgbench=$(ls /usr/lib/postgresql/*/bin/pgbench "$pg_bin/pgbench" 2>/dev/null | tail -1)
+if [ -z "$pgbench" ]; then
+    for candidate in "$pg_bin/pgbench" $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+        [ -d "$candidate" ] && candidate="$candidate/pgbench"
+        [ -x "$candidate" ] && { pgbench=$candidate; break; }
+    done
+fi
 for tool in "$emulator" "$pg_bin/initdb" "$pg_bin/postgres" "$pgbench"; do
     [ -x "$tool" ] || { echo "missing: $tool" >&2; exit 1; }
 done
 command -v openssl >/dev/null || { echo "missing: openssl" >&2; exit 1; }
 
 work="$PWD/target/relay-bench"
-rm -rf "$work" && mkdir -p "$work"
 as_server=()
 if [ "$(id -u)" -eq 0 ]; then
     user=$(getent passwd postgres >/dev/null && echo postgres || echo nobody)
-    chown "$user" "$work"
     as_server=(runuser -u "$user" --)
 fi
+# (A server an interrupted run left behind is stopped first.)
+if [ -f "$work/pg/postmaster.pid" ]; then
+    "${as_server[@]}" "$pg_bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true
+fi
+rm -rf "$work" && mkdir -p "$work"
+[ "${#as_server[@]}" -eq 0 ] || chown "$user" "$work"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [ -f "$work/pg/postmaster.pid" ]; then
+        "${as_server[@]}" "$pg_bin/pg_ctl" -D "$work/pg" -m fast stop >/dev/null 2>&1 || true
+    fi
+}
+trap cleanup EXIT
 
 # The server, with TLS, trusting local connections (the benchmark measures paths, not auth).
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -74,13 +93,6 @@ full_page_writes = off
 autovacuum = off
 EOF
 "${as_server[@]}" "$pg_bin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w start >/dev/null
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    "${as_server[@]}" "$pg_bin/pg_ctl" -D "$work/pg" -m fast stop >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
 
 direct_env="PGHOST=127.0.0.1 PGPORT=$port PGUSER=admin PGDATABASE=postgres PGSSLMODE=require"
 # shellcheck disable=SC2086
@@ -109,7 +121,7 @@ through() { # name -> the env assignments for pgbench through that emulator (a f
     (
         # shellcheck disable=SC1090
         . "$work/$1.env"
-        token=$(AWS_SECRET_ACCESS_KEY=$secret "$emulator" token)
+        token=$(AWS_SECRET_ACCESS_KEY=$secret AWS_SESSION_TOKEN= "$emulator" token)
         echo "PGHOST=$PGHOST PGHOSTADDR=$PGHOSTADDR PGPORT=$PGPORT PGUSER=admin PGDATABASE=postgres \
 PGSSLMODE=verify-full PGSSLROOTCERT=$PGSSLROOTCERT PGPASSWORD=$token"
     )
@@ -146,7 +158,14 @@ bench() { # path, script, protocol, clients
         || { cat "$work/out" >&2; exit 1; }
     local tps p50
     tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/out" | head -1)
-    p50=$(cat "$work"/log.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    # (Only transactions that completed: a failed one's latency field says `failed`.)
+    p50=$(cat "$work"/log.* | awk '$3 ~ /^[0-9]+$/ {print $3}' | sort -n \
+        | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    if ! awk -v t="${tps:-0}" 'BEGIN {exit !(t > 0)}' || [ -z "$p50" ]; then
+        echo "pgbench through $path ($script, $protocol, $c clients) completed nothing:" >&2
+        cat "$work/out" >&2
+        return 1
+    fi
     echo "$tps $p50"
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
@@ -161,9 +180,12 @@ for script in $scripts; do
             : > "$work/direct.tps"; : > "$work/relay.ratio"; : > "$work/rules.ratio"
             : > "$work/relay.added"; : > "$work/rules.added"
             for _ in $(seq 1 "$rounds"); do
-                read -r d_tps d_p50 <<< "$(bench direct "$script" "$protocol" "$c")"
-                read -r r_tps r_p50 <<< "$(bench relay "$script" "$protocol" "$c")"
-                read -r s_tps s_p50 <<< "$(bench rules "$script" "$protocol" "$c")"
+                out=$(bench direct "$script" "$protocol" "$c") || exit 1
+                read -r d_tps d_p50 <<< "$out"
+                out=$(bench relay "$script" "$protocol" "$c") || exit 1
+                read -r r_tps r_p50 <<< "$out"
+                out=$(bench rules "$script" "$protocol" "$c") || exit 1
+                read -r s_tps s_p50 <<< "$out"
                 echo "$d_tps" >> "$work/direct.tps"
                 awk -v a="$r_tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/relay.ratio"
                 awk -v a="$s_tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/rules.ratio"

@@ -112,6 +112,9 @@ impl DsqlConnector {
         let mut failed_here = vec![false; self.inner.targets.len()];
         // The last transient refusal, retried after a backoff.
         let mut last_refusal: Option<Error> = None;
+        // Which endpoint answered it, and when that attempt began (a waking-up refusal that
+        // outlasts the deadline is one failure of that endpoint).
+        let mut refused_by: Option<(usize, Instant)> = None;
         loop {
             let target = self.pick(&failed_here).clone();
             *last = target.clone();
@@ -124,6 +127,7 @@ impl DsqlConnector {
                     }
                     if let Err(timeout) = self.wait_for_rate_limit(deadline, &target).await {
                         // A refusal being retried says more than the limiter's timeout.
+                        self.record_still_waking(&last_refusal, refused_by);
                         return Err(last_refusal.unwrap_or(timeout));
                     }
                     *attempts += 1;
@@ -170,20 +174,12 @@ impl DsqlConnector {
                 }
                 Err(AttemptError::TimedOut(error)) => error,
                 // The deadline cut the attempt short: the deadline's doing, not the endpoint's
-                // (nothing is recorded against it). After a refusal that was being retried,
-                // that refusal says more than the timeout.
+                // (nothing is recorded against it for this attempt). After a refusal that was
+                // being retried, that refusal says more than the timeout.
                 Err(AttemptError::DeadlinePassed(error)) => {
                     // An endpoint still waking up when the deadline came is one failure of it,
                     // whether the deadline came during a backoff or during an attempt.
-                    if let Some(
-                        refusal @ Error::Unavailable {
-                            reason: UnavailableReason::WakingUp,
-                            ..
-                        },
-                    ) = &last_refusal
-                    {
-                        self.record_failure(&target, refusal, attempt_started);
-                    }
+                    self.record_still_waking(&last_refusal, refused_by);
                     return Err(last_refusal.unwrap_or(error));
                 }
             };
@@ -263,7 +259,27 @@ impl DsqlConnector {
                 "could not connect to DSQL; retrying after a backoff"
             );
             last_refusal = matches!(error, Error::Unavailable { .. }).then_some(error);
+            refused_by = Some((target.index, attempt_started));
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// A waking-up refusal still being retried when the deadline came: one failure of the
+    /// endpoint that answered it, dated by the attempt it answered (the attempt the deadline cut,
+    /// or the wait before it, is no evidence of its own).
+    fn record_still_waking(&self, refusal: &Option<Error>, refused_by: Option<(usize, Instant)>) {
+        if let (
+            Some(
+                refusal @ Error::Unavailable {
+                    reason: UnavailableReason::WakingUp,
+                    ..
+                },
+            ),
+            Some((index, started)),
+        ) = (refusal, refused_by)
+            && let Some(target) = self.inner.targets.get(index)
+        {
+            self.record_failure(target, refusal, started);
         }
     }
 

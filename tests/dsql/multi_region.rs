@@ -536,9 +536,10 @@ async fn an_endpoint_still_waking_up_at_the_deadline_is_marked_down() {
     assert_eq!(east2.stats().accepted, 1);
 }
 
-/// The deadline may also come in the middle of an attempt that follows a waking-up refusal
-/// (here each attempt takes about 0.6 s: 100 ms each way): still one failure of the endpoint,
-/// marked down as when the deadline comes during a backoff.
+/// The deadline may also come in the middle of an attempt that follows a waking-up refusal:
+/// still one failure of the endpoint, marked down as when the deadline comes during a backoff.
+/// With 100 ms each way and a 2 s deadline, the deadline cuts an attempt in about two runs of
+/// three (else it comes during a backoff): either way the endpoint must be marked down.
 #[tokio::test]
 async fn an_endpoint_still_waking_up_when_the_deadline_cuts_an_attempt_is_marked_down() {
     let (east1, _east2) = DsqlEmulator::start_pair().await.unwrap();
