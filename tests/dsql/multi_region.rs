@@ -506,15 +506,20 @@ async fn under_load_the_pool_fails_over_and_back_and_loses_nothing() {
     assert!(committed > 100, "{committed}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_still_waking_up_at_the_deadline_is_marked_down() {
+/// A pair whose first endpoint keeps waking up (`latency` each way to it), and a connector
+/// with `deadline` whose first connect has failed, as it must, with DSQL's waking-up refusal.
+async fn waking_first(
+    deadline: Duration,
+    latency: Duration,
+) -> (DsqlEmulator, DsqlEmulator, DsqlConnector) {
     let (east1, east2) = DsqlEmulator::start_pair().await.unwrap();
     let connector = over_pair((&east1, &east2), |b| {
-        b.connect_deadline(Duration::from_secs(1))
+        b.connect_deadline(deadline)
             .failback_probe_interval(Duration::from_secs(3600))
             .failover(quick())
     })
     .await;
+    east1.set_latency(latency);
     east1.wake_up_after(Duration::from_secs(60));
     // Waking up is retried on the same endpoint until the deadline: not a network failure.
     let err = connector.connect().await.unwrap_err();
@@ -528,6 +533,12 @@ async fn an_endpoint_still_waking_up_at_the_deadline_is_marked_down() {
         ),
         "{err:?}"
     );
+    (east1, east2, connector)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_still_waking_up_at_the_deadline_is_marked_down() {
+    let (_east1, east2, connector) = waking_first(Duration::from_secs(1), Duration::ZERO).await;
     assert_eq!(east2.stats().connections, 0);
     // Still waking after the whole deadline: down, and the next connect goes to the peer.
     assert!(!connector.endpoint_health()[0].up);
@@ -542,25 +553,7 @@ async fn an_endpoint_still_waking_up_at_the_deadline_is_marked_down() {
 /// three (else it comes during a backoff): either way the endpoint must be marked down.
 #[tokio::test]
 async fn an_endpoint_still_waking_up_when_the_deadline_cuts_an_attempt_is_marked_down() {
-    let (east1, _east2) = DsqlEmulator::start_pair().await.unwrap();
-    let connector = over_pair((&east1, &_east2), |b| {
-        b.connect_deadline(Duration::from_secs(2))
-            .failback_probe_interval(Duration::from_secs(3600))
-            .failover(quick())
-    })
-    .await;
-    east1.set_latency(Duration::from_millis(100));
-    east1.wake_up_after(Duration::from_secs(60));
-    let err = connector.connect().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Unavailable {
-                reason: tokio_postgres_dsql::UnavailableReason::WakingUp,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    let (_east1, _east2, connector) =
+        waking_first(Duration::from_secs(2), Duration::from_millis(100)).await;
     assert!(!connector.endpoint_health()[0].up);
 }

@@ -114,6 +114,27 @@ pub(crate) struct Classified {
     pub(crate) job: Option<&'static str>,
 }
 
+impl Classified {
+    /// `statements` for `upstream_text`, which names no relation and runs no job.
+    fn whole(statements: Vec<Statement>, upstream_text: String) -> Classified {
+        Classified {
+            statements,
+            upstream_text,
+            tables: Vec::new(),
+            written: Vec::new(),
+            job: None,
+        }
+    }
+}
+
+/// A statement DSQL refuses with `refusal`.
+fn refused(refusal: Refusal) -> Statement {
+    Statement {
+        refusal: Some(refusal),
+        ..Statement::other()
+    }
+}
+
 /// Reads `sql`.
 pub(crate) fn classify(sql: &str) -> Classified {
     // DSQL's own admin statements, which PostgreSQL's grammar does not know.
@@ -133,23 +154,12 @@ pub(crate) fn classify(sql: &str) -> Classified {
         if starts_with_words(&upstream_text, &["drop", "trigger"])
             && !has_keyword(&upstream_text, "on")
         {
-            let mut statement = Statement::other();
-            statement.refusal = Some(unsupported("DROP TRIGGER not supported"));
-            return Classified {
-                statements: vec![statement],
+            return Classified::whole(
+                vec![refused(unsupported("DROP TRIGGER not supported"))],
                 upstream_text,
-                tables: Vec::new(),
-                written: Vec::new(),
-                job: None,
-            };
+            );
         }
-        return Classified {
-            statements: Vec::new(),
-            upstream_text,
-            tables: Vec::new(),
-            written: Vec::new(),
-            job: None,
-        };
+        return Classified::whole(Vec::new(), upstream_text);
     };
     let bare = |name: &String| {
         let name = name.rsplit('.').next().unwrap_or(name);
@@ -178,18 +188,11 @@ pub(crate) fn classify(sql: &str) -> Classified {
             "server_version_num" => Some(super::DSQL_SERVER_VERSION_NUM),
             // PostgreSQL 16 (DSQL's) has no such settings; an older upstream still answers.
             "lc_collate" | "lc_ctype" => {
-                let mut statement = Statement::other();
-                statement.refusal = Some(refuse(
+                let refusal = refuse(
                     "42704",
                     format!("unrecognized configuration parameter \"{name}\""),
-                ));
-                return Classified {
-                    statements: vec![statement],
-                    upstream_text,
-                    tables: Vec::new(),
-                    written: Vec::new(),
-                    job: None,
-                };
+                );
+                return Classified::whole(vec![refused(refusal)], upstream_text);
             }
             _ => None,
         };
