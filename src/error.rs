@@ -182,13 +182,14 @@ pub enum Error {
     #[error(
         "the transaction was rolled back at COMMIT: a statement in it failed and the body did \
          not return that error{}",
-        server_detail(source)
+        source.as_ref().map(server_detail).unwrap_or_default()
     )]
     #[non_exhaustive]
     TransactionRolledBack {
-        /// The error the server gave a statement sent after the failure.
+        /// The error the server gave a statement sent after the failure; `None` when the
+        /// failure was read from the session's state (the Diesel helper).
         #[source]
-        source: tokio_postgres::Error,
+        source: Option<tokio_postgres::Error>,
     },
 
     /// The connection was lost while `COMMIT` was in flight, or (with
@@ -217,6 +218,33 @@ pub enum Error {
         /// The bound that was passed.
         timeout: std::time::Duration,
     },
+
+    /// A Diesel query failed (feature `diesel-async`): a statement in a
+    /// [`retry_transaction`](crate::DsqlPool::retry_transaction) body of a Diesel pool, its
+    /// `BEGIN` or `COMMIT`, or diesel-async's setup of a new connection. `Display` shows the
+    /// SQLSTATE and the server's message; [`crate::diesel::DsqlDieselError`] reads the
+    /// SQLSTATE, HINT and conflict from it.
+    #[cfg(feature = "diesel-async")]
+    #[error("diesel query failed{}", crate::diesel::detail(source))]
+    #[non_exhaustive]
+    Diesel {
+        /// Diesel's error.
+        #[source]
+        source: ::diesel::result::Error,
+    },
+
+    /// A transaction was opened inside a transaction (feature `diesel-async`: a
+    /// `conn.transaction(…)` inside a Diesel pool's
+    /// [`retry_transaction`](crate::DsqlPool::retry_transaction) body). Diesel sends a
+    /// `SAVEPOINT` for it, which DSQL refuses (`0A000 unsupported transaction statement:
+    /// SAVEPOINT`). The whole transaction was rolled back; nothing was written. Not retried.
+    #[cfg(feature = "diesel-async")]
+    #[error(
+        "a nested transaction was opened inside a DSQL transaction: it needs a SAVEPOINT, which \
+         DSQL does not support (0A000); run its statements in the outer transaction's body. \
+         Nothing was written"
+    )]
+    NestedTransaction,
 
     // ---- The pool ---------------------------------------------------------------------------
     /// A pooled connection cannot be handed out (closed, or past its recycle deadline). The
@@ -264,9 +292,11 @@ impl Error {
             Error::AccessDenied { source, .. } | Error::UnknownRole { source, .. } => source.code(),
             Error::Unavailable { source, .. }
             | Error::Connect { source, .. }
-            | Error::TransactionRolledBack { source, .. }
             | Error::Query { source, .. }
             | Error::Tls { source, .. } => source.code(),
+            Error::TransactionRolledBack {
+                source: Some(source),
+            } => source.code(),
             _ => None,
         }
     }
@@ -282,9 +312,11 @@ impl Error {
             }
             Error::Unavailable { source, .. }
             | Error::Connect { source, .. }
-            | Error::TransactionRolledBack { source, .. }
             | Error::Query { source, .. }
             | Error::Tls { source, .. } => source.as_db_error(),
+            Error::TransactionRolledBack {
+                source: Some(source),
+            } => source.as_db_error(),
             Error::CommitOutcomeUnknown {
                 source: Some(source),
             } => source.as_db_error(),
@@ -358,6 +390,14 @@ impl From<tokio_postgres::Error> for Error {
     /// A query's error: [`Error::Query`].
     fn from(source: tokio_postgres::Error) -> Self {
         Error::Query { source }
+    }
+}
+
+#[cfg(feature = "diesel-async")]
+impl From<::diesel::result::Error> for Error {
+    /// A Diesel query's error: [`Error::Diesel`].
+    fn from(source: ::diesel::result::Error) -> Self {
+        Error::Diesel { source }
     }
 }
 

@@ -62,6 +62,8 @@
 mod admission;
 pub mod config;
 mod connector;
+#[cfg(feature = "diesel-async")]
+pub mod diesel;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 mod error;

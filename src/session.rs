@@ -9,14 +9,24 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-/// A connection's session state as last reported by the server.
+/// A connection's session state as last reported by the server. (`pub` only to appear in the
+/// sealed [`PoolClient`](crate::pool::PoolClient)'s methods; the module is private.)
 #[derive(Debug, Default)]
-pub(crate) struct SessionWatch {
+pub struct SessionWatch {
     /// The last `ReadyForQuery` status byte; 0 before the first.
     status: AtomicU8,
     /// A `ParameterStatus` arrived after the first `ReadyForQuery`: a reported setting
     /// (`TimeZone`, `DateStyle`, `application_name`, …) was changed with `SET`.
     settings_changed: AtomicBool,
+    /// An `ErrorResponse` of severity `FATAL` or `PANIC` arrived: the server is ending the
+    /// session, whatever the statement it answered (a `COMMIT` so answered has an unknown
+    /// outcome).
+    fatal: AtomicBool,
+    /// The connection's task has ended (the socket is gone): what `Client::is_closed` says,
+    /// for clients that do not expose it.
+    closed: AtomicBool,
+    /// A nested transaction (a savepoint) was begun through Diesel's transaction manager.
+    nested: AtomicBool,
 }
 
 /// The transaction status the server last reported.
@@ -52,7 +62,38 @@ impl SessionWatch {
     pub(crate) fn settings_reset(&self) {
         self.settings_changed.store(false, Ordering::Release);
     }
+
+    /// Whether the server sent a `FATAL` (or `PANIC`) error on this connection.
+    pub(crate) fn fatal_seen(&self) -> bool {
+        self.fatal.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection's task has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Records that the connection's task has ended.
+    pub(crate) fn set_closed(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Records that a nested transaction was begun.
+    #[cfg(feature = "diesel-async")]
+    pub(crate) fn note_nested(&self) {
+        self.nested.store(true, Ordering::Release);
+    }
+
+    /// Whether a nested transaction was begun since the last call.
+    #[cfg(feature = "diesel-async")]
+    pub(crate) fn take_nested(&self) -> bool {
+        self.nested.swap(false, Ordering::AcqRel)
+    }
 }
+
+/// How many bytes of an `ErrorResponse` body the scanner keeps to read its severity: the
+/// `S` field comes first (`SFATAL\0`), the non-localised `V` field second.
+const ERROR_HEAD: usize = 32;
 
 /// Where the scanner is in the message stream.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +111,9 @@ pub(crate) struct BackendScanner {
     header: [u8; 5],
     position: Position,
     ready_seen: bool,
+    /// The first bytes of the `ErrorResponse` body being read.
+    error_head: [u8; ERROR_HEAD],
+    error_have: usize,
 }
 
 impl BackendScanner {
@@ -79,6 +123,8 @@ impl BackendScanner {
             header: [0; 5],
             position: Position::Header { have: 0 },
             ready_seen: false,
+            error_head: [0; ERROR_HEAD],
+            error_have: 0,
         }
     }
 
@@ -112,6 +158,12 @@ impl BackendScanner {
                         self.watch.status.store(data[0], Ordering::Release);
                     }
                     let take = left.min(data.len());
+                    if self.header[0] == b'E' && self.error_have < ERROR_HEAD {
+                        let keep = take.min(ERROR_HEAD - self.error_have);
+                        self.error_head[self.error_have..self.error_have + keep]
+                            .copy_from_slice(&data[..keep]);
+                        self.error_have += keep;
+                    }
                     data = &data[take..];
                     if take == left {
                         self.message_end();
@@ -130,10 +182,29 @@ impl BackendScanner {
         match self.header[0] {
             b'Z' => self.ready_seen = true,
             b'S' if self.ready_seen => self.watch.settings_changed.store(true, Ordering::Release),
+            b'E' if fatal(&self.error_head[..self.error_have]) => {
+                self.watch.fatal.store(true, Ordering::Release)
+            }
             _ => {}
         }
+        self.error_have = 0;
         self.position = Position::Header { have: 0 };
     }
+}
+
+/// Whether the start of an `ErrorResponse` body has a severity (`S`, or the non-localised
+/// `V`) of `FATAL` or `PANIC`. Fields are a type byte and a NUL-terminated string.
+fn fatal(mut head: &[u8]) -> bool {
+    while let Some((&kind, rest)) = head.split_first() {
+        let Some(end) = rest.iter().position(|b| *b == 0) else {
+            return false;
+        };
+        if matches!(kind, b'S' | b'V') && matches!(&rest[..end], b"FATAL" | b"PANIC") {
+            return true;
+        }
+        head = &rest[end + 1..];
+    }
+    false
 }
 
 #[cfg(test)]
@@ -207,6 +278,36 @@ mod tests {
         assert_eq!(watch.status(), TransactionStatus::Idle);
         watch.settings_reset();
         assert!(!watch.settings_changed());
+    }
+
+    #[test]
+    fn a_fatal_error_is_noticed_across_any_split_and_an_error_is_not() {
+        let error = stream(&[
+            (b'E', b"SERROR\0VERROR\0C40001\0Mchange conflicts (OC000)\0\0"),
+            (b'Z', b"E"),
+        ]);
+        let fatal = stream(&[(
+            b'E',
+            b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0",
+        )]);
+        // A localised severity with the non-localised `V` field after it.
+        let localised = stream(&[(b'E', b"SFATAL_LOCALE\0VPANIC\0CXX000\0Mx\0\0")]);
+        for (bytes, expected) in [(&error, false), (&fatal, true), (&localised, true)] {
+            let mut all = error.clone();
+            all.extend_from_slice(bytes);
+            for cut in 0..=all.len() {
+                let watch = Arc::new(SessionWatch::default());
+                let mut scanner = BackendScanner::new(watch.clone());
+                scanner.feed(&all[..cut]);
+                scanner.feed(&all[cut..]);
+                assert_eq!(watch.fatal_seen(), expected, "cut at {cut}");
+            }
+        }
+        // A data row holding the bytes of a fatal error is not one.
+        let watch = Arc::new(SessionWatch::default());
+        let mut scanner = BackendScanner::new(watch.clone());
+        scanner.feed(&stream(&[(b'D', b"SFATAL\0"), (b'Z', b"I")]));
+        assert!(!watch.fatal_seen());
     }
 
     #[test]

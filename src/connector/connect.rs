@@ -2,6 +2,7 @@
 //! limit, over TLS; DSQL's refusals classified into this crate's errors, the transient ones
 //! retried with backoff, the next endpoint tried when one fails at the network.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,19 @@ impl DsqlConnector {
     pub async fn connect(&self) -> Result<tokio_postgres::Client, Error> {
         let deadline = after(self.inner.config.connect.deadline);
         let connected = self.connect_within(deadline, Retry::Refusals).await?;
+        Ok(connected.client)
+    }
+
+    /// [`connect`](Self::connect) with the retries a pool's connects get: DSQL's admission
+    /// refusals **and** every other transient failure ([`Error::is_transient`]: an I/O error,
+    /// an attempt past `connect_timeout`, a server starting or shutting down) are tried again
+    /// with backoff and full jitter until
+    /// [`connect_deadline`](crate::DsqlConfigBuilder::connect_deadline); permanent failures
+    /// (access denied, TLS, an unknown role) fail at once. Use it for connections that no pool
+    /// of this crate opens: another pool's manager, a long-lived listener.
+    pub async fn connect_with_retries(&self) -> Result<tokio_postgres::Client, Error> {
+        let deadline = after(self.inner.config.connect.deadline);
+        let connected = self.connect_within(deadline, Retry::Transient).await?;
         Ok(connected.client)
     }
 
@@ -318,8 +332,20 @@ impl DsqlConnector {
         match tokio::time::timeout(bound, postgres.connect(tls)).await {
             Ok(Ok((client, connection))) => {
                 let endpoint = target.described.clone();
+                let ended = watch.clone();
+                let mut connection = connection;
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
+                    // Marked closed before the connection is dropped, which is what fails the
+                    // requests still waiting on it: whoever sees such a failure sees it closed.
+                    let result = std::future::poll_fn(|cx| {
+                        let polled = std::pin::Pin::new(&mut connection).poll(cx);
+                        if polled.is_ready() {
+                            ended.set_closed();
+                        }
+                        polled
+                    })
+                    .await;
+                    if let Err(error) = result {
                         tracing::warn!(%endpoint, %error, "DSQL connection ended with an error");
                     }
                 });

@@ -9,6 +9,8 @@
 //! checkout gets another.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,10 +46,72 @@ pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// 55 minutes: between 49.5 and 55 minutes), so a pool opened at once does not reconnect at once.
 pub const JITTER_FRACTION: u32 = 10;
 
-/// A pooled DSQL connection: a [`tokio_postgres::Client`] (it derefs to one) with the time it
-/// was opened and its recycle deadline.
-pub struct DsqlConnection {
-    client: tokio_postgres::Client,
+/// What a pool of this crate can hold: a [`tokio_postgres::Client`] (the default everywhere),
+/// or, with the `diesel-async` feature, a `diesel_async::AsyncPgConnection` (see
+/// [`crate::diesel`]). Sealed: the pool's checks need to know how each one runs a statement and
+/// what it tracks itself.
+pub trait PoolClient: private::Client {}
+
+impl PoolClient for tokio_postgres::Client {}
+
+pub(crate) mod private {
+    use std::future::Future;
+    use std::sync::Arc;
+
+    use crate::Error;
+    use crate::session::SessionWatch;
+
+    /// How the pool drives one kind of client (see [`PoolClient`](super::PoolClient)).
+    pub trait Client: Send + Sized + 'static {
+        /// Makes the pooled client from a fresh connection (its session watched by `session`).
+        fn setup(
+            client: tokio_postgres::Client,
+            session: &Arc<SessionWatch>,
+        ) -> impl Future<Output = Result<Self, Error>> + Send;
+
+        /// Whether the client knows its connection has ended.
+        fn closed(&self) -> bool;
+
+        /// Runs `sql` as a simple query; `true` when it succeeded.
+        fn run(&mut self, sql: &'static str) -> impl Future<Output = bool> + Send + '_;
+
+        /// Whether the client's own bookkeeping says a transaction is open or broken (even if
+        /// the server says otherwise): the connection then needs a `ROLLBACK` and
+        /// [`transaction_ended`](Self::transaction_ended).
+        fn tracks_a_transaction(&mut self) -> bool {
+            false
+        }
+
+        /// The server's transaction was ended by the pool (`ROLLBACK`): reset the client's own
+        /// bookkeeping.
+        fn transaction_ended(&mut self) {}
+
+        /// What resets the session's settings to what the connection was opened with.
+        const RESET: &'static str = "RESET ALL";
+    }
+
+    impl Client for tokio_postgres::Client {
+        async fn setup(
+            client: tokio_postgres::Client,
+            _: &Arc<SessionWatch>,
+        ) -> Result<Self, Error> {
+            Ok(client)
+        }
+
+        fn closed(&self) -> bool {
+            self.is_closed()
+        }
+
+        async fn run(&mut self, sql: &'static str) -> bool {
+            self.batch_execute(sql).await.is_ok()
+        }
+    }
+}
+
+/// A pooled DSQL connection: a [`tokio_postgres::Client`] (it derefs to one), or another
+/// [`PoolClient`], with the time it was opened and its recycle deadline.
+pub struct DsqlConnection<C = tokio_postgres::Client> {
+    client: C,
     opened_at: Instant,
     recycle_at: Instant,
     /// When it last came back to the pool (or was opened).
@@ -65,7 +129,7 @@ pub struct DsqlConnection {
     failback_after: Duration,
 }
 
-impl std::fmt::Debug for DsqlConnection {
+impl<C: PoolClient> std::fmt::Debug for DsqlConnection<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DsqlConnection")
             .field("endpoint", &self.target.described)
@@ -74,13 +138,20 @@ impl std::fmt::Debug for DsqlConnection {
                 "recycle_in",
                 &self.recycle_at.saturating_duration_since(Instant::now()),
             )
-            .field("closed", &self.client.is_closed())
+            .field("closed", &self.is_closed())
             .field("transaction", &self.session.status())
             .finish()
     }
 }
 
-impl DsqlConnection {
+impl<C: PoolClient> DsqlConnection<C> {
+    /// Whether the connection has ended (the server closed it, or it failed).
+    pub fn is_closed(&self) -> bool {
+        self.session.is_closed() || self.client.closed()
+    }
+}
+
+impl<C> DsqlConnection<C> {
     /// When the connection was opened.
     pub fn opened_at(&self) -> Instant {
         self.opened_at
@@ -101,11 +172,6 @@ impl DsqlConnection {
         &self.target.region
     }
 
-    /// The client (also reachable through `Deref`).
-    pub fn client(&self) -> &tokio_postgres::Client {
-        &self.client
-    }
-
     /// Marks it to be dropped, not reused, when it goes back to the pool (a transaction
     /// helper gave up on it mid-way).
     pub(crate) fn discard(&mut self) {
@@ -117,22 +183,34 @@ impl DsqlConnection {
         &self.target
     }
 
+    /// What the server last said about the session.
+    pub(crate) fn session(&self) -> &Arc<SessionWatch> {
+        &self.session
+    }
+
     /// Takes the client out of the pool's wrapper.
-    pub fn into_client(self) -> tokio_postgres::Client {
+    pub fn into_client(self) -> C {
         self.client
     }
 }
 
-impl Deref for DsqlConnection {
-    type Target = tokio_postgres::Client;
-
-    fn deref(&self) -> &tokio_postgres::Client {
+impl DsqlConnection {
+    /// The client (also reachable through `Deref`).
+    pub fn client(&self) -> &tokio_postgres::Client {
         &self.client
     }
 }
 
-impl DerefMut for DsqlConnection {
-    fn deref_mut(&mut self) -> &mut tokio_postgres::Client {
+impl<C> Deref for DsqlConnection<C> {
+    type Target = C;
+
+    fn deref(&self) -> &C {
+        &self.client
+    }
+}
+
+impl<C> DerefMut for DsqlConnection<C> {
+    fn deref_mut(&mut self) -> &mut C {
         &mut self.client
     }
 }
@@ -170,8 +248,7 @@ impl DerefMut for DsqlConnection {
 /// - `has_broken` (on return) records the time of last use and catches closed and expired
 ///   connections, and one whose check was cut short (bb8 dropped the checkout mid-ping): it is
 ///   dropped, never queued again.
-#[derive(Debug, Clone)]
-pub struct DsqlConnectionManager {
+pub struct DsqlConnectionManager<C = tokio_postgres::Client> {
     connector: DsqlConnector,
     max_lifetime: Duration,
     jitter: Duration,
@@ -180,6 +257,36 @@ pub struct DsqlConnectionManager {
     failures: Arc<ConnectFailures>,
     counts: Arc<PoolCounts>,
     endpoint: Arc<str>,
+    client: PhantomData<fn() -> C>,
+}
+
+impl<C> Clone for DsqlConnectionManager<C> {
+    fn clone(&self) -> Self {
+        DsqlConnectionManager {
+            connector: self.connector.clone(),
+            max_lifetime: self.max_lifetime,
+            jitter: self.jitter,
+            ping_after_idle: self.ping_after_idle,
+            ping_timeout: self.ping_timeout,
+            failures: self.failures.clone(),
+            counts: self.counts.clone(),
+            endpoint: self.endpoint.clone(),
+            client: PhantomData,
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for DsqlConnectionManager<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DsqlConnectionManager")
+            .field("connector", &self.connector)
+            .field("max_lifetime", &self.max_lifetime)
+            .field("jitter", &self.jitter)
+            .field("ping_after_idle", &self.ping_after_idle)
+            .field("ping_timeout", &self.ping_timeout)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Connect errors handed from the manager (in bb8's background connect) to the checkouts
@@ -261,6 +368,14 @@ impl DsqlConnectionManager {
     /// A manager with the connector's `max_lifetime` (default 55 minutes), jitter over its last
     /// tenth, and [`DEFAULT_PING_AFTER_IDLE`].
     pub fn new(connector: DsqlConnector) -> Self {
+        Self::with_connector(connector)
+    }
+}
+
+impl<C> DsqlConnectionManager<C> {
+    /// [`new`](DsqlConnectionManager::new) for any [`PoolClient`], e.g.
+    /// `DsqlConnectionManager::<AsyncPgConnection>::with_connector(connector)`.
+    pub fn with_connector(connector: DsqlConnector) -> Self {
         let max_lifetime = connector.config().max_lifetime();
         let endpoint: Arc<str> = Arc::from(connector.endpoint());
         DsqlConnectionManager {
@@ -272,6 +387,7 @@ impl DsqlConnectionManager {
             failures: Arc::default(),
             counts: Arc::new(PoolCounts::new(&endpoint)),
             endpoint,
+            client: PhantomData,
         }
     }
 
@@ -318,11 +434,11 @@ impl DsqlConnectionManager {
     }
 }
 
-impl bb8::ManageConnection for DsqlConnectionManager {
-    type Connection = DsqlConnection;
+impl<C: PoolClient> bb8::ManageConnection for DsqlConnectionManager<C> {
+    type Connection = DsqlConnection<C>;
     type Error = Error;
 
-    async fn connect(&self) -> Result<DsqlConnection, Error> {
+    async fn connect(&self) -> Result<DsqlConnection<C>, Error> {
         self.open().await.map_err(|error| {
             // A checkout waiting in `DsqlPool::get` gets the error itself; bb8, which only logs
             // it, gets a stand-in.
@@ -335,11 +451,11 @@ impl bb8::ManageConnection for DsqlConnectionManager {
         })
     }
 
-    async fn is_valid(&self, conn: &mut DsqlConnection) -> Result<(), Error> {
+    async fn is_valid(&self, conn: &mut DsqlConnection<C>) -> Result<(), Error> {
         self.check_out(conn, true).await
     }
 
-    fn has_broken(&self, conn: &mut DsqlConnection) -> bool {
+    fn has_broken(&self, conn: &mut DsqlConnection<C>) -> bool {
         // Called when a connection comes back: it was just used.
         conn.last_used = Instant::now();
         conn.member.set_in_use(false);
@@ -348,7 +464,7 @@ impl bb8::ManageConnection for DsqlConnectionManager {
         }
         let broken = if conn.checking {
             Some("broken")
-        } else if conn.client.is_closed() {
+        } else if conn.is_closed() {
             Some("closed")
         } else if conn.last_used >= conn.recycle_at {
             Some("recycle_deadline")
@@ -362,10 +478,10 @@ impl bb8::ManageConnection for DsqlConnectionManager {
     }
 }
 
-impl DsqlConnectionManager {
+impl<C: PoolClient> DsqlConnectionManager<C> {
     /// Opens a connection for a pool: retries transient failures inside the connect deadline,
     /// and gives it its recycle deadline. Shared by the bb8 and deadpool managers.
-    pub(crate) async fn open(&self) -> Result<DsqlConnection, Error> {
+    pub(crate) async fn open(&self) -> Result<DsqlConnection<C>, Error> {
         let opened_at = Instant::now();
         let deadline = crate::connector::after(self.connector.config().connect_deadline());
         let connected = self
@@ -375,10 +491,15 @@ impl DsqlConnectionManager {
             .inspect_err(|error| {
                 tracing::warn!(%error, "the pool could not open a DSQL connection");
             })?;
+        let client = C::setup(connected.client, &connected.session)
+            .await
+            .inspect_err(|error| {
+                tracing::warn!(%error, "the pool could not set up a DSQL connection");
+            })?;
         let spread = self.connector.config().failover().failback_window;
         let away = connected.target.index > 0;
         Ok(DsqlConnection {
-            client: connected.client,
+            client,
             session: connected.session,
             target: connected.target,
             failback_after: spread.mul_f64(fastrand::f64()),
@@ -395,7 +516,7 @@ impl DsqlConnectionManager {
     /// the bb8 and deadpool managers; `track_in_use` where the pool also reports returns.
     pub(crate) async fn check_out(
         &self,
-        conn: &mut DsqlConnection,
+        conn: &mut DsqlConnection<C>,
         track_in_use: bool,
     ) -> Result<(), Error> {
         match self.check(conn).await {
@@ -421,13 +542,13 @@ impl DsqlConnectionManager {
     /// `Ok` carries the time of the check.
     async fn check(
         &self,
-        conn: &mut DsqlConnection,
+        conn: &mut DsqlConnection<C>,
     ) -> Result<Instant, (&'static str, &'static str)> {
         let now = Instant::now();
         if conn.checking {
             return Err(("broken", "a check of the connection was cut short"));
         }
-        if conn.client.is_closed() {
+        if conn.is_closed() {
             return Err(("closed", "the connection is closed"));
         }
         let rule = self.connector.checkout_rule(
@@ -461,7 +582,7 @@ impl DsqlConnectionManager {
         let in_transaction = matches!(
             conn.session.status(),
             TransactionStatus::InTransaction | TransactionStatus::Failed
-        );
+        ) || conn.client.tracks_a_transaction();
         let settings_changed = conn.session.settings_changed();
         let idle =
             now.duration_since(conn.last_used) > self.ping_after_idle || rule == Checkout::Check;
@@ -475,15 +596,18 @@ impl DsqlConnectionManager {
         conn.checking = true;
         let reset = async {
             if in_transaction {
-                conn.client.batch_execute("ROLLBACK").await?;
+                if !conn.client.run("ROLLBACK").await {
+                    return Err(());
+                }
+                conn.client.transaction_ended();
             }
-            if settings_changed {
-                conn.client.batch_execute("RESET ALL").await?;
+            if settings_changed && !conn.client.run(C::RESET).await {
+                return Err(());
             }
-            if !(in_transaction || settings_changed) {
-                conn.client.simple_query("").await?;
+            if !(in_transaction || settings_changed) && !conn.client.run("").await {
+                return Err(());
             }
-            Ok::<_, tokio_postgres::Error>(())
+            Ok(())
         };
         let label = if in_transaction || settings_changed {
             "dirty"
@@ -621,7 +745,8 @@ impl From<bb8::RunError<Error>> for Error {
 }
 
 /// A pooled connection checked out of a [`DsqlPool`].
-pub type DsqlPooledConnection<'a> = bb8::PooledConnection<'a, DsqlConnectionManager>;
+pub type DsqlPooledConnection<'a, C = tokio_postgres::Client> =
+    bb8::PooledConnection<'a, DsqlConnectionManager<C>>;
 
 /// A `bb8` pool of DSQL connections ([`DsqlConnector::pool`]): everything a
 /// `bb8::Pool<DsqlConnectionManager>` is (it derefs to one), with checkouts that return this
@@ -638,9 +763,8 @@ pub type DsqlPooledConnection<'a> = bb8::PooledConnection<'a, DsqlConnectionMana
 ///   connection busy, or connects still being retried.
 ///
 /// Cheap to clone (bb8's pool is an `Arc` inside).
-#[derive(Clone)]
-pub struct DsqlPool {
-    pool: bb8::Pool<DsqlConnectionManager>,
+pub struct DsqlPool<C: PoolClient = tokio_postgres::Client> {
+    pool: bb8::Pool<DsqlConnectionManager<C>>,
     connector: DsqlConnector,
     /// The failback sweeper runs while a clone holds this.
     _alive: Arc<()>,
@@ -649,7 +773,20 @@ pub struct DsqlPool {
     endpoint: Arc<str>,
 }
 
-impl std::fmt::Debug for DsqlPool {
+impl<C: PoolClient> Clone for DsqlPool<C> {
+    fn clone(&self) -> Self {
+        DsqlPool {
+            pool: self.pool.clone(),
+            connector: self.connector.clone(),
+            _alive: self._alive.clone(),
+            failures: self.failures.clone(),
+            counts: self.counts.clone(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
+impl<C: PoolClient> std::fmt::Debug for DsqlPool<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DsqlPool")
             .field("state", &self.pool.state())
@@ -657,27 +794,30 @@ impl std::fmt::Debug for DsqlPool {
     }
 }
 
-impl Deref for DsqlPool {
-    type Target = bb8::Pool<DsqlConnectionManager>;
+impl<C: PoolClient> Deref for DsqlPool<C> {
+    type Target = bb8::Pool<DsqlConnectionManager<C>>;
 
     fn deref(&self) -> &Self::Target {
         &self.pool
     }
 }
 
-impl From<DsqlPool> for bb8::Pool<DsqlConnectionManager> {
-    fn from(pool: DsqlPool) -> Self {
+impl<C: PoolClient> From<DsqlPool<C>> for bb8::Pool<DsqlConnectionManager<C>> {
+    fn from(pool: DsqlPool<C>) -> Self {
         pool.pool
     }
 }
 
-impl DsqlPool {
+impl<C: PoolClient> DsqlPool<C> {
     /// Wraps a pool built with [`DsqlConnector::pool_builder`] and `manager` (the manager it was
     /// built with, or a clone of it: the two share where connect errors go).
     ///
     /// With several endpoints, and called inside a tokio runtime, it also starts the pool's
     /// failback sweeper (see [`DsqlConnectionManager`]), which ends with the last clone.
-    pub fn new(pool: bb8::Pool<DsqlConnectionManager>, manager: &DsqlConnectionManager) -> Self {
+    pub fn new(
+        pool: bb8::Pool<DsqlConnectionManager<C>>,
+        manager: &DsqlConnectionManager<C>,
+    ) -> Self {
         let alive = Arc::new(());
         if manager.connector.config().endpoints().len() > 1
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -700,17 +840,17 @@ impl DsqlPool {
     }
 
     /// Checks out a connection (see the type's docs for the errors).
-    pub async fn get(&self) -> Result<DsqlPooledConnection<'_>, Error> {
+    pub async fn get(&self) -> Result<DsqlPooledConnection<'_, C>, Error> {
         self.checkout(self.pool.get()).await
     }
 
     /// Checks out a connection that does not borrow the pool (for `'static` tasks).
-    pub async fn get_owned(&self) -> Result<DsqlPooledConnection<'static>, Error> {
+    pub async fn get_owned(&self) -> Result<DsqlPooledConnection<'static, C>, Error> {
         self.checkout(self.pool.get_owned()).await
     }
 
     /// The `bb8` pool.
-    pub fn inner(&self) -> &bb8::Pool<DsqlConnectionManager> {
+    pub fn inner(&self) -> &bb8::Pool<DsqlConnectionManager<C>> {
         &self.pool
     }
 
@@ -719,10 +859,10 @@ impl DsqlPool {
         &self.connector
     }
 
-    async fn checkout<C>(
+    async fn checkout<P>(
         &self,
-        checkout: impl std::future::Future<Output = Result<C, bb8::RunError<Error>>>,
-    ) -> Result<C, Error> {
+        checkout: impl Future<Output = Result<P, bb8::RunError<Error>>>,
+    ) -> Result<P, Error> {
         let started = Instant::now();
         let span = tracing::debug_span!(
             "dsql.pool.checkout",
@@ -739,11 +879,11 @@ impl DsqlPool {
         result
     }
 
-    async fn wait_for<C>(
+    async fn wait_for<P>(
         &self,
-        checkout: impl std::future::Future<Output = Result<C, bb8::RunError<Error>>>,
+        checkout: impl Future<Output = Result<P, bb8::RunError<Error>>>,
         started: Instant,
-    ) -> Result<C, Error> {
+    ) -> Result<P, Error> {
         let _waiting = Waiting::new(&self.failures);
         let mut checkout = std::pin::pin!(checkout);
         loop {
@@ -767,8 +907,8 @@ impl DsqlPool {
 /// briefly; the checkout rule replaces each whose share of the failback window
 /// has passed, and the pool's `min_idle` opens the replacements on the recovered endpoint.
 /// Ends when `alive` is gone (the last `DsqlPool` clone dropped).
-async fn sweep_failback(
-    pool: bb8::Pool<DsqlConnectionManager>,
+async fn sweep_failback<C: PoolClient>(
+    pool: bb8::Pool<DsqlConnectionManager<C>>,
     connector: DsqlConnector,
     counts: Arc<PoolCounts>,
     alive: std::sync::Weak<()>,
@@ -840,6 +980,11 @@ impl DsqlConnector {
     /// `build(DsqlConnectionManager::new(connector))`. Keep `test_on_check_out` on: it is what
     /// keeps expired connections from being handed out.
     pub fn pool_builder(&self) -> bb8::Builder<DsqlConnectionManager> {
+        self.pool_builder_for()
+    }
+
+    /// [`pool_builder`](Self::pool_builder) for any [`PoolClient`].
+    pub(crate) fn pool_builder_for<C: PoolClient>(&self) -> bb8::Builder<DsqlConnectionManager<C>> {
         let max_lifetime = self.config().max_lifetime();
         bb8::Pool::builder()
             .max_size(DEFAULT_MAX_SIZE)

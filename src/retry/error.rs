@@ -46,11 +46,16 @@ pub fn occ_conflict(error: &tokio_postgres::Error) -> Option<OccConflict> {
 
 /// The conflict a server error reports, if it is one.
 fn conflict_of(db: &DbError) -> Option<OccConflict> {
-    match db.code().code() {
+    conflict_in(db.code().code(), db.message())
+}
+
+/// The conflict a server error with this SQLSTATE and message reports, if it is one.
+pub(crate) fn conflict_in(code: &str, message: &str) -> Option<OccConflict> {
+    match code {
         "OC000" => Some(OccConflict::Data),
         "OC001" => Some(OccConflict::Schema),
-        "40001" if db.message().contains("OC000") => Some(OccConflict::Data),
-        "40001" if db.message().contains("OC001") => Some(OccConflict::Schema),
+        "40001" if message.contains("OC000") => Some(OccConflict::Data),
+        "40001" if message.contains("OC001") => Some(OccConflict::Schema),
         "40001" => Some(OccConflict::Unknown),
         _ => None,
     }
@@ -141,10 +146,13 @@ impl AsOccConflict for Box<dyn std::error::Error + Send + Sync> {
 }
 
 impl AsOccConflict for crate::Error {
-    /// A conflict reported by a query ([`Error::Query`](crate::Error::Query)).
+    /// A conflict reported by a query ([`Error::Query`](crate::Error::Query), or a Diesel
+    /// query's `Error::Diesel`).
     fn occ_conflict(&self) -> Option<OccConflict> {
         match self {
             crate::Error::Query { source, .. } => occ_conflict(source),
+            #[cfg(feature = "diesel-async")]
+            crate::Error::Diesel { source } => source.occ_conflict(),
             _ => None,
         }
     }
@@ -156,8 +164,17 @@ impl AsOccConflict for crate::Error {
 
 #[cfg(feature = "anyhow")]
 impl AsOccConflict for anyhow::Error {
-    /// Looks for the database's error in the chain (feature `anyhow`).
+    /// Looks for the database's error in the chain (feature `anyhow`), a Diesel error's too
+    /// (feature `diesel-async`).
     fn occ_conflict(&self) -> Option<OccConflict> {
+        #[cfg(feature = "diesel-async")]
+        if let Some(conflict) = self
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<::diesel::result::Error>())
+            .and_then(AsOccConflict::occ_conflict)
+        {
+            return Some(conflict);
+        }
         self.database_error().and_then(conflict_of)
     }
 

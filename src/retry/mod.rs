@@ -158,9 +158,9 @@
 //!
 //! [`Error`]: crate::Error
 
-mod error;
+pub(crate) mod error;
 mod on_connection;
-mod policy;
+pub(crate) mod policy;
 mod pooled;
 
 pub use error::{AsOccConflict, OccConflict, RetryError, occ_conflict};

@@ -310,7 +310,10 @@ where
                 Ok(()) => Ok(value),
                 Err(CommitFailure::Failed(e)) => Err(e.into()),
                 Err(CommitFailure::RolledBack(source)) => {
-                    Err(crate::Error::TransactionRolledBack { source }.into())
+                    Err(crate::Error::TransactionRolledBack {
+                        source: Some(source),
+                    }
+                    .into())
                 }
                 Err(CommitFailure::OutcomeUnknown(source)) => {
                     crate::telemetry::transaction_outcome_unknown();

@@ -112,7 +112,7 @@ impl RetryPolicy {
 }
 
 /// The bookkeeping the retry helpers share: attempts, the deadline, delays, logs and metrics.
-pub(super) struct Attempts<'p> {
+pub(crate) struct Attempts<'p> {
     policy: &'p RetryPolicy,
     /// The attempt running or just finished (1-based).
     attempt: u32,
@@ -120,7 +120,7 @@ pub(super) struct Attempts<'p> {
 }
 
 impl<'p> Attempts<'p> {
-    pub(super) fn new(policy: &'p RetryPolicy) -> Self {
+    pub(crate) fn new(policy: &'p RetryPolicy) -> Self {
         Attempts {
             policy,
             attempt: 1,
@@ -134,7 +134,7 @@ impl<'p> Attempts<'p> {
     }
 
     /// The span of the current attempt.
-    pub(super) fn span(&self) -> tracing::Span {
+    pub(crate) fn span(&self) -> tracing::Span {
         tracing::debug_span!("dsql.transaction", attempt = self.attempt)
     }
 
@@ -164,7 +164,7 @@ impl<'p> Attempts<'p> {
     /// After a connection lost (or an attempt timed out) before `COMMIT`: the delay before the
     /// next attempt, on another connection, or `None` when the attempts or the deadline are
     /// spent.
-    pub(super) fn after_lost_connection(
+    pub(crate) fn after_lost_connection(
         &mut self,
         endpoint: &str,
         why: &'static str,
@@ -189,7 +189,7 @@ impl<'p> Attempts<'p> {
 
     /// After a conflict: the delay before the next attempt, or `None` when the attempts or the
     /// deadline are spent.
-    pub(super) fn after_conflict(&mut self, conflict: OccConflict) -> Option<Duration> {
+    pub(crate) fn after_conflict(&mut self, conflict: OccConflict) -> Option<Duration> {
         crate::telemetry::transaction_conflict(conflict.code());
         self.next(|attempt, outcome| match outcome {
             Ok(delay) => tracing::debug!(
