@@ -64,7 +64,8 @@ fn rust_name(name: &str) -> (Option<String>, String) {
 /// every table of `schema`, from the catalog, as `diesel print-schema` would: columns in
 /// their order, `Nullable<…>` where a column allows NULL, `#[max_length = n]` on sized
 /// character and bit types, arrays as `Array<…>`, the primary key as the table's key, tables
-/// sorted by name. Run it against the emulator after the migrations (`migrate up`), check the
+/// sorted by name, the migration runner's own history tables (`dsql_migrations` and its
+/// `_lock`, the default names) left out. Run it against the emulator after the migrations (`migrate up`), check the
 /// result in as `schema.rs`, and keep it honest with [`check_schema`].
 ///
 /// A type Diesel has no name for is written as its PostgreSQL name in PascalCase with a
@@ -76,6 +77,7 @@ pub async fn print_schema(client: &tokio_postgres::Client, schema: &str) -> Resu
             "SELECT c.relname::text, a.attname::text, t.typname::text, \
                     coalesce(e.typname::text, ''), a.atttypmod, a.attnotnull, \
                     coalesce((SELECT array_position(i.indkey::int2[], a.attnum) \
+                                     - array_lower(i.indkey::int2[], 1) + 1 \
                               FROM pg_catalog.pg_index i \
                               WHERE i.indrelid = c.oid AND i.indisprimary), 0) \
              FROM pg_catalog.pg_class c \
@@ -85,6 +87,7 @@ pub async fn print_schema(client: &tokio_postgres::Client, schema: &str) -> Resu
              JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
              LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' \
              WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') \
+                   AND c.relname NOT IN ('dsql_migrations', 'dsql_migrations_lock') \
              ORDER BY c.relname, a.attnum",
             &[&schema],
         )
