@@ -283,7 +283,10 @@ mod tests {
     #[test]
     fn a_fatal_error_is_noticed_across_any_split_and_an_error_is_not() {
         let error = stream(&[
-            (b'E', b"SERROR\0VERROR\0C40001\0Mchange conflicts (OC000)\0\0"),
+            (
+                b'E',
+                b"SERROR\0VERROR\0C40001\0Mchange conflicts (OC000)\0\0",
+            ),
             (b'Z', b"E"),
         ]);
         let fatal = stream(&[(

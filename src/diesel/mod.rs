@@ -146,7 +146,9 @@ impl private::Client for AsyncPgConnection {
     }
 
     async fn run(&mut self, sql: &'static str) -> bool {
-        SimpleAsyncConnection::batch_execute(self, sql).await.is_ok()
+        SimpleAsyncConnection::batch_execute(self, sql)
+            .await
+            .is_ok()
     }
 
     fn tracks_a_transaction(&mut self) -> bool {
@@ -159,8 +161,7 @@ impl private::Client for AsyncPgConnection {
     }
 
     /// `RESET ALL`, then what diesel-async sets at every connect.
-    const RESET: &'static str =
-        "RESET ALL; SET TIME ZONE 'UTC'; SET CLIENT_ENCODING TO 'UTF8'";
+    const RESET: &'static str = "RESET ALL; SET TIME ZONE 'UTC'; SET CLIENT_ENCODING TO 'UTF8'";
 }
 
 /// The instrumentation this crate installs on its Diesel connections: notes a nested
@@ -229,7 +230,9 @@ impl DsqlConnector {
 /// The bounds of a [`retry_transaction`](DsqlPool#method.retry_transaction-1) body: an async
 /// closure whose future is `Send` (what diesel-async's own `AsyncFunc` asserts for
 /// `conn.transaction`). Implemented for every such closure; nothing to implement.
-pub trait DieselBody<T, R>: AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as DieselBody<T, R>>::Fut {
+pub trait DieselBody<T, R>:
+    AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as DieselBody<T, R>>::Fut
+{
     /// The closure's future.
     type Fut: Future<Output = R>;
 }
@@ -285,8 +288,8 @@ impl DsqlPool<AsyncPgConnection> {
             let target = conn.target().clone();
             let session = conn.session().clone();
             let committing = AtomicBool::new(false);
-            let attempt = attempt(&mut conn, &session, body.clone(), &committing)
-                .instrument(attempts.span());
+            let attempt =
+                attempt(&mut conn, &session, body.clone(), &committing).instrument(attempts.span());
             let outcome = match policy.attempt_timeout {
                 Some(timeout) => tokio::time::timeout(timeout, attempt)
                     .await
@@ -325,8 +328,7 @@ impl DsqlPool<AsyncPgConnection> {
                     } else if lost {
                         self.connector()
                             .report_lost(&target, "connection_lost", attempt_started);
-                        match attempts.after_lost_connection(&target.endpoint, "connection_lost")
-                        {
+                        match attempts.after_lost_connection(&target.endpoint, "connection_lost") {
                             Some(delay) => delay,
                             None => return Err(error),
                         }
@@ -660,7 +662,10 @@ mod tests {
                 Some(DsqlErrorKind::Conflict(OccConflict::Data)),
             ),
             (
-                db("40001", "schema has been updated by another transaction (OC001)"),
+                db(
+                    "40001",
+                    "schema has been updated by another transaction (OC001)",
+                ),
                 Some(DsqlErrorKind::Conflict(OccConflict::Schema)),
             ),
             (
@@ -671,7 +676,10 @@ mod tests {
                 db("54000", "transaction row limit exceeded"),
                 Some(DsqlErrorKind::LimitExceeded),
             ),
-            (db("57P01", "terminating connection"), Some(DsqlErrorKind::ConnectionLost)),
+            (
+                db("57P01", "terminating connection"),
+                Some(DsqlErrorKind::ConnectionLost),
+            ),
             (db("23505", "duplicate key"), Some(DsqlErrorKind::Other)),
             (DieselError::NotFound, None),
         ];

@@ -54,7 +54,10 @@ fn diesel_type(typname: &str) -> Option<&'static str> {
 /// A name as `table!` spells it: `(attribute, name)`.
 fn rust_name(name: &str) -> (Option<String>, String) {
     if KEYWORDS.contains(&name) {
-        (Some(format!("#[sql_name = \"{name}\"]")), format!("{name}_"))
+        (
+            Some(format!("#[sql_name = \"{name}\"]")),
+            format!("{name}_"),
+        )
     } else {
         (None, name.to_owned())
     }

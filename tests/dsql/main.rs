@@ -13,6 +13,8 @@ mod conformance;
 mod connect;
 #[cfg(feature = "emulator")]
 mod deadpool;
+#[cfg(all(feature = "emulator", feature = "diesel-async", feature = "migrate"))]
+mod diesel;
 #[cfg(feature = "emulator")]
 mod fleet;
 #[cfg(feature = "emulator")]
