@@ -16,6 +16,15 @@ use crate::error::{AccessDeniedReason, UnavailableReason};
 use crate::session::SessionWatch;
 use crate::token::AuthToken;
 
+/// Marks a connection closed when dropped: its task ended, or was dropped unfinished.
+struct ClosedOnDrop(Arc<SessionWatch>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.set_closed();
+    }
+}
+
 /// A wait for the client-side rate limit must leave at least this much of the connect
 /// deadline (or `connect_timeout`, if shorter) to the attempt it is for.
 const MIN_ATTEMPT: Duration = Duration::from_millis(500);
@@ -335,6 +344,9 @@ impl DsqlConnector {
                 let ended = watch.clone();
                 let mut connection = connection;
                 tokio::spawn(async move {
+                    // Also when the task is dropped unfinished (its runtime shut down): a local
+                    // of the suspended task, dropped before the captured `connection`.
+                    let _closed_on_drop = ClosedOnDrop(ended.clone());
                     // Marked closed before the connection is dropped, which is what fails the
                     // requests still waiting on it: whoever sees such a failure sees it closed.
                     let result = std::future::poll_fn(|cx| {

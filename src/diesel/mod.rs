@@ -459,14 +459,15 @@ pub enum DsqlErrorKind {
     /// An optimistic-concurrency conflict (`40001`, DSQL's `OC000` / `OC001`): run the whole
     /// transaction again ([`retry_transaction`](DsqlPool#method.retry_transaction-1) does).
     Conflict(OccConflict),
-    /// `0A000`: DSQL does not support this statement or feature (a `SAVEPOINT`, `SERIAL`, a
-    /// synchronous `CREATE INDEX`, `TRUNCATE`, …). Change the SQL; retrying cannot help.
+    /// `0A000`: DSQL does not support this statement or feature (a `SAVEPOINT`, a synchronous
+    /// `CREATE INDEX`, `TRUNCATE`, …). Change the SQL; retrying cannot help. (`SERIAL` is
+    /// refused differently: `42704 type "serial" does not exist`, an [`Other`](Self::Other).)
     Unsupported,
     /// `54000` (or another class `54` code): one of DSQL's limits (rows or bytes in one
     /// transaction, objects in a cluster). Split the work.
     LimitExceeded,
-    /// The connection failed or the server ended the session (classes `08` and `57P`, or no
-    /// SQLSTATE at all).
+    /// The connection failed or the server ended the session, or failed internally (classes
+    /// `08`, `57P` and `XX`, or a connection error with no SQLSTATE at all).
     ConnectionLost,
     /// Any other error the server answered (a constraint, a syntax error, …).
     Other,
@@ -536,20 +537,22 @@ impl DsqlDieselError for DieselError {
                 _ => None,
             };
         };
-        let code = code.as_str();
-        Some(
-            if let Some(conflict) = crate::retry::error::conflict_in(code, info.message()) {
-                DsqlErrorKind::Conflict(conflict)
-            } else if code == "0A000" {
-                DsqlErrorKind::Unsupported
-            } else if code.starts_with("54") {
-                DsqlErrorKind::LimitExceeded
-            } else if code.starts_with("08") || code.starts_with("57P") {
-                DsqlErrorKind::ConnectionLost
-            } else {
-                DsqlErrorKind::Other
-            },
-        )
+        Some(kind_of(code.as_str(), info.message()))
+    }
+}
+
+/// The kind of a server's answer, from its SQLSTATE and message.
+fn kind_of(code: &str, message: &str) -> DsqlErrorKind {
+    if let Some(conflict) = crate::retry::error::conflict_in(code, message) {
+        DsqlErrorKind::Conflict(conflict)
+    } else if code == "0A000" {
+        DsqlErrorKind::Unsupported
+    } else if code.starts_with("54") {
+        DsqlErrorKind::LimitExceeded
+    } else if outcome_unknown_code(code) {
+        DsqlErrorKind::ConnectionLost
+    } else {
+        DsqlErrorKind::Other
     }
 }
 
@@ -583,14 +586,20 @@ impl DsqlDieselError for Error {
         match self {
             Error::Diesel { source } => source.dsql_kind(),
             Error::NestedTransaction => Some(DsqlErrorKind::Unsupported),
-            other => other
-                .occ_conflict()
-                .map(DsqlErrorKind::Conflict)
-                .or_else(|| match other.code()?.code() {
-                    "0A000" => Some(DsqlErrorKind::Unsupported),
-                    code if code.starts_with("54") => Some(DsqlErrorKind::LimitExceeded),
-                    _ => Some(DsqlErrorKind::Other),
-                }),
+            other => {
+                if let Some(conflict) = other.occ_conflict() {
+                    Some(DsqlErrorKind::Conflict(conflict))
+                } else if let Some(db) = other.db_error() {
+                    Some(kind_of(db.code().code(), db.message()))
+                } else if let Error::Query { source, .. } = other {
+                    // No answer from the server: the connection failed under the query.
+                    let io = std::error::Error::source(source)
+                        .is_some_and(|cause| cause.is::<std::io::Error>());
+                    (source.is_closed() || io).then_some(DsqlErrorKind::ConnectionLost)
+                } else {
+                    None
+                }
+            }
         }
     }
 }
@@ -678,6 +687,10 @@ mod tests {
             ),
             (
                 db("57P01", "terminating connection"),
+                Some(DsqlErrorKind::ConnectionLost),
+            ),
+            (
+                db("XX000", "internal error"),
                 Some(DsqlErrorKind::ConnectionLost),
             ),
             (db("23505", "duplicate key"), Some(DsqlErrorKind::Other)),

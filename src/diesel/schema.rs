@@ -51,15 +51,33 @@ fn diesel_type(typname: &str) -> Option<&'static str> {
     })
 }
 
-/// A name as `table!` spells it: `(attribute, name)`.
+/// A name as `table!` spells it: `(attribute, name)`. A keyword gets a `_` after it; a name
+/// that is not a Rust identifier (`first name`, `1x`) gets its characters outside
+/// `[A-Za-z0-9_]` replaced by `_` (and a `_` before a leading digit); both keep the real name
+/// in `#[sql_name]`.
 fn rust_name(name: &str) -> (Option<String>, String) {
+    let identifier = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if KEYWORDS.contains(&name) {
         (
             Some(format!("#[sql_name = \"{name}\"]")),
             format!("{name}_"),
         )
-    } else {
+    } else if identifier {
         (None, name.to_owned())
+    } else {
+        let mut spelt: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        if !spelt.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            spelt.insert(0, '_');
+        }
+        let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
+        (Some(format!("#[sql_name = \"{escaped}\"]")), spelt)
     }
 }
 
@@ -68,8 +86,11 @@ fn rust_name(name: &str) -> (Option<String>, String) {
 /// their order, `Nullable<…>` where a column allows NULL, `#[max_length = n]` on sized
 /// character and bit types, arrays as `Array<…>`, the primary key as the table's key, tables
 /// sorted by name, the migration runner's own history tables (`dsql_migrations` and its
-/// `_lock`, the default names) left out. Run it against the emulator after the migrations (`migrate up`), check the
-/// result in as `schema.rs`, and keep it honest with [`check_schema`].
+/// `_lock`, the default names) left out. A column of a domain type is written as the
+/// domain's base type (NOT NULL if the domain is). Run it against the emulator after the
+/// migrations (`migrate up`), check the result in as `schema.rs`, and keep it honest with
+/// [`check_schema`]. No `joinable!` lines are written (foreign keys are not read): add the
+/// ones your joins need by hand.
 ///
 /// A type Diesel has no name for is written as its PostgreSQL name in PascalCase with a
 /// comment above it (define it with `#[derive(diesel::sql_types::SqlType)]`). A table
@@ -78,7 +99,9 @@ pub async fn print_schema(client: &tokio_postgres::Client, schema: &str) -> Resu
     let rows = client
         .query(
             "SELECT c.relname::text, a.attname::text, t.typname::text, \
-                    coalesce(e.typname::text, ''), a.atttypmod, a.attnotnull, \
+                    coalesce(e.typname::text, ''), \
+                    CASE WHEN d.oid IS NULL THEN a.atttypmod ELSE d.typtypmod END, \
+                    a.attnotnull OR coalesce(d.typnotnull, false), \
                     coalesce((SELECT array_position(i.indkey::int2[], a.attnum) \
                                      - array_lower(i.indkey::int2[], 1) + 1 \
                               FROM pg_catalog.pg_index i \
@@ -87,7 +110,8 @@ pub async fn print_schema(client: &tokio_postgres::Client, schema: &str) -> Resu
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid \
                   AND a.attnum > 0 AND NOT a.attisdropped \
-             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_catalog.pg_type d ON d.oid = a.atttypid AND d.typtype = 'd' \
+             JOIN pg_catalog.pg_type t ON t.oid = coalesce(d.typbasetype, a.atttypid) \
              LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' \
              WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') \
                    AND c.relname NOT IN ('dsql_migrations', 'dsql_migrations_lock') \
@@ -230,16 +254,19 @@ pub enum SchemaMismatch {
         table: String,
         /// The column, when the difference is in one.
         column: Option<String>,
-        /// schema.rs's line (`(end)` when it ends first).
+        /// schema.rs's line (`(end)` when its table ends first, the table's name when the
+        /// database lacks the table, `(no such table)` when schema.rs does).
         expected: String,
-        /// The line [`print_schema`] writes there (`(end)` when it ends first).
+        /// The line [`print_schema`] writes there (likewise `(end)`, the table's name, or
+        /// `(no such table)`).
         actual: String,
     },
 }
 
 /// Checks `expected` (a `schema.rs`'s text, e.g. `include_str!("schema.rs")`) against what
-/// [`print_schema`] writes for `schema` now, ignoring blank lines, comments and indentation,
-/// and names the first table and column where they differ. Run it in a test, on the emulator
+/// [`print_schema`] writes for `schema` now, ignoring blank lines, comments, indentation and
+/// the order of tables, and names the first table and column where they differ (or the table
+/// only one side has). Run it in a test, on the emulator
 /// after the migrations: the migrations stay the one schema.
 pub async fn check_schema(
     client: &tokio_postgres::Client,
@@ -273,35 +300,84 @@ fn declares_column(line: &str) -> Option<&str> {
     line.split_once(" -> ").map(|(name, _)| name)
 }
 
-fn first_difference(expected: &str, actual: &str) -> Option<SchemaMismatch> {
-    let expected = significant(expected);
-    let actual = significant(actual);
-    let mut table = String::from("(before the first table)");
-    for index in 0..expected.len().max(actual.len()) {
-        let (e, a) = (expected.get(index), actual.get(index));
-        if e == a {
-            if let Some(opened) = e.and_then(|line| opens_table(line)) {
-                table = opened.to_owned();
-            }
-            continue;
-        }
-        let table = e
-            .and_then(|line| opens_table(line))
-            .or_else(|| a.and_then(|line| opens_table(line)))
-            .map(str::to_owned)
-            .unwrap_or(table);
-        let column = e
-            .and_then(|line| declares_column(line))
-            .or_else(|| a.and_then(|line| declares_column(line)))
-            .map(str::to_owned);
-        return Some(SchemaMismatch::Differs {
-            table,
-            column,
-            expected: e.copied().unwrap_or("(end)").to_owned(),
-            actual: a.copied().unwrap_or("(end)").to_owned(),
-        });
+/// One top-level item of a schema (a `table!`, `allow_tables_to_appear_in_same_query!`, a
+/// `sql_types` module): its key (the table's name, or the item's first line) and its lines.
+struct Item<'a> {
+    table: Option<&'a str>,
+    lines: Vec<&'a str>,
+}
+
+impl Item<'_> {
+    fn key(&self) -> &str {
+        self.table.unwrap_or(self.lines[0])
     }
-    None
+}
+
+/// Splits significant lines into top-level items by brace depth.
+fn items<'a>(lines: &[&'a str]) -> Vec<Item<'a>> {
+    let mut items: Vec<Item<'a>> = Vec::new();
+    let mut depth = 0usize;
+    for &line in lines {
+        if depth == 0 {
+            items.push(Item {
+                table: None,
+                lines: Vec::new(),
+            });
+        }
+        let item = items.last_mut().expect("pushed above");
+        item.lines.push(line);
+        if item.table.is_none() && depth == 1 {
+            item.table = opens_table(line);
+        }
+        let opened = line.matches('{').count();
+        let closed = line.matches('}').count();
+        depth = (depth + opened).saturating_sub(closed);
+    }
+    items
+}
+
+fn first_difference(expected: &str, actual: &str) -> Option<SchemaMismatch> {
+    let (expected, actual) = (significant(expected), significant(actual));
+    let (expected, actual) = (items(&expected), items(&actual));
+    let find = |items: &[Item<'_>], key: &str| items.iter().position(|i| i.key() == key);
+    const ABSENT: &str = "(no such table)";
+    for item in &actual {
+        let table = item.table.unwrap_or("(outside the tables)").to_owned();
+        let Some(index) = find(&expected, item.key()) else {
+            return Some(SchemaMismatch::Differs {
+                table,
+                column: None,
+                expected: ABSENT.to_owned(),
+                actual: item.table.map_or(item.lines[0], |t| t).to_owned(),
+            });
+        };
+        let theirs = &expected[index].lines;
+        for line in 0..theirs.len().max(item.lines.len()) {
+            let (e, a) = (theirs.get(line), item.lines.get(line));
+            if e == a {
+                continue;
+            }
+            let column = e
+                .and_then(|line| declares_column(line))
+                .or_else(|| a.and_then(|line| declares_column(line)))
+                .map(str::to_owned);
+            return Some(SchemaMismatch::Differs {
+                table,
+                column,
+                expected: e.copied().unwrap_or("(end)").to_owned(),
+                actual: a.copied().unwrap_or("(end)").to_owned(),
+            });
+        }
+    }
+    expected
+        .iter()
+        .find(|item| find(&actual, item.key()).is_none())
+        .map(|item| SchemaMismatch::Differs {
+            table: item.table.unwrap_or("(outside the tables)").to_owned(),
+            column: None,
+            expected: item.table.map_or(item.lines[0], |t| t).to_owned(),
+            actual: ABSENT.to_owned(),
+        })
 }
 
 #[cfg(test)]
@@ -352,15 +428,38 @@ diesel::table! {
         assert_eq!(table, "users");
         assert_eq!(column.as_deref(), Some("name"));
 
+        // A table only one side has is named, whichever side and wherever it sorts.
         let shorter = SCHEMA.split("diesel::table! {\n    users").next().unwrap();
         let Some(SchemaMismatch::Differs {
-            expected, actual, ..
+            table,
+            column,
+            expected,
+            actual,
         }) = first_difference(shorter, SCHEMA)
         else {
             panic!("no difference found");
         };
-        assert_eq!(expected, "(end)");
-        assert_eq!(actual, "diesel::table! {");
+        assert_eq!((table.as_str(), column), ("users", None));
+        assert_eq!(expected, "(no such table)");
+        assert_eq!(actual, "users");
+        let first =
+            format!("diesel::table! {{\n    a (id) {{\n        id -> Int8,\n    }}\n}}\n{SCHEMA}");
+        let Some(SchemaMismatch::Differs { table, actual, .. }) = first_difference(SCHEMA, &first)
+        else {
+            panic!("no difference found");
+        };
+        assert_eq!((table.as_str(), actual.as_str()), ("a", "a"));
+        let Some(SchemaMismatch::Differs {
+            table, expected, ..
+        }) = first_difference(&first, SCHEMA)
+        else {
+            panic!("no difference found");
+        };
+        assert_eq!((table.as_str(), expected.as_str()), ("a", "a"));
+        // Tables in another order agree.
+        let (head, users) = SCHEMA.split_at(SCHEMA.find("diesel::table! {\n    users").unwrap());
+        let swapped = format!("{users}\n{}", head.replace("// @generated", ""));
+        assert!(first_difference(&swapped, SCHEMA).is_none());
     }
 
     #[test]
@@ -370,6 +469,21 @@ diesel::table! {
             (Some("#[sql_name = \"type\"]".into()), "type_".into())
         );
         assert_eq!(rust_name("likes"), (None, "likes".into()));
+        assert_eq!(
+            rust_name("first name"),
+            (
+                Some("#[sql_name = \"first name\"]".into()),
+                "first_name".into()
+            )
+        );
+        assert_eq!(
+            rust_name("1x"),
+            (Some("#[sql_name = \"1x\"]".into()), "_1x".into())
+        );
+        assert_eq!(
+            rust_name("a\"b"),
+            (Some("#[sql_name = \"a\\\"b\"]".into()), "a_b".into())
+        );
         assert_eq!(pascal("my_enum"), "MyEnum");
         assert_eq!(diesel_type("timestamptz"), Some("Timestamptz"));
         assert_eq!(diesel_type("my_enum"), None);

@@ -145,9 +145,10 @@ impl<C: PoolClient> std::fmt::Debug for DsqlConnection<C> {
 }
 
 impl<C: PoolClient> DsqlConnection<C> {
-    /// Whether the connection has ended (the server closed it, or it failed).
+    /// Whether the connection has ended (the server closed it, or it failed), or the server
+    /// has said it is ending the session (an error of severity `FATAL`).
     pub fn is_closed(&self) -> bool {
-        self.session.is_closed() || self.client.closed()
+        self.session.is_closed() || self.session.fatal_seen() || self.client.closed()
     }
 }
 
@@ -604,7 +605,8 @@ impl<C: PoolClient> DsqlConnectionManager<C> {
             if settings_changed && !conn.client.run(C::RESET).await {
                 return Err(());
             }
-            if !(in_transaction || settings_changed) && !conn.client.run("").await {
+            let ping = !(in_transaction || settings_changed);
+            if ping && !conn.client.run("").await {
                 return Err(());
             }
             Ok(())

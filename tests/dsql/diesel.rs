@@ -172,6 +172,35 @@ async fn the_notes_service_writes_reads_back_and_counts_likes_exactly() {
         }
         other => panic!("{other:?}"),
     }
+
+    // A domain is written as its base type (NOT NULL if the domain is), and a name that is
+    // not a Rust identifier gets a spelling that is, keeping its own in `sql_name`.
+    client
+        .batch_execute("CREATE DOMAIN mood AS varchar(8) NOT NULL")
+        .await
+        .unwrap();
+    client
+        .batch_execute("CREATE TABLE moods (id uuid PRIMARY KEY, \"the mood\" mood)")
+        .await
+        .unwrap();
+    let with_moods = print_schema(&client, "public").await.unwrap();
+    assert!(
+        with_moods.contains(
+            "    moods (id) {\n        id -> Uuid,\n        #[sql_name = \"the mood\"]\n        \
+             #[max_length = 8]\n        the_mood -> Varchar,\n    }\n"
+        ),
+        "{with_moods}"
+    );
+    // A table schema.rs lacks is named, though it sorts before the others.
+    match check_schema(&client, "public", &printed).await {
+        Err(SchemaMismatch::Differs {
+            table,
+            column: None,
+            expected,
+            ..
+        }) if table == "moods" => assert_eq!(expected, "(no such table)"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[derive(QueryableByName, Debug)]
@@ -430,15 +459,16 @@ async fn a_connection_returned_dirty_is_cleaned_and_kept() {
     let pool = connector.diesel_pool_with(|b| b.max_size(1)).await.unwrap();
     let opened = {
         let mut conn = pool.get().await.unwrap();
-        // A transaction left open (a handler that returned early, a cancelled future).
+        // A session setting changed (outside any transaction, so only a reset undoes it)...
+        diesel::sql_query("SET TIME ZONE 'Europe/Paris'")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        // ...and a transaction left open (a handler that returned early, a cancelled future).
         AnsiTransactionManager::begin_transaction(&mut **conn)
             .await
             .unwrap();
         increment(&mut conn, 0).await.unwrap();
-        diesel::sql_query("SET TIME ZONE 'Europe/Paris'")
-            .execute(&mut conn)
-            .await
-            .unwrap_or(0);
         conn.opened_at()
     };
     let mut conn = pool.get().await.unwrap();
@@ -458,7 +488,11 @@ async fn a_connection_returned_dirty_is_cleaned_and_kept() {
     // diesel-async's own setting is back, not the server's default.
     assert_eq!(setting.value, "UTC");
     drop(conn);
-    assert_eq!(count_of(&pool, 0).await, 1, "the abandoned update was kept");
+    assert_eq!(
+        count_of(&pool, 0).await,
+        1,
+        "the abandoned update was not rolled back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
