@@ -8,6 +8,7 @@
 //! | [`configuration`] | every option, its URL / conninfo key, environment variable and default; the feature flags |
 //! | [`pooling`] | the bb8 pool's guarantees; the four retry helpers; the honest `COMMIT`; idempotency keys |
 //! | [`service`] | an axum service (`examples/service.rs`); the `deadpool` pool; the versions in the public API |
+//! | [`diesel`] | feature `diesel-async`: the pool of Diesel connections, `retry_transaction` for Diesel bodies, DSQL's errors from Diesel's, one schema |
 //! | [`refusals`] | DSQL's connection refusals as typed errors; refusals shared, not repeated; the cluster's connection rate |
 //! | [`multi_region`] | peer endpoints, endpoint health, failover and failback; the fleet simulation |
 //! | [`observability`] | `tracing` spans; the `dsql_*` metrics; a Prometheus endpoint |
@@ -29,6 +30,10 @@ pub mod pooling {}
 
 #[doc = include_str!("service.md")]
 pub mod service {}
+
+#[doc = include_str!("diesel.md")]
+#[cfg(feature = "diesel-async")]
+pub mod diesel {}
 
 #[doc = include_str!("refusals.md")]
 pub mod refusals {}
