@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::auth::{ACCESS_DENIED_CODE, ACCESS_DENIED_MESSAGE};
-use super::latency::delay_line;
+use super::latency::Line;
 use super::startup::check_startup;
 use super::wire::{self, send_fatal, send_fatal_with_hint};
 use super::{Network, Rejection, Shared, sql};
@@ -75,14 +75,14 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
         _ => return,
     }
     let direct = first[0] == 0x16;
-    let stream = delay_line(socket, shared.latency.clone());
+    let stream = Line::new(socket, shared.latency.clone());
     if let Err(error) = negotiate(stream, direct, accepted_at, &shared).await {
         tracing::debug!(%error, "emulator session ended with an I/O error");
     }
 }
 
 async fn negotiate(
-    mut stream: tokio::io::DuplexStream,
+    mut stream: Line<TcpStream>,
     direct: bool,
     accepted_at: Instant,
     shared: &Arc<Shared>,
@@ -324,8 +324,10 @@ async fn negotiate(
             }
         }
     }
-    tls.write_all(&startup_reply).await?;
+    // Counted before the client can see its session open (a test reads the count as soon as
+    // its connect returns).
     shared.count_accepted();
+    tls.write_all(&startup_reply).await?;
     relay(tls, upstream, backend, accepted_at, shared).await
 }
 

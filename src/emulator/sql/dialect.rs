@@ -27,6 +27,8 @@ pub(super) struct Prepared {
     pub(super) touch: Option<Arc<str>>,
     /// It waits for table locks (DDL, `ANALYZE`).
     pub(super) waits: bool,
+    /// A DDL with `IF NOT EXISTS` ([`rules::Statement::exists_ok`]).
+    pub(super) exists_ok: bool,
 }
 
 pub(super) fn other() -> Prepared {
@@ -42,6 +44,7 @@ pub(super) fn other() -> Prepared {
         text: "".into(),
         touch: None,
         waits: false,
+        exists_ok: false,
     }
 }
 
@@ -297,6 +300,8 @@ pub(super) struct Batch {
     pub(super) job: Option<&'static str>,
     /// It executes DDL.
     pub(super) ddl: bool,
+    /// A DDL it executes has `IF NOT EXISTS`.
+    pub(super) exists_ok: bool,
     /// It executes a statement that waits for table locks.
     pub(super) waits: bool,
 }

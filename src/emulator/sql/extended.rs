@@ -391,7 +391,12 @@ impl Dialect {
                             described: batch.executes == 1,
                         },
                     ),
-                    None if batch.ddl => (None, Plan::Ddl),
+                    None if batch.ddl => (
+                        None,
+                        Plan::Ddl {
+                            exists_ok: batch.exists_ok,
+                        },
+                    ),
                     None => (None, Plan::Pass),
                 },
                 // The relay would wait for the answer while the server waits for the data.
@@ -495,6 +500,7 @@ impl Dialect {
                     text: classified.upstream_text.as_str().into(),
                     touch: one.touch.as_deref().map(Into::into),
                     waits: one.waits,
+                    exists_ok: one.exists_ok,
                 },
             },
             // Not one statement PostgreSQL can parse: it answers for itself.
@@ -627,6 +633,7 @@ impl Dialect {
                 batch.copy_in |= prepared.copy_in;
                 batch.job = batch.job.or(prepared.job);
                 batch.ddl |= prepared.kind == Kind::Ddl;
+                batch.exists_ok |= prepared.exists_ok;
                 batch.waits |= prepared.waits;
                 if prepared.kind == Kind::Dml {
                     match prepared.most_rows {

@@ -118,10 +118,12 @@ pub(super) fn conflict(body: &[u8]) -> Option<bool> {
 
 /// Whether a DDL's error is PostgreSQL's answer to a concurrent change of the same object:
 /// a duplicate in one of its catalog's unique indexes, a row type created meanwhile, or a
-/// wait for the other change's locks; on DSQL the later change to commit gets `OC001`.
-pub(super) fn catalog_race(body: &[u8]) -> bool {
+/// wait for the other change's locks, or (`exists_ok`, after `IF NOT EXISTS`) the object
+/// created meanwhile; on DSQL the later change to commit gets `OC001`.
+pub(super) fn catalog_race(body: &[u8], exists_ok: bool) -> bool {
     let message = field(body, b'M');
     match field(body, b'C') {
+        b"42P07" | b"42710" | b"42P06" if exists_ok => message.ends_with(b"already exists"),
         b"23505" => message.windows(4).any(|w| w == b"\"pg_"),
         b"42710" => message.starts_with(b"type \"") && message.ends_with(b"already exists"),
         b"55P03" | b"40P01" => true,

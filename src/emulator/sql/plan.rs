@@ -71,8 +71,9 @@ pub(crate) enum Plan {
     Job { tag: &'static str, described: bool },
     /// DDL: passed on, but PostgreSQL's answers to a concurrent change of the same object (a
     /// duplicate in a catalog index, a type that already exists, a wait for the other change's
-    /// lock) become DSQL's `40001 … (OC001)`: the later DDL to commit loses.
-    Ddl,
+    /// lock; after `IF NOT EXISTS`, an "already exists") become DSQL's `40001 … (OC001)`:
+    /// the later DDL to commit loses. `exists_ok`: the request has an `IF NOT EXISTS`.
+    Ddl { exists_ok: bool },
     /// A statement the relay runs at `COMMIT` to validate the transaction (a write that met a
     /// row held by an open transaction, or a locking read): the answer is dropped, its tag or
     /// error reported in the [`Reply`]. `owed`: it is a pending write, which the

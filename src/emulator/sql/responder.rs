@@ -222,11 +222,13 @@ impl Responder {
                 defer,
             } => self.write(guard, autocommit, oversize, defer, out),
             Plan::Job { tag, described } => self.job(tag, described, out),
-            Plan::Ddl if tag == b'E' && catalog_race(&self.current[5..]) => {
+            Plan::Ddl { exists_ok }
+                if tag == b'E' && catalog_race(&self.current[5..], exists_ok) =>
+            {
                 error_response(&schema_conflict(), out);
                 self.failed = true;
             }
-            Plan::Ddl => self.pass(out),
+            Plan::Ddl { .. } => self.pass(out),
             Plan::Replay { owed } => match tag {
                 b'C' => {
                     let body = &self.current[5..];

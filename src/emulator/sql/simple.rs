@@ -155,7 +155,15 @@ impl Dialect {
             // (With `COPY … FROM STDIN` the relay would wait for the answer while the server
             // waits for the data.)
             let ddl = kinds.contains(&Kind::Ddl);
-            (None, if ddl { Plan::Ddl } else { Plan::Pass })
+            let exists_ok = classified.statements.iter().any(|s| s.exists_ok);
+            (
+                None,
+                if ddl {
+                    Plan::Ddl { exists_ok }
+                } else {
+                    Plan::Pass
+                },
+            )
         } else if self.in_block {
             // A write in a transaction goes after a savepoint, to be undone alone if it loses
             // a conflict.

@@ -80,6 +80,9 @@ pub(crate) struct Statement {
     /// writes them (see [`locking_read`]); the client's statement goes upstream without its
     /// locking clause, so that it never waits.
     pub(crate) touch: Option<String>,
+    /// A DDL with `IF NOT EXISTS`: an "already exists" error in its answer can only be a
+    /// concurrent creation of the same object (it did not exist when checked).
+    pub(crate) exists_ok: bool,
 }
 
 impl Statement {
@@ -92,6 +95,7 @@ impl Statement {
             copy_in: false,
             waits: false,
             touch: None,
+            exists_ok: false,
         }
     }
 }
@@ -617,6 +621,15 @@ fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
         copy_in: matches!(node, NodeEnum::CopyStmt(c) if c.is_from && c.filename.is_empty()),
         waits: kind == Kind::Ddl || matches!(node, NodeEnum::VacuumStmt(v) if !v.is_vacuumcmd),
         touch: None,
+        exists_ok: match node {
+            NodeEnum::CreateStmt(c) => c.if_not_exists,
+            NodeEnum::IndexStmt(i) => i.if_not_exists,
+            NodeEnum::CreateSeqStmt(c) => c.if_not_exists,
+            NodeEnum::CreateSchemaStmt(c) => c.if_not_exists,
+            NodeEnum::CreateTableAsStmt(c) => c.if_not_exists,
+            NodeEnum::CreateStatsStmt(c) => c.if_not_exists,
+            _ => false,
+        },
     }
 }
 

@@ -353,3 +353,28 @@ fn numeric_without_a_precision_is_stored_as_dsql_stores_it() {
         assert_eq!(classify(sql).upstream_text, sent, "{sql}");
     }
 }
+
+#[test]
+fn if_not_exists_marks_an_already_exists_answer_as_a_race() {
+    for sql in [
+        "CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY)",
+        "CREATE SCHEMA IF NOT EXISTS s",
+        "CREATE SEQUENCE IF NOT EXISTS q CACHE 1",
+    ] {
+        assert!(first(sql).exists_ok, "{sql}");
+    }
+    for sql in [
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        "SELECT 'IF NOT EXISTS'",
+    ] {
+        assert!(!first(sql).exists_ok, "{sql}");
+    }
+    let body = |code: &str, message: &str| format!("SERROR\0C{code}\0M{message}\0\0").into_bytes();
+    let exists = body("42P07", "relation \"t\" already exists");
+    assert!(super::super::messages::catalog_race(&exists, true));
+    assert!(!super::super::messages::catalog_race(&exists, false));
+    assert!(!super::super::messages::catalog_race(
+        &body("42601", "syntax error"),
+        true
+    ));
+}
