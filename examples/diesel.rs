@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --example diesel                                   # on the embedded DSQL emulator
 //! CLUSTER_ENDPOINT=<id>.dsql.<region>.on.aws cargo run --example diesel   # on DSQL
+//! # (on a cluster it stops if its tables exist; DIESEL_EXAMPLE_RESET=1 drops them first)
 //! ```
 //!
 //! Users and notes with UUID keys, a likes counter incremented by 8 tasks at once under
@@ -123,7 +124,8 @@ impl Notes {
     }
 }
 
-/// The example starts from nothing each time (the migration history too).
+/// The example starts from nothing each time (the migration history too). On a cluster it
+/// drops these only with `DIESEL_EXAMPLE_RESET=1`, and otherwise stops if any exists.
 const RESET: &[&str] = &[
     "DROP TABLE IF EXISTS notes",
     "DROP TABLE IF EXISTS users",
@@ -147,6 +149,22 @@ async fn main_inner(summary: &mut Vec<String>) -> Result<(), BoxError> {
     // The glue: a connector, a pool of Diesel connections, a retry policy.
     let connector = DsqlConnector::new(config).await?;
     let client = connector.connect().await?;
+    if _emulator.is_none() && std::env::var("DIESEL_EXAMPLE_RESET").as_deref() != Ok("1") {
+        for table in ["notes", "users", "dsql_migrations"] {
+            let found: Option<String> = client
+                .query_one("SELECT to_regclass($1)::text", &[&table])
+                .await?
+                .get(0);
+            if found.is_some() {
+                return Err(format!(
+                    "table {table} already exists on this cluster: the example drops and \
+                     recreates notes, users and the migration history; run it with \
+                     DIESEL_EXAMPLE_RESET=1 if that is what you want"
+                )
+                .into());
+            }
+        }
+    }
     for statement in RESET {
         client.batch_execute(statement).await?;
     }

@@ -246,6 +246,18 @@ pub enum Error {
     )]
     NestedTransaction,
 
+    /// A Diesel pool's [`retry_transaction`](crate::DsqlPool::retry_transaction) body ended
+    /// the transaction itself (a `COMMIT` or `ROLLBACK` sent through `sql_query` or
+    /// `batch_execute`, or the transaction manager called directly). What it wrote may or may
+    /// not have landed, and statements after that ran outside the transaction: the helper
+    /// neither commits nor retries. Let the helper end the transaction.
+    #[cfg(feature = "diesel-async")]
+    #[error(
+        "the transaction body ended the transaction itself (a COMMIT or ROLLBACK inside it): \
+         whether its writes landed is not known; not retried"
+    )]
+    TransactionEndedByBody,
+
     // ---- The pool ---------------------------------------------------------------------------
     /// A pooled connection cannot be handed out (closed, or past its recycle deadline). The
     /// pool discards it and tries another; users see this only through `bb8`'s error sink.
@@ -286,7 +298,8 @@ impl Error {
         }
     }
 
-    /// The server's SQLSTATE code, when the server answered with an error.
+    /// The server's SQLSTATE code, when the server answered with an error. (For an
+    /// `Error::Diesel`, feature `diesel-async`, read it with `DsqlDieselError::sqlstate`.)
     pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
         match self {
             Error::AccessDenied { source, .. } | Error::UnknownRole { source, .. } => source.code(),
@@ -304,7 +317,8 @@ impl Error {
 
 impl Error {
     /// The server's error (severity, SQLSTATE, message, hint, ...), when the server answered
-    /// with one.
+    /// with one through tokio-postgres (an `Error::Diesel`'s, feature `diesel-async`, is read
+    /// with `diesel::DsqlDieselError`).
     pub fn db_error(&self) -> Option<&tokio_postgres::error::DbError> {
         match self {
             Error::AccessDenied { source, .. } | Error::UnknownRole { source, .. } => {
@@ -352,10 +366,15 @@ impl Error {
         }
     }
 
-    /// The server's HINT for [`Error::AccessDenied`]: DSQL's reason for the refusal.
+    /// The server's HINT for [`Error::AccessDenied`] (DSQL's reason for the refusal), and for
+    /// an `Error::Diesel` (feature `diesel-async`) whose server error has one.
     pub fn hint(&self) -> Option<&str> {
         match self {
             Error::AccessDenied { hint, .. } => Some(hint),
+            #[cfg(feature = "diesel-async")]
+            Error::Diesel {
+                source: ::diesel::result::Error::DatabaseError(_, info),
+            } => info.hint(),
             _ => None,
         }
     }

@@ -57,14 +57,17 @@
 //! - re-runs the whole body on a conflict, at any statement or at `COMMIT`, with the policy's
 //!   backoff, and on a connection lost before `COMMIT` (on a fresh checkout: the peer
 //!   endpoint, with several);
-//! - bounds each attempt by [`RetryPolicy::attempt_timeout`];
+//! - bounds each attempt by [`RetryPolicy::attempt_timeout`], when the policy sets one;
 //! - gives the connection back to the pool during each backoff;
 //! - never re-runs a `COMMIT` whose outcome is unknown ([`Error::CommitOutcomeUnknown`]);
 //! - checks `COMMIT`: a body that swallowed a failed statement and returned `Ok` gets
 //!   [`Error::TransactionRolledBack`], not `Ok` (PostgreSQL answers such a `COMMIT` with
 //!   `ROLLBACK` and no error, and diesel-async reports success);
-//! - refuses a nested `conn.transaction(…)` with [`Error::NestedTransaction`]: Diesel would send
-//!   a `SAVEPOINT`, which DSQL does not support.
+//! - turns a nested `conn.transaction(…)` into [`Error::NestedTransaction`], the whole
+//!   transaction rolled back: Diesel sends a `SAVEPOINT`, which DSQL refuses (a connection
+//!   whose instrumentation was replaced with `set_instrumentation` gets DSQL's `0A000`);
+//! - returns [`Error::TransactionEndedByBody`], never `Ok`, for a body that sent `COMMIT` or
+//!   `ROLLBACK` itself, and does not retry it.
 //!
 //! The closure is called once per attempt (it is cloned for each: capture references and
 //! values that are `Clone`, and keep state that must survive attempts behind a reference, an
@@ -103,7 +106,7 @@ use tracing::Instrument;
 pub use self::schema::{SchemaMismatch, check_schema, print_schema};
 use crate::pool::{DsqlConnectionManager, DsqlPool, DsqlPooledConnection, PoolClient, private};
 use crate::retry::{AsOccConflict, OccConflict, RetryPolicy};
-use crate::session::SessionWatch;
+use crate::session::{SessionWatch, TransactionStatus};
 use crate::{DsqlConnector, Error};
 
 /// A pool of Diesel connections ([`DsqlConnector::diesel_pool`]).
@@ -165,7 +168,7 @@ impl private::Client for AsyncPgConnection {
 }
 
 /// The instrumentation this crate installs on its Diesel connections: notes a nested
-/// transaction (Diesel's `SAVEPOINT`) before it is sent, and passes every event on to Diesel's
+/// transaction (Diesel's `SAVEPOINT`) as it starts, and passes every event on to Diesel's
 /// default instrumentation, if one is set. A connection whose instrumentation is replaced
 /// (`set_instrumentation`) loses the clear [`Error::NestedTransaction`]: DSQL's own `0A000`
 /// comes back instead.
@@ -319,6 +322,12 @@ impl DsqlPool<AsyncPgConnection> {
                 }
                 Ok(Err(error)) => {
                     let lost = conn.is_closed() && !committing;
+                    // The body's error (or the nested transaction's) leaves the transaction
+                    // open: rolled back here, outside the attempt's timeout, so that a stalled
+                    // ROLLBACK can never turn the body's final error into a retry.
+                    if !lost {
+                        end_transaction(&mut conn, &session).await;
+                    }
                     drop(conn);
                     if let Some(conflict) = error.occ_conflict() {
                         match attempts.after_conflict(conflict) {
@@ -360,17 +369,17 @@ where
     <AnsiTransactionManager as TransactionManager<AsyncPgConnection>>::begin_transaction(conn)
         .await?;
     let result = body(conn).await;
+    // On an error the transaction is left open for the caller to roll back.
     if session.take_nested() {
-        rollback(conn).await;
         return Err(Error::NestedTransaction.into());
     }
-    let value = match result {
-        Ok(value) => value,
-        Err(error) => {
-            rollback(conn).await;
-            return Err(error);
-        }
-    };
+    let value = result?;
+    if session.status() == TransactionStatus::Idle {
+        // The body sent COMMIT or ROLLBACK itself: nothing is left to commit, and what it
+        // wrote may or may not have landed.
+        <AsyncPgConnection as private::Client>::transaction_ended(conn);
+        return Err(Error::TransactionEndedByBody.into());
+    }
     committing.store(true, Ordering::SeqCst);
     let outcome = commit_checked(conn, session).await;
     <AsyncPgConnection as private::Client>::transaction_ended(conn);
@@ -386,10 +395,26 @@ where
     }
 }
 
-/// Rolls the open transaction back (a failure, e.g. the connection gone, changes nothing for
-/// the caller) and resets Diesel's bookkeeping.
-async fn rollback(conn: &mut AsyncPgConnection) {
-    let _ = SimpleAsyncConnection::batch_execute(conn, "ROLLBACK").await;
+/// How long the `ROLLBACK` after a failed attempt may take before its connection is discarded
+/// instead of given back.
+const ROLLBACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Rolls back what a failed attempt left open (a failure, e.g. the connection gone, changes
+/// nothing for the caller; one that stalls discards the connection) and resets Diesel's
+/// bookkeeping.
+async fn end_transaction(
+    conn: &mut DsqlPooledConnection<'static, AsyncPgConnection>,
+    session: &SessionWatch,
+) {
+    if session.status() != TransactionStatus::Idle {
+        let rollback = SimpleAsyncConnection::batch_execute(&mut **conn, "ROLLBACK");
+        if tokio::time::timeout(ROLLBACK_TIMEOUT, rollback)
+            .await
+            .is_err()
+        {
+            conn.discard();
+        }
+    }
     <AsyncPgConnection as private::Client>::transaction_ended(conn);
 }
 
@@ -409,7 +434,9 @@ enum Commit {
 async fn commit_checked(conn: &AsyncPgConnection, session: &SessionWatch) -> Result<(), Commit> {
     let mut probe_on = conn;
     let mut commit_on = conn;
+    // Biased: the probe must be sent first.
     let (probe, commit) = tokio::join!(
+        biased;
         SimpleAsyncConnection::batch_execute(&mut probe_on, "SELECT 1"),
         SimpleAsyncConnection::batch_execute(&mut commit_on, "COMMIT")
     );

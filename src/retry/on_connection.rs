@@ -395,7 +395,9 @@ pub(super) enum CommitFailure {
 /// does not show tags, so a `SELECT 1` is pipelined just before it: in a failed transaction it
 /// fails (`25P02`). The two go out together, so this costs no extra round trip.
 pub(super) async fn commit_checked(client: &Client) -> Result<(), CommitFailure> {
+    // Biased: the probe must be sent first.
     let (probe, commit) = tokio::join!(
+        biased;
         client.batch_execute("SELECT 1"),
         client.batch_execute("COMMIT")
     );

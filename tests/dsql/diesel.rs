@@ -67,6 +67,18 @@ async fn increment(conn: &mut diesel_async::AsyncPgConnection, id: i64) -> Query
         .await
 }
 
+/// A transaction through the helper commits one increment of row 0, which was at zero: the
+/// pool's connection is clean for the next user.
+async fn one_increment_lands(pool: &DsqlDieselPool) {
+    pool.retry_transaction(&RetryPolicy::default(), async |conn| {
+        increment(conn, 0).await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(count_of(pool, 0).await, 1);
+}
+
 fn hot_row_policy() -> RetryPolicy {
     RetryPolicy::default().with_max_attempts(200)
 }
@@ -262,6 +274,13 @@ async fn a_revoked_role_fails_the_checkout_with_access_denied_not_a_pool_timeout
         }
         other => panic!("expected AccessDenied, got {other:?}"),
     }
+    // At once: the refusal was not retried until a deadline (a counted fact, not a timing).
+    assert_eq!(
+        emulator.stats().total_rejected(),
+        1,
+        "{:?}",
+        emulator.stats()
+    );
     eprintln!("refused after {:?}", started.elapsed());
 }
 
@@ -287,13 +306,7 @@ async fn a_body_that_swallows_a_failed_statement_is_rolled_back_not_ok() {
     );
     assert_eq!(count_of(&pool, 0).await, 0, "the first update was kept");
     // The connection is clean for the next transaction.
-    pool.retry_transaction(&RetryPolicy::default(), async |conn| {
-        increment(conn, 0).await?;
-        Ok::<_, Error>(())
-    })
-    .await
-    .unwrap();
-    assert_eq!(count_of(&pool, 0).await, 1);
+    one_increment_lands(&pool).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,13 +410,7 @@ async fn a_nested_transaction_is_refused_with_the_reason_and_nothing_is_written(
     assert_eq!(count_of(&pool, 0).await, 0, "nothing written");
     // The one connection is clean again: the next transaction begins with BEGIN, not a
     // savepoint.
-    pool.retry_transaction(&RetryPolicy::default(), async |conn| {
-        increment(conn, 0).await?;
-        Ok::<_, Error>(())
-    })
-    .await
-    .unwrap();
-    assert_eq!(count_of(&pool, 0).await, 1);
+    one_increment_lands(&pool).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,6 +530,56 @@ async fn a_connection_lost_before_commit_is_retried_on_a_fresh_one() {
     assert_eq!(count_of(&pool, 0).await, 1, "written once");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_commits_itself_is_not_reported_ok_nor_retried() {
+    let emulator = support::own_endpoint().await;
+    let connector = connector(&emulator, None).await;
+    counters(&connector, 1).await;
+    let pool = connector.diesel_pool_with(|b| b.max_size(1)).await.unwrap();
+    let runs = AtomicU32::new(0);
+    let runs_ref = &runs;
+    let result = pool
+        .retry_transaction(&RetryPolicy::default(), async |conn| {
+            runs_ref.fetch_add(1, Ordering::SeqCst);
+            increment(conn, 0).await?;
+            diesel::sql_query("COMMIT").execute(conn).await?;
+            Ok::<_, Error>(())
+        })
+        .await;
+    assert!(
+        matches!(result, Err(Error::TransactionEndedByBody)),
+        "{result:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "not retried");
+    // What it committed itself landed; the helper said it could not vouch either way.
+    assert_eq!(count_of(&pool, 0).await, 1);
+    // A statement cut in flight leaves the one connection clean for the next user.
+    let policy = RetryPolicy::default();
+    let call = pool.retry_transaction(&policy, async |conn| {
+        increment(conn, 0).await?;
+        diesel::sql_query("SELECT pg_sleep(5)")
+            .execute(conn)
+            .await?;
+        Ok::<_, Error>(())
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), call)
+            .await
+            .is_err()
+    );
+    pool.retry_transaction(&RetryPolicy::default(), async |conn| {
+        increment(conn, 0).await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        count_of(&pool, 0).await,
+        2,
+        "the cut increment did not land"
+    );
+}
+
 /// What one step of the property test below does.
 #[derive(Debug, Clone, Copy)]
 enum Step {
@@ -536,6 +593,11 @@ enum Step {
     Nest(i64),
     /// Increment, then drop the whole call midway (a cancelled request).
     Cancel(i64),
+    /// Increment, then drop the call while a statement is in flight (Diesel marks the
+    /// connection broken; the pool must clean it).
+    CancelInFlight(i64),
+    /// Increment, then send ROLLBACK itself: the helper must not report `Ok`.
+    EndsItself(i64),
 }
 
 fn steps(seed: u64, tasks: usize, per_task: usize, rows: i64) -> Vec<Vec<Step>> {
@@ -545,12 +607,14 @@ fn steps(seed: u64, tasks: usize, per_task: usize, rows: i64) -> Vec<Vec<Step>> 
             (0..per_task)
                 .map(|_| {
                     let row = rng.i64(0..rows);
-                    match rng.u8(0..10) {
+                    match rng.u8(0..12) {
                         0..=4 => Step::Increment(row),
                         5 => Step::Abandon(row),
                         6 => Step::Swallow(row),
                         7 => Step::Nest(row),
-                        _ => Step::Cancel(row),
+                        8 => Step::Cancel(row),
+                        9 => Step::CancelInFlight(row),
+                        _ => Step::EndsItself(row),
                     }
                 })
                 .collect()
@@ -560,9 +624,8 @@ fn steps(seed: u64, tasks: usize, per_task: usize, rows: i64) -> Vec<Vec<Step>> 
 
 /// Random mixes of committing, failing, swallowing, nesting and cancelled transactions from
 /// several tasks over a small pool (so every connection is reused after every kind of end):
-/// each row ends with exactly the increments whose call returned `Ok` (a cancelled call's
-/// outcome is read from its own marker row), and every other call returns the error its kind
-/// promises. `DSQL_DIESEL_SEEDS=n` runs `n` more seeds.
+/// each row ends with exactly the increments whose call returned `Ok` (a call cancelled
+/// before `COMMIT` writes nothing), and every other call returns the error its kind promises. `DSQL_DIESEL_SEEDS=n` runs `n` more seeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_transaction_mixes_write_exactly_what_they_report() {
     let emulator = support::own_endpoint().await;
@@ -637,6 +700,28 @@ async fn random_transaction_mixes_write_exactly_what_they_report() {
                         cancelled_ref.fetch_add(1, Ordering::SeqCst);
                         continue;
                     }
+                    Step::CancelInFlight(row) => {
+                        let call = pool_ref.retry_transaction(policy_ref, async |conn| {
+                            increment(conn, row).await?;
+                            diesel::sql_query("SELECT pg_sleep(5)")
+                                .execute(conn)
+                                .await?;
+                            Ok::<_, Error>(row)
+                        });
+                        let cut = tokio::time::timeout(Duration::from_millis(300), call).await;
+                        assert!(cut.is_err(), "seed {seed}: a sleeping body finished");
+                        cancelled_ref.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    Step::EndsItself(row) => {
+                        pool_ref
+                            .retry_transaction(policy_ref, async |conn| {
+                                increment(conn, row).await?;
+                                diesel::sql_query("ROLLBACK").execute(conn).await?;
+                                Ok::<_, Error>(row)
+                            })
+                            .await
+                    }
                 };
                 match (*step, result) {
                     (Step::Increment(_), Ok(row)) => {
@@ -644,7 +729,8 @@ async fn random_transaction_mixes_write_exactly_what_they_report() {
                     }
                     (Step::Abandon(_), Err(Error::PoolTimeout))
                     | (Step::Swallow(_), Err(Error::TransactionRolledBack { .. }))
-                    | (Step::Nest(_), Err(Error::NestedTransaction)) => {}
+                    | (Step::Nest(_), Err(Error::NestedTransaction))
+                    | (Step::EndsItself(_), Err(Error::TransactionEndedByBody)) => {}
                     (step, outcome) => {
                         panic!("seed {seed}: {step:?} ended with {outcome:?}")
                     }
