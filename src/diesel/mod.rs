@@ -195,11 +195,9 @@ impl DsqlConnector {
     /// ([`connect_with_retries`](Self::connect_with_retries)), with diesel-async's setup run.
     /// For a service, prefer [`diesel_pool`](Self::diesel_pool).
     pub async fn diesel_connect(&self) -> Result<AsyncPgConnection, Error> {
-        let deadline = crate::connector::after(self.config().connect_deadline());
-        let connected = self
-            .connect_within(deadline, crate::connector::Retry::Transient)
-            .await?;
-        <AsyncPgConnection as private::Client>::setup(connected.client, &connected.session).await
+        crate::pool::open_set_up::<AsyncPgConnection>(self)
+            .await
+            .map(|(conn, ..)| conn)
     }
 
     /// A bb8 pool of Diesel connections with [`pool`](Self::pool)'s defaults and guarantees

@@ -479,30 +479,63 @@ impl<C: PoolClient> bb8::ManageConnection for DsqlConnectionManager<C> {
     }
 }
 
+/// Opens a connection with the pool's retries and runs the client's setup (diesel-async's
+/// `SET`s) inside the same connect deadline: a setup that stalls is cut at the deadline
+/// ([`Error::ConnectTimeout`]), and one that fails without a server error (the connection
+/// lost) is tried again on a new connection while the deadline allows.
+#[allow(clippy::type_complexity)]
+pub(crate) async fn open_set_up<C: PoolClient>(
+    connector: &DsqlConnector,
+) -> Result<(C, Arc<SessionWatch>, Arc<crate::connector::Target>), Error> {
+    let deadline = crate::connector::after(connector.config().connect_deadline());
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let crate::connector::Connected {
+            client,
+            session,
+            target,
+        } = connector.connect_within(deadline, Retry::Transient).await?;
+        let setup = C::setup(client, &session);
+        let error = match tokio::time::timeout_at(deadline, setup).await {
+            Ok(Ok(client)) => return Ok((client, session, target)),
+            Ok(Err(error)) => error,
+            Err(_) => {
+                return Err(Error::ConnectTimeout {
+                    endpoint: target.described.clone(),
+                    timeout: connector.config().connect_deadline(),
+                    during: "the connect deadline (connect_deadline) ran out while the \
+                             connection was set up",
+                });
+            }
+        };
+        // A server's answer is the answer; a lost connection is worth another.
+        let lost = session.is_closed();
+        if !lost || Instant::now() + backoff >= deadline {
+            return Err(error);
+        }
+        tracing::debug!(%error, "a DSQL connection was lost during its setup; connecting again");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
 impl<C: PoolClient> DsqlConnectionManager<C> {
     /// Opens a connection for a pool: retries transient failures inside the connect deadline,
     /// and gives it its recycle deadline. Shared by the bb8 and deadpool managers.
     pub(crate) async fn open(&self) -> Result<DsqlConnection<C>, Error> {
         let opened_at = Instant::now();
-        let deadline = crate::connector::after(self.connector.config().connect_deadline());
-        let connected = self
-            .connector
-            .connect_within(deadline, Retry::Transient)
-            .await
-            .inspect_err(|error| {
-                tracing::warn!(%error, "the pool could not open a DSQL connection");
-            })?;
-        let client = C::setup(connected.client, &connected.session)
-            .await
-            .inspect_err(|error| {
-                tracing::warn!(%error, "the pool could not set up a DSQL connection");
-            })?;
+        let (client, session, target) =
+            open_set_up::<C>(&self.connector)
+                .await
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "the pool could not open a DSQL connection");
+                })?;
         let spread = self.connector.config().failover().failback_window;
-        let away = connected.target.index > 0;
+        let away = target.index > 0;
         Ok(DsqlConnection {
             client,
-            session: connected.session,
-            target: connected.target,
+            session,
+            target,
             failback_after: spread.mul_f64(fastrand::f64()),
             opened_at,
             recycle_at: self.deadline_for(opened_at),

@@ -455,6 +455,9 @@ fn query_refusal(node: &NodeEnum) -> Option<Refusal> {
 /// PostgreSQL's scanner, so never inside a string or a comment). Returns the text and the
 /// offsets, in it, where an `ASYNC` was.
 fn strip_async(sql: &str) -> (String, Vec<usize>) {
+    if !mentions(sql, "async") {
+        return (sql.to_owned(), Vec::new());
+    }
     let Ok(scanned) = pg_query::scan(sql) else {
         return (sql.to_owned(), Vec::new());
     };
@@ -491,9 +494,21 @@ fn strip_async(sql: &str) -> (String, Vec<usize>) {
     (out, at)
 }
 
+/// Whether `word` (ASCII) appears anywhere in `sql`, in any case: a cheap test that must pass
+/// before a scan for it as a keyword can find it (keywords are written in ASCII, whole).
+fn mentions(sql: &str, word: &str) -> bool {
+    let word = word.as_bytes();
+    sql.as_bytes()
+        .windows(word.len())
+        .any(|window| window.eq_ignore_ascii_case(word))
+}
+
 /// `AWS IAM GRANT <role> TO '<arn>'` or `AWS IAM REVOKE <role> FROM '<arn>'` (alone, with an
 /// optional `;`), as the `CALL` the upstream runs it with (`bootstrap.sql`).
 fn aws_iam(sql: &str) -> Option<String> {
+    if !mentions(sql, "aws") {
+        return None;
+    }
     let scanned = pg_query::scan(sql).ok()?;
     let words: Vec<&str> = scanned
         .tokens
@@ -594,12 +609,13 @@ fn starts_with_words(sql: &str, words: &[&str]) -> bool {
 
 /// Whether the text uses `keyword` as a keyword (not in a string, a comment or a quoted name).
 fn has_keyword(sql: &str, keyword: &str) -> bool {
-    pg_query::scan(sql).is_ok_and(|scanned| {
-        scanned.tokens.iter().any(|t| {
-            sql[t.start as usize..t.end as usize].eq_ignore_ascii_case(keyword)
-                && t.token != protobuf::Token::Ident as i32
+    mentions(sql, keyword)
+        && pg_query::scan(sql).is_ok_and(|scanned| {
+            scanned.tokens.iter().any(|t| {
+                sql[t.start as usize..t.end as usize].eq_ignore_ascii_case(keyword)
+                    && t.token != protobuf::Token::Ident as i32
+            })
         })
-    })
 }
 
 fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {

@@ -378,3 +378,18 @@ fn if_not_exists_marks_an_already_exists_answer_as_a_race() {
         true
     ));
 }
+
+#[test]
+fn a_keyword_scan_is_skipped_only_when_the_word_is_absent() {
+    assert!(mentions("create index ASYNC i on t (v)", "async"));
+    assert!(mentions("aws/**/iam grant r to 'a'", "aws"));
+    assert!(!mentions("SELECT v FROM t WHERE k = 1", "tablesample"));
+    assert!(!mentions("", "async"));
+    // What the scans found before, they still find.
+    assert!(has_tablesample("SELECT * FROM t TableSample system (1)"));
+    assert!(!has_tablesample("SELECT 'tablesample' FROM t"));
+    assert_eq!(
+        classify("CREATE INDEX ASYNC i ON t (v)").job,
+        Some("CREATE INDEX")
+    );
+}
