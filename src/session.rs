@@ -26,6 +26,7 @@ pub struct SessionWatch {
     /// for clients that do not expose it.
     closed: AtomicBool,
     /// A nested transaction (a savepoint) was begun through Diesel's transaction manager.
+    #[cfg_attr(not(feature = "diesel-async"), allow(dead_code))]
     nested: AtomicBool,
 }
 

@@ -27,6 +27,9 @@ pub(crate) struct Line<S> {
     state: State<S>,
     /// Bytes read directly but not yet due.
     held: Option<Held>,
+    /// The tasks whose direct read or write is waiting on the socket: woken when it moves
+    /// behind the delay line (whose pump then owns the socket's wakers).
+    waiting: [Option<std::task::Waker>; 2],
 }
 
 enum State<S> {
@@ -57,6 +60,7 @@ where
             latency,
             state,
             held: None,
+            waiting: [None, None],
         }
     }
 
@@ -71,6 +75,17 @@ where
                 unreachable!("matched above");
             };
             self.state = State::Delayed(delay_line(socket, self.latency.clone()));
+            for waker in self.waiting.iter_mut().filter_map(Option::take) {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Notes that `side` (0 read, 1 write) waits on the socket itself.
+    fn wait(&mut self, side: usize, cx: &Context<'_>) {
+        match &self.waiting[side] {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => self.waiting[side] = Some(cx.waker().clone()),
         }
     }
 }
@@ -106,7 +121,11 @@ where
                 State::Switching => return Poll::Ready(Err(switching())),
                 State::Direct(socket) => {
                     let before = buf.filled().len();
-                    ready!(Pin::new(socket).poll_read(cx, buf))?;
+                    let Poll::Ready(read) = Pin::new(socket).poll_read(cx, buf) else {
+                        this.wait(0, cx);
+                        return Poll::Pending;
+                    };
+                    read?;
                     let delay = this.delay();
                     if delay.is_zero() || buf.filled().len() == before {
                         return Poll::Ready(Ok(()));
@@ -137,7 +156,13 @@ where
         let this = self.get_mut();
         this.switch_if_delayed();
         match &mut this.state {
-            State::Direct(socket) => Pin::new(socket).poll_write(cx, data),
+            State::Direct(socket) => {
+                let written = Pin::new(socket).poll_write(cx, data);
+                if written.is_pending() {
+                    this.wait(1, cx);
+                }
+                written
+            }
             State::Delayed(line) => Pin::new(line).poll_write(cx, data),
             State::Switching => Poll::Ready(Err(switching())),
         }

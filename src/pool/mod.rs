@@ -185,6 +185,7 @@ impl<C> DsqlConnection<C> {
     }
 
     /// What the server last said about the session.
+    #[cfg_attr(not(feature = "diesel-async"), allow(dead_code))]
     pub(crate) fn session(&self) -> &Arc<SessionWatch> {
         &self.session
     }
@@ -496,7 +497,9 @@ pub(crate) async fn open_set_up<C: PoolClient>(
             target,
         } = connector.connect_within(deadline, Retry::Transient).await?;
         let setup = C::setup(client, &session);
-        let error = match tokio::time::timeout_at(deadline, setup).await {
+        // At least a second for it, after a connect that took most of the deadline.
+        let setup_deadline = deadline.max(Instant::now() + Duration::from_secs(1));
+        let error = match tokio::time::timeout_at(setup_deadline, setup).await {
             Ok(Ok(client)) => return Ok((client, session, target)),
             Ok(Err(error)) => error,
             Err(_) => {

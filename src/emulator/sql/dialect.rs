@@ -28,7 +28,7 @@ pub(super) struct Prepared {
     /// It waits for table locks (DDL, `ANALYZE`).
     pub(super) waits: bool,
     /// A DDL with `IF NOT EXISTS` ([`rules::Statement::exists_ok`]).
-    pub(super) exists_ok: bool,
+    pub(super) exists_ok: Option<u64>,
 }
 
 pub(super) fn other() -> Prepared {
@@ -44,7 +44,7 @@ pub(super) fn other() -> Prepared {
         text: "".into(),
         touch: None,
         waits: false,
-        exists_ok: false,
+        exists_ok: None,
     }
 }
 
@@ -300,8 +300,8 @@ pub(super) struct Batch {
     pub(super) job: Option<&'static str>,
     /// It executes DDL.
     pub(super) ddl: bool,
-    /// A DDL it executes has `IF NOT EXISTS`.
-    pub(super) exists_ok: bool,
+    /// A DDL it executes has `IF NOT EXISTS` ([`rules::Statement::exists_ok`]).
+    pub(super) exists_ok: Option<u64>,
     /// It executes a statement that waits for table locks.
     pub(super) waits: bool,
 }

@@ -633,7 +633,7 @@ impl Dialect {
                 batch.copy_in |= prepared.copy_in;
                 batch.job = batch.job.or(prepared.job);
                 batch.ddl |= prepared.kind == Kind::Ddl;
-                batch.exists_ok |= prepared.exists_ok;
+                batch.exists_ok = batch.exists_ok.or(prepared.exists_ok);
                 batch.waits |= prepared.waits;
                 if prepared.kind == Kind::Dml {
                     match prepared.most_rows {

@@ -118,12 +118,21 @@ pub(super) fn conflict(body: &[u8]) -> Option<bool> {
 
 /// Whether a DDL's error is PostgreSQL's answer to a concurrent change of the same object:
 /// a duplicate in one of its catalog's unique indexes, a row type created meanwhile, or a
-/// wait for the other change's locks, or (`exists_ok`, after `IF NOT EXISTS`) the object
-/// created meanwhile; on DSQL the later change to commit gets `OC001`.
-pub(super) fn catalog_race(body: &[u8], exists_ok: bool) -> bool {
+/// wait for the other change's locks, or (`exists_ok`, after `IF NOT EXISTS`) the very object
+/// it creates, created meanwhile; on DSQL the later change to commit gets `OC001`.
+pub(super) fn catalog_race(body: &[u8], exists_ok: Option<u64>) -> bool {
     let message = field(body, b'M');
     match field(body, b'C') {
-        b"42P07" | b"42710" | b"42P06" if exists_ok => message.ends_with(b"already exists"),
+        b"42P07" | b"42710" | b"42P06" if exists_ok.is_some() => {
+            // `relation "name" already exists`: the object the statement creates, not another
+            // name it uses (a constraint's index, an identity's sequence).
+            let named = message
+                .strip_suffix(b"\" already exists")
+                .and_then(|m| m.iter().position(|b| *b == b'"').map(|at| &m[at + 1..]))
+                .and_then(|name| std::str::from_utf8(name).ok());
+            named.is_some_and(|name| Some(super::rules::name_key(name)) == exists_ok)
+                || (message.starts_with(b"type \"") && message.ends_with(b"already exists"))
+        }
         b"23505" => message.windows(4).any(|w| w == b"\"pg_"),
         b"42710" => message.starts_with(b"type \"") && message.ends_with(b"already exists"),
         b"55P03" | b"40P01" => true,

@@ -72,8 +72,9 @@ pub(crate) enum Plan {
     /// DDL: passed on, but PostgreSQL's answers to a concurrent change of the same object (a
     /// duplicate in a catalog index, a type that already exists, a wait for the other change's
     /// lock; after `IF NOT EXISTS`, an "already exists") become DSQL's `40001 … (OC001)`:
-    /// the later DDL to commit loses. `exists_ok`: the request has an `IF NOT EXISTS`.
-    Ddl { exists_ok: bool },
+    /// the later DDL to commit loses. `exists_ok`: the [`rules::name_key`] of the object an
+    /// `IF NOT EXISTS` in the request creates.
+    Ddl { exists_ok: Option<u64> },
     /// A statement the relay runs at `COMMIT` to validate the transaction (a write that met a
     /// row held by an open transaction, or a locking read): the answer is dropped, its tag or
     /// error reported in the [`Reply`]. `owed`: it is a pending write, which the

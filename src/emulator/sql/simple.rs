@@ -155,7 +155,7 @@ impl Dialect {
             // (With `COPY … FROM STDIN` the relay would wait for the answer while the server
             // waits for the data.)
             let ddl = kinds.contains(&Kind::Ddl);
-            let exists_ok = classified.statements.iter().any(|s| s.exists_ok);
+            let exists_ok = classified.statements.iter().find_map(|s| s.exists_ok);
             (
                 None,
                 if ddl {

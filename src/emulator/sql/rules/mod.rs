@@ -80,9 +80,10 @@ pub(crate) struct Statement {
     /// writes them (see [`locking_read`]); the client's statement goes upstream without its
     /// locking clause, so that it never waits.
     pub(crate) touch: Option<String>,
-    /// A DDL with `IF NOT EXISTS`: an "already exists" error in its answer can only be a
-    /// concurrent creation of the same object (it did not exist when checked).
-    pub(crate) exists_ok: bool,
+    /// For a DDL with `IF NOT EXISTS`, the name of the object it creates (as the catalog
+    /// spells it): an "already exists" error naming it can only be a concurrent creation of
+    /// that object (it did not exist when checked). See [`name_key`].
+    pub(crate) exists_ok: Option<u64>,
 }
 
 impl Statement {
@@ -95,7 +96,7 @@ impl Statement {
             copy_in: false,
             waits: false,
             touch: None,
-            exists_ok: false,
+            exists_ok: None,
         }
     }
 }
@@ -498,6 +499,9 @@ fn strip_async(sql: &str) -> (String, Vec<usize>) {
 /// before a scan for it as a keyword can find it (keywords are written in ASCII, whole).
 fn mentions(sql: &str, word: &str) -> bool {
     let word = word.as_bytes();
+    if word.is_empty() {
+        return false;
+    }
     sql.as_bytes()
         .windows(word.len())
         .any(|window| window.eq_ignore_ascii_case(word))
@@ -638,15 +642,30 @@ fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
         waits: kind == Kind::Ddl || matches!(node, NodeEnum::VacuumStmt(v) if !v.is_vacuumcmd),
         touch: None,
         exists_ok: match node {
-            NodeEnum::CreateStmt(c) => c.if_not_exists,
-            NodeEnum::IndexStmt(i) => i.if_not_exists,
-            NodeEnum::CreateSeqStmt(c) => c.if_not_exists,
-            NodeEnum::CreateSchemaStmt(c) => c.if_not_exists,
-            NodeEnum::CreateTableAsStmt(c) => c.if_not_exists,
-            NodeEnum::CreateStatsStmt(c) => c.if_not_exists,
-            _ => false,
-        },
+            NodeEnum::CreateStmt(c) if c.if_not_exists => c.relation.as_ref().map(|r| &r.relname),
+            NodeEnum::IndexStmt(i) if i.if_not_exists => Some(&i.idxname),
+            NodeEnum::CreateSeqStmt(c) if c.if_not_exists => {
+                c.sequence.as_ref().map(|r| &r.relname)
+            }
+            NodeEnum::CreateSchemaStmt(c) if c.if_not_exists => Some(&c.schemaname),
+            NodeEnum::CreateTableAsStmt(c) if c.if_not_exists => c
+                .into
+                .as_ref()
+                .and_then(|into| into.rel.as_ref())
+                .map(|r| &r.relname),
+            _ => None,
+        }
+        .filter(|name| !name.is_empty())
+        .map(|name| name_key(name)),
     }
+}
+
+/// A key for an object's name, as compared between a statement and its error message.
+pub(crate) fn name_key(name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    name.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The most rows an `INSERT … VALUES` (or `DEFAULT VALUES`) writes: one a row of its list,

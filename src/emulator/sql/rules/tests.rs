@@ -361,22 +361,30 @@ fn if_not_exists_marks_an_already_exists_answer_as_a_race() {
         "CREATE SCHEMA IF NOT EXISTS s",
         "CREATE SEQUENCE IF NOT EXISTS q CACHE 1",
     ] {
-        assert!(first(sql).exists_ok, "{sql}");
+        assert!(first(sql).exists_ok.is_some(), "{sql}");
     }
     for sql in [
         "CREATE TABLE t (id int PRIMARY KEY)",
         "SELECT 'IF NOT EXISTS'",
     ] {
-        assert!(!first(sql).exists_ok, "{sql}");
+        assert!(first(sql).exists_ok.is_none(), "{sql}");
     }
     let body = |code: &str, message: &str| format!("SERROR\0C{code}\0M{message}\0\0").into_bytes();
+    use super::super::messages::catalog_race;
+    let t = first("CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY)").exists_ok;
     let exists = body("42P07", "relation \"t\" already exists");
-    assert!(super::super::messages::catalog_race(&exists, true));
-    assert!(!super::super::messages::catalog_race(&exists, false));
-    assert!(!super::super::messages::catalog_race(
-        &body("42601", "syntax error"),
-        true
+    assert!(catalog_race(&exists, t));
+    assert!(!catalog_race(&exists, None));
+    assert!(!catalog_race(&body("42601", "syntax error"), t));
+    // Another object the statement names (a constraint's index) is no race.
+    let other = body("42P07", "relation \"t_pk\" already exists");
+    assert!(!catalog_race(&other, t));
+    let upper = first("CREATE TABLE IF NOT EXISTS \"T\" (id int)").exists_ok;
+    assert!(catalog_race(
+        &body("42P07", "relation \"T\" already exists"),
+        upper
     ));
+    assert!(!catalog_race(&exists, upper));
 }
 
 #[test]
