@@ -625,7 +625,8 @@ fn steps(seed: u64, tasks: usize, per_task: usize, rows: i64) -> Vec<Vec<Step>> 
 /// Random mixes of committing, failing, swallowing, nesting and cancelled transactions from
 /// several tasks over a small pool (so every connection is reused after every kind of end):
 /// each row ends with exactly the increments whose call returned `Ok` (a call cancelled
-/// before `COMMIT` writes nothing), and every other call returns the error its kind promises. `DSQL_DIESEL_SEEDS=n` runs `n` more seeds.
+/// before `COMMIT` writes nothing), and every other call returns the error its kind promises.
+/// `DSQL_DIESEL_SEEDS=n` runs `n` more seeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_transaction_mixes_write_exactly_what_they_report() {
     let emulator = support::own_endpoint().await;

@@ -382,15 +382,11 @@ async fn concurrent_ddl_on_one_object_ends_in_oc001() {
     }
     // Without a race, an "already exists" about another object the statement creates (a
     // constraint's index) is PostgreSQL's own answer, as on DSQL: not a conflict to retry.
-    a.batch_execute(
-        "CREATE TABLE IF NOT EXISTS occ_ddl_named (id int, CONSTRAINT occ_dup PRIMARY KEY (id))",
-    )
-    .await
-    .unwrap();
-    let error = a
-        .batch_execute("CREATE TABLE IF NOT EXISTS occ_ddl_other (id int, CONSTRAINT occ_dup PRIMARY KEY (id))")
-        .await
-        .unwrap_err();
+    let create = |table: &str| {
+        format!("CREATE TABLE IF NOT EXISTS {table} (id int, CONSTRAINT occ_dup PRIMARY KEY (id))")
+    };
+    a.batch_execute(&create("occ_ddl_named")).await.unwrap();
+    let error = a.batch_execute(&create("occ_ddl_other")).await.unwrap_err();
     let db = error.as_db_error().expect("a server error");
     assert_eq!(
         (db.code().code(), db.message()),
