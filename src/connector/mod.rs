@@ -22,6 +22,7 @@ mod failover;
 mod health;
 mod probe;
 mod refusal;
+pub(crate) use refusal::REFUSAL_MEMORY;
 mod target;
 
 pub(crate) use connect::Retry;

@@ -332,6 +332,17 @@ impl ConnectFailures {
         Ok(())
     }
 
+    /// The last permanent refusal, if it came less than the connector's refusal memory ago
+    /// (every connect in that time gets it again, without a login).
+    fn recent_refusal(&self) -> Option<Error> {
+        match &*self.refusal.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((at, refusal)) if at.elapsed() < crate::connector::REFUSAL_MEMORY => {
+                refusal.shared_refusal()
+            }
+            _ => None,
+        }
+    }
+
     /// The oldest error that happened at or after `since`; older ones are dropped. A permanent
     /// refusal at or after `since` is shared: every waiter gets a copy.
     fn take_since(&self, since: Instant) -> Option<Error> {
@@ -929,6 +940,16 @@ impl<C: PoolClient> DsqlPool<C> {
             failed.as_mut().enable();
             if let Some(error) = self.failures.take_since(started) {
                 return Err(error);
+            }
+            // A permanent refusal just given, and no connection open (none idle, none to come
+            // back): the answer is the same refusal. Without this a checkout that starts
+            // between the refusal reaching the previous waiter and bb8 recording that connect
+            // as failed would get no connect of its own (bb8 grants none while one is pending,
+            // and none after it fails) and wait for `connection_timeout`.
+            if self.pool.state().connections == 0
+                && let Some(refusal) = self.failures.recent_refusal()
+            {
+                return Err(refusal);
             }
             tokio::select! {
                 biased;

@@ -281,6 +281,16 @@ async fn a_revoked_role_fails_the_checkout_with_access_denied_not_a_pool_timeout
         "{:?}",
         emulator.stats()
     );
+    // And every checkout right after gets it too, without a login of its own: none waits
+    // for a connect that bb8 would not start (the window right after a refusal).
+    for _ in 0..3 {
+        let again = pool.get().await.map(|_| ());
+        assert!(
+            matches!(again, Err(Error::AccessDenied { .. })),
+            "{again:?}"
+        );
+    }
+    assert_eq!(emulator.stats().total_rejected(), 1);
     eprintln!("refused after {:?}", started.elapsed());
 }
 
