@@ -119,6 +119,18 @@ impl DsqlConnector {
         result
     }
 
+    /// The refusal a connect begun now would get from the refusal memory without a login (the
+    /// endpoint it would try first, with the current credentials), if any. Signs a token (or
+    /// takes the cached one) within `bound`.
+    pub(crate) async fn remembered_refusal(&self, bound: Duration) -> Option<Error> {
+        let target = self.pick(&vec![false; self.inner.targets.len()]).clone();
+        let token = tokio::time::timeout(bound, target.tokens.get())
+            .await
+            .ok()?
+            .ok()?;
+        target.remembered_refusal(&token)
+    }
+
     /// The attempts of [`connect_within`](Self::connect_within), counted in `attempts`; `last`
     /// is the endpoint of the last attempt.
     async fn attempts(

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -300,6 +300,8 @@ struct ConnectFailures {
     errors: Mutex<VecDeque<(Instant, Error)>>,
     /// The last permanent refusal (handed to every waiter).
     refusal: Mutex<Option<(Instant, Error)>>,
+    /// Whether `refusal` may be recent (a lock-free test for the checkout's fast path).
+    refused: AtomicBool,
     notify: tokio::sync::Notify,
 }
 
@@ -313,6 +315,12 @@ impl ConnectFailures {
 
     /// Hands `error` to a waiting checkout if there is one; gives it back otherwise.
     fn offer(&self, error: Error) -> Result<(), Error> {
+        if let Some(copy) = error.shared_refusal() {
+            // Noted even with no checkout waiting: one that starts before bb8 records this
+            // connect as failed gets no connect of its own (see `DsqlPool::wait_for`).
+            *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), copy));
+            self.refused.store(true, Ordering::Release);
+        }
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return Err(error);
         }
@@ -332,15 +340,20 @@ impl ConnectFailures {
         Ok(())
     }
 
-    /// The last permanent refusal, if it came less than the connector's refusal memory ago
-    /// (every connect in that time gets it again, without a login).
-    fn recent_refusal(&self) -> Option<Error> {
-        match &*self.refusal.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((at, refusal)) if at.elapsed() < crate::connector::REFUSAL_MEMORY => {
-                refusal.shared_refusal()
-            }
-            _ => None,
+    /// Whether a permanent refusal came less than the connector's refusal memory ago (every
+    /// connect in that time may get it again, without a login).
+    fn refused_recently(&self) -> bool {
+        if !self.refused.load(Ordering::Acquire) {
+            return false;
         }
+        let recent = matches!(
+            &*self.refusal.lock().unwrap_or_else(|p| p.into_inner()),
+            Some((at, _)) if at.elapsed() < crate::connector::REFUSAL_MEMORY
+        );
+        if !recent {
+            self.refused.store(false, Ordering::Release);
+        }
+        recent
     }
 
     /// The oldest error that happened at or after `since`; older ones are dropped. A permanent
@@ -946,8 +959,14 @@ impl<C: PoolClient> DsqlPool<C> {
             // between the refusal reaching the previous waiter and bb8 recording that connect
             // as failed would get no connect of its own (bb8 grants none while one is pending,
             // and none after it fails) and wait for `connection_timeout`.
-            if self.pool.state().connections == 0
-                && let Some(refusal) = self.failures.recent_refusal()
+            // The connector's own memory decides (per endpoint and access key: credentials
+            // rotated since are tried); the pool's note of a recent refusal only says when to ask.
+            if self.failures.refused_recently()
+                && self.pool.state().connections == 0
+                && let Some(refusal) = self
+                    .connector
+                    .remembered_refusal(self.connector.config().connect_deadline())
+                    .await
             {
                 return Err(refusal);
             }
