@@ -11,6 +11,7 @@
 #
 #   bash benches/relay/run.sh [--rounds N] [--seconds S] [--clients "1 4"] [--quick]
 #                             [--scripts "read transaction write"] [--protocols "simple extended"]
+#                             [--upstream-socket unix|tcp]
 #
 # For a profile of one path, run a part of it under perf, e.g. `perf record -a -g -- bash
 # benches/relay/run.sh --scripts write --protocols simple --clients 4 --rounds 1 --seconds 10`,
@@ -26,6 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 rounds=5 seconds=2 clients="1 4" scripts="read transaction write" protocols="simple extended"
+upstream_socket=unix
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) rounds=$2; shift ;;
@@ -33,6 +35,7 @@ while [ $# -gt 0 ]; do
         --clients) clients=$2; shift ;;
         --scripts) scripts=$2; shift ;;
         --protocols) protocols=$2; shift ;;
+        --upstream-socket) upstream_socket=$2; shift ;;
         --quick) rounds=1 seconds=1 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
@@ -101,10 +104,15 @@ env -u PGHOSTADDR -u PGSSLROOTCERT -u PGPASSWORD $direct_env psql -qX -v ON_ERRO
      INSERT INTO t SELECT k, 0 FROM generate_series(1, 1000) k"
 
 # The two emulators, relaying to that server's own database.
+case "$upstream_socket" in
+    unix) upstream="postgresql://admin@/postgres?host=$work&port=$port&sslmode=disable" ;;
+    tcp) upstream="postgresql://admin@127.0.0.1:$port/postgres?sslmode=disable" ;;
+    *) echo "--upstream-socket: unix or tcp, not $upstream_socket" >&2; exit 2 ;;
+esac
 key=AKIDRELAYBENCH secret=relay-bench-secret
 start_emulator() { # name, extra options...
     local name=$1; shift
-    AWS_SESSION_TOKEN= "$emulator" --upstream "postgresql://admin@127.0.0.1:$port/postgres?sslmode=disable" \
+    AWS_SESSION_TOKEN= "$emulator" --upstream "$upstream" \
         --keep-upstream-database --port 0 --access-key-id "$key" --secret-access-key "$secret" \
         --max-connections 1000 --rate-limit 100000/100000 --exit-with-parent \
         --env-file "$work/$name.env" "$@" > "$work/$name.log" 2>&1 &
@@ -170,8 +178,8 @@ bench() { # path, script, protocol, clients
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
-printf '%s rounds of %s s each, interleaved (direct, relay, rules); pgbench %s; %s\n' \
-    "$rounds" "$seconds" "$("$pgbench" --version | awk '{print $3}')" "$("$pg_bin/postgres" --version)"
+printf '%s rounds of %s s each, interleaved (direct, relay, rules); relays upstream over %s; pgbench %s; %s\n' \
+    "$rounds" "$seconds" "$upstream_socket" "$("$pgbench" --version | awk '{print $3}')" "$("$pg_bin/postgres" --version)"
 printf '| script | protocol | clients | direct tps | relay | relay + rules | added p50 per statement (relay, rules) |\n'
 printf '|---|---|---|---|---|---|---|\n'
 for script in $scripts; do

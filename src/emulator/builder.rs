@@ -44,6 +44,7 @@ pub struct DsqlEmulatorBuilder {
     transaction_age_limit: Option<Duration>,
     index_build_delay: Option<Duration>,
     listen: Option<std::net::IpAddr>,
+    threads: Option<usize>,
     identities: std::collections::BTreeMap<String, String>,
     /// The shared server to take a database of (`SharedPostgres::endpoint`).
     postgres: Option<Arc<postgres::Inner>>,
@@ -185,6 +186,15 @@ impl DsqlEmulatorBuilder {
         self
     }
 
+    /// How many threads serve the endpoint's connections. With one (the default on a machine
+    /// with at most two CPUs) a single thread relays every connection: a round trip then wakes
+    /// no second thread, which on a small machine is worth more than the parallelism (measured:
+    /// `src/guide/performance.md`); the default elsewhere is two. `0` counts as one.
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads.max(1));
+        self
+    }
+
     /// Serves this endpoint from `postgres`, in a database of its own copied from its template
     /// (fast: no `initdb`), instead of a private server; [`upstream_url`](Self::upstream_url)
     /// and [`pg_bin`](Self::pg_bin) are then not used. The endpoint is signed by the shared
@@ -302,13 +312,33 @@ impl DsqlEmulatorBuilder {
         let address = listener
             .local_addr()
             .map_err(|e| EmulatorError::caused("cannot read the listening address", e))?;
-        // Last fallible step: a runtime must not be dropped from inside another one.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("dsql-emulator")
-            .enable_all()
-            .build()
-            .map_err(|e| EmulatorError::caused("cannot start the emulator's runtime", e))?;
+        // Last fallible steps: a runtime must not be dropped from inside another one.
+        let threads = self.threads.unwrap_or_else(default_threads);
+        let runtime = match threads {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            n => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(n).thread_name("dsql-emulator");
+                builder
+            }
+        }
+        .enable_all()
+        .build()
+        .map_err(|e| EmulatorError::caused("cannot start the emulator's runtime", e))?;
+        // The runtime runs on a thread of its own until the emulator is dropped (with one
+        // thread, that thread is the one that relays).
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("dsql-emulator".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                runtime.shutdown_background();
+            })
+            .map_err(|e| EmulatorError::caused("cannot start the emulator's thread", e))?;
+        let runtime = handle;
 
         let time_source = self.time_source.clone();
         // The database's sessions (shared by a pair's endpoints), watched through the upstream's
@@ -418,7 +448,7 @@ impl DsqlEmulatorBuilder {
             ca_path,
             time_source,
             shared,
-            runtime: Some(runtime),
+            stop_runtime: Some(stop),
             cluster: Arc::new(Mutex::new(cluster)),
             _database: database,
             _work_dir: work_dir,
@@ -466,4 +496,12 @@ pub(super) fn generated_credentials() -> Credentials {
         None,
         "dsql-emulator",
     )
+}
+
+/// Threads when the builder names none: one on a machine with at most two CPUs, else two.
+fn default_threads() -> usize {
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() <= 2 => 1,
+        _ => 2,
+    }
 }

@@ -333,7 +333,8 @@ pub struct DsqlEmulator {
     ca_path: PathBuf,
     time_source: Option<SharedTimeSource>,
     shared: Arc<Shared>,
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Stops the emulator's runtime, which runs on a thread of its own, when sent or dropped.
+    stop_runtime: Option<tokio::sync::oneshot::Sender<()>>,
     // Field order matters on drop: the cluster stops before its directory is removed.
     cluster: Arc<Mutex<Option<upstream::LocalCluster>>>,
     /// The endpoint's database on a shared server, dropped after the endpoint stops.
@@ -353,8 +354,9 @@ impl std::fmt::Debug for DsqlEmulator {
 
 impl Drop for DsqlEmulator {
     fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+        if let Some(stop) = self.stop_runtime.take() {
+            // Its thread stops the runtime (without waiting for its tasks).
+            let _ = stop.send(());
         }
     }
 }

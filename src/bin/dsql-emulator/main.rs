@@ -71,6 +71,8 @@ OPTIONS:
     --index-build-delay <milliseconds>   how long an ASYNC index build's job stays
                                  `submitted` [default: 0; DSQL's take seconds]
     --no-sql-rules               relay SQL unchanged (DSQL's connection rules still apply)
+    --threads <n>                threads relaying connections [default: 1 with at most two
+                                 CPUs, else 2]
     --env-file <path>            write the `export` lines there (once ready, mode 0600) instead
                                  of stdout; a file left there is removed at start
     --control-port <n>           serve the control port there (0: a free one): faults, injected
@@ -108,6 +110,7 @@ struct Options {
     peer_region: Option<String>,
     rate_limit: Option<(f64, u32)>,
     max_connections: Option<usize>,
+    threads: Option<usize>,
     max_age: Option<u64>,
     transaction_age_limit: Option<u64>,
     index_build_delay: Option<u64>,
@@ -190,6 +193,7 @@ fn parse(args: &[String]) -> Result<Options, Usage> {
             "--max-connections" => {
                 options.max_connections = Some(number(flag, value("a number")?)?)
             }
+            "--threads" => options.threads = Some(number(flag, value("a number")?)?),
             "--max-age" => options.max_age = Some(number(flag, value("seconds")?)?),
             "--transaction-age-limit" => {
                 options.transaction_age_limit = Some(number(flag, value("seconds")?)?)
@@ -317,6 +321,9 @@ fn builder(
     }
     if let Some(max) = options.max_connections {
         builder = builder.max_open_connections(max);
+    }
+    if let Some(threads) = options.threads {
+        builder = builder.threads(threads);
     }
     if let Some(age) = options.max_age {
         builder = builder.max_connection_age(Duration::from_secs(age));

@@ -142,8 +142,9 @@ pub(crate) struct Dialect {
     pub(super) held: Vec<u8>,
     /// What the current extended-protocol batch does.
     pub(super) batch: Batch,
-    /// Query texts already read (a service sends the same few again and again).
-    pub(super) cache: HashMap<String, Arc<Classified>>,
+    /// Query texts already read (a service sends the same few again and again), and the
+    /// shapes of those whose rules read no constant (a text with literals differs each time).
+    pub(super) cache: rules::ShapeCache,
     pub(super) catalog: Arc<Catalog>,
     /// This session's id in the catalog.
     pub(super) session: u64,
@@ -264,9 +265,6 @@ pub(super) struct Awaiting {
 pub(crate) const UNLICENSED_COMMIT: &str = "the DSQL emulator refused to send a COMMIT that \
      did not pass its validation (an emulator defect: nothing was committed; please report it \
      with the statements sent)";
-
-/// The most query texts remembered per session.
-pub(super) const CACHE_LIMIT: usize = 256;
 
 /// The most bytes of an extended-protocol batch held back before they go upstream anyway.
 pub(super) const HELD_LIMIT: usize = 1 << 20;

@@ -15,15 +15,7 @@ impl Dialect {
     }
 
     pub(super) fn classified(&mut self, text: &str) -> Arc<Classified> {
-        if let Some(hit) = self.cache.get(text) {
-            return hit.clone();
-        }
-        let classified = Arc::new(rules::classify(text));
-        if self.cache.len() >= CACHE_LIMIT {
-            self.cache.clear();
-        }
-        self.cache.insert(text.to_owned(), classified.clone());
-        classified
+        self.cache.classified(text)
     }
 
     /// Whether a multi-statement query goes one statement at a time: when it opens, ends or

@@ -117,6 +117,9 @@ pub(crate) struct Classified {
     /// `SELECT` answering its `job_id` row (see [`job_statement`]); or `SHOW`, for a
     /// `SHOW server_version[_num]` answered with a `SELECT` of DSQL's value.
     pub(crate) job: Option<&'static str>,
+    /// It holds for every text of the same shape ([`shape::shape`]): the rules read none of
+    /// the text's constants, refuse nothing and rewrite nothing.
+    pub(crate) reusable: bool,
 }
 
 impl Classified {
@@ -128,6 +131,7 @@ impl Classified {
             tables: Vec::new(),
             written: Vec::new(),
             job: None,
+            reusable: false,
         }
     }
 }
@@ -150,6 +154,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
             statement.kind = Kind::Ddl;
             statement.waits = false;
         }
+        classified.reusable = false;
         return classified;
     }
     let (upstream_text, async_at) = strip_async(sql);
@@ -212,6 +217,7 @@ pub(crate) fn classify(sql: &str) -> Classified {
                 written: Vec::new(),
                 // Answered with a `SELECT`, tagged as the `SHOW` it is.
                 job: Some("SHOW"),
+                reusable: false,
             };
         }
     }
@@ -314,12 +320,21 @@ pub(crate) fn classify(sql: &str) -> Classified {
             }
         })
         .collect();
+    let reusable = edits.is_empty()
+        && job.is_none()
+        && async_at.is_empty()
+        && upstream_text.len() <= shape::SHAPE_LIMIT
+        && statements.iter().all(|s| {
+            s.refusal.is_none() && s.touch.is_none() && s.exists_ok.is_none() && !s.copy_in
+        })
+        && shape::reads_no_constant(&parsed.protobuf);
     Classified {
         statements,
         upstream_text: edited(&upstream_text, edits),
         tables,
         written,
         job,
+        reusable,
     }
 }
 
@@ -691,9 +706,11 @@ fn most_rows(node: &NodeEnum) -> Option<u64> {
 mod kind;
 mod refusals;
 mod rewrite;
+mod shape;
 #[cfg(test)]
 mod tests;
 
 use kind::kind_of;
 use refusals::*;
 use rewrite::*;
+pub(crate) use shape::ShapeCache;
