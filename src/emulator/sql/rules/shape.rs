@@ -306,7 +306,7 @@ mod tests {
             "SELECT B'101'",
             "SELECT X'1F'",
             "SELECT N'x'",
-            "SELECT U&'d\0061t'",
+            r"SELECT U&'d\0061t'",
             "SELECT $$x$$",
             "SELECT $tag$x$tag$",
             "SELECT 0x1F",
@@ -482,11 +482,11 @@ mod tests {
                     "seed {seed} (DSQL_SHAPE_SEEDS): the cache's answer for {sql:?} differs"
                 );
                 // And it is used: a text whose shape was read before is not parsed again.
-                if let Some(shape) = shape(&sql).filter(|_| fresh.reusable) {
-                    if !seen.insert(shape) {
-                        assert_eq!(cache.parsed, before, "seed {seed}: {sql:?} parsed again");
-                        shared += 1;
-                    }
+                if let Some(shape) = shape(&sql).filter(|_| fresh.reusable)
+                    && !seen.insert(shape)
+                {
+                    assert_eq!(cache.parsed, before, "seed {seed}: {sql:?} parsed again");
+                    shared += 1;
                 }
             }
         }
