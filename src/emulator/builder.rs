@@ -11,7 +11,9 @@ use aws_smithy_async::time::{SharedTimeSource, SystemTimeSource, TimeSource};
 
 use super::util::{self, Bucket};
 use super::workdir::WorkDir;
-use super::{DsqlEmulator, EmulatorError, EmulatorStats, Network, Rejection, Shared};
+use super::{
+    DsqlEmulator, EmulatorError, EmulatorRuntime, EmulatorStats, Network, Rejection, Shared,
+};
 use super::{auth, certs, postgres, session, sql, upstream};
 
 /// DSQL's new-connection rate: 100 a second per cluster.
@@ -189,9 +191,10 @@ impl DsqlEmulatorBuilder {
     /// How many threads serve the endpoint's connections. With one (the default on a machine
     /// with at most two CPUs) a single thread relays every connection: a round trip then wakes
     /// no second thread, which on a small machine is worth more than the parallelism (measured:
-    /// `src/guide/performance.md`); the default elsewhere is two. `0` counts as one.
+    /// `src/guide/performance.md`); the default elsewhere is two. Between 1 and 64 (`0` counts
+    /// as one, more as 64).
     pub fn threads(mut self, threads: usize) -> Self {
-        self.threads = Some(threads.max(1));
+        self.threads = Some(threads.clamp(1, 64));
         self
     }
 
@@ -314,31 +317,35 @@ impl DsqlEmulatorBuilder {
             .map_err(|e| EmulatorError::caused("cannot read the listening address", e))?;
         // Last fallible steps: a runtime must not be dropped from inside another one.
         let threads = self.threads.unwrap_or_else(default_threads);
-        let runtime = match threads {
-            1 => tokio::runtime::Builder::new_current_thread(),
-            n => {
-                let mut builder = tokio::runtime::Builder::new_multi_thread();
-                builder.worker_threads(n).thread_name("dsql-emulator");
-                builder
-            }
-        }
-        .enable_all()
-        .build()
-        .map_err(|e| EmulatorError::caused("cannot start the emulator's runtime", e))?;
-        // The runtime runs on a thread of its own until the emulator is dropped (with one
-        // thread, that thread is the one that relays).
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("dsql-emulator".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-                runtime.shutdown_background();
-            })
-            .map_err(|e| EmulatorError::caused("cannot start the emulator's thread", e))?;
-        let runtime = handle;
+        let (runtime, handle) = if threads == 1 {
+            // One thread of its own, which relays every connection, until the emulator is
+            // dropped.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| EmulatorError::caused("cannot start the emulator's runtime", e))?;
+            let handle = runtime.handle().clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name("dsql-emulator".into())
+                .spawn(move || {
+                    runtime.block_on(async {
+                        let _ = stopped.await;
+                    });
+                    runtime.shutdown_background();
+                })
+                .map_err(|e| EmulatorError::caused("cannot start the emulator's thread", e))?;
+            (EmulatorRuntime::Thread(stop), handle)
+        } else {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("dsql-emulator")
+                .enable_all()
+                .build()
+                .map_err(|e| EmulatorError::caused("cannot start the emulator's runtime", e))?;
+            let handle = runtime.handle().clone();
+            (EmulatorRuntime::Workers(runtime), handle)
+        };
 
         let time_source = self.time_source.clone();
         // The database's sessions (shared by a pair's endpoints), watched through the upstream's
@@ -387,7 +394,7 @@ impl DsqlEmulatorBuilder {
             waking_until: Mutex::new(None),
             stats: Mutex::new(EmulatorStats::default()),
         });
-        runtime.spawn({
+        handle.spawn({
             let shared = shared.clone();
             async move {
                 let mut listener = match tokio::net::TcpListener::from_std(listener) {
@@ -448,7 +455,7 @@ impl DsqlEmulatorBuilder {
             ca_path,
             time_source,
             shared,
-            stop_runtime: Some(stop),
+            runtime: Some(runtime),
             cluster: Arc::new(Mutex::new(cluster)),
             _database: database,
             _work_dir: work_dir,

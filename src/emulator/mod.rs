@@ -196,6 +196,13 @@ pub struct EmulatorStats {
     pub direct_tls: u64,
     /// Connections that started with an SSLRequest.
     pub ssl_requests: u64,
+    /// Autocommit `UPDATE`s and `DELETE`s the SQL rules sent without the transaction the relay
+    /// otherwise opens around a write (to roll it back should it cross DSQL's 3 000 rows),
+    /// because their `WHERE` sets the columns of a unique index equal to constants or
+    /// parameters: one row at most, one round trip to PostgreSQL fewer. (The relay learns a
+    /// table's unique indexes in the background, after its first such write, and again after
+    /// each schema change.)
+    pub key_bounded_writes: u64,
 }
 
 impl EmulatorStats {
@@ -333,13 +340,20 @@ pub struct DsqlEmulator {
     ca_path: PathBuf,
     time_source: Option<SharedTimeSource>,
     shared: Arc<Shared>,
-    /// Stops the emulator's runtime, which runs on a thread of its own, when sent or dropped.
-    stop_runtime: Option<tokio::sync::oneshot::Sender<()>>,
+    runtime: Option<EmulatorRuntime>,
     // Field order matters on drop: the cluster stops before its directory is removed.
     cluster: Arc<Mutex<Option<upstream::LocalCluster>>>,
     /// The endpoint's database on a shared server, dropped after the endpoint stops.
     _database: Option<postgres::Database>,
     _work_dir: WorkDir,
+}
+
+/// The runtime that relays an emulator's connections.
+pub(crate) enum EmulatorRuntime {
+    /// A current-thread runtime on a thread of its own, stopped when this is sent or dropped.
+    Thread(tokio::sync::oneshot::Sender<()>),
+    /// Worker threads.
+    Workers(tokio::runtime::Runtime),
 }
 
 impl std::fmt::Debug for DsqlEmulator {
@@ -354,9 +368,13 @@ impl std::fmt::Debug for DsqlEmulator {
 
 impl Drop for DsqlEmulator {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop_runtime.take() {
+        match self.runtime.take() {
             // Its thread stops the runtime (without waiting for its tasks).
-            let _ = stop.send(());
+            Some(EmulatorRuntime::Thread(stop)) => {
+                let _ = stop.send(());
+            }
+            Some(EmulatorRuntime::Workers(runtime)) => runtime.shutdown_background(),
+            None => {}
         }
     }
 }
@@ -468,11 +486,14 @@ impl DsqlEmulator {
 
     /// The counters so far.
     pub fn stats(&self) -> EmulatorStats {
-        self.shared
+        let mut stats = self
+            .shared
             .stats
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        stats.key_bounded_writes = self.shared.catalog.key_bounded_writes();
+        stats
     }
 
     /// How many sessions are being relayed now.

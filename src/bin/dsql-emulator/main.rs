@@ -71,8 +71,8 @@ OPTIONS:
     --index-build-delay <milliseconds>   how long an ASYNC index build's job stays
                                  `submitted` [default: 0; DSQL's take seconds]
     --no-sql-rules               relay SQL unchanged (DSQL's connection rules still apply)
-    --threads <n>                threads relaying connections [default: 1 with at most two
-                                 CPUs, else 2]
+    --threads <n>                threads relaying connections, 1 to 64 [default: 1 with at
+                                 most two CPUs, else 2]
     --env-file <path>            write the `export` lines there (once ready, mode 0600) instead
                                  of stdout; a file left there is removed at start
     --control-port <n>           serve the control port there (0: a free one): faults, injected
@@ -193,7 +193,13 @@ fn parse(args: &[String]) -> Result<Options, Usage> {
             "--max-connections" => {
                 options.max_connections = Some(number(flag, value("a number")?)?)
             }
-            "--threads" => options.threads = Some(number(flag, value("a number")?)?),
+            "--threads" => {
+                let threads: usize = number(flag, value("a number")?)?;
+                if !(1..=64).contains(&threads) {
+                    return Err(Usage(format!("{flag}: {threads} is not between 1 and 64")));
+                }
+                options.threads = Some(threads);
+            }
             "--max-age" => options.max_age = Some(number(flag, value("seconds")?)?),
             "--transaction-age-limit" => {
                 options.transaction_age_limit = Some(number(flag, value("seconds")?)?)
@@ -531,6 +537,9 @@ fn run(args: &[String]) -> Result<(), String> {
             .sql_rules(!options.no_sql_rules);
         if let Some(listen) = options.listen {
             peer = peer.listen_address(listen);
+        }
+        if let Some(threads) = options.threads {
+            peer = peer.threads(threads);
         }
         Some(peer.start_blocking().map_err(|e| e.to_string())?)
     } else {

@@ -17,6 +17,8 @@ pub(super) struct Prepared {
     pub(super) parameter_types: Arc<[u32]>,
     /// The most rows it writes, when its text bounds them.
     pub(super) most_rows: Option<u64>,
+    /// The table and columns its `WHERE` pins ([`rules::Pinned`]).
+    pub(super) pinned: Option<Arc<rules::Pinned>>,
     /// `COPY … FROM STDIN`.
     pub(super) copy_in: bool,
     /// Asynchronous DDL run by its job's `SELECT`: the DDL's tag.
@@ -39,6 +41,7 @@ pub(super) fn other() -> Prepared {
         written: Arc::new([]),
         parameter_types: Arc::new([]),
         most_rows: None,
+        pinned: None,
         copy_in: false,
         job: None,
         text: "".into(),
@@ -150,8 +153,9 @@ pub(crate) struct Dialect {
     pub(super) session: u64,
     /// The relations this session has used, with the latest catalog change number then.
     pub(super) touched: HashMap<String, u64>,
-    /// Relations named by DDL in the open transaction block, recorded when it commits.
-    pub(super) pending_ddl: Vec<String>,
+    /// DDL in the open transaction block, with the relations it names (none for some, such as
+    /// `DROP INDEX`), recorded when it commits.
+    pub(super) pending_ddl: Option<Vec<String>>,
     /// When the open transaction block began.
     pub(super) began: Option<std::time::Instant>,
     /// The bytes of the values the open transaction has written, as far as the relay sees.
@@ -292,6 +296,8 @@ pub(super) struct Batch {
     pub(super) bounded_rows: u64,
     /// One of its writes has no bound in its text.
     pub(super) unbounded: bool,
+    /// One of its writes is bounded by a unique index its `WHERE` pins.
+    pub(super) key_bounded: bool,
     /// It copies data in: its answer waits for the client (so the relay must not).
     pub(super) copy_in: bool,
     /// The tag of the asynchronous DDL it executes.
@@ -441,7 +447,7 @@ impl Dialect {
         out.push(&raise_query(refusal), Some(Plan::Pass));
         self.plans.doomed.store(false, Ordering::SeqCst);
         self.set_transaction(Transaction::default());
-        self.pending_ddl.clear();
+        self.pending_ddl = None;
     }
 
     /// Why the open block's `COMMIT` fails before anything is validated, if it does: its age,
@@ -682,7 +688,7 @@ impl Dialect {
         match (status, self.in_block) {
             (b'I', true) => {
                 self.set_transaction(Transaction::default());
-                self.pending_ddl.clear();
+                self.pending_ddl = None;
             }
             (b'T' | b'E', false) => self.set_transaction(Transaction {
                 in_block: true,
@@ -732,10 +738,13 @@ impl Dialect {
         committed: bool,
     ) {
         if kinds.contains(&Kind::Ddl) {
-            self.pending_ddl.extend_from_slice(tables);
+            self.pending_ddl
+                .get_or_insert_with(Vec::new)
+                .extend_from_slice(tables);
         }
-        if committed && !self.pending_ddl.is_empty() {
-            let pending = std::mem::take(&mut self.pending_ddl);
+        // (A change that names no relation still counts: what was known of the catalog, such
+        // as unique indexes, is stale after it.)
+        if committed && let Some(pending) = self.pending_ddl.take() {
             let seq = self.catalog.record(self.session, &pending);
             for table in pending {
                 self.touched.insert(table, seq);

@@ -424,6 +424,9 @@ impl Dialect {
                         && batch.bounded_rows <= ROW_LIMIT
                         && oversize.is_none() =>
                 {
+                    if batch.key_bounded {
+                        self.catalog.key_bounded.fetch_add(1, Ordering::SeqCst);
+                    }
                     (None, Plan::Pass)
                 }
                 Some(_) if !batch.transaction_statement => {
@@ -495,6 +498,7 @@ impl Dialect {
                     written: classified.written.clone().into(),
                     parameter_types: parameter_types(rest).into(),
                     most_rows: one.most_rows,
+                    pinned: one.pinned.clone().map(std::sync::Arc::new),
                     copy_in: one.copy_in,
                     job: classified.job,
                     text: classified.upstream_text.as_str().into(),
@@ -635,11 +639,16 @@ impl Dialect {
                 batch.ddl |= prepared.kind == Kind::Ddl;
                 batch.exists_ok = batch.exists_ok.or(prepared.exists_ok);
                 batch.waits |= prepared.waits;
+                let bound = (prepared.kind == Kind::Dml)
+                    .then(|| self.rows_bound(prepared.most_rows, prepared.pinned.as_deref()))
+                    .flatten();
+                let batch = &mut self.batch;
                 if prepared.kind == Kind::Dml {
-                    match prepared.most_rows {
+                    match bound {
                         Some(rows) => batch.bounded_rows += rows,
                         None => batch.unbounded = true,
                     }
+                    batch.key_bounded |= bound.is_some() && prepared.most_rows.is_none();
                 }
                 match prepared.kind {
                     Kind::Dml if batch.write.is_none() => {

@@ -92,8 +92,12 @@
 //!   transaction's command tags. A write outside a transaction block runs in a transaction the
 //!   relay opens (a pipelined `BEGIN`) and ends once its answer is in: `COMMIT`, or
 //!   `ROLLBACK` when it crossed the limit; not one whose text bounds its rows within the limit
-//!   (`INSERT … VALUES`), nor a request with `COPY … FROM STDIN`, whose answer waits for the
-//!   client's data (the relay must not wait for it). Inside a block the statement that crosses
+//!   (`INSERT … VALUES`), nor an `UPDATE` or `DELETE` of one table whose `WHERE` sets the
+//!   columns of one of its unique indexes equal to constants or parameters (`rules::Pinned`:
+//!   one row at most; the relay learns a table's unique indexes in the background after its
+//!   first such write, and again after each catalog change, [`Catalog::bounds_one_row`]), nor
+//!   a request with `COPY … FROM STDIN`, whose answer waits for the client's data (the relay
+//!   must not wait for it). Inside a block the statement that crosses
 //!   it is answered `54000 transaction row limit exceeded` by a `DO` refusal, which aborts the
 //!   block.
 //! - Age (300 s, [`TRANSACTION_AGE_LIMIT`], or the builder's): the first statement after it
@@ -135,10 +139,15 @@
 //! - Row limit: rows of a write's `RETURNING` reach the client before the `54000`; a query
 //!   text that opens and commits its own block (`BEGIN; INSERT …; COMMIT` in one `Query`) is
 //!   counted but not stopped; writes inside a `WITH`, and `COPY`, are not counted. An
-//!   autocommit write whose text does not bound its rows costs one more round trip to
-//!   PostgreSQL (its `COMMIT`), and pipelined requests behind a write wait for its answer. A
-//!   batch that binds the unnamed statement of an earlier batch, or was flushed before its
-//!   `Sync`, gets no savepoint and, in autocommit, no row limit.
+//!   autocommit write whose text does not bound its rows (nor a unique index, above) costs one
+//!   more round trip to PostgreSQL (its `COMMIT`), and pipelined requests behind a write wait
+//!   for its answer. A batch that binds the unnamed statement of an earlier batch, or was
+//!   flushed before its `Sync`, gets no savepoint and, in autocommit, no row limit. What the
+//!   relay knows of unique indexes is kept until a catalog change through the emulator: one
+//!   dropped by a connection straight to the upstream, or by a DDL whose change the relay
+//!   recorded before PostgreSQL ran it while a lookup was reading the catalog, may still bound
+//!   an `UPDATE` that then writes over 3 000 rows without the `54000`. A table name that
+//!   several schemas use gets no bound unless the statement names its schema.
 //! - Memory: each server message is held whole while the relay reads it (a very large row
 //!   sits in memory until it is passed on).
 //! - A query that opens its block after other statements (`UPDATE …; BEGIN; …`) runs in a

@@ -114,6 +114,9 @@ pub(crate) struct Sessions {
     /// How to reach the upstream as its superuser.
     url: String,
     monitor: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// The connection that looks up tables' unique indexes ([`Sessions::unique_keys`]): apart
+    /// from the monitor, which conflicts must not wait behind.
+    catalog_reader: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 /// A session's membership, removed from [`Sessions`] when dropped.
@@ -144,6 +147,7 @@ impl Sessions {
             blocks: AtomicU64::new(0),
             url,
             monitor: tokio::sync::Mutex::new(None),
+            catalog_reader: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -191,6 +195,68 @@ impl Sessions {
         entry.doomed.store(block, Ordering::SeqCst);
         entry.release.notify_one();
         tracing::debug!(pid, "emulator: a committer doomed an open transaction");
+    }
+
+    /// The columns of each unique index of `table` (in `schema`, or the only relation of that
+    /// name in the database: a name another schema also uses gets none, whatever the
+    /// session's `search_path`) that bounds the rows a `WHERE` setting them equal can match:
+    /// valid, not partial, on columns only, of a plain table with no child tables. `None` when
+    /// the upstream cannot be asked.
+    pub(crate) async fn unique_keys(
+        &self,
+        schema: Option<&str>,
+        table: &str,
+    ) -> Option<Vec<Vec<String>>> {
+        const QUERY: &str = "\
+            WITH named AS ( \
+                SELECT c.oid, c.relkind, c.relhassubclass FROM pg_class c \
+                JOIN pg_namespace n ON n.oid = c.relnamespace \
+                WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2)) \
+            SELECT array_agg(a.attname::text ORDER BY a.attname) \
+            FROM named t JOIN pg_index i ON i.indrelid = t.oid \
+            JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = ANY (i.indkey) \
+            WHERE (SELECT count(*) FROM named) = 1 AND t.relkind = 'r' \
+                AND NOT t.relhassubclass AND i.indisunique AND i.indisvalid \
+                AND i.indisready AND i.indislive AND i.indpred IS NULL \
+                AND i.indexprs IS NULL AND NOT (0 = ANY (i.indkey::int2[])) \
+            GROUP BY i.indexrelid";
+        let mut reader = self.catalog_reader.lock().await;
+        if reader.is_none() {
+            let connect = tokio_postgres::connect(&self.url, tokio_postgres::NoTls);
+            match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok((client, connection))) => {
+                    tokio::spawn(connection);
+                    *reader = Some(client);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "emulator: the catalog reader cannot connect");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!("emulator: the catalog reader cannot connect (timeout)");
+                    return None;
+                }
+            }
+        }
+        let client = reader.as_ref()?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&table, &schema];
+        let asked = client.query(QUERY, &params);
+        match tokio::time::timeout(Duration::from_secs(5), asked).await {
+            Ok(Ok(rows)) => Some(
+                rows.iter()
+                    .filter_map(|row| row.try_get::<_, Vec<String>>(0).ok())
+                    .collect(),
+            ),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "emulator: the catalog reader's lookup failed");
+                *reader = None;
+                None
+            }
+            Err(_) => {
+                *reader = None;
+                None
+            }
+        }
     }
 
     /// The backends that block `pid` now (none when the monitor cannot ask).

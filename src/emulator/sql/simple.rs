@@ -18,6 +18,20 @@ impl Dialect {
         self.cache.classified(text)
     }
 
+    /// The most rows a write writes, when its text bounds them (`most_rows`) or its `WHERE`
+    /// pins a unique index's columns (`pinned`, [`Catalog::bounds_one_row`]).
+    pub(super) fn rows_bound(
+        &self,
+        most_rows: Option<u64>,
+        pinned: Option<&rules::Pinned>,
+    ) -> Option<u64> {
+        most_rows.or_else(|| {
+            pinned
+                .filter(|pinned| self.catalog.bounds_one_row(pinned, self.sessions.as_ref()))
+                .map(|_| 1)
+        })
+    }
+
     /// Whether a multi-statement query goes one statement at a time: when it opens, ends or
     /// writes in a transaction block (the relay validates a `COMMIT` and guards a write alone).
     pub(super) fn split(&self, text: &str, classified: &Classified) -> Option<Vec<String>> {
@@ -123,7 +137,7 @@ impl Dialect {
         let ends = !state.in_block;
         if ends && kinds.contains(&Kind::Rollback) && !kinds.contains(&Kind::Ddl) {
             // Rolled back: its DDL never happened.
-            self.pending_ddl.clear();
+            self.pending_ddl = None;
         }
         self.note_catalog_change(&kinds, &classified.tables, ends);
         if kinds.contains(&Kind::Dml) {
@@ -197,10 +211,20 @@ impl Dialect {
                 .statements
                 .iter()
                 .filter(|s| s.kind == Kind::Dml)
-                .try_fold(0, |sum, s| s.most_rows.map(|rows| sum + rows))
+                .try_fold(0, |sum, s| {
+                    self.rows_bound(s.most_rows, s.pinned.as_ref())
+                        .map(|rows| sum + rows)
+                })
                 .is_some_and(|rows| rows <= ROW_LIMIT)
         {
             // Nothing to undo for: within the row limit whatever it does, and small.
+            if classified
+                .statements
+                .iter()
+                .any(|s| s.kind == Kind::Dml && s.most_rows.is_none())
+            {
+                self.catalog.key_bounded.fetch_add(1, Ordering::SeqCst);
+            }
             (None, Plan::Pass)
         } else {
             // Its own transaction, to be undone if it writes too many rows.

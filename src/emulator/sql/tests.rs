@@ -623,3 +623,78 @@ fn a_guarded_write_releases_its_savepoint_and_a_deferred_one_is_replayed() {
     );
     assert_eq!(responder.owed, 1);
 }
+
+/// An autocommit `UPDATE` or `DELETE` whose `WHERE` pins a unique index's columns writes one
+/// row at most: it goes without the relay's wrapping transaction (no second round trip), once
+/// the index is known, and until the next catalog change.
+#[test]
+fn an_autocommit_write_pinned_by_a_unique_key_goes_unwrapped() {
+    let mut d = dialect();
+    let wrapped = |d: &mut Dialect, sql: &str| {
+        let (text, plans) = send(d, &q(sql));
+        match plans.as_slice() {
+            [Plan::Swallow, plan] if *plan == autocommit() && text.contains("BEGIN") => true,
+            [Plan::Pass] if !text.contains("BEGIN") => false,
+            _ => panic!("{sql}: {text:?} {plans:?}"),
+        }
+    };
+    // Not known yet (no upstream to ask here): wrapped.
+    assert!(wrapped(&mut d, "UPDATE t SET v = v + 1 WHERE k = 1"));
+    d.catalog.learn(
+        None,
+        "t",
+        vec![vec!["k".into()], vec!["a".into(), "b".into()]],
+    );
+    d.catalog.learn(Some("app"), "t", vec![vec!["u".into()]]);
+    for sql in [
+        "UPDATE t SET v = v + 1 WHERE k = 1",
+        "UPDATE t SET v = v + 1 WHERE 1 = k",
+        "UPDATE t SET v = 2 WHERE k = '7' AND v > 3",
+        "UPDATE t SET v = 2 WHERE t.k = 1::bigint",
+        "UPDATE t AS x SET v = 2 WHERE x.k = 5 RETURNING v",
+        "DELETE FROM t WHERE (k = 1 AND v = 2) AND w < 3",
+        "DELETE FROM t WHERE b = 2 AND a = 1",
+        "UPDATE app.t SET v = 1 WHERE u = 9",
+        "UPDATE ONLY t SET v = 1 WHERE k = 9",
+    ] {
+        assert!(!wrapped(&mut d, sql), "{sql}");
+    }
+    for sql in [
+        "UPDATE t SET v = 1 WHERE k > 1",
+        "UPDATE t SET v = 1 WHERE k = 1 OR k = 2",
+        "UPDATE t SET v = 1 WHERE k = v",
+        "UPDATE t SET v = 1 WHERE k = NULL",
+        "UPDATE t SET v = 1 WHERE k = (SELECT 1)",
+        "UPDATE t SET v = 1 WHERE a = 1",
+        "UPDATE t SET v = 1 WHERE NOT (k = 1)",
+        "UPDATE t SET v = 1 WHERE s.k = 1",
+        "UPDATE t AS x SET v = 1 WHERE t.k = 1",
+        "UPDATE t SET v = 1 FROM s WHERE t.k = 1",
+        "DELETE FROM t USING s WHERE t.k = 1",
+        "WITH s AS (SELECT 1) UPDATE t SET v = 1 WHERE k = 1",
+        "UPDATE other SET v = 1 WHERE k = 1",
+        "UPDATE app.t SET v = 1 WHERE k = 1",
+        "UPDATE public.t SET v = 1 WHERE k = 1",
+        "UPDATE t SET v = 1",
+    ] {
+        assert!(wrapped(&mut d, sql), "{sql}");
+    }
+    // A catalog change (any: a `DROP INDEX` names no table) makes what was known stale.
+    d.catalog.record(0, &["elsewhere".to_owned()]);
+    assert!(wrapped(&mut d, "UPDATE t SET v = v + 1 WHERE k = 1"));
+    // The extended protocol: the bound is decided at `Execute`.
+    d.catalog.learn(None, "t", vec![vec!["k".into()]]);
+    send(&mut d, &parse("", "UPDATE t SET v = $1 WHERE k = $2"));
+    send(&mut d, &bind(""));
+    send(&mut d, &execute());
+    let (text, plans) = send(&mut d, &sync());
+    assert!(!text.contains("BEGIN"), "{text:?}");
+    assert_eq!(plans, [Plan::Pass]);
+    // Not pinned: its own transaction.
+    send(&mut d, &parse("", "UPDATE t SET v = $1 WHERE v = $2"));
+    send(&mut d, &bind(""));
+    send(&mut d, &execute());
+    let (text, plans) = send(&mut d, &sync());
+    assert!(text.contains("BEGIN"), "{text:?}");
+    assert_eq!(plans, [Plan::Swallow, autocommit()]);
+}

@@ -84,6 +84,10 @@ pub(crate) struct Statement {
     /// spells it): an "already exists" error naming it can only be a concurrent creation of
     /// that object (it did not exist when checked). See [`name_key`].
     pub(crate) exists_ok: Option<u64>,
+    /// For an `UPDATE` or `DELETE` of one table whose `WHERE` sets columns equal to constants
+    /// or parameters: that table and those columns. With a unique index over some of them it
+    /// writes one row at most ([`Pinned`]).
+    pub(crate) pinned: Option<Pinned>,
 }
 
 impl Statement {
@@ -97,6 +101,7 @@ impl Statement {
             waits: false,
             touch: None,
             exists_ok: None,
+            pinned: None,
         }
     }
 }
@@ -672,6 +677,7 @@ fn statement(node: &NodeEnum, is_async: bool, tablesample: bool) -> Statement {
         }
         .filter(|name| !name.is_empty())
         .map(|name| name_key(name)),
+        pinned: pinned(node),
     }
 }
 
@@ -704,6 +710,7 @@ fn most_rows(node: &NodeEnum) -> Option<u64> {
 }
 
 mod kind;
+mod pinned;
 mod refusals;
 mod rewrite;
 mod shape;
@@ -711,6 +718,8 @@ mod shape;
 mod tests;
 
 use kind::kind_of;
+pub(crate) use pinned::Pinned;
+use pinned::pinned;
 use refusals::*;
 use rewrite::*;
 pub(crate) use shape::ShapeCache;

@@ -6,8 +6,10 @@
 //! scanner that follows PostgreSQL's lexical rules for the forms it accepts and gives up (no
 //! shape: the text is parsed) on every form it does not read exactly: comments, backslashes
 //! (`E'…'`, or any string read with `standard_conforming_strings` off), prefixed strings
-//! (`B'…'`, `X'…'`, `N'…'`, `U&'…'`), dollar quotes, numbers with a radix prefix, underscores or
-//! trailing letters, and texts over [`SHAPE_LIMIT`]. Two texts with one shape are the same
+//! (`B'…'`, `X'…'`, `N'…'`, `U&'…'`), `U&"…"` names and `UESCAPE`, dollar quotes, numbers with a
+//! radix prefix, underscores or trailing letters, a digit after a `.` that did not start a
+//! number, `float` (whose `float(n)` the grammar checks), NUL bytes, and texts over
+//! [`SHAPE_LIMIT`]. Two texts with one shape are the same
 //! tokens but for the constants' values, so PostgreSQL's parser gives them one tree but for
 //! its `A_Const` values.
 //!
@@ -56,7 +58,12 @@ pub(crate) fn shape(sql: &str) -> Option<String> {
     let bytes = sql.as_bytes();
     // The markers themselves, and backslashes (escapes, in `E'…'` or with
     // `standard_conforming_strings` off): not read here.
-    if bytes.iter().any(|b| matches!(b, 0x01..=0x03 | b'\\')) {
+    if bytes.iter().any(|b| matches!(b, 0x00..=0x03 | b'\\')) {
+        return None;
+    }
+    // `UESCAPE` gives a `U&"…"` name's escapes by a string whose value the tree does not keep;
+    // `float(n)`'s precision is checked by the grammar itself.
+    if super::mentions(sql, "uescape") || super::mentions(sql, "float") {
         return None;
     }
     let mut out = String::with_capacity(sql.len());
@@ -76,7 +83,11 @@ pub(crate) fn shape(sql: &str) -> Option<String> {
                 return None;
             }
             b'"' => {
-                // A quoted identifier, copied as it is (`""` inside it is a quote).
+                // A quoted identifier, copied as it is (`""` inside it is a quote); not a
+                // `U&"…"` one, whose escapes are read with its `UESCAPE`.
+                if before == Some(b'&') {
+                    return None;
+                }
                 at += 1;
                 loop {
                     match bytes.get(at) {
@@ -108,6 +119,9 @@ pub(crate) fn shape(sql: &str) -> Option<String> {
                 out.push(STRING);
                 copied = at;
             }
+            // A digit after a `.` that did not start a number (`t.5`, `SELECT.5`): PostgreSQL
+            // may read the `.` into the number; not read here.
+            b'0'..=b'9' if before == Some(b'.') => return None,
             b'0'..=b'9' if !before.is_some_and(identifier_byte) => {
                 let start = at;
                 at = number_end(bytes, at)?;
@@ -225,6 +239,11 @@ fn reads_constant(node: pg_query::NodeRef<'_>) -> bool {
             .iter()
             .any(|name| matches!(&name.node, Some(NodeEnum::String(s)) if s.sval == "@@")),
         N::TypeName(t) => !t.typmods.is_empty(),
+        // (The walk does not reach a cast's type.)
+        N::TypeCast(cast) => cast
+            .type_name
+            .as_ref()
+            .is_some_and(|t| !t.typmods.is_empty()),
         N::DefElem(_) => true,
         _ => false,
     }
@@ -317,6 +336,12 @@ mod tests {
             "SELECT 'unterminated",
             "SELECT \"unterminated",
             "SELECT '\u{1}'",
+            "SELECT '\u{0}'",
+            r#"SELECT U&"!0076ersion" UESCAPE '!' ()"#,
+            r#"DELETE FROM U&"d0061""#,
+            "SELECT 1::float(1)",
+            "SELECT.5e1",
+            "SELECT t.5 FROM t",
         ] {
             assert_eq!(shape(sql), None, "{sql}");
         }
@@ -442,6 +467,14 @@ mod tests {
             "SELECT #n #n",
             "SELECT #s #s",
             "AWS IAM GRANT r TO #s",
+            "SELECT U&\"!0076ersion\" UESCAPE #s ()",
+            "SELECT U&\"!0074o_tsvector\" UESCAPE #s (body) FROM docs",
+            "INSERT INTO t VALUES (1::float(#n))",
+            "SELECT.#n",
+            "SELECT #s::varchar(#n) FROM t WHERE k = #n",
+            "UPDATE t SET v = #n WHERE k = #n AND u = #s",
+            "DELETE FROM t AS x WHERE x.k = #n",
+            "UPDATE t SET v = #n FROM s WHERE t.k = s.k AND t.k = #n",
         ];
         let template = TEMPLATES[rng.usize(..TEMPLATES.len())];
         let mut out = String::new();
