@@ -198,6 +198,22 @@ impl DsqlEmulatorBuilder {
         self
     }
 
+    /// Makes this endpoint the other Region of `first`'s multi-Region cluster, as
+    /// [`DsqlEmulator::start_pair`] does: it relays to `first`'s PostgreSQL and database,
+    /// accepts `first`'s credentials, gets a certificate from `first`'s CA, and shares its
+    /// sessions and schema changes (conflicts, `OC001` and what the rules know of the catalog
+    /// hold across both). Set its endpoint (another Region's); keep `first` alive as long as
+    /// this one.
+    pub fn peer_of(mut self, first: &DsqlEmulator) -> Self {
+        self = self
+            .upstream_url(first.upstream_url("admin"))
+            .credentials(first.credentials().clone());
+        self.authority = Some(first.authority.clone());
+        self.catalog = Some(first.shared.catalog.clone());
+        self.sessions = Some(first.shared.sessions.clone());
+        self
+    }
+
     /// Serves this endpoint from `postgres`, in a database of its own copied from its template
     /// (fast: no `initdb`), instead of a private server; [`upstream_url`](Self::upstream_url)
     /// and [`pg_bin`](Self::pg_bin) are then not used. The endpoint is signed by the shared

@@ -403,15 +403,12 @@ impl DsqlEmulator {
             .endpoint(format!("{}.dsql.us-east-1.on.aws", random_cluster_id()))
             .start()
             .await?;
-        let mut second = Self::builder()
-            .endpoint(format!("{}.dsql.us-east-2.on.aws", random_cluster_id()))
-            .upstream_url(first.upstream_url("admin"))
-            .credentials(first.credentials().clone());
-        second.authority = Some(first.authority.clone());
         // One database: a schema change through either endpoint is the other's too (OC001).
-        second.catalog = Some(first.shared.catalog.clone());
-        second.sessions = Some(first.shared.sessions.clone());
-        let second = second.start().await?;
+        let second = Self::builder()
+            .endpoint(format!("{}.dsql.us-east-2.on.aws", random_cluster_id()))
+            .peer_of(&first)
+            .start()
+            .await?;
         Ok((first, second))
     }
 

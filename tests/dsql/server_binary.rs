@@ -172,6 +172,8 @@ fn the_binary_names_the_flag_at_fault() {
         ),
         (&["--frobnicate"][..], "--frobnicate"),
         (&["--rate-limit", "fast"][..], "--rate-limit"),
+        (&["--threads", "0"][..], "--threads"),
+        (&["--threads", "65"][..], "--threads"),
     ] {
         let output = command().args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
@@ -647,4 +649,88 @@ async fn with_an_upstream_each_run_gets_a_database_of_its_own() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "the runs' databases were dropped at exit");
+}
+
+/// `--pair`: the two endpoints are one cluster's, over one database and one set of sessions:
+/// a writer through the peer commits first against a transaction open through the first
+/// endpoint, whose `COMMIT` then fails with `OC000`; the peer's certificate is signed by the
+/// CA the first exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pair_shares_one_cluster_s_sessions() {
+    let (child, env, _) = start(&["--port", "0", "--pair", "--threads", "1"]);
+    // (Stopped even when an assertion fails, so that no emulator outlives the test.)
+    struct Stopped(Child);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            if self.0.try_wait().ok().flatten().is_none() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut child = Stopped(child);
+    let var = |name: &str| {
+        env.get(name)
+            .unwrap_or_else(|| panic!("{name} not exported"))
+            .clone()
+    };
+    let ca = var("PGSSLROOTCERT");
+    let first = connector_for(
+        &var("CLUSTER_ENDPOINT"),
+        var("PGPORT").parse().unwrap(),
+        &ca,
+    )
+    .await
+    .connect()
+    .await
+    .unwrap();
+    let config = DsqlConfig::builder()
+        .host(var("DSQL_PEER_ENDPOINT"))
+        .region(var("DSQL_PEER_REGION"))
+        .hostaddr("127.0.0.1".parse().unwrap())
+        .port(var("DSQL_PEER_PORT").parse().unwrap())
+        .ssl_root_cert(&ca)
+        .credentials_provider(Credentials::new(KEY, SECRET, None, None, "test"))
+        .build()
+        .unwrap();
+    let peer = DsqlConnector::new(config)
+        .await
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    each(
+        &first,
+        &["CREATE TABLE pair_t (k int PRIMARY KEY, v int NOT NULL)"],
+    )
+    .await;
+    first
+        .batch_execute("INSERT INTO pair_t VALUES (1, 0)")
+        .await
+        .unwrap();
+    first.batch_execute("BEGIN").await.unwrap();
+    first
+        .batch_execute("UPDATE pair_t SET v = 10 WHERE k = 1")
+        .await
+        .unwrap();
+    let written = tokio::time::timeout(
+        Duration::from_secs(20),
+        peer.execute("UPDATE pair_t SET v = v + 1 WHERE k = 1", &[]),
+    )
+    .await
+    .expect("the peer's write is not kept waiting by the first's open transaction")
+    .unwrap();
+    assert_eq!(written, 1);
+    let commit = first.batch_execute("COMMIT").await.unwrap_err();
+    let db = commit.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "40001", "{db:?}");
+    assert!(db.message().contains("OC000"), "{db:?}");
+    let v: i32 = peer
+        .query_one("SELECT v FROM pair_t WHERE k = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 1, "the peer's write, not the first's");
+    drop((first, peer));
+    assert!(terminate(&mut child.0).success());
 }

@@ -532,8 +532,7 @@ fn run(args: &[String]) -> Result<(), String> {
         let mut peer = DsqlEmulator::builder()
             .endpoint(format!("{cluster}.dsql.{region}.on.aws"))
             .port(options.peer_port.unwrap_or(0))
-            .credentials(emulator.credentials().clone())
-            .upstream_url(emulator.upstream_url("admin"))
+            .peer_of(&emulator)
             .sql_rules(!options.no_sql_rules);
         if let Some(listen) = options.listen {
             peer = peer.listen_address(listen);

@@ -156,6 +156,10 @@ pub(crate) struct Dialect {
     /// DDL in the open transaction block, with the relations it names (none for some, such as
     /// `DROP INDEX`), recorded when it commits.
     pub(super) pending_ddl: Option<Vec<String>>,
+    /// A catalog change was recorded before PostgreSQL ran it (a DDL outside a block, or the
+    /// `COMMIT` of a block with DDL): it is recorded again once its answer is in, so that what
+    /// a lookup read of the catalog meanwhile is stale ([`Catalog::bounds_one_row`]).
+    pub(super) change_in_flight: bool,
     /// When the open transaction block began.
     pub(super) began: Option<std::time::Instant>,
     /// The bytes of the values the open transaction has written, as far as the relay sees.
@@ -555,6 +559,10 @@ impl Dialect {
     /// The upstream side's answer to a reported request is in: what to do next.
     pub(crate) fn on_reply(&mut self, reply: &Reply, out: &mut Outgoing) {
         let awaited = std::mem::take(&mut self.awaiting);
+        if std::mem::take(&mut self.change_in_flight) {
+            // (Its relations were recorded already: this only makes earlier lookups stale.)
+            self.catalog.record(self.session, &[]);
+        }
         if awaited.write {
             match self.last_write.take() {
                 Some(mut replay) if reply.pending && self.in_block => {
@@ -745,6 +753,7 @@ impl Dialect {
         // (A change that names no relation still counts: what was known of the catalog, such
         // as unique indexes, is stale after it.)
         if committed && let Some(pending) = self.pending_ddl.take() {
+            self.change_in_flight = true;
             let seq = self.catalog.record(self.session, &pending);
             for table in pending {
                 self.touched.insert(table, seq);

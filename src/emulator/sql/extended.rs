@@ -639,8 +639,15 @@ impl Dialect {
                 batch.ddl |= prepared.kind == Kind::Ddl;
                 batch.exists_ok = batch.exists_ok.or(prepared.exists_ok);
                 batch.waits |= prepared.waits;
+                // (A parameter the key may be converted to, with its coarser equality: no bound.)
+                let pinned = prepared.pinned.as_deref().filter(|_| {
+                    !prepared
+                        .parameter_types
+                        .iter()
+                        .any(|t| rules::COARSE_PARAMETER_TYPES.contains(t))
+                });
                 let bound = (prepared.kind == Kind::Dml)
-                    .then(|| self.rows_bound(prepared.most_rows, prepared.pinned.as_deref()))
+                    .then(|| self.rows_bound(prepared.most_rows, pinned))
                     .flatten();
                 let batch = &mut self.batch;
                 if prepared.kind == Kind::Dml {

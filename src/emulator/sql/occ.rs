@@ -200,7 +200,8 @@ impl Sessions {
     /// The columns of each unique index of `table` (in `schema`, or the only relation of that
     /// name in the database: a name another schema also uses gets none, whatever the
     /// session's `search_path`) that bounds the rows a `WHERE` setting them equal can match:
-    /// valid, not partial, on columns only, of a plain table with no child tables. `None` when
+    /// valid, not partial, on columns only, of a plain table with no child tables and no rules
+    /// (an `INSTEAD` rule writes elsewhere). `None` when
     /// the upstream cannot be asked.
     pub(crate) async fn unique_keys(
         &self,
@@ -209,14 +210,15 @@ impl Sessions {
     ) -> Option<Vec<Vec<String>>> {
         const QUERY: &str = "\
             WITH named AS ( \
-                SELECT c.oid, c.relkind, c.relhassubclass FROM pg_class c \
+                SELECT c.oid, c.relkind, c.relhassubclass, c.relhasrules FROM pg_class c \
                 JOIN pg_namespace n ON n.oid = c.relnamespace \
                 WHERE c.relname = $1 AND ($2::text IS NULL OR n.nspname = $2)) \
             SELECT array_agg(a.attname::text ORDER BY a.attname) \
             FROM named t JOIN pg_index i ON i.indrelid = t.oid \
             JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = ANY (i.indkey) \
             WHERE (SELECT count(*) FROM named) = 1 AND t.relkind = 'r' \
-                AND NOT t.relhassubclass AND i.indisunique AND i.indisvalid \
+                AND NOT t.relhassubclass AND NOT t.relhasrules AND i.indisunique \
+                AND i.indisvalid \
                 AND i.indisready AND i.indislive AND i.indpred IS NULL \
                 AND i.indexprs IS NULL AND NOT (0 = ANY (i.indkey::int2[])) \
             GROUP BY i.indexrelid";

@@ -650,7 +650,7 @@ fn an_autocommit_write_pinned_by_a_unique_key_goes_unwrapped() {
         "UPDATE t SET v = v + 1 WHERE k = 1",
         "UPDATE t SET v = v + 1 WHERE 1 = k",
         "UPDATE t SET v = 2 WHERE k = '7' AND v > 3",
-        "UPDATE t SET v = 2 WHERE t.k = 1::bigint",
+        "UPDATE t SET v = 2 WHERE t.k = 1",
         "UPDATE t AS x SET v = 2 WHERE x.k = 5 RETURNING v",
         "DELETE FROM t WHERE (k = 1 AND v = 2) AND w < 3",
         "DELETE FROM t WHERE b = 2 AND a = 1",
@@ -661,6 +661,9 @@ fn an_autocommit_write_pinned_by_a_unique_key_goes_unwrapped() {
     }
     for sql in [
         "UPDATE t SET v = 1 WHERE k > 1",
+        // A cast may compare the key with a coarser equality (`bpchar`, `float8`).
+        "UPDATE t SET v = 1 WHERE k = 'a'::char",
+        "UPDATE t SET v = 1 WHERE k = 0.1::float8",
         "UPDATE t SET v = 1 WHERE k = 1 OR k = 2",
         "UPDATE t SET v = 1 WHERE k = v",
         "UPDATE t SET v = 1 WHERE k = NULL",
@@ -690,6 +693,15 @@ fn an_autocommit_write_pinned_by_a_unique_key_goes_unwrapped() {
     let (text, plans) = send(&mut d, &sync());
     assert!(!text.contains("BEGIN"), "{text:?}");
     assert_eq!(plans, [Plan::Pass]);
+    // A parameter declared `float8` (oid 701): the key may be compared as one.
+    let mut body = b"\0UPDATE t SET v = 1 WHERE k = $1\0".to_vec();
+    body.extend_from_slice(&[0, 1, 0, 0, 2, 189]);
+    send(&mut d, &message(b'P', &body));
+    send(&mut d, &bind(""));
+    send(&mut d, &execute());
+    let (text, plans) = send(&mut d, &sync());
+    assert!(text.contains("BEGIN"), "{text:?}");
+    assert_eq!(plans, [Plan::Swallow, autocommit()]);
     // Not pinned: its own transaction.
     send(&mut d, &parse("", "UPDATE t SET v = $1 WHERE v = $2"));
     send(&mut d, &bind(""));
@@ -697,4 +709,49 @@ fn an_autocommit_write_pinned_by_a_unique_key_goes_unwrapped() {
     let (text, plans) = send(&mut d, &sync());
     assert!(text.contains("BEGIN"), "{text:?}");
     assert_eq!(plans, [Plan::Swallow, autocommit()]);
+}
+
+/// A catalog change is recorded before PostgreSQL runs it, and again once its answer is in:
+/// what a lookup read of the catalog while the DDL ran (the indexes before it) is then stale.
+/// A DDL that names no relation (`DROP INDEX`) counts.
+#[test]
+fn what_a_lookup_read_while_a_ddl_ran_is_stale_after_its_answer() {
+    let mut d = dialect();
+    let unwrapped = |d: &mut Dialect| {
+        let (text, plans) = send(d, &q("UPDATE t SET v = 1 WHERE u = 5"));
+        plans == [Plan::Pass] && !text.contains("BEGIN")
+    };
+    d.catalog.learn(None, "t", vec![vec!["u".into()]]);
+    assert!(unwrapped(&mut d));
+    let before = d.catalog.current();
+    let (text, _) = send(&mut d, &q("DROP INDEX t_u"));
+    assert!(text.contains("DROP INDEX t_u"), "{text}");
+    assert!(
+        d.catalog.current() > before,
+        "DROP INDEX counts as a change"
+    );
+    // A lookup that read the catalog before the DROP ran, answered after it was recorded.
+    d.catalog.learn(None, "t", vec![vec!["u".into()]]);
+    assert!(unwrapped(&mut d));
+    // The DROP's answer.
+    let mut out = Outgoing::default();
+    d.on_reply(&Reply::default(), &mut out);
+    assert!(!unwrapped(&mut d), "stale once the DDL's answer is in");
+    // The same for a block's DDL, at its COMMIT.
+    d.catalog.learn(None, "t", vec![vec!["u".into()]]);
+    send(&mut d, &q("BEGIN"));
+    send(&mut d, &q("CREATE INDEX ASYNC t_v ON t (v)"));
+    d.on_reply(&Reply::default(), &mut out);
+    d.catalog.learn(None, "t", vec![vec!["u".into()]]);
+    let at_commit = d.catalog.current();
+    let commit = q("COMMIT");
+    d.on_message(b'Q', &commit[5..], &commit, &mut out);
+    assert!(out.validate.is_some());
+    out.clear();
+    d.after_validation(Ok(()), &mut out);
+    assert_eq!(out.bytes, commit);
+    assert!(d.catalog.current() > at_commit, "recorded at COMMIT");
+    d.catalog.learn(None, "t", vec![vec!["u".into()]]);
+    d.on_reply(&Reply::default(), &mut out);
+    assert!(!unwrapped(&mut d), "stale once the COMMIT's answer is in");
 }

@@ -718,8 +718,8 @@ mod shape;
 mod tests;
 
 use kind::kind_of;
-pub(crate) use pinned::Pinned;
 use pinned::pinned;
+pub(crate) use pinned::{COARSE_PARAMETER_TYPES, Pinned};
 use refusals::*;
 use rewrite::*;
 pub(crate) use shape::ShapeCache;

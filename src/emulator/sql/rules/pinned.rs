@@ -91,12 +91,19 @@ fn column_of<'a>(node: &'a protobuf::Node, qualifier: &str) -> Option<&'a str> {
     }
 }
 
-/// A constant or a parameter, or a cast of one: the same value for every row.
+/// A constant or a parameter: the same value for every row, compared as the column's type
+/// (not a cast: `varchar_key = 'a'::char` compares as `bpchar`, which ignores trailing
+/// spaces, and `numeric_key = 0.1::float8` as `float8`, where distinct keys can be equal; a
+/// parameter whose declared type does that is left out at `Execute`, [`COARSE_PARAMETER_TYPES`]).
 fn fixed_value(node: &protobuf::Node) -> bool {
     match node.node.as_ref() {
         Some(NodeEnum::AConst(c)) => c.val.is_some(),
         Some(NodeEnum::ParamRef(_)) => true,
-        Some(NodeEnum::TypeCast(cast)) => cast.arg.as_deref().is_some_and(fixed_value),
         _ => false,
     }
 }
+
+/// Parameter types (`float4`, `float8`, `bpchar`) a key column may be converted to for the
+/// comparison, where two distinct keys can compare equal: a write whose `Parse` declares one
+/// gets no bound from its `WHERE`.
+pub(crate) const COARSE_PARAMETER_TYPES: [u32; 3] = [700, 701, 1042];
