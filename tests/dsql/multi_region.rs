@@ -289,8 +289,14 @@ async fn a_commit_cut_on_the_pool_is_an_unknown_outcome_and_not_retried() {
             let east1 = &east1;
             async move {
                 if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // (Until the endpoint has closed the session, bounded: a fixed sleep can
+                    // be too short on a loaded machine.)
+                    let dropped = east1.stats().dropped + east1.open_connections() as u64;
                     east1.drop_all_connections();
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while east1.stats().dropped < dropped && tokio::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
                 tx.execute("INSERT INTO pair_cut VALUES (2)", &[]).await?;
                 Ok(tx
