@@ -430,9 +430,13 @@ async fn control(
 
 /// A connector to one endpoint the control port describes (or the main one's exports).
 async fn connector_for(endpoint: &str, port: u16, ca: &str) -> DsqlConnector {
+    connector_in(endpoint, "us-east-1", port, ca).await
+}
+
+async fn connector_in(endpoint: &str, region: &str, port: u16, ca: &str) -> DsqlConnector {
     let config = DsqlConfig::builder()
         .host(endpoint)
-        .region("us-east-1")
+        .region(region)
         .hostaddr("127.0.0.1".parse().unwrap())
         .port(port)
         .ssl_root_cert(ca)
@@ -684,21 +688,16 @@ async fn the_pair_shares_one_cluster_s_sessions() {
     .connect()
     .await
     .unwrap();
-    let config = DsqlConfig::builder()
-        .host(var("DSQL_PEER_ENDPOINT"))
-        .region(var("DSQL_PEER_REGION"))
-        .hostaddr("127.0.0.1".parse().unwrap())
-        .port(var("DSQL_PEER_PORT").parse().unwrap())
-        .ssl_root_cert(&ca)
-        .credentials_provider(Credentials::new(KEY, SECRET, None, None, "test"))
-        .build()
-        .unwrap();
-    let peer = DsqlConnector::new(config)
-        .await
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let peer = connector_in(
+        &var("DSQL_PEER_ENDPOINT"),
+        &var("DSQL_PEER_REGION"),
+        var("DSQL_PEER_PORT").parse().unwrap(),
+        &ca,
+    )
+    .await
+    .connect()
+    .await
+    .unwrap();
     each(
         &first,
         &["CREATE TABLE pair_t (k int PRIMARY KEY, v int NOT NULL)"],

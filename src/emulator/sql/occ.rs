@@ -197,6 +197,33 @@ impl Sessions {
         tracing::debug!(pid, "emulator: a committer doomed an open transaction");
     }
 
+    /// The superuser connection in `slot`, connected first if it is not (within 5 s; `what`
+    /// names it in the warning when it cannot be).
+    async fn connected<'a>(
+        &self,
+        slot: &'a mut Option<tokio_postgres::Client>,
+        what: &str,
+    ) -> Option<&'a tokio_postgres::Client> {
+        if slot.is_none() {
+            let connect = tokio_postgres::connect(&self.url, tokio_postgres::NoTls);
+            match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok((client, connection))) => {
+                    tokio::spawn(connection);
+                    *slot = Some(client);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "emulator: {what} cannot connect");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!("emulator: {what} cannot connect (timeout)");
+                    return None;
+                }
+            }
+        }
+        slot.as_ref()
+    }
+
     /// The columns of each unique index of `table` (in `schema`, or the only relation of that
     /// name in the database: a name another schema also uses gets none, whatever the
     /// session's `search_path`) that bounds the rows a `WHERE` setting them equal can match:
@@ -223,24 +250,7 @@ impl Sessions {
                 AND i.indexprs IS NULL AND NOT (0 = ANY (i.indkey::int2[])) \
             GROUP BY i.indexrelid";
         let mut reader = self.catalog_reader.lock().await;
-        if reader.is_none() {
-            let connect = tokio_postgres::connect(&self.url, tokio_postgres::NoTls);
-            match tokio::time::timeout(Duration::from_secs(5), connect).await {
-                Ok(Ok((client, connection))) => {
-                    tokio::spawn(connection);
-                    *reader = Some(client);
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "emulator: the catalog reader cannot connect");
-                    return None;
-                }
-                Err(_) => {
-                    tracing::warn!("emulator: the catalog reader cannot connect (timeout)");
-                    return None;
-                }
-            }
-        }
-        let client = reader.as_ref()?;
+        let client = self.connected(&mut reader, "the catalog reader").await?;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&table, &schema];
         let asked = client.query(QUERY, &params);
         match tokio::time::timeout(Duration::from_secs(5), asked).await {
@@ -264,24 +274,7 @@ impl Sessions {
     /// The backends that block `pid` now (none when the monitor cannot ask).
     async fn blockers(&self, pid: i32) -> Vec<i32> {
         let mut monitor = self.monitor.lock().await;
-        if monitor.is_none() {
-            let connect = tokio_postgres::connect(&self.url, tokio_postgres::NoTls);
-            match tokio::time::timeout(Duration::from_secs(5), connect).await {
-                Ok(Ok((client, connection))) => {
-                    tokio::spawn(connection);
-                    *monitor = Some(client);
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "emulator: the conflict monitor cannot connect");
-                    return Vec::new();
-                }
-                Err(_) => {
-                    tracing::warn!("emulator: the conflict monitor cannot connect (timeout)");
-                    return Vec::new();
-                }
-            }
-        }
-        let Some(client) = monitor.as_ref() else {
+        let Some(client) = self.connected(&mut monitor, "the conflict monitor").await else {
             return Vec::new();
         };
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&pid];

@@ -88,16 +88,7 @@ pub(crate) fn shape(sql: &str) -> Option<String> {
                 if before == Some(b'&') {
                     return None;
                 }
-                at += 1;
-                loop {
-                    match bytes.get(at) {
-                        None => return None,
-                        Some(b'"') if bytes.get(at + 1) == Some(&b'"') => at += 2,
-                        Some(b'"') => break,
-                        Some(_) => at += 1,
-                    }
-                }
-                at += 1;
+                at = quoted_end(bytes, at)?;
             }
             b'\'' => {
                 // A prefixed string (`E'…'`, `B'…'`, `X'…'`, `N'…'`, `U&'…'`) is not read here.
@@ -105,16 +96,7 @@ pub(crate) fn shape(sql: &str) -> Option<String> {
                     return None;
                 }
                 let start = at;
-                at += 1;
-                loop {
-                    match bytes.get(at) {
-                        None => return None,
-                        Some(b'\'') if bytes.get(at + 1) == Some(&b'\'') => at += 2,
-                        Some(b'\'') => break,
-                        Some(_) => at += 1,
-                    }
-                }
-                at += 1;
+                at = quoted_end(bytes, at)?;
                 out.push_str(&sql[copied..start]);
                 out.push(STRING);
                 copied = at;
@@ -143,6 +125,22 @@ pub(crate) fn shape(sql: &str) -> Option<String> {
     }
     out.push_str(&sql[copied..]);
     Some(out)
+}
+
+/// The end of the quoted run (a string, a quoted name) whose opening quote is at `at`: past
+/// its closing quote, a doubled quote inside it being one of its characters. `None` when it is
+/// not closed.
+fn quoted_end(bytes: &[u8], mut at: usize) -> Option<usize> {
+    let quote = bytes[at];
+    at += 1;
+    loop {
+        match bytes.get(at) {
+            None => return None,
+            Some(&b) if b == quote && bytes.get(at + 1) == Some(&quote) => at += 2,
+            Some(&b) if b == quote => return Some(at + 1),
+            Some(_) => at += 1,
+        }
+    }
 }
 
 /// [`INTEGER`] for digits alone whose value fits in 32 bits (PostgreSQL's `ICONST`), else
