@@ -182,6 +182,10 @@ pub(crate) struct Dialect {
     pub(super) replays: Vec<occ::Replay>,
     /// The replay form of the guarded write whose answer is awaited.
     pub(super) last_write: Option<occ::Replay>,
+    /// The savepoint of the last guarded write, which went through, is still open upstream:
+    /// it goes (`RELEASE`) with the next savepoint the relay sets in the same transaction
+    /// ([`Dialect::savepoint`]), or with the block, rather than in a round trip of its own.
+    pub(super) savepoint_kept: bool,
     /// Pieces of a client request the relay sends one at a time, not sent yet.
     pub(super) pieces: VecDeque<Piece>,
     /// What the reported answer the relay waits for is.
@@ -425,24 +429,6 @@ impl Dialect {
         self.in_block && self.replays.iter().any(|r| r.told.is_some())
     }
 
-    /// `54000` if the open transaction block is older than the age limit.
-    pub(super) fn too_old(&self) -> Option<Refusal> {
-        let age = self.began?.elapsed();
-        (self.in_block && age > self.age_limit).then(|| {
-            let limit = self.age_limit.as_secs();
-            Refusal {
-                detail: Some(format!(
-                    "Current transaction age {}s exceeds {limit}s",
-                    age.as_secs()
-                )),
-                ..Refusal::new(
-                    "54000",
-                    format!("transaction age limit of {limit}s exceeded"),
-                )
-            }
-        })
-    }
-
     /// Ends a transaction block that cannot commit: `COMMIT` fails with `refusal` and the
     /// block is rolled back, so the session is outside any transaction, as on DSQL.
     pub(super) fn fail_commit(&mut self, refusal: &Refusal, out: &mut Outgoing) {
@@ -563,6 +549,9 @@ impl Dialect {
             // (Its relations were recorded already: this only makes earlier lookups stale.)
             self.catalog.record(self.session, &[]);
         }
+        if reply.savepoint_kept && self.in_block {
+            self.savepoint_kept = true;
+        }
         if awaited.write {
             match self.last_write.take() {
                 Some(mut replay) if reply.pending && self.in_block => {
@@ -626,6 +615,7 @@ impl Dialect {
                 self.pieces.clear();
                 self.own_block_pieces = 0;
                 if awaited.own_block {
+                    self.savepoint_kept = false;
                     out.push(&query("ROLLBACK"), Some(Plan::Swallow));
                 }
             } else {
@@ -671,6 +661,7 @@ impl Dialect {
     /// The rollback of a doomed transaction and its new block, as statements of the relay's
     /// own (the client's unnamed statement stays).
     fn roll_back_doomed(&mut self, out: &mut Outgoing) {
+        self.savepoint_kept = false;
         out.push(&hidden("ROLLBACK"), Some(Plan::Release));
         out.push(
             &hidden("BEGIN ISOLATION LEVEL REPEATABLE READ"),

@@ -414,7 +414,7 @@ impl Dialect {
                             oversize: None,
                             defer: self.pending_writes(),
                         };
-                        (Some(savepoint_query()), guarded)
+                        (Some(self.savepoint()), guarded)
                     }
                     _ => (None, write(None, false)),
                 },

@@ -68,10 +68,6 @@ pub(super) fn query(text: &str) -> Vec<u8> {
     message(b'Q', &body)
 }
 
-pub(super) fn savepoint_query() -> Vec<u8> {
-    query(&format!("SAVEPOINT {SAVEPOINT}"))
-}
-
 /// What PL/pgSQL's `CONTEXT` says of an error in one of the upstream's `sys` functions.
 pub(super) const SYS_FUNCTION: &[u8] = b"PL/pgSQL function sys.";
 

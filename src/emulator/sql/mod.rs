@@ -173,6 +173,8 @@ pub(crate) mod occ;
 mod plan;
 mod responder;
 pub(crate) mod rules;
+#[cfg(test)]
+mod savepoint_tests;
 mod simple;
 #[cfg(test)]
 mod tests;

@@ -98,6 +98,12 @@ impl Entry {
         block != 0 && self.doomed.load(Ordering::SeqCst) == block
     }
 
+    /// Dooms block `block` as a committer would (for tests of what the session does then).
+    #[cfg(test)]
+    pub(crate) fn doom_for_test(&self, block: u64) {
+        self.doomed.store(block, Ordering::SeqCst);
+    }
+
     /// The session's `COMMIT` is done (committed or failed).
     pub(crate) fn committed(&self) {
         self.committing.store(0, Ordering::SeqCst);

@@ -149,6 +149,10 @@ pub(crate) struct Reply {
     pub(crate) tag: Option<String>,
     /// A replay's error: SQLSTATE.
     pub(crate) error: Option<String>,
+    /// The guarded write went through and its savepoint was left open: the relay lets it go
+    /// before its next savepoint in the block ([`Dialect::savepoint`]); `COMMIT` and
+    /// `ROLLBACK` end it with the block.
+    pub(crate) savepoint_kept: bool,
 }
 
 /// DSQL's limit on how long a transaction may stay open (`DSQL_SQL_RULES.md` §1, §8).

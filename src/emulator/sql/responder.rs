@@ -428,11 +428,9 @@ impl Responder {
             self.owed += 1;
             self.pass(out);
         } else if guard.is_some() && status == b'T' {
-            // It went through: its savepoint goes.
-            requests.push((
-                query(&format!("RELEASE SAVEPOINT {SAVEPOINT}")),
-                Plan::Swallow,
-            ));
+            // It went through: its savepoint goes with the next one the relay sets (nested
+            // savepoints would pile up) or with the block, not in a round trip of its own.
+            self.reply.savepoint_kept = true;
             self.pass(out);
         } else {
             // Over the limit in a block the query itself committed: too late (see the docs).

@@ -190,7 +190,7 @@ impl Dialect {
                         oversize: None,
                         defer: self.pending_writes(),
                     };
-                    (Some(savepoint_query()), guarded)
+                    (Some(self.savepoint()), guarded)
                 }
                 _ => {
                     if self.pending_writes() {
@@ -391,6 +391,7 @@ impl Dialect {
             self.began = state.in_block.then(std::time::Instant::now);
             self.replays.clear();
             self.last_write = None;
+            self.savepoint_kept = false;
             if state.in_block {
                 self.block = self.sessions.as_ref().map_or(1, |s| s.next_block());
                 self.entry.begin(self.block);
@@ -402,6 +403,37 @@ impl Dialect {
         self.in_block = state.in_block;
         self.ddl = state.ddl;
         self.dml = state.dml;
+    }
+
+    /// The savepoint before a guarded write (a `Query`), after letting go of the last one
+    /// when it is still open ([`Dialect::savepoint_kept`]): one savepoint at most stays open
+    /// however many writes the block makes.
+    pub(super) fn savepoint(&mut self) -> Vec<u8> {
+        if std::mem::take(&mut self.savepoint_kept) {
+            query(&format!(
+                "RELEASE SAVEPOINT {SAVEPOINT}; SAVEPOINT {SAVEPOINT}"
+            ))
+        } else {
+            query(&format!("SAVEPOINT {SAVEPOINT}"))
+        }
+    }
+
+    /// `54000` if the open transaction block is older than the age limit.
+    pub(super) fn too_old(&self) -> Option<Refusal> {
+        let age = self.began?.elapsed();
+        (self.in_block && age > self.age_limit).then(|| {
+            let limit = self.age_limit.as_secs();
+            Refusal {
+                detail: Some(format!(
+                    "Current transaction age {}s exceeds {limit}s",
+                    age.as_secs()
+                )),
+                ..Refusal::new(
+                    "54000",
+                    format!("transaction age limit of {limit}s exceeded"),
+                )
+            }
+        })
     }
 
     /// Outside a block, each `Query` and each `Sync` ends an implicit transaction.

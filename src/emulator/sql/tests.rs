@@ -2,16 +2,16 @@ use super::*;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-fn q(text: &str) -> Vec<u8> {
+pub(super) fn q(text: &str) -> Vec<u8> {
     query(text)
 }
 
-fn dialect() -> Dialect {
+pub(super) fn dialect() -> Dialect {
     Dialect::new(Plans::default(), Arc::default(), TRANSACTION_AGE_LIMIT)
 }
 
 /// Runs one whole client message through `d`: what goes upstream, as text, and the plans.
-fn send(d: &mut Dialect, whole: &[u8]) -> (String, Vec<Plan>) {
+pub(super) fn send(d: &mut Dialect, whole: &[u8]) -> (String, Vec<Plan>) {
     let mut out = Outgoing::default();
     d.on_message(whole[0], &whole[5..], whole, &mut out);
     let plans = out.plans.iter().map(|p| p.plan).collect();
@@ -123,7 +123,7 @@ fn every_commit_in_a_block_is_validated_whatever_its_shape() {
     assert!(text.contains("COMMIT") && plans == [Plan::Pass]);
 }
 
-fn guard(tag: &'static str) -> Plan {
+pub(super) fn guard(tag: &'static str) -> Plan {
     Plan::Write {
         guard: Some(tag),
         autocommit: false,
@@ -141,21 +141,21 @@ fn autocommit() -> Plan {
     }
 }
 
-fn parse(name: &str, text: &str) -> Vec<u8> {
+pub(super) fn parse(name: &str, text: &str) -> Vec<u8> {
     let mut body = format!("{name}\0{text}\0").into_bytes();
     body.extend_from_slice(&[0, 0]);
     message(b'P', &body)
 }
 
-fn bind(statement: &str) -> Vec<u8> {
+pub(super) fn bind(statement: &str) -> Vec<u8> {
     message(b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes())
 }
 
-fn execute() -> Vec<u8> {
+pub(super) fn execute() -> Vec<u8> {
     message(b'E', b"\0\0\0\0\0")
 }
 
-fn sync() -> Vec<u8> {
+pub(super) fn sync() -> Vec<u8> {
     message(b'S', b"")
 }
 
@@ -245,7 +245,11 @@ fn what_the_relay_adds_for_a_write_goes_before_the_whole_batch() {
     send(&mut d, &bind(""));
     send(&mut d, &execute());
     let (text, plans) = send(&mut d, &sync());
-    assert!(text.as_bytes().starts_with(&savepoint_query()), "{text}");
+    assert!(
+        text.as_bytes()
+            .starts_with(&q("SAVEPOINT dsql_emulator_occ")),
+        "{text}"
+    );
     assert_eq!(plans, [Plan::Swallow, guard("DELETE 1")]);
     // Binding the unnamed statement of an earlier batch: nothing can go before it.
     send(&mut d, &bind(""));
@@ -290,7 +294,7 @@ fn responder_with(plans: &[Planned]) -> (Responder, tokio::sync::mpsc::Receiver<
     (Responder::new(shared, tx), rx)
 }
 
-fn responder_for(plans: &[Plan]) -> (Responder, tokio::sync::mpsc::Receiver<Reply>) {
+pub(super) fn responder_for(plans: &[Plan]) -> (Responder, tokio::sync::mpsc::Receiver<Reply>) {
     let shared = Plans::default();
     for plan in plans {
         shared.push(Planned::new(*plan));
@@ -577,51 +581,6 @@ fn a_commit_that_skipped_its_commit_point_is_never_sent() {
     let text = String::from_utf8_lossy(&out.bytes);
     assert!(text.contains("COMMIT") && !text.contains("XX000"), "{text}");
     assert!(!d.validated, "the license is used once");
-}
-
-/// A guarded write that went through lets its savepoint go (a block of many writes would
-/// otherwise nest one savepoint a write); one after a pending write is undone and replayed at
-/// COMMIT against the tag it answered (statement order).
-#[test]
-fn a_guarded_write_releases_its_savepoint_and_a_deferred_one_is_replayed() {
-    let went_through = || {
-        let mut stream = super::message(b'C', b"SAVEPOINT\0");
-        stream.extend_from_slice(&super::message(b'Z', b"T"));
-        stream.extend_from_slice(&super::message(b'C', b"UPDATE 2\0"));
-        stream.extend_from_slice(&super::message(b'Z', b"T"));
-        stream
-    };
-    let (mut responder, mut rx) = responder_for(&[Plan::Swallow, guard("UPDATE 1")]);
-    let mut out = Vec::new();
-    responder.feed(&went_through(), &mut out);
-    let reply = rx.try_recv().unwrap();
-    assert!(!reply.pending, "{reply:?}");
-    assert_eq!(
-        reply.requests,
-        [(query("RELEASE SAVEPOINT dsql_emulator_occ"), Plan::Swallow)]
-    );
-    let deferred = Plan::Write {
-        guard: Some("UPDATE 1"),
-        autocommit: false,
-        oversize: None,
-        defer: true,
-    };
-    let (mut responder, mut rx) = responder_for(&[Plan::Swallow, deferred]);
-    let mut out = Vec::new();
-    responder.feed(&went_through(), &mut out);
-    // The client has its real answer.
-    assert!(String::from_utf8_lossy(&out).contains("UPDATE 2"));
-    let reply = rx.try_recv().unwrap();
-    assert!(reply.pending, "{reply:?}");
-    assert_eq!(reply.tag.as_deref(), Some("UPDATE 2"));
-    assert_eq!(
-        reply.requests,
-        [(
-            query("ROLLBACK TO SAVEPOINT dsql_emulator_occ; RELEASE SAVEPOINT dsql_emulator_occ"),
-            Plan::Swallow
-        )]
-    );
-    assert_eq!(responder.owed, 1);
 }
 
 /// An autocommit `UPDATE` or `DELETE` whose `WHERE` pins a unique index's columns writes one
