@@ -12,7 +12,7 @@
 //! sends it as it is), and an `UPDATE`, which the rules relay runs in a transaction of its own
 //! to enforce DSQL's row limit (one more round trip to PostgreSQL, for its `COMMIT`).
 //! `relay_transaction_update`: `BEGIN`, the `UPDATE`, `COMMIT` (three queries): the guarded
-//! write (a savepoint before it, released after it) and the `COMMIT` through its commit point.
+//! write (a savepoint before it, let go with the block's next one or its end) and the `COMMIT` through its commit point.
 
 mod support;
 

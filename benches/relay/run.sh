@@ -3,7 +3,10 @@
 # PostgreSQL three ways, interleaved round by round:
 #   direct  - straight to the server, over TLS;
 #   relay   - through `dsql-emulator --no-sql-rules` (TLS, IAM token, the relay alone);
-#   rules   - through `dsql-emulator` with DSQL's SQL rules (what a test suite uses).
+#   rules   - through `dsql-emulator` with DSQL's SQL rules (what a test suite uses);
+#   bytes   - when `socat` is installed: through a byte relay with no logic at all (socat,
+#             TLS passed through to the server): what the extra process hop alone costs on
+#             this machine, the floor for any relay in a process of its own.
 # For each pgbench script (a read, a transaction, an autocommit write), protocol (simple,
 # extended) and client count it prints direct's median tps and the median, over rounds, of each
 # path's tps divided by direct's in the same round; at 1 client also the median latency each path
@@ -125,6 +128,19 @@ start_emulator() { # name, extra options...
 }
 start_emulator relay --no-sql-rules
 start_emulator rules
+# The byte relay (optional): socat, a process per connection, TLS end to end.
+socat_port=
+if command -v socat >/dev/null; then
+    socat_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    socat TCP-LISTEN:"$socat_port",bind=127.0.0.1,reuseaddr,fork TCP:127.0.0.1:"$port" \
+        > "$work/socat.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $socat_port), 1).close()" \
+            2>/dev/null && break
+        sleep 0.05
+    done
+fi
 through() { # name -> the env assignments for pgbench through that emulator (a fresh token)
     (
         # shellcheck disable=SC1090
@@ -157,6 +173,7 @@ bench() { # path, script, protocol, clients
     local path=$1 script=$2 protocol=$3 c=$4 env
     case "$path" in
         direct) env=$direct_env ;;
+        bytes) env="PGHOST=127.0.0.1 PGPORT=$socat_port PGUSER=admin PGDATABASE=postgres PGSSLMODE=require" ;;
         *) env=$(through "$path") ;;
     esac
     rm -f "$work"/log.*
@@ -178,15 +195,16 @@ bench() { # path, script, protocol, clients
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
-printf '%s rounds of %s s each, interleaved (direct, relay, rules); relays upstream over %s; pgbench %s; %s\n' \
-    "$rounds" "$seconds" "$upstream_socket" "$("$pgbench" --version | awk '{print $3}')" "$("$pg_bin/postgres" --version)"
-printf '| script | protocol | clients | direct tps | relay | relay + rules | added p50 per statement (relay, rules) |\n'
-printf '|---|---|---|---|---|---|---|\n'
+printf '%s rounds of %s s each, interleaved (direct, relay, rules%s); relays upstream over %s; pgbench %s; %s\n' \
+    "$rounds" "$seconds" "$([ -z "$socat_port" ] || echo ', socat')" "$upstream_socket" "$("$pgbench" --version | awk '{print $3}')" "$("$pg_bin/postgres" --version)"
+printf '| script | protocol | clients | direct tps | relay | relay + rules | byte relay (socat) | added p50 per statement (relay, rules, socat) |\n'
+printf '|---|---|---|---|---|---|---|---|\n'
 for script in $scripts; do
     for protocol in $protocols; do
         for c in $clients; do
             : > "$work/direct.tps"; : > "$work/relay.ratio"; : > "$work/rules.ratio"
             : > "$work/relay.added"; : > "$work/rules.added"
+            : > "$work/bytes.ratio"; : > "$work/bytes.added"
             for _ in $(seq 1 "$rounds"); do
                 out=$(bench direct "$script" "$protocol" "$c") || exit 1
                 read -r d_tps d_p50 <<< "$out"
@@ -200,14 +218,22 @@ for script in $scripts; do
                 n=${statements[$script]}
                 awk -v a="$r_p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/relay.added"
                 awk -v a="$s_p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/rules.added"
+                if [ -n "$socat_port" ]; then
+                    out=$(bench bytes "$script" "$protocol" "$c") || exit 1
+                    read -r b_tps b_p50 <<< "$out"
+                    awk -v a="$b_tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/bytes.ratio"
+                    awk -v a="$b_p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/bytes.added"
+                fi
             done
-            added="–"
+            bytes="–" added="–"
+            [ -z "$socat_port" ] || bytes=$(printf '%.2f×' "$(median < "$work/bytes.ratio")")
             if [ "$c" = 1 ]; then
                 added=$(printf '%.0f µs, %.0f µs' "$(median < "$work/relay.added")" "$(median < "$work/rules.added")")
+                [ -z "$socat_port" ] || added="$added, $(printf '%.0f µs' "$(median < "$work/bytes.added")")"
             fi
-            printf '| %s | %s | %s | %.0f | %.2f× | %.2f× | %s |\n' "$script" "$protocol" "$c" \
+            printf '| %s | %s | %s | %.0f | %.2f× | %.2f× | %s | %s |\n' "$script" "$protocol" "$c" \
                 "$(median < "$work/direct.tps")" "$(median < "$work/relay.ratio")" \
-                "$(median < "$work/rules.ratio")" "$added"
+                "$(median < "$work/rules.ratio")" "$bytes" "$added"
         done
     done
 done

@@ -296,3 +296,94 @@ async fn flush_and_pipelined_batches() {
     );
     assert_eq!(next.values(), [Some("6".to_owned())], "{next:?}");
 }
+
+/// Blocks that end and begin again inside one request, and many guarded writes in one block:
+/// the savepoint the relay keeps after a write that went through must end with its block
+/// (`ROLLBACK; BEGIN; COPY …` runs whole), and a statement pipelined behind a failed one
+/// before a `BEGIN` (which ran in a block the relay opened and rolled back) is an autocommit
+/// statement. Either mistake would send a savepoint statement PostgreSQL refuses and close
+/// the session. Then 60 writes in one block, simple and extended alternating, all land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_ended_inside_one_request_and_many_writes_in_one_block() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS proto_reopen",
+            "CREATE TABLE proto_reopen (id int PRIMARY KEY, v int)",
+            "INSERT INTO proto_reopen SELECT g, 0 FROM generate_series(1, 60) g",
+        ],
+    )
+    .await;
+    let mut f = Frontend::connect(rules_emulator()).await;
+    f.simple("BEGIN").await;
+    let write = f.simple("UPDATE proto_reopen SET v = 1 WHERE id = 1").await;
+    assert_eq!(write.tags(), ["UPDATE 1"], "{write:?}");
+    f.query("ROLLBACK; BEGIN; COPY proto_reopen FROM STDIN")
+        .send()
+        .await;
+    let mut tags = Vec::new();
+    loop {
+        let m = f.read().await;
+        assert_ne!(m.tag, b'E', "{m:?}");
+        if m.tag == b'G' {
+            break;
+        }
+        tags.push(m.tag_text());
+    }
+    assert_eq!(tags, ["ROLLBACK", "BEGIN"]);
+    f.message(b'd', b"61\t61\n").message(b'c', b"").send().await;
+    let copied = f.answer().await;
+    assert_eq!(
+        (copied.tags(), copied.status()),
+        (vec!["COPY 1".into()], b'T')
+    );
+    let write = f.simple("UPDATE proto_reopen SET v = 2 WHERE id = 2").await;
+    assert_eq!(write.tags(), ["UPDATE 1"], "{write:?}");
+    let commit = f.simple("COMMIT").await;
+    assert_eq!(
+        (commit.tags(), commit.status()),
+        (vec!["COMMIT".into()], b'I')
+    );
+
+    // A failed statement before a BEGIN, with a write pipelined behind the request.
+    f.query("SELECT 1/0; BEGIN; UPDATE proto_reopen SET v = 3 WHERE id = 3")
+        .query("UPDATE proto_reopen SET v = 4 WHERE id = 4")
+        .send()
+        .await;
+    let failed = f.answer().await;
+    assert_eq!(
+        (failed.error().map(|e| e.0), failed.status()),
+        (Some("22012".into()), b'I'),
+        "{failed:?}"
+    );
+    let write = f.answer().await;
+    assert_eq!(
+        (write.tags(), write.status()),
+        (vec!["UPDATE 1".into()], b'I')
+    );
+
+    f.simple("BEGIN").await;
+    for id in 1..=60 {
+        let text = format!("UPDATE proto_reopen SET v = v + 10 WHERE id = {id}");
+        let write = if id % 2 == 0 {
+            f.simple(&text).await
+        } else {
+            f.extended(&text, &[]).await
+        };
+        assert_eq!(write.tags(), ["UPDATE 1"], "write {id}: {write:?}");
+    }
+    let commit = f.simple("COMMIT").await;
+    assert_eq!(
+        (commit.tags(), commit.status()),
+        (vec!["COMMIT".into()], b'I')
+    );
+    let sum: i64 = upstream()
+        .await
+        .query_one("SELECT sum(v)::int8 FROM proto_reopen WHERE id <= 60", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // 60 × 10, the 2 and the 4 (the 1 and the 3 were rolled back).
+    assert_eq!(sum, 606);
+    assert_eq!(count("proto_reopen").await, 61);
+}

@@ -615,8 +615,13 @@ impl Dialect {
                 self.pieces.clear();
                 self.own_block_pieces = 0;
                 if awaited.own_block {
-                    self.savepoint_kept = false;
                     out.push(&query("ROLLBACK"), Some(Plan::Swallow));
+                    // The client is told it is in no block: so is the relay from here (a
+                    // request pipelined behind this one is decided before the ROLLBACK's
+                    // answer settles the status).
+                    self.plans.doomed.store(false, Ordering::SeqCst);
+                    self.set_transaction(Transaction::default());
+                    self.pending_ddl = None;
                 }
             } else {
                 self.next_piece(out);

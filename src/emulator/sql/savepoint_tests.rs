@@ -69,7 +69,8 @@ fn a_kept_savepoint_goes_with_the_next_one_and_never_outlives_its_block() {
     assert!(!write(&mut d), "the block's first savepoint");
     kept(&mut d);
     assert!(write(&mut d), "the second lets the first go");
-    // (Undone: no reply says it was kept.)
+    // The second is undone (`ROLLBACK TO` and `RELEASE`, no reply saying it was kept): the
+    // first went with it, so nothing is open.
     d.on_reply(&Reply::default(), &mut Outgoing::default());
     assert!(!write(&mut d), "nothing open after an undo");
     kept(&mut d);
@@ -109,4 +110,41 @@ fn a_kept_savepoint_goes_with_the_next_one_and_never_outlives_its_block() {
         "{text}"
     );
     assert_eq!(plans, [Plan::Swallow, guard("DELETE 1")]);
+}
+
+/// A query the relay runs whole that ends the block and opens another (`COPY … FROM STDIN`
+/// keeps it from going one statement at a time) ends the kept savepoint with its block: the
+/// next block's write sets a plain one (a `RELEASE` there would fail, and close the session).
+/// Found by review.
+#[test]
+fn a_whole_query_that_ends_the_block_ends_its_kept_savepoint() {
+    let mut d = dialect();
+    send(&mut d, &q("BEGIN"));
+    send(&mut d, &q("UPDATE t SET v = v + 1 WHERE id = 1"));
+    d.on_reply(
+        &Reply {
+            savepoint_kept: true,
+            ..Reply::default()
+        },
+        &mut Outgoing::default(),
+    );
+    for whole in [
+        "ROLLBACK; BEGIN; COPY t (id, v) FROM STDIN",
+        "ROLLBACK; START TRANSACTION; COPY t (id, v) FROM STDIN",
+    ] {
+        let (text, _) = send(&mut d, &q(whole));
+        assert!(text.contains("COPY"), "{text}");
+        assert!(d.in_block, "{whole}");
+        send(&mut d, &message(b'c', b""));
+        let (text, plans) = send(&mut d, &q("UPDATE t SET v = 0 WHERE id = 2"));
+        assert_eq!(plans, [Plan::Swallow, guard("UPDATE 1")], "{text}");
+        assert!(!text.contains("RELEASE"), "after {whole}: {text}");
+        d.on_reply(
+            &Reply {
+                savepoint_kept: true,
+                ..Reply::default()
+            },
+            &mut Outgoing::default(),
+        );
+    }
 }
