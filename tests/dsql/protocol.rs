@@ -387,3 +387,59 @@ async fn blocks_ended_inside_one_request_and_many_writes_in_one_block() {
     assert_eq!(sum, 606);
     assert_eq!(count("proto_reopen").await, 61);
 }
+
+/// A block whose write is pending (it met a row another open transaction holds), rolled back
+/// and begun again inside one query that runs whole (`ROLLBACK; BEGIN; COPY …`): the new block
+/// commits what it did, and nothing of the rolled-back write (no replay of it, no conflict
+/// for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_write_rolled_back_inside_one_query_is_gone() {
+    each(
+        &upstream().await,
+        &[
+            "DROP TABLE IF EXISTS proto_pending",
+            "CREATE TABLE proto_pending (id int PRIMARY KEY, v int)",
+            "INSERT INTO proto_pending VALUES (1, 0)",
+        ],
+    )
+    .await;
+    let mut holder = Frontend::connect(rules_emulator()).await;
+    let mut f = Frontend::connect(rules_emulator()).await;
+    holder.simple("BEGIN").await;
+    let held = holder
+        .simple("UPDATE proto_pending SET v = 1 WHERE id = 1")
+        .await;
+    assert_eq!(held.tags(), ["UPDATE 1"], "{held:?}");
+    f.simple("BEGIN").await;
+    let pending = f
+        .simple("UPDATE proto_pending SET v = 2 WHERE id = 1")
+        .await;
+    assert_eq!(pending.tags(), ["UPDATE 1"], "{pending:?}");
+    f.query("ROLLBACK; BEGIN; COPY proto_pending FROM STDIN")
+        .send()
+        .await;
+    loop {
+        let m = f.read().await;
+        assert_ne!(m.tag, b'E', "{m:?}");
+        if m.tag == b'G' {
+            break;
+        }
+    }
+    f.message(b'd', b"2\t20\n").message(b'c', b"").send().await;
+    assert_eq!(f.answer().await.tags(), ["COPY 1"]);
+    let commit = f.simple("COMMIT").await;
+    assert_eq!(
+        (commit.tags(), commit.error()),
+        (vec!["COMMIT".into()], None),
+        "{commit:?}"
+    );
+    let rolled_back = holder.simple("ROLLBACK").await;
+    assert_eq!(rolled_back.tags(), ["ROLLBACK"]);
+    let rows = upstream()
+        .await
+        .query("SELECT id, v FROM proto_pending ORDER BY id", &[])
+        .await
+        .unwrap();
+    let rows: Vec<(i32, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, [(1, 0), (2, 20)]);
+}

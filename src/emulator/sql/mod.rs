@@ -163,6 +163,8 @@
 //! - Rules apply when a statement is parsed (`Parse`) and, for the transaction rules, when it
 //!   is executed; DSQL may apply some later (at `Bind`).
 
+#[cfg(test)]
+mod block_tests;
 mod bootstrap;
 mod catalog;
 mod dialect;

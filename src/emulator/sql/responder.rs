@@ -52,6 +52,9 @@ pub(crate) struct Responder {
     /// The answers so far show the session in a transaction block (the last `ReadyForQuery`,
     /// and the `BEGIN`, `COMMIT` and `ROLLBACK` tags since).
     pub(super) answer_in_block: bool,
+    /// A client's `ROLLBACK` ended its block in the answer now coming: a `BEGIN` later in the
+    /// same answer (`ROLLBACK; BEGIN; COPY …` runs whole) starts a block that owes nothing.
+    pub(super) ended_by_client: bool,
 }
 
 /// What the client is told instead of a `COMMIT` the relay would have acknowledged although
@@ -83,6 +86,7 @@ impl Responder {
             owed: 0,
             lost_block: false,
             answer_in_block: false,
+            ended_by_client: false,
         }
     }
 
@@ -170,9 +174,22 @@ impl Responder {
     fn check_commit(&mut self, planned: Option<Planned>) {
         let body = &self.current[5..];
         let tag = body.strip_suffix(&[0]).unwrap_or(body);
+        // (The relay's own `ROLLBACK TO SAVEPOINT`, whose tag is `ROLLBACK` too, and its
+        // rollback of a doomed block are not the client's.)
+        let client = planned.is_some_and(|p| matches!(p.plan, Plan::Pass | Plan::Write { .. }));
         match tag {
-            b"BEGIN" | b"START TRANSACTION" => self.answer_in_block = true,
-            b"ROLLBACK" => self.answer_in_block = false,
+            b"BEGIN" | b"START TRANSACTION" => {
+                if std::mem::take(&mut self.ended_by_client) {
+                    self.rows = 0;
+                    self.owed = 0;
+                    self.lost_block = false;
+                }
+                self.answer_in_block = true;
+            }
+            b"ROLLBACK" => {
+                self.answer_in_block = false;
+                self.ended_by_client = client;
+            }
             b"COMMIT" => {
                 // The relay's own COMMIT of an autocommit write's transaction, and a COMMIT
                 // that passed the commit point, may end a block; nothing else may.
@@ -251,6 +268,7 @@ impl Responder {
     pub(super) fn ready(&mut self, planned: Planned, out: &mut Vec<u8>) {
         {
             let status = self.current.get(5).copied().unwrap_or(b'I');
+            self.ended_by_client = false;
             // Outside any transaction now: the next one starts with no rows written and
             // nothing owed.
             if status == b'I' {

@@ -238,6 +238,18 @@ impl Dialect {
             // Its own transaction, to be undone if it writes too many rows.
             (Some(query("BEGIN")), write(None, true))
         };
+        if self.in_block
+            && state.in_block
+            && kinds
+                .iter()
+                .any(|k| matches!(k, Kind::Commit | Kind::Rollback))
+        {
+            // The block ended inside the query and another began (`ROLLBACK; BEGIN; COPY …`
+            // runs whole): nothing of the old one carries over (its pending writes, its
+            // number, its age). (The new block's locking reads in this query go unvalidated.)
+            self.set_transaction(Transaction::default());
+            self.pending_ddl = None;
+        }
         if state.in_block && self.in_block {
             // A locking read is validated at COMMIT like a write.
             for statement in &classified.statements {

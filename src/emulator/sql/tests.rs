@@ -132,7 +132,7 @@ pub(super) fn guard(tag: &'static str) -> Plan {
     }
 }
 
-fn autocommit() -> Plan {
+pub(super) fn autocommit() -> Plan {
     Plan::Write {
         guard: None,
         autocommit: true,
@@ -713,36 +713,4 @@ fn what_a_lookup_read_while_a_ddl_ran_is_stale_after_its_answer() {
     d.catalog.learn(None, "t", vec![vec!["u".into()]]);
     d.on_reply(&Reply::default(), &mut out);
     assert!(!unwrapped(&mut d), "stale once the COMMIT's answer is in");
-}
-
-/// A query whose statements before its `BEGIN` run in a block the relay opens: when one of them
-/// fails, the relay rolls that block back and the client is told it is in none, and so is the
-/// relay at once: a write the client pipelined behind it is an autocommit write, not one to
-/// guard with a savepoint (which would reach an idle server, fail, and close the session).
-/// Found by review.
-#[test]
-fn a_failed_piece_of_the_relay_s_own_block_leaves_the_session_outside_any_block() {
-    let mut d = dialect();
-    let (text, _) = send(
-        &mut d,
-        &q("SELECT 1/0; BEGIN; UPDATE t SET v = 1 WHERE id = 1"),
-    );
-    assert!(
-        text.contains("BEGIN ISOLATION LEVEL REPEATABLE READ"),
-        "{text}"
-    );
-    assert!(d.in_block);
-    let mut out = Outgoing::default();
-    d.on_reply(
-        &Reply {
-            failed: true,
-            ..Reply::default()
-        },
-        &mut out,
-    );
-    assert!(String::from_utf8_lossy(&out.bytes).contains("ROLLBACK"));
-    assert!(!d.in_block);
-    let (text, plans) = send(&mut d, &q("UPDATE t SET v = 2 WHERE id = 2"));
-    assert!(!text.contains("SAVEPOINT"), "{text}");
-    assert_eq!(plans, [Plan::Swallow, autocommit()], "{text}");
 }
