@@ -40,6 +40,10 @@
 //! a block goes after a savepoint with a 10 ms lock timeout ([`LOCK_TIMEOUT`]); one that meets
 //! a row an open transaction holds is undone to its savepoint, told its tag and kept pending;
 //! one that meets a row changed since its snapshot has lost ([`Plan::Write`]'s `guard`).
+//! The savepoint of a write that went through stays open (no round trip of its own to let it
+//! go): the next write's savepoint lets it go first, in the same `Query` (`RELEASE SAVEPOINT
+//! …; SAVEPOINT …`), and the block's end ends it ([`Dialect::savepoint`]), so one stays open
+//! at most.
 //!
 //! **One commit point.** Every statement that can end a transaction block reaches PostgreSQL
 //! only through [`Dialect::commit_point`]: the checks that need no server (a lost conflict,
@@ -126,6 +130,11 @@
 //!   10 ms. A DDL that PostgreSQL then refuses still counts as a schema change, and a DDL in a
 //!   block that dooms others and then rolls back doomed them for nothing. Relation names are
 //!   compared without their schema.
+//! - After a write in a block, the block's later statements run inside the relay's savepoint
+//!   (a subtransaction): `pg_export_snapshot()` then fails, as it does in any subtransaction.
+//!   A query that rolls its block back and opens another while it runs whole (`ROLLBACK;
+//!   BEGIN; COPY …`) starts the new block clean, but a locking read later in that same query
+//!   is not validated at `COMMIT`.
 //! - Catalog-dependent rules (24 indexes a table, 10 schemas, no primary-key column drop) are
 //!   checked by event triggers in the upstream (`bootstrap.sql`), after PostgreSQL has run the
 //!   statement, which then fails and is undone; they act in sessions the relay opened with the
