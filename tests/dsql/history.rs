@@ -89,10 +89,15 @@ pub enum Shape {
     ManyUnderOneSync,
     /// One increment outside any transaction block (simple or extended).
     Autocommit,
+    /// A block that writes (the write may be left pending behind another session's lock), is
+    /// rolled back and begun again in one `Query` the relay runs whole (`ROLLBACK; BEGIN;
+    /// COPY … FROM STDIN`, a script's shape), then runs as `Simple`: nothing of the
+    /// rolled-back write may land, and the new block owes nothing of it.
+    Restarted,
 }
 
 /// Every shape the generator uses.
-pub const SHAPES: [Shape; 8] = [
+pub const SHAPES: [Shape; 9] = [
     Shape::Simple,
     Shape::MultiStatement,
     Shape::Extended,
@@ -101,6 +106,7 @@ pub const SHAPES: [Shape; 8] = [
     Shape::Flushed,
     Shape::ManyUnderOneSync,
     Shape::Autocommit,
+    Shape::Restarted,
 ];
 
 impl Shape {
@@ -108,7 +114,11 @@ impl Shape {
     fn stepwise(self) -> bool {
         matches!(
             self,
-            Shape::Simple | Shape::Extended | Shape::BatchedBegin | Shape::Flushed
+            Shape::Simple
+                | Shape::Extended
+                | Shape::BatchedBegin
+                | Shape::Flushed
+                | Shape::Restarted
         )
     }
 }
@@ -262,6 +272,8 @@ pub async fn run(emulator: &DsqlEmulator, config: &Config) -> Report {
     for statement in [
         "DROP TABLE IF EXISTS history_counter",
         "DROP TABLE IF EXISTS history_log",
+        "DROP TABLE IF EXISTS history_scratch",
+        "CREATE TABLE history_scratch (id text PRIMARY KEY)",
         "CREATE TABLE history_counter (k int PRIMARY KEY, v bigint NOT NULL, \
          ops text NOT NULL DEFAULT '')",
         "CREATE TABLE history_log (id text PRIMARY KEY)",
@@ -599,7 +611,10 @@ async fn stepwise(
     let f = &mut session.frontend;
     let mut flushed = false;
     match shape {
-        Shape::Simple => {
+        Shape::Restarted if at == 0 => {
+            return Box::pin(stepwise_restarted(session, running, report)).await;
+        }
+        Shape::Simple | Shape::Restarted => {
             f.query(&text);
         }
         Shape::Extended => {
@@ -694,6 +709,83 @@ async fn stepwise(
         return Err((running.plan, outcome));
     }
     running.step += 1;
+    Ok(Some(running))
+}
+
+/// The first step of a [`Shape::Restarted`] transaction: `BEGIN`, a write of one of its
+/// counters under its id (an increment the checker must never find, as the block is rolled
+/// back), then `ROLLBACK; BEGIN; COPY history_scratch FROM STDIN` with one row; the
+/// transaction goes on from its first statement in the new block.
+async fn stepwise_restarted(
+    session: &mut Session,
+    mut running: Running,
+    report: &mut Report,
+) -> Result<Option<Running>, (Plan, Outcome)> {
+    let id = running.plan.id.clone();
+    let k = match running.plan.ops[0] {
+        Op::Increment(k) | Op::Read(k) | Op::ReadModifyWrite(k) => k,
+    };
+    for text in ["BEGIN".to_owned(), write_text(&id, k, None)] {
+        session.frontend.query(&text);
+        let what = format!("{id} (Restarted) before the restart: {text}");
+        let Some(answer) = exchange(session, false, report, &what).await else {
+            return Ok(None);
+        };
+        // (A conflict there fails the old block only: the restart rolls it back.)
+        if let Some(Err(error)) = error_of(&answer.messages) {
+            report.violations.push(format!("{what}: {error}"));
+        }
+    }
+    let what = format!("{id} (Restarted) ROLLBACK; BEGIN; COPY");
+    let f = &mut session.frontend;
+    f.query("ROLLBACK; BEGIN; COPY history_scratch (id) FROM STDIN");
+    if let Err(why) = f.try_send().await {
+        report.violations.push(format!("{what}: {why}"));
+        session.broken = true;
+        return Ok(None);
+    }
+    let mut tags = Vec::new();
+    loop {
+        match session.frontend.try_read(STEP_BOUND).await {
+            Ok(m) if m.tag == b'G' => break,
+            Ok(m) if m.tag == b'C' => tags.push(m.tag_text()),
+            Ok(m) if m.tag == b'E' || m.tag == b'Z' => {
+                report
+                    .violations
+                    .push(format!("{what}: answered {m:?} before the COPY started"));
+                session.broken = true;
+                return Ok(None);
+            }
+            Ok(_) => {}
+            Err(why) => {
+                report.violations.push(format!("{what}: {why}"));
+                session.broken = true;
+                return Ok(None);
+            }
+        }
+    }
+    if tags != ["ROLLBACK", "BEGIN"] {
+        report
+            .violations
+            .push(format!("{what}: answered {tags:?} before the COPY"));
+    }
+    let row = format!("{id}\n");
+    session
+        .frontend
+        .message(b'd', row.as_bytes())
+        .message(b'c', b"");
+    let Some(answer) = exchange(session, false, report, &what).await else {
+        return Ok(None);
+    };
+    if failed(session, &answer, report, &what).await {
+        return Err((running.plan, Outcome::Conflict));
+    }
+    if (answer.tags(), answer.status()) != (vec!["COPY 1".to_owned()], b'T') {
+        report
+            .violations
+            .push(format!("{what}: the COPY answered {answer:?}"));
+    }
+    running.step = 1;
     Ok(Some(running))
 }
 
