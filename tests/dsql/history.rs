@@ -10,8 +10,9 @@
 //!   multi-statement simple query (`BEGIN; …; COMMIT`), the extended protocol with a `Sync` a
 //!   statement, pipelined extended messages with `Flush` before the one `Sync`, `BEGIN`
 //!   batched with the first statement (pgJDBC), statements flushed and awaited before their
-//!   `Sync` (libpq's `PQsendFlushRequest`), several transactions under one `Sync`, or one
-//!   autocommit increment. A seeded scheduler picks which session takes its next step, so a
+//!   `Sync` (libpq's `PQsendFlushRequest`), several transactions under one `Sync`, one
+//!   autocommit increment, or a block that writes and is then rolled back and begun again by
+//!   one `ROLLBACK; BEGIN; COPY … FROM STDIN` query (its write must never land). A seeded scheduler picks which session takes its next step, so a
 //!   session leaves its transaction open while others run; one step in ten runs two sessions'
 //!   steps at once (crossed commits).
 //! - **Invariants**: every counter holds, by name (each write appends its transaction's id to
