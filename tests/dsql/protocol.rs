@@ -442,4 +442,50 @@ async fn a_pending_write_rolled_back_inside_one_query_is_gone() {
         .unwrap();
     let rows: Vec<(i32, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(rows, [(1, 0), (2, 20)]);
+
+    // The same with DDL in the query that begins again (its answer is a DDL's).
+    each(
+        &upstream().await,
+        &["DROP TABLE IF EXISTS proto_pending_new"],
+    )
+    .await;
+    holder.simple("BEGIN").await;
+    holder
+        .simple("UPDATE proto_pending SET v = 3 WHERE id = 1")
+        .await;
+    f.simple("BEGIN").await;
+    let pending = f
+        .simple("UPDATE proto_pending SET v = 4 WHERE id = 1")
+        .await;
+    assert_eq!(pending.tags(), ["UPDATE 1"], "{pending:?}");
+    f.query(
+        "ROLLBACK; BEGIN; CREATE TABLE proto_pending_new (id int); \
+         COPY proto_pending_new FROM STDIN",
+    )
+    .send()
+    .await;
+    loop {
+        let m = f.read().await;
+        assert_ne!(m.tag, b'E', "{m:?}");
+        if m.tag == b'G' {
+            break;
+        }
+    }
+    f.message(b'd', b"7\n").message(b'c', b"").send().await;
+    assert_eq!(f.answer().await.tags(), ["COPY 1"]);
+    let commit = f.simple("COMMIT").await;
+    assert_eq!(
+        (commit.tags(), commit.error()),
+        (vec!["COMMIT".into()], None),
+        "{commit:?}"
+    );
+    holder.simple("ROLLBACK").await;
+    assert_eq!(count("proto_pending_new").await, 1);
+    let v: i32 = upstream()
+        .await
+        .query_one("SELECT v FROM proto_pending WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 0);
 }

@@ -103,3 +103,63 @@ fn the_ledger_starts_clean_after_a_client_s_rollback_and_begin_in_one_answer() {
     responder.feed(&tags(&["ROLLBACK", "RELEASE"], b"T"), &mut out);
     assert_eq!(responder.owed, 1);
 }
+
+/// What a query that begins its block again records for the new block stays recorded: its
+/// DDL (a catalog change at the new block's `COMMIT`), the tables it used (for `OC001` at
+/// `COMMIT`) and its locking reads (validated at `COMMIT`). Found by review.
+#[test]
+fn a_query_that_begins_its_block_again_keeps_what_it_did_in_the_new_one() {
+    let mut d = dialect();
+    send(&mut d, &q("BEGIN"));
+    send(&mut d, &q("SELECT 1"));
+    let (text, _) = send(
+        &mut d,
+        &q("ROLLBACK; BEGIN; CREATE TABLE restarted (id int); COPY restarted FROM STDIN"),
+    );
+    assert!(text.contains("CREATE TABLE restarted"), "{text}");
+    assert!(d.in_block);
+    assert_eq!(
+        d.pending_ddl.as_deref(),
+        Some(&["restarted".to_owned()][..])
+    );
+    assert!(d.block_used.contains_key("restarted"), "{:?}", d.block_used);
+    send(&mut d, &message(b'c', b""));
+    send(&mut d, &q("ROLLBACK"));
+    send(&mut d, &q("BEGIN"));
+    send(
+        &mut d,
+        &q("ROLLBACK; BEGIN; SELECT * FROM t WHERE id = 1 FOR UPDATE; COPY t FROM STDIN"),
+    );
+    assert_eq!(
+        d.replays.len(),
+        1,
+        "the locking read is validated at COMMIT"
+    );
+}
+
+/// The ledger's reset after a client's `ROLLBACK` and `BEGIN` in one answer holds whatever the
+/// plan of the request they answer: DDL (`Plan::Ddl`), none (messages released at a `Flush`
+/// travel without one). Found by review.
+#[test]
+fn the_ledger_starts_clean_whatever_the_client_request_s_plan() {
+    let tags = |tags: &[&str]| {
+        let mut stream = Vec::new();
+        for tag in tags {
+            stream.extend_from_slice(&message(b'C', format!("{tag}\0").as_bytes()));
+        }
+        stream
+    };
+    for plans in [&[Plan::Ddl { exists_ok: None }][..], &[]] {
+        let (mut responder, _rx) = responder_for(plans);
+        responder.owed = 1;
+        responder.lost_block = true;
+        responder.answer_in_block = true;
+        let mut out = Vec::new();
+        responder.feed(&tags(&["ROLLBACK", "BEGIN", "CREATE TABLE"]), &mut out);
+        assert_eq!(
+            (responder.owed, responder.lost_block),
+            (0, false),
+            "{plans:?}"
+        );
+    }
+}

@@ -174,9 +174,19 @@ impl Responder {
     fn check_commit(&mut self, planned: Option<Planned>) {
         let body = &self.current[5..];
         let tag = body.strip_suffix(&[0]).unwrap_or(body);
-        // (The relay's own `ROLLBACK TO SAVEPOINT`, whose tag is `ROLLBACK` too, and its
-        // rollback of a doomed block are not the client's.)
-        let client = planned.is_some_and(|p| matches!(p.plan, Plan::Pass | Plan::Write { .. }));
+        // (The relay's own `ROLLBACK TO SAVEPOINT`, whose tag is `ROLLBACK` too, its rollback
+        // of a doomed block or of its own, and of an autocommit write's transaction are not
+        // the client's; client messages released at a `Flush` travel with no plan.)
+        let client = !planned.is_some_and(|p| {
+            matches!(
+                p.plan,
+                Plan::Swallow
+                    | Plan::Release
+                    | Plan::OnlyReady
+                    | Plan::Finish
+                    | Plan::Replay { .. }
+            )
+        });
         match tag {
             b"BEGIN" | b"START TRANSACTION" => {
                 if std::mem::take(&mut self.ended_by_client) {

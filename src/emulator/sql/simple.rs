@@ -122,6 +122,28 @@ impl Dialect {
             self.pieces.extend(pieces.into_iter().map(Piece::Query));
             return self.next_piece(out);
         }
+        if self.in_block
+            && state.in_block
+            && classified
+                .statements
+                .iter()
+                .any(|s| matches!(s.kind, Kind::Commit | Kind::Rollback))
+        {
+            // The block ends inside the query and another begins (`ROLLBACK; BEGIN; COPY …`
+            // runs whole): nothing of the old one carries over (its pending writes, its
+            // number, its age, its DDL); what the query does counts for the new one.
+            self.set_transaction(Transaction::default());
+            self.pending_ddl = None;
+            self.plans.doomed.store(false, Ordering::SeqCst);
+            self.set_transaction(Transaction {
+                in_block: true,
+                ..Transaction::default()
+            });
+            let now = self.catalog.current();
+            for table in &classified.tables {
+                self.block_used.entry(table.clone()).or_insert(now);
+            }
+        }
         // Run whole (a split query's pieces each come here): its writes count for the block
         // it runs in, if any.
         self.note_written(&classified.written);
@@ -238,18 +260,6 @@ impl Dialect {
             // Its own transaction, to be undone if it writes too many rows.
             (Some(query("BEGIN")), write(None, true))
         };
-        if self.in_block
-            && state.in_block
-            && kinds
-                .iter()
-                .any(|k| matches!(k, Kind::Commit | Kind::Rollback))
-        {
-            // The block ended inside the query and another began (`ROLLBACK; BEGIN; COPY …`
-            // runs whole): nothing of the old one carries over (its pending writes, its
-            // number, its age). (The new block's locking reads in this query go unvalidated.)
-            self.set_transaction(Transaction::default());
-            self.pending_ddl = None;
-        }
         if state.in_block && self.in_block {
             // A locking read is validated at COMMIT like a write.
             for statement in &classified.statements {
