@@ -111,7 +111,12 @@ fn the_ledger_starts_clean_after_a_client_s_rollback_and_begin_in_one_answer() {
 fn a_query_that_begins_its_block_again_keeps_what_it_did_in_the_new_one() {
     let mut d = dialect();
     send(&mut d, &q("BEGIN"));
-    send(&mut d, &q("SELECT 1"));
+    // The old block: DDL of its own, and doomed by a committer.
+    send(&mut d, &q("CREATE TABLE old_one (id int)"));
+    assert!(d.pending_ddl.is_some());
+    d.plans
+        .doomed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let (text, _) = send(
         &mut d,
         &q("ROLLBACK; BEGIN; CREATE TABLE restarted (id int); COPY restarted FROM STDIN"),
@@ -122,6 +127,7 @@ fn a_query_that_begins_its_block_again_keeps_what_it_did_in_the_new_one() {
         d.pending_ddl.as_deref(),
         Some(&["restarted".to_owned()][..])
     );
+    assert!(!d.plans.doomed.load(std::sync::atomic::Ordering::SeqCst));
     assert!(d.block_used.contains_key("restarted"), "{:?}", d.block_used);
     send(&mut d, &message(b'c', b""));
     send(&mut d, &q("ROLLBACK"));
@@ -162,4 +168,26 @@ fn the_ledger_starts_clean_whatever_the_client_request_s_plan() {
             "{plans:?}"
         );
     }
+}
+
+/// A query run whole in a block that commits and begins again is refused (its `COMMIT` did
+/// not pass the commit point) before anything of it is recorded: the block it would have
+/// ended, with its pending write, is still the session's. Found by review.
+#[test]
+fn a_refused_query_that_would_begin_its_block_again_leaves_the_block_as_it_was() {
+    let mut d = dialect();
+    send(&mut d, &q("BEGIN"));
+    send(&mut d, &q("UPDATE t SET v = 1 WHERE id = 1"));
+    d.on_reply(
+        &Reply {
+            pending: true,
+            ..Reply::default()
+        },
+        &mut Outgoing::default(),
+    );
+    let began = d.began;
+    let (text, _) = send(&mut d, &q("COMMIT; BEGIN; COPY t FROM STDIN"));
+    assert!(text.contains("XX000"), "{text}");
+    assert_eq!(d.replays.len(), 1, "the pending write is still owed");
+    assert_eq!(d.began, began);
 }

@@ -133,8 +133,9 @@
 //! - After a write in a block, the block's later statements run inside the relay's savepoint
 //!   (a subtransaction): `pg_export_snapshot()` then fails, as it does in any subtransaction.
 //!   A query that rolls its block back and opens another while it runs whole (`ROLLBACK;
-//!   BEGIN; COPY …`) starts the new block clean; the tables and locking reads of the whole
-//!   query, those before its `ROLLBACK` too, count for the new block.
+//!   BEGIN; COPY …`) starts the new block clean; the tables, DDL and locking reads of the
+//!   whole query, those before its `ROLLBACK` too, count for the new block (a spurious
+//!   `OC001` elsewhere at worst).
 //! - Catalog-dependent rules (24 indexes a table, 10 schemas, no primary-key column drop) are
 //!   checked by event triggers in the upstream (`bootstrap.sql`), after PostgreSQL has run the
 //!   statement, which then fails and is undone; they act in sessions the relay opened with the

@@ -122,6 +122,15 @@ impl Dialect {
             self.pieces.extend(pieces.into_iter().map(Piece::Query));
             return self.next_piece(out);
         }
+        // The one place a Query that commits goes on: with the license of its commit point
+        // (taken before anything of the query is recorded).
+        let commits = classified
+            .statements
+            .iter()
+            .find(|s| s.kind == Kind::Commit);
+        if let Some(refusal) = self.take_license(commits.map_or(Kind::Other, |s| s.kind)) {
+            return refuse(self, &refusal, out);
+        }
         if self.in_block
             && state.in_block
             && classified
@@ -147,14 +156,6 @@ impl Dialect {
         // Run whole (a split query's pieces each come here): its writes count for the block
         // it runs in, if any.
         self.note_written(&classified.written);
-        // The one place a Query that commits goes on: with the license of its commit point.
-        let commits = classified
-            .statements
-            .iter()
-            .find(|s| s.kind == Kind::Commit);
-        if let Some(refusal) = self.take_license(commits.map_or(Kind::Other, |s| s.kind)) {
-            return refuse(self, &refusal, out);
-        }
         let kinds: Vec<Kind> = classified.statements.iter().map(|s| s.kind).collect();
         if kinds
             .iter()
