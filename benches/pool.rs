@@ -9,10 +9,11 @@
 //! byte relay of an emulator with `sql_rules(false)`, in front of one PostgreSQL.
 //! `relay_autocommit_insert` / `relay_autocommit_update`: the same for a checkout + an
 //! autocommit write: a one-row `INSERT … VALUES` (its text bounds its rows, so the rules relay
-//! sends it as it is), and an `UPDATE`, which the rules relay runs in a transaction of its own
-//! to enforce DSQL's row limit (one more round trip to PostgreSQL, for its `COMMIT`).
+//! sends it as it is), and an `UPDATE` of one row by its primary key (the rules relay sends it
+//! as it is too once it knows the key: one row at most).
 //! `relay_transaction_update`: `BEGIN`, the `UPDATE`, `COMMIT` (three queries): the guarded
-//! write (a savepoint before it, let go with the block's next one or its end) and the `COMMIT` through its commit point.
+//! write (a savepoint before it, let go with the block's next one or its end) and the `COMMIT`
+//! through its commit point.
 
 mod support;
 
