@@ -17,6 +17,23 @@ async fn count(table: &str) -> i64 {
         .get(0)
 }
 
+/// Sends `text`, a query that ends in `COPY … FROM STDIN`, and reads its answer up to the
+/// `CopyInResponse`: the command tags before it (no error may come).
+async fn copy_started(f: &mut Frontend, text: &str) -> Vec<String> {
+    f.query(text).send().await;
+    let mut tags = Vec::new();
+    loop {
+        let m = f.read().await;
+        assert_ne!(m.tag, b'E', "{m:?}");
+        if m.tag == b'G' {
+            return tags;
+        }
+        if m.tag == b'C' {
+            tags.push(m.tag_text());
+        }
+    }
+}
+
 /// Extended-protocol COPY sends a Sync the server ignores in copy mode and another after
 /// CopyDone: one ReadyForQuery for two Syncs. Text (libpq's shape, raw) and binary
 /// (tokio-postgres), then 100 more statements on the same connection, each answered as
@@ -318,18 +335,7 @@ async fn blocks_ended_inside_one_request_and_many_writes_in_one_block() {
     f.simple("BEGIN").await;
     let write = f.simple("UPDATE proto_reopen SET v = 1 WHERE id = 1").await;
     assert_eq!(write.tags(), ["UPDATE 1"], "{write:?}");
-    f.query("ROLLBACK; BEGIN; COPY proto_reopen FROM STDIN")
-        .send()
-        .await;
-    let mut tags = Vec::new();
-    loop {
-        let m = f.read().await;
-        assert_ne!(m.tag, b'E', "{m:?}");
-        if m.tag == b'G' {
-            break;
-        }
-        tags.push(m.tag_text());
-    }
+    let tags = copy_started(&mut f, "ROLLBACK; BEGIN; COPY proto_reopen FROM STDIN").await;
     assert_eq!(tags, ["ROLLBACK", "BEGIN"]);
     f.message(b'd', b"61\t61\n").message(b'c', b"").send().await;
     let copied = f.answer().await;
@@ -415,16 +421,7 @@ async fn a_pending_write_rolled_back_inside_one_query_is_gone() {
         .simple("UPDATE proto_pending SET v = 2 WHERE id = 1")
         .await;
     assert_eq!(pending.tags(), ["UPDATE 1"], "{pending:?}");
-    f.query("ROLLBACK; BEGIN; COPY proto_pending FROM STDIN")
-        .send()
-        .await;
-    loop {
-        let m = f.read().await;
-        assert_ne!(m.tag, b'E', "{m:?}");
-        if m.tag == b'G' {
-            break;
-        }
-    }
+    copy_started(&mut f, "ROLLBACK; BEGIN; COPY proto_pending FROM STDIN").await;
     f.message(b'd', b"2\t20\n").message(b'c', b"").send().await;
     assert_eq!(f.answer().await.tags(), ["COPY 1"]);
     let commit = f.simple("COMMIT").await;
@@ -458,19 +455,12 @@ async fn a_pending_write_rolled_back_inside_one_query_is_gone() {
         .simple("UPDATE proto_pending SET v = 4 WHERE id = 1")
         .await;
     assert_eq!(pending.tags(), ["UPDATE 1"], "{pending:?}");
-    f.query(
+    copy_started(
+        &mut f,
         "ROLLBACK; BEGIN; CREATE TABLE proto_pending_new (id int); \
          COPY proto_pending_new FROM STDIN",
     )
-    .send()
     .await;
-    loop {
-        let m = f.read().await;
-        assert_ne!(m.tag, b'E', "{m:?}");
-        if m.tag == b'G' {
-            break;
-        }
-    }
     f.message(b'd', b"7\n").message(b'c', b"").send().await;
     assert_eq!(f.answer().await.tags(), ["COPY 1"]);
     let commit = f.simple("COMMIT").await;

@@ -1,6 +1,6 @@
 //! Unit tests of transaction blocks that end or begin inside one client request.
 
-use super::tests::{autocommit, dialect, q, responder_for, send};
+use super::tests::{autocommit, dialect, q, replied, responder_for, send};
 use super::*;
 
 /// A query whose statements before its `BEGIN` run in a block the relay opens: when one of them
@@ -45,12 +45,12 @@ fn a_block_rolled_back_and_begun_again_in_one_query_carries_nothing_over() {
     send(&mut d, &q("BEGIN"));
     send(&mut d, &q("UPDATE t SET v = 1 WHERE id = 1"));
     // It met a held row: undone, told its tag, pending for COMMIT.
-    d.on_reply(
-        &Reply {
+    replied(
+        &mut d,
+        Reply {
             pending: true,
             ..Reply::default()
         },
-        &mut Outgoing::default(),
     );
     assert_eq!(d.replays.len(), 1);
     let (text, _) = send(&mut d, &q("ROLLBACK; BEGIN; COPY t (id, v) FROM STDIN"));
@@ -178,12 +178,12 @@ fn a_refused_query_that_would_begin_its_block_again_leaves_the_block_as_it_was()
     let mut d = dialect();
     send(&mut d, &q("BEGIN"));
     send(&mut d, &q("UPDATE t SET v = 1 WHERE id = 1"));
-    d.on_reply(
-        &Reply {
+    replied(
+        &mut d,
+        Reply {
             pending: true,
             ..Reply::default()
         },
-        &mut Outgoing::default(),
     );
     let began = d.began;
     let (text, _) = send(&mut d, &q("COMMIT; BEGIN; COPY t FROM STDIN"));

@@ -1,6 +1,6 @@
 //! Unit tests of the savepoint the relay puts before a guarded write in a transaction block.
 
-use super::tests::{bind, dialect, execute, guard, parse, q, responder_for, send, sync};
+use super::tests::{bind, dialect, execute, guard, parse, q, replied, responder_for, send, sync};
 use super::*;
 
 /// A guarded write that went through keeps its savepoint until the next one (no round trip of
@@ -51,11 +51,13 @@ fn a_guarded_write_keeps_its_savepoint_and_a_deferred_one_is_replayed() {
 #[test]
 fn a_kept_savepoint_goes_with_the_next_one_and_never_outlives_its_block() {
     let kept = |d: &mut Dialect| {
-        let reply = Reply {
-            savepoint_kept: true,
-            ..Reply::default()
-        };
-        d.on_reply(&reply, &mut Outgoing::default());
+        replied(
+            d,
+            Reply {
+                savepoint_kept: true,
+                ..Reply::default()
+            },
+        )
     };
     let write = |d: &mut Dialect| {
         let (text, plans) = send(d, &q("UPDATE t SET v = v + 1 WHERE id = 1"));
@@ -71,7 +73,7 @@ fn a_kept_savepoint_goes_with_the_next_one_and_never_outlives_its_block() {
     assert!(write(&mut d), "the second lets the first go");
     // The second is undone (`ROLLBACK TO` and `RELEASE`, no reply saying it was kept): the
     // first went with it, so nothing is open.
-    d.on_reply(&Reply::default(), &mut Outgoing::default());
+    replied(&mut d, Reply::default());
     assert!(!write(&mut d), "nothing open after an undo");
     kept(&mut d);
     send(&mut d, &q("SELECT 1"));
@@ -121,12 +123,12 @@ fn a_whole_query_that_ends_the_block_ends_its_kept_savepoint() {
     let mut d = dialect();
     send(&mut d, &q("BEGIN"));
     send(&mut d, &q("UPDATE t SET v = v + 1 WHERE id = 1"));
-    d.on_reply(
-        &Reply {
+    replied(
+        &mut d,
+        Reply {
             savepoint_kept: true,
             ..Reply::default()
         },
-        &mut Outgoing::default(),
     );
     for whole in [
         "ROLLBACK; BEGIN; COPY t (id, v) FROM STDIN",
@@ -139,12 +141,12 @@ fn a_whole_query_that_ends_the_block_ends_its_kept_savepoint() {
         let (text, plans) = send(&mut d, &q("UPDATE t SET v = 0 WHERE id = 2"));
         assert_eq!(plans, [Plan::Swallow, guard("UPDATE 1")], "{text}");
         assert!(!text.contains("RELEASE"), "after {whole}: {text}");
-        d.on_reply(
-            &Reply {
+        replied(
+            &mut d,
+            Reply {
                 savepoint_kept: true,
                 ..Reply::default()
             },
-            &mut Outgoing::default(),
         );
     }
 }

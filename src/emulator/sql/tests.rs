@@ -714,3 +714,8 @@ fn what_a_lookup_read_while_a_ddl_ran_is_stale_after_its_answer() {
     d.on_reply(&Reply::default(), &mut out);
     assert!(!unwrapped(&mut d), "stale once the COMMIT's answer is in");
 }
+
+/// The answer `d` awaited is in, as `reply`.
+pub(super) fn replied(d: &mut Dialect, reply: Reply) {
+    d.on_reply(&reply, &mut Outgoing::default());
+}
