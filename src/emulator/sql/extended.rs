@@ -627,10 +627,6 @@ impl Dialect {
                     self.plans.doomed.store(false, Ordering::SeqCst);
                 }
                 let was_in_block = self.in_block;
-                if ends {
-                    // (Its block ends, and the savepoint the relay kept in it.)
-                    self.savepoint_kept = false;
-                }
                 self.set_transaction(state);
                 self.note_catalog_change(&[prepared.kind], &prepared.tables, !state.in_block);
                 if prepared.kind == Kind::Dml {

@@ -157,14 +157,6 @@ impl Dialect {
         // it runs in, if any.
         self.note_written(&classified.written);
         let kinds: Vec<Kind> = classified.statements.iter().map(|s| s.kind).collect();
-        if kinds
-            .iter()
-            .any(|k| matches!(k, Kind::Commit | Kind::Rollback))
-        {
-            // Whatever follows in the text (`ROLLBACK; BEGIN; COPY …` runs whole), the block
-            // of the kept savepoint ends here.
-            self.savepoint_kept = false;
-        }
         let ends = !state.in_block;
         if ends && kinds.contains(&Kind::Rollback) && !kinds.contains(&Kind::Ddl) {
             // Rolled back: its DDL never happened.
