@@ -95,10 +95,15 @@ pub enum Shape {
     /// COPY … FROM STDIN`, a script's shape), then runs as `Simple`: nothing of the
     /// rolled-back write may land, and the new block owes nothing of it.
     Restarted,
+    /// A whole transaction behind a statement that fails, in one `Query` (`SELECT 1/0;
+    /// BEGIN; …; COMMIT`: PostgreSQL runs none of it), with the session's next transaction
+    /// sent behind it before the answer is read, as one autocommit increment (simple or
+    /// extended): nothing of the first may land, and the second is not in any block.
+    FailedPiece,
 }
 
 /// Every shape the generator uses.
-pub const SHAPES: [Shape; 9] = [
+pub const SHAPES: [Shape; 10] = [
     Shape::Simple,
     Shape::MultiStatement,
     Shape::Extended,
@@ -108,6 +113,7 @@ pub const SHAPES: [Shape; 9] = [
     Shape::ManyUnderOneSync,
     Shape::Autocommit,
     Shape::Restarted,
+    Shape::FailedPiece,
 ];
 
 impl Shape {
@@ -443,6 +449,9 @@ async fn step(session: &mut Session, report: &mut Report) -> Vec<(Plan, Outcome)
             let Some(plan) = session.plans.pop_front() else {
                 return Vec::new();
             };
+            if plan.shape == Shape::FailedPiece {
+                return failed_piece(session, plan, report).await;
+            }
             if !plan.shape.stepwise() {
                 return whole(session, plan, report).await;
             }
@@ -885,6 +894,86 @@ fn judge_reads(running: &Running, report: &mut Report) {
     }
 }
 
+/// Queues an autocommit increment of counter `k` for transaction `id`: a simple `Query` for
+/// an even-length id, else Parse/Bind/Describe/Execute/Sync.
+fn autocommit_increment(f: &mut Frontend, id: &str, k: u32) {
+    let text = write_text(id, k, None);
+    if id.len().is_multiple_of(2) {
+        f.query(&text);
+    } else {
+        f.parse("", &text)
+            .bind("", &[])
+            .describe_portal()
+            .execute()
+            .sync();
+    }
+}
+
+/// Runs a [`Shape::FailedPiece`] transaction and the autocommit increment sent behind it.
+async fn failed_piece(
+    session: &mut Session,
+    plan: Plan,
+    report: &mut Report,
+) -> Vec<(Plan, Outcome)> {
+    let rider = session.plans.pop_front().map(|mut next| {
+        let k = match next.ops[0] {
+            Op::Increment(k) | Op::ReadModifyWrite(k) | Op::Read(k) => k,
+        };
+        next.shape = Shape::Autocommit;
+        next.ops = vec![Op::Increment(k)];
+        next.commit = true;
+        next
+    });
+    let texts = whole_texts(&plan);
+    session
+        .frontend
+        .query(&format!("SELECT 1/0; {}", texts.join("; ")));
+    if let Some(rider) = &rider {
+        let Op::Increment(k) = rider.ops[0] else {
+            unreachable!()
+        };
+        autocommit_increment(&mut session.frontend, &rider.id, k);
+    }
+    let what = format!("{} (FailedPiece)", plan.id);
+    let Some(failed) = exchange(session, false, report, &what).await else {
+        return Vec::new();
+    };
+    let error = failed.error().map(|e| e.0);
+    if error.as_deref() != Some("22012") || failed.status() != b'I' || !failed.tags().is_empty() {
+        report.violations.push(format!(
+            "{what}: expected only 22012 and an idle session, got {failed:?}"
+        ));
+    }
+    let mut outcomes = vec![(plan, Outcome::RolledBack)];
+    if let Some(rider) = rider {
+        let what = format!("{} (autocommit behind {what})", rider.id);
+        let Some(answer) = exchange(session, false, report, &what).await else {
+            return outcomes;
+        };
+        let outcome = match error_of(&answer.messages) {
+            None if answer.tags() == ["UPDATE 1"] && answer.status() == b'I' => Outcome::Committed,
+            Some(Ok(())) => Outcome::Conflict,
+            Some(Err(error)) => {
+                report
+                    .violations
+                    .push(format!("{what}: not a conflict: {error}"));
+                Outcome::Conflict
+            }
+            None => {
+                report.violations.push(format!(
+                    "{what}: expected UPDATE 1 and an idle session, got {answer:?}"
+                ));
+                Outcome::Conflict
+            }
+        };
+        if answer.status() != b'I' {
+            roll_back(session, answer.status(), report).await;
+        }
+        outcomes.push((rider, outcome));
+    }
+    outcomes
+}
+
 /// Sends a whole transaction (or several) in one request and reads the outcome of each.
 async fn whole(session: &mut Session, plan: Plan, report: &mut Report) -> Vec<(Plan, Outcome)> {
     let mut plans = vec![plan];
@@ -911,16 +1000,7 @@ async fn whole(session: &mut Session, plan: Plan, report: &mut Report) -> Vec<(P
             let Op::Increment(k) = plans[0].ops[0] else {
                 unreachable!()
             };
-            let text = write_text(&plans[0].id, k, None);
-            if plans[0].id.len() % 2 == 0 {
-                f.query(&text);
-            } else {
-                f.parse("", &text)
-                    .bind("", &[])
-                    .describe_portal()
-                    .execute()
-                    .sync();
-            }
+            autocommit_increment(f, &plans[0].id, k);
             expected.push(vec!["UPDATE 1".to_owned()]);
         }
         Shape::MultiStatement => {
