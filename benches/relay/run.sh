@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # What the emulator costs a test suite: pgbench (PostgreSQL's own benchmark client) against one
-# PostgreSQL three ways, interleaved round by round:
+# PostgreSQL several ways, interleaved round by round:
 #   direct  - straight to the server, over TLS;
 #   relay   - through `dsql-emulator --no-sql-rules` (TLS, IAM token, the relay alone);
 #   rules   - through `dsql-emulator` with DSQL's SQL rules (what a test suite uses);
+#   polled  - the same with `--busy-poll 1000` (the relay polls its sockets for 1 ms after
+#             bytes move instead of sleeping at once);
 #   bytes   - when `socat` is installed: through a byte relay with no logic at all (socat,
 #             TLS passed through to the server): what the extra process hop alone costs on
-#             this machine, the floor for any relay in a process of its own.
+#             this machine, the floor for any relay in a process of its own that sleeps.
 # For each pgbench script (a read, a transaction, an autocommit write), protocol (simple,
 # extended) and client count it prints direct's median tps and the median, over rounds, of each
 # path's tps divided by direct's in the same round; at 1 client also the median latency each path
-# adds per statement.
+# adds per statement. A second table says where the machine's time went on each path (Linux's
+# /proc/stat over each pgbench run, all processes): CPU time per statement (the machine's, and
+# the emulator process's own), the share of the CPUs' time spent idle (a CPU with nothing
+# runnable, its processes waiting on others), and the share the hypervisor took (steal: a busy
+# host makes every path slower and the ratios noisier).
 #
 #   bash benches/relay/run.sh [--rounds N] [--seconds S] [--clients "1 4"] [--quick]
 #                             [--scripts "read transaction write"] [--protocols "simple extended"]
@@ -113,6 +119,7 @@ case "$upstream_socket" in
     *) echo "--upstream-socket: unix or tcp, not $upstream_socket" >&2; exit 2 ;;
 esac
 key=AKIDRELAYBENCH secret=relay-bench-secret
+declare -A emulator_pid
 start_emulator() { # name, extra options...
     local name=$1; shift
     AWS_SESSION_TOKEN= "$emulator" --upstream "$upstream" \
@@ -120,6 +127,7 @@ start_emulator() { # name, extra options...
         --max-connections 1000 --rate-limit 100000/100000 --exit-with-parent \
         --env-file "$work/$name.env" "$@" > "$work/$name.log" 2>&1 &
     pids+=($!)
+    emulator_pid[$name]=$!
     for _ in $(seq 1 300); do
         [ -s "$work/$name.env" ] && break
         sleep 0.1
@@ -128,6 +136,7 @@ start_emulator() { # name, extra options...
 }
 start_emulator relay --no-sql-rules
 start_emulator rules
+start_emulator polled --busy-poll 1000
 # The byte relay (optional): socat, a process per connection, TLS end to end.
 socat_port=
 if command -v socat >/dev/null; then
@@ -177,12 +186,16 @@ bench() { # path, script, protocol, clients
         *) env=$(through "$path") ;;
     esac
     rm -f "$work"/log.*
+    local before after own=${emulator_pid[$path]:-}
+    before=$(cpu_ticks "$own")
     # shellcheck disable=SC2086
     env -u PGHOSTADDR -u PGSSLROOTCERT -u PGPASSWORD $env "$pgbench" -n -f "$work/$script.sql" -M "$protocol" -c "$c" -j "$c" -T "$seconds" \
         --max-tries 100 -l --log-prefix "$work/log" > "$work/out" 2>&1 \
         || { cat "$work/out" >&2; exit 1; }
-    local tps p50
+    after=$(cpu_ticks "$own")
+    local tps p50 done
     tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/out" | head -1)
+    done=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$work/out" | head -1)
     # (Only transactions that completed: a failed one's latency field says `failed`.)
     p50=$(cat "$work"/log.* | awk '$3 ~ /^[0-9]+$/ {print $3}' | sort -n \
         | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
@@ -191,49 +204,99 @@ bench() { # path, script, protocol, clients
         cat "$work/out" >&2
         return 1
     fi
-    echo "$tps $p50"
+    # CPU µs per statement, idle %, steal %, the emulator's own CPU µs per statement (dashes
+    # without /proc/stat; the last a dash on the paths without an emulator).
+    local cpu
+    cpu=$(awk -v b="$before" -v a="$after" -v n="${done:-0}" -v per="${statements[$script]}" \
+        -v hz="$clock_ticks" 'BEGIN {
+            split(b, x); split(a, y); busy = y[1] - x[1]; idle = y[2] - x[2]; steal = y[3] - x[3]
+            all = busy + idle + steal
+            if (b == "" || n == 0 || all == 0) { print "- - - -"; exit }
+            per_statement = 1e6 / hz / (n * per)
+            printf "%.1f %.1f %.1f ", busy * per_statement, 100 * idle / all, 100 * steal / all
+            if (4 in x && 4 in y) printf "%.1f", (y[4] - x[4]) * per_statement; else printf "-"
+        }')
+    echo "$tps $p50 $cpu"
 }
+# The machine's CPU ticks so far: busy (user, nice, system, irq, softirq), idle (idle, iowait),
+# steal, and with a pid that process's own (user and system); empty without /proc/stat.
+cpu_ticks() { # [pid]
+    [ -r /proc/stat ] || return 0
+    local machine
+    machine=$(awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $5 + $6, $9; exit}' /proc/stat)
+    if [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ]; then
+        # (Fields after the command name, which ends at the last parenthesis.)
+        echo "$machine $(sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}')"
+    else
+        echo "$machine"
+    fi
+}
+clock_ticks=$(getconf CLK_TCK 2>/dev/null || echo 100)
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
-printf '%s rounds of %s s each, interleaved (direct, relay, rules%s); relays upstream over %s; pgbench %s; %s\n' \
+printf '%s rounds of %s s each, interleaved (direct, relay, rules, rules polling%s); relays upstream over %s; pgbench %s; %s\n' \
     "$rounds" "$seconds" "$([ -z "$socat_port" ] || echo ', socat')" "$upstream_socket" "$("$pgbench" --version | awk '{print $3}')" "$("$pg_bin/postgres" --version)"
-printf '| script | protocol | clients | direct tps | relay | relay + rules | byte relay (socat) | added p50 per statement (relay, rules, socat) |\n'
-printf '|---|---|---|---|---|---|---|---|\n'
+printf '| script | protocol | clients | direct tps | relay | relay + rules | rules, busy poll 1 ms | byte relay (socat) | added p50 per statement (relay, rules, polling, socat) |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
+paths="direct relay rules polled"
+[ -z "$socat_port" ] || paths="$paths bytes"
+: > "$work/machine.table"
 for script in $scripts; do
     for protocol in $protocols; do
         for c in $clients; do
-            : > "$work/direct.tps"; : > "$work/relay.ratio"; : > "$work/rules.ratio"
-            : > "$work/relay.added"; : > "$work/rules.added"
-            : > "$work/bytes.ratio"; : > "$work/bytes.added"
+            for path in $paths; do
+                for what in tps ratio added cpu idle steal own; do : > "$work/$path.$what"; done
+            done
+            n=${statements[$script]}
             for _ in $(seq 1 "$rounds"); do
-                out=$(bench direct "$script" "$protocol" "$c") || exit 1
-                read -r d_tps d_p50 <<< "$out"
-                out=$(bench relay "$script" "$protocol" "$c") || exit 1
-                read -r r_tps r_p50 <<< "$out"
-                out=$(bench rules "$script" "$protocol" "$c") || exit 1
-                read -r s_tps s_p50 <<< "$out"
-                echo "$d_tps" >> "$work/direct.tps"
-                awk -v a="$r_tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/relay.ratio"
-                awk -v a="$s_tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/rules.ratio"
-                n=${statements[$script]}
-                awk -v a="$r_p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/relay.added"
-                awk -v a="$s_p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/rules.added"
-                if [ -n "$socat_port" ]; then
-                    out=$(bench bytes "$script" "$protocol" "$c") || exit 1
-                    read -r b_tps b_p50 <<< "$out"
-                    awk -v a="$b_tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/bytes.ratio"
-                    awk -v a="$b_p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/bytes.added"
-                fi
+                for path in $paths; do
+                    out=$(bench "$path" "$script" "$protocol" "$c") || exit 1
+                    read -r tps p50 cpu idle steal own <<< "$out"
+                    [ "$path" != direct ] || { d_tps=$tps d_p50=$p50; }
+                    echo "$tps" >> "$work/$path.tps"
+                    awk -v a="$tps" -v b="$d_tps" 'BEGIN {print a / b}' >> "$work/$path.ratio"
+                    awk -v a="$p50" -v b="$d_p50" -v n="$n" 'BEGIN {print (a - b) / n}' >> "$work/$path.added"
+                    if [ "$cpu" != - ]; then
+                        echo "$cpu" >> "$work/$path.cpu"; echo "$idle" >> "$work/$path.idle"
+                        echo "$steal" >> "$work/$path.steal"
+                        [ "$own" = - ] || echo "$own" >> "$work/$path.own"
+                    fi
+                done
             done
             bytes="–" added="–"
             [ -z "$socat_port" ] || bytes=$(printf '%.2f×' "$(median < "$work/bytes.ratio")")
             if [ "$c" = 1 ]; then
-                added=$(printf '%.0f µs, %.0f µs' "$(median < "$work/relay.added")" "$(median < "$work/rules.added")")
+                added=$(printf '%.0f µs, %.0f µs, %.0f µs' "$(median < "$work/relay.added")" \
+                    "$(median < "$work/rules.added")" "$(median < "$work/polled.added")")
                 [ -z "$socat_port" ] || added="$added, $(printf '%.0f µs' "$(median < "$work/bytes.added")")"
             fi
-            printf '| %s | %s | %s | %.0f | %.2f× | %.2f× | %s | %s |\n' "$script" "$protocol" "$c" \
+            printf '| %s | %s | %s | %.0f | %.2f× | %.2f× | %.2f× | %s | %s |\n' "$script" "$protocol" "$c" \
                 "$(median < "$work/direct.tps")" "$(median < "$work/relay.ratio")" \
-                "$(median < "$work/rules.ratio")" "$bytes" "$added"
+                "$(median < "$work/rules.ratio")" "$(median < "$work/polled.ratio")" "$bytes" "$added"
+            if [ -s "$work/direct.cpu" ]; then
+                cpu= idle= steal= own=
+                for path in $paths; do
+                    cpu="$cpu${cpu:+ / }$(printf '%.0f' "$(median < "$work/$path.cpu")")"
+                    idle="$idle${idle:+ / }$(printf '%.0f' "$(median < "$work/$path.idle")")"
+                    steal="$steal${steal:+ / }$(printf '%.0f' "$(median < "$work/$path.steal")")"
+                done
+                for path in relay rules polled; do
+                    if [ -s "$work/$path.own" ]; then
+                        own="$own${own:+ / }$(printf '%.0f' "$(median < "$work/$path.own")")"
+                    else
+                        own="$own${own:+ / }–"
+                    fi
+                done
+                printf '| %s | %s | %s | %s µs | %s µs | %s %% | %s %% |\n' "$script" "$protocol" \
+                    "$c" "$cpu" "$own" "$idle" "$steal" >> "$work/machine.table"
+            fi
         done
     done
 done
+if [ -s "$work/machine.table" ]; then
+    printf '\nWhere the machine'"'"'s time went (medians over rounds; direct / relay / rules / polling%s):\n' \
+        "$([ -z "$socat_port" ] || echo ' / socat')"
+    printf '| script | protocol | clients | CPU per statement | the emulator'"'"'s own (relay / rules / polling) | CPUs idle | steal |\n'
+    printf '|---|---|---|---|---|---|---|\n'
+    cat "$work/machine.table"
+fi

@@ -47,6 +47,7 @@ pub struct DsqlEmulatorBuilder {
     index_build_delay: Option<Duration>,
     listen: Option<std::net::IpAddr>,
     threads: Option<usize>,
+    busy_poll: Option<Duration>,
     identities: std::collections::BTreeMap<String, String>,
     /// The shared server to take a database of (`SharedPostgres::endpoint`).
     postgres: Option<Arc<postgres::Inner>>,
@@ -198,6 +199,30 @@ impl DsqlEmulatorBuilder {
         self
     }
 
+    /// Busy polling: after a client's connection moves bytes, the endpoint's relay keeps
+    /// looking at its sockets for `window` instead of going to sleep at once, so a message that
+    /// arrives in that time wakes nothing. Off by default (a zero window); at most one second.
+    ///
+    /// A relay in a process or thread of its own costs each statement two more wake-ups than a
+    /// direct connection, and where a wake-up on another CPU is slow (a virtual machine whose
+    /// idle CPUs halt at once) that is most of what the emulator adds to a test suite that runs
+    /// one statement after another. On the reference machine (2 vCPUs), pgbench's 1-client
+    /// simple read through the relay went from about 0.8× to about 1.3× of the direct path with
+    /// a 1 ms window, and 4 clients kept their throughput (`src/guide/performance.md`). The
+    /// price is CPU time: while a client is active (and for `window` after), the relay's thread
+    /// does not sleep; it yields its CPU to any other runnable thread on each turn, so it takes
+    /// only time no one else wants on its CPU, but that CPU never idles. It polls only while one
+    /// connection at a time is active (several clients keep the relay awake anyway), and not
+    /// while a latency is set ([`DsqlEmulator::set_latency`]). It needs the relay's one thread:
+    /// with it the endpoint relays on one thread unless [`threads`](Self::threads) names more,
+    /// and then it does not poll. Use it for one emulator serving a suite's statements in turn;
+    /// with many endpoints in one busy test process (one per test), leave it off.
+    /// [`EmulatorStats::busy_polls`] counts the turns.
+    pub fn busy_poll(mut self, window: Duration) -> Self {
+        self.busy_poll = Some(window.min(Duration::from_secs(1)));
+        self
+    }
+
     /// Makes this endpoint the other Region of `first`'s multi-Region cluster, as
     /// [`DsqlEmulator::start_pair`] does: it relays to `first`'s PostgreSQL and database,
     /// accepts `first`'s credentials, gets a certificate from `first`'s CA, and shares its
@@ -332,7 +357,26 @@ impl DsqlEmulatorBuilder {
             .local_addr()
             .map_err(|e| EmulatorError::caused("cannot read the listening address", e))?;
         // Last fallible steps: a runtime must not be dropped from inside another one.
-        let threads = self.threads.unwrap_or_else(default_threads);
+        // Busy polling needs the one thread (on several, the one that polls does not hold the
+        // sockets' driver while another sleeps on it): one unless the builder named more, and
+        // none then.
+        let busy_poll = self.busy_poll.filter(|window| !window.is_zero());
+        let threads = self.threads.unwrap_or_else(|| {
+            if busy_poll.is_some() {
+                1
+            } else {
+                default_threads()
+            }
+        });
+        if busy_poll.is_some() && threads > 1 {
+            tracing::warn!(
+                threads,
+                "busy polling is off: it needs the emulator's one thread"
+            );
+        }
+        let activity = busy_poll
+            .filter(|_| threads == 1)
+            .map(super::poll::Activity::new);
         let (runtime, handle) = if threads == 1 {
             // One thread of its own, which relays every connection, until the emulator is
             // dropped.
@@ -385,6 +429,7 @@ impl DsqlEmulatorBuilder {
             tls_config: certs.server_config,
             upstream: target,
             latency: Arc::new(AtomicU64::new(0)),
+            activity: activity.clone(),
             max_age: AtomicU64::new(max_age.as_nanos() as u64),
             refusing: AtomicBool::new(false),
             dropping_new: Mutex::new(Default::default()),
@@ -410,6 +455,9 @@ impl DsqlEmulatorBuilder {
             waking_until: Mutex::new(None),
             stats: Mutex::new(EmulatorStats::default()),
         });
+        if let Some(activity) = activity {
+            handle.spawn(activity.run());
+        }
         handle.spawn({
             let shared = shared.clone();
             async move {

@@ -24,6 +24,8 @@ pub(crate) type Latency = Arc<AtomicU64>;
 /// was set are held back for the latency, so none arrives early.
 pub(crate) struct Line<S> {
     latency: Latency,
+    /// Told whenever bytes move (busy polling), with this connection's number.
+    activity: Option<(Arc<super::poll::Activity>, u64)>,
     state: State<S>,
     /// Bytes read directly but not yet due.
     held: Option<Held>,
@@ -58,9 +60,25 @@ where
         };
         Line {
             latency,
+            activity: None,
             state,
             held: None,
             waiting: [None, None],
+        }
+    }
+
+    /// Tells `activity` (busy polling) whenever bytes move.
+    pub(crate) fn with_activity(mut self, activity: Option<Arc<super::poll::Activity>>) -> Self {
+        self.activity = activity.map(|activity| {
+            let connection = activity.connection();
+            (activity, connection)
+        });
+        self
+    }
+
+    fn mark(&self) {
+        if let Some((activity, connection)) = &self.activity {
+            activity.mark(*connection);
         }
     }
 
@@ -86,6 +104,14 @@ where
         match &self.waiting[side] {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             _ => self.waiting[side] = Some(cx.waker().clone()),
+        }
+    }
+}
+
+impl<S> Drop for Line<S> {
+    fn drop(&mut self) {
+        if let Some((activity, connection)) = &self.activity {
+            activity.closed(*connection);
         }
     }
 }
@@ -126,6 +152,9 @@ where
                         return Poll::Pending;
                     };
                     read?;
+                    if buf.filled().len() > before {
+                        this.mark();
+                    }
                     let delay = this.delay();
                     if delay.is_zero() || buf.filled().len() == before {
                         return Poll::Ready(Ok(()));
@@ -158,8 +187,10 @@ where
         match &mut this.state {
             State::Direct(socket) => {
                 let written = Pin::new(socket).poll_write(cx, data);
-                if written.is_pending() {
-                    this.wait(1, cx);
+                match &written {
+                    Poll::Pending => this.wait(1, cx),
+                    Poll::Ready(Ok(n)) if *n > 0 => this.mark(),
+                    Poll::Ready(_) => {}
                 }
                 written
             }

@@ -79,6 +79,7 @@ mod builder;
 mod certs;
 mod error;
 mod latency;
+mod poll;
 mod postgres;
 mod session;
 mod sql;
@@ -203,6 +204,12 @@ pub struct EmulatorStats {
     /// table's unique indexes in the background, after its first such write, and again after
     /// each schema change.)
     pub key_bounded_writes: u64,
+    /// With [`DsqlEmulatorBuilder::busy_poll`]: turns the relay spent polling its sockets
+    /// instead of sleeping, and times it was woken after it had gone to sleep (nothing had
+    /// moved for the window). Both zero without busy polling.
+    pub busy_polls: u64,
+    /// See [`busy_polls`](Self::busy_polls).
+    pub busy_poll_wakeups: u64,
 }
 
 impl EmulatorStats {
@@ -224,6 +231,8 @@ pub(crate) struct Shared {
     tls_config: Arc<rustls::ServerConfig>,
     upstream: upstream::Target,
     latency: latency::Latency,
+    /// When client connections last moved bytes, with busy polling on.
+    activity: Option<Arc<poll::Activity>>,
     max_age: AtomicU64,
     refusing: AtomicBool,
     /// Which new TCP connections are closed at once (`drop_new_connections`), and how many
@@ -490,6 +499,10 @@ impl DsqlEmulator {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         stats.key_bounded_writes = self.shared.catalog.key_bounded_writes();
+        if let Some(activity) = &self.shared.activity {
+            stats.busy_polls = activity.polls();
+            stats.busy_poll_wakeups = activity.wakeups();
+        }
         stats
     }
 

@@ -75,7 +75,7 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
         _ => return,
     }
     let direct = first[0] == 0x16;
-    let stream = Line::new(socket, shared.latency.clone());
+    let stream = Line::new(socket, shared.latency.clone()).with_activity(shared.activity.clone());
     if let Err(error) = negotiate(stream, direct, accepted_at, &shared).await {
         tracing::debug!(%error, "emulator session ended with an I/O error");
     }

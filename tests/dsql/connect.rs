@@ -257,3 +257,74 @@ async fn a_large_result_read_slowly_arrives_whole() {
         assert_eq!(n, 4000);
     }
 }
+
+/// Busy polling (`DsqlEmulatorBuilder::busy_poll`): an endpoint that polls serves a client as
+/// any other, polls while the client is active, goes to sleep once nothing has moved for the
+/// window, and is woken by the next bytes. An endpoint without it never polls.
+#[tokio::test]
+async fn a_busy_polling_endpoint_serves_sleeps_and_wakes() {
+    let window = Duration::from_millis(200);
+    let polling = tokio_postgres_dsql::emulator::SharedPostgres::global()
+        .expect("the shared PostgreSQL starts")
+        .endpoint()
+        .busy_poll(window)
+        .start()
+        .await
+        .unwrap();
+    let client = crate::support::connect_to(&polling, "admin").await.unwrap();
+    let query = || async {
+        let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42);
+    };
+    for _ in 0..20 {
+        query().await;
+    }
+    client
+        .batch_execute("BEGIN; SELECT 1; COMMIT")
+        .await
+        .unwrap();
+    // (Nothing polls before bytes move; these moved within the window of each other.)
+    assert!(polling.stats().busy_polls > 0, "{:?}", polling.stats());
+
+    // Nothing moves: the turns stop growing once the window has passed.
+    let bound = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let before = polling.stats().busy_polls;
+        tokio::time::sleep(window + Duration::from_millis(200)).await;
+        if polling.stats().busy_polls == before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < bound,
+            "still polling a minute after the last bytes: {:?}",
+            polling.stats()
+        );
+    }
+    // Bytes wake it (a query that arrived while it still polled, under load, wakes nothing:
+    // try again once it sleeps), and it polls again.
+    let (woken, polled) = (
+        polling.stats().busy_poll_wakeups,
+        polling.stats().busy_polls,
+    );
+    let bound = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        query().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stats = polling.stats();
+        if stats.busy_poll_wakeups > woken && stats.busy_polls > polled {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < bound,
+            "not woken by a query: {:?}",
+            polling.stats()
+        );
+        tokio::time::sleep(window + Duration::from_millis(200)).await;
+    }
+
+    let plain = crate::support::own_endpoint().await;
+    let client = crate::support::connect_to(&plain, "admin").await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    let stats = plain.stats();
+    assert_eq!((stats.busy_polls, stats.busy_poll_wakeups), (0, 0));
+}

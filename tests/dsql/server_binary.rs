@@ -174,6 +174,8 @@ fn the_binary_names_the_flag_at_fault() {
         (&["--rate-limit", "fast"][..], "--rate-limit"),
         (&["--threads", "0"][..], "--threads"),
         (&["--threads", "65"][..], "--threads"),
+        (&["--busy-poll", "1000001"][..], "--busy-poll"),
+        (&["--busy-poll", "soon"][..], "--busy-poll"),
     ] {
         let output = command().args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
@@ -448,7 +450,15 @@ async fn connector_in(endpoint: &str, region: &str, port: u16, ca: &str) -> Dsql
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_port_injects_conflicts_cuts_commits_and_makes_isolated_endpoints() {
-    let (mut child, env, _) = start(&["--port", "0", "--control-port", "0"]);
+    // (Busy polling for the main endpoint only: per-test endpoints never poll.)
+    let (mut child, env, _) = start(&[
+        "--port",
+        "0",
+        "--control-port",
+        "0",
+        "--busy-poll",
+        "200000",
+    ]);
     // Without the token: refused.
     let anonymous = reqwest::Client::new()
         .post(format!(
@@ -569,6 +579,11 @@ async fn the_control_port_injects_conflicts_cuts_commits_and_makes_isolated_endp
             .unwrap();
         let commit = client.batch_execute("COMMIT").await;
         assert_eq!(commit.is_err(), fails, "{commit:?}");
+    }
+    let (_, state) = control(&env, reqwest::Method::GET, "/").await;
+    assert!(state["main"]["busy_polls"].as_u64().unwrap() > 0, "{state}");
+    for e in state["endpoints"].as_array().unwrap() {
+        assert_eq!(e["busy_polls"], 0, "{state}");
     }
     for e in [&a, &b] {
         let (status, _) = control(

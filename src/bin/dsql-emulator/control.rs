@@ -346,7 +346,7 @@ fn describe(emulator: &DsqlEmulator) -> String {
     format!(
         "{{\"endpoint\":{},\"region\":{},\"port\":{},\"ca_cert_path\":{},\"access_key_id\":{},\
          \"open_connections\":{},\"accepted\":{},\"rejected\":{},\"cut_at_commit\":{},\
-         \"injected_conflicts\":{}}}",
+         \"injected_conflicts\":{},\"busy_polls\":{}}}",
         json(emulator.endpoint()),
         json(emulator.region()),
         emulator.port(),
@@ -357,6 +357,7 @@ fn describe(emulator: &DsqlEmulator) -> String {
         stats.total_rejected(),
         stats.cut_at_commit,
         emulator.injected_conflicts(),
+        stats.busy_polls,
     )
 }
 
