@@ -24,7 +24,7 @@
 #
 # For a profile of one path, run a part of it under perf, e.g. `perf record -a -g -- bash
 # benches/relay/run.sh --scripts write --protocols simple --clients 4 --rounds 1 --seconds 10`,
-# then `perf report --comm tokio-runtime-w` (the emulators' threads).
+# then `perf report --comm dsql-emulator` (the emulators' threads).
 #
 # Environment: DSQL_EMULATOR (default target/release/dsql-emulator; build it with
 # `cargo build --release --features emulator --bin dsql-emulator`), PG_BIN (the server's bin

@@ -192,8 +192,8 @@ impl DsqlEmulatorBuilder {
     /// How many threads serve the endpoint's connections. With one (the default on a machine
     /// with at most two CPUs) a single thread relays every connection: a round trip then wakes
     /// no second thread, which on a small machine is worth more than the parallelism (measured:
-    /// `src/guide/performance.md`); the default elsewhere is two. Between 1 and 64 (`0` counts
-    /// as one, more as 64).
+    /// `src/guide/performance.md`); the default elsewhere is two, and one with
+    /// [`busy_poll`](Self::busy_poll). Between 1 and 64 (`0` counts as one, more as 64).
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = Some(threads.clamp(1, 64));
         self
@@ -207,17 +207,17 @@ impl DsqlEmulatorBuilder {
     /// direct connection, and where a wake-up on another CPU is slow (a virtual machine whose
     /// idle CPUs halt at once) that is most of what the emulator adds to a test suite that runs
     /// one statement after another. On the reference machine (2 vCPUs), pgbench's 1-client
-    /// simple read through the relay went from about 0.8× to about 1.3× of the direct path with
-    /// a 1 ms window, and 4 clients kept their throughput (`src/guide/performance.md`). The
+    /// statements through the SQL rules went from about 0.75× to 1.0–1.24× of the direct path
+    /// with a 1 ms window, and 4 clients stayed within 0.07× (`src/guide/performance.md`). The
     /// price is CPU time: while a client is active (and for `window` after), the relay's thread
-    /// does not sleep; it yields its CPU to any other runnable thread on each turn, so it takes
-    /// only time no one else wants on its CPU, but that CPU never idles. It polls only while one
-    /// connection at a time is active (several clients keep the relay awake anyway), and not
-    /// while a latency is set ([`DsqlEmulator::set_latency`]). It needs the relay's one thread:
-    /// with it the endpoint relays on one thread unless [`threads`](Self::threads) names more,
-    /// and then it does not poll. Use it for one emulator serving a suite's statements in turn;
-    /// with many endpoints in one busy test process (one per test), leave it off.
-    /// [`EmulatorStats::busy_polls`] counts the turns.
+    /// does not sleep; each turn it yields to any other runnable thread on its CPU, but that
+    /// CPU never idles, and the host sees a busy CPU. It polls only while one connection at a
+    /// time is active (several clients keep the relay awake anyway), and never for a connection
+    /// once a latency has applied to it ([`DsqlEmulator::set_latency`]). It needs the relay's
+    /// one thread: with it the endpoint relays on one thread unless [`threads`](Self::threads)
+    /// names more, and then it does not poll. Use it for one emulator serving a suite's
+    /// statements in turn; with many endpoints in one busy test process (one per test), leave
+    /// it off. [`EmulatorStats::busy_polls`] counts the turns.
     pub fn busy_poll(mut self, window: Duration) -> Self {
         self.busy_poll = Some(window.min(Duration::from_secs(1)));
         self

@@ -152,11 +152,11 @@ where
                         return Poll::Pending;
                     };
                     read?;
-                    if buf.filled().len() > before {
-                        this.mark();
-                    }
                     let delay = this.delay();
                     if delay.is_zero() || buf.filled().len() == before {
+                        if buf.filled().len() > before {
+                            this.mark();
+                        }
                         return Poll::Ready(Ok(()));
                     }
                     // The latency was set while this read waited: these bytes are due later.

@@ -205,8 +205,9 @@ pub struct EmulatorStats {
     /// each schema change.)
     pub key_bounded_writes: u64,
     /// With [`DsqlEmulatorBuilder::busy_poll`]: turns the relay spent polling its sockets
-    /// instead of sleeping, and times it was woken after it had gone to sleep (nothing had
-    /// moved for the window). Both zero without busy polling.
+    /// instead of sleeping, and (about: bytes that move while it wakes can count once more)
+    /// times it was woken after it had gone to sleep (nothing had moved for the window). Both
+    /// zero without busy polling.
     pub busy_polls: u64,
     /// See [`busy_polls`](Self::busy_polls).
     pub busy_poll_wakeups: u64,

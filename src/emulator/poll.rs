@@ -5,9 +5,9 @@
 //! A relay in a process of its own costs each statement two more process wake-ups than a
 //! direct connection, and on a virtual machine whose idle CPUs halt at once a wake-up on
 //! another CPU costs tens of microseconds (measured: `src/guide/performance.md`). A runtime
-//! that is still polling when the next message arrives needs no wake-up. The poller yields its
-//! CPU to any other runnable thread on each turn (`sched_yield`), so it takes only time no one
-//! else wants; it sleeps once nothing moved for the window, and the next bytes wake it.
+//! that is still polling when the next message arrives needs no wake-up. Each turn the poller
+//! yields to any other runnable thread on its CPU (`sched_yield`), but that CPU never idles;
+//! it sleeps once nothing moved for the window, and the next bytes wake it.
 //!
 //! It polls only while one connection at a time is active (a suite's statements in turn, on
 //! one connection or one after another from a pool): when two connections moved bytes within

@@ -322,9 +322,30 @@ async fn a_busy_polling_endpoint_serves_sleeps_and_wakes() {
         tokio::time::sleep(window + Duration::from_millis(200)).await;
     }
 
+    // No polling: without it; with it on two threads (the one that polls would not hold the
+    // sockets' driver); on a connection a latency applies to.
+    let shared = tokio_postgres_dsql::emulator::SharedPostgres::global().unwrap();
+    let on_two_threads = shared
+        .endpoint()
+        .busy_poll(window)
+        .threads(2)
+        .start()
+        .await
+        .unwrap();
+    let delayed = shared.endpoint().busy_poll(window).start().await.unwrap();
+    delayed.set_latency(Duration::from_millis(1));
     let plain = crate::support::own_endpoint().await;
-    let client = crate::support::connect_to(&plain, "admin").await.unwrap();
-    client.simple_query("SELECT 1").await.unwrap();
-    let stats = plain.stats();
-    assert_eq!((stats.busy_polls, stats.busy_poll_wakeups), (0, 0));
+    for endpoint in [&on_two_threads, &delayed, &plain] {
+        let client = crate::support::connect_to(endpoint, "admin").await.unwrap();
+        for _ in 0..5 {
+            client.simple_query("SELECT 1").await.unwrap();
+        }
+        let stats = endpoint.stats();
+        assert_eq!(
+            (stats.busy_polls, stats.busy_poll_wakeups),
+            (0, 0),
+            "{}",
+            endpoint.endpoint()
+        );
+    }
 }

@@ -176,6 +176,7 @@ fn the_binary_names_the_flag_at_fault() {
         (&["--threads", "65"][..], "--threads"),
         (&["--busy-poll", "1000001"][..], "--busy-poll"),
         (&["--busy-poll", "soon"][..], "--busy-poll"),
+        (&["--busy-poll", "500", "--threads", "2"][..], "--busy-poll"),
     ] {
         let output = command().args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");

@@ -72,11 +72,12 @@ OPTIONS:
                                  `submitted` [default: 0; DSQL's take seconds]
     --no-sql-rules               relay SQL unchanged (DSQL's connection rules still apply)
     --threads <n>                threads relaying connections, 1 to 64 [default: 1 with at
-                                 most two CPUs, else 2]
+                                 most two CPUs or with --busy-poll, else 2]
     --busy-poll <microseconds>   after bytes move, keep polling the sockets that long before
                                  sleeping, 0 to 1000000 [default: 0, off]: faster sequential
                                  statements where waking a CPU is slow (VMs), at the price of
-                                 a CPU that does not idle while a client is active
+                                 a CPU that does not idle while a client is active; relays on
+                                 one thread (not with --threads above 1)
     --env-file <path>            write the `export` lines there (once ready, mode 0600) instead
                                  of stdout; a file left there is removed at start
     --control-port <n>           serve the control port there (0: a free one): faults, injected
@@ -233,6 +234,11 @@ fn parse(args: &[String]) -> Result<Options, Usage> {
                 )));
             }
         }
+    }
+    if let (Some(micros @ 1..), Some(threads @ 2..)) = (options.busy_poll, options.threads) {
+        return Err(Usage(format!(
+            "--busy-poll: {micros} µs needs the relay's one thread, not --threads {threads}"
+        )));
     }
     if options.endpoint.is_some() && options.cluster_id.is_some() {
         return Err(Usage(
