@@ -136,9 +136,9 @@ impl Activity {
 
     /// The poller, a task on the relay's runtime: while bytes moved within the window, on one
     /// connection at a time, each turn lets the runtime look at its sockets without waiting (a
-    /// task that yields makes it poll them with a zero timeout) and gives the CPU to any other
-    /// runnable thread; while several connections are active it looks again later; otherwise
-    /// it sleeps until bytes move. Runs until the runtime stops.
+    /// task that yields makes it poll them with a zero timeout) and yields to any other
+    /// runnable thread on its CPU; while several connections are active it looks again later;
+    /// otherwise it sleeps until bytes move. Runs until the runtime stops.
     pub(crate) async fn run(self: Arc<Self>) {
         loop {
             if let Some(wait) = self.shared_for() {
