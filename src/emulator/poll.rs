@@ -79,7 +79,7 @@ impl Activity {
         let previous = self.last_connection.swap(connection, Ordering::Relaxed);
         if previous != connection
             && previous != 0
-            && self.within(now, &self.last, Ordering::Relaxed)
+            && self.within(now, self.last.load(Ordering::Relaxed))
         {
             self.shared_until
                 .store(now.saturating_add(self.window), Ordering::Relaxed);
@@ -103,15 +103,14 @@ impl Activity {
         );
     }
 
-    /// Whether `at` holds a time within the window before `now`.
-    fn within(&self, now: u64, at: &AtomicU64, order: Ordering) -> bool {
-        let at = at.load(order);
+    /// Whether `at` (a time of `last`) is within the window before `now`.
+    fn within(&self, now: u64, at: u64) -> bool {
         at != NEVER && now.saturating_sub(at) < self.window
     }
 
     /// Whether bytes moved within the window.
     fn recent(&self) -> bool {
-        self.within(self.now(), &self.last, Ordering::SeqCst)
+        self.within(self.now(), self.last.load(Ordering::SeqCst))
     }
 
     /// While several connections are active: how long until the poller looks again.

@@ -922,17 +922,14 @@ async fn failed_piece(
         next.shape = Shape::Autocommit;
         next.ops = vec![Op::Increment(k)];
         next.commit = true;
-        next
+        (next, k)
     });
     let texts = whole_texts(&plan);
     session
         .frontend
         .query(&format!("SELECT 1/0; {}", texts.join("; ")));
-    if let Some(rider) = &rider {
-        let Op::Increment(k) = rider.ops[0] else {
-            unreachable!()
-        };
-        autocommit_increment(&mut session.frontend, &rider.id, k);
+    if let Some((rider, k)) = &rider {
+        autocommit_increment(&mut session.frontend, &rider.id, *k);
     }
     let what = format!("{} (FailedPiece)", plan.id);
     let Some(failed) = exchange(session, false, report, &what).await else {
@@ -945,7 +942,7 @@ async fn failed_piece(
         ));
     }
     let mut outcomes = vec![(plan, Outcome::RolledBack)];
-    if let Some(rider) = rider {
+    if let Some((rider, _)) = rider {
         let what = format!("{} (autocommit behind {what})", rider.id);
         let Some(answer) = exchange(session, false, report, &what).await else {
             return outcomes;
