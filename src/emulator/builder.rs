@@ -48,6 +48,7 @@ pub struct DsqlEmulatorBuilder {
     listen: Option<std::net::IpAddr>,
     threads: Option<usize>,
     busy_poll: Option<Duration>,
+    relay_runtime: Option<tokio::runtime::Handle>,
     identities: std::collections::BTreeMap<String, String>,
     /// The shared server to take a database of (`SharedPostgres::endpoint`).
     postgres: Option<Arc<postgres::Inner>>,
@@ -223,6 +224,44 @@ impl DsqlEmulatorBuilder {
         self
     }
 
+    /// Relays the endpoint's connections on `runtime` (the caller's, for a test:
+    /// `tokio::runtime::Handle::current()`) instead of on the emulator's own thread: the
+    /// relay in the client's process and on its runtime.
+    ///
+    /// A relay on a thread of its own costs each statement two wake-ups of that thread (the
+    /// client's message in, the server's answer back) beyond what a direct connection costs;
+    /// on a machine where waking a sleeping CPU is slow (a virtual machine whose idle CPUs
+    /// halt), that is most of what the emulator adds to a test. Relayed on the client's own
+    /// runtime, a message the client writes is read by the relay on the same thread, on the
+    /// runtime's next turn: the statement wakes only PostgreSQL, as a direct connection does.
+    /// On the reference machine (2 vCPUs) a Rust load generator on a current-thread runtime
+    /// went from about 0.7× of a direct TLS connection's throughput, with the SQL rules, to
+    /// 0.8–0.9× (`src/guide/performance.md`). The connections are real TCP connections with
+    /// TLS and token checks, as on the emulator's own thread; only the thread that relays
+    /// them changes. The emulator still accepts connections on its own thread, so
+    /// [`DsqlEmulator::set_down`] and the other faults work as without this option.
+    ///
+    /// The runtime must relay while clients use the endpoint:
+    /// - it needs its I/O and time drivers (`enable_all`, as `#[tokio::test]` and
+    ///   `#[tokio::main]` build it);
+    /// - keep the emulator within the runtime's life, e.g. start it in the test that uses it
+    ///   (one endpoint per test: [`SharedPostgres::endpoint`](super::SharedPostgres::endpoint)
+    ///   makes one in milliseconds). An emulator shared by several tests, each with its own
+    ///   runtime, must relay on its own thread (the default): once this runtime shuts down,
+    ///   new connections to the endpoint are closed at once, with a warning in the log;
+    /// - a current-thread runtime relays only while the thread runs it: a client that blocks
+    ///   that thread (a synchronous driver, `std::thread::sleep`, `Handle::block_on` from
+    ///   inside it) waits for an answer the blocked relay cannot give.
+    ///
+    /// Dropping the emulator closes the connections it relays on `runtime`. Not with
+    /// [`busy_poll`](Self::busy_poll) (a relay that shares its thread with the client must not
+    /// spin) or [`threads`](Self::threads) (the runtime's threads relay): `start` refuses
+    /// either with this.
+    pub fn relay_on(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.relay_runtime = Some(runtime);
+        self
+    }
+
     /// Makes this endpoint the other Region of `first`'s multi-Region cluster, as
     /// [`DsqlEmulator::start_pair`] does: it relays to `first`'s PostgreSQL and database,
     /// accepts `first`'s credentials, gets a certificate from `first`'s CA, and shares its
@@ -288,6 +327,20 @@ impl DsqlEmulatorBuilder {
                 "transaction_age_limit",
                 "must be at least 1 s",
             ));
+        }
+        if self.relay_runtime.is_some() {
+            if self.busy_poll.is_some_and(|window| !window.is_zero()) {
+                return Err(EmulatorError::config(
+                    "busy_poll",
+                    "not with relay_on: a relay that shares the client's runtime must not spin",
+                ));
+            }
+            if self.threads.is_some() {
+                return Err(EmulatorError::config(
+                    "threads",
+                    "not with relay_on: the runtime relay_on names relays the connections",
+                ));
+            }
         }
         let index_build_delay = self.index_build_delay.unwrap_or_default();
         if index_build_delay > Duration::from_secs(3600) {
@@ -362,7 +415,8 @@ impl DsqlEmulatorBuilder {
         // none then.
         let busy_poll = self.busy_poll.filter(|window| !window.is_zero());
         let threads = self.threads.unwrap_or_else(|| {
-            if busy_poll.is_some() {
+            // (With `relay_on`, the own thread only accepts connections.)
+            if busy_poll.is_some() || self.relay_runtime.is_some() {
                 1
             } else {
                 default_threads()
@@ -458,6 +512,15 @@ impl DsqlEmulatorBuilder {
         if let Some(activity) = activity {
             handle.spawn(activity.run());
         }
+        // With `relay_on`: where each accepted connection is relayed, and the signal (the
+        // sender's drop, with the emulator) that ends those relays.
+        let (relay_stop, relay) = match self.relay_runtime {
+            Some(runtime) => {
+                let (stop, stopped) = tokio::sync::watch::channel(());
+                (Some(stop), Some(session::Relay::new(runtime, stopped)))
+            }
+            None => (None, None),
+        };
         handle.spawn({
             let shared = shared.clone();
             async move {
@@ -499,7 +562,12 @@ impl DsqlEmulatorBuilder {
                                     drop(socket);
                                     continue;
                                 }
-                                tokio::spawn(session::serve(socket, shared.clone()));
+                                match &relay {
+                                    Some(relay) => relay.serve(socket, shared.clone()),
+                                    None => {
+                                        tokio::spawn(session::serve(socket, shared.clone()));
+                                    }
+                                }
                             }
                             Err(error) => {
                                 tracing::warn!(%error, "emulator accept failed");
@@ -520,6 +588,7 @@ impl DsqlEmulatorBuilder {
             time_source,
             shared,
             runtime: Some(runtime),
+            relay_stop,
             cluster: Arc::new(Mutex::new(cluster)),
             _database: database,
             _work_dir: work_dir,

@@ -351,6 +351,8 @@ pub struct DsqlEmulator {
     time_source: Option<SharedTimeSource>,
     shared: Arc<Shared>,
     runtime: Option<EmulatorRuntime>,
+    /// With `relay_on`: dropped (first) to end the connections relayed on the caller's runtime.
+    relay_stop: Option<tokio::sync::watch::Sender<()>>,
     // Field order matters on drop: the cluster stops before its directory is removed.
     cluster: Arc<Mutex<Option<upstream::LocalCluster>>>,
     /// The endpoint's database on a shared server, dropped after the endpoint stops.
@@ -378,6 +380,8 @@ impl std::fmt::Debug for DsqlEmulator {
 
 impl Drop for DsqlEmulator {
     fn drop(&mut self) {
+        // Connections relayed on a runtime of the caller's end with the emulator.
+        drop(self.relay_stop.take());
         match self.runtime.take() {
             // Its thread stops the runtime (without waiting for its tasks).
             Some(EmulatorRuntime::Thread(stop)) => {

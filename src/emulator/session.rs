@@ -53,6 +53,65 @@ enum NotGranted {
 /// The longest password message accepted (tokens with session tokens are a few KiB).
 const MAX_PASSWORD_LEN: u32 = 16 * 1024;
 
+/// Where accepted connections are relayed with `DsqlEmulatorBuilder::relay_on`: a runtime of
+/// the caller's, until the emulator drops the watch's sender.
+pub(crate) struct Relay {
+    runtime: tokio::runtime::Handle,
+    stopped: tokio::sync::watch::Receiver<()>,
+}
+
+impl Relay {
+    pub(crate) fn new(
+        runtime: tokio::runtime::Handle,
+        stopped: tokio::sync::watch::Receiver<()>,
+    ) -> Relay {
+        Relay { runtime, stopped }
+    }
+
+    /// Serves `socket` (accepted on the emulator's own runtime) on the relay's runtime, until
+    /// the session ends or the emulator is dropped. Called on the emulator's own runtime,
+    /// which watches the task: a runtime that has shut down (or lacks a driver) closes the
+    /// connection at once, and says why in the log.
+    pub(crate) fn serve(&self, socket: TcpStream, shared: Arc<Shared>) {
+        // The socket moves to the other runtime's I/O driver.
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::warn!(%error, "emulator cannot hand a connection to relay_on's runtime");
+                return;
+            }
+        };
+        let mut stopped = self.stopped.clone();
+        let task = self.runtime.spawn(async move {
+            let socket = match TcpStream::from_std(socket) {
+                Ok(socket) => socket,
+                Err(error) => {
+                    tracing::warn!(%error, "emulator cannot relay on relay_on's runtime");
+                    return;
+                }
+            };
+            tokio::select! {
+                () = serve(socket, shared) => {}
+                // The emulator is gone: its connections close.
+                _ = stopped.changed() => {}
+            }
+        });
+        tokio::spawn(async move {
+            match task.await {
+                Err(error) if error.is_cancelled() => tracing::warn!(
+                    "emulator: relay_on's runtime has shut down; a connection was closed \
+                     (an emulator that outlives the runtime must relay on its own thread)"
+                ),
+                Err(_) => tracing::warn!(
+                    "emulator: a connection's relay failed on relay_on's runtime (it needs \
+                     its I/O and time drivers: `enable_all`)"
+                ),
+                Ok(()) => {}
+            }
+        });
+    }
+}
+
 /// Serves one accepted TCP connection.
 pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
     let accepted_at = Instant::now();

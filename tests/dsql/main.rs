@@ -52,6 +52,8 @@ mod recording;
 #[cfg(feature = "emulator")]
 mod refusals;
 #[cfg(feature = "emulator")]
+mod relay_on;
+#[cfg(feature = "emulator")]
 mod retry;
 #[cfg(feature = "emulator")]
 mod server_binary;

@@ -73,6 +73,17 @@ pub async fn own_endpoint() -> DsqlEmulator {
         .expect("an endpoint starts")
 }
 
+/// [`own_endpoint`], relayed on the calling test's runtime (`DsqlEmulatorBuilder::relay_on`).
+pub async fn own_endpoint_relayed_here() -> DsqlEmulator {
+    tokio_postgres_dsql::emulator::SharedPostgres::global()
+        .expect("the shared PostgreSQL starts")
+        .endpoint()
+        .relay_on(tokio::runtime::Handle::current())
+        .start()
+        .await
+        .expect("an endpoint starts")
+}
+
 /// A client for `user` on `emulator`.
 pub async fn connect_to(
     emulator: &DsqlEmulator,
