@@ -5,7 +5,7 @@
 //! - `direct`: straight to the server over TLS (`tokio-postgres`, rustls);
 //! - `relay` / `rules`: through an emulator in this process on its own thread (the default,
 //!   what a suite-wide emulator does), without and with DSQL's SQL rules;
-//! - `relay, in-process` / `rules, in-process`: the same emulators relaying on the clients'
+//! - `relay in-process` / `rules in-process`: the same emulators relaying on the clients'
 //!   runtime ([`DsqlEmulatorBuilder::relay_on`]), as an emulator started by the test that
 //!   uses it can.
 //!
@@ -47,8 +47,8 @@ const PATHS: [&str; 5] = [
     "direct",
     "relay",
     "rules",
-    "relay, in-process",
-    "rules, in-process",
+    "relay in-process",
+    "rules in-process",
 ];
 
 #[derive(Debug)]

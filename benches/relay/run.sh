@@ -9,6 +9,13 @@
 #   bytes   - when `socat` is installed: through a byte relay with no logic at all (socat,
 #             TLS passed through to the server): what the extra process hop alone costs on
 #             this machine, the floor for any relay in a process of its own that sleeps.
+# Then, when the Rust load generator is built (examples/relay_load.rs: `cargo build --release
+# --example relay_load`), a third table from it: its clients on one tokio runtime (what
+# `#[tokio::test]` gives), the same scripts straight to the server over TLS, through an
+# emulator in its process on the emulator's own thread, and through one relaying on the
+# clients' runtime (`DsqlEmulatorBuilder::relay_on`), without and with the SQL rules,
+# alternated in rounds of 100 ms (as many as the pgbench rows' time allows: rounds × seconds
+# × 2 per path).
 # For each pgbench script (a read, a transaction, an autocommit write), protocol (simple,
 # extended) and client count it prints direct's median tps and the median, over rounds, of each
 # path's tps divided by direct's in the same round; at 1 client also the median latency each path
@@ -27,7 +34,8 @@
 # then `perf report --comm dsql-emulator` (the emulators' threads).
 #
 # Environment: DSQL_EMULATOR (default target/release/dsql-emulator; build it with
-# `cargo build --release --features emulator --bin dsql-emulator`), PG_BIN (the server's bin
+# `cargo build --release --features emulator --bin dsql-emulator`), RELAY_LOAD (default
+# target/release/examples/relay_load; the third table is skipped without it), PG_BIN (the server's bin
 # directory; default the newest /usr/lib/postgresql/*/bin), PGBENCH (default pgbench on PATH, in
 # PG_BIN or in /usr/lib/postgresql/*/bin). `--quick` runs every row once for a second (about a
 # minute in all): a check that the harness works, not a measurement. The rules path runs as
@@ -52,6 +60,7 @@ while [ $# -gt 0 ]; do
 done
 
 emulator=${DSQL_EMULATOR:-$PWD/target/release/dsql-emulator}
+relay_load=${RELAY_LOAD:-$PWD/target/release/examples/relay_load}
 newest_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 pg_bin=${PG_BIN:-$newest_bin}
 pgbench=${PGBENCH:-$(command -v pgbench || true)}
@@ -89,10 +98,20 @@ cleanup() {
 trap cleanup EXIT
 
 # The server, with TLS, trusting local connections (the benchmark measures paths, not auth).
+# Its certificate (for `localhost`) is signed by a CA of the run's own, which the Rust load
+# generator trusts (rustls takes no self-signed server certificate).
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "${as_server[@]}" "$pg_bin/initdb" -D "$work/pg" -U admin -A trust >/dev/null
-"${as_server[@]}" openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost \
-    -keyout "$work/pg/server.key" -out "$work/pg/server.crt" 2>/dev/null
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=relay-bench-ca \
+    -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout "$work/server.key" \
+    -out "$work/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$work/server.ext"
+openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
+    -CAcreateserial -days 1 -extfile "$work/server.ext" -out "$work/pg/server.crt" 2>/dev/null
+install -m 600 "$work/server.key" "$work/pg/server.key"
+rm -f "$work/ca.key" "$work/server.key"
+[ "${#as_server[@]}" -eq 0 ] || chown "$user" "$work/pg/server.crt" "$work/pg/server.key"
 cat >> "$work/pg/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 port = $port
@@ -299,4 +318,14 @@ if [ -s "$work/machine.table" ]; then
     printf '| script | protocol | clients | CPU per statement | the emulator'"'"'s own (relay / rules / polling) | CPUs idle | steal |\n'
     printf '|---|---|---|---|---|---|---|\n'
     cat "$work/machine.table"
+fi
+
+# The Rust load generator's table.
+echo
+if [ -x "$relay_load" ]; then
+    "$relay_load" --port "$port" --ca "$work/ca.pem" --upstream "$upstream" \
+        --rounds $((rounds * seconds * 2)) --round-ms 100 --clients "$clients" \
+        --scripts "$scripts" --protocols "$protocols"
+else
+    echo "(No Rust load generator at $relay_load: \`cargo build --release --example relay_load\` adds its table.)"
 fi

@@ -234,9 +234,10 @@ impl DsqlEmulatorBuilder {
     /// halt), that is most of what the emulator adds to a test. Relayed on the client's own
     /// runtime, a message the client writes is read by the relay on the same thread, on the
     /// runtime's next turn: the statement wakes only PostgreSQL, as a direct connection does.
-    /// On the reference machine (2 vCPUs) a Rust load generator on a current-thread runtime
-    /// went from about 0.7× of a direct TLS connection's throughput, with the SQL rules, to
-    /// 0.8–0.9× (`src/guide/performance.md`). The connections are real TCP connections with
+    /// On the reference machine (2 vCPUs) a Rust load generator with 4 clients on a
+    /// current-thread runtime went from 0.61×–0.74× of a direct TLS connection's throughput,
+    /// with the SQL rules, to 0.77×–0.84×, and its 1-client statements from 53–69 µs added to
+    /// 14–45 µs (`examples/relay_load.rs`, `src/guide/performance.md`). The connections are real TCP connections with
     /// TLS and token checks, as on the emulator's own thread; only the thread that relays
     /// them changes. The emulator still accepts connections on its own thread, so
     /// [`DsqlEmulator::set_down`] and the other faults work as without this option.
