@@ -103,14 +103,18 @@ fn parse() -> Result<Options, String> {
         protocols: vec![false, true],
         multi_thread: false,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args_os().skip(1).map(|arg| {
+        arg.into_string()
+            .map_err(|arg| format!("not UTF-8: {}", arg.to_string_lossy()))
+    });
     while let Some(flag) = args.next() {
+        let flag = flag?;
         if flag == "--help" || flag == "-h" {
             return Err(USAGE.to_owned());
         }
         let value = args
             .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))??;
         let number = |what: &str, max: u64| -> Result<u64, String> {
             match value.parse::<u64>() {
                 Ok(n) if (1..=max).contains(&n) => Ok(n),
@@ -122,14 +126,15 @@ fn parse() -> Result<Options, String> {
             "--port" => options.port = number("--port", 65_535)? as u16,
             "--ca" => options.ca = value.clone(),
             "--upstream" => options.upstream = value.clone(),
-            "--rounds" => options.rounds = number("--rounds", 10_000)? as usize,
+            "--rounds" => options.rounds = number("--rounds", 1_000_000)? as usize,
             "--round-ms" => options.round = Duration::from_millis(number("--round-ms", 60_000)?),
             "--clients" => {
                 options.clients = value
                     .split_whitespace()
                     .map(|c| match c.parse::<usize>() {
-                        Ok(n) if (1..=64).contains(&n) => Ok(n),
-                        _ => Err(format!("--clients: numbers from 1 to 64, not `{c}`")),
+                        // (Five paths open as many connections each.)
+                        Ok(n) if (1..=32).contains(&n) => Ok(n),
+                        _ => Err(format!("--clients: numbers from 1 to 32, not `{c}`")),
                     })
                     .collect::<Result<_, _>>()?;
             }
@@ -203,9 +208,11 @@ impl Session {
         })
     }
 
-    /// One transaction of `script`, retried on `40001`.
+    /// One transaction of `script`, retried on `40001` (at most `MAX_TRIES` times, as
+    /// pgbench's `--max-tries 100` in `run.sh`).
     async fn run(&self, script: Script, extended: bool, k: i32) -> Result<(), Error> {
-        loop {
+        const MAX_TRIES: u32 = 100;
+        for _ in 0..MAX_TRIES {
             match self.once(script, extended, k).await {
                 Err(error)
                     if error.code()
@@ -219,6 +226,11 @@ impl Session {
                 other => return other.map_err(Into::into),
             }
         }
+        Err(format!(
+            "a {} transaction met 40001 {MAX_TRIES} times",
+            script.name()
+        )
+        .into())
     }
 
     async fn once(
@@ -308,18 +320,37 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// The application's default rustls provider if installed, else the crate feature's.
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    if let Some(provider) = rustls::crypto::CryptoProvider::get_default() {
+        return provider.clone();
+    }
+    #[cfg(feature = "aws-lc-rs")]
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(all(feature = "ring", not(feature = "aws-lc-rs")))]
+    let provider = rustls::crypto::ring::default_provider();
+    Arc::new(provider)
+}
+
 async fn connect_direct(options: &Options) -> Result<Client, Error> {
-    let pem = std::fs::read(&options.ca).map_err(|e| format!("--ca {}: {e}", options.ca))?;
+    let ca = &options.ca;
+    let pem = std::fs::read(ca).map_err(|e| format!("--ca {ca}: {e}"))?;
     let mut roots = rustls::RootCertStore::empty();
     {
         use rustls::pki_types::pem::PemObject;
         for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-            roots.add(cert.map_err(|e| format!("--ca {}: {e}", options.ca))?)?;
+            let cert = cert.map_err(|e| format!("--ca {ca}: {e}"))?;
+            roots.add(cert).map_err(|e| format!("--ca {ca}: {e}"))?;
         }
     }
-    let config = rustls::ClientConfig::builder()
+    if roots.is_empty() {
+        return Err(format!("--ca {ca}: no PEM certificate in it").into());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let server = format!("--host {} --port {}", options.host, options.port);
     let (client, connection) = tokio_postgres::Config::new()
         .host(&options.host)
         .hostaddr(std::net::Ipv4Addr::LOCALHOST.into())
@@ -328,7 +359,8 @@ async fn connect_direct(options: &Options) -> Result<Client, Error> {
         .dbname("postgres")
         .ssl_mode(tokio_postgres::config::SslMode::Require)
         .connect(DsqlTls::new(Arc::new(config)))
-        .await?;
+        .await
+        .map_err(|e| format!("direct to {server}: {e}"))?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -341,11 +373,22 @@ async fn measure(options: Options) -> Result<(), Error> {
             .connection_rate_limit(100_000.0, 100_000)
     };
     let here = tokio::runtime::Handle::current();
+    let upstream = |e: tokio_postgres_dsql::emulator::EmulatorError| {
+        format!("an emulator over --upstream: {e}")
+    };
     let emulators = [
-        emulator(false).start().await?,
-        emulator(true).start().await?,
-        emulator(false).relay_on(here.clone()).start().await?,
-        emulator(true).relay_on(here).start().await?,
+        emulator(false).start().await.map_err(upstream)?,
+        emulator(true).start().await.map_err(upstream)?,
+        emulator(false)
+            .relay_on(here.clone())
+            .start()
+            .await
+            .map_err(upstream)?,
+        emulator(true)
+            .relay_on(here)
+            .start()
+            .await
+            .map_err(upstream)?,
     ];
     let most = options.clients.iter().copied().max().unwrap_or(1);
     let mut paths: Vec<Vec<Arc<Session>>> = Vec::new();

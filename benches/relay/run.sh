@@ -61,6 +61,9 @@ done
 
 emulator=${DSQL_EMULATOR:-$PWD/target/release/dsql-emulator}
 relay_load=${RELAY_LOAD:-$PWD/target/release/examples/relay_load}
+if [ -n "${RELAY_LOAD:-}" ] && [ ! -x "$RELAY_LOAD" ]; then
+    echo "missing: $RELAY_LOAD (RELAY_LOAD)" >&2; exit 1
+fi
 newest_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 pg_bin=${PG_BIN:-$newest_bin}
 pgbench=${PGBENCH:-$(command -v pgbench || true)}
@@ -103,6 +106,7 @@ trap cleanup EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "${as_server[@]}" "$pg_bin/initdb" -D "$work/pg" -U admin -A trust >/dev/null
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=relay-bench-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
     -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout "$work/server.key" \
     -out "$work/server.csr" 2>/dev/null

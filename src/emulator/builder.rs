@@ -232,12 +232,14 @@ impl DsqlEmulatorBuilder {
     /// client's message in, the server's answer back) beyond what a direct connection costs;
     /// on a machine where waking a sleeping CPU is slow (a virtual machine whose idle CPUs
     /// halt), that is most of what the emulator adds to a test. Relayed on the client's own
-    /// runtime, a message the client writes is read by the relay on the same thread, on the
-    /// runtime's next turn: the statement wakes only PostgreSQL, as a direct connection does.
+    /// current-thread runtime (what `#[tokio::test]` builds), a message the client writes is
+    /// read by the relay on the same thread, on the runtime's next turn: the statement wakes
+    /// only PostgreSQL, as a direct connection does. (On a multi-thread runtime the relay's
+    /// tasks run on any worker, and gain less.)
     /// On the reference machine (2 vCPUs) a Rust load generator with 4 clients on a
-    /// current-thread runtime went from 0.61×–0.74× of a direct TLS connection's throughput,
-    /// with the SQL rules, to 0.77×–0.84×, and its 1-client statements from 53–69 µs added to
-    /// 14–45 µs (`examples/relay_load.rs`, `src/guide/performance.md`). The connections are real TCP connections with
+    /// current-thread runtime went from 0.56×–0.76× of a direct TLS connection's throughput,
+    /// with the SQL rules, to 0.69×–0.84× (two runs), and its 1-client statements from 52–78 µs
+    /// added to 14–45 µs (`examples/relay_load.rs`, `src/guide/performance.md`). The connections are real TCP connections with
     /// TLS and token checks, as on the emulator's own thread; only the thread that relays
     /// them changes. The emulator still accepts connections on its own thread, so
     /// [`DsqlEmulator::set_down`] and the other faults work as without this option.
@@ -247,12 +249,19 @@ impl DsqlEmulatorBuilder {
     ///   `#[tokio::main]` build it);
     /// - keep the emulator within the runtime's life, e.g. start it in the test that uses it
     ///   (one endpoint per test: [`SharedPostgres::endpoint`](super::SharedPostgres::endpoint)
-    ///   makes one in milliseconds). An emulator shared by several tests, each with its own
+    ///   makes one in tens of milliseconds). An emulator shared by several tests, each with its own
     ///   runtime, must relay on its own thread (the default): once this runtime shuts down,
     ///   new connections to the endpoint are closed at once, with a warning in the log;
     /// - a current-thread runtime relays only while the thread runs it: a client that blocks
     ///   that thread (a synchronous driver, `std::thread::sleep`, `Handle::block_on` from
-    ///   inside it) waits for an answer the blocked relay cannot give.
+    ///   inside it) waits for an answer the blocked relay cannot give;
+    /// - the relay's timers (the connection's maximum age, its startup bound, a latency) run
+    ///   on the runtime's clock: not in a test that pauses time (`start_paused`,
+    ///   `tokio::time::pause`), whose clock jumps ahead each time the runtime waits for
+    ///   PostgreSQL;
+    /// - the two endpoints of a pair ([`peer_of`](Self::peer_of)) should relay on the same
+    ///   runtime, or both on their own threads: work they share (the conflict monitor's
+    ///   connection) runs on the runtime that first needs it.
     ///
     /// Dropping the emulator closes the connections it relays on `runtime`. Not with
     /// [`busy_poll`](Self::busy_poll) (a relay that shares its thread with the client must not

@@ -342,6 +342,23 @@ impl Drop for Admitted<'_> {
     }
 }
 
+/// A session counted in [`DsqlEmulator::open_connections`] while this lives: until the relay
+/// ends, also when its task is dropped midway (a `relay_on` runtime that shuts down).
+pub(crate) struct Open<'a>(&'a AtomicUsize);
+
+impl<'a> Open<'a> {
+    pub(crate) fn count(open: &'a AtomicUsize) -> Open<'a> {
+        open.fetch_add(1, Ordering::SeqCst);
+        Open(open)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A running DSQL emulator. Dropping it stops it and its private PostgreSQL.
 pub struct DsqlEmulator {
     address: SocketAddr,

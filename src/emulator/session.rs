@@ -96,15 +96,22 @@ impl Relay {
                 _ = stopped.changed() => {}
             }
         });
+        let emulator = self.stopped.clone();
         tokio::spawn(async move {
-            match task.await {
+            let outcome = task.await;
+            // (An emulator already dropped closed the connection itself.)
+            if emulator.has_changed().is_err() {
+                return;
+            }
+            match outcome {
                 Err(error) if error.is_cancelled() => tracing::warn!(
                     "emulator: relay_on's runtime has shut down; a connection was closed \
                      (an emulator that outlives the runtime must relay on its own thread)"
                 ),
-                Err(_) => tracing::warn!(
-                    "emulator: a connection's relay failed on relay_on's runtime (it needs \
-                     its I/O and time drivers: `enable_all`)"
+                Err(error) => tracing::warn!(
+                    %error,
+                    "emulator: a connection's relay failed on relay_on's runtime (a runtime \
+                     without its I/O and time drivers, `enable_all`, fails so)"
                 ),
                 Ok(()) => {}
             }
@@ -455,7 +462,7 @@ where
     let mut drops = shared.drops.subscribe();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    shared.open.fetch_add(1, Ordering::SeqCst);
+    let open = super::Open::count(&shared.open);
     // With DSQL's SQL rules: the plans both directions share, this session among the
     // database's, and the upstream side's inbox for the server-to-client side's replies.
     let plans = sql::Plans::default();
@@ -597,7 +604,7 @@ where
             Ok(())
         }
     };
-    shared.open.fetch_sub(1, Ordering::SeqCst);
+    drop(open);
     let _ = client_write.shutdown().await;
     outcome
 }

@@ -132,10 +132,91 @@ async fn dropping_an_endpoint_relayed_here_closes_its_connections() {
         "a connection outlived its emulator: {gone:?}"
     );
     assert!(client.is_closed());
+    // (The emulator's thread closes the listening socket once it runs after the drop.)
+    within("the listening socket's close", async {
+        while tokio::net::TcpStream::connect(address).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// Faults on an endpoint relayed here: `drop_all_connections` closes its connections, and a
+/// connection black-holed or behind a latency when the emulator is dropped closes too.
+#[tokio::test]
+async fn faults_on_an_endpoint_relayed_here() {
+    let here = tokio::runtime::Handle::current();
+    let emulator = own_emulator(|b| b.relay_on(here)).await;
+    let client = connect_to(&emulator, "admin").await.unwrap();
+    emulator.drop_all_connections();
+    let dropped = within(
+        "a query after drop_all_connections",
+        client.simple_query("SELECT 1"),
+    )
+    .await;
+    assert!(dropped.is_err(), "{dropped:?}");
+
+    emulator.set_latency(Duration::from_millis(2));
+    let delayed = connect_to(&emulator, "admin").await.unwrap();
+    delayed.simple_query("SELECT 1").await.unwrap();
+    let held = connect_to(&emulator, "admin").await.unwrap();
+    held.simple_query("SELECT 1").await.unwrap();
+    emulator.set_black_hole(true);
+    let stalled = tokio::spawn(async move { held.simple_query("SELECT 1").await.map(|_| ()) });
+    // (The query waits in the black hole; a short wait is no assertion of time.)
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(emulator);
+    let after = within(
+        "a delayed query after the drop",
+        delayed.simple_query("SELECT 1"),
+    )
+    .await;
     assert!(
-        tokio::net::TcpStream::connect(address).await.is_err(),
-        "still listening after the drop"
+        after.is_err(),
+        "a delayed connection outlived its emulator: {after:?}"
     );
+    let stalled = within("a black-holed query after the drop", stalled)
+        .await
+        .unwrap();
+    assert!(
+        stalled.is_err(),
+        "a black-holed query was answered: {stalled:?}"
+    );
+}
+
+/// A connection whose relay runtime shuts down while the emulator lives is no longer counted
+/// as open.
+#[test]
+fn a_relay_cut_by_its_runtime_is_not_counted_open() {
+    let driver = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let relays = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = relays.handle().clone();
+    driver.block_on(async {
+        let emulator = own_emulator(|b| b.relay_on(handle)).await;
+        let client = connect_to(&emulator, "admin").await.unwrap();
+        client.simple_query("SELECT 1").await.unwrap();
+        assert_eq!(emulator.open_connections(), 1);
+        relays.shutdown_background();
+        let cut = within(
+            "a query after the runtime's shutdown",
+            client.simple_query("SELECT 1"),
+        )
+        .await;
+        assert!(cut.is_err(), "{cut:?}");
+        within("the open count", async {
+            while emulator.open_connections() != 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    });
 }
 
 /// A multi-thread runtime: the relays run on its workers, in parallel with each other (on the
