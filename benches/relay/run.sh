@@ -14,8 +14,8 @@
 # `#[tokio::test]` gives), the same scripts straight to the server over TLS, through an
 # emulator in its process on the emulator's own thread, and through one relaying on the
 # clients' runtime (`DsqlEmulatorBuilder::relay_on`), without and with the SQL rules,
-# alternated in rounds of 100 ms (as many as the pgbench rows' time allows: rounds × seconds
-# × 2 per path).
+# alternated in rounds of 100 ms (rounds × seconds × 2 of them per path and row: a tenth of
+# pgbench's time).
 # For each pgbench script (a read, a transaction, an autocommit write), protocol (simple,
 # extended) and client count it prints direct's median tps and the median, over rounds, of each
 # path's tps divided by direct's in the same round; at 1 client also the median latency each path

@@ -47,10 +47,17 @@ async fn relayed_here(emulator: &DsqlEmulator, expected: bool) {
         })
         .await;
         assert_eq!(alive_tasks(), before + 1);
+        // The relay ends at the connection's close (so no task lingers into the next count).
+        drop(socket);
+        within("the relay task's end", async {
+            while alive_tasks() != before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
     } else {
         assert_eq!(alive_tasks(), before, "no task of this runtime relays");
     }
-    drop(socket);
 }
 
 /// A current-thread runtime, as `#[tokio::test]` gives: the client and its relay share the
@@ -165,6 +172,7 @@ async fn faults_on_an_endpoint_relayed_here() {
     let stalled = tokio::spawn(async move { held.simple_query("SELECT 1").await.map(|_| ()) });
     // (The query waits in the black hole; a short wait is no assertion of time.)
     tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!stalled.is_finished(), "the black hole answered");
     drop(emulator);
     let after = within(
         "a delayed query after the drop",
