@@ -18,6 +18,16 @@ async fn within<T>(what: &str, step: impl std::future::Future<Output = T>) -> T 
         .unwrap_or_else(|_| panic!("{what}: no answer in 60 s"))
 }
 
+/// Waits (bounded by [`within`]) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    within(what, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+}
+
 fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
         .metrics()
@@ -33,28 +43,13 @@ async fn relayed_here(emulator: &DsqlEmulator, expected: bool) {
     let socket = tokio::net::TcpStream::connect(emulator.address())
         .await
         .unwrap();
-    within("the accept", async {
-        while emulator.stats().connections == accepted {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await;
+    until("the accept", || emulator.stats().connections != accepted).await;
     if expected {
-        within("the relay task on this runtime", async {
-            while alive_tasks() == before {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await;
+        until("the relay task on this runtime", || alive_tasks() != before).await;
         assert_eq!(alive_tasks(), before + 1);
         // The relay ends at the connection's close (so no task lingers into the next count).
         drop(socket);
-        within("the relay task's end", async {
-            while alive_tasks() != before {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await;
+        until("the relay task's end", || alive_tasks() == before).await;
     } else {
         assert_eq!(alive_tasks(), before, "no task of this runtime relays");
     }
@@ -218,12 +213,7 @@ fn a_relay_cut_by_its_runtime_is_not_counted_open() {
         )
         .await;
         assert!(cut.is_err(), "{cut:?}");
-        within("the open count", async {
-            while emulator.open_connections() != 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
+        until("the open count", || emulator.open_connections() == 0).await;
     });
 }
 
