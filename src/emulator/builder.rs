@@ -237,22 +237,24 @@ impl DsqlEmulatorBuilder {
     /// only PostgreSQL, as a direct connection does. (On a multi-thread runtime the relay's
     /// tasks run on any worker, which may wake another: measured, 4 clients gained as much,
     /// but 1-client writes through the rules added 59–83 µs a statement.)
+    ///
     /// On the reference machine (2 vCPUs) a Rust load generator with 4 clients on a
     /// current-thread runtime went from 0.56×–0.76× of a direct TLS connection's throughput,
-    /// with the SQL rules, to 0.69×–0.84× (two runs), and its 1-client statements from 52–78 µs
-    /// added to 14–45 µs (`examples/relay_load.rs`, `src/guide/performance.md`). The connections are real TCP connections with
-    /// TLS and token checks, as on the emulator's own thread; only the thread that relays
-    /// them changes. The emulator still accepts connections on its own thread, so
-    /// [`DsqlEmulator::set_down`] and the other faults work as without this option.
+    /// with the SQL rules, to 0.69×–0.84× (two runs), and its 1-client statements from
+    /// 52–78 µs added to 14–45 µs (`examples/relay_load.rs`, `src/guide/performance.md`).
+    /// The connections are real TCP connections with TLS and token checks, as on the
+    /// emulator's own thread; only the thread that relays them changes. The emulator still
+    /// accepts connections on its own thread, so [`DsqlEmulator::set_down`] and the other
+    /// faults work as without this option.
     ///
     /// The runtime must relay while clients use the endpoint:
     /// - it needs its I/O and time drivers (`enable_all`, as `#[tokio::test]` and
     ///   `#[tokio::main]` build it);
     /// - keep the emulator within the runtime's life, e.g. start it in the test that uses it
     ///   (one endpoint per test: [`SharedPostgres::endpoint`](super::SharedPostgres::endpoint)
-    ///   makes one in tens of milliseconds). An emulator shared by several tests, each with its own
-    ///   runtime, must relay on its own thread (the default): once this runtime shuts down,
-    ///   new connections to the endpoint are closed at once, with a warning in the log;
+    ///   makes one in tens of milliseconds). An emulator shared by several tests, each with
+    ///   its own runtime, must relay on its own thread (the default): once this runtime shuts
+    ///   down, new connections to the endpoint are closed at once, with a warning in the log;
     /// - a current-thread runtime relays only while the thread runs it: a client that blocks
     ///   that thread (a synchronous driver, `std::thread::sleep`, `Handle::block_on` from
     ///   inside it) waits for an answer the blocked relay cannot give;
