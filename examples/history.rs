@@ -6,7 +6,11 @@
 //!
 //! ```text
 //! cargo run --example history -- --seed 7 --transactions 20000 [--sessions 4] [--counters 4]
+//!     [--relay thread|here]
 //! ```
+//!
+//! `--relay here` relays on the example's own (multi-thread) runtime
+//! (`DsqlEmulatorBuilder::relay_on`) instead of the emulator's thread.
 //!
 //! It starts its own emulator (PostgreSQL from the server binaries, `PG_BIN` as for the tests),
 //! prints the report (the seed, outcomes by shape, the documented deviations counted apart)
@@ -23,11 +27,12 @@ mod history;
 
 use tokio_postgres_dsql::emulator::DsqlEmulator;
 
-const USAGE: &str =
-    "usage: history [--seed N] [--transactions TOTAL] [--sessions N] [--counters N]";
+const USAGE: &str = "usage: history [--seed N] [--transactions TOTAL] [--sessions N] [--counters N] [--relay thread|here]";
 
-fn parse() -> Result<history::Config, String> {
+/// The checker's configuration, and whether to relay on this runtime (`--relay here`).
+fn parse() -> Result<(history::Config, bool), String> {
     let mut config = history::Config::new(1, 4, 0);
+    let mut relay_here = false;
     let mut total = 240;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -47,23 +52,34 @@ fn parse() -> Result<history::Config, String> {
             "--transactions" => total = number("--transactions")? as usize,
             "--sessions" => config.sessions = (number("--sessions")? as usize).max(2),
             "--counters" => config.counters = (number("--counters")? as u32).max(1),
+            "--relay" => {
+                relay_here = match value.as_str() {
+                    "thread" => false,
+                    "here" => true,
+                    _ => return Err(format!("--relay: thread or here, not {value:?}\n{USAGE}")),
+                }
+            }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
     config.transactions = total.div_ceil(config.sessions);
-    Ok(config)
+    Ok((config, relay_here))
 }
 
 #[tokio::main]
 async fn main() {
-    let config = match parse() {
+    let (config, relay_here) = match parse() {
         Ok(config) => config,
         Err(message) => {
             eprintln!("{message}");
             std::process::exit(2);
         }
     };
-    let emulator = match DsqlEmulator::start().await {
+    let mut builder = DsqlEmulator::builder();
+    if relay_here {
+        builder = builder.relay_on(tokio::runtime::Handle::current());
+    }
+    let emulator = match builder.start().await {
         Ok(emulator) => emulator,
         Err(error) => {
             eprintln!("the emulator did not start: {error}");

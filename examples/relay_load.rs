@@ -90,6 +90,19 @@ impl Script {
     }
 }
 
+/// A flag's space-separated values, each read by `one`; `expected` says what they may be.
+fn list<T>(
+    value: &str,
+    flag: &str,
+    expected: &str,
+    one: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<T>, String> {
+    value
+        .split_whitespace()
+        .map(|item| one(item).ok_or_else(|| format!("{flag}: {expected}, not `{item}`")))
+        .collect()
+}
+
 fn parse() -> Result<Options, String> {
     let mut options = Options {
         host: "localhost".into(),
@@ -129,35 +142,32 @@ fn parse() -> Result<Options, String> {
             "--rounds" => options.rounds = number("--rounds", 1_000_000)? as usize,
             "--round-ms" => options.round = Duration::from_millis(number("--round-ms", 60_000)?),
             "--clients" => {
-                options.clients = value
-                    .split_whitespace()
-                    .map(|c| match c.parse::<usize>() {
-                        // (Five paths open as many connections each.)
-                        Ok(n) if (1..=32).contains(&n) => Ok(n),
-                        _ => Err(format!("--clients: numbers from 1 to 32, not `{c}`")),
-                    })
-                    .collect::<Result<_, _>>()?;
+                // (Five paths open as many connections each.)
+                options.clients = list(&value, "--clients", "numbers from 1 to 32", |c| {
+                    c.parse::<usize>().ok().filter(|n| (1..=32).contains(n))
+                })?;
             }
             "--scripts" => {
-                options.scripts = value
-                    .split_whitespace()
-                    .map(|s| match s {
-                        "read" => Ok(Script::Read),
-                        "transaction" => Ok(Script::Transaction),
-                        "write" => Ok(Script::Write),
-                        _ => Err(format!("--scripts: read, transaction or write, not `{s}`")),
-                    })
-                    .collect::<Result<_, _>>()?;
+                options.scripts =
+                    list(
+                        &value,
+                        "--scripts",
+                        "read, transaction or write",
+                        |s| match s {
+                            "read" => Some(Script::Read),
+                            "transaction" => Some(Script::Transaction),
+                            "write" => Some(Script::Write),
+                            _ => None,
+                        },
+                    )?;
             }
             "--protocols" => {
-                options.protocols = value
-                    .split_whitespace()
-                    .map(|p| match p {
-                        "simple" => Ok(false),
-                        "extended" => Ok(true),
-                        _ => Err(format!("--protocols: simple or extended, not `{p}`")),
-                    })
-                    .collect::<Result<_, _>>()?;
+                options.protocols =
+                    list(&value, "--protocols", "simple or extended", |p| match p {
+                        "simple" => Some(false),
+                        "extended" => Some(true),
+                        _ => None,
+                    })?;
             }
             "--runtime" => {
                 options.multi_thread = match value.as_str() {

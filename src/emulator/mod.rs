@@ -299,7 +299,7 @@ impl Shared {
 
     /// Admission for a new session, in DSQL's order: waking up, the new-connection rate, the
     /// open-connection cap. `Ok` holds a slot of the cap until dropped.
-    fn admit(&self) -> Result<Admitted<'_>, (Rejection, &'static str, &'static str)> {
+    fn admit(&self) -> Result<Counted<'_>, (Rejection, &'static str, &'static str)> {
         let now = Instant::now();
         let waking = self
             .waking_until
@@ -329,31 +329,24 @@ impl Shared {
                 "Unable to accept connection, too many open connections.",
             ));
         }
-        Ok(Admitted(&self.admitted))
+        Ok(Counted(&self.admitted))
     }
 }
 
-/// A session's slot under the open-connection cap.
-pub(crate) struct Admitted<'a>(&'a AtomicUsize);
+/// One unit of a counter (a session's slot under the open-connection cap, a session in
+/// [`DsqlEmulator::open_connections`]) held while this lives, also when the task holding it is
+/// dropped midway (a `relay_on` runtime that shuts down).
+pub(crate) struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for Admitted<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+impl<'a> Counted<'a> {
+    /// Counts one more on `counter` until the guard is dropped.
+    pub(crate) fn hold(counter: &'a AtomicUsize) -> Counted<'a> {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Counted(counter)
     }
 }
 
-/// A session counted in [`DsqlEmulator::open_connections`] while this lives: until the relay
-/// ends, also when its task is dropped midway (a `relay_on` runtime that shuts down).
-pub(crate) struct Open<'a>(&'a AtomicUsize);
-
-impl<'a> Open<'a> {
-    pub(crate) fn count(open: &'a AtomicUsize) -> Open<'a> {
-        open.fetch_add(1, Ordering::SeqCst);
-        Open(open)
-    }
-}
-
-impl Drop for Open<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }

@@ -462,7 +462,7 @@ where
     let mut drops = shared.drops.subscribe();
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let counted = super::Open::count(&shared.open);
+    let counted = super::Counted::hold(&shared.open);
     // With DSQL's SQL rules: the plans both directions share, this session among the
     // database's, and the upstream side's inbox for the server-to-client side's replies.
     let plans = sql::Plans::default();
