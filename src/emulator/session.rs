@@ -390,11 +390,14 @@ async fn negotiate(
             }
         }
     }
-    // Counted before the client can see its session open (a test reads the count as soon as
-    // its connect returns).
+    // Counted, and watching for `drop_all_connections`, before the client can see its session
+    // open: a test reads the counts and may drop every connection as soon as its connect
+    // returns, which can be before this task's next step.
     shared.count_accepted();
+    let open = super::Counted::hold(&shared.open);
+    let drops = shared.drops.subscribe();
     tls.write_all(&startup_reply).await?;
-    relay(tls, upstream, backend, accepted_at, shared).await
+    relay(tls, upstream, backend, accepted_at, (open, drops), shared).await
 }
 
 /// Whether `user` may connect as the IAM identity of `access_key`: `admin` always (IAM's policy
@@ -447,11 +450,14 @@ async fn granted(shared: &Shared, user: &str, access_key: &str) -> Result<(), No
 /// `drop_all_connections` is called, or the client sends a `COMMIT` while
 /// `cut_next_commit` is armed (then neither the `COMMIT` nor anything after it is forwarded).
 /// `backend`: the upstream backend's process id (for commit-time conflicts, [`sql::occ`]).
+/// `open`: the session's place in the open count and its subscription to
+/// `drop_all_connections`, both taken before the client saw its session open.
 async fn relay<C, U>(
     client: C,
     upstream: U,
     backend: i32,
     accepted_at: Instant,
+    open: (super::Counted<'_>, tokio::sync::watch::Receiver<u64>),
     shared: &Arc<Shared>,
 ) -> std::io::Result<()>
 where
@@ -459,10 +465,9 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let max_age = Duration::from_nanos(shared.max_age.load(Ordering::SeqCst));
-    let mut drops = shared.drops.subscribe();
+    let (counted, mut drops) = open;
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-    let counted = super::Counted::hold(&shared.open);
     // With DSQL's SQL rules: the plans both directions share, this session among the
     // database's, and the upstream side's inbox for the server-to-client side's replies.
     let plans = sql::Plans::default();

@@ -224,6 +224,37 @@ async fn the_maximum_connection_age_closes_a_plain_client() {
     assert_eq!(short_lived.stats().closed_at_max_age, 1);
 }
 
+/// `drop_all_connections` closes every connection a client has seen open, one whose connect
+/// has only just returned included. Before the fix, the session subscribed to the drop signal
+/// (and counted itself open) only after it had sent the client its `ReadyForQuery`: a call
+/// made in between, by a client quicker than the emulator's next step (a loaded machine),
+/// was missed and the connection stayed open. Many rounds on a multi-thread runtime, so the
+/// client's thread can overtake the session's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_all_connections_closes_a_connection_whose_connect_just_returned() {
+    let e = crate::support::own_emulator(|b| b).await;
+    let connector = DsqlConnector::new(e.config_for("admin").build().unwrap())
+        .await
+        .unwrap();
+    for round in 0..150 {
+        let client = connector.connect().await.unwrap();
+        let open = e.open_connections();
+        e.drop_all_connections();
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !client.is_closed() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            client.is_closed(),
+            "round {round}: the connection outlived drop_all_connections by 10 s"
+        );
+        assert_eq!(
+            open, 1,
+            "round {round}: the session was not counted open yet"
+        );
+    }
+}
+
 /// A large result read slowly arrives whole: the emulator's relay must flush its TLS stream,
 /// or the last records of a write made while the socket was full wait for a write that never
 /// comes.
