@@ -575,10 +575,15 @@ impl DsqlEmulatorBuilder {
                                     drop(socket);
                                     continue;
                                 }
+                                let accepted = session::Accepted::now(&shared);
                                 match &relay {
-                                    Some(relay) => relay.serve(socket, shared.clone()),
+                                    Some(relay) => relay.serve(socket, accepted, shared.clone()),
                                     None => {
-                                        tokio::spawn(session::serve(socket, shared.clone()));
+                                        tokio::spawn(session::serve(
+                                            socket,
+                                            accepted,
+                                            shared.clone(),
+                                        ));
                                     }
                                 }
                             }

@@ -521,12 +521,15 @@ impl DsqlEmulator {
         stats
     }
 
-    /// How many sessions are being relayed now.
+    /// How many sessions are being relayed now: each counts from just before its client is
+    /// told the session is open (its `ReadyForQuery`) until it ends.
     pub fn open_connections(&self) -> usize {
         self.shared.open.load(Ordering::SeqCst)
     }
 
-    /// Closes every relayed connection now, as a server failure would.
+    /// Closes every connection accepted before the call, as a server failure would: an open
+    /// session (one whose connect has only just returned included) is closed, and one still
+    /// in its startup is cut before it logs in (its client's connect fails).
     pub fn drop_all_connections(&self) {
         self.shared.drops.send_modify(|generation| *generation += 1);
     }

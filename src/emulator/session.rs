@@ -72,7 +72,7 @@ impl Relay {
     /// the session ends or the emulator is dropped. Called on the emulator's own runtime,
     /// which watches the task: a runtime that has shut down (or lacks a driver) closes the
     /// connection at once, and says why in the log.
-    pub(crate) fn serve(&self, socket: TcpStream, shared: Arc<Shared>) {
+    pub(crate) fn serve(&self, socket: TcpStream, accepted: Accepted, shared: Arc<Shared>) {
         // The socket moves to the other runtime's I/O driver.
         let socket = match socket.into_std() {
             Ok(socket) => socket,
@@ -91,7 +91,7 @@ impl Relay {
                 }
             };
             tokio::select! {
-                () = serve(socket, shared) => {}
+                () = serve(socket, accepted, shared) => {}
                 // The emulator is gone: its connections close.
                 _ = stopped.changed() => {}
             }
@@ -119,9 +119,29 @@ impl Relay {
     }
 }
 
+/// What a connection takes from the emulator's state when it is accepted, in the accept loop:
+/// faults and settings changed after that moment apply to it as to any connection then open.
+pub(crate) struct Accepted {
+    at: Instant,
+    /// `drop_all_connections` (and `set_down`) from the accept on: a call made while the
+    /// session is still starting up cuts it before it logs in.
+    drops: tokio::sync::watch::Receiver<u64>,
+    /// The maximum connection age in force at the accept.
+    max_age: Duration,
+}
+
+impl Accepted {
+    pub(crate) fn now(shared: &Shared) -> Accepted {
+        Accepted {
+            at: Instant::now(),
+            drops: shared.drops.subscribe(),
+            max_age: Duration::from_nanos(shared.max_age.load(Ordering::SeqCst)),
+        }
+    }
+}
+
 /// Serves one accepted TCP connection.
-pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
-    let accepted_at = Instant::now();
+pub(crate) async fn serve(socket: TcpStream, accepted: Accepted, shared: Arc<Shared>) {
     if shared.refusing.load(Ordering::SeqCst) {
         shared.count_rejection(Rejection::Refused);
         return;
@@ -142,7 +162,7 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
     }
     let direct = first[0] == 0x16;
     let stream = Line::new(socket, shared.latency.clone()).with_activity(shared.activity.clone());
-    if let Err(error) = negotiate(stream, direct, accepted_at, &shared).await {
+    if let Err(error) = negotiate(stream, direct, accepted, &shared).await {
         tracing::debug!(%error, "emulator session ended with an I/O error");
     }
 }
@@ -150,7 +170,7 @@ pub(crate) async fn serve(socket: TcpStream, shared: Arc<Shared>) {
 async fn negotiate(
     mut stream: Line<TcpStream>,
     direct: bool,
-    accepted_at: Instant,
+    accepted: Accepted,
     shared: &Arc<Shared>,
 ) -> std::io::Result<()> {
     if direct {
@@ -390,14 +410,19 @@ async fn negotiate(
             }
         }
     }
-    // Counted, and watching for `drop_all_connections`, before the client can see its session
-    // open: a test reads the counts and may drop every connection as soon as its connect
-    // returns, which can be before this task's next step.
+    // A cut (`drop_all_connections`, `set_down`) since the accept: the session does not log in.
+    if accepted.drops.has_changed().unwrap_or(true) {
+        shared.count(|stats| stats.dropped += 1);
+        let _ = tls.shutdown().await;
+        return Ok(());
+    }
+    // Counted before the client can see its session open: a test reads the counts as soon as
+    // its connect returns, which can be before this task's next step.
     shared.count_accepted();
     let open = super::Counted::hold(&shared.open);
-    let drops = shared.drops.subscribe();
     tls.write_all(&startup_reply).await?;
-    relay(tls, upstream, backend, accepted_at, (open, drops), shared).await
+    tls.flush().await?;
+    relay(tls, upstream, backend, accepted, open, shared).await
 }
 
 /// Whether `user` may connect as the IAM identity of `access_key`: `admin` always (IAM's policy
@@ -450,22 +475,25 @@ async fn granted(shared: &Shared, user: &str, access_key: &str) -> Result<(), No
 /// `drop_all_connections` is called, or the client sends a `COMMIT` while
 /// `cut_next_commit` is armed (then neither the `COMMIT` nor anything after it is forwarded).
 /// `backend`: the upstream backend's process id (for commit-time conflicts, [`sql::occ`]).
-/// `open`: the session's place in the open count and its subscription to
-/// `drop_all_connections`, both taken before the client saw its session open.
+/// `counted`: the session's place in the open count, taken before the client saw its session
+/// open.
 async fn relay<C, U>(
     client: C,
     upstream: U,
     backend: i32,
-    accepted_at: Instant,
-    open: (super::Counted<'_>, tokio::sync::watch::Receiver<u64>),
+    accepted: Accepted,
+    counted: super::Counted<'_>,
     shared: &Arc<Shared>,
 ) -> std::io::Result<()>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let max_age = Duration::from_nanos(shared.max_age.load(Ordering::SeqCst));
-    let (counted, mut drops) = open;
+    let Accepted {
+        at: accepted_at,
+        mut drops,
+        max_age,
+    } = accepted;
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
     // With DSQL's SQL rules: the plans both directions share, this session among the

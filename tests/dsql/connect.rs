@@ -255,6 +255,78 @@ async fn drop_all_connections_closes_a_connection_whose_connect_just_returned() 
     }
 }
 
+/// `set_down(true)` cuts a connection still in its startup: it does not go on to log in on an
+/// endpoint that is down. The startup is slowed (300 ms each way) so that the call lands in
+/// the middle of it. Before the fix the session, accepted before the call but subscribed to
+/// the cut only once its startup was done, logged in and stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_down_cuts_a_connection_still_in_its_startup() {
+    let e = crate::support::own_emulator(|b| b).await;
+    let connector = DsqlConnector::new(
+        e.config_for("admin")
+            .connect_deadline(Duration::from_secs(5))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    e.set_latency(Duration::from_millis(300));
+    let accepted = e.stats().connections;
+    let connecting = tokio::spawn(async move { connector.connect().await });
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while e.stats().connections == accepted && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        e.stats().connections,
+        accepted + 1,
+        "the connect was accepted"
+    );
+    e.set_down(true);
+    if let Ok(client) = connecting.await.unwrap() {
+        // (Only if the startup was done before the call: then the cut closes it.)
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !client.is_closed() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            client.is_closed(),
+            "a connection stayed open on a down endpoint"
+        );
+    }
+    assert_eq!(e.open_connections(), 0);
+    e.set_down(false);
+}
+
+/// `set_max_connection_age` applies to connections accepted after the call: one whose startup
+/// was under way keeps the age it was accepted with. Before the fix the session read the age
+/// only once its startup was done, and took the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_max_age_set_during_a_connect_applies_only_to_later_connections() {
+    let e = crate::support::own_emulator(|b| b).await;
+    let connector = DsqlConnector::new(e.config_for("admin").build().unwrap())
+        .await
+        .unwrap();
+    e.set_latency(Duration::from_millis(300));
+    let accepted = e.stats().connections;
+    let connecting = tokio::spawn(async move { connector.connect().await });
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while e.stats().connections == accepted && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        e.stats().connections,
+        accepted + 1,
+        "the connect was accepted"
+    );
+    e.set_max_connection_age(Duration::from_secs(1));
+    let client = connecting.await.unwrap().unwrap();
+    e.set_latency(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(e.stats().closed_at_max_age, 0);
+}
+
 /// A large result read slowly arrives whole: the emulator's relay must flush its TLS stream,
 /// or the last records of a write made while the socket was full wait for a write that never
 /// comes.

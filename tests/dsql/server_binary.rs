@@ -26,7 +26,7 @@ fn command() -> Command {
 }
 
 /// Starts the binary with `args`, waits for its readiness line, and reads its env file.
-fn start(args: &[&str]) -> (Child, HashMap<String, String>, Duration) {
+fn start(args: &[&str]) -> (KillOnDrop, HashMap<String, String>, Duration) {
     let env_file = std::env::temp_dir().join(format!(
         "dsql-emulator-test-{}-{}.env",
         std::process::id(),
@@ -208,13 +208,16 @@ fn the_binary_prints_its_version() {
     }
 }
 
-/// Spawns `command` (stdout piped) and returns it with its readiness line.
-fn spawn_ready(command: &mut Command) -> (Child, String) {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the binary runs");
+/// Spawns `command` (stdout piped) and returns it with its readiness line. The child is killed
+/// if the test fails before stopping it.
+fn spawn_ready(command: &mut Command) -> (KillOnDrop, String) {
+    let mut child = KillOnDrop(
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the binary runs"),
+    );
     let ready = BufReader::new(child.stdout.take().unwrap())
         .lines()
         .next()
@@ -251,13 +254,30 @@ fn wait_for_env_file(path: &Path, pid: u32) -> HashMap<String, String> {
     }
 }
 
-/// A child process killed when dropped (a test that fails leaves nothing running).
+/// A child process killed (and reaped) when dropped unless it has ended: a test that fails
+/// leaves nothing running. An emulator left behind would keep the test's inherited stderr open,
+/// and a CI that pipes the output would wait for it until its timeout.
 struct KillOnDrop(Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
@@ -677,18 +697,8 @@ async fn with_an_upstream_each_run_gets_a_database_of_its_own() {
 /// CA the first exports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pair_shares_one_cluster_s_sessions() {
-    let (child, env, _) = start(&["--port", "0", "--pair", "--threads", "1"]);
-    // (Stopped even when an assertion fails, so that no emulator outlives the test.)
-    struct Stopped(Child);
-    impl Drop for Stopped {
-        fn drop(&mut self) {
-            if self.0.try_wait().ok().flatten().is_none() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
-    }
-    let mut child = Stopped(child);
+    // (Killed even when an assertion fails, so that no emulator outlives the test.)
+    let (mut child, env, _) = start(&["--port", "0", "--pair", "--threads", "1"]);
     let var = |name: &str| {
         env.get(name)
             .unwrap_or_else(|| panic!("{name} not exported"))
@@ -747,5 +757,5 @@ async fn the_pair_shares_one_cluster_s_sessions() {
         .get(0);
     assert_eq!(v, 1, "the peer's write, not the first's");
     drop((first, peer));
-    assert!(terminate(&mut child.0).success());
+    assert!(terminate(&mut child).success());
 }
