@@ -569,13 +569,24 @@ impl DsqlEmulatorBuilder {
                     tokio::select! {
                         accepted = current.accept() => match accepted {
                             Ok((socket, _)) => {
+                                // (Before the count: a test that sees the count and then cuts
+                                // reaches this connection.)
+                                let accepted = session::Accepted::now(&shared);
                                 shared.count(|stats| stats.connections += 1);
                                 if shared.drops_next_connection() {
                                     shared.count_rejection(Rejection::Refused);
                                     drop(socket);
                                     continue;
                                 }
-                                let accepted = session::Accepted::now(&shared);
+                                // A connection accepted as `set_down(true)` lands (the
+                                // listener closes just after) is refused. It took the cut
+                                // signal first, so a cut after this check reaches it, and the
+                                // "down" state is set before the cut is signalled.
+                                if *shared.network.borrow() == Network::Down {
+                                    shared.count_rejection(Rejection::Cut);
+                                    drop(socket);
+                                    continue;
+                                }
                                 match &relay {
                                     Some(relay) => relay.serve(socket, accepted, shared.clone()),
                                     None => {

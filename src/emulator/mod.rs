@@ -162,6 +162,9 @@ pub enum Rejection {
     TooManyConnections,
     /// The endpoint was waking up ([`DsqlEmulator::wake_up_after`]).
     WakingUp,
+    /// The connection was still in its startup when [`DsqlEmulator::drop_all_connections`] or
+    /// [`DsqlEmulator::set_down`] cut it: it never logged in.
+    Cut,
 }
 
 /// The state of the network in front of an endpoint, as a Region outage looks from a client.
@@ -188,7 +191,8 @@ pub struct EmulatorStats {
     pub rejected: BTreeMap<Rejection, u64>,
     /// Connections closed because they reached the maximum age.
     pub closed_at_max_age: u64,
-    /// Connections closed by [`DsqlEmulator::drop_all_connections`].
+    /// Open sessions closed by [`DsqlEmulator::drop_all_connections`] (and `set_down(true)`).
+    /// A connection cut during its startup is counted as [`Rejection::Cut`] instead.
     pub dropped: u64,
     /// Connections closed at a `COMMIT` by [`DsqlEmulator::cut_next_commit`] or
     /// [`DsqlEmulator::fail_next_commit`].
@@ -527,9 +531,10 @@ impl DsqlEmulator {
         self.shared.open.load(Ordering::SeqCst)
     }
 
-    /// Closes every connection accepted before the call, as a server failure would: an open
-    /// session (one whose connect has only just returned included) is closed, and one still
-    /// in its startup is cut before it logs in (its client's connect fails).
+    /// Cuts every connection the emulator accepted before the call, as a server failure
+    /// would: an open session (one whose connect has only just returned included) is closed
+    /// at once, and one still in its startup is cut before it logs in (its client's connect
+    /// fails; counted as [`Rejection::Cut`]) when its startup reaches that point.
     pub fn drop_all_connections(&self) {
         self.shared.drops.send_modify(|generation| *generation += 1);
     }
@@ -574,8 +579,9 @@ impl DsqlEmulator {
     }
 
     /// While `true`, the endpoint is down, as in a Region outage: nothing listens on its port
-    /// (connections are refused) and every open connection is cut. `false` listens again on the
-    /// same port.
+    /// (connections are refused) and every connection is cut, open or still in its startup
+    /// (see [`drop_all_connections`](DsqlEmulator::drop_all_connections)). `false` listens
+    /// again on the same port.
     /// Returns once the change has taken effect (within a second).
     pub fn set_down(&self, down: bool) {
         if down {

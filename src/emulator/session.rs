@@ -412,7 +412,7 @@ async fn negotiate(
     }
     // A cut (`drop_all_connections`, `set_down`) since the accept: the session does not log in.
     if accepted.drops.has_changed().unwrap_or(true) {
-        shared.count(|stats| stats.dropped += 1);
+        shared.count_rejection(Rejection::Cut);
         let _ = tls.shutdown().await;
         return Ok(());
     }

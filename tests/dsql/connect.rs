@@ -283,16 +283,26 @@ async fn set_down_cuts_a_connection_still_in_its_startup() {
         "the connect was accepted"
     );
     e.set_down(true);
-    if let Ok(client) = connecting.await.unwrap() {
+    match connecting.await.unwrap() {
+        // The cut reached the startup (the retries that follow are refused: nothing listens).
+        Err(_) => assert_eq!(
+            e.stats()
+                .rejected
+                .get(&tokio_postgres_dsql::emulator::Rejection::Cut),
+            Some(&1),
+            "the connect failed because the cut reached its startup"
+        ),
         // (Only if the startup was done before the call: then the cut closes it.)
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !client.is_closed() && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(client) => {
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !client.is_closed() && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(
+                client.is_closed(),
+                "a connection stayed open on a down endpoint"
+            );
         }
-        assert!(
-            client.is_closed(),
-            "a connection stayed open on a down endpoint"
-        );
     }
     assert_eq!(e.open_connections(), 0);
     e.set_down(false);
@@ -450,5 +460,120 @@ async fn a_busy_polling_endpoint_serves_sleeps_and_wakes() {
             "{}",
             endpoint.endpoint()
         );
+    }
+}
+
+/// One seeded run of [`random_connects_and_cuts_leave_nothing_a_cut_should_have_closed`]:
+/// `steps` times, a few connects start at random moments while a cut (`drop_all_connections`,
+/// or `set_down(true)` held a random while) lands among them. Checked: every connection whose
+/// connect returned before a cut, or while the endpoint was down, is closed; and once all has
+/// settled, `open_connections` counts exactly the connections still open.
+async fn connects_and_cuts(seed: u64, steps: usize) -> Result<(), String> {
+    use std::time::Instant;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let e = crate::support::own_emulator(|b| b).await;
+    let connector = DsqlConnector::new(
+        e.config_for("admin")
+            .connect_deadline(Duration::from_secs(3))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut alive = Vec::new();
+    for step in 0..steps {
+        let tasks: Vec<_> = (0..rng.usize(1..=4))
+            .map(|_| {
+                let (connector, delay) = (connector.clone(), rng.u64(0..6));
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    let client = connector.connect().await;
+                    (client, Instant::now())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..8))).await;
+        // A connect that returned before `cut` (taken before the call), or after `down` (taken
+        // once `set_down(true)` returned) and before `up` (taken before `set_down(false)`), was
+        // open or starting up at the cut: it must be closed.
+        let cut = Instant::now();
+        let (cut_made, down) = match rng.u8(0..3) {
+            0 => {
+                e.drop_all_connections();
+                (true, None)
+            }
+            1 => {
+                e.set_down(true);
+                let down = Instant::now();
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..10))).await;
+                let up = Instant::now();
+                e.set_down(false);
+                (true, Some((down, up)))
+            }
+            _ => (false, None),
+        };
+        let mut finished = Vec::new();
+        for task in tasks {
+            finished.push(task.await.unwrap());
+        }
+        for (client, returned) in finished {
+            let Ok(client) = client else { continue };
+            let must_close = (cut_made && returned < cut)
+                || down.is_some_and(|(down, up)| returned > down && returned < up);
+            if must_close {
+                let until = tokio::time::Instant::now() + Duration::from_secs(10);
+                while !client.is_closed() && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if !client.is_closed() {
+                    return Err(format!(
+                        "seed {seed}, step {step}: a connection that returned {} the cut is \
+                         still open",
+                        if returned < cut {
+                            "before"
+                        } else {
+                            "while the endpoint was down, after"
+                        }
+                    ));
+                }
+            }
+            alive.push(client);
+        }
+        alive.retain(|client| !client.is_closed());
+    }
+    // Settled: the emulator counts exactly the connections the clients still hold open.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        alive.retain(|client| !client.is_closed());
+        if e.open_connections() == alive.len() || tokio::time::Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if e.open_connections() != alive.len() {
+        return Err(format!(
+            "seed {seed}: the emulator counts {} open connections, the clients hold {}",
+            e.open_connections(),
+            alive.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Random connects with cuts among them ([`connects_and_cuts`]), on fixed seeds; more with
+/// `DSQL_CUTS_SEEDS=<n>` (seeds 1000…). A failure names its seed and step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_connects_and_cuts_leave_nothing_a_cut_should_have_closed() {
+    let extra: u64 = std::env::var("DSQL_CUTS_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for seed in [3, 20261208]
+        .into_iter()
+        .chain((0..extra).map(|i| 1_000 + i))
+    {
+        if let Err(failure) = connects_and_cuts(seed, 30).await {
+            panic!("{failure}");
+        }
     }
 }
