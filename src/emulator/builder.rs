@@ -573,17 +573,18 @@ impl DsqlEmulatorBuilder {
                                 // reaches this connection.)
                                 let accepted = session::Accepted::now(&shared);
                                 shared.count(|stats| stats.connections += 1);
-                                if shared.drops_next_connection() {
-                                    shared.count_rejection(Rejection::Refused);
-                                    drop(socket);
-                                    continue;
-                                }
                                 // A connection accepted as `set_down(true)` lands (the
                                 // listener closes just after) is refused. It took the cut
                                 // signal first, so a cut after this check reaches it, and the
-                                // "down" state is set before the cut is signalled.
+                                // "down" state is set before the cut is signalled. (Before the
+                                // seeded drop schedule, which it must not use up.)
                                 if *shared.network.borrow() == Network::Down {
                                     shared.count_rejection(Rejection::Cut);
+                                    drop(socket);
+                                    continue;
+                                }
+                                if shared.drops_next_connection() {
+                                    shared.count_rejection(Rejection::Refused);
                                     drop(socket);
                                     continue;
                                 }

@@ -163,7 +163,8 @@ pub enum Rejection {
     /// The endpoint was waking up ([`DsqlEmulator::wake_up_after`]).
     WakingUp,
     /// The connection was still in its startup when [`DsqlEmulator::drop_all_connections`] or
-    /// [`DsqlEmulator::set_down`] cut it: it never logged in.
+    /// [`DsqlEmulator::set_down`] cut it, or was accepted from the listener's queue just as
+    /// `set_down(true)` closed it: it never logged in.
     Cut,
 }
 
@@ -192,7 +193,10 @@ pub struct EmulatorStats {
     /// Connections closed because they reached the maximum age.
     pub closed_at_max_age: u64,
     /// Open sessions closed by [`DsqlEmulator::drop_all_connections`] (and `set_down(true)`).
-    /// A connection cut during its startup is counted as [`Rejection::Cut`] instead.
+    /// A connection cut during its startup is counted as [`Rejection::Cut`] instead. (A wait
+    /// for `dropped` to reach its value before the call plus `open_connections()` is exact
+    /// only while no connect is under way: one that logs in between the two reads is closed
+    /// and counted too.)
     pub dropped: u64,
     /// Connections closed at a `COMMIT` by [`DsqlEmulator::cut_next_commit`] or
     /// [`DsqlEmulator::fail_next_commit`].
