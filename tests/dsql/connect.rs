@@ -224,6 +224,36 @@ async fn the_maximum_connection_age_closes_a_plain_client() {
     assert_eq!(short_lived.stats().closed_at_max_age, 1);
 }
 
+/// Whether `client`'s connection is closed, waiting up to 10 s for the close to reach it.
+async fn closed_within_10s(client: &tokio_postgres_dsql::tokio_postgres::Client) -> bool {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !client.is_closed() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client.is_closed()
+}
+
+/// A connect to `e` whose every read is slowed by 300 ms, returned once the emulator has
+/// accepted it: its startup is then under way for a few seconds.
+async fn slowed_connect(
+    e: &DsqlEmulator,
+    connector: DsqlConnector,
+) -> tokio::task::JoinHandle<Result<tokio_postgres_dsql::tokio_postgres::Client, Error>> {
+    e.set_latency(Duration::from_millis(300));
+    let accepted = e.stats().connections;
+    let connecting = tokio::spawn(async move { connector.connect().await });
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while e.stats().connections == accepted && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        e.stats().connections,
+        accepted + 1,
+        "the connect was accepted"
+    );
+    connecting
+}
+
 /// `drop_all_connections` closes every connection a client has seen open, one whose connect
 /// has only just returned included. Before the fix, the session subscribed to the drop signal
 /// (and counted itself open) only after it had sent the client its `ReadyForQuery`: a call
@@ -240,12 +270,8 @@ async fn drop_all_connections_closes_a_connection_whose_connect_just_returned() 
         let client = connector.connect().await.unwrap();
         let open = e.open_connections();
         e.drop_all_connections();
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !client.is_closed() && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         assert!(
-            client.is_closed(),
+            closed_within_10s(&client).await,
             "round {round}: the connection outlived drop_all_connections by 10 s"
         );
         assert_eq!(
@@ -272,18 +298,7 @@ async fn set_down_cuts_a_connection_still_in_its_startup() {
     )
     .await
     .unwrap();
-    e.set_latency(Duration::from_millis(300));
-    let accepted = e.stats().connections;
-    let connecting = tokio::spawn(async move { connector.connect().await });
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while e.stats().connections == accepted && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(
-        e.stats().connections,
-        accepted + 1,
-        "the connect was accepted"
-    );
+    let connecting = slowed_connect(&e, connector).await;
     e.set_down(true);
     match connecting.await.unwrap() {
         // The cut reached the startup (a lost connection is not retried on one endpoint).
@@ -295,16 +310,10 @@ async fn set_down_cuts_a_connection_still_in_its_startup() {
             "the connect failed because the cut reached its startup: {error}"
         ),
         // (Only if the startup was done before the call: then the cut closes it.)
-        Ok(client) => {
-            let until = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !client.is_closed() && tokio::time::Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            assert!(
-                client.is_closed(),
-                "a connection stayed open on a down endpoint"
-            );
-        }
+        Ok(client) => assert!(
+            closed_within_10s(&client).await,
+            "a connection stayed open on a down endpoint"
+        ),
     }
     assert_eq!(e.open_connections(), 0);
     e.set_down(false);
@@ -319,18 +328,7 @@ async fn a_max_age_set_during_a_connect_applies_only_to_later_connections() {
     let connector = DsqlConnector::new(e.config_for("admin").build().unwrap())
         .await
         .unwrap();
-    e.set_latency(Duration::from_millis(300));
-    let accepted = e.stats().connections;
-    let connecting = tokio::spawn(async move { connector.connect().await });
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while e.stats().connections == accepted && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(
-        e.stats().connections,
-        accepted + 1,
-        "the connect was accepted"
-    );
+    let connecting = slowed_connect(&e, connector).await;
     e.set_max_connection_age(Duration::from_secs(1));
     let client = connecting.await.unwrap().unwrap();
     e.set_latency(Duration::ZERO);
@@ -522,22 +520,16 @@ async fn connects_and_cuts(seed: u64, steps: usize) -> Result<(), String> {
             let Ok(client) = client else { continue };
             let must_close = (cut_made && returned < cut)
                 || down.is_some_and(|(down, up)| returned > down && returned < up);
-            if must_close {
-                let until = tokio::time::Instant::now() + Duration::from_secs(10);
-                while !client.is_closed() && tokio::time::Instant::now() < until {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                if !client.is_closed() {
-                    return Err(format!(
-                        "seed {seed}, step {step}: a connection that returned {} the cut is \
-                         still open",
-                        if returned < cut {
-                            "before"
-                        } else {
-                            "while the endpoint was down, after"
-                        }
-                    ));
-                }
+            if must_close && !closed_within_10s(&client).await {
+                return Err(format!(
+                    "seed {seed}, step {step}: a connection that returned {} the cut is still \
+                     open",
+                    if returned < cut {
+                        "before"
+                    } else {
+                        "while the endpoint was down, after"
+                    }
+                ));
             }
             alive.push(client);
         }
